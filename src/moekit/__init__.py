@@ -1,0 +1,60 @@
+"""moekit: Mixture-of-Experts layers, routers, balancing, analysis and merging for PyTorch."""
+
+from . import losses
+from .balancing import AuxFreeBias, Balancer
+from .experts import AdapterExperts, ConvExperts, ExpertBank, GLUExperts, MLPExperts, dispatch, dispatch_reference
+from .layers import MoE
+from .registry import (
+    create_experts,
+    create_router,
+    get_loss,
+    list_experts,
+    list_losses,
+    list_routers,
+)
+from .routers import (
+    ExpertChoiceRouter,
+    HashRouter,
+    Router,
+    SoftmaxRouter,
+    SwitchRouter,
+    TagRouter,
+    TopKRouter,
+)
+from .stats import RoutingRecorder, record_routing, routing_metrics
+from .types import MoEOutput, RoutingDecision
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "RoutingDecision",
+    "MoEOutput",
+    "MoE",
+    "Router",
+    "SoftmaxRouter",
+    "TopKRouter",
+    "SwitchRouter",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "TagRouter",
+    "Balancer",
+    "AuxFreeBias",
+    "ExpertBank",
+    "MLPExperts",
+    "GLUExperts",
+    "AdapterExperts",
+    "ConvExperts",
+    "dispatch",
+    "dispatch_reference",
+    "losses",
+    "RoutingRecorder",
+    "record_routing",
+    "routing_metrics",
+    "create_router",
+    "list_routers",
+    "create_experts",
+    "list_experts",
+    "get_loss",
+    "list_losses",
+]

@@ -1,0 +1,22 @@
+"""Expert banks with stacked parameters, and sparse dispatch."""
+
+from .adapter import AdapterExperts
+from .base import ExpertBank
+from .conv import ConvExperts
+from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
+from .grouped import grouped_linear, grouped_linear_reference
+from .mlp import GLUExperts, MLPExperts
+
+__all__ = [
+    "ExpertBank",
+    "MLPExperts",
+    "GLUExperts",
+    "AdapterExperts",
+    "ConvExperts",
+    "dispatch",
+    "dispatch_reference",
+    "combine_dense",
+    "plan_dispatch",
+    "grouped_linear",
+    "grouped_linear_reference",
+]

@@ -1,0 +1,95 @@
+"""Grouped linear map: rows of ``x`` split into consecutive groups, each with its own weight.
+
+This is the one kernel that sparse dispatch (groups = experts), SMEAR (groups = examples with
+merged weights) and dense ensembles (groups = experts over repeated tokens) all run on.
+
+Fast path: ``torch.nn.functional.grouped_mm`` wrapped in an autograd function (its built-in
+backward rejects the expanded/strided gradients autograd often hands over). Fallback: a plain loop
+over groups with ``torch.mm``. ``grouped_linear_reference`` is the naive oracle for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["grouped_linear", "grouped_linear_reference", "grouped_mm_available"]
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
+    """Whether the fused kernel can serve these operands (device, dtype and alignment)."""
+    if not _HAS_GROUPED_MM or x.dtype != w.dtype or x.device != w.device:
+        return False
+    per_16_bytes = 16 // x.element_size()
+    if w.shape[-1] % per_16_bytes or w.shape[-2] % per_16_bytes:  # kernel needs 16-byte aligned strides
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    return False
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of g] = x[rows of g] @ w[g].T, with ``w`` of shape [G, O, I]."""
+
+    @staticmethod
+    def forward(ctx, x_NI: Tensor, w_GOI: Tensor, offs_G: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x_NI, w_GOI, offs_G)
+        return F.grouped_mm(x_NI, w_GOI.transpose(-2, -1), offs=offs_G)
+
+    @staticmethod
+    def backward(ctx, grad_NO: Tensor):  # type: ignore[override]
+        x_NI, w_GOI, offs_G = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad_NO, w_GOI.contiguous(), offs=offs_G)
+        if ctx.needs_input_grad[1]:
+            # [O, N] x [N, I] grouped along N -> [G, O, I]; empty groups give zeros.
+            grad_w = F.grouped_mm(grad_NO.t(), x_NI, offs=offs_G)
+        return grad_x, grad_w, None
+
+
+def _loop(x_NI: Tensor, w_GOI: Tensor, sizes: list[int]) -> Tensor:
+    pieces = [chunk @ w_GOI[g].t() for g, chunk in enumerate(torch.split(x_NI, sizes)) if sizes[g] > 0]
+    if not pieces:
+        return x_NI.new_zeros(x_NI.shape[0], w_GOI.shape[1])
+    return torch.cat(pieces)
+
+
+def grouped_linear(
+    x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_GO: Tensor | None = None, *, fast: bool | None = None
+) -> Tensor:
+    """Apply ``w[g]`` (``[O, I]``, nn.Linear layout) to the ``sizes_G[g]`` consecutive rows of group g.
+
+    Args:
+        x_NI: ``[N, I]`` rows sorted by group; ``N == sizes_G.sum()``.
+        w_GOI: ``[G, O, I]`` per-group weights.
+        sizes_G: ``[G]`` int rows per group (may contain zeros).
+        bias_GO: optional ``[G, O]`` per-group bias.
+        fast: force (True) or forbid (False) the fused kernel; ``None`` picks by device and dtype.
+    Returns:
+        ``[N, O]``.
+    """
+    use_fast = grouped_mm_available(x_NI, w_GOI) if fast is None else fast
+    if use_fast and x_NI.shape[0] > 0:
+        offs = torch.cumsum(sizes_G, 0).to(torch.int32)
+        y = _GroupedMM.apply(x_NI.contiguous(), w_GOI, offs)
+    else:
+        y = _loop(x_NI, w_GOI, sizes_G.tolist())
+    if bias_GO is not None:
+        y = y + torch.repeat_interleave(bias_GO, sizes_G, dim=0, output_size=x_NI.shape[0])
+    return y
+
+
+def grouped_linear_reference(x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_GO: Tensor | None = None) -> Tensor:
+    """Naive oracle: one ``F.linear`` per row."""
+    group_of_row = torch.repeat_interleave(torch.arange(w_GOI.shape[0], device=x_NI.device), sizes_G)
+    rows = [
+        F.linear(x_NI[i], w_GOI[g], None if bias_GO is None else bias_GO[g]) for i, g in enumerate(group_of_row.tolist())
+    ]
+    return torch.stack(rows) if rows else x_NI.new_zeros(0, w_GOI.shape[1])

@@ -1,0 +1,105 @@
+"""Two-layer MLP experts and gated (SwiGLU) experts, parameters in nn.Linear layout ``[E, out, in]``.
+
+The gated bank uses the fused ``gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]`` layout of
+Hugging Face MoE models (Mixtral, Qwen2-MoE, OLMoE in transformers 5.x), so weights move between
+the two without reshuffling.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_int
+from ..registry import EXPERTS
+from .base import ExpertBank, activation_fn, init_stacked_linear
+from .grouped import grouped_linear
+
+__all__ = ["MLPExperts", "GLUExperts"]
+
+
+@EXPERTS.register("mlp", paper="https://arxiv.org/abs/1701.06538")
+class MLPExperts(ExpertBank):
+    """E two-layer MLPs: ``down(act(up(x)))`` with ``up_proj [E, F, D]``, ``down_proj [E, D, F]``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        *,
+        out_dim: int | None = None,
+        activation: str = "gelu",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_experts, dim, out_dim)
+        self.hidden = check_int("hidden", hidden, low=1)
+        self.activation = activation
+        self._act = activation_fn(activation)
+        kw = {"device": device, "dtype": dtype}
+        E, D, F_, O = self.num_experts, self.dim, self.hidden, self.out_dim
+        self.up_proj = nn.Parameter(torch.empty(E, F_, D, **kw))
+        self.down_proj = nn.Parameter(torch.empty(E, O, F_, **kw))
+        self.up_bias = nn.Parameter(torch.empty(E, F_, **kw)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(E, O, **kw)) if bias else None
+        init_stacked_linear(self.up_proj, self.up_bias)
+        init_stacked_linear(self.down_proj, self.down_bias)
+
+    def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
+        h = self._act(grouped_linear(x_N, params["up_proj"], sizes_G, params.get("up_bias")))
+        return grouped_linear(h, params["down_proj"], sizes_G, params.get("down_bias"))
+
+    def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
+        up_b = None if self.up_bias is None else self.up_bias[e]
+        down_b = None if self.down_bias is None else self.down_bias[e]
+        return F.linear(self._act(F.linear(x_N, self.up_proj[e], up_b)), self.down_proj[e], down_b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, hidden={self.hidden}, activation={self.activation!r}"
+
+
+@EXPERTS.register("glu", paper="https://arxiv.org/abs/2002.05202")
+class GLUExperts(ExpertBank):
+    """E gated MLPs (SwiGLU by default): ``down(act(gate(x)) * up(x))``.
+
+    ``gate_up_proj [E, 2F, D]`` holds the gate rows first, then the up rows (Hugging Face layout).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        *,
+        activation: str = "silu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_experts, dim)
+        self.hidden = check_int("hidden", hidden, low=1)
+        self.activation = activation
+        self._act = activation_fn(activation)
+        kw = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.hidden, self.dim, **kw))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.dim, self.hidden, **kw))
+        init_stacked_linear(self.gate_up_proj)
+        init_stacked_linear(self.down_proj)
+
+    def _glu(self, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self._act(gate) * up
+
+    def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
+        h = self._glu(grouped_linear(x_N, params["gate_up_proj"], sizes_G))
+        return grouped_linear(h, params["down_proj"], sizes_G)
+
+    def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
+        return F.linear(self._glu(F.linear(x_N, self.gate_up_proj[e])), self.down_proj[e])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, hidden={self.hidden}, activation={self.activation!r}"

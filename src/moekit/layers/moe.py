@@ -1,0 +1,100 @@
+"""The MoE layer: a router and an expert bank composed by injection.
+
+``MoE(router=..., experts=..., combine="sparse" | "dense")`` returns ``MoEOutput`` whatever its flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice
+from ..experts.base import ExpertBank
+from ..experts.dispatch import combine_dense, dispatch
+from ..routers.base import Router
+from ..types import MoEOutput
+
+__all__ = ["MoE", "flatten_meta"]
+
+COMBINES = ("sparse", "dense")
+
+
+def flatten_meta(meta: Mapping[str, Any] | None, lead_shape: torch.Size) -> dict[str, Any] | None:
+    """Bring per-example or per-token metadata to one value per token.
+
+    A tensor whose shape is ``lead_shape`` (per token) or a prefix of it (per example) is broadcast
+    and flattened to ``[T]``; other values pass through unchanged.
+    """
+    if meta is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            n = value.dim()
+            if tuple(value.shape) != tuple(lead_shape[:n]):
+                raise ValueError(
+                    f"meta[{key!r}] has shape {tuple(value.shape)}; expected the input's leading shape "
+                    f"{tuple(lead_shape)} or a prefix of it"
+                )
+            value = value.reshape(*value.shape, *([1] * (len(lead_shape) - n))).expand(*lead_shape).reshape(-1)
+        out[key] = value
+    return out
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts layer.
+
+    Args:
+        router: any moekit router (its ``dim`` must match the bank's router features).
+        experts: an expert bank.
+        combine: ``"sparse"`` runs only the chosen experts (sort, grouped matmul, weighted scatter);
+            ``"dense"`` runs every expert and mixes with the decision's weights (oracle/ensembles).
+
+    Input ``[..., D]`` (token banks) or ``[N, C, H, W]`` (conv banks, routed per image).
+    """
+
+    def __init__(self, router: Router, experts: ExpertBank, *, combine: str = "sparse") -> None:
+        super().__init__()
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
+        if not isinstance(experts, ExpertBank):
+            raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has num_experts={router.num_experts} but experts has num_experts={experts.num_experts}"
+            )
+        if router.dim != experts.dim:
+            raise ValueError(f"router has dim={router.dim} but experts has dim={experts.dim}")
+        self.router = router
+        self.experts = experts
+        self.combine = check_choice("combine", combine, COMBINES)
+        _check_same_placement(router, experts)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
+        x_T = self.experts.as_tokens(x)
+        lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
+        decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))
+        if self.combine == "sparse":
+            y_T = dispatch(self.experts, x_T, decision)
+        else:
+            y_T = combine_dense(self.experts, x_T, decision.gates_TE())
+        return MoEOutput(y=self.experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
+
+    def extra_repr(self) -> str:
+        return f"combine={self.combine!r}"
+
+
+def _check_same_placement(router: nn.Module, experts: nn.Module) -> None:
+    router_params = [p for p in router.parameters()]
+    expert_params = [p for p in experts.parameters()]
+    if router_params and expert_params and router_params[0].device != expert_params[0].device:
+        raise ValueError(
+            f"router is on {router_params[0].device} but experts are on {expert_params[0].device}; "
+            "move the layer with .to(device)"
+        )

@@ -1,0 +1,269 @@
+"""Routing statistics: an opt-in recorder that collects routing decisions per MoE layer.
+
+    with RoutingRecorder(model) as rec:
+        for x, y in loader:
+            rec.set_labels(y)      # optional: per-label tables
+            model(x)
+    metrics = rec.metrics()        # {layer name: RoutingMetrics}
+
+By default every moekit ``Router`` inside the model is hooked (its output is a RoutingDecision);
+``sources`` adds other modules (e.g. a Hugging Face router) with a function that turns their output
+into a RoutingDecision. Analysis and merging both read these statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .routers.base import Router
+from .types import RoutingDecision
+
+__all__ = ["LayerStats", "RoutingMetrics", "RoutingRecorder", "record_routing", "routing_metrics"]
+
+DecisionFn = Callable[[Any], RoutingDecision]
+
+
+@dataclass
+class LayerStats:
+    """Running sums for one layer (all on CPU, fp64 where they accumulate).
+
+    counts_E: kept slots per expert; importance_E: sum of combine weights; coactivation_EE: tokens
+    that chose both i and j (diagonal = counts); entropy_sum: sum of per-token router entropies;
+    label_counts_LE / label_gates_LE: per-label counts and gate mass (when labels are set);
+    logits: router logits kept when ``keep_logits`` (up to ``max_tokens`` rows).
+    """
+
+    num_experts: int
+    tokens: int = 0
+    counts_E: Tensor = field(init=False)
+    importance_E: Tensor = field(init=False)
+    coactivation_EE: Tensor = field(init=False)
+    entropy_sum: float = 0.0
+    entropy_tokens: int = 0
+    label_counts_LE: Tensor | None = None
+    label_gates_LE: Tensor | None = None
+    logits: list[Tensor] = field(default_factory=list)
+    logit_rows: int = 0
+
+    def __post_init__(self) -> None:
+        E = self.num_experts
+        self.counts_E = torch.zeros(E, dtype=torch.float64)
+        self.importance_E = torch.zeros(E, dtype=torch.float64)
+        self.coactivation_EE = torch.zeros(E, E, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, decision: RoutingDecision, labels_T: Tensor | None, keep_logits: bool, max_tokens: int | None) -> None:
+        gates = decision.gates_TE().detach().double().cpu()
+        chosen = torch.zeros_like(gates)
+        chosen.scatter_(1, decision.ids_TK.cpu(), decision.kept_mask().double().cpu())
+        self.tokens += decision.num_tokens
+        self.counts_E += chosen.sum(0)
+        self.importance_E += gates.sum(0)
+        self.coactivation_EE += chosen.t() @ chosen
+        if decision.probs_TE is not None:
+            p = decision.probs_TE.detach().double().cpu()
+            self.entropy_sum += float(-(p * torch.log(p.clamp_min(1e-12))).sum())
+            self.entropy_tokens += p.shape[0]
+        if labels_T is not None:
+            self._add_labels(labels_T, chosen, gates)
+        if keep_logits and decision.logits_TE is not None:
+            rows = decision.logits_TE.detach().float().cpu()
+            if max_tokens is not None:
+                rows = rows[: max(0, max_tokens - self.logit_rows)]
+            if rows.shape[0]:
+                self.logits.append(rows)
+                self.logit_rows += rows.shape[0]
+
+    def _add_labels(self, labels_T: Tensor, chosen: Tensor, gates: Tensor) -> None:
+        labels_T = labels_T.long().cpu()
+        num_labels = int(labels_T.max()) + 1 if labels_T.numel() else 0
+        if self.label_counts_LE is None:
+            self.label_counts_LE = torch.zeros(0, self.num_experts, dtype=torch.float64)
+            self.label_gates_LE = torch.zeros(0, self.num_experts, dtype=torch.float64)
+        assert self.label_gates_LE is not None
+        if num_labels > self.label_counts_LE.shape[0]:
+            pad = num_labels - self.label_counts_LE.shape[0]
+            self.label_counts_LE = torch.cat([self.label_counts_LE, torch.zeros(pad, self.num_experts, dtype=torch.float64)])
+            self.label_gates_LE = torch.cat([self.label_gates_LE, torch.zeros(pad, self.num_experts, dtype=torch.float64)])
+        self.label_counts_LE.index_add_(0, labels_T, chosen)
+        self.label_gates_LE.index_add_(0, labels_T, gates)
+
+    def logits_TE(self) -> Tensor:
+        """All kept router logits, ``[T, E]`` (empty if none were kept)."""
+        return torch.cat(self.logits) if self.logits else torch.zeros(0, self.num_experts)
+
+
+@dataclass(frozen=True)
+class RoutingMetrics:
+    """Summary of one layer's routing over the recorded data.
+
+    Attributes:
+        tokens_per_expert: kept slots per expert ``[E]``.
+        importance: total gate weight per expert ``[E]``.
+        cv_importance, cv_counts: population std/mean over experts.
+        entropy: mean per-token router entropy (nats; NaN when the router has no distribution).
+        max_violation: ``max(counts) / mean(counts) - 1`` (0 = perfectly balanced).
+        living_experts: experts that received at least one token.
+        coactivation: ``[E, E]`` tokens that chose both experts.
+    """
+
+    tokens: int
+    tokens_per_expert: Tensor
+    importance: Tensor
+    cv_importance: float
+    cv_counts: float
+    entropy: float
+    max_violation: float
+    living_experts: int
+    coactivation: Tensor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "importance": self.importance.tolist(),
+            "cv_importance": self.cv_importance,
+            "cv_counts": self.cv_counts,
+            "entropy": self.entropy,
+            "max_violation": self.max_violation,
+            "living_experts": self.living_experts,
+            "coactivation": self.coactivation.tolist(),
+        }
+
+
+def _cv(x: Tensor) -> float:
+    mean = float(x.mean())
+    return float(x.std(correction=0)) / mean if mean > 0 else float("nan")
+
+
+def routing_metrics(stats: LayerStats) -> RoutingMetrics:
+    counts = stats.counts_E
+    mean = float(counts.mean())
+    return RoutingMetrics(
+        tokens=stats.tokens,
+        tokens_per_expert=counts.clone(),
+        importance=stats.importance_E.clone(),
+        cv_importance=_cv(stats.importance_E),
+        cv_counts=_cv(counts),
+        entropy=stats.entropy_sum / stats.entropy_tokens if stats.entropy_tokens else math.nan,
+        max_violation=float(counts.max()) / mean - 1.0 if mean > 0 else math.nan,
+        living_experts=int((counts > 0).sum()),
+        coactivation=stats.coactivation_EE.clone(),
+    )
+
+
+class RoutingRecorder:
+    """Context manager that hooks routers and accumulates ``LayerStats`` per layer name.
+
+    Args:
+        model: the model to observe (it is not modified beyond temporary forward hooks).
+        sources: extra ``{name: (module, output -> RoutingDecision)}`` for routers moekit does not own.
+        layers: restrict to these names (default: all found).
+        keep_logits: also keep router logits (needed by merging), up to ``max_tokens`` per layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sources: Mapping[str, tuple[nn.Module, DecisionFn]] | None = None,
+        layers: Iterable[str] | None = None,
+        keep_logits: bool = False,
+        max_tokens: int | None = None,
+    ) -> None:
+        found: dict[str, tuple[nn.Module, DecisionFn]] = {
+            name: (m, _identity) for name, m in model.named_modules() if isinstance(m, Router)
+        }
+        found.update(sources or {})
+        if layers is not None:
+            wanted = list(layers)
+            missing = [n for n in wanted if n not in found]
+            if missing:
+                raise ValueError(f"layers {missing} not found; routed layers are {sorted(found)}")
+            found = {n: found[n] for n in wanted}
+        self.sources = found
+        self.keep_logits = keep_logits
+        self.max_tokens = max_tokens
+        self.stats: dict[str, LayerStats] = {}
+        self._labels: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def set_labels(self, labels: Tensor | None) -> None:
+        """Labels of the next forward's examples ``[B]`` (broadcast to tokens when T = B * S)."""
+        self._labels = None if labels is None else torch.as_tensor(labels).reshape(-1)
+
+    def __enter__(self) -> "RoutingRecorder":
+        for name, (module, to_decision) in self.sources.items():
+            self._handles.append(module.register_forward_hook(self._hook(name, to_decision)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str, to_decision: DecisionFn) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            decision = to_decision(output)
+            stats = self.stats.setdefault(name, LayerStats(decision.num_experts))
+            stats.add(decision, self._token_labels(decision.num_tokens), self.keep_logits, self.max_tokens)
+
+        return hook
+
+    def _token_labels(self, num_tokens: int) -> Tensor | None:
+        labels = self._labels
+        if labels is None:
+            return None
+        if num_tokens % max(labels.numel(), 1):
+            raise ValueError(
+                f"labels have {labels.numel()} entries but the layer routed {num_tokens} tokens; "
+                "give one label per example or per token"
+            )
+        return labels.repeat_interleave(num_tokens // labels.numel())
+
+    def metrics(self) -> dict[str, RoutingMetrics]:
+        return {name: routing_metrics(s) for name, s in self.stats.items()}
+
+
+def _identity(decision: RoutingDecision) -> RoutingDecision:
+    return decision
+
+
+@torch.no_grad()
+def record_routing(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    labels: Callable[[Any], Tensor | None] | None = None,
+    **recorder_kwargs: Any,
+) -> RoutingRecorder:
+    """Run ``model`` in eval mode over ``batches`` and return the filled recorder.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for tuples, else
+    ``model(batch)``); ``labels(batch)`` gives per-example labels for the per-label tables.
+    """
+    was_training = model.training
+    model.eval()
+    run = forward or _default_forward
+    try:
+        with RoutingRecorder(model, **recorder_kwargs) as rec:
+            for batch in batches:
+                rec.set_labels(labels(batch) if labels else None)
+                run(model, batch)
+    finally:
+        model.train(was_training)
+    if not rec.stats:
+        raise ValueError("no routed layer ran on the given batches: the model has no moekit router on this path")
+    return rec
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
