@@ -15,6 +15,7 @@ __all__ = [
     "EXPERTS",
     "LOSSES",
     "MERGE_METHODS",
+    "MODELS",
     "create_router",
     "list_routers",
     "create_experts",
@@ -76,6 +77,8 @@ ROUTERS: Registry[Callable[..., Any]] = Registry("router")
 EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank")
 LOSSES: Registry[Callable[..., Any]] = Registry("loss")
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
+#: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
+MODELS: Registry[Callable[..., Any]] = Registry("model")
 
 
 def create_router(name: str, /, **kwargs: Any) -> Any:

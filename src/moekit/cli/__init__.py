@@ -1,0 +1,1 @@
+"""moekit command line: one module per subcommand, each exposing ``register(subparsers)``."""

@@ -1,0 +1,56 @@
+"""Entry point of the ``moekit`` command.
+
+Every module in ``moekit.cli`` that defines ``register(subparsers)`` adds a subcommand; the
+subcommand's parser sets ``func`` (called with the parsed args, returns an exit code).
+User errors (bad values, missing files) print one line without a traceback and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from .. import __version__
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, KeyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    package = importlib.import_module("moekit.cli")
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name in ("main", "__main__") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"moekit.cli.{info.name}")
+        if hasattr(module, "register"):
+            module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if args.traceback:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"moekit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
