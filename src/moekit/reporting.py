@@ -43,17 +43,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors to lists, paths to strings, NaN/inf to null."""
     if isinstance(value, torch.Tensor):
-        return value.tolist()
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return None
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+    return value
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable, allow_nan=False) + "\n")
+    """Write ``obj`` as indented JSON (atomically); NaN/inf become null."""
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def environment() -> dict[str, Any]:

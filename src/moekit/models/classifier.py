@@ -1,0 +1,63 @@
+"""A small MoE classifier for vector inputs: embed -> residual MoE block(s) -> linear head."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_int
+from ..layers.moe import MoE
+from ..registry import EXPERTS, MODELS, ROUTERS
+from ..types import MoEOutput
+
+__all__ = ["MoEClassifier"]
+
+
+@MODELS.register("moe_classifier", summary="vector classifier with residual MoE blocks")
+class MoEClassifier(nn.Module):
+    """``Linear(in, D) -> GELU -> [x + MoE(LayerNorm(x))] x depth -> Linear(D, classes)``.
+
+    ``forward(x, meta=None)`` returns ``(logits [B, classes], [MoEOutput per block])``.
+    Router and expert bank are chosen by registry name with their keyword arguments.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        *,
+        dim: int = 64,
+        depth: int = 1,
+        num_experts: int = 8,
+        router: str = "topk",
+        router_kwargs: Mapping[str, Any] | None = None,
+        experts: str = "mlp",
+        expert_kwargs: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        check_int("depth", depth, low=1)
+        self.embed = nn.Linear(check_int("in_dim", in_dim, low=1), dim, **kw)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, **kw) for _ in range(depth))
+        expert_kwargs = {"hidden": 2 * dim, **(expert_kwargs or {})}
+        self.blocks = nn.ModuleList(
+            MoE(
+                ROUTERS.create(router, dim=dim, num_experts=num_experts, **(router_kwargs or {}), **kw),
+                EXPERTS.create(experts, num_experts=num_experts, dim=dim, **expert_kwargs, **kw),
+            )
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(dim, check_int("num_classes", num_classes, low=2), **kw)
+
+    def forward(self, x: Tensor, meta: Mapping[str, Any] | None = None) -> tuple[Tensor, list[MoEOutput]]:
+        h = torch.nn.functional.gelu(self.embed(x))
+        outputs = []
+        for norm, block in zip(self.norms, self.blocks):
+            out = block(norm(h), meta=meta)
+            h = h + out.y
+            outputs.append(out)
+        return self.head(h), outputs
