@@ -4,7 +4,9 @@ transformers' Mixtral experts (each experts implementation) vs the dense bound.
 The dense bound is the same active FLOPs as one dense SwiGLU GEMM chain over T*K tokens. All
 implementations get identical weights, inputs and routing (the same router logits). Each
 implementation runs in its own subprocess so that its peak resident memory can be read
-(``ru_maxrss`` after the run minus after set-up); on CUDA, ``max_memory_allocated`` is used.
+(``ru_maxrss`` at the end minus after the imports: weights, inputs, activations and gradients);
+on CUDA, ``max_memory_allocated`` is used. Hugging Face's ``batched_mm`` implementation gathers a
+copy of the expert weights per token, which is what this memory column is there to catch.
 
     python benchmarks/bench_moe.py            # both issue shapes, writes benchmarks/results/
     python benchmarks/bench_moe.py --quick    # tiny shapes (smoke test)
@@ -88,8 +90,11 @@ def _sync(device: str) -> None:
 
 
 def worker(impl: str, shape: dict, device: str, reps: int) -> dict:
-    step = _build(impl, shape, device)
+    import moekit  # noqa: F401  (imports before the memory baseline)
+    import transformers  # noqa: F401
+
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = _build(impl, shape, device)
     step()  # warm-up
     _sync(device)
     if device == "cuda":
@@ -125,7 +130,9 @@ def main() -> None:
                    "--worker", impl, json.dumps(shape)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                print(f"{name} {impl}: failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+                error = done.stderr.strip().splitlines()[-1]
+                print(f"{name} {impl}: failed: {error[:200]}", file=sys.stderr)
+                rows.append({"impl": impl, "seconds": float("nan"), "peak_mem_mb": float("nan"), "error": error[:200]})
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{name} {impl:>14}: {rows[-1]['seconds'] * 1e3:8.1f} ms  peak {rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
@@ -146,10 +153,15 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
         s = res["shape"]
         lines.append(f"\n**T={s['T']}, D={s['D']}, F={s['F']}, E={s['E']}, K={s['K']}**\n")
         lines.append("| implementation | ms | x dense bound | peak MB |\n|---|---|---|---|")
-        lines += [f"| {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['ratio_to_dense_bound']:.2f} | {r['peak_mem_mb']:.0f} |"
-                  for r in res["rows"]]
+        lines += [_row(r) for r in res["rows"]]
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['impl']} | failed: {r['error'][:90]} | | |"
+    return f"| {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['ratio_to_dense_bound']:.2f} | {r['peak_mem_mb']:.0f} |"
 
 
 if __name__ == "__main__":

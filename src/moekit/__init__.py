@@ -23,6 +23,10 @@ from .routers import (
 )
 from .stats import RoutingRecorder, record_routing, routing_metrics
 from .types import MoEOutput, RoutingDecision
+from .checkpoint import load_checkpoint, save_checkpoint
+from .layers.remap import RemappedMoE
+from .merging import allocate_experts, merge_layer, merge_moekit_model
+from .models.lm import MoELM
 
 __version__ = "0.1.0"
 
@@ -57,4 +61,11 @@ __all__ = [
     "list_experts",
     "get_loss",
     "list_losses",
+    "RemappedMoE",
+    "MoELM",
+    "save_checkpoint",
+    "load_checkpoint",
+    "allocate_experts",
+    "merge_layer",
+    "merge_moekit_model",
 ]

@@ -1,1 +1,54 @@
-"""moekit.merging"""
+"""Expert merging and compression (MC-SMoE, Li et al., ICLR 2024, https://arxiv.org/abs/2310.01334).
+
+Building blocks (pure functions on ``ExpertLayerWeights``, family-agnostic):
+
+* ``allocate_experts(frequencies, total=... | per_layer=..., exclude=...)`` -- experts kept per layer
+  (global budget with each layer's most-used expert surviving, or uniform).
+* ``merge_layer(weights, frequency_E, router_logits_TE, num_groups, method=...)`` -- one layer E -> G,
+  methods in ``moekit.registry.MERGE_METHODS``: ``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``.
+  The result serves both output forms:
+
+  - exact form: the router is unchanged (E outputs); its choice e runs merged expert
+    ``result.expert_map[e]`` with the original gate value, so two chosen experts of one group add
+    their gates on the same merged expert ("redirect", paper App. A3);
+  - plain form: ``result.weights.router_weight [G, D]`` is the router folded to one row per group
+    (least-squares fit of the group's log-sum-exp logit, see ``moekit.merging.merge``), giving a
+    standard MoE with G experts that needs no index map.
+"""
+
+from .align import align_experts, weight_matching_permutation
+from .dominant import allocate_experts, dominant_experts
+from .grouping import GROUPINGS, group_by_expert_output, group_by_router_logits, group_randomly
+from .calibration import LayerCalibration, calibrate, moe_layers
+from .layer import MERGES, MergeRecipe, list_merge_methods, merge_layer
+from .merge import FOLDS, fold_router, merge_groups
+from .model import FORMS, build_merged_layer, merge_moekit_model, read_moe_layer
+from .weights import EXPERT_KINDS, ExpertLayerWeights, LayerMergeResult
+
+__all__ = [
+    "ExpertLayerWeights",
+    "LayerMergeResult",
+    "EXPERT_KINDS",
+    "allocate_experts",
+    "dominant_experts",
+    "merge_layer",
+    "list_merge_methods",
+    "MergeRecipe",
+    "MERGES",
+    "GROUPINGS",
+    "FOLDS",
+    "align_experts",
+    "weight_matching_permutation",
+    "group_by_router_logits",
+    "group_by_expert_output",
+    "group_randomly",
+    "merge_groups",
+    "fold_router",
+    "calibrate",
+    "LayerCalibration",
+    "moe_layers",
+    "merge_moekit_model",
+    "read_moe_layer",
+    "build_merged_layer",
+    "FORMS",
+]
