@@ -28,6 +28,8 @@ class RoutingDecision:
         load_prob_TE: Shazeer's smooth probability that expert e is among token t's top-k
             (noisy top-k only); used by the differentiable load loss.
         aux: *unweighted* auxiliary terms the router adds (scalars), e.g. an entropy term.
+        extras: per-token tensors a gradient estimator needs later (e.g. REINFORCE's log-probability
+            and baseline), never summed into the loss by generic code.
     """
 
     ids_TK: Tensor
@@ -38,6 +40,7 @@ class RoutingDecision:
     kept_TK: Tensor | None = None
     load_prob_TE: Tensor | None = None
     aux: Mapping[str, Tensor] = field(default_factory=dict)
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -102,7 +102,7 @@ def train_lm(
             opt.step()
             if after_step is not None:
                 after_step(step)
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         for p, flag in flags:

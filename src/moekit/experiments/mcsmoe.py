@@ -1,0 +1,208 @@
+"""``moekit reproduce mcsmoe``: merge, then compress, a small MoE language model (MC-SMoE).
+
+Trains a byte-level MoE LM (8 experts, top-2) on the Python standard library's own source, merges it
+to 4 and 2 experts per layer (average, global budget) with M-SMoE, its baselines (prune to the
+dominant experts, uniform averaging, random grouping) and ablations, with and without recovery
+fine-tuning (KD from the full model, routers frozen), then compresses the M-SMoE models (low rank +
+structured sparse residual). One table: validation bits per byte, parameters, FLOPs, merge time.
+Paper: Li et al., ICLR 2024, https://arxiv.org/abs/2310.01334.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..checkpoint import WEIGHTS_NAME, save_checkpoint
+from ..data.stdlib_corpus import ByteCorpus, eval_windows, load_stdlib_corpus, random_windows
+from ..merging.compress import StructuredPruner, compress_experts
+from ..merging.cost import count_parameters, lm_flops_per_token
+from ..merging.model import merge_moekit_model
+from ..merging.recovery import recover
+from ..models.lm import MoELM
+from ..models.lm_train import evaluate_bpb, train_lm
+from ..reporting import environment, write_json
+from .mcsmoe_report import write_report
+
+__all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe", "add_reproduce_parser"]
+
+
+@dataclass(frozen=True)
+class MergeVariant:
+    """One merge configuration: ``merge_moekit_model`` keywords and whether it also gets recovery."""
+
+    label: str
+    method: str
+    form: str = "exact"
+    budget: str = "global"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    recover: bool = True
+
+
+VARIANTS: tuple[MergeVariant, ...] = (
+    MergeVariant("M-SMoE", "mcsmoe"),
+    MergeVariant("prune (dominant only)", "prune"),
+    MergeVariant("uniform averaging", "uniform"),
+    MergeVariant("random grouping", "random"),
+    MergeVariant("M-SMoE, plain form", "mcsmoe", form="plain"),
+    MergeVariant("M-SMoE w/o alignment", "mcsmoe", options={"align": False}, recover=False),
+    MergeVariant("M-SMoE, uniform budget", "mcsmoe", budget="uniform", recover=False),
+    MergeVariant("M-SMoE, expert-output grouping", "mcsmoe", options={"grouping": "expert_output"}, recover=False),
+)
+
+
+@dataclass(frozen=True)
+class McSmoeConfig:
+    """Sizes and schedule. ``quick()`` is a seconds-long smoke run for tests."""
+
+    corpus_bytes: int = 4_000_000
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    hidden: int = 256
+    experts: str = "glu"
+    num_experts: int = 8
+    k: int = 2
+    seq_len: int = 128
+    batch_size: int = 16
+    train_steps: int = 1200
+    lr: float = 3e-3
+    aux_switch: float = 0.01
+    calib_sequences: int = 32
+    eval_windows: int = 128
+    targets: tuple[int, ...] = (4, 2)
+    recovery_steps: int = 80
+    recovery_lr: float = 1e-3
+    alpha: float = 0.2
+    temperature: float = 2.0
+    rank: int = 16
+    compress_steps: int = 150
+    final_ratio: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "McSmoeConfig":
+        return cls(
+            corpus_bytes=200_000, dim=32, depth=2, heads=2, hidden=64, seq_len=32, batch_size=8, train_steps=30,
+            calib_sequences=8, eval_windows=16, recovery_steps=4, rank=4, compress_steps=6,
+        )  # fmt: skip
+
+
+def _batches(data: torch.Tensor, cfg: McSmoeConfig, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda step: random_windows(data, cfg.batch_size, cfg.seq_len, gen)
+
+
+def _measure(model: torch.nn.Module, val: torch.Tensor, cfg: McSmoeConfig, *, checkpoint: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "val_bpb": evaluate_bpb(model, val),
+        "params": count_parameters(model),
+        "expert_params": sum(count_parameters(b.moe.experts) for b in model.blocks),
+        "flops_per_token": lm_flops_per_token(model, cfg.seq_len),
+        "experts_per_layer": [b.moe.experts.num_experts for b in model.blocks],
+        "checkpoint_bytes": None,
+    }
+    if checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(model, Path(tmp) / "ckpt")
+            row["checkpoint_bytes"] = (path / WEIGHTS_NAME).stat().st_size
+    return row
+
+
+def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set."""
+    torch.manual_seed(cfg.seed)
+    corpus: ByteCorpus = load_stdlib_corpus(max_bytes=cfg.corpus_bytes)
+    val = eval_windows(corpus.val, cfg.seq_len, cfg.eval_windows)
+    calib = random_windows(corpus.train, cfg.calib_sequences, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 1))
+    calib_batches = [c[:, :-1] for c in calib.split(cfg.batch_size)]
+    model = MoELM(
+        dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, max_seq_len=cfg.seq_len, num_experts=cfg.num_experts,
+        k=cfg.k, hidden=cfg.hidden, experts=cfg.experts,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    losses = train_lm(
+        model, _batches(corpus.train, cfg, cfg.seed), steps=cfg.train_steps, lr=cfg.lr,
+        aux_weights={"switch": cfg.aux_switch}, quiet=quiet, desc="train MoE LM",
+    )  # fmt: skip
+    train_time = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = [{"label": "full SMoE", "method": "-", "target": cfg.num_experts, "form": "-",
+                                   "recovery": False, "merge_s": 0.0, **_measure(model, val, cfg, checkpoint=True)}]
+    control = copy.deepcopy(model)  # same extra training as recovery, without merging
+    train_lm(control, _batches(corpus.train, cfg, cfg.seed + 2), steps=cfg.recovery_steps, lr=cfg.recovery_lr,
+             warmup=10, quiet=quiet, desc="full + continued training")  # fmt: skip
+    rows.append({"label": "full SMoE + continued training", "method": "-", "target": cfg.num_experts, "form": "-",
+                 "recovery": True, "merge_s": 0.0, **_measure(control, val, cfg, checkpoint=False)})
+    recovered: dict[int, torch.nn.Module] = {}
+    for target in cfg.targets:
+        for v in VARIANTS:
+            t = time.perf_counter()
+            merged = merge_moekit_model(
+                model, calib_batches, experts=target, method=v.method, form=v.form, budget=v.budget,
+                quiet=quiet, seed=cfg.seed, **v.options,
+            )  # fmt: skip
+            merge_s = time.perf_counter() - t
+            base = {"label": v.label, "method": v.method, "target": target, "form": v.form, "merge_s": merge_s}
+            rows.append({**base, "recovery": False, **_measure(merged, val, cfg, checkpoint=True)})
+            if not v.recover:
+                continue
+            recover(merged, model, _batches(corpus.train, cfg, cfg.seed + 2), steps=cfg.recovery_steps,
+                    lr=cfg.recovery_lr, alpha=cfg.alpha, temperature=cfg.temperature, quiet=quiet,
+                    desc=f"recover {v.label} ({target})")  # fmt: skip
+            rows.append({**base, "recovery": True, **_measure(merged, val, cfg, checkpoint=False)})
+            if v.label == "M-SMoE":
+                recovered[target] = merged
+        rows.append(_compress(recovered[target], model, corpus, val, cfg, target, quiet))
+    results = {
+        "experiment": "mcsmoe", "paper": "https://arxiv.org/abs/2310.01334", "config": asdict(cfg),
+        "environment": environment(), "corpus": corpus.describe(), "train_time_s": train_time,
+        "train_loss_first_last": [losses[0], losses[-1]] if losses else [], "rows": rows,
+    }  # fmt: skip
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_json(out / "results.json", results)
+        write_report(results, out)
+    return results
+
+
+def _compress(merged: torch.nn.Module, teacher: torch.nn.Module, corpus: ByteCorpus, val: torch.Tensor,
+              cfg: McSmoeConfig, target: int, quiet: bool) -> dict[str, Any]:  # fmt: skip
+    t = time.perf_counter()
+    student = compress_experts(merged, cfg.rank)
+    steps = cfg.compress_steps
+    pruner = StructuredPruner(student, steps=steps, final_ratio=cfg.final_ratio,
+                              initial_warmup=max(1, steps // 10), final_warmup=max(1, steps // 5))  # fmt: skip
+    recover(student, teacher, _batches(corpus.train, cfg, cfg.seed + 3), steps=steps, lr=cfg.recovery_lr,
+            alpha=cfg.alpha, temperature=cfg.temperature, after_step=pruner.step, quiet=quiet,
+            desc=f"compress M-SMoE ({target})")  # fmt: skip
+    return {"label": "MC-SMoE (M-SMoE + compression)", "method": "mcsmoe", "target": target, "form": "exact",
+            "recovery": True, "merge_s": time.perf_counter() - t, **_measure(student, val, cfg, checkpoint=False)}  # fmt: skip
+
+
+def add_reproduce_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("mcsmoe", help="MC-SMoE: merge, then compress, a byte-level MoE LM")
+    parser.add_argument("--out", default="reports/mcsmoe", help="output directory (report.md, results.json, PNG)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--recovery-steps", type=int, default=None)
+    parser.add_argument("--compress-steps", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = McSmoeConfig.quick() if args.quick else McSmoeConfig()
+    overrides = {"seed": args.seed, "train_steps": args.train_steps, "recovery_steps": args.recovery_steps,
+                 "compress_steps": args.compress_steps}  # fmt: skip
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    run_mcsmoe(cfg, args.out, quiet=args.quiet)
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
