@@ -3,7 +3,16 @@
 from . import losses
 from .balancing import AuxFreeBias, Balancer
 from .experts import AdapterExperts, ConvExperts, ExpertBank, GLUExperts, MLPExperts, dispatch, dispatch_reference
-from .layers import MoE
+from .layers import (
+    CausalSegmentMoE,
+    ExampleRoutedMoE,
+    MoE,
+    adapter_context,
+    build_routed_block,
+    insert_routed_adapters,
+    load_adapters,
+    save_adapters,
+)
 from .registry import (
     create_experts,
     create_router,
@@ -13,9 +22,15 @@ from .registry import (
     list_routers,
 )
 from .routers import (
+    COMETRouter,
+    DSelectKRouter,
+    PermutationLocalSearch,
     ExpertChoiceRouter,
     HashRouter,
+    ReinforceRouter,
     Router,
+    SMEARRouter,
+    STGumbelRouter,
     SoftmaxRouter,
     SwitchRouter,
     TagRouter,
@@ -35,9 +50,22 @@ __all__ = [
     "RoutingDecision",
     "MoEOutput",
     "MoE",
+    "ExampleRoutedMoE",
+    "CausalSegmentMoE",
+    "build_routed_block",
+    "insert_routed_adapters",
+    "adapter_context",
+    "save_adapters",
+    "load_adapters",
+    "SMEARRouter",
+    "STGumbelRouter",
+    "ReinforceRouter",
     "Router",
     "SoftmaxRouter",
     "TopKRouter",
+    "DSelectKRouter",
+    "COMETRouter",
+    "PermutationLocalSearch",
     "SwitchRouter",
     "ExpertChoiceRouter",
     "HashRouter",

@@ -123,12 +123,16 @@ def merge_moekit_model(
     smallest = min((weights[n].num_experts for n in merged_names), default=1)
     check_int("experts", experts, low=1, high=smallest)
     need_inputs = merge_kwargs.get("grouping") == "expert_output"
-    calib = calibrate(model, calib_batches, forward=forward, max_tokens=max_calib_tokens, keep_inputs=need_inputs)
-    freqs = {n: calib[n].frequency_E for n in layers}
+    if not merged_names:
+        return copy.deepcopy(model)
+    calib = calibrate(
+        model, calib_batches, layers=merged_names, forward=forward, max_tokens=max_calib_tokens, keep_inputs=need_inputs
+    )
+    freqs = {n: calib[n].frequency_E for n in merged_names}
     if budget == "global":
-        counts = allocate_experts(freqs, total=experts * len(merged_names), exclude=exclude)
+        counts = allocate_experts(freqs, total=experts * len(merged_names))
     else:
-        counts = allocate_experts(freqs, per_layer=experts, exclude=exclude)
+        counts = allocate_experts(freqs, per_layer=experts)
     out = copy.deepcopy(model)
     new_layers = moe_layers(out)
     bar = tqdm(merged_names, desc=f"merge ({method}, {form})", disable=quiet or not sys.stderr.isatty(), leave=False)

@@ -69,3 +69,8 @@ class LayerMergeResult:
     weights: ExpertLayerWeights
     expert_map: Tensor
     dominant: Tensor
+
+    @property
+    def groups(self) -> Tensor:
+        """``[E]`` group of each original expert (the same tensor as ``expert_map``)."""
+        return self.expert_map

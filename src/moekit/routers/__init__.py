@@ -2,8 +2,14 @@
 
 from .base import LinearScorer, Router
 from .capacity import apply_capacity, expert_capacity
+from .comet import COMETRouter
+from .dselect import DSelectKRouter
+from .estimators import ReinforceRouter, STGumbelRouter, reinforce_terms
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter, balanced_assignment
+from .local_search import PermutationLocalSearch, hungarian, sinkhorn
+from .smear import SMEARRouter
+from .smooth_step import smooth_step, sparse_decision
 from .softmax import SoftmaxRouter
 from .tag import TagRouter
 from .topk import SwitchRouter, TopKRouter
@@ -20,4 +26,15 @@ __all__ = [
     "HashRouter",
     "balanced_assignment",
     "TagRouter",
+    "DSelectKRouter",
+    "COMETRouter",
+    "PermutationLocalSearch",
+    "smooth_step",
+    "sparse_decision",
+    "sinkhorn",
+    "hungarian",
+    "SMEARRouter",
+    "STGumbelRouter",
+    "ReinforceRouter",
+    "reinforce_terms",
 ]
