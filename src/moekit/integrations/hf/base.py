@@ -1,0 +1,218 @@
+"""Family adapters: read and write the experts and routers of Hugging Face MoE models.
+
+One ``MoEFamily`` subclass per model family (one small file: ``mixtral.py``, ``qwen2_moe.py``,
+``olmoe.py``, ``switch.py``), registered by ``config.model_type`` with ``@register_family``. An
+adapter knows four things about its family, in the tensor layout of the installed transformers 5.x:
+
+* where the MoE blocks are (``block_types``) and which child is the router / the experts;
+* how to read a block into moekit's hand-off format ``ExpertLayerWeights`` (nn.Linear layout
+  ``[E, out, in]``: ``glu`` = ``gate_up_proj [E, 2F, D]`` gate rows first + ``down_proj [E, D, F]``;
+  ``mlp`` = ``up_proj [E, F, D]`` + ``down_proj [E, D, F]`` + optional biases) and write G experts back;
+* how to turn its router's output into a moekit ``RoutingDecision`` (for ``RoutingRecorder``);
+* which config fields hold the expert count and experts-per-token (for the plain merged form).
+
+The exact merged form wraps a block's router in a ``RemappedRouter`` (router unchanged, E outputs,
+decisions mapped to G experts); adapters say how to map their router's output.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ...merging.weights import ExpertLayerWeights
+from ...types import RoutingDecision
+
+__all__ = [
+    "MoEFamily",
+    "RemappedRouter",
+    "FAMILIES",
+    "register_family",
+    "family_for",
+    "list_families",
+    "moekit_activation",
+]
+
+#: Hugging Face ``hidden_act`` names -> moekit activation names (``moekit.experts.base.ACTIVATIONS``)
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+
+
+def moekit_activation(hf_name: str) -> str:
+    """moekit's name for a Hugging Face activation (unknown names pass through unchanged; merging
+    only needs the activation for expert-output grouping, which then reports the unknown name)."""
+    return HF_ACTIVATIONS.get(hf_name, hf_name)
+
+
+class RemappedRouter(nn.Module):
+    """The exact merged form of a Hugging Face MoE block's router.
+
+    Wraps the original router (``router``, E outputs, unchanged) and maps each of its decisions
+    through ``expert_map [E]`` to one of G merged experts (M-SMoE's "redirect",
+    https://arxiv.org/abs/2310.01334, App. A3). Tokens whose chosen experts share a merged expert
+    run it once per slot, so their gates add up. ``num_experts`` is G (what the block's experts see);
+    ``router_outputs`` is E. Subclasses implement ``remap`` for their router's output format.
+    """
+
+    def __init__(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> None:
+        super().__init__()
+        if isinstance(router, RemappedRouter):
+            raise ValueError("this router is already remapped (exact merged form); merge the original model instead")
+        expert_map = torch.as_tensor(expert_map, dtype=torch.long)
+        if expert_map.dim() != 1 or (expert_map.numel() and (expert_map.min() < 0 or expert_map.max() >= num_experts)):
+            raise ValueError(f"expert_map must be [E] ids in [0, {num_experts}), got {expert_map.tolist()}")
+        self.router = router
+        self.num_experts = int(num_experts)
+        self.router_outputs = int(expert_map.shape[0])
+        device = next(router.parameters()).device
+        self.register_buffer("expert_map", expert_map.to(device))
+
+    @abc.abstractmethod
+    def remap(self, output: Any) -> Any:
+        """The router's output with expert ids mapped to merged experts."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.remap(self.router(*args, **kwargs))
+
+    def extra_repr(self) -> str:
+        return f"router_outputs={self.router_outputs}, experts={self.num_experts}"
+
+
+class MoEFamily(abc.ABC):
+    """Adapter for one Hugging Face MoE family (stateless; one instance per registered family).
+
+    Class attributes: ``name``; ``model_types`` (``config.model_type`` values); ``kind``
+    (``"glu"``/``"mlp"``); ``experts_key`` / ``top_k_key``: config fields with the expert count and
+    the experts per token (``None`` for top-1 families); ``router_attr``: the block's router child.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    kind: ClassVar[str]
+    experts_key: ClassVar[str]
+    top_k_key: ClassVar[str | None] = None
+    router_attr: ClassVar[str] = "gate"
+
+    # ----- structure
+    @abc.abstractmethod
+    def block_types(self) -> tuple[type, ...]:
+        """The classes of this family's sparse MoE blocks."""
+
+    def moe_blocks(self, model: nn.Module) -> dict[str, nn.Module]:
+        """``{module name: MoE block}`` in model order."""
+        types = self.block_types()
+        return {name: m for name, m in model.named_modules() if isinstance(m, types)}
+
+    def router(self, block: nn.Module) -> nn.Module:
+        """The block's original router (inside the ``RemappedRouter`` for exact-form blocks)."""
+        router = getattr(block, self.router_attr)
+        return router.router if isinstance(router, RemappedRouter) else router
+
+    def is_remapped(self, block: nn.Module) -> bool:
+        return isinstance(getattr(block, self.router_attr), RemappedRouter)
+
+    def num_experts(self, block: nn.Module) -> int:
+        """Experts in the block's bank (G for exact-form blocks)."""
+        return int(getattr(block, "experts").num_experts)
+
+    # ----- tensors
+    @abc.abstractmethod
+    def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
+        """The block's experts and router in moekit layout (tensors detached, not copied)."""
+
+    @abc.abstractmethod
+    def resize_experts(self, block: nn.Module, num_experts: int) -> None:
+        """Keep the first ``num_experts`` experts of the bank (shapes only; used before writing and by
+        the exact-form loader, where tensors may live on the meta device)."""
+
+    @abc.abstractmethod
+    def copy_experts(self, block: nn.Module, params: dict[str, Tensor]) -> None:
+        """Copy moekit-layout tensors ``[G, ...]`` into a bank that already has G experts."""
+
+    def write_experts(self, block: nn.Module, params: dict[str, Tensor]) -> None:
+        """Replace the bank by the G experts in ``params`` (moekit layout)."""
+        G = int(next(iter(params.values())).shape[0])
+        self.resize_experts(block, G)
+        with torch.no_grad():
+            self.copy_experts(block, params)
+
+    @abc.abstractmethod
+    def write_router(self, block: nn.Module, weight_GD: Tensor, bias_G: Tensor | None) -> None:
+        """Replace the router by one with G outputs (plain form)."""
+
+    @abc.abstractmethod
+    def remapped_router(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> RemappedRouter:
+        """This family's ``RemappedRouter`` around ``router``."""
+
+    def wrap_router(self, block: nn.Module, expert_map: Tensor, num_experts: int) -> None:
+        """Exact form: keep the router, map its decisions through ``expert_map`` to ``num_experts``."""
+        setattr(block, self.router_attr, self.remapped_router(getattr(block, self.router_attr), expert_map, num_experts))
+
+    # ----- routing
+    @abc.abstractmethod
+    def decision(self, output: Any) -> RoutingDecision:
+        """The router's forward output as a ``RoutingDecision`` over its E outputs."""
+
+    # ----- config
+    def top_k(self, config: Any) -> int:
+        return 1 if self.top_k_key is None else int(getattr(config, self.top_k_key))
+
+    def set_num_experts(self, model: nn.Module, num_experts: int) -> None:
+        """Plain form: every MoE block now has ``num_experts`` experts; update config and the model's
+        own copies of the expert count and top-k (used by its auxiliary load-balancing loss)."""
+        config = model.config
+        k = min(self.top_k(config), num_experts)
+        setattr(config, self.experts_key, num_experts)
+        if self.top_k_key is not None:
+            setattr(config, self.top_k_key, k)
+        for module in model.modules():
+            if module is not model and getattr(module, "config", None) is not config:
+                continue
+            if hasattr(module, "num_experts") and not isinstance(getattr(module, "num_experts"), nn.Module):
+                module.num_experts = num_experts
+            if hasattr(module, "num_experts_per_tok"):
+                module.num_experts_per_tok = k
+
+    # ----- calibration
+    def forward_tokens(self, model: nn.Module, ids_BS: Tensor) -> Any:
+        """Run the model on token ids ``[B, S]`` so that every MoE block sees them (calibration)."""
+        return model(input_ids=ids_BS)
+
+
+FAMILIES: dict[str, MoEFamily] = {}
+
+
+def register_family(cls: type[MoEFamily]) -> type[MoEFamily]:
+    """Class decorator: register an adapter for each of its ``model_types``."""
+    instance = cls()
+    for model_type in cls.model_types:
+        if model_type in FAMILIES and type(FAMILIES[model_type]) is not cls:
+            raise ValueError(f"model_type {model_type!r} is already handled by {type(FAMILIES[model_type]).__name__}")
+        FAMILIES[model_type] = instance
+    return cls
+
+
+def list_families() -> list[str]:
+    """Supported ``config.model_type`` values."""
+    return sorted(FAMILIES)
+
+
+def family_for(model_or_config: Any) -> MoEFamily:
+    """The adapter for a model (or its config), by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unknown MoE model family model_type={model_type!r}; supported: {', '.join(list_families())}"
+        )
+    return FAMILIES[model_type]
