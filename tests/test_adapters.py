@@ -124,7 +124,7 @@ def test_failed_insertion_changes_nothing() -> None:
         insert_routed_adapters(model, r"encoder\.layer\.\d+$", method="magic")
     assert not hasattr(model, "moekit_adapters")
     cnn = TinyCNN()
-    with pytest.raises(ValueError, match="cannot infer the output width of site 'block2.1'"):
+    with pytest.raises(ValueError, match="cannot infer the output width of site 'block1.1'"):
         insert_routed_adapters(cnn, r"^block\d\.\d$")  # conv sites infer, the ReLU does not
     assert not hasattr(cnn, "moekit_adapters")
     assert before == {n: p.requires_grad for n, p in model.named_parameters()}

@@ -34,6 +34,7 @@ __all__ = [
     "family_for",
     "list_families",
     "moekit_activation",
+    "pretrained_modules",
 ]
 
 #: Hugging Face ``hidden_act`` names -> moekit activation names (``moekit.experts.base.ACTIVATIONS``)
@@ -168,25 +169,30 @@ class MoEFamily(abc.ABC):
         return 1 if self.top_k_key is None else int(getattr(config, self.top_k_key))
 
     def set_num_experts(self, model: nn.Module, num_experts: int) -> None:
-        """Plain form: every MoE block now has ``num_experts`` experts; update config and the model's
-        own copies of the expert count and top-k (used by its auxiliary load-balancing loss)."""
-        config = model.config
-        k = min(self.top_k(config), num_experts)
-        setattr(config, self.experts_key, num_experts)
-        if self.top_k_key is not None:
-            setattr(config, self.top_k_key, k)
-        for module in model.modules():
-            if module is not model and getattr(module, "config", None) is not config:
-                continue
-            if hasattr(module, "num_experts") and not isinstance(getattr(module, "num_experts"), nn.Module):
+        """Plain form: every MoE block now has ``num_experts`` experts. Updates the config of the model
+        and of its sub-models (encoder-decoder stacks keep their own copies), and the models' own
+        ``num_experts`` / ``num_experts_per_tok`` (used by their auxiliary load-balancing loss)."""
+        k = min(self.top_k(model.config), num_experts)
+        for module in pretrained_modules(model):
+            setattr(module.config, self.experts_key, num_experts)
+            if self.top_k_key is not None:
+                setattr(module.config, self.top_k_key, k)
+            if isinstance(getattr(module, "num_experts", None), int):
                 module.num_experts = num_experts
-            if hasattr(module, "num_experts_per_tok"):
+            if isinstance(getattr(module, "num_experts_per_tok", None), int):
                 module.num_experts_per_tok = k
 
     # ----- calibration
     def forward_tokens(self, model: nn.Module, ids_BS: Tensor) -> Any:
         """Run the model on token ids ``[B, S]`` so that every MoE block sees them (calibration)."""
         return model(input_ids=ids_BS)
+
+
+def pretrained_modules(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every transformers ``PreTrainedModel`` inside it (each has a ``config``)."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
 FAMILIES: dict[str, MoEFamily] = {}

@@ -1,0 +1,102 @@
+"""Shared adapter for families with fused 3D GLU experts and a softmax top-k router (transformers 5.x).
+
+Mixtral, Qwen2-MoE and OLMoE store a block's experts as ``experts.gate_up_proj [E, 2F, D]`` (gate
+rows first, ``gate, up = (x @ W.T).chunk(2)``) and ``experts.down_proj [E, D, F]`` -- exactly
+moekit's ``glu`` layout -- and route with ``gate.weight [E, D]`` (no bias):
+``gate(x) -> (logits [T, E], weights [T, K], ids [T, K])``. The experts module takes
+``(x, ids, weights)``, so remapping ids is all the exact merged form needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...merging.weights import ExpertLayerWeights
+from ...types import RoutingDecision
+from .base import MoEFamily, RemappedRouter, moekit_activation
+
+__all__ = ["FusedTopKFamily", "RemappedTopKRouter", "topk_decision"]
+
+FUSED = ("gate_up_proj", "down_proj")
+
+
+class RemappedTopKRouter(RemappedRouter):
+    """``(logits [T, E], weights [T, K], ids [T, K]) -> (logits, weights, expert_map[ids])``."""
+
+    def remap(self, output: Any) -> Any:
+        logits, weights, ids = output
+        return logits, weights, self.expert_map[ids]
+
+
+def topk_decision(output: Any) -> RoutingDecision:
+    """A top-k router's ``(logits [T, E], weights [T, K], ids [T, K])`` as a ``RoutingDecision``."""
+    logits, weights, ids = output
+    logits_TE = logits.detach().reshape(-1, logits.shape[-1]).float()
+    return RoutingDecision(
+        ids_TK=ids.detach().reshape(logits_TE.shape[0], -1).long(),
+        weights_TK=weights.detach().reshape(logits_TE.shape[0], -1).float(),
+        num_experts=logits_TE.shape[1],
+        logits_TE=logits_TE,
+        probs_TE=torch.softmax(logits_TE, dim=-1),
+    )
+
+
+class FusedTopKFamily(MoEFamily):
+    """Base for Mixtral-style families; a subclass sets ``name``, ``model_types``, ``experts_key``
+    and ``block_types``."""
+
+    kind = "glu"
+    top_k_key = "num_experts_per_tok"
+    router_attr = "gate"
+
+    def _experts(self, block: nn.Module) -> nn.Module:
+        experts = block.experts
+        if not all(isinstance(getattr(experts, n, None), Tensor) for n in FUSED):
+            raise ValueError(
+                f"{type(experts).__name__} has no fused gate_up_proj/down_proj tensors: moekit reads the "
+                "transformers>=5 layout; upgrade transformers"
+            )
+        if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
+            raise ValueError(f"{type(experts).__name__} uses a transposed or biased expert layout, which is not supported")
+        return experts
+
+    def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
+        experts = self._experts(block)
+        params = {n: getattr(experts, n).detach() for n in FUSED}
+        router_weight = self.router(block).weight.detach()
+        return ExpertLayerWeights("glu", params, router_weight, None, moekit_activation(config.hidden_act))
+
+    def resize_experts(self, block: nn.Module, num_experts: int) -> None:
+        experts = self._experts(block)
+        for n in FUSED:
+            old = getattr(experts, n)
+            setattr(experts, n, nn.Parameter(old.detach()[:num_experts].clone(), requires_grad=old.requires_grad))
+        experts.num_experts = num_experts
+
+    def copy_experts(self, block: nn.Module, params: dict[str, Tensor]) -> None:
+        experts = self._experts(block)
+        for n in FUSED:
+            getattr(experts, n).copy_(params[n])
+
+    def write_router(self, block: nn.Module, weight_GD: Tensor, bias_G: Tensor | None) -> None:
+        if bias_G is not None:
+            raise ValueError(f"{self.name} routers have no bias, got a folded bias")
+        router = getattr(block, self.router_attr)
+        if isinstance(router, RemappedRouter):
+            raise ValueError("cannot write a plain router into an exact-form (remapped) block")
+        G = weight_GD.shape[0]
+        old = router.weight
+        router.weight = nn.Parameter(weight_GD.detach().to(old.device, old.dtype).clone(), requires_grad=old.requires_grad)
+        router.num_experts = G
+        router.top_k = min(router.top_k, G)
+        if hasattr(block, "top_k"):
+            block.top_k = min(block.top_k, G)
+
+    def remapped_router(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> RemappedRouter:
+        return RemappedTopKRouter(router, expert_map, num_experts)
+
+    def decision(self, output: Any) -> RoutingDecision:
+        return topk_decision(output)
