@@ -35,6 +35,7 @@ from .routers import (
     SwitchRouter,
     TagRouter,
     TopKRouter,
+    reinforce_terms,
 )
 from .stats import RoutingRecorder, record_routing, routing_metrics
 from .types import MoEOutput, RoutingDecision
@@ -60,6 +61,7 @@ __all__ = [
     "SMEARRouter",
     "STGumbelRouter",
     "ReinforceRouter",
+    "reinforce_terms",
     "Router",
     "SoftmaxRouter",
     "TopKRouter",
@@ -97,3 +99,15 @@ __all__ = [
     "merge_layer",
     "merge_moekit_model",
 ]
+
+# Hugging Face integration, imported on first use so that `import moekit` never imports transformers.
+# (Not in __all__: `from moekit import *` must work without transformers.)
+_LAZY_HF = ("routing_sources", "merge_hf_model", "load_hf_model", "save_hf_model")
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY_HF:
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")

@@ -100,7 +100,8 @@ class COMETRouter(Router):
         """``P`` ``[T, k, n]``: each tree's routing probability of every leaf (rows sum to 1)."""
         s = smooth_step(split_TKV, self.gamma)
         factors = torch.cat([s, 1 - s, torch.ones_like(s[..., :1])], dim=-1)
-        return factors[..., self.paths].prod(-1)
+        along_paths = factors.index_select(-1, self.paths.reshape(-1))
+        return along_paths.reshape(*s.shape[:-1], *self.paths.shape).prod(-1)
 
     def is_saturated(self, x_TD: Tensor) -> Tensor:
         """Bool ``[T]``: every tree routes the token to a single leaf with probability 1."""

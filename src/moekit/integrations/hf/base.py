@@ -70,7 +70,10 @@ class RemappedRouter(nn.Module):
         if isinstance(router, RemappedRouter):
             raise ValueError("this router is already remapped (exact merged form); merge the original model instead")
         expert_map = torch.as_tensor(expert_map, dtype=torch.long)
-        if expert_map.dim() != 1 or (expert_map.numel() and (expert_map.min() < 0 or expert_map.max() >= num_experts)):
+        bad = expert_map.dim() != 1 or (  # values unknown on the meta device (loader before weights)
+            expert_map.device.type != "meta" and bool(((expert_map < 0) | (expert_map >= num_experts)).any())
+        )
+        if bad:
             raise ValueError(f"expert_map must be [E] ids in [0, {num_experts}), got {expert_map.tolist()}")
         self.router = router
         self.num_experts = int(num_experts)
@@ -128,8 +131,23 @@ class MoEFamily(abc.ABC):
 
     # ----- tensors
     @abc.abstractmethod
+    def read_experts(self, block: nn.Module) -> dict[str, Tensor]:
+        """The block's expert tensors in moekit layout, each ``[E, ...]`` (detached; may share storage)."""
+
+    @abc.abstractmethod
+    def read_router(self, block: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The original router's ``(weight [E, D], bias [E] or None)`` (detached)."""
+
+    @abc.abstractmethod
+    def activation(self, config: Any) -> str:
+        """moekit name of the experts' activation."""
+
     def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
-        """The block's experts and router in moekit layout (tensors detached, not copied)."""
+        """The block's experts and router as ``ExpertLayerWeights`` (the input of ``merge_layer``)."""
+        if self.is_remapped(block):
+            raise ValueError("this block is in the exact merged form (E router outputs, G experts); read the original model")
+        weight, bias = self.read_router(block)
+        return ExpertLayerWeights(self.kind, self.read_experts(block), weight, bias, self.activation(config))
 
     @abc.abstractmethod
     def resize_experts(self, block: nn.Module, num_experts: int) -> None:

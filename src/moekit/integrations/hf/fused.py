@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...merging.weights import ExpertLayerWeights
 from ...types import RoutingDecision
 from .base import MoEFamily, RemappedRouter, moekit_activation
 
@@ -63,11 +62,15 @@ class FusedTopKFamily(MoEFamily):
             raise ValueError(f"{type(experts).__name__} uses a transposed or biased expert layout, which is not supported")
         return experts
 
-    def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
+    def read_experts(self, block: nn.Module) -> dict[str, Tensor]:
         experts = self._experts(block)
-        params = {n: getattr(experts, n).detach() for n in FUSED}
-        router_weight = self.router(block).weight.detach()
-        return ExpertLayerWeights("glu", params, router_weight, None, moekit_activation(config.hidden_act))
+        return {n: getattr(experts, n).detach() for n in FUSED}
+
+    def read_router(self, block: nn.Module) -> tuple[Tensor, Tensor | None]:
+        return self.router(block).weight.detach(), None
+
+    def activation(self, config: Any) -> str:
+        return moekit_activation(config.hidden_act)
 
     def resize_experts(self, block: nn.Module, num_experts: int) -> None:
         experts = self._experts(block)

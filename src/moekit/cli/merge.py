@@ -1,0 +1,214 @@
+"""``moekit merge``: merge a trained MoE's experts (M-SMoE) and save a smaller checkpoint.
+
+    moekit merge CKPT_OR_HF_DIR --experts 4 --method mcsmoe --calib notes.txt --out merged/ [--form exact]
+
+The input is a moekit checkpoint (``config.json`` with ``"format": "moekit"``) or a Hugging Face
+model directory of a supported family. The input is only read. The output is built in a temporary
+sibling directory and renamed into place when complete, so a failure leaves nothing at ``--out``;
+an existing ``--out`` is replaced only with ``--overwrite``. ``merge_report.json`` in the output
+records the settings, per-layer expert counts, parameters and file sizes before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..merging.grouping import GROUPINGS
+from ..merging.model import BUDGETS, FORMS
+from ..registry import MERGE_METHODS
+from . import _calib
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint (moekit or Hugging Face)"
+    )
+    p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
+    p.add_argument("--experts", type=int, required=True, help="experts kept per MoE layer (average with --budget global)")
+    p.add_argument("--method", default="mcsmoe", help=f"merge method: {', '.join(MERGE_METHODS.names())} (default: %(default)s)")
+    p.add_argument("--form", choices=FORMS, default="plain",
+                   help="plain: standard smaller model (router folded); exact: router unchanged + index map (default: %(default)s)")  # fmt: skip
+    p.add_argument("--budget", choices=BUDGETS, default=None,
+                   help="global: per-layer counts from activation frequencies; uniform: --experts in every layer "
+                        "(default: uniform for plain, global for exact)")  # fmt: skip
+    p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged")
+    p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping")
+    p.add_argument("--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
+                   help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)")  # fmt: skip
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random grouping (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.set_defaults(func=_run)
+
+
+def _read_config(src: Path) -> dict[str, Any]:
+    if not src.exists():
+        raise FileNotFoundError(f"input {str(src)!r} does not exist")
+    if not src.is_dir():
+        raise ValueError(f"input {str(src)!r} is not a directory (give a moekit checkpoint or Hugging Face model directory)")
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"input {str(src)!r} has no config.json: not a moekit checkpoint or Hugging Face model")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt config {str(path)!r}: {err}") from None
+    if not isinstance(meta, dict) or (meta.get("format") != "moekit" and "model_type" not in meta):
+        raise ValueError(f"{str(path)!r} is neither a moekit checkpoint config nor a Hugging Face model config")
+    return meta
+
+
+def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"--out {str(out)!r} overlaps the input {str(src)!r}; the input is never modified")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+
+
+def _check_experts(experts: int, counts: dict[str, int], src: Path, exclude: list[str]) -> None:
+    merged = [c for name, c in counts.items() if name not in set(exclude)] or list(counts.values())
+    if not 1 <= experts <= min(merged):
+        raise ValueError(f"--experts must be between 1 and {min(merged)} (experts per MoE layer of {str(src)!r}), got {experts}")
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    budget = args.budget or ("uniform" if args.form == "plain" else "global")
+    kw: dict[str, Any] = {"experts": args.experts, "method": args.method, "form": args.form, "budget": budget,
+                          "exclude": list(args.exclude), "seed": args.seed}  # fmt: skip
+    if args.grouping:
+        kw["grouping"] = args.grouping
+    return kw
+
+
+def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..merging import merge_moekit_model, moe_layers
+
+    cfg = meta["config"]
+    if "vocab_size" not in cfg or "max_seq_len" not in cfg:
+        raise ValueError(f"{str(src)!r} holds a {meta.get('model')!r} model; text calibration needs a moekit language model")
+    model = load_checkpoint(src)
+    _check_experts(args.experts, {n: m.experts.num_experts for n, m in moe_layers(model).items()}, src, args.exclude)
+    data = _calib.read_calibration_bytes(args.calib)
+    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=min(args.seq_len, cfg["max_seq_len"]),
+                                  vocab_size=cfg["vocab_size"])  # fmt: skip
+    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=args.quiet or not sys.stderr.isatty(), leave=False)
+    before = _params(model)
+    merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
+    layers = {n: {"experts": m.experts.num_experts, "router_outputs": m.router.num_experts} for n, m in moe_layers(merged).items()}
+    info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
+            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
+    return merged, lambda path: save_checkpoint(merged, path), info
+
+
+def _load_hf(src: Path) -> nn.Module:
+    from safetensors import SafetensorError
+
+    from ..integrations.hf import load_hf_model
+
+    try:
+        return load_hf_model(src)
+    except (OSError, RuntimeError, SafetensorError, KeyError) as err:
+        raise ValueError(f"cannot load the Hugging Face model in {str(src)!r}: {str(err).strip().splitlines()[0]}") from None
+
+
+def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+    from ..integrations.hf import MERGE_CONFIG_KEY, family_for, merge_hf_model
+
+    family = family_for(SimpleNamespace(model_type=meta["model_type"]))
+    if (meta.get(MERGE_CONFIG_KEY) or {}).get("form") == "exact":
+        raise ValueError(f"{str(src)!r} is already merged (exact form); merge the original model instead")
+    tokenizer = _calib.find_tokenizer(src)
+    model = _load_hf(src)
+    blocks = family.moe_blocks(model)
+    _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
+    data = _calib.read_calibration_bytes(args.calib)
+    max_len = getattr(model.config, "max_position_embeddings", None) or args.seq_len
+    seq_len = min(args.seq_len, max_len)
+    if tokenizer is not None:
+        windows = _calib.token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
+    else:
+        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=model.config.vocab_size)
+    before = _params(model)
+    merged = merge_hf_model(model, _calib.to_batches(windows, args.batch_size), inplace=True, quiet=args.quiet, **_merge_kwargs(args))
+    layers = {n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
+              for n, b in family.moe_blocks(merged).items()}  # fmt: skip
+    info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
+            "calibration": {"tokens": windows.numel(), "tokenizer": "model" if tokenizer is not None else "bytes % vocab_size"}}  # fmt: skip
+
+    def save(path: Path) -> None:
+        merged.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    return merged, save, info
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..integrations.hf.io import publish_dir
+
+    src, out = Path(args.input), Path(args.out)
+    if args.experts < 1:
+        raise ValueError(f"--experts must be >= 1, got {args.experts}")
+    MERGE_METHODS.entry(args.method)
+    _check_paths(src, out, args.overwrite)
+    meta = _read_config(src)
+    start = time.perf_counter()
+    merged, save, info = (_merge_moekit if meta.get("format") == "moekit" else _merge_hf)(args, src, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save(stage / "model")
+        report = {
+            "input": str(src), "output": str(out), **{k: v for k, v in _merge_kwargs(args).items()},
+            "calibration": {"sources": list(args.calib), "samples": args.calib_samples, **info["calibration"]},
+            "model": info["model"], "kind": info["kind"], "layers": info["layers"],
+            "params_before": info["params_before"], "params_after": _params(merged),
+            "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(stage / "model"),
+            "seconds": round(time.perf_counter() - start, 3),
+        }  # fmt: skip
+        (stage / "model" / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        publish_dir(stage / "model", out, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if not args.quiet:
+        _summary(report)
+    return 0
+
+
+def _summary(r: dict[str, Any]) -> None:
+    def change(a: int, b: int) -> str:
+        return f"{a:,} -> {b:,} ({100.0 * (b - a) / a:+.1f}%)" if a else f"{a:,} -> {b:,}"
+
+    counts = [layer["experts"] for layer in r["layers"].values()]
+    print(f"merged {r['input']} ({r['model']}) -> {r['output']}")
+    print(f"  form={r['form']} method={r['method']} budget={r['budget']}: experts per layer {counts}")
+    print(f"  parameters {change(r['params_before'], r['params_after'])}")
+    print(f"  weight bytes {change(r['weights_bytes_before'], r['weights_bytes_after'])}")
+    print(f"  calibration {r['calibration']['tokens']} tokens ({r['calibration']['tokenizer']}), {r['seconds']:.1f} s")

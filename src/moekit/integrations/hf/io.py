@@ -1,0 +1,126 @@
+"""Save and load merged Hugging Face models.
+
+``save_hf_model`` writes ``save_pretrained`` output (safetensors + config.json [+ tokenizer]) into a
+temporary sibling directory and renames it into place, so a failure never leaves a partial directory.
+
+``load_hf_model`` loads any checkpoint of a registered family:
+
+* unmerged and plain-form checkpoints are standard: it simply calls the architecture's
+  ``from_pretrained`` (so does any code that knows nothing of moekit);
+* exact-form checkpoints (``config.moekit_merge["form"] == "exact"``) have G experts per block but
+  routers with E outputs and an ``expert_map`` buffer, which stock transformers rejects (size
+  mismatch). moekit loads them through ``from_pretrained`` of a subclass of the architecture whose
+  ``__init__`` first gives each merged block its G experts and ``RemappedRouter``; transformers'
+  loader then fills every tensor as usual (meta-device init, tied weights, dtype, device map).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import family_for
+from .merge import MERGE_CONFIG_KEY
+
+__all__ = ["save_hf_model", "load_hf_model", "publish_dir", "exact_layout_class"]
+
+
+def publish_dir(staged: Path, directory: Path, *, overwrite: bool) -> Path:
+    """Move the finished directory ``staged`` to ``directory`` (same filesystem) with renames only."""
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
+        old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+        os.replace(directory, old / "previous")
+        os.replace(staged, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, directory)
+    return directory
+
+
+def save_hf_model(
+    model: nn.Module, directory: str | os.PathLike[str], *, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """``model.save_pretrained`` (and ``tokenizer.save_pretrained``) into ``directory``, atomically.
+
+    ``directory`` must not exist unless ``overwrite``. Returns its path.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(stage / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage / "model")
+        publish_dir(stage / "model", directory, overwrite=overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return directory
+
+
+def exact_layout_class(cls: type) -> type:
+    """A subclass of the architecture ``cls`` (same name) that builds the exact merged layout recorded
+    in ``config.moekit_merge`` before weights are loaded."""
+
+    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, config, *args, **kwargs)
+        family = family_for(config)
+        blocks = family.moe_blocks(self)
+        for name, layer in getattr(config, MERGE_CONFIG_KEY)["layers"].items():
+            if name not in blocks:
+                raise ValueError(f"config.{MERGE_CONFIG_KEY} names block {name!r}, which this model does not have")
+            G, E = int(layer["experts"]), int(layer["router_outputs"])
+            family.resize_experts(blocks[name], G)
+            family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+            # every tensor of the block comes from the checkpoint (load_hf_model checks that strictly):
+            # skip the family's own weight init, which assumes E experts and a stock router
+            blocks[name]._is_hf_initialized = True
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def _architecture(config: Any) -> type:
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(f"config.architectures={names!r} names no transformers model class")
+
+
+def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a Hugging Face MoE checkpoint of a registered family, merged (either form) or not.
+
+    Raises FileNotFoundError for a missing directory or config, ValueError for an unknown family.
+    """
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(directory)!r} has no config.json")
+    config = AutoConfig.from_pretrained(directory)
+    family_for(config)
+    cls = _architecture(config)
+    merge = getattr(config, MERGE_CONFIG_KEY, None)
+    if not (isinstance(merge, dict) and merge.get("form") == "exact"):
+        return cls.from_pretrained(directory, config=config, **from_pretrained_kwargs)
+    model, info = exact_layout_class(cls).from_pretrained(
+        directory, config=config, output_loading_info=True, **from_pretrained_kwargs
+    )
+    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"exact-form checkpoint {str(directory)!r} does not match its config.{MERGE_CONFIG_KEY}: {bad}")
+    return model
