@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-FAMILY_NAMES = ("mixtral", "qwen2_moe", "olmoe", "switch_transformers")
+FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
 NUM_EXPERTS = 6
 VOCAB = 256
 DECODER_ONLY = dict(
@@ -26,6 +26,9 @@ def tiny_config(family: str, *, experts: int = NUM_EXPERTS, **overrides: object)
     if family == "qwen2_moe":
         kw = {"intermediate_size": 64, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40}
         return tf.Qwen2MoeConfig(**{**DECODER_ONLY, **kw, "num_experts": experts, **overrides})
+    if family == "qwen3_moe":
+        kw = {"intermediate_size": 64, "moe_intermediate_size": 24, "head_dim": 8, "norm_topk_prob": True}
+        return tf.Qwen3MoeConfig(**{**DECODER_ONLY, **kw, "num_experts": experts, **overrides})
     if family == "olmoe":
         return tf.OlmoeConfig(**{**DECODER_ONLY, "intermediate_size": 48, "num_experts": experts, **overrides})
     if family == "switch_transformers":
@@ -42,6 +45,7 @@ def model_class(family: str) -> type:
     return {
         "mixtral": tf.MixtralForCausalLM,
         "qwen2_moe": tf.Qwen2MoeForCausalLM,
+        "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]

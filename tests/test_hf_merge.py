@@ -145,10 +145,11 @@ def test_identical_experts_merge_without_loss(form):
 @pytest.mark.parametrize("method", ["prune", "uniform", "random"])
 def test_other_methods_are_exact_redirects(method):
     model = tiny_model("olmoe")
-    merged = merge_hf_model(model, token_batches(), experts=2, method=method, form="exact", budget="uniform", quiet=True)
+    merged = merge_hf_model(model, token_batches(), experts=2, method=method, form="exact", budget="uniform")
     ids = token_batches(1, seed=5)[0]
     with torch.no_grad():
-        torch.testing.assert_close(logits(merged, ids), logits(_redirect_model(model, merged), ids), atol=1e-5, rtol=1e-5)
+        want = logits(_redirect_model(model, merged), ids)
+        torch.testing.assert_close(logits(merged, ids), want, atol=1e-5, rtol=1e-5)
 
 
 def test_input_model_is_not_modified():
@@ -231,3 +232,26 @@ def test_save_hf_model_refuses_to_overwrite(tmp_path):
         save_hf_model(model, tmp_path / "m")
     save_hf_model(model, tmp_path / "m", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left
+
+
+@pytest.mark.parametrize("form", ["plain", "exact"])
+def test_router_aux_loss_still_works(form):
+    model = tiny_model("mixtral")
+    merged = merge_hf_model(model, token_batches(), experts=2, form=form, quiet=True)
+    ids = token_batches(1)[0]
+    out = merged(input_ids=ids, labels=ids, output_router_logits=True)
+    E = 2 if form == "plain" else NUM_EXPERTS  # the router logits the loss sees
+    assert all(r.shape[-1] == E for r in out.router_logits)
+    assert torch.isfinite(out.aux_loss) and torch.isfinite(out.loss)
+
+
+def test_exact_loader_refuses_a_checkpoint_that_does_not_match_its_config(tmp_path):
+    import json
+
+    merged = merge_hf_model(tiny_model("switch_transformers"), token_batches(), experts=2, form="exact", quiet=True)
+    save_hf_model(merged, tmp_path / "exact")
+    config = json.loads((tmp_path / "exact" / "config.json").read_text())
+    config["moekit_merge"]["layers"].pop("decoder.block.1.layer.2.mlp")
+    (tmp_path / "exact" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match its config.moekit_merge.*decoder.block.1.layer.2.mlp"):
+        load_hf_model(tmp_path / "exact")

@@ -13,9 +13,10 @@ into a RoutingDecision. Analysis and merging both read these statistics.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .routers.base import Router
 from .types import RoutingDecision
 
-__all__ = ["LayerStats", "RoutingMetrics", "RoutingRecorder", "record_routing", "routing_metrics"]
+__all__ = ["LayerStats", "RoutingMetrics", "RoutingRecorder", "record_routing", "routing_metrics", "capture_decisions"]
 
 DecisionFn = Callable[[Any], RoutingDecision]
 
@@ -228,6 +229,23 @@ class RoutingRecorder:
 
     def metrics(self) -> dict[str, RoutingMetrics]:
         return {name: routing_metrics(s) for name, s in self.stats.items()}
+
+
+@contextlib.contextmanager
+def capture_decisions(model: nn.Module) -> Iterator[list[RoutingDecision]]:
+    """Collect the RoutingDecision of every moekit router that runs inside the block, in call order,
+    *with* autograd history (for estimators such as REINFORCE that need the decision in the loss)."""
+    decisions: list[RoutingDecision] = []
+    handles = [
+        m.register_forward_hook(lambda module, args, out: decisions.append(out))
+        for m in model.modules()
+        if isinstance(m, Router)
+    ]
+    try:
+        yield decisions
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _identity(decision: RoutingDecision) -> RoutingDecision:

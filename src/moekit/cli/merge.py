@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,24 +30,30 @@ from ..registry import MERGE_METHODS
 from . import _calib
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint (moekit or Hugging Face)"
-    )
+    p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
-    p.add_argument("--experts", type=int, required=True, help="experts kept per MoE layer (average with --budget global)")
-    p.add_argument("--method", default="mcsmoe", help=f"merge method: {', '.join(MERGE_METHODS.names())} (default: %(default)s)")
-    p.add_argument("--form", choices=FORMS, default="plain",
-                   help="plain: standard smaller model (router folded); exact: router unchanged + index map (default: %(default)s)")  # fmt: skip
-    p.add_argument("--budget", choices=BUDGETS, default=None,
-                   help="global: per-layer counts from activation frequencies; uniform: --experts in every layer "
-                        "(default: uniform for plain, global for exact)")  # fmt: skip
+    p.add_argument("--experts", type=int, required=True, help="experts kept per MoE layer (average if budget global)")
+    methods = ", ".join(MERGE_METHODS.names())
+    p.add_argument("--method", default="mcsmoe", help=f"one of {methods} (default: %(default)s)")
+    p.add_argument(
+        "--form", choices=FORMS, default="plain",
+        help="plain: standard smaller model, router folded; exact: router unchanged + index map (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", choices=BUDGETS, default=None,
+        help="global: per-layer counts from activation frequencies; uniform: --experts in every layer "
+        "(default: uniform for plain, global for exact)",
+    )  # fmt: skip
     p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged")
     p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping")
-    p.add_argument("--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
-                   help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)")  # fmt: skip
+    p.add_argument(
+        "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
+        help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
+    )  # fmt: skip
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: %(default)s)")
@@ -62,7 +68,7 @@ def _read_config(src: Path) -> dict[str, Any]:
     if not src.exists():
         raise FileNotFoundError(f"input {str(src)!r} does not exist")
     if not src.is_dir():
-        raise ValueError(f"input {str(src)!r} is not a directory (give a moekit checkpoint or Hugging Face model directory)")
+        raise ValueError(f"input {str(src)!r} is not a directory (give a moekit checkpoint or Hugging Face model)")
     path = src / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"input {str(src)!r} has no config.json: not a moekit checkpoint or Hugging Face model")
@@ -86,7 +92,8 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
 def _check_experts(experts: int, counts: dict[str, int], src: Path, exclude: list[str]) -> None:
     merged = [c for name, c in counts.items() if name not in set(exclude)] or list(counts.values())
     if not 1 <= experts <= min(merged):
-        raise ValueError(f"--experts must be between 1 and {min(merged)} (experts per MoE layer of {str(src)!r}), got {experts}")
+        where = f"experts per MoE layer of {str(src)!r}"
+        raise ValueError(f"--experts must be between 1 and {min(merged)} ({where}), got {experts}")
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -99,29 +106,36 @@ def _params(model: nn.Module) -> int:
 
 def _merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     budget = args.budget or ("uniform" if args.form == "plain" else "global")
-    kw: dict[str, Any] = {"experts": args.experts, "method": args.method, "form": args.form, "budget": budget,
-                          "exclude": list(args.exclude), "seed": args.seed}  # fmt: skip
+    kw: dict[str, Any] = {
+        "experts": args.experts, "method": args.method, "form": args.form, "budget": budget,
+        "exclude": list(args.exclude), "seed": args.seed,
+    }  # fmt: skip
     if args.grouping:
         kw["grouping"] = args.grouping
     return kw
 
 
-def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..merging import merge_moekit_model, moe_layers
 
     cfg = meta["config"]
     if "vocab_size" not in cfg or "max_seq_len" not in cfg:
-        raise ValueError(f"{str(src)!r} holds a {meta.get('model')!r} model; text calibration needs a moekit language model")
+        kind = meta.get("model")
+        raise ValueError(f"{str(src)!r} holds a {kind!r} model; text calibration needs a moekit language model")
     model = load_checkpoint(src)
     _check_experts(args.experts, {n: m.experts.num_experts for n, m in moe_layers(model).items()}, src, args.exclude)
+    seq_len = min(args.seq_len, cfg["max_seq_len"])
     data = _calib.read_calibration_bytes(args.calib)
-    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=min(args.seq_len, cfg["max_seq_len"]),
-                                  vocab_size=cfg["vocab_size"])  # fmt: skip
-    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=args.quiet or not sys.stderr.isatty(), leave=False)
+    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=cfg["vocab_size"])
+    bar = not args.quiet and sys.stderr.isatty()
+    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
     merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
-    layers = {n: {"experts": m.experts.num_experts, "router_outputs": m.router.num_experts} for n, m in moe_layers(merged).items()}
+    layers = {
+        n: {"experts": m.experts.num_experts, "router_outputs": m.router.num_experts}
+        for n, m in moe_layers(merged).items()
+    }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
             "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
     return merged, lambda path: save_checkpoint(merged, path), info
@@ -135,10 +149,11 @@ def _load_hf(src: Path) -> nn.Module:
     try:
         return load_hf_model(src)
     except (OSError, RuntimeError, SafetensorError, KeyError) as err:
-        raise ValueError(f"cannot load the Hugging Face model in {str(src)!r}: {str(err).strip().splitlines()[0]}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the Hugging Face model in {str(src)!r}: {first}") from None
 
 
-def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
     from ..integrations.hf import MERGE_CONFIG_KEY, family_for, merge_hf_model
 
     family = family_for(SimpleNamespace(model_type=meta["model_type"]))
@@ -149,18 +164,22 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> tupl
     blocks = family.moe_blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
     data = _calib.read_calibration_bytes(args.calib)
-    max_len = getattr(model.config, "max_position_embeddings", None) or args.seq_len
-    seq_len = min(args.seq_len, max_len)
+    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
     if tokenizer is not None:
         windows = _calib.token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
     else:
-        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=model.config.vocab_size)
+        vocab = model.config.vocab_size
+        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab)
     before = _params(model)
-    merged = merge_hf_model(model, _calib.to_batches(windows, args.batch_size), inplace=True, quiet=args.quiet, **_merge_kwargs(args))
-    layers = {n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
-              for n, b in family.moe_blocks(merged).items()}  # fmt: skip
+    batches = _calib.to_batches(windows, args.batch_size)
+    merged = merge_hf_model(model, batches, inplace=True, quiet=args.quiet, **_merge_kwargs(args))
+    layers = {
+        n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
+        for n, b in family.moe_blocks(merged).items()
+    }
+    tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": "model" if tokenizer is not None else "bytes % vocab_size"}}  # fmt: skip
+            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}}  # fmt: skip
 
     def save(path: Path) -> None:
         merged.save_pretrained(path)
@@ -186,7 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         save(stage / "model")
         report = {
-            "input": str(src), "output": str(out), **{k: v for k, v in _merge_kwargs(args).items()},
+            "input": str(src), "output": str(out), **_merge_kwargs(args),
             "calibration": {"sources": list(args.calib), "samples": args.calib_samples, **info["calibration"]},
             "model": info["model"], "kind": info["kind"], "layers": info["layers"],
             "params_before": info["params_before"], "params_after": _params(merged),

@@ -260,11 +260,16 @@ def add_reproduce_parser(subparsers: Any) -> None:
     parser.add_argument("--datasets", default=None, help=f"comma-separated subset of {','.join(DATASETS)}")
     parser.add_argument("--idx-dir", default=None, help="directory with mnist/ and fashion/ IDX files (for multimnist, multifashion)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for these small models on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     cfg = CometConfig.quick() if args.quick else CometConfig()
     overrides: dict[str, Any] = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed, "idx_dir": args.idx_dir}
     if args.gates:

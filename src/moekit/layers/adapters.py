@@ -72,17 +72,27 @@ def _key(site: str) -> str:
     return site.replace(".", "__") or "root"
 
 
-def _infer_dim(model: nn.Module, module: nn.Module) -> int | None:
-    for attr in ("out_features", "out_channels", "hidden_size", "d_model", "n_embd", "embed_dim"):
+_WIDTH_ATTRS = ("out_features", "out_channels", "num_features", "hidden_size", "d_model", "n_embd", "embed_dim")
+
+
+def _width(module: nn.Module) -> int | None:
+    for attr in _WIDTH_ATTRS:
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
-    config = getattr(model, "config", None)
-    for attr in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
     return None
+
+
+def _infer_dim(model: nn.Module, module: nn.Module) -> int | None:
+    """The site's output width: its own attributes, else the model config's hidden size, else the
+    last submodule that declares a width (e.g. a Sequential ending in conv/BN/ReLU)."""
+    width = _width(module)
+    if width is None:
+        config = getattr(model, "config", None)
+        width = next((v for a in ("hidden_size", "d_model", "n_embd") if isinstance(v := getattr(config, a, None), int)), None)
+    if width is None:
+        width = next((w for m in reversed(list(module.modules())[1:]) if (w := _width(m)) is not None), None)
+    return width
 
 
 def _match_sites(model: nn.Module, sites: str | type | tuple[type, ...] | Sequence[str]) -> list[str]:

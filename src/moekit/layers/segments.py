@@ -1,14 +1,21 @@
 """Causal segment routing for decoder language models (Lory, Zhong et al. 2024, https://arxiv.org/abs/2405.03133).
 
-The sequence is split into segments of ``segment_len`` positions. Segment k runs one expert merged
-(SMEAR-style) with routing computed from the *mean hidden state of segment k-1*, so a segment's
-expert never depends on its own or later tokens. The first segment has no predecessor:
+SMEAR routes each example on the mean of *all* its positions, so in a decoder every position would
+see its future. Lory splits the sequence into segments of ``segment_len`` positions; segment k is
+routed on the (masked) mean hidden state of segment k-1, so no position's routing depends on its own
+segment or later ones. The first segment has no predecessor:
 
-* ``first_segment="self"`` (Lory): it routes on its own mean with a stop-gradient on the routing.
-  Positions of the first segment then see their own segment's mean -- causal across segments, not
-  within the first one (Lory's choice for training).
-* ``first_segment="uniform"``: it uses the plain average of the experts. Strictly causal: no
+* ``first_segment="self"`` (Lory's training choice): it routes on its own mean with a stop-gradient
+  on the routing weights. Causal across segments, not inside the first segment.
+* ``first_segment="default"``: it routes on a zero vector, i.e. a learned default routing (with
+  SMEAR's router, LayerNorm(0) gives uniform routing at initialisation). Strictly causal: no
   position's output depends on any later position.
+
+Pass ``segment_len`` to ``SMEAR`` (merged experts per segment, Lory's layer) or to any routed block of
+``build_routed_block`` (sparse methods route per segment the same way). A segment that is all padding
+contributes a zero mean. Merging happens once per segment, so its extra cost is about ``E / segment_len``
+of the expert's FLOPs. Incremental decoding with a KV cache sees only the new tokens in each call;
+run generation without a cache (``use_cache=False``) to get exactly the training-time routing.
 """
 
 from __future__ import annotations
@@ -16,55 +23,55 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from .._checks import check_choice, check_int
-from ..experts.base import ExpertBank
-from ..routers.base import Router
-from ..types import MoEOutput
+from .pooling import RoutingGroups, check_mask
 
-__all__ = ["CausalSegmentMoE"]
+__all__ = ["FIRST_SEGMENT", "segment_sizes", "causal_segment_groups"]
+
+FIRST_SEGMENT = ("self", "default")
 
 
-class CausalSegmentMoE(nn.Module):
-    """Merged-expert layer routed per causal segment.
+def segment_sizes(length: int, segment_len: int) -> list[int]:
+    """Lengths of the ``ceil(length / segment_len)`` segments of a sequence (the last may be shorter)."""
+    check_int("segment_len", segment_len, low=1)
+    n = math.ceil(length / segment_len)
+    return [min(segment_len, length - k * segment_len) for k in range(n)]
 
-    Input ``[B, L, D]``; output ``MoEOutput`` with ``y [B, L, out_dim]`` and a decision with one row
-    per (example, segment), ``B * ceil(L / segment_len)`` rows.
+
+def causal_segment_groups(
+    x_BLD: Tensor, mask_BL: Tensor | None, segment_len: int, first_segment: str = "self"
+) -> RoutingGroups:
+    """Routing groups = segments, each routed on the previous segment's masked mean.
+
+    Args:
+        x_BLD: ``[B, L, D]`` hidden states.
+        mask_BL: optional padding mask (true/1 = real token); each example needs a real token.
+        segment_len: positions per segment (T).
+        first_segment: ``"self"`` or ``"default"`` (see the module docstring).
+    Returns:
+        ``RoutingGroups`` with ``B * ceil(L / T)`` groups in (example, segment) order.
     """
-
-    def __init__(self, router: Router, experts: ExpertBank, *, segment_len: int, first_segment: str = "self") -> None:
-        super().__init__()
-        if router.is_sparse:
-            raise ValueError(f"router must be dense (its weights are merged), got sparse {type(router).__name__}")
-        if router.num_experts != experts.num_experts or router.dim != experts.dim:
-            raise ValueError("router and experts must agree on num_experts and dim")
-        if not experts.token_input:
-            raise ValueError("causal segment routing needs a token expert bank (mlp, glu, adapter)")
-        self.router = router
-        self.experts = experts
-        self.segment_len = check_int("segment_len", segment_len, low=1)
-        self.first_segment = check_choice("first_segment", first_segment, ("self", "uniform"))
-
-    def forward(self, x_BLD: Tensor) -> MoEOutput:
-        if x_BLD.dim() != 3 or x_BLD.shape[-1] != self.experts.dim:
-            raise ValueError(f"input must be [B, L, {self.experts.dim}], got shape {tuple(x_BLD.shape)}")
-        B, L, D = x_BLD.shape
-        if L == 0:
-            raise ValueError("cannot route an empty sequence (L=0)")
-        T = self.segment_len
-        n = math.ceil(L / T)
-        lengths = torch.tensor([min(T, L - k * T) for k in range(n)], device=x_BLD.device)
-        padded = torch.nn.functional.pad(x_BLD, (0, 0, 0, n * T - L))
-        means_BnD = padded.reshape(B, n, T, D).sum(2) / lengths.to(x_BLD.dtype).unsqueeze(-1)
-        route_in = torch.cat([means_BnD[:, :1], means_BnD[:, :-1]], dim=1).reshape(B * n, D)
-        decision = self.router(route_in)
-        probs = decision.gates_TE().reshape(B, n, -1)
-        first = probs[:, :1].detach() if self.first_segment == "self" else torch.full_like(probs[:, :1], 1 / probs.shape[-1])
-        probs = torch.cat([first, probs[:, 1:]], dim=1).reshape(B * n, -1)
-        merged = self.experts.merge_parameters(probs)
-        y = self.experts.grouped_forward(x_BLD.reshape(B * L, D), merged, lengths.repeat(B))
-        return MoEOutput(y=y.reshape(B, L, -1), aux=dict(decision.aux), decision=decision)
-
-    def extra_repr(self) -> str:
-        return f"segment_len={self.segment_len}, first_segment={self.first_segment!r}"
+    check_choice("first_segment", first_segment, FIRST_SEGMENT)
+    if x_BLD.dim() != 3:
+        raise ValueError(f"causal segment routing needs [B, L, D], got shape {tuple(x_BLD.shape)}")
+    B, L, D = x_BLD.shape
+    if L == 0:
+        raise ValueError(f"cannot route empty sequences: input has shape {tuple(x_BLD.shape)} (L=0)")
+    sizes = segment_sizes(L, segment_len)
+    n, pad = len(sizes), len(sizes) * segment_len - L
+    m = check_mask(mask_BL, x_BLD)
+    if m is None:
+        m = x_BLD.new_ones(B, L)
+    sums_BnD = F.pad(x_BLD * m.unsqueeze(-1), (0, 0, 0, pad)).reshape(B, n, segment_len, D).sum(2)
+    counts_Bn = F.pad(m, (0, pad)).reshape(B, n, segment_len).sum(2)
+    means_BnD = sums_BnD / counts_Bn.clamp_min(1).unsqueeze(-1)  # all-padding segment -> zeros
+    first = means_BnD[:, :1] if first_segment == "self" else torch.zeros_like(means_BnD[:, :1])
+    route_in = torch.cat([first, means_BnD[:, :-1]], dim=1).reshape(B * n, D)
+    device = x_BLD.device
+    sizes_G = torch.tensor(sizes, dtype=torch.long, device=device).repeat(B)
+    example_G = torch.arange(B, device=device).repeat_interleave(n)
+    stop = (torch.arange(n, device=device) == 0).repeat(B) if first_segment == "self" else None
+    return RoutingGroups(route_in, sizes_G, example_G, stop)

@@ -144,13 +144,13 @@ class MultiGateMoE(nn.Module):
             moe.append(MoEOutput(y=h, aux=dict(decision.aux), decision=decision))
         return MultiTaskOutput(outputs, moe)
 
-    def _check_targets(self, out: MultiTaskOutput, targets: Sequence[Tensor]) -> None:
+    def _check_targets(self, targets: Sequence[Tensor]) -> None:
         if len(targets) != len(self.tasks):
             raise ValueError(f"got {len(targets)} targets for {len(self.tasks)} tasks")
 
     def task_losses(self, out: MultiTaskOutput, targets: Sequence[Tensor]) -> list[Tensor]:
         """Cross-entropy (classification) or MSE (regression) per task."""
-        self._check_targets(out, targets)
+        self._check_targets(targets)
         losses = []
         for task, pred, y in zip(self.tasks, out.outputs, targets):
             if task.kind == "classification":
@@ -162,7 +162,7 @@ class MultiGateMoE(nn.Module):
     @torch.no_grad()
     def task_metrics(self, out: MultiTaskOutput, targets: Sequence[Tensor]) -> list[float]:
         """Accuracy (classification) or MSE (regression) per task."""
-        self._check_targets(out, targets)
+        self._check_targets(targets)
         metrics = []
         for task, pred, y in zip(self.tasks, out.outputs, targets):
             if task.kind == "classification":

@@ -145,7 +145,7 @@ class MoEFamily(abc.ABC):
     def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         """The block's experts and router as ``ExpertLayerWeights`` (the input of ``merge_layer``)."""
         if self.is_remapped(block):
-            raise ValueError("this block is in the exact merged form (E router outputs, G experts); read the original model")
+            raise ValueError("this block is in the exact merged form (E router outputs, G experts); use the original")
         weight, bias = self.read_router(block)
         return ExpertLayerWeights(self.kind, self.read_experts(block), weight, bias, self.activation(config))
 
@@ -159,7 +159,7 @@ class MoEFamily(abc.ABC):
         """Copy moekit-layout tensors ``[G, ...]`` into a bank that already has G experts."""
 
     def write_experts(self, block: nn.Module, params: dict[str, Tensor]) -> None:
-        """Replace the bank by the G experts in ``params`` (moekit layout)."""
+        """Replace the bank by the G experts in ``params`` (moekit layout; G <= the current count)."""
         G = int(next(iter(params.values())).shape[0])
         self.resize_experts(block, G)
         with torch.no_grad():
@@ -175,7 +175,8 @@ class MoEFamily(abc.ABC):
 
     def wrap_router(self, block: nn.Module, expert_map: Tensor, num_experts: int) -> None:
         """Exact form: keep the router, map its decisions through ``expert_map`` to ``num_experts``."""
-        setattr(block, self.router_attr, self.remapped_router(getattr(block, self.router_attr), expert_map, num_experts))
+        router = getattr(block, self.router_attr)
+        setattr(block, self.router_attr, self.remapped_router(router, expert_map, num_experts))
 
     # ----- routing
     @abc.abstractmethod

@@ -59,7 +59,7 @@ class FusedTopKFamily(MoEFamily):
                 "transformers>=5 layout; upgrade transformers"
             )
         if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
-            raise ValueError(f"{type(experts).__name__} uses a transposed or biased expert layout, which is not supported")
+            raise ValueError(f"{type(experts).__name__} has a transposed or biased expert layout (not supported)")
         return experts
 
     def read_experts(self, block: nn.Module) -> dict[str, Tensor]:
@@ -92,7 +92,8 @@ class FusedTopKFamily(MoEFamily):
             raise ValueError("cannot write a plain router into an exact-form (remapped) block")
         G = weight_GD.shape[0]
         old = router.weight
-        router.weight = nn.Parameter(weight_GD.detach().to(old.device, old.dtype).clone(), requires_grad=old.requires_grad)
+        new = weight_GD.detach().to(old.device, old.dtype).clone()
+        router.weight = nn.Parameter(new, requires_grad=old.requires_grad)
         router.num_experts = G
         router.top_k = min(router.top_k, G)
         if hasattr(block, "top_k"):

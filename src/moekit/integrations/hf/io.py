@@ -35,7 +35,7 @@ def publish_dir(staged: Path, directory: Path, *, overwrite: bool) -> Path:
     """Move the finished directory ``staged`` to ``directory`` (same filesystem) with renames only."""
     if directory.exists():
         if not overwrite:
-            raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
+            raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True)")
         old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
         os.replace(directory, old / "previous")
         os.replace(staged, directory)
@@ -54,7 +54,7 @@ def save_hf_model(
     """
     directory = Path(directory)
     if directory.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
@@ -122,5 +122,6 @@ def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: A
     )
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
-        raise ValueError(f"exact-form checkpoint {str(directory)!r} does not match its config.{MERGE_CONFIG_KEY}: {bad}")
+        where = f"exact-form checkpoint {str(directory)!r}"
+        raise ValueError(f"{where} does not match its config.{MERGE_CONFIG_KEY}: {bad}")
     return model

@@ -80,8 +80,9 @@ def calibrate_hf(
     run = forward or family.forward_tokens
     was_training = model.training
     model.eval()
+    recorder = RoutingRecorder(model, sources=sources, layers=list(sources), keep_logits=True, max_tokens=max_tokens)
     try:
-        with RoutingRecorder(model, sources=sources, layers=list(sources), keep_logits=True, max_tokens=max_tokens) as rec:
+        with recorder as rec:
             for batch in tqdm(batches, desc="calibrate", disable=quiet or not sys.stderr.isatty(), leave=False):
                 run(model, batch)
     finally:
