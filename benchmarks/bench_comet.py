@@ -15,7 +15,6 @@ initialisation, where every expert has non-zero weight and sparse dispatch must 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -81,25 +80,61 @@ def main() -> None:
                 decision = router(x)
                 hard = float(router.is_saturated(x).float().mean())
                 run = float((decision.kept_mask() & (decision.weights_TK != 0)).sum(-1).float().mean())
-            seconds = {c: time_step(moekit.MoE(router, experts, combine=c), x, args.reps, args.device) for c in ("sparse", "dense")}
-            rows.append({"gate": gate, "state": "saturated" if saturated else "soft (init)", "hard_tokens": hard,
-                         "experts_run_per_token": run, "sparse_s": seconds["sparse"], "dense_s": seconds["dense"],
-                         "speedup": seconds["dense"] / seconds["sparse"]})  # fmt: skip
-            print(f"{gate:<8} {rows[-1]['state']:<12} hard {hard:5.1%}  experts/token {run:5.2f}  sparse {seconds['sparse'] * 1e3:8.1f} ms"
-                  f"  dense {seconds['dense'] * 1e3:8.1f} ms  speedup {rows[-1]['speedup']:.2f}x", flush=True)  # fmt: skip
+            seconds = {
+                c: time_step(moekit.MoE(router, experts, combine=c), x, args.reps, args.device)
+                for c in ("sparse", "dense")
+            }
+            rows.append(
+                {
+                    "gate": gate,
+                    "state": "saturated" if saturated else "soft (init)",
+                    "hard_tokens": hard,
+                    "experts_run_per_token": run,
+                    "sparse_s": seconds["sparse"],
+                    "dense_s": seconds["dense"],
+                    "speedup": seconds["dense"] / seconds["sparse"],
+                }
+            )
+            print(
+                f"{gate:<8} {rows[-1]['state']:<12} hard {hard:5.1%}  experts/token {run:5.2f}"
+                f"  sparse {seconds['sparse'] * 1e3:8.1f} ms  dense {seconds['dense'] * 1e3:8.1f} ms"
+                f"  speedup {rows[-1]['speedup']:.2f}x",
+                flush=True,
+            )
     out = Path(args.out)
     tag = "bench_comet_quick" if args.quick else "bench_comet"
-    write_json(out / f"{tag}.json", {"shape": shape, "dtype": args.dtype, "device": args.device, "reps": args.reps,
-                                     "environment": environment(), "rows": rows})  # fmt: skip
+    write_json(
+        out / f"{tag}.json",
+        {
+            "shape": shape,
+            "dtype": args.dtype,
+            "device": args.device,
+            "reps": args.reps,
+            "environment": environment(),
+            "rows": rows,
+        },
+    )
     table = markdown_table(
         ["gate", "gate state", "hard-routed tokens", "experts run / token", "sparse ms", "dense ms", "dense / sparse"],
-        [[r["gate"], r["state"], f"{r['hard_tokens']:.0%}", f"{r['experts_run_per_token']:.2f}", r["sparse_s"] * 1e3,
-          r["dense_s"] * 1e3, f"{r['speedup']:.2f}x"] for r in rows],  # fmt: skip
+        [
+            [
+                r["gate"],
+                r["state"],
+                f"{r['hard_tokens']:.0%}",
+                f"{r['experts_run_per_token']:.2f}",
+                r["sparse_s"] * 1e3,
+                r["dense_s"] * 1e3,
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in rows
+        ],
         floatfmt=".1f",
     )
     s = shape
-    head = (f"forward+backward of one MoE layer, T={s['T']}, D={s['D']}, F={s['F']}, E={s['E']}, k={s['K']}, "
-            f"{args.dtype}, {args.device}, median of {args.reps} ({torch.get_num_threads()} threads)\n\n")  # fmt: skip
+    head = (
+        f"forward+backward of one MoE layer, T={s['T']}, D={s['D']}, F={s['F']}, E={s['E']}, k={s['K']}, "
+        f"{args.dtype}, {args.device}, median of {args.reps} ({torch.get_num_threads()} threads)\n\n"
+    )
     atomic_write_text(out / f"{tag}.md", head + table)
     print(head + table)
 

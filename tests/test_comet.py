@@ -16,23 +16,29 @@ def naive_gates(router: COMETRouter, x: torch.Tensor) -> torch.Tensor:
     """Recursive tree walk per token and tree, then the softmax over all k*n leaf scores."""
     n, k, g = router.num_experts, router.k, router.gamma
     split = router.split_logits(x).detach().double()
-    leaf = torch.nn.functional.linear(x.double(), router.leaf.weight.double(), router.leaf.bias.double()).reshape(-1, k, n)
-    S = lambda t: 0.0 if t <= -g / 2 else 1.0 if t >= g / 2 else -2 * t**3 / g**3 + 1.5 * t / g + 0.5  # noqa: E731
+    leaf = torch.nn.functional.linear(x.double(), router.leaf.weight.double(), router.leaf.bias.double()).reshape(
+        -1, k, n
+    )
+    S = lambda t: 0.0 if t <= -g / 2 else 1.0 if t >= g / 2 else -2 * t**3 / g**3 + 1.5 * t / g + 0.5
     out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+
+    def walk(probs: torch.Tensor, split_KV: torch.Tensor, i: int, node: int, p: float) -> None:
+        if node >= n - 1:
+            probs[i, node - (n - 1)] = p
+            return
+        s = S(float(split_KV[i, node]))
+        walk(probs, split_KV, i, 2 * node + 1, p * s)
+        walk(probs, split_KV, i, 2 * node + 2, p * (1 - s))
+
     for b in range(x.shape[0]):
         probs = torch.zeros(k, n, dtype=torch.float64)
-
-        def walk(i: int, node: int, p: float) -> None:
-            if node >= n - 1:
-                probs[i, node - (n - 1)] = p
-                return
-            s = S(float(split[b, i, node]))
-            walk(i, 2 * node + 1, p * s)
-            walk(i, 2 * node + 2, p * (1 - s))
-
         for i in range(k):
-            walk(i, 0, 1.0)
-        scores = torch.where(probs > 0, leaf[b].detach() + torch.log(probs.clamp_min(1e-300)), torch.tensor(-math.inf, dtype=torch.float64))
+            walk(probs, split[b], i, 0, 1.0)
+        scores = torch.where(
+            probs > 0,
+            leaf[b].detach() + torch.log(probs.clamp_min(1e-300)),
+            torch.tensor(-math.inf, dtype=torch.float64),
+        )
         out[b] = torch.softmax(scores.flatten(), 0).reshape(k, n).sum(0)
     return out
 
@@ -82,7 +88,13 @@ def test_published_initialisation_starts_soft() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 16), k_frac=st.floats(0, 1), tokens=st.integers(1, 30), gamma=st.floats(0.01, 10), seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(1, 16),
+    k_frac=st.floats(0, 1),
+    tokens=st.integers(1, 30),
+    gamma=st.floats(0.01, 10),
+    seed=st.integers(0, 10_000),
+)
 def test_at_most_k_experts_once_saturated(n, k_frac, tokens, gamma, seed) -> None:
     torch.manual_seed(seed)
     k = 1 + int(k_frac * (n - 1))

@@ -37,7 +37,9 @@ def test_overlay_places_digits_top_left_and_bottom_right() -> None:
     images[0, 0, 0] = 1.0  # a marker in each image's top-left pixel
     images[1, 0, 0] = 2.0
     images[2, 0, 0] = 3.0
-    canvas, ya, yb = overlay_pairs(images, torch.tensor([0, 1, 2]), 50, shift=1, generator=torch.Generator().manual_seed(0))
+    canvas, ya, yb = overlay_pairs(
+        images, torch.tensor([0, 1, 2]), 50, shift=1, generator=torch.Generator().manual_seed(0)
+    )
     assert canvas.shape == (50, 6, 6)
     assert (ya != yb).all()
     assert torch.equal(canvas[:, 0, 0], ya.float() + 1) and torch.equal(canvas[:, 2, 2], yb.float() + 1)
@@ -60,7 +62,10 @@ def _idx_bytes(array: np.ndarray, code: int) -> bytes:
 def _write_mnist(directory, n: int = 6, gz: bool = False) -> tuple[np.ndarray, np.ndarray]:
     images = np.arange(n * 28 * 28, dtype=np.uint8).reshape(n, 28, 28)
     labels = (np.arange(n) % 10).astype(np.uint8)
-    for stem, data in (("train-images-idx3-ubyte", _idx_bytes(images, 0x08)), ("train-labels-idx1-ubyte", _idx_bytes(labels, 0x08))):
+    for stem, data in (
+        ("train-images-idx3-ubyte", _idx_bytes(images, 0x08)),
+        ("train-labels-idx1-ubyte", _idx_bytes(labels, 0x08)),
+    ):
         if gz:
             (directory / f"{stem}.gz").write_bytes(gzip.compress(data))
         else:
@@ -78,7 +83,9 @@ def test_load_mnist_from_written_idx_files(tmp_path, gz: bool) -> None:
     assert split.x_train.shape == (8, 36 * 36)
 
 
-@pytest.mark.parametrize("code,dtype", [(0x0B, np.int16), (0x0C, np.int32), (0x0D, np.float32), (0x0E, np.float64), (0x09, np.int8)])
+@pytest.mark.parametrize(
+    "code,dtype", [(0x0B, np.int16), (0x0C, np.int32), (0x0D, np.float32), (0x0E, np.float64), (0x09, np.int8)]
+)
 def test_read_idx_every_type(tmp_path, code: int, dtype) -> None:
     array = (np.arange(24).reshape(2, 3, 4) - 7).astype(dtype)
     (tmp_path / "a.idx").write_bytes(_idx_bytes(array, code))

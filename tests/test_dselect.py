@@ -16,7 +16,7 @@ def naive_gates(router: DSelectKRouter, x: torch.Tensor) -> torch.Tensor:
     """Loops over tokens, selectors, experts and bits: q_j = sum_i softmax(alpha)_i prod_t ..."""
     z, alpha = (t.detach() for t in router.selector_logits(x))
     g, h = router.gamma, router.gamma / 2
-    S = lambda t: 0.0 if t <= -h else 1.0 if t >= h else -2 * t**3 / g**3 + 1.5 * t / g + 0.5  # noqa: E731
+    S = lambda t: 0.0 if t <= -h else 1.0 if t >= h else -2 * t**3 / g**3 + 1.5 * t / g + 0.5
     out = torch.zeros(x.shape[0], router.num_experts, dtype=torch.float64)
     for n in range(x.shape[0]):
         w = torch.softmax(alpha[n].double(), -1)
@@ -66,12 +66,20 @@ def test_published_initialisation_starts_soft() -> None:
     router = DSelectKRouter(10, 8, 2, gamma=2.0)
     assert router.z_proj.weight.abs().max() <= 0.02 and router.w_proj.weight.abs().max() <= 0.05
     d = router(torch.randn(32, 10))
-    assert d.k == 8 and not router.is_saturated(torch.randn(32, 10)).any()  # every expert has weight: dense compute, honestly
+    assert (
+        d.k == 8 and not router.is_saturated(torch.randn(32, 10)).any()
+    )  # every expert has weight: dense compute, honestly
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 16), k_frac=st.floats(0, 1), tokens=st.integers(1, 30), gamma=st.floats(0.01, 10),
-       task=st.booleans(), seed=st.integers(0, 10_000))  # fmt: skip
+@given(
+    n=st.integers(1, 16),
+    k_frac=st.floats(0, 1),
+    tokens=st.integers(1, 30),
+    gamma=st.floats(0.01, 10),
+    task=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_at_most_k_experts_once_saturated(n, k_frac, tokens, gamma, task, seed) -> None:
     torch.manual_seed(seed)
     k = 1 + int(k_frac * (n - 1))

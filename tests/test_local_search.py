@@ -90,7 +90,9 @@ def test_hard_permutation_equals_permuting_the_experts() -> None:
 
 
 def test_schedule_anneals_and_eval_does_not_advance_it() -> None:
-    router = PermutationLocalSearch(inner("topk"), learn_steps=10, tau_start=1e-1, tau_end=1e-3, iters_start=5, iters_end=25)
+    router = PermutationLocalSearch(
+        inner("topk"), learn_steps=10, tau_start=1e-1, tau_end=1e-3, iters_start=5, iters_end=25
+    )
     assert router.temperature() == pytest.approx(1e-1) and router.iterations() == 5
     x = torch.randn(4, DIM)
     router.eval()

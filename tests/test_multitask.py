@@ -22,7 +22,14 @@ def test_forward_gives_one_output_and_gate_per_task() -> None:
     torch.testing.assert_close(losses[1].detach(), torch.tensor(metrics[1]))  # regression metric is the MSE
 
 
-@pytest.mark.parametrize("router,kwargs", [("comet", {"k": 2, "gamma": 0.2}), ("dselect", {"k": 2, "conditioning": "task"}), ("topk", {"k": 2, "noisy": False})])
+@pytest.mark.parametrize(
+    "router,kwargs",
+    [
+        ("comet", {"k": 2, "gamma": 0.2}),
+        ("dselect", {"k": 2, "conditioning": "task"}),
+        ("topk", {"k": 2, "noisy": False}),
+    ],
+)
 def test_sparse_equals_dense_combine(router: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     sparse = MultiGateMoE(10, TASKS, num_experts=6, router=router, router_kwargs=kwargs)
@@ -69,5 +76,7 @@ def test_errors_name_the_mismatch() -> None:
         model(torch.randn(3, 9))
     with pytest.raises(ValueError, match="kind must be one of"):
         TaskSpec("t", "ranking", 2)
+    with pytest.raises(ValueError, match="built from ready-made gates"):
+        MultiGateMoE(10, TASKS, num_experts=4, gates=[moekit.TopKRouter(10, 4, 2) for _ in TASKS]).config()
     with pytest.raises(ValueError, match="tasks must name at least one task"):
         MultiGateMoE(10, [], num_experts=4)

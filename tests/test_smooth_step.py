@@ -34,7 +34,9 @@ def test_continuous_and_monotone_across_the_band() -> None:
     eps = 1e-6
     near = smooth_step(torch.tensor([-1 + eps, 1 - eps], dtype=torch.float64), gamma)
     torch.testing.assert_close(near, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-9, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: smooth_step(x, gamma), torch.linspace(-0.9, 0.9, 7, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(
+        lambda x: smooth_step(x, gamma), torch.linspace(-0.9, 0.9, 7, dtype=torch.float64, requires_grad=True)
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])

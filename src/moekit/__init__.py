@@ -4,13 +4,17 @@ from . import losses
 from .balancing import AuxFreeBias, Balancer
 from .experts import AdapterExperts, ConvExperts, ExpertBank, GLUExperts, MLPExperts, dispatch, dispatch_reference
 from .layers import (
-    CausalSegmentMoE,
+    SMEAR,
     ExampleRoutedMoE,
     MoE,
+    OutputEnsemble,
+    SingleExpert,
     adapter_context,
+    adapter_sites,
     build_routed_block,
     insert_routed_adapters,
     load_adapters,
+    remove_adapters,
     save_adapters,
 )
 from .registry import (
@@ -43,6 +47,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .layers.remap import RemappedMoE
 from .merging import allocate_experts, merge_layer, merge_moekit_model
 from .models.lm import MoELM
+from .balancing import ImportanceConstraint, MeanImportanceConstraint, RelativeImportanceConstraint, create_balancer
+from .layers.cnn_moe import ConvMoE, ImageMoE, ResBlockMoE, ResStageExperts
+from .models.resnet_moe import ResNetMoE
+from .analysis import analyze_model, force_expert, inference_k, write_analysis_report
 
 __version__ = "0.1.0"
 
@@ -52,10 +60,14 @@ __all__ = [
     "MoEOutput",
     "MoE",
     "ExampleRoutedMoE",
-    "CausalSegmentMoE",
+    "SMEAR",
+    "SingleExpert",
+    "OutputEnsemble",
     "build_routed_block",
     "insert_routed_adapters",
     "adapter_context",
+    "adapter_sites",
+    "remove_adapters",
     "save_adapters",
     "load_adapters",
     "SMEARRouter",
@@ -93,6 +105,19 @@ __all__ = [
     "list_losses",
     "RemappedMoE",
     "MoELM",
+    "ImportanceConstraint",
+    "RelativeImportanceConstraint",
+    "MeanImportanceConstraint",
+    "create_balancer",
+    "ImageMoE",
+    "ResBlockMoE",
+    "ConvMoE",
+    "ResStageExperts",
+    "ResNetMoE",
+    "analyze_model",
+    "write_analysis_report",
+    "force_expert",
+    "inference_k",
     "save_checkpoint",
     "load_checkpoint",
     "allocate_experts",

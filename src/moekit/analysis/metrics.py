@@ -24,6 +24,7 @@ __all__ = [
     "label_entropy",
     "class_expert_table",
     "top1_choice",
+    "joint_counts",
     "analyze_layer",
     "embed_logits",
 ]

@@ -22,7 +22,10 @@ __all__ = ["read_idx", "load_mnist", "IDX_TYPES"]
 #: IDX type code -> big-endian numpy dtype
 IDX_TYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -47,19 +50,25 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
         raise ValueError(f"{str(path)!r} is not an IDX file: magic number starts with {raw[:2].hex()}, expected 0000")
     code, ndim = raw[2], raw[3]
     if code not in IDX_TYPES:
-        raise ValueError(f"{str(path)!r} has unknown IDX type code 0x{code:02x}; known: {', '.join(f'0x{c:02x}' for c in IDX_TYPES)}")
+        raise ValueError(
+            f"{str(path)!r} has unknown IDX type code 0x{code:02x}; known: {', '.join(f'0x{c:02x}' for c in IDX_TYPES)}"
+        )
     if ndim == 0:
         raise ValueError(f"{str(path)!r} declares 0 dimensions; IDX data needs at least 1")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{str(path)!r} is truncated inside its header: {len(raw)} bytes, the {ndim} dimension sizes need {header}")
+        raise ValueError(
+            f"{str(path)!r} is truncated inside its header: {len(raw)} bytes, the {ndim} dimension sizes need {header}"
+        )
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(IDX_TYPES[code])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     found = len(raw) - header
     if found != expected:
         kind = "truncated" if found < expected else "longer than its header says"
-        raise ValueError(f"{str(path)!r} is {kind}: shape {shape} of {dtype.name} needs {expected} data bytes, found {found}")
+        raise ValueError(
+            f"{str(path)!r} is {kind}: shape {shape} of {dtype.name} needs {expected} data bytes, found {found}"
+        )
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
@@ -81,9 +90,13 @@ def load_mnist(directory: str | os.PathLike[str], split: str = "train") -> tuple
     image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dim() != 3 or images.dtype != torch.uint8:
-        raise ValueError(f"{str(image_path)!r} must hold uint8 images [N, H, W], got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"{str(image_path)!r} must hold uint8 images [N, H, W], got {images.dtype} {tuple(images.shape)}"
+        )
     if labels.dim() != 1 or labels.dtype != torch.uint8:
         raise ValueError(f"{str(label_path)!r} must hold uint8 labels [N], got {labels.dtype} {tuple(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{image_path.name} has {images.shape[0]} images but {label_path.name} has {labels.shape[0]} labels")
+        raise ValueError(
+            f"{image_path.name} has {images.shape[0]} images but {label_path.name} has {labels.shape[0]} labels"
+        )
     return images, labels.long()

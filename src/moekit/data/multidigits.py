@@ -19,7 +19,9 @@ from .synthetic_multitask import MultiTaskSplit, split_sizes
 __all__ = ["overlay_pairs", "overlay_split", "make_multidigits"]
 
 
-def overlay_pairs(images_NHW: Tensor, labels_N: Tensor, num_pairs: int, *, shift: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def overlay_pairs(
+    images_NHW: Tensor, labels_N: Tensor, num_pairs: int, *, shift: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     """``num_pairs`` canvases ``[P, H+2s, W+2s]``: image a at the top-left, a different image b at
     ``(2s, 2s)``, combined by pixelwise max. Returns canvases and the labels of a and of b."""
     N, H, W = images_NHW.shape
@@ -50,7 +52,9 @@ def overlay_split(
     """Split the images into disjoint pools, overlay pairs within each pool, flatten and
     standardise features with training statistics. Tasks: ``"top_left"`` and ``"bottom_right"``."""
     if images_NHW.dim() != 3 or labels_N.shape != images_NHW.shape[:1]:
-        raise ValueError(f"need images [N, H, W] and labels [N], got {tuple(images_NHW.shape)} and {tuple(labels_N.shape)}")
+        raise ValueError(
+            f"need images [N, H, W] and labels [N], got {tuple(images_NHW.shape)} and {tuple(labels_N.shape)}"
+        )
     for name, v in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
         check_int(name, v, low=1)
     check_int("shift", shift, low=0)
@@ -64,15 +68,22 @@ def overlay_split(
         parts.append((canvas.flatten(1), [ya, yb]))
     mean, std = parts[0][0].mean(0), parts[0][0].std(0).clamp_min(1e-3)
     xs = [(x - mean) / std for x, _ in parts]
-    tasks = [TaskSpec("top_left", "classification", num_classes), TaskSpec("bottom_right", "classification", num_classes)]
+    tasks = [
+        TaskSpec("top_left", "classification", num_classes),
+        TaskSpec("bottom_right", "classification", num_classes),
+    ]
     return MultiTaskSplit(xs[0], parts[0][1], xs[1], parts[1][1], xs[2], parts[2][1], tasks)
 
 
-def make_multidigits(num_train: int = 6000, num_val: int = 1500, num_test: int = 1500, *, shift: int = 2, seed: int = 0) -> MultiTaskSplit:
+def make_multidigits(
+    num_train: int = 6000, num_val: int = 1500, num_test: int = 1500, *, shift: int = 2, seed: int = 0
+) -> MultiTaskSplit:
     """MultiDigits from scikit-learn's 1797 8x8 digits (no download): 12x12 canvases for ``shift=2``."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32)
     labels = torch.tensor(data.target, dtype=torch.long)
-    return overlay_split(images, labels, num_train=num_train, num_val=num_val, num_test=num_test, shift=shift, seed=seed)
+    return overlay_split(
+        images, labels, num_train=num_train, num_val=num_val, num_test=num_test, shift=shift, seed=seed
+    )

@@ -30,7 +30,17 @@ from ..models.multitask import MultiGateMoE, MultiTaskOutput
 from ..reporting import environment, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
 
-__all__ = ["CometConfig", "DatasetSpec", "DATASETS", "GATES", "sample_hparams", "build_gate", "run_trial", "run_comet", "add_reproduce_parser"]
+__all__ = [
+    "CometConfig",
+    "DatasetSpec",
+    "DATASETS",
+    "GATES",
+    "sample_hparams",
+    "build_gate",
+    "run_trial",
+    "run_comet",
+    "add_reproduce_parser",
+]
 
 GATES = ("softmax", "topk", "topk+", "hash", "hash+", "dselect", "dselect+", "comet", "comet+")
 
@@ -57,7 +67,7 @@ class CometConfig:
 
     datasets: tuple[str, ...] = ("synthetic", "multidigits")
     gates: tuple[str, ...] = GATES
-    trials: int = 40
+    trials: int = 32
     epochs: int = 6
     batch_size: int = 128
     expert_hidden: int = 32
@@ -100,7 +110,9 @@ def sample_hparams(gate: str, cfg: CometConfig, gen: torch.Generator) -> dict[st
     return hp
 
 
-def build_gate(gate: str, hp: dict[str, float], *, dim: int, spec: DatasetSpec, num_keys: int, learn_steps: int, seed: int) -> Router:
+def build_gate(
+    gate: str, hp: dict[str, float], *, dim: int, spec: DatasetSpec, num_keys: int, learn_steps: int, seed: int
+) -> Router:
     """One task gate by experiment name (``"comet+"`` = COMET wrapped in permutation local search)."""
     base, n, k = gate.rstrip("+"), spec.num_experts, spec.k
     if base == "softmax":
@@ -146,11 +158,17 @@ def _batches(n: int, size: int, gen: torch.Generator | None = None) -> list[Tens
     return list(order.split(size))
 
 
-def _loss(model: MultiGateMoE, out: MultiTaskOutput, ys: list[Tensor], hp: dict[str, float], cfg: CometConfig) -> Tensor:
+def _loss(
+    model: MultiGateMoE, out: MultiTaskOutput, ys: list[Tensor], hp: dict[str, float], cfg: CometConfig
+) -> Tensor:
     total = sum(model.task_losses(out, ys), torch.zeros(()))
     for moe in out.moe:
         total = total + hp.get("entropy", 0.0) * moe.aux.get("entropy_reg", 0.0)
-        total = total + cfg.unreachable * moe.aux.get("unreachable", 0.0) + cfg.perm_entropy * moe.aux.get("perm_entropy", 0.0)
+        total = (
+            total
+            + cfg.unreachable * moe.aux.get("unreachable", 0.0)
+            + cfg.perm_entropy * moe.aux.get("perm_entropy", 0.0)
+        )
     return total
 
 
@@ -177,19 +195,49 @@ def evaluate(model: MultiGateMoE, x: Tensor, ys: list[Tensor], keys: Tensor, k: 
             run[t] += float(per_example.sum())
             hard[t] += float((per_example <= k).sum())
     n = x.shape[0]
-    return {"loss": [v / n for v in loss_sum], "metric": [v / n for v in metric_sum], "slots_per_expert": counts.tolist(),
-            "experts_per_example": [v / n for v in run], "fraction_hard": [v / n for v in hard]}  # fmt: skip
+    return {
+        "loss": [v / n for v in loss_sum],
+        "metric": [v / n for v in metric_sum],
+        "slots_per_expert": counts.tolist(),
+        "experts_per_example": [v / n for v in run],
+        "fraction_hard": [v / n for v in hard],
+    }
 
 
-def run_trial(data: MultiTaskSplit, keys: dict[str, Tensor], gate: str, hp: dict[str, float], spec: DatasetSpec, cfg: CometConfig, seed: int) -> dict[str, Any]:
+def run_trial(
+    data: MultiTaskSplit,
+    keys: dict[str, Tensor],
+    gate: str,
+    hp: dict[str, float],
+    spec: DatasetSpec,
+    cfg: CometConfig,
+    seed: int,
+) -> dict[str, Any]:
     """Train one configuration; early stopping by validation loss (sum over tasks) at epoch ends."""
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(data.x_train.shape[0] / cfg.batch_size)
     learn_steps = max(1, round(hp.get("local_search_fraction", 0.0) * steps_per_epoch * cfg.epochs))
-    gates = [build_gate(gate, hp, dim=data.num_features, spec=spec, num_keys=2**cfg.hash_bits, learn_steps=learn_steps, seed=seed + t)
-             for t in range(len(data.tasks))]  # fmt: skip
-    model = MultiGateMoE(data.num_features, data.tasks, num_experts=spec.num_experts, expert_dim=cfg.expert_dim,
-                         expert_hidden=cfg.expert_hidden, tower_hidden=cfg.tower_hidden, gates=gates)  # fmt: skip
+    gates = [
+        build_gate(
+            gate,
+            hp,
+            dim=data.num_features,
+            spec=spec,
+            num_keys=2**cfg.hash_bits,
+            learn_steps=learn_steps,
+            seed=seed + t,
+        )
+        for t in range(len(data.tasks))
+    ]
+    model = MultiGateMoE(
+        data.num_features,
+        data.tasks,
+        num_experts=spec.num_experts,
+        expert_dim=cfg.expert_dim,
+        expert_hidden=cfg.expert_hidden,
+        tower_hidden=cfg.tower_hidden,
+        gates=gates,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, int, dict[str, Tensor]] | None = None
@@ -213,7 +261,9 @@ def run_trial(data: MultiTaskSplit, keys: dict[str, Tensor], gate: str, hp: dict
     return {"gate": gate, "hparams": hp, "val_loss": best[0], "best_epoch": best[1], "train_s": train_s, "test": test}
 
 
-def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_comet(
+    cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the random search for every data set and gate; write the report when ``out_dir`` is set."""
     unknown = [g for g in cfg.gates if g not in GATES] + [d for d in cfg.datasets if d not in DATASETS]
     if unknown:
@@ -223,7 +273,10 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: boo
     datasets: dict[str, Any] = {}
     for d_index, name in enumerate(cfg.datasets):
         data, spec = load_dataset(name, cfg), DATASETS[name]
-        keys = {part: hash_keys(x, cfg.hash_bits, cfg.seed) for part, x in (("train", data.x_train), ("val", data.x_val), ("test", data.x_test))}
+        keys = {
+            part: hash_keys(x, cfg.hash_bits, cfg.seed)
+            for part, x in (("train", data.x_train), ("val", data.x_val), ("test", data.x_test))
+        }
         trials: dict[str, list[dict[str, Any]]] = {}
         bar = tqdm(total=len(cfg.gates) * cfg.trials, desc=name, disable=quiet, leave=False)
         for g_index, gate in enumerate(cfg.gates):
@@ -236,11 +289,22 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: boo
             best = min(r["val_loss"] for r in trials[gate])
             echo(f"{name:<12} {gate:<9} best val loss {best:.4f}  ({sum(r['train_s'] for r in trials[gate]):.0f}s)")
         bar.close()
-        datasets[name] = {"tasks": [asdict(t) for t in data.tasks], "metric": data.tasks[0].metric, "num_experts": spec.num_experts,
-                          "k": spec.k, "sizes": [data.x_train.shape[0], data.x_val.shape[0], data.x_test.shape[0]],
-                          "features": data.num_features, "trials": trials}  # fmt: skip
-    results = {"experiment": "comet", "paper": "https://arxiv.org/abs/2306.02824", "config": asdict(cfg),
-               "environment": environment(), "datasets": datasets}  # fmt: skip
+        datasets[name] = {
+            "tasks": [asdict(t) for t in data.tasks],
+            "metric": data.tasks[0].metric,
+            "num_experts": spec.num_experts,
+            "k": spec.k,
+            "sizes": [data.x_train.shape[0], data.x_val.shape[0], data.x_test.shape[0]],
+            "features": data.num_features,
+            "trials": trials,
+        }
+    results = {
+        "experiment": "comet",
+        "paper": "https://arxiv.org/abs/2306.02824",
+        "config": asdict(cfg),
+        "environment": environment(),
+        "datasets": datasets,
+    }
     if out_dir is not None:
         from .comet_report import write_report
 
@@ -251,16 +315,25 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: boo
 
 
 def add_reproduce_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("comet", help="COMET: tree gate, DSelect-k, top-k, hash (+ local search) on multi-task data")
+    parser = subparsers.add_parser(
+        "comet", help="COMET: tree gate, DSelect-k, top-k, hash (+ local search) on multi-task data"
+    )
     parser.add_argument("--out", default="reports/comet", help="output directory (report.md, results.json, PNGs)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument("--trials", type=int, default=None, help="random-search trials per gate and data set")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gates", default=None, help=f"comma-separated subset of {','.join(GATES)}")
     parser.add_argument("--datasets", default=None, help=f"comma-separated subset of {','.join(DATASETS)}")
-    parser.add_argument("--idx-dir", default=None, help="directory with mnist/ and fashion/ IDX files (for multimnist, multifashion)")
+    parser.add_argument(
+        "--idx-dir", default=None, help="directory with mnist/ and fashion/ IDX files (for multimnist, multifashion)"
+    )
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for these small models on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is fastest for these small models on a busy machine)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
 
@@ -271,7 +344,12 @@ def _main(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = CometConfig.quick() if args.quick else CometConfig()
-    overrides: dict[str, Any] = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed, "idx_dir": args.idx_dir}
+    overrides: dict[str, Any] = {
+        "trials": args.trials,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "idx_dir": args.idx_dir,
+    }
     if args.gates:
         overrides["gates"] = tuple(g.strip() for g in args.gates.split(",") if g.strip())
     if args.datasets:

@@ -61,10 +61,15 @@ def summarise(dataset: dict[str, Any], fraction: float) -> dict[str, dict[str, A
         per_task = [mean_se([t["test"]["metric"][i] for t in top]) for i in range(len(dataset["tasks"]))]
         average = mean_se([sum(t["test"]["metric"]) / len(t["test"]["metric"]) for t in top])
         best = top[0]["test"] if top else None
-        out[gate] = {"top_n": len(top), "per_task": per_task, "average": average,
-                     "curve": expected_best_curve([t["val_loss"] for t in trials]), "best": best,
-                     "best_hparams": top[0]["hparams"] if top else None,
-                     "train_s": sum(t["train_s"] for t in trials)}  # fmt: skip
+        out[gate] = {
+            "top_n": len(top),
+            "per_task": per_task,
+            "average": average,
+            "curve": expected_best_curve([t["val_loss"] for t in trials]),
+            "best": best,
+            "best_hparams": top[0]["hparams"] if top else None,
+            "train_s": sum(t["train_s"] for t in trials),
+        }
     return out
 
 
@@ -76,13 +81,29 @@ def _summary_table(name: str, dataset: dict[str, Any], summary: dict[str, dict[s
     percent = dataset["metric"] == "accuracy"
     scale, unit = (100.0, "accuracy %") if percent else (1.0, "MSE")
     tasks = [t["name"] for t in dataset["tasks"]]
-    headers = ["gate", *[f"{t} test {unit}" for t in tasks], f"mean {unit}", "best val loss", "experts run / example", "hard-routed examples", "search s"]
+    headers = [
+        "gate",
+        *[f"{t} test {unit}" for t in tasks],
+        f"mean {unit}",
+        "best val loss",
+        "experts run / example",
+        "hard-routed examples",
+        "search s",
+    ]
     rows = []
     for gate, s in summary.items():
         best = s["best"]
-        rows.append([gate, *[_fmt(ms, scale) for ms in s["per_task"]], _fmt(s["average"], scale), s["curve"][-1] if s["curve"] else math.nan,
-                     " / ".join(f"{v:.2f}" for v in best["experts_per_example"]) if best else "-",
-                     " / ".join(f"{100 * v:.0f}%" for v in best["fraction_hard"]) if best else "-", f"{s['train_s']:.0f}"])  # fmt: skip
+        rows.append(
+            [
+                gate,
+                *[_fmt(ms, scale) for ms in s["per_task"]],
+                _fmt(s["average"], scale),
+                s["curve"][-1] if s["curve"] else math.nan,
+                " / ".join(f"{v:.2f}" for v in best["experts_per_example"]) if best else "-",
+                " / ".join(f"{100 * v:.0f}%" for v in best["fraction_hard"]) if best else "-",
+                f"{s['train_s']:.0f}",
+            ]
+        )
     return f"### {name}\n\n" + markdown_table(headers, rows, floatfmt=".4f")
 
 
@@ -94,10 +115,22 @@ def _budget_table(summary: dict[str, dict[str, Any]], trials: int) -> str:
         plain, plus = summary[gate]["curve"], summary[f"{gate}+"]["curve"]
         m_plus = trials_to_match(plus, plain[-1])
         m_plain = trials_to_match(plain, plus[-1])
-        rows.append([gate, plain[-1], plus[-1], "never" if m_plus is None else f"{m_plus} ({trials / m_plus:.1f}x fewer)",
-                     "never" if m_plain is None else f"{m_plain} ({trials / m_plain:.1f}x fewer)"])  # fmt: skip
-    headers = ["gate", f"E[best val] plain, {trials} trials", f"E[best val] +, {trials} trials",
-               "trials + needs to match plain", "trials plain needs to match +"]  # fmt: skip
+        rows.append(
+            [
+                gate,
+                plain[-1],
+                plus[-1],
+                "never" if m_plus is None else f"{m_plus} ({trials / m_plus:.1f}x fewer)",
+                "never" if m_plain is None else f"{m_plain} ({trials / m_plain:.1f}x fewer)",
+            ]
+        )
+    headers = [
+        "gate",
+        f"E[best val] plain, {trials} trials",
+        f"E[best val] +, {trials} trials",
+        "trials + needs to match plain",
+        "trials plain needs to match +",
+    ]
     return markdown_table(headers, rows, floatfmt=".4f")
 
 
@@ -111,7 +144,9 @@ def _utilisation_table(summary: dict[str, dict[str, Any]], num_experts: int) -> 
             shares = [c / total for c in counts]
             living = sum(c > 0 for c in counts)
             rows.append([gate, t + 1, f"{living}/{num_experts}", max(shares), " ".join(f"{v:.2f}" for v in shares)])
-    return markdown_table(["gate", "task", "living experts", "max share", "share of test slots per expert"], rows, floatfmt=".2f")
+    return markdown_table(
+        ["gate", "task", "living experts", "max share", "share of test slots per expert"], rows, floatfmt=".2f"
+    )
 
 
 def _plot_curves(summaries: dict[str, dict[str, Any]], path: Path) -> None:
@@ -127,7 +162,13 @@ def _plot_curves(summaries: dict[str, dict[str, Any]], path: Path) -> None:
         for gate, s in summaries[name].items():
             base = gate.rstrip("+")
             colour = colours.setdefault(base, f"C{len(colours)}")
-            ax.plot(range(1, len(s["curve"]) + 1), s["curve"], color=colour, linestyle="--" if gate.endswith("+") else "-", label=gate)
+            ax.plot(
+                range(1, len(s["curve"]) + 1),
+                s["curve"],
+                color=colour,
+                linestyle="--" if gate.endswith("+") else "-",
+                label=gate,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("random-search trials per gate")
         ax.set_ylabel("expected best validation loss")
@@ -176,8 +217,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             _summary_table(name, d, s)
             + f"\n{d['num_experts']} experts, k = {d['k']}; {d['features']} input features; train/val/test = "
             f"{'/'.join(map(str, d['sizes']))}. Test metric: mean of the best {top_n} of {cfg['trials']} trials by "
-            "validation loss ± standard error. Experts run and hard-routed share are per task gate for the best trial.\n\n"
-            f"Tuning budget (expected best validation loss, exact over trial orderings):\n\n{_budget_table(s, cfg['trials'])}\n"
+            "validation loss ± standard error. Experts run and hard-routed share are per task gate for the best "
+            "trial.\n\nTuning budget (expected best validation loss, exact over trial orderings):\n\n"
+            f"{_budget_table(s, cfg['trials'])}\n"
             f"Expert utilisation of each gate's best trial:\n\n{_utilisation_table(s, d['num_experts'])}\n"
             f"![utilisation {name}](utilisation_{name}.png)\n"
         )
@@ -190,8 +232,6 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"{cfg['entropy_range']}; '+' gates learn the permutation for a fraction {cfg['local_search_range']} of "
         "training, then round it (Hungarian) and freeze it. Top-k has no noise and no balancing loss; hash routes "
         f"by a {cfg['hash_bits']}-bit random-projection hash of the input. Softmax is dense, so it has no '+' "
-        "variant (local search needs a sparse gate).\n\n"
-        + "\n".join(sections)
-        + "\n![tuning budget](budget.png)\n"
+        "variant (local search needs a sparse gate).\n\n" + "\n".join(sections) + "\n![tuning budget](budget.png)\n"
     )
     atomic_write_text(out / "report.md", text)

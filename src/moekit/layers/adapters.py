@@ -1,16 +1,25 @@
 """Routed adapters for existing models: insert, freeze the backbone, save and reload adapter weights.
 
     model = insert_routed_adapters(model, sites=r"encoder\\.layer\\.\\d+$", method="smear", num_experts=8, bottleneck=24)
-    with adapter_context(model, mask=attention_mask, meta={"tag": domains}):
-        out = model(...)
-    save_adapters(model, "run/adapters")          # adapter + router weights only (safetensors + JSON)
-    load_adapters(fresh_backbone, "run/adapters")  # same sites, same weights
+    out = model(input_ids, attention_mask=mask)           # padding masks are picked up from the call
+    with adapter_context(model, meta={"tag": domains}) as outputs:
+        out = model(...)                                  # outputs[site] -> that site's MoEOutput
+    save_adapters(model, "run/adapters")                  # adapter + router weights only (safetensors + JSON)
+    load_adapters(fresh_backbone, "run/adapters")         # same sites, same weights
 
-Each matched module keeps its code; a forward hook adds ``h + adapter(h)`` to its output (the first
-tensor of a tuple or model output). Sequences ``[B, S, D]`` are routed per example on the masked mean
-(the mask given to ``adapter_context`` is used when its shape matches the site's ``[B, S]``); feature
-maps ``[B, C, H, W]`` get a 1x1 bottleneck at every position, routed on the spatial mean. The adapters
-live in ``model.moekit_adapters`` (a ModuleDict), so ``.to()``, ``state_dict`` and optimisers see them.
+Each matched module keeps its code; a forward hook adds ``h + block(h)`` to its output (the first
+tensor of a tensor, tuple or model output), where ``block`` is any method of ``ROUTED_METHODS`` built by
+``build_routed_block``. Sequences ``[B, S, D]`` are routed per example on the masked mean; feature maps
+``[B, C, H, W]`` get a bottleneck at every position, routed on the spatial mean (the ResNet adapters of
+SMEAR). Sites inside a causal decoder (GPT-2, the T5 decoder, moekit's ``MoELM``) are routed per causal
+segment (``moekit.layers.segments``) so that no token sees its future. The adapters live in
+``model.moekit_adapters`` (a ModuleDict), so ``.to()``, ``state_dict`` and optimisers see them.
+
+Masks: the root module's ``attention_mask`` / ``decoder_attention_mask`` keyword arguments are used
+automatically (the decoder mask for sites under a ``decoder`` module of an encoder-decoder model);
+``adapter_context(model, mask=..., decoder_mask=...)`` overrides them. A mask applies where its shape
+is the site's ``[B, S]``. Freezing sets ``requires_grad=False`` only: BatchNorm statistics of a frozen
+backbone still update in ``train()`` mode, so keep the backbone in ``eval()`` while training adapters.
 """
 
 from __future__ import annotations
@@ -22,46 +31,55 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int
 from ..reporting import atomic_write_bytes, atomic_write_text
+from ..types import MoEOutput
 from .baselines import ROUTED_METHODS, build_routed_block
-from .example_routed import ExampleRoutedMoE
+from .segments import FIRST_SEGMENT
 
-__all__ = ["AdapterConfig", "insert_routed_adapters", "adapter_context", "save_adapters", "load_adapters", "adapter_sites"]
+__all__ = ["AdapterConfig", "insert_routed_adapters", "adapter_context", "adapter_sites", "remove_adapters",
+           "save_adapters", "load_adapters"]  # fmt: skip
 
 ADAPTERS_ATTR = "moekit_adapters"
 WEIGHTS_FILE, CONFIG_FILE = "adapters.safetensors", "adapters.json"
+Sites = str | type | tuple[type, ...] | Sequence[str]
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Everything needed to rebuild the inserted adapters on a fresh backbone."""
+    """Everything needed to rebuild the inserted adapters on a fresh backbone (saved as JSON)."""
 
     sites: list[str]
     dims: list[int]
+    causal: list[bool]
     method: str = "smear"
     num_experts: int = 8
     bottleneck: int = 16
     bank: str = "adapter"
     num_keys: int | None = None
+    segment_len: int = 64
+    first_segment: str = "default"
     bank_kwargs: dict[str, Any] = field(default_factory=dict)
     router_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class _Context:
-    """Mask and metadata for the current forward, set by ``adapter_context``."""
+    """Masks and metadata for the current forward; ``record`` collects each site's output."""
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None
+        self.decoder_mask: Tensor | None = None
+        self.auto: tuple[Any, Any] = (None, None)
         self.meta: Mapping[str, Any] | None = None
+        self.record: dict[str, MoEOutput] | None = None
 
 
 class _AdapterSet(nn.ModuleDict):
-    """The inserted adapters by site; holds the hook handles and the forward context."""
+    """The inserted blocks by site; holds the hook handles and the forward context."""
 
-    def __init__(self, config: AdapterConfig, blocks: dict[str, ExampleRoutedMoE]) -> None:
+    def __init__(self, config: AdapterConfig, blocks: dict[str, nn.Module]) -> None:
         super().__init__({_key(name): block for name, block in blocks.items()})
         self.config = config
         self.context = _Context()
@@ -69,47 +87,69 @@ class _AdapterSet(nn.ModuleDict):
 
 
 def _key(site: str) -> str:
-    return site.replace(".", "__") or "root"
+    return site.replace(".", "__")
 
 
-_WIDTH_ATTRS = ("out_features", "out_channels", "num_features", "hidden_size", "d_model", "n_embd", "embed_dim")
-
-
-def _width(module: nn.Module) -> int | None:
-    for attr in _WIDTH_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
+def _int_attr(obj: Any, attrs: Sequence[str]) -> int | None:
+    for attr in attrs:
+        value = getattr(obj, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
 
 
 def _infer_dim(model: nn.Module, module: nn.Module) -> int | None:
-    """The site's output width: its own attributes, else the model config's hidden size, else the
-    last submodule that declares a width (e.g. a Sequential ending in conv/BN/ReLU)."""
-    width = _width(module)
+    """The site's output width: its own size attribute, else the model config's hidden size, else the
+    width of its last submodule that has one (e.g. the final BatchNorm of a ResNet block)."""
+    width = _int_attr(module, ("out_features", "out_channels", "hidden_size", "d_model", "n_embd", "embed_dim"))
     if width is None:
-        config = getattr(model, "config", None)
-        width = next((v for a in ("hidden_size", "d_model", "n_embd") if isinstance(v := getattr(config, a, None), int)), None)
-    if width is None:
-        width = next((w for m in reversed(list(module.modules())[1:]) if (w := _width(m)) is not None), None)
+        width = _int_attr(getattr(model, "config", None), ("hidden_size", "d_model", "n_embd"))
+    for sub in reversed(list(module.modules())[1:]) if width is None else ():
+        width = _int_attr(sub, ("out_features", "out_channels", "num_features"))
+        if width is not None:
+            break
     return width
 
 
-def _match_sites(model: nn.Module, sites: str | type | tuple[type, ...] | Sequence[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
+def _causal_flags(module: nn.Module) -> list[bool]:
+    """``is_causal`` of every attention-like module inside ``module`` (moekit's ``CausalSelfAttention``
+    and Hugging Face attention modules say it by class name or by an ``is_causal`` attribute)."""
+    flags = []
+    for m in module.modules():
+        flag = getattr(m, "is_causal", None)
+        if isinstance(flag, bool):
+            flags.append(flag)
+        elif "causal" in type(m).__name__.lower() and "attention" in type(m).__name__.lower():
+            flags.append(True)
+    return flags
+
+
+def _is_causal_site(model: nn.Module, name: str) -> bool:
+    """A site is causal when the smallest enclosing module that holds attention holds causal attention."""
+    modules = dict(model.named_modules())
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        flags = _causal_flags(modules[".".join(parts[:i])])
+        if flags:
+            return any(flags)
+    return False
+
+
+def _match_sites(model: nn.Module, sites: Sites) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(ADAPTERS_ATTR)]
     if isinstance(sites, str):
         pattern = re.compile(sites)
         found = [n for n in names if pattern.search(n)]
-    elif isinstance(sites, type) or (isinstance(sites, tuple) and all(isinstance(t, type) for t in sites)):
+    elif isinstance(sites, type) or (isinstance(sites, tuple) and sites and all(isinstance(t, type) for t in sites)):
         modules = dict(model.named_modules())
         found = [n for n in names if isinstance(modules[n], sites)]
-    else:
-        wanted = list(sites)
-        missing = [s for s in wanted if s not in names]
+    elif isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites):
+        missing = [s for s in sites if s not in names]
         if missing:
-            raise ValueError(f"sites {missing[:5]} are not modules of the model")
-        found = wanted
-    found = [n for n in found if not n.startswith(ADAPTERS_ATTR)]
+            raise ValueError(f"sites {missing[:5]} are not modules of {type(model).__name__}")
+        found = list(sites)
+    else:
+        raise TypeError(f"sites must be a regex, a module type (or tuple of types) or a list of names, got {sites!r}")
     if not found:
         raise ValueError(f"sites={sites!r} matches no module of {type(model).__name__}")
     return found
@@ -117,28 +157,39 @@ def _match_sites(model: nn.Module, sites: str | type | tuple[type, ...] | Sequen
 
 def insert_routed_adapters(
     model: nn.Module,
-    sites: str | type | tuple[type, ...] | Sequence[str],
+    sites: Sites,
     *,
     method: str = "smear",
     num_experts: int = 8,
     bottleneck: int = 16,
     dim: int | None = None,
     num_keys: int | None = None,
+    causal: bool | None = None,
+    segment_len: int = 64,
+    first_segment: str = "default",
     freeze_backbone: bool = True,
-    bank_kwargs: dict[str, Any] | None = None,
-    router_kwargs: dict[str, Any] | None = None,
+    bank: str = "adapter",
+    bank_kwargs: Mapping[str, Any] | None = None,
+    router_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Insert one routed adapter after each matched module and return ``model`` (modified in place).
+    """Insert one routed block after each matched module and return ``model`` (modified in place).
 
     Args:
         sites: a regex searched in module names, a module type (or tuple of types), or exact names.
         method: a routing method of ``moekit.layers.ROUTED_METHODS`` (smear, tag, hash, top1, ...).
-        dim: the site's output width; inferred from the module or ``model.config`` when omitted.
+        num_experts, bottleneck: E and the width of one expert (``bank="mlp"``/``"glu"``: hidden size).
+        dim: the sites' output width; inferred per site from the module or ``model.config`` when omitted.
+        num_keys: number of distinct example ids (``method="hash"``, key ``meta["example_ids"]``).
+        causal: route per causal segment of ``segment_len`` positions (``first_segment`` as in
+            ``moekit.layers.segments``); ``None`` decides per site from the model's attention modules.
         freeze_backbone: set ``requires_grad=False`` on every parameter that is not an adapter's.
-    Nothing is changed if any step fails (unknown method, no matching site, unknown width).
+    Nothing is changed if any step fails (unknown method, no matching site, unknown width, ...).
     """
-    if method not in ROUTED_METHODS:
-        raise ValueError(f"unknown routing method {method!r}; choose from {sorted(ROUTED_METHODS)}")
+    check_choice("method", method, ROUTED_METHODS)
+    check_int("segment_len", segment_len, low=1)
+    check_choice("first_segment", first_segment, FIRST_SEGMENT)
+    if causal is not None and not isinstance(causal, bool):
+        raise TypeError(f"causal must be True, False or None, got {causal!r}")
     names = _match_sites(model, sites)
     modules = dict(model.named_modules())
     dims = []
@@ -146,33 +197,69 @@ def insert_routed_adapters(
         d = dim if dim is not None else _infer_dim(model, modules[name])
         if d is None:
             raise ValueError(f"cannot infer the output width of site {name!r}; pass dim=")
-        dims.append(d)
-    config = AdapterConfig(names, dims, method, num_experts, bottleneck, "adapter", num_keys,
-                           dict(bank_kwargs or {}), dict(router_kwargs or {}))
-    _install(model, config, freeze_backbone)
+        dims.append(check_int("dim", d, low=1))
+    flags = [causal if causal is not None else _is_causal_site(model, n) for n in names]
+    bank_kw = dict(bank_kwargs or {})
+    if bank == "adapter":  # start close to the backbone's function (the official code: N(0, 0.01^2) weights)
+        bank_kw.setdefault("up_init_scale", 1e-2)
+    config = AdapterConfig(names, dims, flags, method, num_experts, bottleneck, bank, num_keys, segment_len,
+                           first_segment, bank_kw, dict(router_kwargs or {}))  # fmt: skip
+    _install(model, config)
+    if freeze_backbone:
+        _freeze_backbone(model)
     return model
 
 
-def _install(model: nn.Module, config: AdapterConfig, freeze_backbone: bool) -> None:
-    """Build every adapter first, then attach them all (so a failure leaves the model untouched)."""
+def _build(config: AdapterConfig, index: int, kw: dict[str, Any]) -> nn.Module:
+    router_kwargs = dict(config.router_kwargs)
+    if config.method == "hash":  # a different random table at every site, as in the official code
+        router_kwargs["seed"] = int(router_kwargs.get("seed", 0)) + index
+    seg = config.segment_len if config.causal[index] else None
+    return build_routed_block(config.method, dim=config.dims[index], num_experts=config.num_experts,
+                              width=config.bottleneck, bank=config.bank, num_keys=config.num_keys, segment_len=seg,
+                              first_segment=config.first_segment, bank_kwargs=config.bank_kwargs,
+                              router_kwargs=router_kwargs, **kw)  # fmt: skip
+
+
+def _install(model: nn.Module, config: AdapterConfig) -> None:
+    """Build every block first, then attach them all (so a failure leaves the model untouched)."""
     if hasattr(model, ADAPTERS_ATTR):
-        raise ValueError("model already has routed adapters; insert into a fresh backbone")
+        raise ValueError(f"{type(model).__name__} already has routed adapters; insert into a fresh backbone")
+    if not (len(config.sites) == len(config.dims) == len(config.causal)):
+        raise ValueError(f"adapter config lists {len(config.sites)} sites, {len(config.dims)} dims, {len(config.causal)} causal flags")
     _match_sites(model, config.sites)
     ref = next(iter(model.parameters()), None)
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    blocks = {
-        name: build_routed_block(config.method, bank=config.bank, dim=d, num_experts=config.num_experts,
-                                 width=config.bottleneck, num_keys=config.num_keys, bank_kwargs=config.bank_kwargs,
-                                 router_kwargs=config.router_kwargs, **kw)
-        for name, d in zip(config.sites, config.dims)
-    }
+    blocks = {name: _build(config, i, kw) for i, name in enumerate(config.sites)}
     adapters = _AdapterSet(config, blocks).train(model.training)
     modules = dict(model.named_modules())
     model.add_module(ADAPTERS_ATTR, adapters)
-    for name in config.sites:
-        adapters.handles.append(modules[name].register_forward_hook(_hook(adapters, adapters[_key(name)])))
-    if freeze_backbone:
-        _freeze_backbone(model)
+    try:
+        ctx = adapters.context
+        adapters.handles.append(model.register_forward_pre_hook(_capture_masks(ctx), with_kwargs=True))
+        adapters.handles.append(model.register_forward_hook(_clear_masks(ctx), always_call=True))
+        decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        for name in config.sites:
+            in_decoder = decoder and "decoder" in name.split(".")
+            hook = _hook(adapters, name, in_decoder)
+            adapters.handles.append(modules[name].register_forward_hook(hook))
+    except BaseException:
+        remove_adapters(model)
+        raise
+
+
+def _capture_masks(ctx: _Context):
+    def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ctx.auto = (kwargs.get("attention_mask"), kwargs.get("decoder_attention_mask"))
+
+    return pre_hook
+
+
+def _clear_masks(ctx: _Context):
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        ctx.auto = (None, None)
+
+    return hook
 
 
 def _freeze_backbone(model: nn.Module) -> None:
@@ -182,31 +269,41 @@ def _freeze_backbone(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _hook(adapters: _AdapterSet, block: ExampleRoutedMoE):
+def _hook(adapters: _AdapterSet, site: str, in_decoder: bool):
+    block = adapters[_key(site)]
+
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        h = _first_tensor(output)
-        return _replace_first_tensor(output, h + _apply(block, h, adapters.context))
+        ctx = adapters.context
+        h = _first_tensor(output, site)
+        mask = (ctx.decoder_mask if ctx.decoder_mask is not None else ctx.auto[1]) if in_decoder else \
+            (ctx.mask if ctx.mask is not None else ctx.auto[0])  # fmt: skip
+        out = _apply(block, h, mask, ctx.meta, site)
+        if ctx.record is not None:
+            ctx.record[site] = out
+        return _replace_first_tensor(output, h + out.y)
 
     return hook
 
 
-def _apply(block: ExampleRoutedMoE, h: Tensor, ctx: _Context) -> Tensor:
-    if h.dim() == 4:  # feature map: adapter at every position, routed on the spatial mean
+def _apply(block: nn.Module, h: Tensor, mask: Any, meta: Mapping[str, Any] | None, site: str) -> MoEOutput:
+    if h.dim() == 4:  # feature map: a bottleneck at every position, routed on the spatial mean
         B, C, H, W = h.shape
-        y = block(h.flatten(2).transpose(1, 2), meta=ctx.meta).y
-        return y.transpose(1, 2).reshape(B, C, H, W)
-    mask = ctx.mask if ctx.mask is not None and h.dim() == 3 and ctx.mask.shape == h.shape[:2] else None
-    return block(h, mask=mask, meta=ctx.meta).y
+        out = block(h.flatten(2).transpose(1, 2), meta=meta)
+        return MoEOutput(out.y.transpose(1, 2).reshape(B, C, H, W), out.aux, out.decision)
+    if h.dim() not in (2, 3):
+        raise ValueError(f"adapter site {site!r} produced shape {tuple(h.shape)}; expected [B, D], [B, S, D] or [B, C, H, W]")
+    use_mask = isinstance(mask, Tensor) and h.dim() == 3 and tuple(mask.shape) == tuple(h.shape[:2])
+    return block(h, mask=mask if use_mask else None, meta=meta)
 
 
-def _first_tensor(output: Any) -> Tensor:
+def _first_tensor(output: Any, site: str) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    if hasattr(output, "to_tuple"):
+    if hasattr(output, "to_tuple") and output.to_tuple() and isinstance(output.to_tuple()[0], Tensor):
         return output.to_tuple()[0]
-    raise TypeError(f"adapter site returned {type(output).__name__}; expected a tensor, a tuple or a model output")
+    raise TypeError(f"adapter site {site!r} returned {type(output).__name__}; expected a tensor, a tuple or a model output")
 
 
 def _replace_first_tensor(output: Any, new: Tensor) -> Any:
@@ -216,25 +313,32 @@ def _replace_first_tensor(output: Any, new: Tensor) -> Any:
         return (new, *output[1:])
     if isinstance(output, list):
         return [new, *output[1:]]
-    first = next(iter(output.keys()))
-    output[first] = new
+    output[next(iter(output.keys()))] = new  # a ModelOutput: its first field is to_tuple()[0]
     return output
 
 
 @contextlib.contextmanager
-def adapter_context(model: nn.Module, *, mask: Tensor | None = None, meta: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Give the adapters the padding mask ``[B, S]`` and per-example metadata for the next forward(s)."""
+def adapter_context(
+    model: nn.Module,
+    *,
+    mask: Tensor | None = None,
+    decoder_mask: Tensor | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, MoEOutput]]:
+    """Give the adapters padding masks ``[B, S]`` (true = real token) and per-example metadata (e.g.
+    ``{"tag": domains}``, ``{"example_ids": ids}``) for the forwards inside the block. Yields a dict
+    that receives each site's ``MoEOutput`` (routing decision, aux terms) of the latest forward."""
     ctx = _adapters(model).context
-    previous = (ctx.mask, ctx.meta)
-    ctx.mask, ctx.meta = mask, meta
+    previous = (ctx.mask, ctx.decoder_mask, ctx.meta, ctx.record)
+    ctx.mask, ctx.decoder_mask, ctx.meta, ctx.record = mask, decoder_mask, meta, {}
     try:
-        yield
+        yield ctx.record
     finally:
-        ctx.mask, ctx.meta = previous
+        ctx.mask, ctx.decoder_mask, ctx.meta, ctx.record = previous
 
 
-def adapter_sites(model: nn.Module) -> dict[str, ExampleRoutedMoE]:
-    """The inserted adapters by site name."""
+def adapter_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """The inserted blocks by site name."""
     adapters = _adapters(model)
     return {name: adapters[_key(name)] for name in adapters.config.sites}
 
@@ -246,6 +350,15 @@ def _adapters(model: nn.Module) -> _AdapterSet:
     return adapters
 
 
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Detach and delete the inserted adapters (the backbone's ``requires_grad`` flags are left as they are)."""
+    adapters = _adapters(model)
+    for handle in adapters.handles:
+        handle.remove()
+    delattr(model, ADAPTERS_ATTR)
+    return model
+
+
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
     """Write only the adapters' and routers' weights (``adapters.safetensors``) and their config
     (``adapters.json``) into directory ``path``."""
@@ -253,6 +366,8 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
     adapters = _adapters(model)
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     state = {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}
     atomic_write_bytes(out / WEIGHTS_FILE, save(state))
     atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(adapters.config), indent=2) + "\n")
@@ -260,7 +375,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_adapters(model: nn.Module, path: str | Path, *, freeze_backbone: bool = True) -> nn.Module:
-    """Insert adapters as recorded in ``path`` into a fresh backbone and load their weights."""
+    """Insert the adapters recorded in ``path`` into a fresh backbone and load their weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -273,19 +388,12 @@ def load_adapters(model: nn.Module, path: str | Path, *, freeze_backbone: bool =
         state = load((src / WEIGHTS_FILE).read_bytes())
     except (json.JSONDecodeError, TypeError, SafetensorError) as err:
         raise ValueError(f"corrupt adapter files in {src}: {err}") from err
-    _install(model, config, freeze_backbone=False)
+    _install(model, config)
     try:
         _adapters(model).load_state_dict(state)
     except RuntimeError as err:
-        _remove(model)
+        remove_adapters(model)
         raise ValueError(f"adapter weights in {src} do not fit this backbone: {err}") from err
     if freeze_backbone:
         _freeze_backbone(model)
     return model
-
-
-def _remove(model: nn.Module) -> None:
-    adapters = _adapters(model)
-    for handle in adapters.handles:
-        handle.remove()
-    delattr(model, ADAPTERS_ATTR)

@@ -83,7 +83,9 @@ def stage_macs(in_channels: int, hidden_channels: int, out_channels: int, stride
 
 
 class ResStageExperts(ExpertBank):
-    """E narrow ResNet stages: ``BasicBlock(in -> hidden, stride) -> BasicBlock(hidden -> out)``.
+    """E narrow ResNet stages: ``BasicBlock(in -> hidden, stride) -> BasicBlock(hidden -> out)``; the
+    second block's last conv projects back to the stage width (its 1x1 shortcut too), so every other
+    conv stays ``hidden`` wide.
 
     Parameters are stacked: ``<conv>_weight [E, out, in, k, k]``, ``<conv>_bn_weight/_bn_bias [E, out]``;
     BatchNorm running statistics are buffers ``<conv>_bn_mean/_bn_var [E, out]``, so each expert
@@ -120,10 +122,13 @@ class ResStageExperts(ExpertBank):
 
     def _conv_bn(self, x: Tensor, params: Mapping[str, Tensor], name: str, e: int, k: int, s: int) -> Tensor:
         y = F.conv2d(x, params[f"{name}_weight"][e], stride=s, padding=k // 2)
+        # batch statistics need more than one value per channel: an expert that got a single 1x1
+        # feature map in a training step normalises it with its running statistics instead
+        batch_stats = self.training and y.shape[0] * y.shape[2] * y.shape[3] > 1
         return F.batch_norm(
             y, getattr(self, f"{name}_bn_mean")[e], getattr(self, f"{name}_bn_var")[e],
             params[f"{name}_bn_weight"][e], params[f"{name}_bn_bias"][e],
-            training=self.training, momentum=_BN_MOMENTUM, eps=_BN_EPS,
+            training=batch_stats, momentum=_BN_MOMENTUM, eps=_BN_EPS,
         )
 
     def _run(self, x: Tensor, params: Mapping[str, Tensor], e: int) -> Tensor:

@@ -133,14 +133,14 @@ class ExampleRoutedMoE(nn.Module):
         """View the input as ``[B, S, ...]`` and return a function restoring the output's shape."""
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() > 0 and x.shape[0] == 0:
+            raise ValueError(f"input has an empty batch: shape {tuple(x.shape)}")
         if not self.experts.token_input:
             self.experts.as_tokens(x)  # validates [N, C, H, W]
             return x.unsqueeze(1), lambda y: y
         D = self.experts.dim
         if x.dim() not in (2, 3) or x.shape[-1] != D:
             raise ValueError(f"input must be [B, S, {D}] or [B, {D}], got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"input has an empty batch: shape {tuple(x.shape)}")
         if x.dim() == 2:
             if self.segment_len is not None:
                 raise ValueError(f"causal segment routing needs sequences [B, L, {D}], got shape {tuple(x.shape)}")

@@ -102,31 +102,63 @@ class MultiGateMoE(nn.Module):
         self.in_dim = check_int("in_dim", in_dim, low=1)
         self.combine = check_choice("combine", combine, ("sparse", "dense"))
         kw = {"device": device, "dtype": dtype}
-        self.experts = EXPERTS.create(experts, num_experts=num_experts, dim=in_dim, **{
-            "hidden": expert_hidden, "out_dim": expert_dim, "activation": "relu", **(expert_kwargs or {})}, **kw)  # fmt: skip
+        self.experts = EXPERTS.create(
+            experts,
+            num_experts=num_experts,
+            dim=in_dim,
+            **{"hidden": expert_hidden, "out_dim": expert_dim, "activation": "relu", **(expert_kwargs or {})},
+            **kw,
+        )
+        by_name = gates is None
         if gates is None:
-            gates = [ROUTERS.create(router, dim=in_dim, num_experts=num_experts, **(router_kwargs or {}), **kw) for _ in self.tasks]
+            gates = [
+                ROUTERS.create(router, dim=in_dim, num_experts=num_experts, **(router_kwargs or {}), **kw)
+                for _ in self.tasks
+            ]
         gates = list(gates)
         if len(gates) != len(self.tasks):
-            raise ValueError(f"got {len(gates)} gates for {len(self.tasks)} tasks; a multi-gate model needs one gate per task")
+            raise ValueError(
+                f"got {len(gates)} gates for {len(self.tasks)} tasks; a multi-gate model needs one gate per task"
+            )
         for i, gate in enumerate(gates):
             if not isinstance(gate, Router):
                 raise TypeError(f"gates[{i}] must be a moekit Router, got {type(gate).__name__}")
             if gate.dim != in_dim or gate.num_experts != num_experts:
-                raise ValueError(f"gates[{i}] has dim={gate.dim}, num_experts={gate.num_experts}; "
-                                 f"the model has in_dim={in_dim}, num_experts={num_experts}")  # fmt: skip
+                raise ValueError(
+                    f"gates[{i}] has dim={gate.dim}, num_experts={gate.num_experts}; "
+                    f"the model has in_dim={in_dim}, num_experts={num_experts}"
+                )
         self.gates = nn.ModuleList(gates)
         self.towers = nn.ModuleList(
-            nn.Sequential(nn.Linear(self.experts.out_dim, tower_hidden, **kw), nn.ReLU(), nn.Linear(tower_hidden, t.num_outputs, **kw))
+            nn.Sequential(
+                nn.Linear(self.experts.out_dim, tower_hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(tower_hidden, t.num_outputs, **kw),
+            )
             for t in self.tasks
         )
-        self._config = {"in_dim": in_dim, "tasks": [asdict(t) for t in self.tasks], "num_experts": num_experts,
-                        "expert_dim": expert_dim, "expert_hidden": expert_hidden, "experts": experts,
-                        "expert_kwargs": dict(expert_kwargs or {}), "router": router,
-                        "router_kwargs": dict(router_kwargs or {}), "tower_hidden": tower_hidden, "combine": combine}  # fmt: skip
+        config = {
+            "in_dim": in_dim,
+            "tasks": [asdict(t) for t in self.tasks],
+            "num_experts": num_experts,
+            "expert_dim": expert_dim,
+            "expert_hidden": expert_hidden,
+            "experts": experts,
+            "expert_kwargs": dict(expert_kwargs or {}),
+            "router": router,
+            "router_kwargs": dict(router_kwargs or {}),
+            "tower_hidden": tower_hidden,
+            "combine": combine,
+        }
+        self._config = config if by_name else None
 
     def config(self) -> dict[str, Any]:
         """Constructor keywords (for ``save_checkpoint``); not available for ready-made gates."""
+        if self._config is None:
+            raise ValueError(
+                "this model was built from ready-made gates, which its config cannot rebuild; build the gates by "
+                "name (router=..., router_kwargs=...) or pass config= and name= to save_checkpoint"
+            )
         return dict(self._config)
 
     def forward(self, x: Tensor, meta: Mapping[str, Any] | None = None) -> MultiTaskOutput:

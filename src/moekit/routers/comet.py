@@ -47,7 +47,11 @@ def leaf_paths(num_leaves: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(n, depth)
 
 
-@ROUTERS.register("comet", paper="https://arxiv.org/abs/2306.02824", summary="COMET: k smooth-step trees, exactly <= k experts once saturated")
+@ROUTERS.register(
+    "comet",
+    paper="https://arxiv.org/abs/2306.02824",
+    summary="COMET: k smooth-step trees, exactly <= k experts once saturated",
+)
 class COMETRouter(Router):
     """COMET tree gate over ``num_experts`` leaves with at most ``k`` non-zeros once saturated.
 

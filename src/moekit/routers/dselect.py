@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_finite, check_int
+from .._checks import check_choice, check_finite
 from ..registry import ROUTERS
 from ..types import RoutingDecision
 from .base import Meta, Router
@@ -34,7 +34,11 @@ def binary_codes(num_experts: int, device: torch.device | str | None = None) -> 
     return ((j >> shifts) & 1).bool()
 
 
-@ROUTERS.register("dselect", paper="https://arxiv.org/abs/2106.03760", summary="DSelect-k: smooth-step binary-encoding gate, exactly <= k experts once saturated")
+@ROUTERS.register(
+    "dselect",
+    paper="https://arxiv.org/abs/2106.03760",
+    summary="DSelect-k: smooth-step binary-encoding gate, exactly <= k experts once saturated",
+)
 class DSelectKRouter(Router):
     """DSelect-k gate over ``num_experts`` experts with at most ``k`` non-zeros once saturated.
 
@@ -74,8 +78,12 @@ class DSelectKRouter(Router):
         if conditioning == "example":
             self.z_proj = nn.Linear(dim, k * m, **kw)
             self.w_proj = nn.Linear(dim, k, **kw)
-            for p, bound in ((self.z_proj.weight, width), (self.z_proj.bias, width),
-                             (self.w_proj.weight, 0.05), (self.w_proj.bias, 0.05)):  # fmt: skip
+            for p, bound in (
+                (self.z_proj.weight, width),
+                (self.z_proj.bias, width),
+                (self.w_proj.weight, 0.05),
+                (self.w_proj.bias, 0.05),
+            ):
                 nn.init.uniform_(p, -bound, bound)
         else:
             self.z_logits = nn.Parameter(torch.empty(k, m, **kw).uniform_(-width, width))

@@ -74,7 +74,9 @@ class ReinforceRouter(Router):
     reaches the router through the output). The decision's ``extras`` carry the per-token
     ``log_prob`` of the sample and the ``baseline`` prediction (an MLP ``d -> d/8 -> 1`` on the
     detached router input); pass them with the per-example task loss to ``reinforce_terms``.
-    Evaluation: argmax.
+    Evaluation: argmax. Entropy sign convention: ``reinforce_terms`` returns the entropy as ``+H``;
+    adding ``+c * H`` to the loss (the official SMEAR code, c = 5e-4) *penalises* entropy, ``-c * H``
+    rewards exploration.
     """
 
     def __init__(

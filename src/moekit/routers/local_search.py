@@ -137,7 +137,9 @@ class PermutationLocalSearch(Router):
 
     def _apply_hard(self, d: RoutingDecision) -> RoutingDecision:
         inverse = torch.argsort(self.perm)
-        remap = {f: getattr(d, f)[:, inverse] for f in ("logits_TE", "probs_TE", "load_prob_TE") if getattr(d, f) is not None}
+        remap = {
+            f: getattr(d, f)[:, inverse] for f in ("logits_TE", "probs_TE", "load_prob_TE") if getattr(d, f) is not None
+        }
         aux = {**d.aux, "perm_entropy": torch.zeros((), device=d.weights_TK.device)}
         return replace(d, ids_TK=self.perm[d.ids_TK], aux=aux, **remap)
 
@@ -145,17 +147,27 @@ class PermutationLocalSearch(Router):
         gates = d.gates_TE().float()
         mixed = gates @ pi
         mixed = mixed * (gates.sum(-1, keepdim=True) / mixed.sum(-1, keepdim=True).clamp_min(1e-30))
-        remap = {f: getattr(d, f).float() @ pi for f in ("logits_TE", "probs_TE", "load_prob_TE") if getattr(d, f) is not None}
+        remap = {
+            f: getattr(d, f).float() @ pi
+            for f in ("logits_TE", "probs_TE", "load_prob_TE")
+            if getattr(d, f) is not None
+        }
         rows = pi / pi.sum(-1, keepdim=True)
         aux = {**d.aux, "perm_entropy": selector_entropy(pi).mean() + selector_entropy(rows).mean()}
         return sparse_decision(mixed, self.k, aux=aux, extras=d.extras, **remap)
 
     def extra_repr(self) -> str:
-        return (f"learn_steps={self.learn_steps}, tau={self.tau_start:g}->{self.tau_end:g}, "
-                f"iters={self.iters_start}->{self.iters_end}")  # fmt: skip
+        return (
+            f"learn_steps={self.learn_steps}, tau={self.tau_start:g}->{self.tau_end:g}, "
+            f"iters={self.iters_start}->{self.iters_end}"
+        )
 
 
-@ROUTERS.register("local_search", paper="https://arxiv.org/abs/2306.02824", summary="permutation local search around a sparse router (COMET+, top-k+, ...)")
+@ROUTERS.register(
+    "local_search",
+    paper="https://arxiv.org/abs/2306.02824",
+    summary="permutation local search around a sparse router (COMET+, top-k+, ...)",
+)
 def local_search(
     dim: int,
     num_experts: int,

@@ -60,5 +60,9 @@ def sparse_decision(gates_TE: Tensor, k: int, **fields: object) -> RoutingDecisi
     K = min(E, max(k, nonzero))
     weights_TK, ids_TK = gates_TE.topk(K, dim=-1)
     return RoutingDecision(
-        ids_TK=ids_TK, weights_TK=weights_TK, num_experts=E, kept_TK=weights_TK != 0, **fields  # type: ignore[arg-type]
+        ids_TK=ids_TK,
+        weights_TK=weights_TK,
+        num_experts=E,
+        kept_TK=weights_TK != 0,
+        **fields,  # type: ignore[arg-type]
     )

@@ -1,0 +1,253 @@
+"""Expert-parallel training of a small MoE classifier on scikit-learn's digits, under torchrun.
+
+    torchrun --nproc_per_node 2 -m moekit.distributed.train --steps 20
+    python -m moekit.distributed.train --steps 20        # the same run in one process, no torch.distributed
+
+Every step draws the same *global* batch on every rank (a seeded permutation per epoch); rank r
+trains on slice r of it. Experts are sharded over the expert-parallel group, the other parameters
+are replicated and averaged by DistributedDataParallel, expert gradients are fixed up by
+``sync_expert_grads``; so the losses equal those of the single-process run on the global batch
+(dropless routing; with a capacity factor, capacity applies per rank's slice). Progress goes to
+stdout from rank 0 only. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._checks import check_choice, check_int, check_positive
+from ..data.digits import DigitsSplit, load_digits_split
+from ..training import aux_loss
+from .checkpoint import save_distributed_checkpoint
+from .comm import all_reduce_sum
+from .data_parallel import sync_expert_grads, wrap_ddp
+from .groups import DEFAULT_TIMEOUT_S, ExpertParallelGroups, init_distributed, make_groups
+from .layer import expert_parallel
+from .model import ep_moe_classifier
+
+__all__ = ["EPTrainConfig", "EPTrainResult", "train_expert_parallel", "global_batches", "main"]
+
+ROUTER_CHOICES = ("topk", "switch")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class EPTrainConfig:
+    """Model and optimisation settings (identical on every rank). ``batch_size`` is the global batch."""
+
+    steps: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    optimizer: str = "adamw"
+    dim: int = 64
+    depth: int = 2
+    num_experts: int = 8
+    k: int = 2
+    router: str = "topk"
+    noisy: bool = False
+    capacity_factor: float | None = None
+    aux_free_rate: float | None = None
+    z_loss: float = 0.0
+    log_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        check_positive("lr", self.lr)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("router", self.router, ROUTER_CHOICES)
+        check_int("log_every", self.log_every, low=1)
+        check_positive("z_loss", self.z_loss, allow_zero=True)
+
+    def model_config(self, in_dim: int, num_classes: int) -> dict[str, Any]:
+        """Keyword arguments of the ``ep_moe_classifier`` builder (JSON-serialisable)."""
+        if self.router == "topk":
+            router_kwargs = {"k": self.k, "noisy": self.noisy, "capacity_factor": self.capacity_factor}
+        else:
+            router_kwargs = {"capacity_factor": self.capacity_factor}
+        return {"in_dim": in_dim, "num_classes": num_classes, "dim": self.dim, "depth": self.depth,
+                "num_experts": self.num_experts, "router": self.router, "router_kwargs": router_kwargs,
+                "aux_free_rate": self.aux_free_rate}
+
+
+@dataclass
+class EPTrainResult:
+    """Per-step losses (mean over ranks = loss of the global batch), test accuracy, timing, the model."""
+
+    losses: list[float]
+    accuracy: float
+    seconds: float
+    examples_per_s: float
+    model: nn.Module
+
+
+def global_batches(num_examples: int, batch_size: int, steps: int, seed: int) -> Iterator[Tensor]:
+    """``steps`` index batches of exactly ``batch_size``: a seeded permutation per epoch, last partial batch dropped."""
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while True:
+        order = torch.randperm(num_examples, generator=gen)
+        for start in range(0, num_examples - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            yield order[start : start + batch_size]
+            done += 1
+
+
+def _sum_over_ranks(value: Tensor, groups: ExpertParallelGroups | None) -> float:
+    if groups is None:
+        return float(value.detach())
+    return float(all_reduce_sum(value.detach().reshape(1), groups.world_group, timeout_s=groups.timeout_s))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, data: DigitsSplit, groups: ExpertParallelGroups | None, device: torch.device) -> float:
+    model.eval()
+    rank, world = (0, 1) if groups is None else (groups.rank, groups.world_size)
+    idx = torch.tensor_split(torch.arange(data.x_test.shape[0]), world)[rank]
+    logits, _ = model(data.x_test[idx].to(device))
+    correct = (logits.argmax(-1).cpu() == data.y_test[idx]).sum().float().to(device)
+    model.train()
+    return _sum_over_ranks(correct, groups) / data.x_test.shape[0]
+
+
+def train_expert_parallel(
+    config: EPTrainConfig,
+    groups: ExpertParallelGroups | None = None,
+    *,
+    data: DigitsSplit | None = None,
+    quiet: bool = False,
+) -> EPTrainResult:
+    """Train with experts sharded over ``groups`` (``None``: one process, plain ``moekit.MoE`` layers)."""
+    data = load_digits_split(seed=config.seed) if data is None else data
+    rank, world = (0, 1) if groups is None else (groups.rank, groups.world_size)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the world size {world}")
+    device = torch.device("cpu") if groups is None else groups.device
+    torch.manual_seed(config.seed)  # identical initialisation on every rank
+    model = ep_moe_classifier(**config.model_config(data.num_features, int(data.y_train.max()) + 1)).to(device)
+    net: nn.Module = model
+    if groups is not None:
+        model = expert_parallel(model, groups)
+        net = wrap_ddp(model, groups, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(config.seed + 1 + rank)  # router noise differs per rank
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=config.lr) if config.optimizer == "adamw"
+           else torch.optim.SGD(params, lr=config.lr, momentum=0.9))
+    aux_weights = {"z": config.z_loss} if config.z_loss > 0 else {}
+    log = (lambda msg: tqdm.write(msg)) if rank == 0 and not quiet else (lambda msg: None)
+    bar = tqdm(total=config.steps, desc="train", disable=rank != 0 or quiet or None, leave=False)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step, batch in enumerate(global_batches(data.x_train.shape[0], config.batch_size, config.steps, config.seed)):
+        idx = batch.tensor_split(world)[rank]
+        logits, outputs = net(data.x_train[idx].to(device))
+        loss = F.cross_entropy(logits, data.y_train[idx].to(device)) + aux_loss(outputs, aux_weights).to(device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if groups is not None:
+            sync_expert_grads(model, groups)
+        opt.step()
+        losses.append(_sum_over_ranks(loss, groups) / world)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
+            log(f"step {step + 1}/{config.steps}  loss {losses[-1]:.4f}  {rate:,.0f} examples/s")
+    seconds = time.perf_counter() - start
+    bar.close()
+    accuracy = _accuracy(model, data, groups, device)
+    log(f"test accuracy {accuracy:.4f}  ({seconds:.1f}s, world={world}"
+        + ("" if groups is None else f", ep={groups.ep_size}, dp={groups.dp_size}") + ")")
+    return EPTrainResult(losses, accuracy, seconds, config.steps * config.batch_size / seconds, model)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = EPTrainConfig()
+    p = argparse.ArgumentParser(prog="python -m moekit.distributed.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over ranks)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--experts", type=int, default=d.num_experts, help="experts per layer (divisible by --ep)")
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--router", choices=ROUTER_CHOICES, default=d.router)
+    p.add_argument("--noisy", action="store_true", help="noisy top-k gating")
+    p.add_argument("--capacity-factor", type=float, default=None, help="per-rank expert capacity (default: dropless)")
+    p.add_argument("--aux-free-rate", type=float, default=None, help="aux-loss-free bias balancing with this rate")
+    p.add_argument("--z-loss", type=float, default=d.z_loss)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: world size, i.e. dp=1)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
+    p.add_argument("--save", default=None, help="save an expert-parallel checkpoint to this directory")
+    p.add_argument("--out", default=None, help="write a JSON summary here (rank 0)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    distributed = "RANK" in os.environ  # set by torchrun
+    try:
+        config = EPTrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, dim=args.dim,
+            depth=args.depth, num_experts=args.experts, k=args.k, router=args.router, noisy=args.noisy,
+            capacity_factor=args.capacity_factor, aux_free_rate=args.aux_free_rate, z_loss=args.z_loss,
+            log_every=args.log_every, seed=args.seed)
+        groups = None
+        if distributed:
+            init_distributed(backend=args.backend, timeout_s=args.timeout)
+            groups = make_groups(args.ep, timeout_s=args.timeout)
+            if groups.rank == 0 and not args.quiet:
+                print(f"expert parallel: world={groups.world_size} ep={groups.ep_size} dp={groups.dp_size} "
+                      f"backend={groups.backend}", flush=True)
+        result = train_expert_parallel(config, groups, quiet=args.quiet)
+        if args.save:
+            data = load_digits_split(seed=config.seed)
+            save_distributed_checkpoint(result.model, args.save, groups, name="ep_moe_classifier",
+                                        config=config.model_config(data.num_features, int(data.y_train.max()) + 1))
+        if args.out and (groups is None or groups.rank == 0):
+            _write_json(args.out, {"config": asdict(config), "world_size": 1 if groups is None else groups.world_size,
+                                   "ep_size": 1 if groups is None else groups.ep_size, "losses": result.losses,
+                                   "accuracy": result.accuracy, "seconds": result.seconds,
+                                   "examples_per_s": result.examples_per_s})
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""SMEAR: Soft Merging of Experts with Adaptive Routing (Muqeeth, Liu, Raffel; TMLR 2024,
+https://arxiv.org/abs/2306.03745).
+
+Each example is routed once, on the masked mean of its positions: ``p = softmax(W LayerNorm(mean x))``
+(``SMEARRouter``: bias-free, small initial scale so routing starts near uniform, expert dropout with
+renormalisation in training). The example then runs *one* expert whose parameters are the
+``p``-weighted average of all experts' parameters. The merged parameters of the whole batch come from
+one matmul over the flattened stacked parameters (``ExpertBank.merge_parameters``) and are applied with
+the bank's grouped kernel, groups = examples (``ExpertBank.grouped_forward``). Everything is
+differentiable: no gradient estimator is needed.
+
+Cost (per example of S positions, one expert of P parameters): merging ~E*P multiply-adds, running
+~S*P, so the overhead over one expert is about E/S. Memory: one merged copy per example (B*P values)
+is kept for backward; for FFN experts and short sequences it can exceed the activations (about
+S*(D+2F) values per example). ``merge_chunk_bytes`` bounds it: when the batch's merged copies would
+exceed the budget, examples are merged and run in chunks under activation checkpointing, so at most one
+chunk of merged parameters is alive, in forward and in backward (one extra merge + forward per chunk in
+backward). ``segment_len`` routes causal segments instead of examples (Lory, ``segments.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .._checks import check_int
+from ..experts.base import ExpertBank
+from ..routers.base import Router
+from ..routers.smear import SMEARRouter
+from ..types import RoutingDecision
+from .example_routed import ExampleRoutedMoE
+
+__all__ = ["SMEAR", "merged_forward", "merged_forward_chunked", "merged_bytes_per_group"]
+
+DEFAULT_MERGE_CHUNK_BYTES = 256 * 2**20
+
+
+def merged_bytes_per_group(experts: ExpertBank) -> int:
+    """Bytes of one merged copy of an expert's parameters."""
+    return sum(p[0].numel() * p.element_size() for p in experts.stacked_parameters().values())
+
+
+def merged_forward(experts: ExpertBank, x_N: Tensor, probs_GE: Tensor, sizes_G: Tensor) -> Tensor:
+    """Plain path: merge every group's expert at once and run it on the group's rows.
+
+    Args:
+        x_N: ``[N, D]`` rows (or ``[N, C, H, W]`` images), group by group.
+        probs_GE: merge weights per group ``[G, E]``.
+        sizes_G: rows per group ``[G]`` (sums to N).
+    Returns:
+        ``[N, out]`` (or images).
+    """
+    merged: Mapping[str, Tensor] = experts.merge_parameters(probs_GE)
+    return experts.grouped_forward(x_N, merged, sizes_G)
+
+
+def merged_forward_chunked(
+    experts: ExpertBank, x_N: Tensor, probs_GE: Tensor, sizes_G: Tensor, *, max_bytes: int
+) -> Tensor:
+    """Memory-aware path: as ``merged_forward``, but at most ``max_bytes`` of merged parameters at once.
+
+    Groups are processed in chunks of ``max(1, max_bytes // merged_bytes_per_group)``; with autograd on,
+    each chunk runs under activation checkpointing so its merged parameters are rebuilt in backward
+    instead of being kept. Equal to ``merged_forward`` in outputs and gradients.
+    """
+    G = probs_GE.shape[0]
+    chunk = max(1, check_int("max_bytes", max_bytes, low=1) // max(1, merged_bytes_per_group(experts)))
+    if chunk >= G:
+        return merged_forward(experts, x_N, probs_GE, sizes_G)
+    ends = torch.cumsum(sizes_G, 0).tolist()
+    pieces = []
+    for g0 in range(0, G, chunk):
+        g1 = min(G, g0 + chunk)
+        r0, r1 = (ends[g0 - 1] if g0 else 0), ends[g1 - 1]
+        args = (experts, x_N[r0:r1], probs_GE[g0:g1], sizes_G[g0:g1])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(merged_forward, *args, use_reentrant=False))
+        else:
+            pieces.append(merged_forward(*args))
+    return torch.cat(pieces)
+
+
+class SMEAR(ExampleRoutedMoE):
+    """SMEAR layer: per-example routing, one merged expert per example.
+
+    Args:
+        experts: any expert bank (adapter, mlp, glu, conv).
+        router: a dense router (default: ``SMEARRouter`` built from the next two arguments).
+        expert_dropout: probability of zeroing each routing probability in training (then renormalised).
+        router_init_std: std of the router's initial weights (small: routing starts near uniform).
+        merge_chunk_bytes: memory budget for merged parameters (see the module docstring).
+        segment_len, first_segment: causal segment routing (Lory) instead of per-example routing.
+
+    ``forward(x, *, mask=None, meta=None) -> MoEOutput``; inputs as in ``ExampleRoutedMoE``. The
+    decision has K = E (every expert, weighted by the merge weights).
+    """
+
+    combines = ("merge",)
+
+    def __init__(
+        self,
+        experts: ExpertBank,
+        router: Router | None = None,
+        *,
+        expert_dropout: float = 0.1,
+        router_init_std: float = 1e-2,
+        merge_chunk_bytes: int = DEFAULT_MERGE_CHUNK_BYTES,
+        segment_len: int | None = None,
+        first_segment: str = "self",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if router is None:
+            if not isinstance(experts, ExpertBank):
+                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+            router = SMEARRouter(experts.dim, experts.num_experts, expert_dropout=expert_dropout,
+                                 init_std=router_init_std, device=device, dtype=dtype)  # fmt: skip
+        elif isinstance(router, Router) and router.is_sparse:
+            raise ValueError(f"SMEAR merges with the router's full distribution; got sparse router {type(router).__name__}")
+        super().__init__(router, experts, combine="merge", segment_len=segment_len, first_segment=first_segment,
+                         device=device, dtype=dtype)  # fmt: skip
+        self.merge_chunk_bytes = check_int("merge_chunk_bytes", merge_chunk_bytes, low=1)
+
+    def _combine(self, x_N: Tensor, decision: RoutingDecision, sizes_G: Tensor) -> Tensor:
+        return merged_forward_chunked(self.experts, x_N, decision.gates_TE(), sizes_G, max_bytes=self.merge_chunk_bytes)
