@@ -247,7 +247,7 @@ def test_reinforce_terms_push_towards_better_choices() -> None:
     router = ReinforceRouter(8, 2).train()
     x = torch.cat([torch.randn(32, 7), torch.ones(32, 1)], 1)  # a constant feature acts as a router bias
     opt = torch.optim.SGD(router.parameters(), lr=1.0)
-    start = router.eval()(x).probs_TE[:, 0].mean()
+    start = float(router.eval()(x).probs_TE[:, 0].mean().detach())
     router.train()
     for _ in range(60):
         opt.zero_grad()

@@ -92,8 +92,10 @@ def all_to_all(
             rank of the group must run the backward when any does (it is a collective), so callers
             set this when *some* rank needs gradients.
     Returns:
-        ``[sum(out_splits), ...]``.
+        ``[sum(out_splits), ...]`` (``x_N`` itself in a group of one rank).
     """
+    if dist.get_world_size(group) == 1:
+        return x_N
     if keep_graph and torch.is_grad_enabled() and not x_N.requires_grad:
         x_N = x_N.detach().requires_grad_()
     return _AllToAll.apply(x_N, out_splits, in_splits, group, what, timeout_s)
@@ -101,6 +103,8 @@ def all_to_all(
 
 def exchange_counts(send_RC: Tensor, group: ProcessGroup, *, timeout_s: float | None = None) -> Tensor:
     """Row ``r`` of ``send_RC`` goes to group rank ``r``; returns ``recv_RC`` with row ``r`` from rank ``r``."""
+    if dist.get_world_size(group) == 1:
+        return send_RC
     recv = torch.empty_like(send_RC)
     with record_function("moekit.ep.exchange_counts"):
         guarded("all_to_all of token counts", group,

@@ -14,10 +14,8 @@ stdout from rank 0 only. gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int, check_positive
 from ..data.digits import DigitsSplit, load_digits_split
+from ..reporting import environment, write_json
 from ..training import aux_loss
 from .checkpoint import save_distributed_checkpoint
 from .comm import all_reduce_sum
@@ -205,15 +204,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     distributed = "RANK" in os.environ  # set by torchrun
@@ -236,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             save_distributed_checkpoint(result.model, args.save, groups, name="ep_moe_classifier",
                                         config=config.model_config(data.num_features, int(data.y_train.max()) + 1))
         if args.out and (groups is None or groups.rank == 0):
-            _write_json(args.out, {"config": asdict(config), "world_size": 1 if groups is None else groups.world_size,
+            write_json(args.out, {"config": asdict(config), "world_size": 1 if groups is None else groups.world_size,
                                    "ep_size": 1 if groups is None else groups.ep_size, "losses": result.losses,
                                    "accuracy": result.accuracy, "seconds": result.seconds,
-                                   "examples_per_s": result.examples_per_s})
+                                   "examples_per_s": result.examples_per_s, "environment": environment()})
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

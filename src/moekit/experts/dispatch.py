@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..types import RoutingDecision
 from .base import ExpertBank
@@ -46,10 +47,41 @@ def plan_dispatch(decision: RoutingDecision) -> DispatchPlan:
     return DispatchPlan(token[order], weights[order], sizes)
 
 
+class _WeightedScatter(torch.autograd.Function):
+    """``out[t] = sum_{n: token_N[n] = t} w_N[n] * y_N[n]`` with a hand-written backward.
+
+    Autograd of ``index_add(y_N * w)`` allocates three ``[N, ...]`` temporaries in the backward
+    (gathered grad, grad * w, grad * y before the row sums); this one gathers the grad once, takes
+    the weight grads as batched dot products and scales the gathered grad in place.
+    """
+
+    @staticmethod
+    def forward(ctx, y_N: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y_N, w_N, token_N)
+        out = y_N.new_zeros(num_tokens, *y_N.shape[1:])
+        return out.index_add_(0, token_N, y_N * _rows(w_N, y_N))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_T: Tensor):  # type: ignore[override]
+        y_N, w_N, token_N = ctx.saved_tensors
+        g_N = grad_T.index_select(0, token_N)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            N = y_N.shape[0]
+            grad_w = torch.bmm(g_N.reshape(N, 1, -1), y_N.reshape(N, -1, 1)).reshape(N).to(w_N.dtype)
+        grad_y = g_N.mul_(_rows(w_N, g_N)) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None
+
+
+def _rows(w_N: Tensor, like: Tensor) -> Tensor:
+    """Per-row weights shaped to broadcast over the trailing dims of ``like``."""
+    return w_N.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def _scatter_weighted(y_N: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    w = plan.weight_N.to(y_N.dtype).reshape(-1, *([1] * (y_N.dim() - 1)))
-    out = y_N.new_zeros(num_tokens, *y_N.shape[1:])
-    return out.index_add(0, plan.token_N, y_N * w)
+    """Weighted sum of the sorted expert outputs back onto their tokens: ``[N, ...] -> [T, ...]``."""
+    return _WeightedScatter.apply(y_N, plan.weight_N, plan.token_N, num_tokens)
 
 
 def dispatch(experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Tensor:
@@ -63,7 +95,8 @@ def dispatch(experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Ten
         ``[T, out_dim]`` (or images); tokens with no kept slot get zeros.
     """
     plan = plan_dispatch(decision)
-    y_N = experts.grouped_forward(x_T[plan.token_N], experts.stacked_parameters(), plan.sizes_E)
+    x_N = x_T.index_select(0, plan.token_N)  # backward: one index_add, not index_put(accumulate)
+    y_N = experts.grouped_forward(x_N, experts.stacked_parameters(), plan.sizes_E)
     return _scatter_weighted(y_N, plan, x_T.shape[0])
 
 

@@ -12,13 +12,14 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_int
 from ..registry import EXPERTS
 from .base import ExpertBank, activation_fn, init_stacked_linear
 from .grouped import grouped_linear
 
-__all__ = ["MLPExperts", "GLUExperts"]
+__all__ = ["MLPExperts", "GLUExperts", "swiglu"]
 
 
 @EXPERTS.register("mlp", paper="https://arxiv.org/abs/1701.06538")
@@ -63,6 +64,38 @@ class MLPExperts(ExpertBank):
         return f"{super().extra_repr()}, hidden={self.hidden}, activation={self.activation!r}"
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused ``[N, 2F]`` projection (gate columns first).
+
+    Autograd of ``chunk -> silu -> mul`` ends in a ``cat`` of the two half-gradients; this backward
+    writes both halves straight into one ``[N, 2F]`` buffer (one pass and one allocation fewer).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:  # type: ignore[override]
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: Tensor) -> Tensor:  # type: ignore[override]
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_h, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        torch.mul(grad_h, act, out=grad_up)
+        return grad
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim: ``[..., 2F] -> [..., F]``."""
+    return _SwiGLU.apply(gate_up)
+
+
 @EXPERTS.register("glu", paper="https://arxiv.org/abs/2002.05202")
 class GLUExperts(ExpertBank):
     """E gated MLPs (SwiGLU by default): ``down(act(gate(x)) * up(x))``.
@@ -91,11 +124,13 @@ class GLUExperts(ExpertBank):
         init_stacked_linear(self.down_proj)
 
     def _glu(self, gate_up: Tensor) -> Tensor:
+        """Plain ``act(gate) * up`` (the reference, and every activation other than SiLU)."""
         gate, up = gate_up.chunk(2, dim=-1)
         return self._act(gate) * up
 
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
-        h = self._glu(grouped_linear(x_N, params["gate_up_proj"], sizes_G))
+        gate_up = grouped_linear(x_N, params["gate_up_proj"], sizes_G)
+        h = swiglu(gate_up) if self.activation == "silu" else self._glu(gate_up)
         return grouped_linear(h, params["down_proj"], sizes_G)
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
