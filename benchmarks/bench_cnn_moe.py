@@ -27,7 +27,10 @@ from moekit.models.resnet_moe import BasicBlock
 from moekit.reporting import atomic_write_text, environment, markdown_table, write_json
 
 # stage position -> (in channels, out channels, stride, input H=W) of a width-64 CIFAR ResNet-18
-SHAPES = {"stage2": dict(cin=64, cout=128, stride=2, hw=32, batch=64), "stage3": dict(cin=128, cout=256, stride=2, hw=16, batch=64)}
+SHAPES = {
+    "stage2": dict(cin=64, cout=128, stride=2, hw=32, batch=64),
+    "stage3": dict(cin=128, cout=256, stride=2, hw=16, batch=64),
+}
 QUICK = {"tiny": dict(cin=8, cout=16, stride=2, hw=16, batch=16)}
 E, K, RATIO = 4, 2, 0.39
 
@@ -50,7 +53,9 @@ def equal_flop_hidden(cin: int, cout: int, stride: int, hw: int, target: int) ->
     return min(range(1, 4 * cout), key=lambda h: abs(stage_macs(cin, h, cout, stride, hw, hw) + short - target))
 
 
-def time_step(module: nn.Module, x: torch.Tensor, run: Callable[[nn.Module, torch.Tensor], torch.Tensor], reps: int) -> float:
+def time_step(
+    module: nn.Module, x: torch.Tensor, run: Callable[[nn.Module, torch.Tensor], torch.Tensor], reps: int
+) -> float:
     """Fastest of ``reps`` forward+backward steps in seconds (after one warm-up step); the minimum,
     not the median, because the machine may be shared and other load only ever adds time."""
     module.train()
@@ -79,19 +84,34 @@ def bench_shape(shape: dict, reps: int) -> dict:
     x = torch.randn(B, cin, hw, hw)
     modules = {
         "dense stage": (nn.Sequential(BasicBlock(cin, cout, s), BasicBlock(cout, cout)), lambda m, x: m(x)),
-        "ResBlock-MoE": (ResBlockMoE(cin, cout, num_experts=E, k=K, hidden_channels=hidden, stride=s), lambda m, x: m(x).y),
+        "ResBlock-MoE": (
+            ResBlockMoE(cin, cout, num_experts=E, k=K, hidden_channels=hidden, stride=s),
+            lambda m, x: m(x).y,
+        ),
         "equal-FLOP dense": (NarrowDense(cin, cout, h_eq, s), lambda m, x: m(x)),
     }
     ms = {name: 1e3 * time_step(m, x, run, reps) for name, (m, run) in modules.items()}
-    return {"shape": shape, "expert_hidden": hidden, "equal_flop_hidden": h_eq, "mmacs_per_image": {k: v / 1e6 for k, v in macs.items()},
-            "ms": ms, "moe_vs_dense": ms["ResBlock-MoE"] / ms["dense stage"], "moe_vs_equal_flop": ms["ResBlock-MoE"] / ms["equal-FLOP dense"]}  # fmt: skip
+    return {
+        "shape": shape,
+        "expert_hidden": hidden,
+        "equal_flop_hidden": h_eq,
+        "mmacs_per_image": {k: v / 1e6 for k, v in macs.items()},
+        "ms": ms,
+        "moe_vs_dense": ms["ResBlock-MoE"] / ms["dense stage"],
+        "moe_vs_equal_flop": ms["ResBlock-MoE"] / ms["equal-FLOP dense"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, stable on a shared machine; 0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1, stable on a shared machine; 0 = torch's default)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if args.threads:
@@ -100,15 +120,29 @@ def main() -> None:
     results = {name: bench_shape(shape, args.reps) for name, shape in shapes.items()}
     stem = "bench_cnn_moe_quick" if args.quick else "bench_cnn_moe"
     out = Path(args.out)
-    write_json(out / f"{stem}.json", {"environment": environment(), "experts": E, "k": K, "expert_ratio": RATIO, "results": results})
-    lines = [f"training step (forward + backward), fp32, {environment()['processor']}, {torch.get_num_threads()} threads, fastest of {args.reps} steps\n"]
+    write_json(
+        out / f"{stem}.json",
+        {"environment": environment(), "experts": E, "k": K, "expert_ratio": RATIO, "results": results},
+    )
+    lines = [
+        f"training step (forward + backward), fp32, {environment()['processor']}, "
+        f"{torch.get_num_threads()} threads, fastest of {args.reps} steps\n"
+    ]
     for name, r in results.items():
         sh = r["shape"]
-        lines.append(f"\n**{name}**: {sh['cin']} -> {sh['cout']} channels, stride {sh['stride']}, {sh['hw']}x{sh['hw']} input, batch {sh['batch']}; "
-                     f"E={E}, k={K}, expert width {r['expert_hidden']}, equal-FLOP width {r['equal_flop_hidden']}\n\n")  # fmt: skip
+        lines.append(
+            f"\n**{name}**: {sh['cin']} -> {sh['cout']} channels, stride {sh['stride']}, "
+            f"{sh['hw']}x{sh['hw']} input, batch {sh['batch']}; "
+            f"E={E}, k={K}, expert width {r['expert_hidden']}, equal-FLOP width {r['equal_flop_hidden']}\n\n"
+        )
         rows = [[m, r["mmacs_per_image"][m], r["ms"][m], r["ms"][m] / r["ms"]["equal-FLOP dense"]] for m in r["ms"]]
-        lines.append(markdown_table(["module", "MMAC / image", "ms / step", "x equal-FLOP dense"], rows, floatfmt=".3g"))
-        lines.append(f"\nMoE / dense stage: **{r['moe_vs_dense']:.2f}x**; MoE / equal-FLOP dense: **{r['moe_vs_equal_flop']:.2f}x** (goal <= 1.5x)\n")
+        lines.append(
+            markdown_table(["module", "MMAC / image", "ms / step", "x equal-FLOP dense"], rows, floatfmt=".3g")
+        )
+        lines.append(
+            f"\nMoE / dense stage: **{r['moe_vs_dense']:.2f}x**; "
+            f"MoE / equal-FLOP dense: **{r['moe_vs_equal_flop']:.2f}x** (goal <= 1.5x)\n"
+        )
     atomic_write_text(out / f"{stem}.md", "".join(lines))
     print("".join(lines))
 

@@ -2,12 +2,13 @@
 
 Weak scaling: every rank routes the same number of tokens per step; the layer's E experts are
 sharded over the world (ep = world). For each world size (1 and 2 processes on CPU with gloo, one
-thread per process; GPUs with NCCL when present) a torchrun job times forward+backward steps, then
-times a few more steps with every ``all_to_all_single`` of the layer (count exchange, tokens, results;
-forward and backward) timed: first a barrier on the same group (the wait for the slower rank: load
-imbalance), then the exchange itself (transfer); the rest of the step is compute. Bytes are counted from the routing: rows that leave their rank, times the row
-size, for the dispatch and the return trip, forward and backward. The plain single-process
-``moekit.MoE`` on the same tokens is the baseline of the 1-process row.
+thread per process; GPUs with NCCL when present) a torchrun job times forward+backward steps (the
+median over steps of the slowest rank), then a few more steps with every ``all_to_all_single`` of the
+layer (count exchange, tokens, results; forward and backward) timed: first a barrier on the same
+group (the wait for the slower rank: load imbalance), then the exchange itself; the rest of the
+step is compute. Bytes are counted from the routing: rows that leave their rank, times the row size,
+for the dispatch and the return trip, forward and backward. The plain single-process ``moekit.MoE``
+on the same tokens, timed in alternation, is the baseline of the 1-process row.
 
     python benchmarks/bench_expert_parallel.py            # writes benchmarks/results/bench_expert_parallel.{json,md}
     python benchmarks/bench_expert_parallel.py --quick    # tiny shapes (smoke test)
@@ -95,10 +96,19 @@ def _worker(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(100 + groups.rank)  # each rank its own tokens
     x = torch.randn(shape["T"], shape["D"], generator=gen).to(device).requires_grad_()
 
+    alone = groups.world_size == 1  # then the plain moekit.MoE is timed too, alternating step by step
     _steps(layer, x, args.warmup, sync)
+    if alone:
+        _steps(moe, x, args.warmup, sync)
+    times = torch.zeros(2, args.steps, dtype=torch.float64)
     dist.barrier(group=groups.world_group)
-    seconds = torch.tensor([_steps(layer, x, args.steps, sync)], dtype=torch.float64, device=device)
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=groups.world_group)
+    for i in range(args.steps):
+        times[0, i] = _steps(layer, x, 1, sync)
+        if alone:
+            times[1, i] = _steps(moe, x, 1, sync)
+    times = times.to(device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=groups.world_group)  # a step ends when its slowest rank does
+    step_s, plain_s = times.median(dim=1).values.tolist()
 
     with _CollectiveTimer(sync) as timer:
         timed = _steps(layer, x, args.timed_steps, sync)
@@ -114,12 +124,7 @@ def _worker(args: argparse.Namespace) -> None:
     dist.all_reduce(stats, group=groups.world_group)
     stats /= groups.world_size
 
-    baseline = None
-    if groups.world_size == 1:  # plain moekit.MoE on the same tokens
-        _steps(moe, x, args.warmup, sync)
-        baseline = _steps(moe, x, args.steps, sync) / args.steps
     if groups.rank == 0:
-        step_s = float(seconds) / args.steps
         row = {
             "world_size": groups.world_size, "backend": groups.backend, "device": str(device),
             "tokens_per_rank": shape["T"], "step_ms": step_s * 1e3,
@@ -128,7 +133,7 @@ def _worker(args: argparse.Namespace) -> None:
             "all_to_all_ms": float(stats[1]) * 1e3, "compute_ms": float(stats[2] - stats[0] - stats[1]) * 1e3,
             "all_to_all_fraction": float(stats[1] / stats[2]),
             "bytes_exchanged_per_step": float(sent), "bytes_per_token": float(sent) / (groups.world_size * shape["T"]),
-            "plain_moe_step_ms": None if baseline is None else baseline * 1e3,
+            "plain_moe_step_ms": plain_s * 1e3 if alone else None,
         }
         Path(args.worker_out).write_text(json.dumps(row))
     dist.destroy_process_group()
@@ -153,14 +158,16 @@ def _markdown(rows: list[dict], shape: dict, env: dict) -> str:
     table = markdown_table(
         ["processes", "backend", "tokens/s (all ranks)", "x 1 process", "step ms", "timed step ms: compute",
          "wait (imbalance)", "all-to-all", "all-to-all share", "MB exchanged / step", "bytes / token", "plain MoE step ms"],
-        [[r["world_size"], r["backend"], r["tokens_per_s"], r["tokens_per_s"] / base, r["step_ms"], r["compute_ms"],
-          r["wait_ms"], r["all_to_all_ms"], r["all_to_all_fraction"], r["bytes_exchanged_per_step"] / 1e6, r["bytes_per_token"],
-          "-" if r["plain_moe_step_ms"] is None else r["plain_moe_step_ms"]] for r in rows],
-        floatfmt=".3g",
+        [[r["world_size"], r["backend"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base:.2f}",
+          f"{r['step_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['wait_ms']:.1f}", f"{r['all_to_all_ms']:.1f}",
+          f"{100 * r['all_to_all_fraction']:.1f}%", f"{r['bytes_exchanged_per_step'] / 1e6:.2f}",
+          f"{r['bytes_per_token']:,.0f}", "-" if r["plain_moe_step_ms"] is None else f"{r['plain_moe_step_ms']:.1f}"]
+         for r in rows],
     )
     return (f"# Expert-parallel layer (weak scaling)\n\nTop-2 SwiGLU MoE, T={shape['T']} tokens per rank, D={shape['D']}, "
             f"F={shape['F']}, E={shape['E']} experts sharded over all ranks, fp32 forward+backward, one thread per "
-            f"process; torch {env['torch']}, {env['processor']}.\nStep ms: untimed steps (max over ranks). Breakdown "
+            f"process; torch {env['torch']}, {env['processor']}.\nStep ms: median over steps of the slowest rank's step "
+            "(the plain moekit.MoE is timed in alternation with the 1-process layer). Breakdown "
             "(mean over ranks, steps with timers): wait = barrier before each all-to-all (load imbalance), "
             "all-to-all = the exchanges (counts, tokens, results; forward + backward), compute = the rest. "
             "Bytes count rows that leave their rank (dispatch + return, forward + backward).\n\n" + table)

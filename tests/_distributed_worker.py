@@ -20,7 +20,10 @@ torch.set_num_threads(1)
 
 from safetensors.torch import save_file  # noqa: E402
 
-from moekit import AuxFreeBias, ConvExperts, GLUExperts, HashRouter, MLPExperts, MoE, SwitchRouter, TopKRouter  # noqa: E402
+from moekit import (  # noqa: E402
+    AuxFreeBias, ConvExperts, DSelectKRouter, ExpertChoiceRouter, GLUExperts, HashRouter, MLPExperts, MoE, SwitchRouter,
+    TopKRouter,
+)
 from moekit.distributed import (  # noqa: E402
     ExpertParallelError,
     ExpertParallelMoE,
@@ -42,6 +45,8 @@ CASES = {
                      lambda: GLUExperts(E, D, F), False, 3),
     "hash": (lambda: HashRouter(D, E, num_keys=50, k=2), lambda: MLPExperts(E, D, F), False, 1),
     "conv": (lambda: TopKRouter(3, E, k=1, noisy=False), lambda: ConvExperts(E, 3, 5, 3), False, 1),
+    "expert_choice": (lambda: ExpertChoiceRouter(D, E, capacity_factor=1.0), lambda: MLPExperts(E, D, F), True, 1),
+    "dselect": (lambda: DSelectKRouter(D, E, k=2), lambda: MLPExperts(E, D, F), False, 1),
 }
 
 TRAIN = EPTrainConfig(steps=6, batch_size=64, lr=0.05, optimizer="sgd", dim=32, depth=2, num_experts=4, k=2,
@@ -127,27 +132,37 @@ def _training(rank: int, world: int, out: Path) -> None:
         (out / "training.json").write_text(json.dumps(results))
 
 
-def _failure(rank: int, world: int, out: Path, how: str) -> None:
-    """Rank 1 dies (SIGKILL) or hangs before a step; rank 0 must raise within the timeout."""
-    groups = make_groups(timeout_s=3)
-    layer = ExpertParallelMoE.from_moe(build_case("topk_dropless"), groups)
-    x = torch.randn(T // world, D)
-    layer(x)  # one good step
-    if rank == 1:
-        if how == "dead":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(60)
-        return
+def _time_failure(layer: ExpertParallelMoE, x: torch.Tensor) -> dict:
     start = time.perf_counter()
     try:
         layer(x)
-        report = {"error": None}
+        report = {"error": None, "type": None}
     except ExpertParallelError as err:
         report = {"error": str(err), "type": type(err).__name__}
-    report["seconds"] = time.perf_counter() - start
-    (out / f"{how}.json").write_text(json.dumps(report))
+    return {**report, "seconds": time.perf_counter() - start}
+
+
+def _failures(rank: int, world: int, out: Path) -> None:
+    """Rank 1 first hangs past a 3 s timeout, then dies (SIGKILL); rank 0 must raise each time.
+
+    Two sets of groups: a timed-out gloo group is unusable afterwards, and the second set's 30 s
+    timeout covers the wait for rank 1 to come back from its hang."""
+    stuck = ExpertParallelMoE.from_moe(build_case("topk_dropless"), make_groups(timeout_s=3))
+    dead = ExpertParallelMoE.from_moe(build_case("topk_dropless"), make_groups(timeout_s=30))
+    x = torch.randn(T // world, D)
+    stuck(x), dead(x)  # good steps
+    report = {}
+    if rank == 1:
+        time.sleep(6)
+    else:
+        report["stuck"] = _time_failure(stuck, x)
+    dead(x)  # good step once rank 1 is back
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    report["dead"] = _time_failure(dead, x)
+    (out / "failures.json").write_text(json.dumps(report))
     sys.stdout.flush()
-    os._exit(0)  # the group is broken: skip the normal teardown
+    os._exit(0)  # the groups are broken: skip the normal teardown
 
 
 def main() -> None:
@@ -160,7 +175,7 @@ def main() -> None:
             (out / f"errors-rank{rank}.json").write_text(json.dumps(messages))
             _training(rank, world, out)
         else:
-            _failure(rank, world, out, scenario)
+            _failures(rank, world, out)
     except Exception:
         traceback.print_exc()
         sys.exit(1)

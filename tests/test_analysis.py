@@ -12,6 +12,7 @@ from torch import nn
 
 from moekit import HashRouter, MLPExperts, MoE, ResNetMoE, TopKRouter, save_checkpoint
 from moekit.analysis import (
+    accuracy_vs_k,
     analyze_layer,
     analyze_model,
     class_expert_table,
@@ -20,7 +21,6 @@ from moekit.analysis import (
     force_expert,
     forced_expert_accuracy,
     inference_k,
-    accuracy_vs_k,
     mutual_information,
     write_analysis_report,
 )
@@ -60,7 +60,7 @@ def test_class_to_own_expert_has_maximal_mi_and_balanced_use() -> None:
     model = ClassRouted()
     parity = lambda b: {"parity": b[1] % 2}  # noqa: E731
     record = collect_routing(model, class_batches(), labels=lambda b: b[1], metadata=parity)
-    (name, layer), = record.layers.items()
+    ((name, layer),) = record.layers.items()
     a = analyze_layer(layer)
     assert name == "moe.router" and a.tokens == 4 * 10
     assert a.mutual_info["label"]["mi"] == pytest.approx(math.log(C))
@@ -174,8 +174,16 @@ def test_report_is_complete_and_atomic(tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(result.metric_vs_k) == [1, 2, 3, 4] and len(result.forced["moe.router"]) == 4
     out = write_analysis_report(result, tmp_path / "report", title="t")
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "analysis.json", "utilisation.png", "class_table_0.png", "coactivation_0.png", "tsne_0.png",
-            "metric_vs_k.png", "forced_experts.png"} <= names  # fmt: skip
+    assert {
+        "report.md",
+        "analysis.json",
+        "utilisation.png",
+        "class_table_0.png",
+        "coactivation_0.png",
+        "tsne_0.png",
+        "metric_vs_k.png",
+        "forced_experts.png",
+    } <= names
     text = (out / "report.md").read_text()
     assert "NMI label" in text and "One expert forced" in text
     with pytest.raises(FileExistsError):
@@ -195,7 +203,17 @@ def test_cli_analyze_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -
     model = ResNetMoE(10, width=4, moe_position=4, num_experts=4, k=2)
     save_checkpoint(model, tmp_path / "ckpt")
     out = tmp_path / "analysis"
-    args = ["analyze", str(tmp_path / "ckpt"), "--image-size", "8", "--max-images", "60", "--no-tsne", "--out", str(out)]
+    args = [
+        "analyze",
+        str(tmp_path / "ckpt"),
+        "--image-size",
+        "8",
+        "--max-images",
+        "60",
+        "--no-tsne",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     text = (out / "report.md").read_text()
     assert "stages.3.router" in text and "Metric against inference-time k" in text

@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit import ConvMoE, ResBlockMoE, ResNetMoE, ResStageExperts, RoutingDecision, TopKRouter, load_checkpoint, save_checkpoint
+from moekit import (
+    ConvMoE,
+    ResBlockMoE,
+    ResNetMoE,
+    ResStageExperts,
+    RoutingDecision,
+    TopKRouter,
+    load_checkpoint,
+    save_checkpoint,
+)
 from moekit.experts.dispatch import dispatch, dispatch_reference
 from moekit.layers.cnn_moe import ConvGAPGate, ImageMoE, stage_macs
 
@@ -33,7 +42,9 @@ class PlainBlock(nn.Module):
 def plain_stage(bank: ResStageExperts, e: int) -> nn.Sequential:
     """Expert e of the bank as ordinary nn.Conv2d / nn.BatchNorm2d blocks with copied tensors."""
     hidden = bank.hidden_channels
-    stage = nn.Sequential(PlainBlock(bank.dim, hidden, hidden, bank.stride), PlainBlock(hidden, hidden, bank.out_dim, 1))
+    stage = nn.Sequential(
+        PlainBlock(bank.dim, hidden, hidden, bank.stride), PlainBlock(hidden, hidden, bank.out_dim, 1)
+    )
     pairs = {"conv1": ("conv1", "bn1"), "conv2": ("conv2", "bn2"), "short": ("shortcut.0", "shortcut.1")}
     with torch.no_grad():
         for name, *_ in bank.specs:
@@ -53,7 +64,10 @@ def _grads(bank: ResStageExperts, stage: nn.Sequential, e: int) -> list[tuple[to
     for name, *_ in bank.specs:
         block, kind = stage[int(name[1])], name.split("_")[1]
         conv, bn = (block.get_submodule(p) for p in pairs[kind])
-        out += [(getattr(bank, f"{name}_weight").grad[e], conv.weight.grad), (getattr(bank, f"{name}_bn_weight").grad[e], bn.weight.grad)]
+        out += [
+            (getattr(bank, f"{name}_weight").grad[e], conv.weight.grad),
+            (getattr(bank, f"{name}_bn_weight").grad[e], bn.weight.grad),
+        ]
     return out
 
 
@@ -84,7 +98,9 @@ def test_expert_equals_plain_resnet_stage(stride: int, in_ch: int, out_ch: int, 
 def _decision(T: int, E: int, k: int, seed: int = 0) -> RoutingDecision:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    return RoutingDecision(ids_TK=ids, weights_TK=torch.rand(T, k, generator=gen).softmax(-1).requires_grad_(True), num_experts=E)
+    return RoutingDecision(
+        ids_TK=ids, weights_TK=torch.rand(T, k, generator=gen).softmax(-1).requires_grad_(True), num_experts=E
+    )
 
 
 def test_sparse_dispatch_matches_reference_outputs_and_grads() -> None:
@@ -148,11 +164,15 @@ def test_conv_moe_equals_per_image_reference() -> None:
     x = torch.randn(6, 3, 8, 8, requires_grad=True)
     out = layer(x)
     w, b = layer.experts.weight, layer.experts.bias
-    ref = torch.stack([
-        sum(out.decision.weights_TK[t, s] * F.conv2d(x[t : t + 1], w[e], b[e], stride=2, padding=1)[0]
-            for s, e in enumerate(out.decision.ids_TK[t].tolist()))
-        for t in range(6)
-    ])  # fmt: skip
+    ref = torch.stack(
+        [
+            sum(
+                out.decision.weights_TK[t, s] * F.conv2d(x[t : t + 1], w[e], b[e], stride=2, padding=1)[0]
+                for s, e in enumerate(out.decision.ids_TK[t].tolist())
+            )
+            for t in range(6)
+        ]
+    )
     torch.testing.assert_close(out.y, ref, atol=1e-5, rtol=1e-5)
     gx = torch.autograd.grad(out.y.square().sum(), x, retain_graph=True)[0]
     gx_ref = torch.autograd.grad(ref.square().sum(), x)[0]
@@ -216,7 +236,9 @@ def test_resnet_moe_positions(position: int) -> None:
 def test_resnet_dense_and_conv_moe() -> None:
     dense_logits, dense_outs = ResNetMoE(10, width=4)(torch.randn(2, 3, 8, 8))
     assert dense_outs == [] and dense_logits.shape == (2, 10)
-    model = ResNetMoE(5, width=4, moe_position=2, moe_type="conv", gate="conv", balancer="mean", balancer_kwargs={"tau": 0.2})
+    model = ResNetMoE(
+        5, width=4, moe_position=2, moe_type="conv", gate="conv", balancer="mean", balancer_kwargs={"tau": 0.2}
+    )
     logits, outs = model(torch.randn(3, 3, 8, 8))
     assert logits.shape == (3, 5) and len(outs) == 4  # two blocks x two MoE convs
     assert all(isinstance(m, ConvMoE) for m in model.modules() if isinstance(m, ImageMoE))
@@ -263,3 +285,21 @@ def test_checkpoint_round_trip_keeps_balancer_state(tmp_path) -> None:
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
     torch.testing.assert_close(loaded.stages[2].router.balancer.deviation, model.stages[2].router.balancer.deviation)
+
+
+def test_benchmark_script_runs(tmp_path) -> None:
+    """The speed benchmark runs on tiny shapes and reports both ratios (speed is not asserted here)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cnn_moe.py"
+    cmd = [sys.executable, str(script), "--quick", "--reps", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench_cnn_moe_quick.json").read_text())["results"]["tiny"]
+    assert result["moe_vs_equal_flop"] > 0 and result["moe_vs_dense"] > 0
+    macs = result["mmacs_per_image"]
+    assert abs(macs["equal-FLOP dense"] / macs["ResBlock-MoE"] - 1) < 0.1  # the baseline really is equal-FLOP
+    assert "MoE / equal-FLOP dense" in (tmp_path / "bench_cnn_moe_quick.md").read_text()

@@ -2,6 +2,9 @@
 
 import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,23 @@ def test_top_trials_and_standard_error() -> None:
     assert [t["val_loss"] for t in top_trials(trials, 0.05)] == [0.1, 0.2]
     mean, se = mean_se([1.0, 3.0])
     assert mean == 2.0 and se == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_bench_comet_quick_runs(tmp_path) -> None:
+    """The speed benchmark runs on tiny shapes and writes its table; ratios are not asserted here."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_comet.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--reps", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "bench_comet_quick.json").read_text())["rows"]
+    assert {(r["gate"], r["state"]) for r in rows} == {
+        (g, s) for g in ("comet", "dselect") for s in ("saturated", "soft (init)")
+    }
+    saturated = [r for r in rows if r["state"] == "saturated"]
+    assert all(r["experts_run_per_token"] <= 2 for r in saturated)
+    assert "| comet | saturated |" in (tmp_path / "bench_comet_quick.md").read_text()

@@ -21,7 +21,15 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quick_run_writes_report_results_plots_and_checkpoints(quick_run: Path) -> None:
     names = {p.name for p in quick_run.iterdir()}
-    assert {"report.md", "results.json", "accuracy_vs_k.png", "cv_importance.png", "class_tables.png", "tsne.png", "checkpoints"} <= names
+    assert {
+        "report.md",
+        "results.json",
+        "accuracy_vs_k.png",
+        "cv_importance.png",
+        "class_tables.png",
+        "tsne.png",
+        "checkpoints",
+    } <= names
     results = json.loads((quick_run / "results.json").read_text())
     cfg = ConstraintsConfig.quick()
     runs = {r["name"]: r for r in results["runs"]}
@@ -83,3 +91,13 @@ def test_cli_bad_position_is_one_line_error(tmp_path: Path, capsys: pytest.Captu
     assert main(["reproduce", "constraints", "--positions", "0", "--out", str(tmp_path / "x")]) == 2
     assert "positions must be in 1..4, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_domain_metadata_gets_its_own_mutual_information() -> None:
+    from moekit.experiments.constraints import load_images, run_one
+
+    cfg = replace(ConstraintsConfig.quick(), data="domain-digits", num_train=96, num_test=120)
+    data = load_images(cfg)
+    assert set(data.meta_test["domain"].tolist()) == set(range(6))  # a random subset spans the domains
+    result, _, _ = run_one(cfg, data, constraint="mean", position=4, num_experts=4, seed=0)
+    assert set(result["nmi"]) == {"label", "domain"} and 0.0 <= result["nmi"]["domain"] <= 1.0

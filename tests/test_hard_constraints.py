@@ -28,8 +28,13 @@ IMPORTANCE = [1.1, 1.1, 0.3, 0.5]  # column sums of the gates
 
 
 def decision(ids: torch.Tensor = IDS, weights: torch.Tensor = WEIGHTS, E: int = 4) -> RoutingDecision:
-    return RoutingDecision(ids_TK=ids, weights_TK=weights, num_experts=E, logits_TE=torch.zeros(ids.shape[0], E),
-                           probs_TE=torch.full((ids.shape[0], E), 1.0 / E))  # fmt: skip
+    return RoutingDecision(
+        ids_TK=ids,
+        weights_TK=weights,
+        num_experts=E,
+        logits_TE=torch.zeros(ids.shape[0], E),
+        probs_TE=torch.full((ids.shape[0], E), 1.0 / E),
+    )
 
 
 def test_relative_importance_statistic_and_mask_by_hand() -> None:
@@ -102,10 +107,14 @@ def test_guard_keeps_k_experts_and_masks_the_most_over_used() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.integers(2, 8).flatmap(lambda E: st.tuples(
-        st.just(E), st.integers(1, E), st.lists(st.floats(-2, 2, allow_nan=False), min_size=E, max_size=E),
-        st.floats(0.01, 1.0),
-    ))  # fmt: skip
+    st.integers(2, 8).flatmap(
+        lambda E: st.tuples(
+            st.just(E),
+            st.integers(1, E),
+            st.lists(st.floats(-2, 2, allow_nan=False), min_size=E, max_size=E),
+            st.floats(0.01, 1.0),
+        )
+    )
 )
 def test_guard_property(args: tuple) -> None:
     E, k, stats, tau = args
@@ -168,9 +177,13 @@ def test_kl_to_uniform_by_hand() -> None:
 
 
 def test_other_losses_by_hand() -> None:
-    d = RoutingDecision(ids_TK=torch.tensor([[0], [0], [1]]), weights_TK=torch.ones(3, 1), num_experts=2,
-                        logits_TE=torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]),
-                        probs_TE=torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]]))  # fmt: skip
+    d = RoutingDecision(
+        ids_TK=torch.tensor([[0], [0], [1]]),
+        weights_TK=torch.ones(3, 1),
+        num_experts=2,
+        logits_TE=torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]),
+        probs_TE=torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]]),
+    )
     # switch: E * sum_e f_e P_e with f = [2/3, 1/3], P = [0.5, 0.5]
     assert float(get_loss("switch")(d)) == pytest.approx(2 * (2 / 3 * 0.5 + 1 / 3 * 0.5))
     z = [math.log(math.exp(1) + 1), math.log(math.exp(2) + 1), math.log(2)]

@@ -135,6 +135,42 @@ def test_smear_layer_chunks_under_a_small_budget_with_the_same_result() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).y.sum().backward()
+    return sum(storages.values())
+
+
+def test_chunked_merge_keeps_less_for_backward() -> None:
+    experts = moekit.MLPExperts(4, 32, 256)  # merged FFN parameters dominate at short sequences
+    router = SMEARRouter(32, 4, expert_dropout=0.0)
+    x = torch.randn(8, 4, 32, requires_grad=True)
+    per_example = moekit.layers.smear.merged_bytes_per_group(experts)
+    plain = _saved_for_backward_bytes(SMEAR(experts, router), x)
+    chunked = _saved_for_backward_bytes(SMEAR(experts, router, merge_chunk_bytes=2 * per_example), x)
+    assert plain > 8 * per_example  # every example's merged copy is kept
+    assert chunked < 2 * per_example  # only inputs and routing weights are kept; merges are redone in backward
+
+
+def test_equal_size_groups_use_batched_matmul_matching_the_reference() -> None:
+    from moekit.experts.grouped import grouped_linear, grouped_linear_reference
+
+    x = torch.randn(12, 5, requires_grad=True)
+    w = torch.randn(3, 7, 5, requires_grad=True)
+    b = torch.randn(3, 7, requires_grad=True)
+    sizes = torch.tensor([4, 4, 4])
+    y, ref = grouped_linear(x, w, sizes, b), grouped_linear_reference(x, w, sizes, b)
+    torch.testing.assert_close(y, ref)
+    for g1, g2 in zip(torch.autograd.grad(y.square().sum(), [x, w, b]), torch.autograd.grad(ref.square().sum(), [x, w, b])):
+        torch.testing.assert_close(g1, g2)
+
+
 def test_padding_does_not_change_routing_or_real_positions() -> None:
     layer = SMEAR(moekit.AdapterExperts(4, 8, 4), router_init_std=1.0).eval()
     x = torch.randn(2, 6, 8)

@@ -1,8 +1,8 @@
 """Routing analysis for any moekit or Hugging Face MoE model: utilisation, specialisation, interventions.
 
-    from moekit.analysis import analyze_model, write_analysis_report
-    result = analyze_model(model, batches, labels=lambda b: b[1], evaluate=my_accuracy)
-    write_analysis_report(result, "runs/analysis")
+from moekit.analysis import analyze_model, write_analysis_report
+result = analyze_model(model, batches, labels=lambda b: b[1], evaluate=my_accuracy)
+write_analysis_report(result, "runs/analysis")
 """
 
 from .collect import LayerRecord, RoutingRecord, collect_routing, routing_sources_for

@@ -61,7 +61,9 @@ def routing_sources_for(model: nn.Module) -> Sources:
     if found:
         return found
     if getattr(getattr(model, "config", None), "model_type", None) is None:
-        raise ValueError(f"{type(model).__name__} has no moekit router and is not a Hugging Face model: nothing to analyse")
+        raise ValueError(
+            f"{type(model).__name__} has no moekit router and is not a Hugging Face model: nothing to analyse"
+        )
     from ..integrations.hf import routing_sources
 
     return dict(routing_sources(model))
@@ -75,7 +77,10 @@ def token_values(values: Tensor, num_tokens: int, what: str) -> Tensor:
     """Per-example values ``[B]`` broadcast to ``num_tokens`` (T = B * S) tokens, flattened to ``[T]``."""
     values = torch.as_tensor(values).reshape(-1)
     if values.numel() == 0 or num_tokens % values.numel():
-        raise ValueError(f"{what} has {values.numel()} entries but the layer routed {num_tokens} tokens; give one per example or per token")
+        raise ValueError(
+            f"{what} has {values.numel()} entries but the layer routed {num_tokens} tokens; "
+            "give one per example or per token"
+        )
     return values.repeat_interleave(num_tokens // values.numel())
 
 
@@ -157,5 +162,7 @@ def collect_routing(
             continue
         rows = {k: torch.cat(v) for k, v in keeper.rows[name].items()}
         meta = {k.split(":", 1)[1]: v for k, v in rows.items() if k.startswith("meta:")}
-        layers[name] = LayerRecord(name, rec.stats[name], rows["gates"], rows["ids"], rows.get("logits"), rows.get("labels"), meta)
+        layers[name] = LayerRecord(
+            name, rec.stats[name], rows["gates"], rows["ids"], rows.get("logits"), rows.get("labels"), meta
+        )
     return RoutingRecord(layers)

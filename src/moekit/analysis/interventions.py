@@ -102,7 +102,9 @@ def inference_k(model: nn.Module, k: int, *, layers: Iterable[str] | None = None
             setattr(router, attr, old)
 
 
-def accuracy_vs_k(model: nn.Module, evaluate: Evaluate, ks: Iterable[int], *, layers: Iterable[str] | None = None) -> dict[int, float]:
+def accuracy_vs_k(
+    model: nn.Module, evaluate: Evaluate, ks: Iterable[int], *, layers: Iterable[str] | None = None
+) -> dict[int, float]:
     """``{k: evaluate(model)}`` with every chosen layer run at inference-time ``k``."""
     out = {}
     for k in ks:

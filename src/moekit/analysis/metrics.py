@@ -102,11 +102,19 @@ class LayerAnalysis:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "tokens": self.tokens, "num_experts": self.num_experts, "mean_gate": self.mean_gate.tolist(),
-            "counts": self.counts.tolist(), "cv_importance": self.cv_importance, "cv_counts": self.cv_counts,
-            "entropy": self.entropy, "living_experts": self.living_experts, "coactivation": self.coactivation.tolist(),
-            "class_table": None if self.class_table is None else self.class_table.tolist(), "mutual_info": self.mutual_info,
-        }  # fmt: skip
+            "name": self.name,
+            "tokens": self.tokens,
+            "num_experts": self.num_experts,
+            "mean_gate": self.mean_gate.tolist(),
+            "counts": self.counts.tolist(),
+            "cv_importance": self.cv_importance,
+            "cv_counts": self.cv_counts,
+            "entropy": self.entropy,
+            "living_experts": self.living_experts,
+            "coactivation": self.coactivation.tolist(),
+            "class_table": None if self.class_table is None else self.class_table.tolist(),
+            "mutual_info": self.mutual_info,
+        }
 
 
 def _mi(choice_T: Tensor, values_T: Tensor, num_experts: int) -> dict[str, float]:

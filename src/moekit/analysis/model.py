@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from torch import Tensor, nn
 
 from ..routers.base import Router
-
 from .collect import collect_routing
 from .interventions import accuracy_vs_k, forced_expert_accuracy, routed_layers
 from .metrics import LayerAnalysis, analyze_layer, embed_logits
@@ -72,7 +71,9 @@ def analyze_model(
         tsne: 2-D t-SNE of each layer's gate logits.
     """
     record = collect_routing(model, batches, forward=forward, labels=labels, metadata=metadata, max_tokens=max_tokens)
-    result = ModelAnalysis({n: analyze_layer(r, num_labels=num_labels) for n, r in record.layers.items()}, class_names=tuple(class_names))
+    result = ModelAnalysis(
+        {n: analyze_layer(r, num_labels=num_labels) for n, r in record.layers.items()}, class_names=tuple(class_names)
+    )
     routers = routed_layers(model, list(record.layers))
     result.trained_k = _trained_k(routers)
     if evaluate is not None:
@@ -86,7 +87,9 @@ def analyze_model(
                 result.notes.append(f"t-SNE skipped for {name}: the router gave fewer than 5 logit rows")
                 continue
             result.embeddings[name] = embed_logits(r.logits_TE, seed=seed)
-            result.embedding_labels[name] = None if r.labels_T is None else r.labels_T[: result.embeddings[name].shape[0]]
+            result.embedding_labels[name] = (
+                None if r.labels_T is None else r.labels_T[: result.embeddings[name].shape[0]]
+            )
     return result
 
 
@@ -98,7 +101,9 @@ def _trained_k(routers: Mapping[str, nn.Module]) -> int | None:
     return None
 
 
-def _sweep_k(model: nn.Module, evaluate: Callable[[nn.Module], float], ks: Iterable[int] | None, result: ModelAnalysis) -> None:
+def _sweep_k(
+    model: nn.Module, evaluate: Callable[[nn.Module], float], ks: Iterable[int] | None, result: ModelAnalysis
+) -> None:
     if ks is None:
         smallest = min(a.num_experts for a in result.layers.values())
         try:
@@ -109,10 +114,11 @@ def _sweep_k(model: nn.Module, evaluate: Callable[[nn.Module], float], ks: Itera
     result.metric_vs_k = accuracy_vs_k(model, evaluate, ks)
 
 
-def _forced(model: nn.Module, evaluate: Callable[[nn.Module], float], routers: Mapping[str, nn.Module], result: ModelAnalysis) -> None:
+def _forced(
+    model: nn.Module, evaluate: Callable[[nn.Module], float], routers: Mapping[str, nn.Module], result: ModelAnalysis
+) -> None:
     for name, router in routers.items():
         if not isinstance(router, Router):
             result.notes.append(f"no forced-expert evaluation for {name}: forcing needs a moekit router")
             continue
         result.forced[name] = forced_expert_accuracy(model, evaluate, layer=name)
-

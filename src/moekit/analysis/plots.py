@@ -53,7 +53,9 @@ def draw_heatmap(ax, matrix: Tensor, fmt: str, *, annotate: bool) -> object:
         for i in range(matrix.shape[0]):
             for j in range(matrix.shape[1]):
                 v = float(matrix[i, j])
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6, color="w" if v < 0.6 * peak else "k")
+                ax.text(
+                    j, i, format(v, fmt), ha="center", va="center", fontsize=6, color="w" if v < 0.6 * peak else "k"
+                )
     return image
 
 
@@ -91,7 +93,9 @@ def plot_class_table(analysis: LayerAnalysis, path: str | Path, class_names: Seq
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_k(curves: Mapping[str, Mapping[int, float]], path: str | Path, *, train_k: int | None = None, ylabel: str = "accuracy") -> Path:
+def plot_accuracy_vs_k(
+    curves: Mapping[str, Mapping[int, float]], path: str | Path, *, train_k: int | None = None, ylabel: str = "accuracy"
+) -> Path:
     """One line per model: metric against inference-time k."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -107,7 +111,9 @@ def plot_accuracy_vs_k(curves: Mapping[str, Mapping[int, float]], path: str | Pa
     return save_figure(fig, path)
 
 
-def plot_forced_experts(accuracies: Mapping[str, Sequence[float]], path: str | Path, *, reference: float | None = None) -> Path:
+def plot_forced_experts(
+    accuracies: Mapping[str, Sequence[float]], path: str | Path, *, reference: float | None = None
+) -> Path:
     """Metric with each single expert forced, one panel per layer; dashed: the routed model."""
     plt = _plt()
     n = len(accuracies)
@@ -123,7 +129,9 @@ def plot_forced_experts(accuracies: Mapping[str, Sequence[float]], path: str | P
     return save_figure(fig, path)
 
 
-def plot_embedding(embedding_N2: Tensor, labels_N: Tensor | None, path: str | Path, *, title: str = "t-SNE of gate logits") -> Path:
+def plot_embedding(
+    embedding_N2: Tensor, labels_N: Tensor | None, path: str | Path, *, title: str = "t-SNE of gate logits"
+) -> Path:
     """Scatter of a 2-D embedding, coloured by label."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 4.4))
@@ -141,4 +149,3 @@ def plot_embedding(embedding_N2: Tensor, labels_N: Tensor | None, path: str | Pa
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
-

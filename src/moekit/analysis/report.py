@@ -14,7 +14,14 @@ from typing import Any, Mapping
 
 from ..reporting import atomic_write_text, environment, markdown_table, write_json
 from .model import ModelAnalysis
-from .plots import plot_accuracy_vs_k, plot_class_table, plot_coactivation, plot_embedding, plot_forced_experts, plot_utilisation
+from .plots import (
+    plot_accuracy_vs_k,
+    plot_class_table,
+    plot_coactivation,
+    plot_embedding,
+    plot_forced_experts,
+    plot_utilisation,
+)
 
 __all__ = ["write_analysis_report", "analysis_markdown"]
 
@@ -45,12 +52,24 @@ def _layer_table(analysis: ModelAnalysis) -> str:
     headers = ["layer", "tokens", "E", "CV importance", "CV counts", "entropy", "living"] + [f"NMI {k}" for k in keys]
     rows = []
     for a in analysis.layers.values():
-        rows.append([a.name, a.tokens, a.num_experts, a.cv_importance, a.cv_counts, a.entropy, f"{a.living_experts}/{a.num_experts}"]
-                    + [a.mutual_info.get(k, {}).get("nmi", float("nan")) for k in keys])  # fmt: skip
+        rows.append(
+            [
+                a.name,
+                a.tokens,
+                a.num_experts,
+                a.cv_importance,
+                a.cv_counts,
+                a.entropy,
+                f"{a.living_experts}/{a.num_experts}",
+            ]
+            + [a.mutual_info.get(k, {}).get("nmi", float("nan")) for k in keys]
+        )
     return markdown_table(headers, rows, floatfmt=".3f")
 
 
-def analysis_markdown(analysis: ModelAnalysis, figures: Mapping[str, list[str]], *, title: str, description: str = "") -> str:
+def analysis_markdown(
+    analysis: ModelAnalysis, figures: Mapping[str, list[str]], *, title: str, description: str = ""
+) -> str:
     """The report text; ``figures`` maps a section to the PNG file names written for it."""
     parts = [f"# {title}\n\n", description + "\n\n" if description else ""]
     if analysis.metric is not None:
@@ -85,18 +104,33 @@ def analysis_markdown(analysis: ModelAnalysis, figures: Mapping[str, list[str]],
 
 
 def _plots(analysis: ModelAnalysis, out: Path) -> dict[str, list[str]]:
-    figs: dict[str, list[str]] = {"utilisation": [plot_utilisation(list(analysis.layers.values()), out / "utilisation.png").name]}
+    figs: dict[str, list[str]] = {
+        "utilisation": [plot_utilisation(list(analysis.layers.values()), out / "utilisation.png").name]
+    }
     for i, a in enumerate(analysis.layers.values()):
         if a.class_table is not None:
-            figs.setdefault("class_table", []).append(plot_class_table(a, out / f"class_table_{i}.png", analysis.class_names).name)
+            figs.setdefault("class_table", []).append(
+                plot_class_table(a, out / f"class_table_{i}.png", analysis.class_names).name
+            )
         figs.setdefault("coactivation", []).append(plot_coactivation(a, out / f"coactivation_{i}.png").name)
         if a.name in analysis.embeddings:
-            path = plot_embedding(analysis.embeddings[a.name], analysis.embedding_labels.get(a.name), out / f"tsne_{i}.png", title=f"t-SNE of gate logits: {a.name}")
+            path = plot_embedding(
+                analysis.embeddings[a.name],
+                analysis.embedding_labels.get(a.name),
+                out / f"tsne_{i}.png",
+                title=f"t-SNE of gate logits: {a.name}",
+            )
             figs.setdefault("tsne", []).append(path.name)
     if analysis.metric_vs_k:
-        figs["k"] = [plot_accuracy_vs_k({"model": analysis.metric_vs_k}, out / "metric_vs_k.png", train_k=analysis.trained_k, ylabel="metric").name]
+        figs["k"] = [
+            plot_accuracy_vs_k(
+                {"model": analysis.metric_vs_k}, out / "metric_vs_k.png", train_k=analysis.trained_k, ylabel="metric"
+            ).name
+        ]
     if analysis.forced:
-        figs["forced"] = [plot_forced_experts(analysis.forced, out / "forced_experts.png", reference=analysis.metric).name]
+        figs["forced"] = [
+            plot_forced_experts(analysis.forced, out / "forced_experts.png", reference=analysis.metric).name
+        ]
     return figs
 
 
@@ -115,9 +149,12 @@ def write_analysis_report(
         raise FileExistsError(f"output directory {str(out)!r} already exists (pass overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes the directory private; the renamed result is an ordinary directory
     try:
         figures = _plots(analysis, tmp)
-        write_json(tmp / "analysis.json", {"config": dict(config or {}), "environment": environment(), **analysis.as_dict()})
+        write_json(
+            tmp / "analysis.json", {"config": dict(config or {}), "environment": environment(), **analysis.as_dict()}
+        )
         atomic_write_text(tmp / "report.md", analysis_markdown(analysis, figures, title=title, description=description))
         if out.exists():
             shutil.rmtree(out)

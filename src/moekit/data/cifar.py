@@ -39,7 +39,15 @@ class CifarFiles:
 
 
 CIFAR = {
-    "cifar10": CifarFiles("cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",), 1, 10, 0, "batches.meta.txt"),
+    "cifar10": CifarFiles(
+        "cifar-10-batches-bin",
+        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        ("test_batch.bin",),
+        1,
+        10,
+        0,
+        "batches.meta.txt",
+    ),
     "cifar100": CifarFiles("cifar-100-binary", ("train.bin",), ("test.bin",), 2, 100, 20, "fine_label_names.txt"),
 }
 
@@ -91,7 +99,9 @@ def _directory(directory: Path, spec: CifarFiles) -> Path:
     )
 
 
-def load_cifar(directory: str | os.PathLike[str], dataset: str = "cifar10", split: str = "train") -> tuple[Tensor, Tensor, Tensor | None]:
+def load_cifar(
+    directory: str | os.PathLike[str], dataset: str = "cifar10", split: str = "train"
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """All files of ``split`` (``"train"``/``"test"``) concatenated: images, labels, coarse labels or None."""
     spec = CIFAR[check_choice("dataset", dataset, CIFAR)]
     root = _directory(Path(directory), spec)
@@ -113,7 +123,11 @@ def _class_names(root: Path, spec: CifarFiles) -> tuple[str, ...]:
 
 
 def load_cifar_split(
-    directory: str | os.PathLike[str], dataset: str = "cifar10", *, num_train: int | None = None, num_test: int | None = None
+    directory: str | os.PathLike[str],
+    dataset: str = "cifar10",
+    *,
+    num_train: int | None = None,
+    num_test: int | None = None,
 ) -> ImageSplit:
     """CIFAR as an ``ImageSplit`` (standardised per channel); CIFAR-100 adds ``meta["superclass"]``.
     ``num_train`` / ``num_test`` keep the first images of each split."""
@@ -124,4 +138,6 @@ def load_cifar_split(
     meta_tr = {"superclass": c_tr[:num_train]} if c_tr is not None else {}
     meta_te = {"superclass": c_te[:num_test]} if c_te is not None else {}
     names = _class_names(_directory(Path(directory), spec), spec)
-    return ImageSplit(xs_tr, y_tr[:num_train], xs_te, y_te[:num_test], spec.num_classes, dataset, meta_tr, meta_te, names)
+    return ImageSplit(
+        xs_tr, y_tr[:num_train], xs_te, y_te[:num_test], spec.num_classes, dataset, meta_tr, meta_te, names
+    )

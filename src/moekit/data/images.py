@@ -40,14 +40,28 @@ class ImageSplit:
     def image_size(self) -> int:
         return self.x_train.shape[-1]
 
-    def subset(self, num_train: int | None = None, num_test: int | None = None) -> "ImageSplit":
-        """The first ``num_train`` / ``num_test`` images (for quick runs)."""
-        tr, te = slice(None, num_train), slice(None, num_test)
+    def subset(self, num_train: int | None = None, num_test: int | None = None, *, seed: int = 0) -> ImageSplit:
+        """A random subset (reproducible by ``seed``) of ``num_train`` / ``num_test`` images, in their
+        original order (None keeps a whole part), for quick runs."""
+        gen = torch.Generator().manual_seed(seed)
+
+        def pick(n: int | None, total: int) -> Tensor:
+            if n is None or n >= total:
+                return torch.arange(total)
+            return torch.randperm(total, generator=gen)[: check_int("num_train/num_test", n, low=1)].sort().values
+
+        tr, te = pick(num_train, len(self.y_train)), pick(num_test, len(self.y_test))
         return ImageSplit(
-            self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te], self.num_classes, self.name,
-            {k: v[tr] for k, v in self.meta_train.items()}, {k: v[te] for k, v in self.meta_test.items()},
+            self.x_train[tr],
+            self.y_train[tr],
+            self.x_test[te],
+            self.y_test[te],
+            self.num_classes,
+            self.name,
+            {k: v[tr] for k, v in self.meta_train.items()},
+            {k: v[te] for k, v in self.meta_test.items()},
             self.class_names,
-        )  # fmt: skip
+        )
 
 
 def standardise_images(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,5 +95,6 @@ def load_digit_images(*, size: int = 32, channels: int = 3, test_fraction: float
     images = upscale_images(torch.tensor(data.images, dtype=torch.float32), size, channels)
     labels = torch.tensor(data.target, dtype=torch.long)
     x_tr, x_te = standardise_images(images[idx_tr], images[idx_te])
-    return ImageSplit(x_tr, labels[idx_tr], x_te, labels[idx_te], 10, f"digits{size}",
-                      class_names=tuple(str(d) for d in range(10)))
+    return ImageSplit(
+        x_tr, labels[idx_tr], x_te, labels[idx_te], 10, f"digits{size}", class_names=tuple(str(d) for d in range(10))
+    )

@@ -67,7 +67,7 @@ class CometConfig:
 
     datasets: tuple[str, ...] = ("synthetic", "multidigits")
     gates: tuple[str, ...] = GATES
-    trials: int = 32
+    trials: int = 24
     epochs: int = 6
     batch_size: int = 128
     expert_hidden: int = 32
@@ -78,9 +78,10 @@ class CometConfig:
     overlay_sizes: tuple[int, int, int] = (3000, 750, 750)
     idx_dir: str | None = None
     top_fraction: float = 0.05
+    sparse_threshold: float = 0.9
     hash_bits: int = 8
     lr_range: tuple[float, float] = (5e-4, 1e-2)
-    gamma_range: tuple[float, float] = (0.01, 10.0)
+    gamma_range: tuple[float, float] = (0.001, 1.0)
     entropy_range: tuple[float, float] = (1e-3, 3.0)
     local_search_range: tuple[float, float] = (0.02, 0.2)
     perm_entropy: float = 1e-4
@@ -174,12 +175,13 @@ def _loss(
 
 @torch.no_grad()
 def evaluate(model: MultiGateMoE, x: Tensor, ys: list[Tensor], keys: Tensor, k: int) -> dict[str, Any]:
-    """Per-task loss and metric, and per-gate routing: slots per expert, experts run per example,
-    fraction of examples routed to at most ``k`` experts."""
+    """Per-task loss and metric, and per-gate routing: slots (experts run) and gate weight per
+    expert, experts run per example, fraction of examples routed to at most ``k`` experts."""
     model.eval()
     T = len(model.tasks)
     loss_sum, metric_sum = [0.0] * T, [0.0] * T
     counts = torch.zeros(T, model.experts.num_experts)
+    weight = torch.zeros(T, model.experts.num_experts)
     run, hard = [0.0] * T, [0.0] * T
     for idx in _batches(x.shape[0], 1024):
         out = model(x[idx], meta={"hash_key": keys[idx]})
@@ -191,6 +193,7 @@ def evaluate(model: MultiGateMoE, x: Tensor, ys: list[Tensor], keys: Tensor, k: 
             d = moe.decision
             kept = d.kept_mask() & (d.effective_weights() != 0)
             counts[t] += torch.bincount(d.ids_TK[kept], minlength=d.num_experts).float()
+            weight[t] += d.gates_TE().float().sum(0)
             per_example = kept.sum(-1)
             run[t] += float(per_example.sum())
             hard[t] += float((per_example <= k).sum())
@@ -199,6 +202,7 @@ def evaluate(model: MultiGateMoE, x: Tensor, ys: list[Tensor], keys: Tensor, k: 
         "loss": [v / n for v in loss_sum],
         "metric": [v / n for v in metric_sum],
         "slots_per_expert": counts.tolist(),
+        "weight_per_expert": weight.tolist(),
         "experts_per_example": [v / n for v in run],
         "fraction_hard": [v / n for v in hard],
     }

@@ -9,13 +9,30 @@ from typing import Any, Sequence
 
 from ..reporting import atomic_write_text, markdown_table, save_figure
 
-__all__ = ["top_trials", "mean_se", "expected_best_curve", "trials_to_match", "summarise", "write_report"]
+__all__ = [
+    "is_sparse_trial",
+    "top_trials",
+    "mean_se",
+    "expected_best_curve",
+    "trials_to_match",
+    "summarise",
+    "write_report",
+]
 
 
-def top_trials(trials: Sequence[dict[str, Any]], fraction: float) -> list[dict[str, Any]]:
-    """The best ``max(2, ceil(fraction * N))`` trials by validation loss (at most N)."""
-    ranked = sorted((t for t in trials if t["test"] is not None), key=lambda t: t["val_loss"])
-    return ranked[: min(len(ranked), max(2, math.ceil(fraction * len(trials))))]
+def is_sparse_trial(trial: dict[str, Any], threshold: float) -> bool:
+    """Whether every task gate routed at least ``threshold`` of the test examples to <= k experts."""
+    return trial["test"] is not None and min(trial["test"]["fraction_hard"]) >= threshold
+
+
+def top_trials(
+    trials: Sequence[dict[str, Any]], fraction: float, *, sparse: float | None = None
+) -> list[dict[str, Any]]:
+    """The best ``max(2, ceil(fraction * N))`` of the N trials by validation loss; with ``sparse``,
+    only trials that are ``is_sparse_trial`` at that threshold compete (fewer if fewer qualify)."""
+    ok = [t for t in trials if t["test"] is not None and (sparse is None or is_sparse_trial(t, sparse))]
+    ranked = sorted(ok, key=lambda t: t["val_loss"])
+    return ranked[: max(2, math.ceil(fraction * len(trials)))]
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -52,21 +69,32 @@ def trials_to_match(curve: Sequence[float], target: float) -> int | None:
     return next((m for m, value in enumerate(curve, start=1) if value <= target), None)
 
 
-def summarise(dataset: dict[str, Any], fraction: float) -> dict[str, dict[str, Any]]:
-    """Per gate: best-fraction mean +- SE of each task's test metric and of their mean, the
-    expected-best curve, and the routing of the best trial."""
+def _metrics(top: list[dict[str, Any]], num_tasks: int) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    per_task = [mean_se([t["test"]["metric"][i] for t in top]) for i in range(num_tasks)]
+    return per_task, mean_se([sum(t["test"]["metric"]) / num_tasks for t in top])
+
+
+def summarise(dataset: dict[str, Any], fraction: float, sparse_threshold: float) -> dict[str, dict[str, Any]]:
+    """Per gate: best-fraction mean +- SE of each task's test metric and of their mean (over all
+    trials, and over the trials whose gates were k-sparse), the expected-best curve, and the routing
+    of the best trial."""
     out = {}
+    num_tasks = len(dataset["tasks"])
     for gate, trials in dataset["trials"].items():
         top = top_trials(trials, fraction)
-        per_task = [mean_se([t["test"]["metric"][i] for t in top]) for i in range(len(dataset["tasks"]))]
-        average = mean_se([sum(t["test"]["metric"]) / len(t["test"]["metric"]) for t in top])
-        best = top[0]["test"] if top else None
+        top_sparse = top_trials(trials, fraction, sparse=sparse_threshold)
+        per_task, average = _metrics(top, num_tasks)
+        sparse_per_task, sparse_average = _metrics(top_sparse, num_tasks)
         out[gate] = {
             "top_n": len(top),
             "per_task": per_task,
             "average": average,
+            "sparse_trials": sum(is_sparse_trial(t, sparse_threshold) for t in trials),
+            "sparse_top_n": len(top_sparse),
+            "sparse_per_task": sparse_per_task,
+            "sparse_average": sparse_average,
             "curve": expected_best_curve([t["val_loss"] for t in trials]),
-            "best": best,
+            "best": top[0]["test"] if top else None,
             "best_hparams": top[0]["hparams"] if top else None,
             "train_s": sum(t["train_s"] for t in trials),
         }
@@ -134,18 +162,37 @@ def _budget_table(summary: dict[str, dict[str, Any]], trials: int) -> str:
     return markdown_table(headers, rows, floatfmt=".4f")
 
 
+def _shares(values: Sequence[float]) -> list[float]:
+    total = sum(values) or 1.0
+    return [v / total for v in values]
+
+
 def _utilisation_table(summary: dict[str, dict[str, Any]], num_experts: int) -> str:
     rows = []
     for gate, s in summary.items():
         if s["best"] is None:
             continue
-        for t, counts in enumerate(s["best"]["slots_per_expert"]):
-            total = sum(counts) or 1.0
-            shares = [c / total for c in counts]
-            living = sum(c > 0 for c in counts)
-            rows.append([gate, t + 1, f"{living}/{num_experts}", max(shares), " ".join(f"{v:.2f}" for v in shares)])
-    return markdown_table(
-        ["gate", "task", "living experts", "max share", "share of test slots per expert"], rows, floatfmt=".2f"
+        for t, (slots, weight) in enumerate(zip(s["best"]["slots_per_expert"], s["best"]["weight_per_expert"])):
+            shares = _shares(weight)
+            ran = sum(c > 0 for c in slots)
+            rows.append([gate, t + 1, f"{ran}/{num_experts}", max(shares), " ".join(f"{v:.2f}" for v in shares)])
+    headers = ["gate", "task", "experts that ran", "max weight share", "share of test gate weight per expert"]
+    return markdown_table(headers, rows, floatfmt=".2f")
+
+
+def _sparse_table(dataset: dict[str, Any], summary: dict[str, dict[str, Any]], threshold: float) -> str:
+    scale, unit = (100.0, "accuracy %") if dataset["metric"] == "accuracy" else (1.0, "MSE")
+    headers = ["gate", "k-sparse trials", *[f"{t['name']} test {unit}" for t in dataset["tasks"]], f"mean {unit}"]
+    rows = []
+    for gate, s in summary.items():
+        n = s["sparse_trials"]
+        cells = [_fmt(ms, scale) for ms in s["sparse_per_task"]] if n else ["-"] * len(dataset["tasks"])
+        rows.append(
+            [gate, f"{n}/{len(dataset['trials'][gate])}", *cells, _fmt(s["sparse_average"], scale) if n else "-"]
+        )
+    return (
+        f"Only trials whose gates route at least {threshold:.0%} of the test examples to at most k experts "
+        "(a trained k-sparse gate), best 5% (at least 2) by validation loss:\n\n" + markdown_table(headers, rows)
     )
 
 
@@ -187,10 +234,9 @@ def _plot_utilisation(name: str, summary: dict[str, dict[str, Any]], path: Path)
 
     labels, rows = [], []
     for gate, s in summary.items():
-        for t, counts in enumerate(s["best"]["slots_per_expert"] if s["best"] else []):
-            total = sum(counts) or 1.0
+        for t, weight in enumerate(s["best"]["weight_per_expert"] if s["best"] else []):
             labels.append(f"{gate} / task {t + 1}")
-            rows.append([c / total for c in counts])
+            rows.append(_shares(weight))
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(rows[0]), 0.6 + 0.32 * len(rows)))
@@ -198,7 +244,7 @@ def _plot_utilisation(name: str, summary: dict[str, dict[str, Any]], path: Path)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(len(rows[0])))
     ax.set_xlabel("expert")
-    ax.set_title(f"{name}: share of test routing slots per expert (best trial)")
+    ax.set_title(f"{name}: share of test gate weight per expert (best trial)")
     fig.colorbar(image, ax=ax)
     save_figure(fig, path)
 
@@ -206,7 +252,8 @@ def _plot_utilisation(name: str, summary: dict[str, dict[str, Any]], path: Path)
 def write_report(results: dict[str, Any], out: Path) -> None:
     """``report.md``, ``budget.png`` and ``utilisation_<dataset>.png`` in ``out``."""
     cfg = results["config"]
-    summaries = {name: summarise(d, cfg["top_fraction"]) for name, d in results["datasets"].items()}
+    threshold = cfg["sparse_threshold"]
+    summaries = {name: summarise(d, cfg["top_fraction"], threshold) for name, d in results["datasets"].items()}
     _plot_curves(summaries, out / "budget.png")
     sections = []
     for name, d in results["datasets"].items():
@@ -218,7 +265,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             + f"\n{d['num_experts']} experts, k = {d['k']}; {d['features']} input features; train/val/test = "
             f"{'/'.join(map(str, d['sizes']))}. Test metric: mean of the best {top_n} of {cfg['trials']} trials by "
             "validation loss ± standard error. Experts run and hard-routed share are per task gate for the best "
-            "trial.\n\nTuning budget (expected best validation loss, exact over trial orderings):\n\n"
+            f"trial.\n\n{_sparse_table(d, s, threshold)}\n"
+            "Tuning budget (expected best validation loss, exact over trial orderings):\n\n"
             f"{_budget_table(s, cfg['trials'])}\n"
             f"Expert utilisation of each gate's best trial:\n\n{_utilisation_table(s, d['num_experts'])}\n"
             f"![utilisation {name}](utilisation_{name}.png)\n"
@@ -228,7 +276,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "Multi-gate MoE (one gate and tower per task, shared MLP experts). Each gate is tuned by random search "
         f"with {cfg['trials']} trials per data set ({cfg['epochs']} epochs each, Adam, early stopping on the "
         "validation loss at epoch ends). Learning rate log-uniform in "
-        f"{cfg['lr_range']}; DSelect-k/COMET also gamma in {cfg['gamma_range']} and entropy coefficient in "
+        f"{cfg['lr_range']}; DSelect-k/COMET also log-uniform gamma in {cfg['gamma_range']} and entropy coefficient in "
         f"{cfg['entropy_range']}; '+' gates learn the permutation for a fraction {cfg['local_search_range']} of "
         "training, then round it (Hungarian) and freeze it. Top-k has no noise and no balancing loss; hash routes "
         f"by a {cfg['hash_bits']}-bit random-projection hash of the input. Softmax is dense, so it has no '+' "

@@ -36,14 +36,23 @@ from ..analysis.metrics import analyze_layer, embed_logits
 from ..balancing import BALANCERS
 from ..checkpoint import save_checkpoint
 from ..data.cifar import load_cifar_split
+from ..data.domains import load_domain_digits
 from ..data.images import ImageSplit, load_digit_images
 from ..models.resnet_moe import ResNetMoE
 from ..registry import LOSSES
 from ..training import TrainConfig, train_classifier
 
-__all__ = ["ConstraintsConfig", "constraint_kind", "load_images", "build_model", "run_one", "run_constraints", "add_reproduce_parser"]
+__all__ = [
+    "ConstraintsConfig",
+    "constraint_kind",
+    "load_images",
+    "build_model",
+    "run_one",
+    "run_constraints",
+    "add_reproduce_parser",
+]
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "domain-digits", "cifar10", "cifar100")
 DEFAULT_CONSTRAINTS = ("importance", "kl_uniform", "relative", "mean", "aux_free")
 
 
@@ -53,7 +62,7 @@ class ConstraintsConfig:
 
     data: str = "digits"
     data_dir: str | None = None
-    image_size: int = 16
+    image_size: int = 12
     num_train: int | None = None
     num_test: int | None = None
     width: int = 8
@@ -68,14 +77,25 @@ class ConstraintsConfig:
     bias_rate: float = 1e-2
     residual: bool = True
     expert_ratio: float = 0.39
-    epochs: int = 8
-    batch_size: int = 64
+    epochs: int = 4
+    batch_size: int = 128
     lr: float = 3e-3
     tsne_points: int = 600
+    metadata: tuple[str, ...] = ("domain", "superclass")
 
     @classmethod
-    def quick(cls) -> "ConstraintsConfig":
-        return cls(image_size=8, num_train=192, num_test=96, width=4, positions=(4,), num_experts=(4,), seeds=(0,), epochs=1, tsne_points=40)
+    def quick(cls) -> ConstraintsConfig:
+        return cls(
+            image_size=8,
+            num_train=192,
+            num_test=96,
+            width=4,
+            positions=(4,),
+            num_experts=(4,),
+            seeds=(0,),
+            epochs=1,
+            tsne_points=40,
+        )
 
 
 def constraint_kind(name: str) -> str:
@@ -86,13 +106,16 @@ def constraint_kind(name: str) -> str:
         return "bias" if name == "aux_free" else "hard"
     if name in LOSSES:
         return "soft"
-    raise ValueError(f"unknown constraint {name!r}; use 'none', a balancer ({', '.join(BALANCERS)}) or a loss ({', '.join(LOSSES.names())})")
+    raise ValueError(
+        f"unknown constraint {name!r}; use 'none', a balancer ({', '.join(BALANCERS)}) "
+        f"or a loss ({', '.join(LOSSES.names())})"
+    )
 
 
 def _check(cfg: ConstraintsConfig) -> None:
     if cfg.data not in DATASETS:
         raise ValueError(f"data must be one of {list(DATASETS)}, got {cfg.data!r}")
-    if cfg.data != "digits" and not cfg.data_dir:
+    if cfg.data.startswith("cifar") and not cfg.data_dir:
         raise ValueError(f"data={cfg.data!r} needs data_dir (a directory with the CIFAR binary files)")
     for p in cfg.positions:
         if p not in (1, 2, 3, 4):
@@ -112,12 +135,16 @@ def _check(cfg: ConstraintsConfig) -> None:
 def load_images(cfg: ConstraintsConfig) -> ImageSplit:
     if cfg.data == "digits":
         data = load_digit_images(size=cfg.image_size)
+    elif cfg.data == "domain-digits":
+        data = load_domain_digits(size=cfg.image_size)
     else:
         data = load_cifar_split(cfg.data_dir, cfg.data)  # type: ignore[arg-type]
     return data.subset(cfg.num_train, cfg.num_test)
 
 
-def build_model(cfg: ConstraintsConfig, data: ImageSplit, constraint: str | None, position: int | None, num_experts: int) -> ResNetMoE:
+def build_model(
+    cfg: ConstraintsConfig, data: ImageSplit, constraint: str | None, position: int | None, num_experts: int
+) -> ResNetMoE:
     """The dense network (``constraint=None``) or the MoE network with one constraint."""
     common = {"in_channels": data.channels, "width": cfg.width}
     if constraint is None:
@@ -131,52 +158,86 @@ def build_model(cfg: ConstraintsConfig, data: ImageSplit, constraint: str | None
     elif constraint == "aux_free":
         kwargs = {"rate": cfg.bias_rate}
     return ResNetMoE(
-        data.num_classes, **common, moe_position=position, num_experts=num_experts, k=cfg.k, residual=cfg.residual, expert_ratio=cfg.expert_ratio,
-        noisy=kind in ("soft", "none"), balancer=balancer, balancer_kwargs=kwargs,
-    )  # fmt: skip
+        data.num_classes,
+        **common,
+        moe_position=position,
+        num_experts=num_experts,
+        k=cfg.k,
+        residual=cfg.residual,
+        expert_ratio=cfg.expert_ratio,
+        noisy=kind in ("soft", "none"),
+        balancer=balancer,
+        balancer_kwargs=kwargs,
+    )
 
 
 def _accuracy(x: Tensor, y: Tensor, batch_size: int = 256) -> Callable[[nn.Module], float]:
     @torch.no_grad()
     def evaluate(model: nn.Module) -> float:
         model.eval()
-        correct = sum(int((model(x[i : i + batch_size])[0].argmax(-1) == y[i : i + batch_size]).sum()) for i in range(0, len(y), batch_size))
+        correct = sum(
+            int((model(x[i : i + batch_size])[0].argmax(-1) == y[i : i + batch_size]).sum())
+            for i in range(0, len(y), batch_size)
+        )
         return correct / len(y)
 
     return evaluate
 
 
-def run_one(cfg: ConstraintsConfig, data: ImageSplit, *, constraint: str | None, position: int | None, num_experts: int, seed: int,
-            progress: bool = False, keep_routing: bool = False) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:  # fmt: skip
-    """Train and analyse one model; returns (metrics, model, per-token routing kept for plots)."""
+def run_one(
+    cfg: ConstraintsConfig,
+    data: ImageSplit,
+    *,
+    constraint: str | None,
+    position: int | None,
+    num_experts: int,
+    seed: int,
+    progress: bool = False,
+    keep_routing: bool = False,
+    tsne: bool = False,
+) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
+    """Train and analyse one model; returns (metrics, model, routing tables kept for plots when
+    ``keep_routing``, with a t-SNE of the gate logits when ``tsne``)."""
     torch.manual_seed(seed)
     model = build_model(cfg, data, constraint, position, num_experts)
     aux = {constraint: cfg.soft_weight} if constraint is not None and constraint_kind(constraint) == "soft" else {}
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, aux_weights=aux, seed=seed)
     start = time.perf_counter()
-    train_classifier(model, data.x_train, data.y_train, train_cfg, progress=progress, desc=constraint or "dense")
-    result: dict[str, Any] = {"constraint": constraint or "dense", "kind": constraint_kind(constraint) if constraint else "dense",
-                              "position": position, "num_experts": num_experts, "seed": seed, "train_seconds": time.perf_counter() - start}  # fmt: skip
+    train_classifier(model, (data.x_train, data.y_train), **train_cfg.kwargs(), progress=progress,
+                     desc=constraint or "dense")
+    result: dict[str, Any] = {
+        "constraint": constraint or "dense",
+        "kind": constraint_kind(constraint) if constraint else "dense",
+        "position": position,
+        "num_experts": num_experts,
+        "seed": seed,
+        "train_seconds": time.perf_counter() - start,
+    }
     evaluate = _accuracy(data.x_test, data.y_test)
     result["accuracy"] = evaluate(model)
     extra: dict[str, Any] = {}
     if constraint is None:
         return result, model, extra
     batches = [(data.x_test[i : i + 256], data.y_test[i : i + 256], i) for i in range(0, len(data.y_test), 256)]
-    meta = (lambda b: {k: v[b[2] : b[2] + len(b[1])] for k, v in data.meta_test.items()}) if data.meta_test else None
+    keys = [k for k in cfg.metadata if k in data.meta_test]  # categorical metadata for mutual information
+    meta = (lambda b: {k: data.meta_test[k][b[2] : b[2] + len(b[1])] for k in keys}) if keys else None
     record = collect_routing(model, batches, labels=lambda b: b[1], metadata=meta, max_tokens=len(data.y_test))
-    (layer_name, layer), = record.layers.items()
+    ((layer_name, layer),) = record.layers.items()
     analysis = analyze_layer(layer, num_labels=data.num_classes)
     result.update(
-        layer=layer_name, cv_importance=analysis.cv_importance, cv_counts=analysis.cv_counts, entropy=analysis.entropy,
-        living_experts=analysis.living_experts, mean_gate=analysis.mean_gate.tolist(),
+        layer=layer_name,
+        cv_importance=analysis.cv_importance,
+        cv_counts=analysis.cv_counts,
+        entropy=analysis.entropy,
+        living_experts=analysis.living_experts,
+        mean_gate=analysis.mean_gate.tolist(),
         nmi={k: v["nmi"] for k, v in analysis.mutual_info.items()},
         accuracy_vs_k={str(k): v for k, v in accuracy_vs_k(model, evaluate, range(1, num_experts + 1)).items()},
         forced_expert_accuracy=forced_expert_accuracy(model, evaluate, layer=layer_name),
-    )  # fmt: skip
+    )
     if keep_routing:
         extra = {"class_table": analysis.class_table, "coactivation": analysis.coactivation}
-        if cfg.tsne_points >= 5 and layer.logits_TE is not None:
+        if tsne and cfg.tsne_points >= 5 and layer.logits_TE is not None:
             extra["tsne"] = embed_logits(layer.logits_TE, max_points=cfg.tsne_points, seed=seed)
             extra["tsne_labels"] = layer.labels_T[: extra["tsne"].shape[0]] if layer.labels_T is not None else None
     return result, model, extra
@@ -188,7 +249,9 @@ def run_name(result: dict[str, Any]) -> str:
     return f"p{result['position']}-E{result['num_experts']}-{result['constraint']}-s{result['seed']}"
 
 
-def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path, *, quiet: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_constraints(
+    cfg: ConstraintsConfig, out_dir: str | Path, *, quiet: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the grid and write ``report.md``, ``results.json``, PNGs and the first seed's checkpoints
     (``checkpoints/<run>``, readable by ``moekit analyze``) into ``out_dir``. The directory is built
     aside and renamed into place; an existing ``out_dir`` is replaced only if it holds an earlier run."""
@@ -197,16 +260,30 @@ def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path, *, quiet: bool 
     _check(cfg)
     out = Path(out_dir)
     if out.exists() and not (out / "results.json").is_file():
-        raise FileExistsError(f"output directory {str(out)!r} exists and is not an earlier run (no results.json); choose another --out")
+        raise FileExistsError(
+            f"output directory {str(out)!r} exists and is not an earlier run (no results.json); choose another --out"
+        )
     data = load_images(cfg)
     grid: list[tuple[str | None, int | None, int]] = [(None, None, 0)]
     grid += [(c, p, E) for p in cfg.positions for E in cfg.num_experts for c in cfg.constraints]
     runs, extras, models = [], {}, {}
-    bar = tqdm(total=len(grid) * len(cfg.seeds), desc="constraints", disable=quiet or not sys.stderr.isatty(), leave=False)
+    bar = tqdm(
+        total=len(grid) * len(cfg.seeds), desc="constraints", disable=quiet or not sys.stderr.isatty(), leave=False
+    )
     for seed in cfg.seeds:
         for constraint, position, E in grid:
             keep = seed == cfg.seeds[0]
-            result, model, extra = run_one(cfg, data, constraint=constraint, position=position, num_experts=E, seed=seed, keep_routing=keep)
+            tsne = keep and position == cfg.positions[-1] and E == cfg.num_experts[0]  # the configs the report shows
+            result, model, extra = run_one(
+                cfg,
+                data,
+                constraint=constraint,
+                position=position,
+                num_experts=E,
+                seed=seed,
+                keep_routing=keep,
+                tsne=tsne,
+            )
             result["name"] = run_name(result)
             if keep:
                 models[result["name"]] = model
@@ -215,13 +292,24 @@ def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path, *, quiet: bool 
             runs.append(result)
             bar.update()
             if not quiet:
-                echo(f"{result['name']:<28} acc {result['accuracy']:.3f}  CV imp {result.get('cv_importance', float('nan')):.2f}  "
-                     f"living {result.get('living_experts', '-')}  {result['train_seconds']:.1f}s")  # fmt: skip
+                echo(
+                    f"{result['name']:<28} acc {result['accuracy']:.3f}  "
+                    f"CV imp {result.get('cv_importance', float('nan')):.2f}  "
+                    f"living {result.get('living_experts', '-')}  {result['train_seconds']:.1f}s"
+                )
     bar.close()
-    data_info = {"name": data.name, "channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
-                 "num_train": len(data.y_train), "num_test": len(data.y_test), "class_names": list(data.class_names)}  # fmt: skip
+    data_info = {
+        "name": data.name,
+        "channels": data.channels,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+        "num_train": len(data.y_train),
+        "num_test": len(data.y_test),
+        "class_names": list(data.class_names),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes the directory private; the renamed result is an ordinary directory
     try:
         for name, model in models.items():
             save_checkpoint(model, tmp / "checkpoints" / name)
@@ -239,26 +327,53 @@ def cfg_dict(cfg: ConstraintsConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
+def _ints(name: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def add_reproduce_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("constraints", help="soft vs hard balancing constraints for MoE layers in CNNs (Pavlitska et al.)")
+    d = ConstraintsConfig()
+    p = subparsers.add_parser(
+        "constraints", help="soft vs hard balancing constraints for MoE layers in CNNs (Pavlitska et al.)"
+    )
     p.add_argument("--out", default="moekit-runs/constraints", help="output directory (default: %(default)s)")
-    p.add_argument("--data", default="digits", choices=DATASETS)
-    p.add_argument("--data-dir", default=None, help="directory with the CIFAR binary files (for --data cifar10/cifar100)")
-    p.add_argument("--image-size", type=int, default=16, help="digits: upscaled image size")
-    p.add_argument("--width", type=int, default=8, help="ResNet-18 width (64 = the original)")
-    p.add_argument("--positions", default="1,4", help="comma-separated MoE positions (stages 1-4)")
-    p.add_argument("--experts", default="4,10", help="comma-separated numbers of experts")
-    p.add_argument("--constraints", default=",".join(DEFAULT_CONSTRAINTS), help="comma-separated: losses, balancers or none")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--num-train", type=int, default=None)
-    p.add_argument("--num-test", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--data", default=d.data, choices=DATASETS)
+    p.add_argument(
+        "--data-dir", default=None, help="directory with the CIFAR binary files (for --data cifar10/cifar100)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=d.image_size, help="digits: upscaled image size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--width", type=int, default=d.width, help="ResNet-18 width, 64 = the original (default: %(default)s)"
+    )
+    p.add_argument(
+        "--positions",
+        default=_join(d.positions),
+        help="comma-separated MoE positions, stages 1-4 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--experts", default=_join(d.num_experts), help="comma-separated numbers of experts (default: %(default)s)"
+    )
+    p.add_argument(
+        "--constraints",
+        default=_join(d.constraints),
+        help="comma-separated: losses, balancers or none (default: %(default)s)",
+    )
+    p.add_argument("--seeds", default=_join(d.seeds), help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--num-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (ignores the other options)")
     p.set_defaults(func=_run)
+
+
+def _join(values: tuple[Any, ...]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -266,10 +381,19 @@ def _run(args: argparse.Namespace) -> int:
         cfg = ConstraintsConfig.quick()
     else:
         cfg = ConstraintsConfig(
-            data=args.data, data_dir=args.data_dir, image_size=args.image_size, width=args.width, positions=_ints(args.positions),
-            num_experts=_ints(args.experts), constraints=tuple(c.strip() for c in args.constraints.split(",") if c.strip()),
-            seeds=_ints(args.seeds), epochs=args.epochs, num_train=args.num_train, num_test=args.num_test,
-        )  # fmt: skip
+            data=args.data,
+            data_dir=args.data_dir,
+            image_size=args.image_size,
+            width=args.width,
+            positions=_ints("--positions", args.positions),
+            num_experts=_ints("--experts", args.experts),
+            constraints=tuple(c.strip() for c in args.constraints.split(",") if c.strip()),
+            seeds=_ints("--seeds", args.seeds),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            num_train=args.num_train,
+            num_test=args.num_test,
+        )
     run_constraints(cfg, args.out)
     print(f"report written to {args.out}/report.md")
     return 0

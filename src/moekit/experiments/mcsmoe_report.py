@@ -55,7 +55,7 @@ def _figure(results: dict[str, Any]) -> Any:
         ax.invert_yaxis()
         ax.set_xlabel("validation bits per byte (lower is better)")
         ax.set_title(f"{target} experts per layer (average)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[-1]
     for r in rows:
         marker = "o" if r["recovery"] else "x"

@@ -28,7 +28,8 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for method in dict.fromkeys(r["method"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["method"] == method]
         domains = len(runs[0]["per_domain"])
-        mi = [sum(r["domain_expert_mi_bits"].values()) / len(r["domain_expert_mi_bits"]) for r in runs if r["domain_expert_mi_bits"]]
+        mi = [sum(r["domain_expert_mi_bits"].values()) / len(r["domain_expert_mi_bits"])
+              for r in runs if r["domain_expert_mi_bits"]]  # fmt: skip
         out[method] = {
             "seeds": len(runs),
             "accuracy": _mean_std([r["accuracy"] for r in runs]),
@@ -53,11 +54,12 @@ def _table(results: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     rows = []
     for method, s in summary.items():
         mi = "—" if s["mi_bits"][0] != s["mi_bits"][0] else f"{s['mi_bits'][0]:.2f}"
+        times = [f"{s['train_s'][0]:.1f}", f"{s['infer_ms_per_1k'][0]:.0f}"]
         rows.append([f"`{method}`", _pct(s["accuracy"]), *[_pct(d) for d in s["per_domain"]], s["adapter_params"],
-                     s["trainable_params"], f"{s['train_s'][0]:.1f}", f"{s['infer_ms_per_1k'][0]:.0f}", mi])  # fmt: skip
+                     s["trainable_params"], *times, mi])  # fmt: skip
     zs = results["zero_shot"]
-    rows.append(["backbone only (zero-shot)", f"{100 * zs['accuracy']:.1f}", *[f"{100 * a:.1f}" for a in zs["per_domain"]],
-                 0, 0, "—", "—", "—"])  # fmt: skip
+    per_domain = [f"{100 * a:.1f}" for a in zs["per_domain"]]
+    rows.append(["backbone only (zero-shot)", f"{100 * zs['accuracy']:.1f}", *per_domain, 0, 0, "—", "—", "—"])
     return markdown_table(headers, rows)
 
 
@@ -73,6 +75,9 @@ def _comparison(summary: dict[str, dict[str, Any]]) -> list[str]:
         m, sd = s["accuracy"]
         diff = 100 * (s_mean - m)
         spread = 100 * (s_std + sd)
+        if min(summary["smear"]["seeds"], s["seeds"]) < 2:
+            lines.append(f"- vs `{method}`: {diff:+.1f} points (one seed: no spread to compare with)")
+            continue
         verdict = "within the seeds' spread" if abs(diff) <= spread else ("SMEAR better" if diff > 0 else "SMEAR worse")
         lines.append(f"- vs `{method}`: {diff:+.1f} points ({verdict}; sum of stds {spread:.1f})")
     return lines
@@ -87,7 +92,7 @@ def _heatmaps(results: dict[str, Any], method: str, path: Path) -> bool:
     sites = list(run["routing"])
     cols = min(4, len(sites))
     rows = math.ceil(len(sites) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     domains = results["data"]["domains"]
     for ax, site in zip(axes.flat, sites):
         im = ax.imshow(run["routing"][site], vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -113,7 +118,7 @@ def _methods_heatmap(results: dict[str, Any], path: Path) -> bool:
             runs[r["method"]] = r
     if not runs:
         return False
-    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 3.2), squeeze=False, layout="constrained")
     domains = results["data"]["domains"]
     for ax, (method, r) in zip(axes[0], runs.items()):
         site = list(r["routing"])[-1]
@@ -121,7 +126,8 @@ def _methods_heatmap(results: dict[str, Any], path: Path) -> bool:
         ax.set_title(f"{method}\nMI {r['domain_expert_mi_bits'][site]:.2f} b", fontsize=8)
         ax.set_yticks(range(len(domains)), domains if ax is axes[0][0] else [""] * len(domains), fontsize=7)
         ax.set_xlabel("expert", fontsize=7)
-    fig.suptitle(f"routing per domain at the last site ({list(next(iter(runs.values()))['routing'])[-1]})")
+    first = next(iter(runs.values()))
+    fig.suptitle(f"routing per domain at the last site ({list(first['routing'])[-1]}), seed {first['seed']}")
     save_figure(fig, path)
     return True
 
@@ -129,7 +135,7 @@ def _methods_heatmap(results: dict[str, Any], path: Path) -> bool:
 def _accuracy_chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(summary), 3.2))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(summary), 3.2), layout="constrained")
     names = list(summary)
     ax.bar(range(len(names)), [100 * summary[n]["accuracy"][0] for n in names],
            yerr=[100 * summary[n]["accuracy"][1] for n in names], color="tab:blue", capsize=3)  # fmt: skip
@@ -156,7 +162,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "",
         f"Paper: {results['paper']}. A ResNet-18 (width {cfg['width']}) pretrained on the *clean* domain only "
         f"({cfg['pretrain_epochs']} epochs, {results['pretrain_s']:.0f}s), frozen; routed adapters after each of its "
-        f"{len(results['runs'][0]['sites'])} BasicBlocks ({cfg['num_experts'] or len(data['domains'])} experts of bottleneck "
+        f"{len(results['runs'][0]['sites'])} BasicBlocks ({cfg['num_experts'] or len(data['domains'])} experts, bottleneck "
         f"{cfg['bottleneck']}, routed per image) and a new head trained for {cfg['epochs']} epochs on "
         f"{data['train']} training images of {len(data['domains'])} domains; {data['test']} test images "
         f"({'x'.join(str(v) for v in data['image'])}). Seeds: {seeds}. Mean ± std over seeds.",
@@ -165,7 +171,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "Methods: " + "; ".join(f"`{m}`: {ROUTED_METHODS[m]}" for m in summary) + ".",
         "",
         f"Domain-expert MI: mutual information between an image's domain and its top expert, mean over sites "
-        f"(bits; at most log2({len(data['domains'])}) = {math.log2(len(data['domains'])):.2f}). Tag routing has the maximum by construction.",
+        f"(bits; at most log2({len(data['domains'])}) = {math.log2(len(data['domains'])):.2f}). "
+        "Tag routing has the maximum by construction.",
         "",
         "## SMEAR against each method (accuracy)",
         "",

@@ -6,6 +6,7 @@ per-expert loop that every fast path is tested against (outputs and gradients).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +69,8 @@ class _WeightedScatter(torch.autograd.Function):
         g_N = grad_T.index_select(0, token_N)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            N = y_N.shape[0]
-            grad_w = torch.bmm(g_N.reshape(N, 1, -1), y_N.reshape(N, -1, 1)).reshape(N).to(w_N.dtype)
+            N, width = y_N.shape[0], math.prod(y_N.shape[1:])
+            grad_w = torch.bmm(g_N.reshape(N, 1, width), y_N.reshape(N, width, 1)).reshape(N).to(w_N.dtype)
         grad_y = g_N.mul_(_rows(w_N, g_N)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None, None
 

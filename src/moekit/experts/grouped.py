@@ -57,8 +57,13 @@ class _GroupedMM(torch.autograd.Function):
 def _loop(x_NI: Tensor, w_GOI: Tensor, sizes: list[int]) -> Tensor:
     pieces = [chunk @ w_GOI[g].t() for g, chunk in enumerate(torch.split(x_NI, sizes)) if sizes[g] > 0]
     if not pieces:
-        return x_NI.new_zeros(x_NI.shape[0], w_GOI.shape[1])
+        return _no_rows(x_NI, w_GOI)
     return torch.cat(pieces)
+
+
+def _no_rows(x_NI: Tensor, w_GOI: Tensor) -> Tensor:
+    """``[0, O]`` output that stays in the autograd graph (zero grads) when no row is routed."""
+    return x_NI @ w_GOI[0].t() if w_GOI.shape[0] else x_NI.new_zeros(0, w_GOI.shape[1])
 
 
 def grouped_linear(
@@ -79,10 +84,18 @@ def grouped_linear(
     use_fast = grouped_mm_available(x_NI, w_GOI) if fast is None else fast
     G, N = w_GOI.shape[0], x_NI.shape[0]
     if fast is None and 0 < G and 0 < N and N % G == 0 and bool((sizes_G == N // G).all()):
-        # groups of equal size (SMEAR's examples, dense ensembles): one batched matmul
-        x_GSI, w_GIO = x_NI.reshape(G, N // G, -1), w_GOI.transpose(1, 2)
+        # groups of equal size (SMEAR's examples, dense ensembles): one batched matmul, in the operand
+        # order whose backward copies less: W @ x^T keeps the weight gradient contiguous (pays off when a
+        # group has more weights than activations, e.g. SMEAR's merged FFN weights per example).
+        S, O, I = N // G, w_GOI.shape[1], w_GOI.shape[2]
+        x_GSI = x_NI.reshape(G, S, I)
+        if S * (I + O) < O * I:
+            xT = x_GSI.transpose(1, 2)
+            y = torch.bmm(w_GOI, xT) if bias_GO is None else torch.baddbmm(bias_GO.unsqueeze(2), w_GOI, xT)
+            return y.transpose(1, 2).reshape(N, O)
+        w_GIO = w_GOI.transpose(1, 2)
         y = torch.bmm(x_GSI, w_GIO) if bias_GO is None else torch.baddbmm(bias_GO.unsqueeze(1), x_GSI, w_GIO)
-        return y.reshape(N, -1)
+        return y.reshape(N, O)
     if use_fast and x_NI.shape[0] > 0:
         offs = torch.cumsum(sizes_G, 0).to(torch.int32)
         y = _GroupedMM.apply(x_NI.contiguous(), w_GOI, offs)
@@ -99,4 +112,4 @@ def grouped_linear_reference(x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_
     rows = [
         F.linear(x_NI[i], w_GOI[g], None if bias_GO is None else bias_GO[g]) for i, g in enumerate(group_of_row.tolist())
     ]
-    return torch.stack(rows) if rows else x_NI.new_zeros(0, w_GOI.shape[1])
+    return torch.stack(rows) if rows else _no_rows(x_NI, w_GOI)

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from torch import Tensor, nn
 
@@ -38,13 +37,12 @@ from ..reporting import atomic_write_bytes, atomic_write_text
 from ..types import MoEOutput
 from .baselines import ROUTED_METHODS, build_routed_block
 from .segments import FIRST_SEGMENT
+from .sites import ADAPTERS_ATTR, Sites, infer_dim, is_causal_site, match_sites
 
 __all__ = ["AdapterConfig", "insert_routed_adapters", "adapter_context", "adapter_sites", "remove_adapters",
            "save_adapters", "load_adapters"]  # fmt: skip
 
-ADAPTERS_ATTR = "moekit_adapters"
 WEIGHTS_FILE, CONFIG_FILE = "adapters.safetensors", "adapters.json"
-Sites = str | type | tuple[type, ...] | Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -90,71 +88,6 @@ def _key(site: str) -> str:
     return site.replace(".", "__")
 
 
-def _int_attr(obj: Any, attrs: Sequence[str]) -> int | None:
-    for attr in attrs:
-        value = getattr(obj, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _infer_dim(model: nn.Module, module: nn.Module) -> int | None:
-    """The site's output width: its own size attribute, else the model config's hidden size, else the
-    width of its last submodule that has one (e.g. the final BatchNorm of a ResNet block)."""
-    width = _int_attr(module, ("out_features", "out_channels", "hidden_size", "d_model", "n_embd", "embed_dim"))
-    if width is None:
-        width = _int_attr(getattr(model, "config", None), ("hidden_size", "d_model", "n_embd"))
-    for sub in reversed(list(module.modules())[1:]) if width is None else ():
-        width = _int_attr(sub, ("out_features", "out_channels", "num_features"))
-        if width is not None:
-            break
-    return width
-
-
-def _causal_flags(module: nn.Module) -> list[bool]:
-    """``is_causal`` of every attention-like module inside ``module`` (moekit's ``CausalSelfAttention``
-    and Hugging Face attention modules say it by class name or by an ``is_causal`` attribute)."""
-    flags = []
-    for m in module.modules():
-        flag = getattr(m, "is_causal", None)
-        if isinstance(flag, bool):
-            flags.append(flag)
-        elif "causal" in type(m).__name__.lower() and "attention" in type(m).__name__.lower():
-            flags.append(True)
-    return flags
-
-
-def _is_causal_site(model: nn.Module, name: str) -> bool:
-    """A site is causal when the smallest enclosing module that holds attention holds causal attention."""
-    modules = dict(model.named_modules())
-    parts = name.split(".")
-    for i in range(len(parts), -1, -1):
-        flags = _causal_flags(modules[".".join(parts[:i])])
-        if flags:
-            return any(flags)
-    return False
-
-
-def _match_sites(model: nn.Module, sites: Sites) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n and not n.startswith(ADAPTERS_ATTR)]
-    if isinstance(sites, str):
-        pattern = re.compile(sites)
-        found = [n for n in names if pattern.search(n)]
-    elif isinstance(sites, type) or (isinstance(sites, tuple) and sites and all(isinstance(t, type) for t in sites)):
-        modules = dict(model.named_modules())
-        found = [n for n in names if isinstance(modules[n], sites)]
-    elif isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites):
-        missing = [s for s in sites if s not in names]
-        if missing:
-            raise ValueError(f"sites {missing[:5]} are not modules of {type(model).__name__}")
-        found = list(sites)
-    else:
-        raise TypeError(f"sites must be a regex, a module type (or tuple of types) or a list of names, got {sites!r}")
-    if not found:
-        raise ValueError(f"sites={sites!r} matches no module of {type(model).__name__}")
-    return found
-
-
 def insert_routed_adapters(
     model: nn.Module,
     sites: Sites,
@@ -183,6 +116,8 @@ def insert_routed_adapters(
         causal: route per causal segment of ``segment_len`` positions (``first_segment`` as in
             ``moekit.layers.segments``); ``None`` decides per site from the model's attention modules.
         freeze_backbone: set ``requires_grad=False`` on every parameter that is not an adapter's.
+        bank, bank_kwargs, router_kwargs: the expert bank by name and extra arguments of bank and router
+            (adapter banks default to ``up_init_scale=0.01``: the model starts close to the backbone).
     Nothing is changed if any step fails (unknown method, no matching site, unknown width, ...).
     """
     check_choice("method", method, ROUTED_METHODS)
@@ -190,15 +125,15 @@ def insert_routed_adapters(
     check_choice("first_segment", first_segment, FIRST_SEGMENT)
     if causal is not None and not isinstance(causal, bool):
         raise TypeError(f"causal must be True, False or None, got {causal!r}")
-    names = _match_sites(model, sites)
+    names = match_sites(model, sites)
     modules = dict(model.named_modules())
     dims = []
     for name in names:
-        d = dim if dim is not None else _infer_dim(model, modules[name])
+        d = dim if dim is not None else infer_dim(model, modules[name])
         if d is None:
             raise ValueError(f"cannot infer the output width of site {name!r}; pass dim=")
         dims.append(check_int("dim", d, low=1))
-    flags = [causal if causal is not None else _is_causal_site(model, n) for n in names]
+    flags = [causal if causal is not None else is_causal_site(model, n) for n in names]
     bank_kw = dict(bank_kwargs or {})
     if bank == "adapter":  # start close to the backbone's function (the official code: N(0, 0.01^2) weights)
         bank_kw.setdefault("up_init_scale", 1e-2)
@@ -226,8 +161,9 @@ def _install(model: nn.Module, config: AdapterConfig) -> None:
     if hasattr(model, ADAPTERS_ATTR):
         raise ValueError(f"{type(model).__name__} already has routed adapters; insert into a fresh backbone")
     if not (len(config.sites) == len(config.dims) == len(config.causal)):
-        raise ValueError(f"adapter config lists {len(config.sites)} sites, {len(config.dims)} dims, {len(config.causal)} causal flags")
-    _match_sites(model, config.sites)
+        counts = (len(config.sites), len(config.dims), len(config.causal))
+        raise ValueError(f"adapter config lists {counts[0]} sites, {counts[1]} dims and {counts[2]} causal flags")
+    match_sites(model, config.sites)
     ref = next(iter(model.parameters()), None)
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     blocks = {name: _build(config, i, kw) for i, name in enumerate(config.sites)}
@@ -291,7 +227,8 @@ def _apply(block: nn.Module, h: Tensor, mask: Any, meta: Mapping[str, Any] | Non
         out = block(h.flatten(2).transpose(1, 2), meta=meta)
         return MoEOutput(out.y.transpose(1, 2).reshape(B, C, H, W), out.aux, out.decision)
     if h.dim() not in (2, 3):
-        raise ValueError(f"adapter site {site!r} produced shape {tuple(h.shape)}; expected [B, D], [B, S, D] or [B, C, H, W]")
+        shape = tuple(h.shape)
+        raise ValueError(f"adapter site {site!r} produced shape {shape}; expected [B, D], [B, S, D] or [B, C, H, W]")
     use_mask = isinstance(mask, Tensor) and h.dim() == 3 and tuple(mask.shape) == tuple(h.shape[:2])
     return block(h, mask=mask if use_mask else None, meta=meta)
 
@@ -303,7 +240,8 @@ def _first_tensor(output: Any, site: str) -> Tensor:
         return output[0]
     if hasattr(output, "to_tuple") and output.to_tuple() and isinstance(output.to_tuple()[0], Tensor):
         return output.to_tuple()[0]
-    raise TypeError(f"adapter site {site!r} returned {type(output).__name__}; expected a tensor, a tuple or a model output")
+    kind = type(output).__name__
+    raise TypeError(f"adapter site {site!r} returned {kind}; expected a tensor, a tuple or a model output")
 
 
 def _replace_first_tensor(output: Any, new: Tensor) -> Any:

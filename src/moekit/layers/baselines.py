@@ -41,8 +41,14 @@ ROUTED_METHODS: dict[str, str] = {
 }
 
 #: sparse methods: the registered router each one needs, and whether it is learned (gets a LayerNorm'd input)
-_SPARSE = {"tag": ("tag", False), "hash": ("hash", False), "top1": ("topk", True),
-           "st_gumbel": ("st_gumbel", True), "reinforce": ("reinforce", True), "dselect": ("dselect", True)}  # fmt: skip
+_SPARSE = {
+    "tag": ("tag", False),
+    "hash": ("hash", False),
+    "top1": ("topk", True),
+    "st_gumbel": ("st_gumbel", True),
+    "reinforce": ("reinforce", True),
+    "dselect": ("dselect", True),
+}
 _WIDTH_ARG = {"adapter": "bottleneck", "mlp": "hidden", "glu": "hidden"}
 
 

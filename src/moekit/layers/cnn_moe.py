@@ -56,7 +56,9 @@ class ConvGAPGate(nn.Module):
     def __init__(self, channels: int, gate_channels: int = 256, *, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         self.out_dim = check_int("gate_channels", gate_channels, low=1)
-        self.conv = nn.Conv2d(check_int("channels", channels, low=1), gate_channels, 3, padding=1, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(
+            check_int("channels", channels, low=1), gate_channels, 3, padding=1, device=device, dtype=dtype
+        )
 
     def forward(self, x_NCHW: Tensor) -> Tensor:
         return F.relu(self.conv(x_NCHW)).mean(dim=(2, 3))
@@ -126,9 +128,14 @@ class ResStageExperts(ExpertBank):
         # feature map in a training step normalises it with its running statistics instead
         batch_stats = self.training and y.shape[0] * y.shape[2] * y.shape[3] > 1
         return F.batch_norm(
-            y, getattr(self, f"{name}_bn_mean")[e], getattr(self, f"{name}_bn_var")[e],
-            params[f"{name}_bn_weight"][e], params[f"{name}_bn_bias"][e],
-            training=batch_stats, momentum=_BN_MOMENTUM, eps=_BN_EPS,
+            y,
+            getattr(self, f"{name}_bn_mean")[e],
+            getattr(self, f"{name}_bn_var")[e],
+            params[f"{name}_bn_weight"][e],
+            params[f"{name}_bn_bias"][e],
+            training=batch_stats,
+            momentum=_BN_MOMENTUM,
+            eps=_BN_EPS,
         )
 
     def _run(self, x: Tensor, params: Mapping[str, Tensor], e: int) -> Tensor:
@@ -145,9 +152,12 @@ class ResStageExperts(ExpertBank):
         expert's BatchNorm statistics belong to it)."""
         if sizes_G.shape[0] != self.num_experts:
             raise ValueError(
-                f"ResStageExperts runs groups = its {self.num_experts} experts (per-expert BatchNorm), got {sizes_G.shape[0]} groups"
+                f"ResStageExperts runs groups = its {self.num_experts} experts (per-expert BatchNorm), "
+                f"got {sizes_G.shape[0]} groups"
             )
-        outs = [self._run(chunk, params, e) for e, chunk in enumerate(torch.split(x_N, sizes_G.tolist())) if chunk.shape[0]]
+        outs = [
+            self._run(chunk, params, e) for e, chunk in enumerate(torch.split(x_N, sizes_G.tolist())) if chunk.shape[0]
+        ]
         if outs:
             return torch.cat(outs)
         h, w = ((n - 1) // self.stride + 1 for n in x_N.shape[-2:])
@@ -228,7 +238,9 @@ def _make_gate(gate: str, channels: int, gate_channels: int, kw: dict[str, Any])
     return GAPGate(channels)
 
 
-def _make_router(dim: int, num_experts: int, k: int, noisy: bool, balancer: Balancer | None, kw: dict[str, Any]) -> TopKRouter:
+def _make_router(
+    dim: int, num_experts: int, k: int, noisy: bool, balancer: Balancer | None, kw: dict[str, Any]
+) -> TopKRouter:
     check_int("num_experts", num_experts, low=1)
     return TopKRouter(dim, num_experts, check_k(k, num_experts), noisy=noisy, balancer=balancer, **kw)
 

@@ -89,7 +89,9 @@ class ExampleRoutedMoE(nn.Module):
         if segment_len is not None:
             check_int("segment_len", segment_len, low=1)
             if not experts.token_input:
-                raise ValueError(f"segment_len needs a token expert bank (adapter, mlp, glu), got {type(experts).__name__}")
+                raise ValueError(
+                    f"segment_len needs a token expert bank (adapter, mlp, glu), got {type(experts).__name__}"
+                )
         self.router = router
         self.experts = experts
         self.combine = check_choice("combine", combine, self.combines)
@@ -148,8 +150,9 @@ class ExampleRoutedMoE(nn.Module):
         return x, lambda y: y.reshape(x.shape[0], x.shape[1], -1)
 
     def extra_repr(self) -> str:
-        seg = "" if self.segment_len is None else f", segment_len={self.segment_len}, first_segment={self.first_segment!r}"
-        return f"combine={self.combine!r}{seg}"
+        if self.segment_len is None:
+            return f"combine={self.combine!r}"
+        return f"combine={self.combine!r}, segment_len={self.segment_len}, first_segment={self.first_segment!r}"
 
 
 def _group_meta(meta: Mapping[str, Any] | None, batch: int, groups: RoutingGroups) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping
 
 import torch
@@ -78,6 +79,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
         x_T = self.experts.as_tokens(x)
+        _check_input(x_T, self.experts)
         lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
         decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))
         if self.combine == "sparse":
@@ -90,11 +92,23 @@ class MoE(nn.Module):
         return f"combine={self.combine!r}"
 
 
+def _first_tensor(module: nn.Module) -> Tensor | None:
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
+
+
 def _check_same_placement(router: nn.Module, experts: nn.Module) -> None:
-    router_params = [p for p in router.parameters()]
-    expert_params = [p for p in experts.parameters()]
-    if router_params and expert_params and router_params[0].device != expert_params[0].device:
-        raise ValueError(
-            f"router is on {router_params[0].device} but experts are on {expert_params[0].device}; "
-            "move the layer with .to(device)"
-        )
+    """Router and experts on one device (their dtypes may differ: router maths runs in fp32)."""
+    r, e = _first_tensor(router), _first_tensor(experts)
+    if r is not None and e is not None and r.device != e.device:
+        raise ValueError(f"router is on {r.device} but experts are on {e.device}; move the layer with .to(device)")
+
+
+def _check_input(x_T: Tensor, experts: ExpertBank) -> None:
+    """The input must be on the experts' device and, outside autocast, in their dtype."""
+    ref = _first_tensor(experts)
+    if ref is None:
+        return
+    if x_T.device != ref.device:
+        raise ValueError(f"input is on {x_T.device} but experts are on {ref.device}; move one of them")
+    if x_T.dtype != ref.dtype and not torch.is_autocast_enabled(x_T.device.type):
+        raise TypeError(f"input has dtype {x_T.dtype} but experts have dtype {ref.dtype}; cast one of them")

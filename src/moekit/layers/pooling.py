@@ -40,7 +40,9 @@ def check_mask(mask_BS: Tensor | None, x_BSD: Tensor) -> Tensor | None:
     if not isinstance(mask_BS, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask_BS).__name__}")
     if tuple(mask_BS.shape) != tuple(x_BSD.shape[:2]):
-        raise ValueError(f"mask must have shape {tuple(x_BSD.shape[:2])} (batch, positions), got {tuple(mask_BS.shape)}")
+        raise ValueError(
+            f"mask must have shape {tuple(x_BSD.shape[:2])} (batch, positions), got {tuple(mask_BS.shape)}"
+        )
     m = (mask_BS != 0).to(x_BSD.dtype)
     empty = m.sum(1) == 0
     if bool(empty.any()):

@@ -119,7 +119,9 @@ class SMEAR(ExampleRoutedMoE):
             router = SMEARRouter(experts.dim, experts.num_experts, expert_dropout=expert_dropout,
                                  init_std=router_init_std, device=device, dtype=dtype)  # fmt: skip
         elif isinstance(router, Router) and router.is_sparse:
-            raise ValueError(f"SMEAR merges with the router's full distribution; got sparse router {type(router).__name__}")
+            raise ValueError(
+                f"SMEAR merges with the router's full distribution; got sparse router {type(router).__name__}"
+            )
         super().__init__(router, experts, combine="merge", segment_len=segment_len, first_segment=first_segment,
                          device=device, dtype=dtype)  # fmt: skip
         self.merge_chunk_bytes = check_int("merge_chunk_bytes", merge_chunk_bytes, low=1)

@@ -14,15 +14,23 @@ Building blocks (pure functions on ``ExpertLayerWeights``, family-agnostic):
   - plain form: ``result.weights.router_weight [G, D]`` is the router folded to one row per group
     (least-squares fit of the group's log-sum-exp logit, see ``moekit.merging.merge``), giving a
     standard MoE with G experts that needs no index map.
+
+* ``merge_moekit_model(model, calib_batches, experts=..., method=..., form=...)`` -- the whole
+  pipeline on a moekit model (calibrate, allocate, merge, rebuild layers); input never modified.
+* ``recover`` (KD fine-tune, routers frozen), ``compress_experts`` + ``StructuredPruner`` (low rank +
+  structured sparse residual), ``count_parameters`` / ``lm_flops_per_token`` (cost).
 """
 
 from .align import align_experts, weight_matching_permutation
 from .dominant import allocate_experts, dominant_experts
 from .grouping import GROUPINGS, group_by_expert_output, group_by_router_logits, group_randomly
+from .compress import LowRankSparseExperts, StructuredPruner, compress_experts, cubic_ratio
+from .cost import count_parameters, expert_flops_per_token, lm_flops_per_token
 from .calibration import LayerCalibration, calibrate, moe_layers
 from .layer import MERGES, MergeRecipe, list_merge_methods, merge_layer
 from .merge import FOLDS, fold_router, merge_groups
 from .model import FORMS, build_merged_layer, merge_moekit_model, read_moe_layer
+from .recovery import recover
 from .weights import EXPERT_KINDS, ExpertLayerWeights, LayerMergeResult
 
 __all__ = [
@@ -51,4 +59,12 @@ __all__ = [
     "read_moe_layer",
     "build_merged_layer",
     "FORMS",
+    "recover",
+    "compress_experts",
+    "LowRankSparseExperts",
+    "StructuredPruner",
+    "cubic_ratio",
+    "count_parameters",
+    "expert_flops_per_token",
+    "lm_flops_per_token",
 ]

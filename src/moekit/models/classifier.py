@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..layers.moe import MoE
 from ..registry import EXPERTS, MODELS, ROUTERS
+from ..routers.base import name_routers
 from ..types import MoEOutput
 
 __all__ = ["MoEClassifier"]
@@ -52,6 +53,7 @@ class MoEClassifier(nn.Module):
             for _ in range(depth)
         )
         self.head = nn.Linear(dim, check_int("num_classes", num_classes, low=2), **kw)
+        name_routers(self)  # errors name the block, e.g. "blocks.0.router (TopKRouter)"
 
     def forward(self, x: Tensor, meta: Mapping[str, Any] | None = None) -> tuple[Tensor, list[MoEOutput]]:
         h = torch.nn.functional.gelu(self.embed(x))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_k
-from ..balancing import create_balancer
+from ..balancing import BALANCERS, create_balancer
 from ..layers.cnn_moe import GATES, ConvMoE, ResBlockMoE
 from ..registry import MODELS
 from ..types import MoEOutput
@@ -39,7 +39,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch, **kw)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, **kw), nn.BatchNorm2d(out_ch, **kw))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, **kw), nn.BatchNorm2d(out_ch, **kw)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
@@ -49,7 +51,15 @@ class BasicBlock(nn.Module):
 class ConvMoEBlock(nn.Module):
     """A BasicBlock whose two convs are ``ConvMoE`` layers (each with its own per-image gate)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, moe_kwargs: Mapping[str, Any], make_balancer: Any, kw: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        moe_kwargs: Mapping[str, Any],
+        make_balancer: Any,
+        kw: dict[str, Any],
+    ) -> None:
         super().__init__()
         self.conv1 = ConvMoE(in_ch, out_ch, stride=stride, balancer=make_balancer(), **moe_kwargs, **kw)
         self.bn1 = nn.BatchNorm2d(out_ch, **kw)
@@ -57,7 +67,9 @@ class ConvMoEBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch, **kw)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, **kw), nn.BatchNorm2d(out_ch, **kw))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False, **kw), nn.BatchNorm2d(out_ch, **kw)
+            )
 
     def forward(self, x: Tensor, meta: Mapping[str, Any] | None = None) -> tuple[Tensor, list[MoEOutput]]:
         first = self.conv1(x, meta=meta)
@@ -107,20 +119,32 @@ class ResNetMoE(nn.Module):
     ) -> None:
         super().__init__()
         if moe_position is not None and moe_position not in POSITIONS:
-            raise ValueError(f"moe_position must be one of {list(POSITIONS)} (or None for the dense ResNet-18), got {moe_position!r}")
+            raise ValueError(
+                f"moe_position must be one of {list(POSITIONS)} (or None for the dense ResNet-18), got {moe_position!r}"
+            )
         if not 0 < expert_ratio <= 4:
             raise ValueError(f"expert_ratio must be in (0, 4], got {expert_ratio}")
         self._config = {
-            "num_classes": check_int("num_classes", num_classes, low=2), "in_channels": check_int("in_channels", in_channels, low=1),
-            "width": check_int("width", width, low=1), "moe_position": moe_position,
-            "moe_type": check_choice("moe_type", moe_type, MOE_TYPES), "num_experts": check_int("num_experts", num_experts, low=1),
-            "k": check_k(k, num_experts), "expert_ratio": float(expert_ratio), "residual": bool(residual),
-            "gate": check_choice("gate", gate, GATES), "gate_channels": gate_channels, "noisy": bool(noisy),
-            "balancer": balancer, "balancer_kwargs": dict(balancer_kwargs or {}),
-        }  # fmt: skip
+            "num_classes": check_int("num_classes", num_classes, low=2),
+            "in_channels": check_int("in_channels", in_channels, low=1),
+            "width": check_int("width", width, low=1),
+            "moe_position": moe_position,
+            "moe_type": check_choice("moe_type", moe_type, MOE_TYPES),
+            "num_experts": check_int("num_experts", num_experts, low=1),
+            "k": check_k(k, num_experts),
+            "expert_ratio": float(expert_ratio),
+            "residual": bool(residual),
+            "gate": check_choice("gate", gate, GATES),
+            "gate_channels": gate_channels,
+            "noisy": bool(noisy),
+            "balancer": None if balancer is None else check_choice("balancer", balancer, BALANCERS),
+            "balancer_kwargs": dict(balancer_kwargs or {}),
+        }
         kw = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(width, **kw), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(width, **kw), nn.ReLU()
+        )
         stages, in_ch = [], width
         for position in POSITIONS:
             out_ch, stride = width * 2 ** (position - 1), 1 if position == 1 else 2
@@ -140,11 +164,31 @@ class ResNetMoE(nn.Module):
             return create_balancer(c["balancer"], c["num_experts"], k=c["k"], **c["balancer_kwargs"])
 
         gate_channels = c["gate_channels"] or out_ch
-        moe_kwargs = {"num_experts": c["num_experts"], "k": c["k"], "gate": c["gate"], "gate_channels": gate_channels, "noisy": c["noisy"]}
+        moe_kwargs = {
+            "num_experts": c["num_experts"],
+            "k": c["k"],
+            "gate": c["gate"],
+            "gate_channels": gate_channels,
+            "noisy": c["noisy"],
+        }
         if c["moe_type"] == "conv":
-            return nn.ModuleList([ConvMoEBlock(in_ch, out_ch, stride, moe_kwargs, make_balancer, kw), ConvMoEBlock(out_ch, out_ch, 1, moe_kwargs, make_balancer, kw)])
+            return nn.ModuleList(
+                [
+                    ConvMoEBlock(in_ch, out_ch, stride, moe_kwargs, make_balancer, kw),
+                    ConvMoEBlock(out_ch, out_ch, 1, moe_kwargs, make_balancer, kw),
+                ]
+            )
         hidden = max(1, round(c["expert_ratio"] * out_ch))
-        return ResBlockMoE(in_ch, out_ch, hidden_channels=hidden, stride=stride, residual=c["residual"], balancer=make_balancer(), **moe_kwargs, **kw)
+        return ResBlockMoE(
+            in_ch,
+            out_ch,
+            hidden_channels=hidden,
+            stride=stride,
+            residual=c["residual"],
+            balancer=make_balancer(),
+            **moe_kwargs,
+            **kw,
+        )
 
     def config(self) -> dict[str, Any]:
         """The constructor's keyword arguments (JSON-serialisable; used by checkpoints)."""

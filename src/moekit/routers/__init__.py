@@ -1,6 +1,6 @@
 """Routers, registered by name (``moekit.list_routers()``)."""
 
-from .base import LinearScorer, Router
+from .base import LinearScorer, Router, name_routers
 from .capacity import apply_capacity, expert_capacity
 from .comet import COMETRouter
 from .dselect import DSelectKRouter
@@ -17,6 +17,7 @@ from .topk import SwitchRouter, TopKRouter
 __all__ = [
     "Router",
     "LinearScorer",
+    "name_routers",
     "apply_capacity",
     "expert_capacity",
     "SoftmaxRouter",

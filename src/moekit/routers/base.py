@@ -14,7 +14,7 @@ from .._checks import check_finite, check_int, check_last_dim
 from ..balancing import Balancer
 from ..types import RoutingDecision
 
-__all__ = ["Router", "LinearScorer", "Meta"]
+__all__ = ["Router", "LinearScorer", "Meta", "name_routers"]
 
 Meta = Mapping[str, Any]
 
@@ -53,7 +53,7 @@ class Router(nn.Module):
             )
         self.balancer = balancer
         self.check_finite = check_finite
-        self.layer_name = type(self).__name__
+        self.layer_name = type(self).__name__  # name_routers(model) sets the module path
 
     def route(self, x_TD: Tensor, meta: Meta | None) -> RoutingDecision:
         raise NotImplementedError
@@ -75,6 +75,15 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
+
+
+def name_routers(model: nn.Module) -> nn.Module:
+    """Give every moekit router inside ``model`` its module path (e.g. ``blocks.0.router``) as
+    ``layer_name``, so that errors such as non-finite logits say which layer failed. Returns ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, Router):
+            module.layer_name = f"{name} ({type(module).__name__})" if name else type(module).__name__
+    return model
 
 
 class LinearScorer(nn.Module):

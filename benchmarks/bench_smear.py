@@ -1,0 +1,240 @@
+"""Forward+backward time and memory of a SMEAR layer against one expert of the same size and the
+output ensemble (every expert run, outputs mixed), as the SMEAR issue asks:
+
+* adapters: D=768, bottleneck 24, E=8;  FFN experts: D=512, F=1024, E=8;  16 examples x 128 positions.
+* goal: SMEAR within 1.3x of one expert, and at least 4x faster than the ensemble.
+
+Times are measured in one process with the implementations interleaved rep by rep (the machine's
+load changes hit all of them alike); memory is measured in a fresh subprocess per (case,
+implementation) so its peak resident memory can be read (``ru_maxrss`` at the end minus after setup;
+on CUDA ``max_memory_allocated``). Peak is above the memory after setup (inputs and parameters):
+activations, merged parameters, gradients and temporaries of one forward+backward. "saved MB" is the size
+of the tensors autograd keeps for backward (unique storages, via ``saved_tensors_hooks``): a
+deterministic memory measure that allocator noise does not blur. ``smear_chunked`` is SMEAR with a
+merge budget of a quarter of the batch's merged parameters (``merge_chunk_bytes``: examples merged in
+chunks under activation checkpointing). A sweep over positions per example (FFN case) locates the two
+crossovers: where SMEAR's merge overhead (about E/S of one expert) falls under 1.3x, and where the
+merged parameters per example (P values) stop exceeding the activations saved for backward.
+
+    python benchmarks/bench_smear.py            # the issue's shapes, writes benchmarks/results/bench_smear.{json,md}
+    python benchmarks/bench_smear.py --quick    # tiny shapes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.reporting import atomic_write_text, write_json
+
+CASES = {
+    "adapter": dict(bank="adapter", D=768, W=24, E=8, B=16, S=128),
+    "ffn": dict(bank="mlp", D=512, W=1024, E=8, B=16, S=128),
+    "ffn_short": dict(bank="mlp", D=512, W=1024, E=8, B=64, S=16),  # many short examples: merged copies dominate
+}
+QUICK = {"adapter": dict(bank="adapter", D=64, W=8, E=8, B=4, S=16), "ffn": dict(bank="mlp", D=32, W=64, E=8, B=4, S=16),
+         "ffn_short": dict(bank="mlp", D=32, W=64, E=8, B=16, S=2)}
+IMPLS = ["one_expert", "smear", "smear_chunked", "ensemble"]
+SWEEP_S = [1, 4, 16, 32, 64, 128, 512]
+
+
+def _build(impl: str, case: dict, device: str):
+    import moekit
+    from moekit.layers.smear import merged_bytes_per_group
+
+    width = {"adapter": "bottleneck", "mlp": "hidden"}[case["bank"]]
+    E = 1 if impl == "one_expert" else case["E"]
+    bank = moekit.create_experts(case["bank"], num_experts=E, dim=case["D"], **{width: case["W"]}, device=device)
+    if impl == "one_expert":
+        return moekit.SingleExpert(bank)
+    if impl == "ensemble":
+        return moekit.OutputEnsemble(bank, expert_dropout=0.0, device=device)
+    budget = 2**40 if impl == "smear" else max(1, case["B"] * merged_bytes_per_group(bank) // 4)
+    return moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=budget, device=device)
+
+
+def _saved_bytes(layer, x) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x).y
+    y.square().mean().backward()
+    return sum(seen.values())
+
+
+def _step(layer, x) -> None:
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).y.square().mean().backward()
+
+
+def memory(case: dict, impl: str, device: str) -> dict:
+    """Saved-for-backward MB and peak memory MB of one forward+backward (run in a fresh process)."""
+    torch.manual_seed(0)
+    layer = _build(impl, case, device)
+    x = torch.randn(case["B"], case["S"], case["D"], device=device, requires_grad=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    _step(layer, x)
+    saved = _saved_bytes(layer, x)
+    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else _peak_rss() - base
+    return {"impl": impl, "saved_mb": saved / 2**20, "peak_mb": peak / 2**20}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Reset the resident-set high-water mark (Linux ``clear_refs``) and return the current RSS in bytes;
+    where that is unavailable, the process's peak so far (``ru_maxrss``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return 1024 * _status_kb("VmRSS")
+    except OSError:
+        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss() -> int:
+    try:
+        return 1024 * _status_kb("VmHWM")
+    except OSError:
+        return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def timings(case: dict, impls: list[str], device: str, reps: int) -> dict[str, dict]:
+    """Forward+backward ms per implementation, measured interleaved (every rep runs each implementation
+    once, so load changes on a shared machine hit all alike); ``x_one`` is the median per-rep ratio to
+    ``one_expert``."""
+    torch.manual_seed(0)
+    layers = {impl: _build(impl, case, device) for impl in impls}
+    x = torch.randn(case["B"], case["S"], case["D"], device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for rep in range(reps + 1):
+        for impl, layer in layers.items():
+            sync()
+            t0 = time.perf_counter()
+            _step(layer, x)
+            sync()
+            if rep:  # rep 0 is warm-up
+                times[impl].append(1000 * (time.perf_counter() - t0))
+    out = {}
+    for impl, ts in times.items():
+        ratios = [t / o for t, o in zip(ts, times["one_expert"])]
+        out[impl] = {"ms": statistics.median(ts), "x_one": statistics.median(ratios)}
+    return out
+
+
+def _child(args: argparse.Namespace) -> None:
+    print(json.dumps(memory(json.loads(args.child), args.impl, args.device)))
+
+
+def _run_child(case: dict, impl: str, device: str, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(case), "--impl", impl, "--device", device, "--threads", str(threads)]
+    # a fixed mmap threshold makes glibc return large freed blocks at once, so the RSS high-water mark
+    # follows the live tensors instead of the allocator's cached heap
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        return {"impl": impl, "error": done.stderr.strip().splitlines()[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _analytic(case: dict) -> dict:
+    """Parameters per expert P, merged MB per example, activations saved per position, crossovers."""
+    D, W, E = case["D"], case["W"], case["E"]
+    P = 2 * D * W + W + D
+    act_per_pos = D + 2 * W  # input, hidden before and after the activation (fp32 values saved for backward)
+    return {"params_per_expert": P, "merged_mb_per_example": 4 * P / 2**20, "saved_values_per_position": act_per_pos,
+            "memory_crossover_S": P / act_per_pos, "compute_crossover_S_1.3x": E / 0.3}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return _child(args)
+    cases = QUICK if args.quick else CASES
+    results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, "torch": torch.__version__, "cases": {}}
+    for name, case in cases.items():
+        speed = timings(case, IMPLS, args.device, args.reps)
+        rows = [{**_run_child(case, impl, args.device, args.threads), **speed[impl]} for impl in IMPLS]
+        results["cases"][name] = {"shape": case, "rows": rows, "analytic": _analytic(case)}
+        print(name, json.dumps(rows))
+    ffn = cases["ffn"]
+    sweep = []
+    for S in SWEEP_S if not args.quick else [1, 16]:
+        shape = {**ffn, "S": S}
+        speed = timings(shape, ["one_expert", "smear"], args.device, args.reps)
+        one, smear = (memory(shape, impl, args.device) for impl in ("one_expert", "smear"))
+        sweep.append({"S": S, "one_ms": speed["one_expert"]["ms"], "smear_ms": speed["smear"]["ms"], "ratio": speed["smear"]["x_one"],
+                      "one_saved_mb": one["saved_mb"], "smear_saved_mb": smear["saved_mb"]})  # fmt: skip
+        print("sweep", json.dumps(sweep[-1]))
+    results["sweep_ffn"] = sweep
+    stem = "bench_smear_quick" if args.quick else "bench_smear"
+    out = Path(args.out)
+    write_json(out / f"{stem}.json", results)
+    atomic_write_text(out / f"{stem}.md", _markdown(results))
+    print((out / f"{stem}.md").read_text())
+
+
+def _markdown(results: dict) -> str:
+    lines = [f"forward+backward, fp32, {results['device']}, {results['threads']} thread(s); ms = median of {results['reps']} "
+             "interleaved reps; x one expert = median of the per-rep ratios", ""]
+    for name, case in results["cases"].items():
+        s = case["shape"]
+        rows = {r["impl"]: r for r in case["rows"] if "error" not in r}
+        smear, ens = (rows.get(k, {}).get("x_one") for k in ("smear", "ensemble"))
+        lines += [f"**{name}: D={s['D']}, width={s['W']}, E={s['E']}, {s['B']} examples x {s['S']} positions**", "",
+                  "| implementation | ms | x one expert | saved for backward MB | peak MB |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in case["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['impl']} | error: {r['error']} | | | |")
+                continue
+            lines.append(f"| {r['impl']} | {r['ms']:.1f} | {r['x_one']:.2f} | {r['saved_mb']:.1f} | {r['peak_mb']:.0f} |")
+        if smear and ens:
+            lines += ["", f"SMEAR / one expert = {smear:.2f} (goal <= 1.3: {'met' if smear <= 1.3 else 'not met'}); "
+                      f"ensemble / SMEAR = {ens / smear:.2f} (goal >= 4: {'met' if ens / smear >= 4 else 'not met'})."]  # fmt: skip
+        a = case["analytic"]
+        lines += [f"Analytic: P = {a['params_per_expert']:,} parameters per expert, {a['merged_mb_per_example']:.2f} MB merged "
+                  f"per example; merged parameters exceed the activations saved for backward below S ~ {a['memory_crossover_S']:.0f} "
+                  f"positions; the merge overhead E/S falls under 0.3 above S ~ {a['compute_crossover_S_1.3x']:.0f}.", ""]  # fmt: skip
+    lines += ["**FFN sweep over positions per example (same B, D, F, E)**", "",
+              "| S | one expert ms | SMEAR ms | SMEAR / one | one saved MB | SMEAR saved MB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["sweep_ffn"]:
+        lines.append(f"| {r['S']} | {r['one_ms']:.1f} | {r['smear_ms']:.1f} | {r['ratio']:.2f} | {r['one_saved_mb']:.1f} | {r['smear_saved_mb']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
