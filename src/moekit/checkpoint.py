@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .registry import MODELS
+from .reporting import atomic_directory
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -62,26 +61,11 @@ def save_checkpoint(
     """
     directory = Path(directory)
     name, config = _model_spec(model, name, config)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
     text = json.dumps({"format": FORMAT, "version": VERSION, "model": name, "config": config}, indent=2)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(directory, overwrite=overwrite) as stage:
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
     return directory
 
 

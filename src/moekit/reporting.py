@@ -6,15 +6,20 @@ import json
 import os
 import platform
 import sys
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
+    "atomic_directory",
+    "staging_dir",
+    "publish_dir",
     "write_json",
     "environment",
     "markdown_table",
@@ -31,11 +36,63 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(target: str | os.PathLike[str]) -> Path:
+    """A new empty directory beside ``target`` (same filesystem, so it can be renamed onto it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    stage.chmod(0o777 & ~_umask())  # mkdtemp makes the directory private; the result is an ordinary directory
+    return stage
+
+
+def publish_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Move the finished directory ``staged`` to ``target`` with renames only.
+
+    An existing ``target`` is replaced only when ``overwrite``; it is renamed aside first and removed last.
+    """
+    staged, target = Path(staged), Path(target)
+    if not target.exists():
+        os.replace(staged, target)
+        return target
+    if not overwrite:
+        raise FileExistsError(f"output directory {str(target)!r} already exists (pass overwrite=True to replace it)")
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    os.replace(target, old / "previous")
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a staging place and rename it to ``target`` only if the block succeeds.
+
+    Raises ``FileExistsError`` up front when ``target`` exists and not ``overwrite``. On any error the
+    staging directory is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(target)!r} already exists (pass overwrite=True to replace it)")
+    stage = staging_dir(target)
+    try:
+        yield stage
+        publish_dir(stage, target, overwrite=overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

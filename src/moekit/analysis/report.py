@@ -7,12 +7,10 @@ place, so a failure never leaves a half-written report.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..reporting import atomic_write_text, environment, markdown_table, write_json
+from ..reporting import atomic_directory, atomic_write_text, environment, markdown_table, write_json
 from .model import ModelAnalysis
 from .plots import (
     plot_accuracy_vs_k,
@@ -145,21 +143,10 @@ def write_analysis_report(
 ) -> Path:
     """Write ``report.md``, ``analysis.json`` and PNGs into ``out_dir`` (must not exist unless ``overwrite``)."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes the directory private; the renamed result is an ordinary directory
-    try:
-        figures = _plots(analysis, tmp)
+    with atomic_directory(out, overwrite=overwrite) as stage:
+        figures = _plots(analysis, stage)
         write_json(
-            tmp / "analysis.json", {"config": dict(config or {}), "environment": environment(), **analysis.as_dict()}
+            stage / "analysis.json", {"config": dict(config or {}), "environment": environment(), **analysis.as_dict()}
         )
-        atomic_write_text(tmp / "report.md", analysis_markdown(analysis, figures, title=title, description=description))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(stage / "report.md", analysis_markdown(analysis, figures, title=title, description=description))
     return out

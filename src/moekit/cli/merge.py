@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 from ..merging.grouping import GROUPINGS
 from ..merging.model import BUDGETS, FORMS
 from ..registry import MERGE_METHODS
+from ..reporting import atomic_directory
 from . import _calib
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -138,7 +137,7 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
             "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
-    return merged, lambda path: save_checkpoint(merged, path), info
+    return merged, lambda path: save_checkpoint(merged, path, overwrite=True), info
 
 
 def _load_hf(src: Path) -> nn.Module:
@@ -190,8 +189,6 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..integrations.hf.io import publish_dir
-
     src, out = Path(args.input), Path(args.out)
     if args.experts < 1:
         raise ValueError(f"--experts must be >= 1, got {args.experts}")
@@ -200,22 +197,17 @@ def _run(args: argparse.Namespace) -> int:
     meta = _read_config(src)
     start = time.perf_counter()
     merged, save, info = (_merge_moekit if meta.get("format") == "moekit" else _merge_hf)(args, src, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        save(stage / "model")
+    with atomic_directory(out, overwrite=args.overwrite) as stage:
+        save(stage)
         report = {
             "input": str(src), "output": str(out), **_merge_kwargs(args),
             "calibration": {"sources": list(args.calib), "samples": args.calib_samples, **info["calibration"]},
             "model": info["model"], "kind": info["kind"], "layers": info["layers"],
             "params_before": info["params_before"], "params_after": _params(merged),
-            "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(stage / "model"),
+            "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(stage),
             "seconds": round(time.perf_counter() - start, 3),
         }  # fmt: skip
-        (stage / "model" / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        publish_dir(stage / "model", out, overwrite=args.overwrite)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        (stage / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if not args.quiet:
         _summary(report)
     return 0

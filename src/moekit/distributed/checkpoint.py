@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import CONFIG_NAME
 from ..layers.moe import MoE
 from ..registry import MODELS
+from ..reporting import publish_dir, staging_dir
 from .comm import guarded
 from .groups import ExpertParallelGroups
 from .layer import ExpertParallelMoE, expert_parallel
@@ -127,8 +127,7 @@ def save_distributed_checkpoint(
         raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
     tmp = ""
     if rank0:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
+        tmp = str(staging_dir(directory))
     tmp_dir = Path(_broadcast_text(tmp, groups))
     ep_rank, ep_size = (0, 1) if groups is None else (groups.ep_rank, groups.ep_size)
     dense, experts = _split_state(model)
@@ -153,14 +152,7 @@ def save_distributed_checkpoint(
                 "dense": DENSE_NAME, "experts": index}
         try:
             (tmp_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp_dir, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp_dir, directory)
+            publish_dir(tmp_dir, directory, overwrite=overwrite)
         except (OSError, TypeError, ValueError) as err:
             error, ok = err, False
     ok = _all_ok(ok, groups)

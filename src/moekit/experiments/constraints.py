@@ -17,10 +17,7 @@ expert choice and label (and metadata), accuracy at inference k = 1..E and with 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from ..data.domains import load_domain_digits
 from ..data.images import ImageSplit, load_digit_images
 from ..models.resnet_moe import ResNetMoE
 from ..registry import LOSSES
+from ..reporting import atomic_directory
 from ..training import TrainConfig, train_classifier
 
 __all__ = [
@@ -307,19 +305,10 @@ def run_constraints(
         "num_test": len(data.y_test),
         "class_names": list(data.class_names),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes the directory private; the renamed result is an ordinary directory
-    try:
+    with atomic_directory(out, overwrite=True) as stage:
         for name, model in models.items():
-            save_checkpoint(model, tmp / "checkpoints" / name)
-        write_constraints_report(tmp, cfg_dict(cfg), data_info, runs, extras)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_checkpoint(model, stage / "checkpoints" / name)
+        write_constraints_report(stage, cfg_dict(cfg), data_info, runs, extras)
     return {"runs": runs, "data": data_info}
 
 

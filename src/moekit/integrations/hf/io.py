@@ -17,32 +17,17 @@ temporary sibling directory and renames it into place, so a failure never leaves
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...reporting import atomic_directory
 from .base import family_for
 from .merge import MERGE_CONFIG_KEY
 
-__all__ = ["save_hf_model", "load_hf_model", "publish_dir", "exact_layout_class"]
-
-
-def publish_dir(staged: Path, directory: Path, *, overwrite: bool) -> Path:
-    """Move the finished directory ``staged`` to ``directory`` (same filesystem) with renames only."""
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True)")
-        old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-        os.replace(directory, old / "previous")
-        os.replace(staged, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, directory)
-    return directory
+__all__ = ["save_hf_model", "load_hf_model", "exact_layout_class"]
 
 
 def save_hf_model(
@@ -53,17 +38,10 @@ def save_hf_model(
     ``directory`` must not exist unless ``overwrite``. Returns its path.
     """
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        model.save_pretrained(stage / "model")
+    with atomic_directory(directory, overwrite=overwrite) as stage:
+        model.save_pretrained(stage)
         if tokenizer is not None:
-            tokenizer.save_pretrained(stage / "model")
-        publish_dir(stage / "model", directory, overwrite=overwrite)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            tokenizer.save_pretrained(stage)
     return directory
 
 
