@@ -226,3 +226,25 @@ def test_load_errors(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
         save_adapters(model, tmp_path / "file")
+
+
+def test_sequential_backbone_runs_adapters_from_hooks_only(tmp_path) -> None:
+    def backbone() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    x = torch.randn(5, 6)
+    plain = backbone()
+    model = insert_routed_adapters(backbone(), nn.Linear, method="smear", num_experts=3, bottleneck=4,
+                                   bank_kwargs=BIG_INIT)  # fmt: skip
+    assert isinstance(model, nn.Sequential) and len(model) == 5 and len(list(model)) == 5
+    y = model(x)
+    assert y.shape == (5, 3) and not torch.allclose(y, plain(x))
+    y.sum().backward()
+    assert all(p.grad is None for p in plain.parameters())
+    save_adapters(model, tmp_path / "ad")
+    fresh = load_adapters(backbone(), tmp_path / "ad")
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    remove_adapters(model)
+    assert type(model) is nn.Sequential and len(model) == 5
+    torch.testing.assert_close(model(x), plain(x))

@@ -82,6 +82,29 @@ class _AdapterSet(nn.ModuleDict):
         self.config = config
         self.context = _Context()
         self.handles: list[Any] = []
+        self.host_class: type | None = None  # the model's class before insertion (restored on removal)
+
+
+def _sequential_view(cls: type[nn.Sequential]) -> type[nn.Sequential]:
+    """A subclass of ``cls`` whose iteration (and so its forward) skips the attached adapter set.
+
+    ``nn.Sequential`` runs every child in order, so the adapters (which only hold parameters and
+    run from hooks) must not count as one of its layers.
+    """
+    if cls not in _SEQUENTIAL_VIEWS:
+
+        def __iter__(self: nn.Sequential) -> Iterator[nn.Module]:
+            return (m for name, m in self._modules.items() if name != ADAPTERS_ATTR)
+
+        def __len__(self: nn.Sequential) -> int:
+            return len(self._modules) - (ADAPTERS_ATTR in self._modules)
+
+        attrs = {"__iter__": __iter__, "__len__": __len__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _SEQUENTIAL_VIEWS[cls] = type(cls.__name__, (cls,), attrs)
+    return _SEQUENTIAL_VIEWS[cls]
+
+
+_SEQUENTIAL_VIEWS: dict[type, type] = {}
 
 
 def _key(site: str) -> str:
@@ -170,6 +193,9 @@ def _install(model: nn.Module, config: AdapterConfig) -> None:
     adapters = _AdapterSet(config, blocks).train(model.training)
     modules = dict(model.named_modules())
     model.add_module(ADAPTERS_ATTR, adapters)
+    adapters.host_class = type(model)
+    if isinstance(model, nn.Sequential):
+        model.__class__ = _sequential_view(type(model))
     try:
         ctx = adapters.context
         adapters.handles.append(model.register_forward_pre_hook(_capture_masks(ctx), with_kwargs=True))
@@ -294,6 +320,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     for handle in adapters.handles:
         handle.remove()
     delattr(model, ADAPTERS_ATTR)
+    if adapters.host_class is not None:
+        model.__class__ = adapters.host_class
     return model
 
 
