@@ -148,7 +148,7 @@ def _break(kind: str, tmp_path: Path, calib: Path) -> tuple[list[object], str]:
     if kind == "corrupt_config":
         src = _hf_dir(tmp_path)
         (src / "config.json").write_text("{not json")
-        return [src, "--experts", 2, "--calib", calib], "corrupt config"
+        return [src, "--experts", 2, "--calib", calib], "corrupt input config"
     if kind == "corrupt_weights":
         src = _hf_dir(tmp_path)
         data = (src / "model.safetensors").read_bytes()

@@ -8,6 +8,7 @@ import torch
 import moekit
 from moekit.data.stdlib_corpus import eval_windows, load_stdlib_corpus, random_windows, stdlib_files, stdlib_root
 from moekit.layers.remap import RemappedMoE
+from moekit.merging import compress_experts, pack_compressed
 from moekit.merging.recovery import recover
 from moekit.models.lm import lm_loss
 from moekit.models.lm_train import distillation_loss, evaluate_bpb, train_lm
@@ -42,6 +43,29 @@ def test_config_rebuilds_the_model() -> None:
         _lm(experts_per_layer=[4, 4], router_outputs_per_layer=[2, 4])
     with pytest.raises(ValueError, match="experts_per_layer must be 2 ints"):
         _lm(experts_per_layer=[4])
+
+
+def test_config_describes_compressed_layers() -> None:
+    model = compress_experts(_lm(experts_per_layer=[2, 4], router_outputs_per_layer=[4, 4]), 4)
+    with torch.no_grad():
+        model.blocks[1].moe.experts.down_proj_mask[:, 3:] = 0
+    packed = pack_compressed(model)
+    cfg = packed.config()
+    assert cfg["compressed"][0] == {"rank": 4, "kept_rows": {"gate_up_proj": [64, 64], "down_proj": [16, 16]}}
+    assert cfg["compressed"][1]["kept_rows"]["down_proj"] == [3] * 4
+    assert model.config()["compressed"] == [{"rank": 4, "kept_rows": None}] * 2
+    for source in (model, packed):
+        rebuilt = MODELS.create("moe_lm", **source.config())
+        assert {n: t.shape for n, t in rebuilt.state_dict().items()} == {n: t.shape for n, t in source.state_dict().items()}
+        rebuilt.load_state_dict(source.state_dict())
+        assert type(rebuilt.blocks[0].moe) is type(source.blocks[0].moe)
+    assert "compressed" not in _lm().config()
+    with pytest.raises(ValueError, match=r"compressed must have one entry per layer \(2\), got 1"):
+        _lm(compressed=[None])
+    with pytest.raises(ValueError, match=r"compressed\[1\] must be None or"):
+        _lm(compressed=[None, {"rank": 4}])
+    with pytest.raises(ValueError, match=r"compressed\[0\]: rank must be"):
+        _lm(compressed=[{"rank": 0, "kept_rows": None}, None])
 
 
 def test_training_lowers_the_loss_and_bpb_is_cross_entropy_in_bits() -> None:

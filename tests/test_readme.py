@@ -19,3 +19,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands, "README has no test command"
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[0].strip().replace("pip install ", "pip install -q ") in ci
+
+
+def test_readme_lists_every_registered_router_bank_and_loss() -> None:
+    import moekit
+
+    for name in [*moekit.list_routers(), *moekit.list_experts(), *moekit.list_losses()]:
+        assert f"`{name}`" in README, f"README does not mention {name!r}"

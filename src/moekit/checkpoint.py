@@ -69,18 +69,24 @@ def save_checkpoint(
     return directory
 
 
-def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint (checked for format and model name)."""
+def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
+    """The parsed ``config.json`` of the directory ``directory`` (a ``what``), with errors that name the path."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+        raise FileNotFoundError(f"{what} directory {str(directory)!r} does not exist")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {CONFIG_NAME}")
+        raise FileNotFoundError(f"{what} {str(directory)!r} has no {CONFIG_NAME}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt checkpoint config {str(path)!r}: {err}") from None
+        raise ValueError(f"corrupt {what} config {str(path)!r}: {err}") from None
+
+
+def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint (checked for format and model name)."""
+    meta = read_config_json(directory)
+    path = Path(directory) / CONFIG_NAME
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise ValueError(f"{str(path)!r} is not a moekit checkpoint config (expected format {FORMAT!r})")
     MODELS.entry(meta.get("model"))

@@ -64,19 +64,13 @@ def register(subparsers: Any) -> None:
 
 
 def _read_config(src: Path) -> dict[str, Any]:
-    if not src.exists():
-        raise FileNotFoundError(f"input {str(src)!r} does not exist")
-    if not src.is_dir():
+    from ..checkpoint import read_config_json
+
+    if src.exists() and not src.is_dir():
         raise ValueError(f"input {str(src)!r} is not a directory (give a moekit checkpoint or Hugging Face model)")
-    path = src / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"input {str(src)!r} has no config.json: not a moekit checkpoint or Hugging Face model")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt config {str(path)!r}: {err}") from None
+    meta = read_config_json(src, what="input")
     if not isinstance(meta, dict) or (meta.get("format") != "moekit" and "model_type" not in meta):
-        raise ValueError(f"{str(path)!r} is neither a moekit checkpoint config nor a Hugging Face model config")
+        raise ValueError(f"{str(src / 'config.json')!r} is neither a moekit checkpoint config nor a Hugging Face model config")
     return meta
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import CONFIG_NAME
+from ..checkpoint import CONFIG_NAME, read_config_json
 from ..layers.moe import MoE
 from ..registry import MODELS
 from ..reporting import publish_dir, staging_dir
@@ -167,15 +167,8 @@ def save_distributed_checkpoint(
 
 def read_distributed_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``config.json`` of an expert-parallel checkpoint (checked for its format)."""
+    meta = read_config_json(directory)
     path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {CONFIG_NAME}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt checkpoint config {str(path)!r}: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("experts"), dict):
         raise ValueError(f"{str(path)!r} is not an expert-parallel moekit checkpoint (expected format {FORMAT!r})")
     return meta

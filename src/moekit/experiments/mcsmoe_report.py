@@ -82,9 +82,11 @@ standard library source ({corpus['train_bytes']} train / {corpus['val_bytes']} v
 Merging uses {cfg['calib_sequences']} calibration sequences and an average budget (global unless noted);
 recovery = {cfg['recovery_steps']} steps of LM loss + {cfg['alpha']} x KL (T={cfg['temperature']}) to the full
 model, routers frozen. MC-SMoE = the recovered M-SMoE model with rank-{cfg['rank']} factors plus a row-pruned
-residual kept at {cfg['final_ratio']:.0%}, fine-tuned {cfg['compress_steps']} steps with KD.
+residual kept at {cfg['final_ratio']:.0%}, fine-tuned {cfg['compress_steps']} steps with KD, then packed
+(`pack_compressed`: only the kept residual rows are stored).
 "experts/layer" shows the target average and each layer's count; Δ bpb is against the full model;
-FLOPs count k={cfg['k']} expert runs per token; checkpoint MB = `model.safetensors` of `save_checkpoint`.
+FLOPs count k={cfg['k']} expert runs per token; checkpoint MB = `model.safetensors` of `save_checkpoint`
+(MC-SMoE rows: the packed model; recovered rows have the size of their merge-only row).
 
 {results_table(results)}
 ![MC-SMoE results](mcsmoe.png)

@@ -14,11 +14,27 @@ from .._checks import check_int
 from ..registry import EXPERTS
 from .base import ExpertBank
 
-__all__ = ["ConvExperts"]
+__all__ = ["ImageExpertBank", "ConvExperts"]
+
+
+class ImageExpertBank(ExpertBank):
+    """A bank whose token is a whole image ``[C, H, W]``: inputs ``[N, C, H, W]`` route per image,
+    and the router sees the global average pool ``[N, C]``."""
+
+    def as_tokens(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.dim:
+            raise ValueError(f"input must be [N, C={self.dim}, H, W], got shape {tuple(x.shape)}")
+        return x
+
+    def restore(self, y_T: Tensor, x: Tensor) -> Tensor:
+        return y_T
+
+    def router_features(self, x_T: Tensor) -> Tensor:
+        return x_T.mean(dim=(2, 3))
 
 
 @EXPERTS.register("conv", paper="https://arxiv.org/abs/1701.06538")
-class ConvExperts(ExpertBank):
+class ConvExperts(ImageExpertBank):
     """E convolutions with ``weight [E, C_out, C_in, k, k]`` and ``bias [E, C_out]``.
 
     Grouped execution: when every group has the same number of images (SMEAR's one image per
@@ -78,17 +94,6 @@ class ConvExperts(ExpertBank):
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
         return self._conv(x_N, self.weight[e], None if self.bias is None else self.bias[e])
-
-    def as_tokens(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"input must be [N, C={self.dim}, H, W], got shape {tuple(x.shape)}")
-        return x
-
-    def restore(self, y_T: Tensor, x: Tensor) -> Tensor:
-        return y_T
-
-    def router_features(self, x_T: Tensor) -> Tensor:
-        return x_T.mean(dim=(2, 3))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int, check_k
 from ..balancing import Balancer
 from ..experts.base import ExpertBank
-from ..experts.conv import ConvExperts
+from ..experts.conv import ConvExperts, ImageExpertBank
 from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..routers.topk import TopKRouter
@@ -84,7 +84,7 @@ def stage_macs(in_channels: int, hidden_channels: int, out_channels: int, stride
     return sum(cin * cout * k * k * out_h * out_w for _, cin, cout, k, _ in specs)  # every conv outputs H/s x W/s
 
 
-class ResStageExperts(ExpertBank):
+class ResStageExperts(ImageExpertBank):
     """E narrow ResNet stages: ``BasicBlock(in -> hidden, stride) -> BasicBlock(hidden -> out)``; the
     second block's last conv projects back to the stage width (its 1x1 shortcut too), so every other
     conv stays ``hidden`` wide.
@@ -165,17 +165,6 @@ class ResStageExperts(ExpertBank):
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
         return self._run(x_N, self.stacked_parameters(), e)
-
-    def as_tokens(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"input must be [N, C={self.dim}, H, W], got shape {tuple(x.shape)}")
-        return x
-
-    def restore(self, y_T: Tensor, x: Tensor) -> Tensor:
-        return y_T
-
-    def router_features(self, x_T: Tensor) -> Tensor:
-        return x_T.mean(dim=(2, 3))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hidden_channels={self.hidden_channels}, stride={self.stride}"

@@ -18,13 +18,15 @@ Building blocks (pure functions on ``ExpertLayerWeights``, family-agnostic):
 * ``merge_moekit_model(model, calib_batches, experts=..., method=..., form=...)`` -- the whole
   pipeline on a moekit model (calibrate, allocate, merge, rebuild layers); input never modified.
 * ``recover`` (KD fine-tune, routers frozen), ``compress_experts`` + ``StructuredPruner`` (low rank +
-  structured sparse residual), ``count_parameters`` / ``lm_flops_per_token`` (cost).
+  structured sparse residual), ``pack_compressed`` (keep only the kept residual rows, so checkpoints
+  shrink), ``count_parameters`` / ``lm_flops_per_token`` (cost).
 """
 
 from .align import align_experts, weight_matching_permutation
 from .dominant import allocate_experts, dominant_experts
 from .grouping import GROUPINGS, group_by_expert_output, group_by_router_logits, group_randomly
 from .compress import LowRankSparseExperts, StructuredPruner, compress_experts, cubic_ratio
+from .packed import PackedLowRankSparseExperts, pack_compressed
 from .cost import count_parameters, expert_flops_per_token, lm_flops_per_token
 from .calibration import LayerCalibration, calibrate, moe_layers
 from .layer import MERGES, MergeRecipe, list_merge_methods, merge_layer
@@ -64,6 +66,8 @@ __all__ = [
     "LowRankSparseExperts",
     "StructuredPruner",
     "cubic_ratio",
+    "PackedLowRankSparseExperts",
+    "pack_compressed",
     "count_parameters",
     "expert_flops_per_token",
     "lm_flops_per_token",

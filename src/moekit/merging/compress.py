@@ -12,7 +12,7 @@ entries that follows a cubic schedule from 1 to ``final_ratio`` (paper: 0.10).
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,11 @@ class LowRankSparseExperts(ExpertBank):
         down_b = getattr(self, "down_bias", None)
         h = F.linear(x_N, self.dense_weight(first)[e], None if up_b is None else up_b[e])
         return F.linear(self._hidden(h), self.dense_weight(second)[e], None if down_b is None else down_b[e])
+
+    def compression_layout(self) -> dict[str, Any]:
+        """``{"rank": r, "kept_rows": None}``: what a model config stores for this dense-masked form
+        (the mask is a buffer, so every shape follows from the rank; packed banks list their kept rows)."""
+        return {"rank": self.rank, "kept_rows": None}
 
     def kept_residual_entries(self) -> int:
         return int(sum((getattr(self, f"{m}_mask").sum() * getattr(self, f"{m}_s").shape[-1]).item() for m in self.matrices))

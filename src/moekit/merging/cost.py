@@ -29,7 +29,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def expert_flops_per_token(bank: nn.Module) -> float:
     """Mean forward FLOPs of one expert of ``bank`` on one token."""
-    if isinstance(bank, LowRankSparseExperts):
+    if callable(getattr(bank, "flops_per_token_E", None)):  # compressed banks, masked or packed
         return float(bank.flops_per_token_E().mean())
     if isinstance(bank, GLUExperts):
         return 2.0 * 3 * bank.dim * bank.hidden

@@ -4,7 +4,9 @@
 Attention is causal multi-head (``scaled_dot_product_attention``); every FFN is a moekit ``MoE``
 (``"glu"`` or ``"mlp"`` bank, registry router, default top-2). After expert merging a layer may be a
 ``RemappedMoE`` (router with more outputs than experts, exact merged form) or a smaller ``MoE``
-(plain form); ``config()`` describes the model as it is, so checkpoints rebuild merged models.
+(plain form), and after MC-SMoE compression a layer's bank may be low-rank + sparse (dense-masked
+``LowRankSparseExperts`` or ``PackedLowRankSparseExperts``); ``config()`` describes the model as it
+is, so checkpoints rebuild merged and compressed models.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class MoELM(nn.Module):
         experts_per_layer: experts in each layer's bank (after merging); default E everywhere.
         router_outputs_per_layer: router outputs per layer; where it exceeds the layer's experts the
             layer is a ``RemappedMoE`` (exact merged form). Default: equal to ``experts_per_layer``.
+        compressed: per layer ``None`` (dense bank) or a compressed bank's ``compression_layout()``:
+            ``{"rank": r, "kept_rows": {matrix: [kept residual rows per expert]}}`` builds a
+            ``PackedLowRankSparseExperts``, ``{"rank": r, "kept_rows": None}`` a dense-masked
+            ``LowRankSparseExperts`` (``moekit.merging``). Default: no layer compressed.
 
     ``forward(tokens [B, S]) -> (logits [B, S, V], [MoEOutput per layer])``.
     """
@@ -90,6 +96,7 @@ class MoELM(nn.Module):
         router_kwargs: Mapping[str, Any] | None = None,
         experts_per_layer: Sequence[int] | None = None,
         router_outputs_per_layer: Sequence[int] | None = None,
+        compressed: Sequence[Mapping[str, Any] | None] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -103,6 +110,9 @@ class MoELM(nn.Module):
         for name, sizes in (("experts_per_layer", bank_sizes), ("router_outputs_per_layer", router_sizes)):
             if len(sizes) != depth or any(not isinstance(s, int) or s < 1 for s in sizes):
                 raise ValueError(f"{name} must be {depth} ints >= 1, got {sizes}")
+        layouts = list(compressed) if compressed is not None else [None] * depth
+        if len(layouts) != depth:
+            raise ValueError(f"compressed must have one entry per layer ({depth}), got {len(layouts)}")
         router_kwargs = {"noisy": False, **(router_kwargs or {})} if router == "topk" else dict(router_kwargs or {})
         self._spec = {
             "vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads, "max_seq_len": max_seq_len,
@@ -112,11 +122,12 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(check_int("vocab_size", vocab_size, low=1), dim, **kw)
         self.pos = nn.Embedding(max_seq_len, dim, **kw)
         blocks = []
-        for G, R in zip(bank_sizes, router_sizes):
+        for i, (G, R, layout) in enumerate(zip(bank_sizes, router_sizes, layouts)):
             if G > R:
                 raise ValueError(f"a layer cannot have more experts ({G}) than router outputs ({R})")
             gate = ROUTERS.create(router, dim=dim, num_experts=R, k=min(k, R), **router_kwargs, **kw)
-            bank = EXPERTS.create(experts, num_experts=G, dim=dim, hidden=hidden, activation=activation, **kw)
+            bank_kw = {"num_experts": G, "dim": dim, "hidden": hidden, "activation": activation, **kw}
+            bank = _bank(experts, bank_kw, layout, f"compressed[{i}]")
             moe = MoE(gate, bank) if G == R else RemappedMoE(gate, bank, torch.arange(R) % G)
             blocks.append(_Block(dim, heads, moe, **kw))
         self.blocks = nn.ModuleList(blocks)
@@ -139,7 +150,11 @@ class MoELM(nn.Module):
         """Keyword arguments that rebuild this model as it is now (merged layers included)."""
         banks = [block.moe.experts.num_experts for block in self.blocks]
         routers = [block.moe.router.num_experts for block in self.blocks]
-        return {**self._spec, "experts_per_layer": banks, "router_outputs_per_layer": routers}
+        out = {**self._spec, "experts_per_layer": banks, "router_outputs_per_layer": routers}
+        layouts = [_layout(block.moe.experts) for block in self.blocks]
+        if any(layout is not None for layout in layouts):
+            out["compressed"] = layouts
+        return out
 
     def forward(self, tokens_BS: Tensor) -> tuple[Tensor, list[MoEOutput]]:
         if tokens_BS.dim() != 2 or tokens_BS.shape[1] > self.max_seq_len:
@@ -151,6 +166,29 @@ class MoELM(nn.Module):
             x, out = block(x)
             outputs.append(out)
         return self.head(self.norm(x)), outputs
+
+
+def _layout(bank: nn.Module) -> dict[str, Any] | None:
+    describe = getattr(bank, "compression_layout", None)
+    return describe() if callable(describe) else None
+
+
+def _bank(experts: str, bank_kw: dict[str, Any], layout: Mapping[str, Any] | None, where: str) -> nn.Module:
+    """A dense registry bank, or the compressed bank ``layout`` describes (see ``MoELM``'s ``compressed``)."""
+    if layout is None:
+        return EXPERTS.create(experts, **bank_kw)
+    if not isinstance(layout, Mapping) or set(layout) != {"rank", "kept_rows"}:
+        raise ValueError(f"{where} must be None or {{'rank': int, 'kept_rows': ...}}, got {layout!r}")
+    if experts not in ("glu", "mlp"):
+        raise ValueError(f"{where}: compressed layers need experts 'glu' or 'mlp', got {experts!r}")
+    from ..merging.packed import LowRankSparseExperts, PackedLowRankSparseExperts  # lazy: merging imports lm_train
+
+    try:
+        if layout["kept_rows"] is None:
+            return LowRankSparseExperts(EXPERTS.create(experts, **bank_kw), layout["rank"])
+        return PackedLowRankSparseExperts(kind=experts, rank=layout["rank"], kept_rows=layout["kept_rows"], **bank_kw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:

@@ -1,0 +1,126 @@
+"""Fused "merge, then apply" linear map for SMEAR (https://arxiv.org/abs/2306.03745).
+
+``merged_linear(x_GSI, probs_GE, w_EOI, b_EO)`` computes, for every group g (example or segment) of S
+rows, ``x_g @ W_g^T + b_g`` with the merged parameters ``W_g = sum_e probs[g, e] * w_e`` (and ``b_g``
+alike). ``merged_linear_reference`` is the plain autograd version (one merge matmul + one batched matmul).
+
+Why a fused kernel: the plain version materialises the merged weights of the whole batch (G * O * I
+values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward. On CPU,
+fresh allocations that large are served by ``mmap`` and page-faulted in on every step, which costs more
+than the merge itself (measured in ``benchmarks/bench_smear.py``). Here the output features are processed
+in chunks of rows of ``W``: each chunk's merged weights live in one small reused buffer (at most
+``chunk_bytes``); backward recomputes them chunk by chunk instead of keeping them (only ``x`` and
+``probs`` are saved) and accumulates, per chunk:
+
+* ``grad_x_g += grad_y_g[:, chunk] @ W_g[chunk]``
+* ``grad_W_g[chunk] = grad_y_g[:, chunk]^T @ x_g`` (into a reused buffer, never for the whole layer)
+* ``grad_probs[g, e] += <grad_W_g[chunk], w_e[chunk]>``  (one ``[E, n] @ [n, G]`` matmul)
+* ``grad_w[:, chunk] = probs^T @ grad_W[chunk]``  (one ``[E, G] @ [G, n]`` matmul, written in place)
+
+Compute is that of the plain version plus one more merge in backward (E multiply-adds per weight and
+group, E/S of the expert's own work).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["merged_linear", "merged_linear_reference", "DEFAULT_CHUNK_BYTES"]
+
+#: merged weights per chunk: small enough to be reused from the allocator's cache (not mmap-ed afresh)
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+
+
+def merged_linear_reference(x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None = None) -> Tensor:
+    """Plain autograd: merge every group's weights at once, then one batched matmul. ``[G, S, O]``."""
+    E, O, I = w_EOI.shape
+    G = probs_GE.shape[0]
+    p = probs_GE.to(w_EOI.dtype)
+    w_GOI = (p @ w_EOI.reshape(E, O * I)).reshape(G, O, I)
+    y = x_GSI @ w_GOI.transpose(1, 2)
+    return y if b_EO is None else y + (p @ b_EO).unsqueeze(1)
+
+
+def _rows_per_chunk(G: int, O: int, I: int, element_size: int, chunk_bytes: int) -> int:
+    return max(1, min(O, chunk_bytes // max(1, G * I * element_size)))
+
+
+class _MergedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None, chunk_bytes: int) -> Tensor:  # type: ignore[override]
+        G, S, I = x_GSI.shape
+        E, O, _ = w_EOI.shape
+        p = probs_GE.to(w_EOI.dtype).contiguous()
+        rows = _rows_per_chunk(G, O, I, w_EOI.element_size(), chunk_bytes)
+        buf = torch.empty(G * rows * I, dtype=w_EOI.dtype, device=w_EOI.device)
+        w_E_OI = w_EOI.reshape(E, O * I)
+        y = torch.empty(G, S, O, dtype=x_GSI.dtype, device=x_GSI.device)
+        b_GO = None if b_EO is None else p @ b_EO
+        for o0 in range(0, O, rows):
+            n = min(rows, O - o0)
+            m_GnI = torch.mm(p, w_E_OI[:, o0 * I : (o0 + n) * I], out=buf[: G * n * I].view(G, n * I)).view(G, n, I)
+            out = y[:, :, o0 : o0 + n]
+            if b_GO is None:
+                torch.bmm(x_GSI, m_GnI.transpose(1, 2), out=out)
+            else:
+                torch.baddbmm(b_GO[:, o0 : o0 + n].unsqueeze(1), x_GSI, m_GnI.transpose(1, 2), out=out)
+        ctx.rows = rows
+        ctx.has_bias = b_EO is not None
+        ctx.save_for_backward(x_GSI, p, w_EOI, b_EO)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_GSO: Tensor):  # type: ignore[override]
+        x_GSI, p, w_EOI, b_EO = ctx.saved_tensors
+        need_x, need_p, need_w, need_b = ctx.needs_input_grad[:4]
+        G, S, I = x_GSI.shape
+        E, O, _ = w_EOI.shape
+        rows = ctx.rows
+        w_E_OI = w_EOI.reshape(E, O * I)
+        grad_x = torch.zeros_like(x_GSI) if need_x else None
+        grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
+        grad_w = torch.empty_like(w_EOI) if need_w else None
+        merged = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if need_x else None
+        grad_m = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if (need_p or need_w) else None
+        for o0 in range(0, O, rows):
+            n = min(rows, O - o0)
+            g_GSn = grad_GSO[:, :, o0 : o0 + n]
+            w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
+            if need_x:
+                m_GnI = torch.mm(p, w_chunk, out=merged[: G * n * I].view(G, n * I)).view(G, n, I)
+                grad_x.baddbmm_(g_GSn, m_GnI)
+            if grad_m is not None:
+                gm_GnI = torch.bmm(g_GSn.transpose(1, 2), x_GSI, out=grad_m[: G * n * I].view(G, n, I))
+                gm_G_nI = gm_GnI.view(G, n * I)
+                if need_p:
+                    grad_pT.addmm_(w_chunk, gm_G_nI.t())
+                if need_w:
+                    torch.mm(p.t(), gm_G_nI, out=grad_w.view(E, O * I)[:, o0 * I : (o0 + n) * I])
+        grad_b = None
+        if ctx.has_bias and (need_p or need_b):
+            gb_GO = grad_GSO.sum(1)
+            if need_p:
+                grad_pT.addmm_(b_EO, gb_GO.t())
+            if need_b:
+                grad_b = p.t() @ gb_GO
+        grad_p = None if grad_pT is None else grad_pT.t()
+        return grad_x, grad_p, grad_w, grad_b, None
+
+
+def merged_linear(
+    x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None = None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Tensor:
+    """``x_g @ (sum_e probs[g, e] w_e)^T + sum_e probs[g, e] b_e`` for every group g, fused and chunked.
+
+    Args:
+        x_GSI: ``[G, S, I]`` inputs, S rows per group.
+        probs_GE: ``[G, E]`` merge weights (any float dtype; cast to the weights' dtype).
+        w_EOI: ``[E, O, I]`` stacked weights (nn.Linear layout); b_EO: optional ``[E, O]`` stacked biases.
+        chunk_bytes: at most this many bytes of merged weights exist at once (at least one row of W per group).
+    Returns:
+        ``[G, S, O]``; equal to ``merged_linear_reference`` in outputs and gradients (first order only).
+    """
+    return _MergedLinear.apply(x_GSI, probs_GE, w_EOI, b_EO, chunk_bytes)
