@@ -160,7 +160,9 @@ def test_packed_matches_masked_outputs_and_gradients(kind: str, combine: str) ->
     y, ref = dispatch(packed, xi, decision), dispatch_reference(packed, xi, decision)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     params = [xi, *packed.parameters()]
-    for a, b in zip(torch.autograd.grad(y, params, torch.ones_like(y)), torch.autograd.grad(ref, params, torch.ones_like(ref))):
+    for a, b in zip(
+        torch.autograd.grad(y, params, torch.ones_like(y)), torch.autograd.grad(ref, params, torch.ones_like(ref))
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -221,7 +223,12 @@ def test_packed_checkpoint_round_trips_and_shrinks_with_the_kept_fraction(tmp_pa
             assert torch.equal(reloaded(x)[0], packed(x)[0])
             torch.testing.assert_close(reloaded(x)[0], compressed(x)[0])
         # the file holds the stored parameters (fp32), a 4-byte index per kept row, and the exact-form maps
-        rows = sum(getattr(b, f"{m}_index").numel() for b in packed.modules() if isinstance(b, PackedLowRankSparseExperts) for m in b.matrices)
+        rows = sum(
+            getattr(b, f"{m}_index").numel()
+            for b in packed.modules()
+            if isinstance(b, PackedLowRankSparseExperts)
+            for m in b.matrices
+        )
         maps = sum(8 * b.moe.expert_map.numel() for b in packed.blocks if hasattr(b.moe, "expert_map"))
         assert _data_bytes(path) == 4 * count_parameters(packed) + 4 * rows + maps
         size = (path / WEIGHTS_NAME).stat().st_size
@@ -267,7 +274,9 @@ def test_packed_checkpoint_with_a_wrong_config_fails_clearly(tmp_path: Path) -> 
         cfg["compressed"][0]["kept_rows"]["down_proj"] = [k + 1 for k in kept]
 
     _edit_config(path, more)
-    with pytest.raises(ValueError, match=r"(?s)do not match its config: .*size mismatch for blocks.0.moe.experts.down_proj_s"):
+    with pytest.raises(
+        ValueError, match=r"(?s)do not match its config: .*size mismatch for blocks.0.moe.experts.down_proj_s"
+    ):
         load_checkpoint(path)
     _edit_config(path, lambda cfg: cfg.pop("compressed"))
     with pytest.raises(ValueError, match=r"(?s)do not match its config: .*Unexpected key\(s\).*down_proj_index"):
@@ -277,5 +286,7 @@ def test_packed_checkpoint_with_a_wrong_config_fails_clearly(tmp_path: Path) -> 
         cfg["compressed"] = [{"rank": 4, "kept_rows": {"down_proj": [1, 1]}}, None]
 
     _edit_config(path, bad)
-    with pytest.raises(ValueError, match=r"compressed\[0\]: kept_rows must map each of \['gate_up_proj', 'down_proj'\]"):
+    with pytest.raises(
+        ValueError, match=r"compressed\[0\]: kept_rows must map each of \['gate_up_proj', 'down_proj'\]"
+    ):
         load_checkpoint(path)

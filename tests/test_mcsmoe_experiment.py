@@ -29,5 +29,9 @@ def test_quick_experiment_writes_report(tmp_path: Path) -> None:
         msmoe = next(r for r in mine if r["label"] == "M-SMoE" and r["recovery"])
         assert compressed["expert_params"] < msmoe["expert_params"]
         assert compressed["flops_per_token"] < msmoe["flops_per_token"]
+        merged_only = next(r for r in mine if r["label"] == "M-SMoE" and not r["recovery"])
+        assert compressed["checkpoint_bytes"] is not None  # the packed model is saved and measured
+        shrink = merged_only["checkpoint_bytes"] - compressed["checkpoint_bytes"]
+        assert shrink > 3.5 * (merged_only["params"] - compressed["params"])  # fp32 values gone (minus a small index)
     report = (out / "report.md").read_text()
     assert "| M-SMoE |" in report and "val bpb" in report

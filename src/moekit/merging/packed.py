@@ -32,7 +32,6 @@ from .._checks import check_choice, check_int
 from ..experts.base import ExpertBank, activation_fn
 from ..experts.grouped import grouped_linear
 from ..experts.mlp import swiglu
-from ..registry import EXPERTS
 from .compress import LowRankSparseExperts
 
 __all__ = ["PackedLowRankSparseExperts", "pack_compressed"]
@@ -40,10 +39,6 @@ __all__ = ["PackedLowRankSparseExperts", "pack_compressed"]
 KINDS = ("glu", "mlp")
 
 
-@EXPERTS.register(
-    "lowrank_sparse", paper="https://arxiv.org/abs/2310.01334",
-    summary="low-rank + row-sparse experts (MC-SMoE compression), only the kept residual rows stored",
-)  # fmt: skip
 class PackedLowRankSparseExperts(ExpertBank):
     """A ``glu`` or ``mlp`` bank whose matrices are ``U V + S`` with only the kept rows of ``S`` stored.
 
@@ -163,7 +158,9 @@ class PackedLowRankSparseExperts(ExpertBank):
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
         """Groups must be the experts (sparse dispatch, dense combine): ``sizes_G [E]``."""
         if sizes_G.numel() != self.num_experts:
-            raise ValueError(f"a packed bank runs one group per expert (sizes_G of {self.num_experts}), got {sizes_G.numel()}")
+            raise ValueError(
+                f"a packed bank runs one group per expert (sizes_G of {self.num_experts}), got {sizes_G.numel()}"
+            )
         first, second = self.matrices
         h = self._linear(x_N, first, params, sizes_G)
         if params.get("up_bias") is not None:
@@ -225,7 +222,9 @@ def _index_dtype(positions: int) -> torch.dtype:
     return torch.int32 if positions <= torch.iinfo(torch.int32).max else torch.int64
 
 
-def _check_kept_rows(kept_rows: Mapping[str, Sequence[int]] | None, shapes: Mapping[str, tuple[int, int]], E: int) -> dict[str, list[int]]:
+def _check_kept_rows(
+    kept_rows: Mapping[str, Sequence[int]] | None, shapes: Mapping[str, tuple[int, int]], E: int
+) -> dict[str, list[int]]:
     if kept_rows is None:
         return {m: [O] * E for m, (O, _) in shapes.items()}
     if not isinstance(kept_rows, Mapping) or set(kept_rows) != set(shapes):
@@ -261,7 +260,9 @@ def pack_compressed(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     out = model if inplace else copy.deepcopy(model)
     targets = [(name, mod) for name, mod in out.named_modules() if isinstance(mod, LowRankSparseExperts)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no LowRankSparseExperts to pack; run compress_experts (and prune) first")
+        raise ValueError(
+            f"{type(model).__name__} has no LowRankSparseExperts to pack; run compress_experts (and prune) first"
+        )
     for name, bank in targets:
         packed = PackedLowRankSparseExperts.from_masked(bank).train(bank.training)
         parent, _, child = name.rpartition(".")
