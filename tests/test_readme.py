@@ -7,9 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_python_blocks_run() -> None:
+def test_python_blocks_run(tmp_path, monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert blocks, "README has no python code block"
+    monkeypatch.chdir(tmp_path)  # examples may write files
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
 

@@ -33,9 +33,12 @@ def test_atomic_directory_publishes_only_on_success(tmp_path):
     out = tmp_path / "run"
     with atomic_directory(out) as stage:
         (stage / "x.txt").write_text("1")
+        (stage / "private.bin").write_bytes(b"")
+        (stage / "private.bin").chmod(0o600)  # as safetensors leaves its files
         assert not out.exists()
     assert (out / "x.txt").read_text() == "1"
-    assert _mode(out) == 0o777 & ~_umask()
+    assert _mode(out) == 0o777 & ~_umask() and _mode(out / "private.bin") == 0o666 & ~_umask()
+    (out / "private.bin").unlink()
 
     with pytest.raises(FileExistsError, match="run"):
         with atomic_directory(out):

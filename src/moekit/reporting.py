@@ -59,12 +59,22 @@ def staging_dir(target: str | os.PathLike[str]) -> Path:
     return stage
 
 
+def _ordinary_permissions(directory: Path) -> None:
+    """Give every file below ``directory`` the permissions of a plain ``open()`` (some writers,
+    such as safetensors, create private temporary files and rename them)."""
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def publish_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Move the finished directory ``staged`` to ``target`` with renames only.
 
     An existing ``target`` is replaced only when ``overwrite``; it is renamed aside first and removed last.
     """
     staged, target = Path(staged), Path(target)
+    _ordinary_permissions(staged)
     if not target.exists():
         os.replace(staged, target)
         return target
