@@ -9,10 +9,12 @@ load changes hit all of them alike); memory is measured in a fresh subprocess pe
 implementation) so its peak resident memory can be read (``ru_maxrss`` at the end minus after setup;
 on CUDA ``max_memory_allocated``). Peak is above the memory after setup (inputs and parameters):
 activations, merged parameters, gradients and temporaries of one forward+backward. "saved MB" is the size
-of the tensors autograd keeps for backward (unique storages, via ``saved_tensors_hooks``): a
-deterministic memory measure that allocator noise does not blur. ``smear_chunked`` is SMEAR with a
-merge budget of a quarter of the batch's merged parameters (``merge_chunk_bytes``: examples merged in
-chunks under activation checkpointing). A sweep over positions per example (FFN case) locates the two
+of the tensors autograd keeps for backward beyond the layer's own parameters (unique storages, via
+``saved_tensors_hooks``): a deterministic memory measure that allocator noise does not blur. ``smear`` is
+the layer as shipped (fused merge-and-matmul, ``moekit.layers.merged_linear``); ``smear_reference`` is
+the plain path it replaced (``merged_forward``: all merged copies built at once and kept for backward);
+``smear_chunked`` is SMEAR with a merge budget of a quarter of the batch's merged parameters
+(``merge_chunk_bytes``). A sweep over positions per example (FFN case) locates the two
 crossovers: where SMEAR's merge overhead (about E/S of one expert) falls under 1.3x, and where the
 merged parameters per example (P values) stop exceeding the activations saved for backward.
 
@@ -34,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+import moekit
+from moekit.layers.smear import merged_forward
 from moekit.reporting import atomic_write_text, write_json
 
 CASES = {
@@ -43,12 +47,20 @@ CASES = {
 }
 QUICK = {"adapter": dict(bank="adapter", D=64, W=8, E=8, B=4, S=16), "ffn": dict(bank="mlp", D=32, W=64, E=8, B=4, S=16),
          "ffn_short": dict(bank="mlp", D=32, W=64, E=8, B=16, S=2)}
-IMPLS = ["one_expert", "smear", "smear_chunked", "ensemble"]
+
+
+class _ReferenceSMEAR(moekit.SMEAR):
+    """SMEAR on the plain path (merge every example at once, keep the merged copies for backward)."""
+
+    def _combine(self, x_N, decision, sizes_G):
+        return merged_forward(self.experts, x_N, decision.gates_TE(), sizes_G)
+
+
+IMPLS = ["one_expert", "smear", "smear_reference", "smear_chunked", "ensemble"]
 SWEEP_S = [1, 4, 16, 32, 64, 128, 512]
 
 
 def _build(impl: str, case: dict, device: str):
-    import moekit
     from moekit.layers.smear import merged_bytes_per_group
 
     width = {"adapter": "bottleneck", "mlp": "hidden"}[case["bank"]]
@@ -58,15 +70,20 @@ def _build(impl: str, case: dict, device: str):
         return moekit.SingleExpert(bank)
     if impl == "ensemble":
         return moekit.OutputEnsemble(bank, expert_dropout=0.0, device=device)
+    if impl == "smear_reference":
+        return _ReferenceSMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=2**40, device=device)
     budget = 2**40 if impl == "smear" else max(1, case["B"] * merged_bytes_per_group(bank) // 4)
     return moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=budget, device=device)
 
 
+
+
 def _saved_bytes(layer, x) -> int:
     seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
 
     def pack(t):
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return t

@@ -9,8 +9,9 @@ from torch import nn
 import moekit
 from moekit.layers.baselines import ROUTED_METHODS, OutputEnsemble, SingleExpert, build_routed_block
 from moekit.layers.example_routed import ExampleRoutedMoE
+from moekit.layers.merged_linear import merged_linear, merged_linear_reference
 from moekit.layers.pooling import masked_mean
-from moekit.layers.smear import SMEAR, merged_forward, merged_forward_chunked
+from moekit.layers.smear import SMEAR, merged_forward, merged_forward_chunked, merged_forward_fused
 from moekit.routers.base import Router
 from moekit.routers.estimators import ReinforceRouter, STGumbelRouter, reinforce_terms
 from moekit.routers.smear import SMEARRouter
@@ -136,10 +137,13 @@ def test_smear_layer_chunks_under_a_small_budget_with_the_same_result() -> None:
 
 
 def _saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward beyond the layer's own parameters (unique storages)."""
     storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -147,15 +151,90 @@ def _saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def test_chunked_merge_keeps_less_for_backward() -> None:
+class _ReferenceSMEAR(SMEAR):
+    """SMEAR on the plain reference path (every example's merged copy built at once and kept)."""
+
+    def _combine(self, x_N: torch.Tensor, decision: RoutingDecision, sizes_G: torch.Tensor) -> torch.Tensor:
+        return merged_forward(self.experts, x_N, decision.gates_TE(), sizes_G)
+
+
+def test_fused_and_chunked_merges_keep_less_for_backward() -> None:
     experts = moekit.MLPExperts(4, 32, 256)  # merged FFN parameters dominate at short sequences
     router = SMEARRouter(32, 4, expert_dropout=0.0)
     x = torch.randn(8, 4, 32, requires_grad=True)
     per_example = moekit.layers.smear.merged_bytes_per_group(experts)
-    plain = _saved_for_backward_bytes(SMEAR(experts, router), x)
-    chunked = _saved_for_backward_bytes(SMEAR(experts, router, merge_chunk_bytes=2 * per_example), x)
+    plain = _saved_for_backward_bytes(_ReferenceSMEAR(experts, router), x)
+    fused = _saved_for_backward_bytes(SMEAR(experts, router, merge_chunk_bytes=2 * per_example), x)
+    conv = moekit.ConvExperts(4, 8, 64, 3)  # no fused path: the checkpointed chunks bound it
+    xc = torch.randn(8, 8, 3, 3, requires_grad=True)
+    per_image = moekit.layers.smear.merged_bytes_per_group(conv)
+    conv_plain = _saved_for_backward_bytes(_ReferenceSMEAR(conv, SMEARRouter(8, 4)), xc)
+    conv_chunked = _saved_for_backward_bytes(SMEAR(conv, SMEARRouter(8, 4), merge_chunk_bytes=2 * per_image), xc)
     assert plain > 8 * per_example  # every example's merged copy is kept
-    assert chunked < 2 * per_example  # only inputs and routing weights are kept; merges are redone in backward
+    assert fused < 2 * per_example  # only inputs and routing weights are kept; merges are redone in backward
+    assert conv_plain > 8 * per_image and conv_chunked < 3 * per_image
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6), st.integers(1, 9), st.integers(1, 4)),
+    chunk_rows=st.integers(1, 10),
+    bias=st.booleans(),
+    needs=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 100),
+)
+def test_merged_linear_matches_reference_in_outputs_and_gradients(shape, chunk_rows, bias, needs, seed) -> None:
+    G, S, I, O, E = shape
+    torch.manual_seed(seed)
+    x = torch.randn(G, S, I, dtype=torch.float64, requires_grad=needs[0])
+    probs = torch.randn(G, E, dtype=torch.float64).softmax(-1).requires_grad_(needs[1])
+    w = torch.randn(E, O, I, dtype=torch.float64, requires_grad=needs[2])
+    b = torch.randn(E, O, dtype=torch.float64, requires_grad=needs[3]) if bias else None
+    y = merged_linear(x, probs, w, b, chunk_bytes=chunk_rows * G * I * 8)  # chunk_rows rows of W per chunk
+    ref = merged_linear_reference(x, probs, w, b)
+    torch.testing.assert_close(y, ref)
+    inputs = [t for t in (x, probs, w, b) if t is not None and t.requires_grad]
+    if inputs:
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+            torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("bank", ["adapter", "mlp", "glu"])
+def test_fused_smear_path_matches_the_plain_merge(bank: str) -> None:
+    torch.manual_seed(0)
+    experts = BANKS[bank](4)
+    x = torch.randn(12, 8, requires_grad=True)  # 3 groups of 4 rows
+    logits = torch.randn(3, 4, requires_grad=True)
+    sizes = torch.tensor([4, 4, 4])
+    fused = merged_forward_fused(experts, x, logits.softmax(-1), sizes, max_bytes=1)  # one row of W per chunk
+    ref = merged_forward(experts, x, logits.softmax(-1), sizes)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-6)
+    params = [x, logits, *experts.parameters()]
+    for a, r in zip(torch.autograd.grad(fused.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_path_declines_other_banks_and_unequal_groups() -> None:
+    probs = torch.full((2, 4), 0.25)
+    assert merged_forward_fused(BANKS["mlp"](4), torch.randn(7, 8), probs, torch.tensor([3, 4])) is None
+    assert merged_forward_fused(BANKS["conv"](4), torch.randn(2, 8, 5, 5), probs, torch.tensor([1, 1])) is None
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    for seg in (4, 3):  # 6 = 4 + 2: unequal segments take the checkpointed path; 6 = 3 + 3: the fused one
+        layer = SMEAR(BANKS["mlp"](4), segment_len=seg, expert_dropout=0.0, router_init_std=1.0, merge_chunk_bytes=1)
+        ref = _ReferenceSMEAR(layer.experts, layer.router, segment_len=seg)
+        y, y_ref = layer(x).y, ref(x).y
+        torch.testing.assert_close(y, y_ref)
+        params = [x, *layer.parameters()]
+        for a, r in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(y_ref.square().sum(), params)):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_position_mean_has_a_cheap_exact_gradient() -> None:
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(masked_mean, (x,)) and torch.autograd.gradgradcheck(masked_mean, (x,))
+    (grad,) = torch.autograd.grad(masked_mean(x).sum(), x)
+    assert grad.stride(1) == 0  # broadcast over positions, not materialised
 
 
 def test_equal_size_groups_use_batched_matmul_matching_the_reference() -> None:

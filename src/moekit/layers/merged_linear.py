@@ -9,8 +9,8 @@ values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradien
 fresh allocations that large are served by ``mmap`` and page-faulted in on every step, which costs more
 than the merge itself (measured in ``benchmarks/bench_smear.py``). Here the output features are processed
 in chunks of rows of ``W``: each chunk's merged weights live in one small reused buffer (at most
-``chunk_bytes``); backward recomputes them chunk by chunk instead of keeping them (only ``x`` and
-``probs`` are saved) and accumulates, per chunk:
+``chunk_bytes``); backward recomputes them chunk by chunk instead of keeping them (autograd keeps
+only ``x``, ``probs`` and references to the stacked parameters) and accumulates, per chunk:
 
 * ``grad_x_g += grad_y_g[:, chunk] @ W_g[chunk]``
 * ``grad_W_g[chunk] = grad_y_g[:, chunk]^T @ x_g`` (into a reused buffer, never for the whole layer)
@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["merged_linear", "merged_linear_reference", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "merged_linear", "merged_linear_reference"]
 
 #: merged weights per chunk: small enough to be reused from the allocator's cache (not mmap-ed afresh)
-DEFAULT_CHUNK_BYTES = 4 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def merged_linear_reference(x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None = None) -> Tensor:
@@ -80,18 +80,21 @@ class _MergedLinear(torch.autograd.Function):
         E, O, _ = w_EOI.shape
         rows = ctx.rows
         w_E_OI = w_EOI.reshape(E, O * I)
-        grad_x = torch.zeros_like(x_GSI) if need_x else None
+        grad_x = torch.empty(G, S, I, dtype=x_GSI.dtype, device=x_GSI.device) if need_x else None
         grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
         grad_w = torch.empty_like(w_EOI) if need_w else None
         merged = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if need_x else None
         grad_m = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if (need_p or need_w) else None
         for o0 in range(0, O, rows):
             n = min(rows, O - o0)
-            g_GSn = grad_GSO[:, :, o0 : o0 + n]
+            g_GSn = grad_GSO[:, :, o0 : o0 + n].contiguous()  # batched (not per-group) matmuls need it
             w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
             if need_x:
                 m_GnI = torch.mm(p, w_chunk, out=merged[: G * n * I].view(G, n * I)).view(G, n, I)
-                grad_x.baddbmm_(g_GSn, m_GnI)
+                if o0 == 0:
+                    torch.bmm(g_GSn, m_GnI, out=grad_x)
+                else:
+                    grad_x.baddbmm_(g_GSn, m_GnI)
             if grad_m is not None:
                 gm_GnI = torch.bmm(g_GSn.transpose(1, 2), x_GSI, out=grad_m[: G * n * I].view(G, n, I))
                 gm_G_nI = gm_GnI.view(G, n * I)

@@ -51,6 +51,22 @@ def check_mask(mask_BS: Tensor | None, x_BSD: Tensor) -> Tensor | None:
     return m
 
 
+class _PositionMean(torch.autograd.Function):
+    """``x.mean(1)`` whose backward hands back ``grad / S`` broadcast over positions (a stride-0 view):
+    autograd's ``MeanBackward`` materialises a full ``[B, S, D]`` quotient, which then only gets added to
+    the input's other gradient (one full-size pass saved per step, measured in ``bench_smear.py``)."""
+
+    @staticmethod
+    def forward(ctx, x_BSD: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x_BSD.shape
+        return x_BSD.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_BD: Tensor) -> Tensor:  # type: ignore[override]
+        B, S, D = ctx.shape
+        return (grad_BD / S).unsqueeze(1).expand(B, S, D)
+
+
 def masked_mean(x_BSD: Tensor, mask_BS: Tensor | None = None) -> Tensor:
     """Mean over positions of ``[B, S, D]`` counting only positions where ``mask`` is true/1: ``[B, D]``.
 
@@ -63,7 +79,7 @@ def masked_mean(x_BSD: Tensor, mask_BS: Tensor | None = None) -> Tensor:
         raise ValueError(f"cannot route empty sequences: input has shape {tuple(x_BSD.shape)} (S=0)")
     m = check_mask(mask_BS, x_BSD)
     if m is None:
-        return x_BSD.mean(dim=1)
+        return _PositionMean.apply(x_BSD)
     return (x_BSD * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
 
 
