@@ -86,14 +86,7 @@ class LowRankSparseExperts(ExpertBank):
         return self._act(h)
 
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
-        first, second = self.matrices
-        h = self._linear(x_N, first, params, sizes_G)
-        if params.get("up_bias") is not None:
-            h = h + torch.repeat_interleave(params["up_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
-        y = self._linear(self._hidden(h), second, params, sizes_G)
-        if params.get("down_bias") is not None:
-            y = y + torch.repeat_interleave(params["down_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
-        return y
+        return two_matrix_forward(self, x_N, params, sizes_G)
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
         first, second = self.matrices
@@ -137,6 +130,19 @@ def compress_experts(model: nn.Module, rank: int) -> nn.Module:
     for layer in layers.values():
         layer.experts = LowRankSparseExperts.from_bank(layer.experts, rank)
     return out
+
+
+def two_matrix_forward(bank: Any, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
+    """``down(hidden(up(x) + up_bias)) + down_bias`` group by group, for banks whose two weight
+    matrices ``bank.matrices`` are applied by ``bank._linear`` (low-rank + sparse, dense or packed)."""
+    first, second = bank.matrices
+    h = bank._linear(x_N, first, params, sizes_G)
+    if params.get("up_bias") is not None:
+        h = h + torch.repeat_interleave(params["up_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
+    y = bank._linear(bank._hidden(h), second, params, sizes_G)
+    if params.get("down_bias") is not None:
+        y = y + torch.repeat_interleave(params["down_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
+    return y
 
 
 def cubic_ratio(step: int, total: int, final_ratio: float, initial_warmup: int, final_warmup: int) -> float:

@@ -32,7 +32,7 @@ from .._checks import check_choice, check_int
 from ..experts.base import ExpertBank, activation_fn
 from ..experts.grouped import grouped_linear
 from ..experts.mlp import swiglu
-from .compress import LowRankSparseExperts
+from .compress import LowRankSparseExperts, two_matrix_forward
 
 __all__ = ["PackedLowRankSparseExperts", "pack_compressed"]
 
@@ -161,14 +161,7 @@ class PackedLowRankSparseExperts(ExpertBank):
             raise ValueError(
                 f"a packed bank runs one group per expert (sizes_G of {self.num_experts}), got {sizes_G.numel()}"
             )
-        first, second = self.matrices
-        h = self._linear(x_N, first, params, sizes_G)
-        if params.get("up_bias") is not None:
-            h = h + torch.repeat_interleave(params["up_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
-        y = self._linear(self._hidden(h), second, params, sizes_G)
-        if params.get("down_bias") is not None:
-            y = y + torch.repeat_interleave(params["down_bias"], sizes_G, dim=0, output_size=x_N.shape[0])
-        return y
+        return two_matrix_forward(self, x_N, params, sizes_G)
 
     def _hidden(self, h: Tensor) -> Tensor:
         if self.kind == "glu":
