@@ -22,6 +22,7 @@ CPU time, the default on CPU with one thread -- it leaves out the time spent wai
 another process holds) or ``wall`` (the default otherwise, and always on CUDA).
 
     python benchmarks/bench_moe.py            # both issue shapes, writes benchmarks/results/bench_moe.{json,md}
+    python benchmarks/bench_moe.py --threads 2  # ... bench_moe_2threads.{json,md}
     python benchmarks/bench_moe.py --quick    # tiny shapes, no memory column (smoke test): bench_moe_quick.{json,md}
 """
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 SHAPES = {"E8": dict(T=4096, D=512, F=1024, E=8, K=2), "E64": dict(T=4096, D=512, F=512, E=64, K=4)}
 QUICK = {"tiny": dict(T=256, D=64, F=128, E=8, K=2)}
-IMPLS = ["dense_bound", "moekit", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
+IMPLS = ["dense_bound", "moekit", "moekit_no_split", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
 GOAL = 1.2  # moekit within this factor of the dense bound
 
 
@@ -75,6 +76,21 @@ def _build(impl: str, shape: dict, device: str):
             return None
 
         return dense_step, [xk, w1, w2]
+    if impl == "moekit_no_split":
+        # moekit with the CPU split of the groups over threads switched off (F.grouped_mm alone),
+        # to show what the split changes in the same run; identical to moekit at one thread.
+        from moekit.experts import cpu_grouped
+
+        step, params = _build("moekit", shape, device)
+
+        def no_split_step():
+            saved, cpu_grouped.MIN_SPLIT_MACS = cpu_grouped.MIN_SPLIT_MACS, float("inf")
+            try:
+                return step()
+            finally:
+                cpu_grouped.MIN_SPLIT_MACS = saved
+
+        return no_split_step, params
     if impl == "moekit":
         import moekit
 
@@ -217,6 +233,8 @@ def run_shape(name: str, shape: dict, args: argparse.Namespace) -> list[dict]:
     skipped = {}
     if _gather_gb(shape) > args.max_gather_gb:
         skipped["hf_batched_mm"] = f"skipped: would gather {_gather_gb(shape):.0f} GB of per-token weight copies"
+    if args.threads == 1:
+        skipped["moekit_no_split"] = "same code path as moekit at one thread"
     impls = [i for i in IMPLS if i not in skipped]
     timed = time_all(impls, shape, args.device, args.reps)
     rows = []
@@ -285,6 +303,8 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
     except ImportError:
         env["transformers"] = None
     tag = "bench_moe_quick" if args.quick else "bench_moe"
+    if args.device == "cpu" and args.threads != 1:
+        tag += f"_{args.threads}threads"
     write_json(out / f"{tag}.json", {"environment": env, "goal_ratio": GOAL, "results": results})
     lines = [f"forward+backward, fp32, {args.device}, {args.threads} thread(s), best of {args.reps} interleaved rounds, "
              f"ratios on {args.clock} time; torch {torch.__version__}, transformers {env['transformers']}\n"]

@@ -1,5 +1,6 @@
 """Sparse dispatch against the per-expert loop, for every bank: outputs and gradients (inputs, expert
-parameters, routing weights and the router's own parameters), on both grouped-matmul paths."""
+parameters, routing weights and the router's own parameters), on every grouped-matmul path (fused,
+loop, and the CPU split of the groups over threads)."""
 
 from typing import Callable
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts import combine_dense, dispatch, dispatch_reference
+from moekit.experts import combine_dense, cpu_grouped, dispatch, dispatch_reference
 from moekit.experts import grouped as grouped_module
 from moekit.experts.dispatch import DispatchPlan, _scatter_weighted, plan_dispatch
 from moekit.types import RoutingDecision
@@ -52,11 +53,15 @@ CASES: dict[str, Callable[[], tuple[int, int, torch.Tensor, torch.Tensor | None]
 }
 
 
-@pytest.fixture(params=["fast", "loop"])
+@pytest.fixture(params=["fast", "loop", "split"])
 def path(request, monkeypatch) -> str:
-    """Run each test on the fused grouped-matmul kernel and on the loop fallback."""
+    """Run each test on the fused grouped-matmul kernel, on the loop fallback, and on the CPU path
+    that splits the groups over 2 threads (forced here for any product size)."""
     if request.param == "loop":
         monkeypatch.setattr(grouped_module, "grouped_mm_available", lambda x, w: False)
+    if request.param == "split":
+        monkeypatch.setattr(cpu_grouped, "_intra_op_threads", lambda: 2)
+        monkeypatch.setattr(cpu_grouped, "MIN_SPLIT_MACS", 0)
     return request.param
 
 

@@ -6,6 +6,10 @@ merged weights) and dense ensembles (groups = experts over repeated tokens) all 
 Fast path: ``torch.nn.functional.grouped_mm`` wrapped in an autograd function (its built-in
 backward rejects the expanded/strided gradients autograd often hands over). Fallback: a plain loop
 over groups with ``torch.mm``. ``grouped_linear_reference`` is the naive oracle for tests.
+
+Large products on CPU (``cpu_grouped.py``): with several intra-op threads the groups are split over
+threads (each a contiguous run of groups with about the same number of rows, one intra-op thread
+each) instead of each small GEMM over all threads.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._checks import check_int
+from .cpu_grouped import RowSplit, run_split, split_groups
 
 __all__ = ["grouped_linear", "grouped_linear_reference", "grouped_mm_available"]
 
@@ -34,24 +41,41 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
 
 
 class _GroupedMM(torch.autograd.Function):
-    """y[rows of g] = x[rows of g] @ w[g].T, with ``w`` of shape [G, O, I]."""
+    """y[rows of g] = x[rows of g] @ w[g].T, with ``w`` of shape [G, O, I].
+
+    ``split`` (or None: ``F.grouped_mm``) runs each product as one task per run of whole groups.
+    """
 
     @staticmethod
-    def forward(ctx, x_NI: Tensor, w_GOI: Tensor, offs_G: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x_NI: Tensor, w_GOI: Tensor, offs_G: Tensor, split: RowSplit | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x_NI, w_GOI, offs_G)
-        return F.grouped_mm(x_NI, w_GOI.transpose(-2, -1), offs=offs_G)
+        ctx.split = split
+        if split is None:
+            return F.grouped_mm(x_NI, w_GOI.transpose(-2, -1), offs=offs_G)
+        y_NO = x_NI.new_empty(x_NI.shape[0], w_GOI.shape[1])
+        run_split(split, lambda g, r: torch.mm(x_NI[r], w_GOI[g].t(), out=y_NO[r]))
+        return y_NO
 
     @staticmethod
     def backward(ctx, grad_NO: Tensor):  # type: ignore[override]
         x_NI, w_GOI, offs_G = ctx.saved_tensors
+        split: RowSplit | None = ctx.split
         grad_NO = grad_NO.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad_NO, w_GOI.contiguous(), offs=offs_G)
+            if split is None:
+                grad_x = F.grouped_mm(grad_NO, w_GOI.contiguous(), offs=offs_G)
+            else:
+                grad_x = x_NI.new_empty(x_NI.shape)
+                run_split(split, lambda g, r: torch.mm(grad_NO[r], w_GOI[g], out=grad_x[r]))
         if ctx.needs_input_grad[1]:
             # [O, N] x [N, I] grouped along N -> [G, O, I]; empty groups give zeros.
-            grad_w = F.grouped_mm(grad_NO.t(), x_NI, offs=offs_G)
-        return grad_x, grad_w, None
+            if split is None:
+                grad_w = F.grouped_mm(grad_NO.t(), x_NI, offs=offs_G)
+            else:
+                grad_w = w_GOI.new_empty(w_GOI.shape)  # an empty group's product writes zeros
+                run_split(split, lambda g, r: torch.mm(grad_NO[r].t(), x_NI[r], out=grad_w[g]))
+        return grad_x, grad_w, None, None
 
 
 def _loop(x_NI: Tensor, w_GOI: Tensor, sizes: list[int]) -> Tensor:
@@ -67,7 +91,13 @@ def _no_rows(x_NI: Tensor, w_GOI: Tensor) -> Tensor:
 
 
 def grouped_linear(
-    x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_GO: Tensor | None = None, *, fast: bool | None = None
+    x_NI: Tensor,
+    w_GOI: Tensor,
+    sizes_G: Tensor,
+    bias_GO: Tensor | None = None,
+    *,
+    fast: bool | None = None,
+    threads: int | None = None,
 ) -> Tensor:
     """Apply ``w[g]`` (``[O, I]``, nn.Linear layout) to the ``sizes_G[g]`` consecutive rows of group g.
 
@@ -78,9 +108,14 @@ def grouped_linear(
         bias_GO: optional ``[G, O]`` per-group bias.
         fast: force (True) or forbid (False) the fused kernel; ``None`` uses one ``torch.bmm`` when all
             groups have the same size, else picks by device and dtype.
+        threads: on the fused CPU path, how many threads to split the groups over (1: none, the
+            kernel's own intra-op threads); ``None`` uses ``torch.get_num_threads()`` when the
+            product is large enough to pay for it (see ``cpu_grouped.split_groups``).
     Returns:
         ``[N, O]``.
     """
+    if threads is not None:
+        check_int("threads", threads, low=1)
     use_fast = grouped_mm_available(x_NI, w_GOI) if fast is None else fast
     G, N = w_GOI.shape[0], x_NI.shape[0]
     if fast is None and 0 < G and 0 < N and N % G == 0 and bool((sizes_G == N // G).all()):
@@ -98,7 +133,8 @@ def grouped_linear(
         return y.reshape(N, O)
     if use_fast and x_NI.shape[0] > 0:
         offs = torch.cumsum(sizes_G, 0).to(torch.int32)
-        y = _GroupedMM.apply(x_NI.contiguous(), w_GOI, offs)
+        split = split_groups(offs, w_GOI, threads) if x_NI.device.type == "cpu" else None
+        y = _GroupedMM.apply(x_NI.contiguous(), w_GOI, offs, split)
     else:
         y = _loop(x_NI, w_GOI, sizes_G.tolist())
     if bias_GO is not None:
