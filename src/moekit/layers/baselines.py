@@ -104,10 +104,8 @@ class OutputEnsemble(ExampleRoutedMoE):
         dtype: torch.dtype | None = None,
     ) -> None:
         if router is None:
-            if not isinstance(experts, ExpertBank):
-                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
-            router = SMEARRouter(experts.dim, experts.num_experts, expert_dropout=expert_dropout,
-                                 init_std=router_init_std, device=device, dtype=dtype)  # fmt: skip
+            router = SMEARRouter.for_bank(experts, expert_dropout=expert_dropout, init_std=router_init_std,
+                                          device=device, dtype=dtype)  # fmt: skip
         super().__init__(router, experts, combine="dense", segment_len=segment_len, first_segment=first_segment,
                          device=device, dtype=dtype)  # fmt: skip
 

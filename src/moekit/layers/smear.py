@@ -159,10 +159,8 @@ class SMEAR(ExampleRoutedMoE):
         dtype: torch.dtype | None = None,
     ) -> None:
         if router is None:
-            if not isinstance(experts, ExpertBank):
-                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
-            router = SMEARRouter(experts.dim, experts.num_experts, expert_dropout=expert_dropout,
-                                 init_std=router_init_std, device=device, dtype=dtype)  # fmt: skip
+            router = SMEARRouter.for_bank(experts, expert_dropout=expert_dropout, init_std=router_init_std,
+                                          device=device, dtype=dtype)  # fmt: skip
         elif isinstance(router, Router) and router.is_sparse:
             raise ValueError(
                 f"SMEAR merges with the router's full distribution; got sparse router {type(router).__name__}"

@@ -44,6 +44,15 @@ class SMEARRouter(Router):
         self.gate = LinearScorer(dim, num_experts, init_std=check_positive("init_std", init_std, allow_zero=True),
                                  device=device, dtype=dtype)
 
+    @classmethod
+    def for_bank(cls, experts: nn.Module, **kwargs: object) -> "SMEARRouter":
+        """The default router of a merged-expert layer over ``experts`` (a moekit ``ExpertBank``)."""
+        from ..experts.base import ExpertBank
+
+        if not isinstance(experts, ExpertBank):
+            raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+        return cls(experts.dim, experts.num_experts, **kwargs)  # type: ignore[arg-type]
+
     def route(self, x_TD: Tensor, meta: Meta | None) -> RoutingDecision:
         logits = self.gate(self.norm(x_TD))
         probs = torch.softmax(logits, dim=-1)
