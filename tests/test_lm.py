@@ -101,6 +101,10 @@ def test_remapped_moe_validates_its_map() -> None:
     layer = RemappedMoE(router, bank, torch.tensor([0, 1, 1, 0]))
     out = layer(torch.randn(5, 8))
     assert out.y.shape == (5, 8) and out.decision.num_experts == 4
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but experts have dtype torch.float32"):
+        layer(torch.randn(5, 8, dtype=torch.float64))  # the same input checks as MoE
+    with pytest.raises(ValueError, match="router has dim=8 but experts has dim=6"):
+        RemappedMoE(router, moekit.GLUExperts(2, 6, 8), torch.tensor([0, 1, 1, 0]))
 
 
 def test_stdlib_corpus_is_deterministic_split_by_file_and_capped() -> None:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,9 +15,9 @@ from .._checks import check_choice
 from ..experts.base import ExpertBank
 from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
-from ..types import MoEOutput
+from ..types import MoEOutput, RoutingDecision
 
-__all__ = ["MoE", "flatten_meta"]
+__all__ = ["MoE", "flatten_meta", "check_layer_parts", "run_layer"]
 
 COMBINES = ("sparse", "dense")
 
@@ -58,38 +58,60 @@ class MoE(nn.Module):
 
     def __init__(self, router: Router, experts: ExpertBank, *, combine: str = "sparse") -> None:
         super().__init__()
-        if not isinstance(router, Router):
-            raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
-        if not isinstance(experts, ExpertBank):
-            raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+        self.combine = check_layer_parts(router, experts, combine)
         if router.num_experts != experts.num_experts:
             raise ValueError(
                 f"router has num_experts={router.num_experts} but experts has num_experts={experts.num_experts}"
             )
-        if router.dim != experts.dim:
-            raise ValueError(f"router has dim={router.dim} but experts has dim={experts.dim}")
         self.router = router
         self.experts = experts
-        self.combine = check_choice("combine", combine, COMBINES)
-        _check_same_placement(router, experts)
 
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
 
     def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
-        x_T = self.experts.as_tokens(x)
-        _check_input(x_T, self.experts)
-        lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
-        decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))
-        if self.combine == "sparse":
-            y_T = dispatch(self.experts, x_T, decision)
-        else:
-            y_T = combine_dense(self.experts, x_T, decision.gates_TE())
-        return MoEOutput(y=self.experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
+        return run_layer(self.router, self.experts, self.combine, x, meta)
 
     def extra_repr(self) -> str:
         return f"combine={self.combine!r}"
+
+
+def check_layer_parts(router: Router, experts: ExpertBank, combine: str) -> str:
+    """Validate a router + bank pair (types, widths, device) and return the checked ``combine``."""
+    if not isinstance(router, Router):
+        raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
+    if not isinstance(experts, ExpertBank):
+        raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+    if router.dim != experts.dim:
+        raise ValueError(f"router has dim={router.dim} but experts has dim={experts.dim}")
+    _check_same_placement(router, experts)
+    return check_choice("combine", combine, COMBINES)
+
+
+def run_layer(
+    router: Router,
+    experts: ExpertBank,
+    combine: str,
+    x: Tensor,
+    meta: Mapping[str, Any] | None,
+    bank_view: Callable[[RoutingDecision], RoutingDecision] | None = None,
+) -> MoEOutput:
+    """Route ``x``, run the chosen experts and return the router's own decision with the output.
+
+    ``bank_view`` maps the router's decision to the one the bank runs (e.g. the merged form's index
+    map); by default the bank runs the router's decision as it is.
+    """
+    x_T = experts.as_tokens(x)
+    _check_input(x_T, experts)
+    lead = x.shape[:-1] if experts.token_input else x.shape[:1]
+    decision = router(experts.router_features(x_T), meta=flatten_meta(meta, lead))
+    run = decision if bank_view is None else bank_view(decision)
+    if combine == "sparse":
+        y_T = dispatch(experts, x_T, run)
+    else:
+        y_T = combine_dense(experts, x_T, run.gates_TE())
+    return MoEOutput(y=experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
 
 
 def _first_tensor(module: nn.Module) -> Tensor | None:

@@ -14,12 +14,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice
 from ..experts.base import ExpertBank
-from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..types import MoEOutput, RoutingDecision
-from .moe import COMBINES, flatten_meta
+from .moe import check_layer_parts, run_layer
 
 __all__ = ["RemappedMoE", "remap_decision"]
 
@@ -55,21 +53,15 @@ class RemappedMoE(nn.Module):
 
     def __init__(self, router: Router, experts: ExpertBank, expert_map: Tensor, *, combine: str = "sparse") -> None:
         super().__init__()
-        if not isinstance(router, Router):
-            raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
-        if not isinstance(experts, ExpertBank):
-            raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+        self.combine = check_layer_parts(router, experts, combine)
         expert_map = torch.as_tensor(expert_map, dtype=torch.long)
         G, E = experts.num_experts, router.num_experts
         if expert_map.shape != (E,) or (expert_map < 0).any() or (expert_map >= G).any():
             raise ValueError(
                 f"expert_map must be [router.num_experts={E}] with values in [0, {G}), got {expert_map.tolist()}"
             )
-        if router.dim != experts.dim:
-            raise ValueError(f"router has dim={router.dim} but experts has dim={experts.dim}")
         self.router = router
         self.experts = experts
-        self.combine = check_choice("combine", combine, COMBINES)
         self.register_buffer("expert_map", expert_map.to(next(experts.parameters()).device))
 
     @property
@@ -77,15 +69,9 @@ class RemappedMoE(nn.Module):
         return self.experts.num_experts
 
     def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
-        x_T = self.experts.as_tokens(x)
-        lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
-        decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))
-        bank_decision = remap_decision(decision, self.expert_map, self.experts.num_experts)
-        if self.combine == "sparse":
-            y_T = dispatch(self.experts, x_T, bank_decision)
-        else:
-            y_T = combine_dense(self.experts, x_T, bank_decision.gates_TE())
-        return MoEOutput(y=self.experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
+        G = self.experts.num_experts
+        return run_layer(self.router, self.experts, self.combine, x, meta,
+                         bank_view=lambda d: remap_decision(d, self.expert_map, G))  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"router_outputs={self.router.num_experts}, experts={self.experts.num_experts}, combine={self.combine!r}"
