@@ -82,7 +82,7 @@ def test_bad_config_writes_nothing(tmp_path: Path, change: dict, match: str) -> 
 def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an earlier run"):
+    with pytest.raises(FileExistsError, match="not an earlier report"):
         run_constraints(ConstraintsConfig.quick(), tmp_path / "mine", quiet=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from moekit.reporting import atomic_directory, atomic_write_text, markdown_table, mean_std
+from moekit.reporting import atomic_directory, atomic_write_text, markdown_table, mean_std, report_directory
 
 
 def _mode(path: os.PathLike[str]) -> int:
@@ -61,3 +61,25 @@ def test_markdown_table_and_mean_std():
     table = markdown_table(["a", "b"], [[1, 2.5], ["x|y", float("nan")]])
     assert table == "| a | b |\n|---|---|\n| 1 | 2.5 |\n| x\\|y | nan |\n"
     assert mean_std([1.0, 2.0, 3.0]) == "2 ± 0.82"
+
+
+def test_report_directory_replaces_only_earlier_reports(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with report_directory(empty) as stage:
+        (stage / "results.json").write_text("{}")
+    with report_directory(empty) as stage:  # an earlier report is replaced whole
+        (stage / "report.md").write_text("new")
+    assert sorted(p.name for p in empty.iterdir()) == ["report.md"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier report"):
+        with report_directory(mine):
+            pass
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        with report_directory(tmp_path / "file"):
+            pass
+    assert (mine / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me"

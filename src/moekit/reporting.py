@@ -20,6 +20,8 @@ __all__ = [
     "atomic_directory",
     "staging_dir",
     "publish_dir",
+    "check_report_dir",
+    "report_directory",
     "write_json",
     "environment",
     "markdown_table",
@@ -103,6 +105,28 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
         publish_dir(stage, target, overwrite=overwrite)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_report_dir(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path, if a report may be written there: it does not exist, is an empty directory,
+    or holds an earlier report (``results.json``). Call it before long work, so a bad ``--out``
+    fails at once rather than after the run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise FileExistsError(
+            f"output directory {str(out)!r} exists and is not an earlier report (no results.json); choose another --out"
+        )
+    return out
+
+
+@contextmanager
+def report_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """``atomic_directory`` for experiment reports: the whole report appears at ``out`` or nothing
+    does; an earlier report there is replaced (anything else is refused by ``check_report_dir``)."""
+    with atomic_directory(check_report_dir(out), overwrite=True) as stage:
+        yield stage
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

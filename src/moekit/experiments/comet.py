@@ -27,7 +27,7 @@ from ..data.idx import load_mnist
 from ..data.multidigits import make_multidigits, overlay_split
 from ..data.synthetic_multitask import MultiTaskSplit, make_synthetic_multitask
 from ..models.multitask import MultiGateMoE, MultiTaskOutput
-from ..reporting import environment, write_json
+from ..reporting import check_report_dir, environment, report_directory, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
 
 __all__ = [
@@ -269,6 +269,8 @@ def run_comet(
     cfg: CometConfig, out_dir: str | Path | None = None, *, quiet: bool = False, echo: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run the random search for every data set and gate; write the report when ``out_dir`` is set."""
+    if out_dir is not None:
+        check_report_dir(out_dir)
     unknown = [g for g in cfg.gates if g not in GATES] + [d for d in cfg.datasets if d not in DATASETS]
     if unknown:
         raise ValueError(f"unknown gates/datasets {unknown}; gates: {list(GATES)}, datasets: {list(DATASETS)}")
@@ -312,9 +314,9 @@ def run_comet(
     if out_dir is not None:
         from .comet_report import write_report
 
-        out = Path(out_dir)
-        write_json(out / "results.json", results)
-        write_report(results, out)
+        with report_directory(out_dir) as out:
+            write_json(out / "results.json", results)
+            write_report(results, out)
     return results
 
 

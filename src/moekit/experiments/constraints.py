@@ -37,7 +37,7 @@ from ..data.domains import load_domain_digits
 from ..data.images import ImageSplit, load_digit_images
 from ..models.resnet_moe import ResNetMoE
 from ..registry import LOSSES
-from ..reporting import atomic_directory
+from ..reporting import check_report_dir, report_directory
 from ..training import TrainConfig, train_classifier
 
 __all__ = [
@@ -256,11 +256,7 @@ def run_constraints(
     from .constraints_report import write_constraints_report
 
     _check(cfg)
-    out = Path(out_dir)
-    if out.exists() and not (out / "results.json").is_file():
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not an earlier run (no results.json); choose another --out"
-        )
+    out = check_report_dir(out_dir)
     data = load_images(cfg)
     grid: list[tuple[str | None, int | None, int]] = [(None, None, 0)]
     grid += [(c, p, E) for p in cfg.positions for E in cfg.num_experts for c in cfg.constraints]
@@ -305,7 +301,7 @@ def run_constraints(
         "num_test": len(data.y_test),
         "class_names": list(data.class_names),
     }
-    with atomic_directory(out, overwrite=True) as stage:
+    with report_directory(out) as stage:
         for name, model in models.items():
             save_checkpoint(model, stage / "checkpoints" / name)
         write_constraints_report(stage, cfg_dict(cfg), data_info, runs, extras)

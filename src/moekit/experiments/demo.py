@@ -18,7 +18,15 @@ from .._checks import check_int
 from ..balancing import AuxFreeBias
 from ..data.digits import DigitsSplit, load_digits_split
 from ..models.classifier import MoEClassifier
-from ..reporting import atomic_write_text, environment, markdown_table, save_figure, write_json
+from ..reporting import (
+    atomic_write_text,
+    check_report_dir,
+    environment,
+    markdown_table,
+    report_directory,
+    save_figure,
+    write_json,
+)
 from ..stats import RoutingRecorder
 from ..training import TrainConfig, evaluate_classifier, train_classifier
 
@@ -91,9 +99,7 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train every selected configuration and write the report files into ``out_dir``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory")
+    out = check_report_dir(out_dir)
     runs = select_runs(routers)
     check_int("epochs", epochs, low=1)
     check_int("num_experts", num_experts, low=2)
@@ -189,7 +195,7 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], config: dict[str, A
         "Hash routing sends each example by its id, so it balances load but cannot specialise: the test "
         f"examples' ids were never seen in training, and each expert sees a random 1/{E} of the data.\n"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    _plot(results, out / "utilisation.png")
-    write_json(out / "results.json", {"config": config, "environment": environment(), "results": results})
-    atomic_write_text(out / "report.md", report)
+    with report_directory(out) as stage:
+        _plot(results, stage / "utilisation.png")
+        write_json(stage / "results.json", {"config": config, "environment": environment(), "results": results})
+        atomic_write_text(stage / "report.md", report)

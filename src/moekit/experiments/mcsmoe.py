@@ -30,7 +30,7 @@ from ..merging.model import merge_moekit_model
 from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import evaluate_bpb, train_lm
-from ..reporting import environment, write_json
+from ..reporting import check_report_dir, environment, report_directory, write_json
 from .mcsmoe_report import write_report
 
 __all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe", "add_reproduce_parser"]
@@ -120,6 +120,8 @@ def _measure(model: torch.nn.Module, val: torch.Tensor, cfg: McSmoeConfig, *, ch
 
 def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set."""
+    if out_dir is not None:
+        check_report_dir(out_dir)
     torch.manual_seed(cfg.seed)
     corpus: ByteCorpus = load_stdlib_corpus(max_bytes=cfg.corpus_bytes)
     val = eval_windows(corpus.val, cfg.seq_len, cfg.eval_windows)
@@ -168,9 +170,9 @@ def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, quiet: b
         "train_loss_first_last": [losses[0], losses[-1]] if losses else [], "rows": rows,
     }  # fmt: skip
     if out_dir is not None:
-        out = Path(out_dir)
-        write_json(out / "results.json", results)
-        write_report(results, out)
+        with report_directory(out_dir) as out:
+            write_json(out / "results.json", results)
+            write_report(results, out)
     return results
 
 

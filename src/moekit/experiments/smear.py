@@ -32,7 +32,7 @@ from ..data.images import ImageSplit
 from ..layers.adapters import adapter_context, adapter_sites, insert_routed_adapters
 from ..layers.baselines import ROUTED_METHODS
 from ..models.resnet_moe import BasicBlock, ResNetMoE
-from ..reporting import environment, write_json
+from ..reporting import check_report_dir, environment, report_directory, write_json
 from ..routers.estimators import reinforce_terms
 
 __all__ = ["SmearConfig", "pretrain_backbone", "run_method", "run_smear", "add_reproduce_parser"]
@@ -228,6 +228,8 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, quiet: boo
               echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Pretrain the backbone, run every method and seed, write the report when ``out_dir`` is set."""
     _check(cfg)
+    if out_dir is not None:
+        check_report_dir(out_dir)
     data = load_data(cfg)
     backbone, pretrain_s = pretrain_backbone(cfg, data, quiet=quiet)
     zero_shot = evaluate(backbone, data, cfg)
@@ -251,9 +253,9 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, quiet: boo
     if out_dir is not None:
         from .smear_report import write_report
 
-        out = Path(out_dir)
-        write_json(out / "results.json", results)
-        write_report(results, out)
+        with report_directory(out_dir) as out:
+            write_json(out / "results.json", results)
+            write_report(results, out)
     return results
 
 
