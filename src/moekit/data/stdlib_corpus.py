@@ -21,7 +21,16 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 
-__all__ = ["ByteCorpus", "stdlib_root", "stdlib_files", "load_stdlib_corpus", "random_windows", "eval_windows"]
+__all__ = [
+    "ByteCorpus",
+    "StdlibFile",
+    "stdlib_root",
+    "stdlib_files",
+    "stdlib_split",
+    "load_stdlib_corpus",
+    "random_windows",
+    "eval_windows",
+]
 
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
@@ -69,10 +78,21 @@ def stdlib_files(root: str | os.PathLike[str] | None = None) -> list[str]:
     return sorted(rels, key=lambda r: (_key(r), r))
 
 
-def load_stdlib_corpus(
+@dataclass(frozen=True)
+class StdlibFile:
+    """One corpus file: its path relative to the stdlib root (the document id), its split, its bytes
+    (the file's contents plus a trailing newline, as they appear in the corpus stream)."""
+
+    path: str
+    split: str
+    data: bytes
+
+
+def stdlib_split(
     *, max_bytes: int = 4_000_000, val_fraction: float = 0.05, root: str | os.PathLike[str] | None = None
-) -> ByteCorpus:
-    """Read up to ``max_bytes`` of stdlib source (whole files, in hash order) and split it per file.
+) -> tuple[list[StdlibFile], str]:
+    """The files of the corpus (whole files, in hash order, up to ``max_bytes``), each assigned to
+    ``"train"`` or ``"val"``, and the SHA-256 of all their paths and text.
 
     Walking the files in hash order, a file goes to validation while validation holds less than
     ``val_fraction`` of the bytes read so far (so the first file always does).
@@ -82,8 +102,7 @@ def load_stdlib_corpus(
     if val_fraction >= 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     base = Path(root) if root is not None else stdlib_root()
-    train: list[bytes] = []
-    val: list[bytes] = []
+    files: list[StdlibFile] = []
     total = val_bytes = 0
     digest = hashlib.sha256()
     for rel in stdlib_files(base):
@@ -93,16 +112,26 @@ def load_stdlib_corpus(
         data = (base / rel).read_bytes() + b"\n"
         total += len(data)
         digest.update(rel.encode("utf-8") + b"\0" + data)
-        if val_bytes < val_fraction * total:  # keeps validation at ~val_fraction of the bytes
-            val.append(data)
+        split = "val" if val_bytes < val_fraction * total else "train"  # keeps validation at ~val_fraction
+        if split == "val":
             val_bytes += len(data)
-        else:
-            train.append(data)
+        files.append(StdlibFile(rel, split, data))
+    return files, digest.hexdigest()
+
+
+def load_stdlib_corpus(
+    *, max_bytes: int = 4_000_000, val_fraction: float = 0.05, root: str | os.PathLike[str] | None = None
+) -> ByteCorpus:
+    """Read up to ``max_bytes`` of stdlib source and split it per file (``stdlib_split``)."""
+    base = Path(root) if root is not None else stdlib_root()
+    files, digest = stdlib_split(max_bytes=max_bytes, val_fraction=val_fraction, root=base)
+    train = [f.data for f in files if f.split == "train"]
+    val = [f.data for f in files if f.split == "val"]
     if not train:
         raise ValueError(f"max_bytes={max_bytes} leaves no training file; raise it")
     return ByteCorpus(
         train=_as_bytes(train), val=_as_bytes(val), train_files=len(train), val_files=len(val),
-        digest=digest.hexdigest(), root=str(base), python=sys.version.split()[0],
+        digest=digest, root=str(base), python=sys.version.split()[0],
     )  # fmt: skip
 
 

@@ -1,0 +1,117 @@
+"""``moekit eval``: evaluate a (compressed) MoE language model on held-out text.
+
+    moekit eval merged/ --reference original/ --out reports/eval-merged
+    moekit eval my-hf-model/ --data corpus.jsonl --tasks perplexity,generate
+    moekit eval merged/ --compare reports/eval-other      # paired against an earlier run
+
+MODEL is a moekit checkpoint or a Hugging Face model directory (only read). Without ``--out`` the
+markdown report is printed; with it, ``results.json``, ``items.jsonl`` and ``report.md`` are written
+there (an earlier report is replaced; any other non-empty directory is refused before any work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.documents import STDLIB
+
+
+def register(subparsers: Any) -> None:
+    from ..evaluation.harness import TASKS, EvalSettings
+
+    d = EvalSettings()
+    p = subparsers.add_parser("eval", help="evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation")
+    p.add_argument("model", help="moekit checkpoint or Hugging Face model directory (only read)")
+    p.add_argument("--data", nargs="+", default=[STDLIB], metavar="SOURCE",
+                   help="'stdlib' (held-out stdlib files, default) or text / .jsonl / .safetensors token-id files")  # fmt: skip
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)}, or 'none' (default: all)")  # fmt: skip
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="the original (uncompressed) model: generation is compared with it, and it is evaluated too")  # fmt: skip
+    p.add_argument("--compare", nargs="+", default=[], metavar="RESULTS",
+                   help="earlier results.json (or report directories) to compare with, paired on the same items")  # fmt: skip
+    p.add_argument("--out", default=None, help="report directory (default: print the report)")
+    p.add_argument("--seed", type=int, default=d.seed, help="item, prompt and bootstrap seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="device to run the models on (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no printed report")
+    g = p.add_argument_group("sizes")
+    g.add_argument("--documents", type=int, default=None, help="use only the first N documents")
+    g.add_argument("--max-doc-bytes", type=int, default=None, help="perplexity: score at most N bytes per document")
+    g.add_argument("--stride", type=int, default=None, help="perplexity window stride in tokens (default: the context)")
+    g.add_argument("--context", type=int, default=None, help="tokens per forward (default: the model's, at most 2048)")
+    g.add_argument("--items", type=int, default=d.items, help="items per choice/cloze task (default: %(default)s)")
+    g.add_argument("--distractors", type=int, default=d.distractors, help="wrong choices per item (default: %(default)s)")
+    g.add_argument("--prompts", type=int, default=d.prompts, help="generation prompts (default: %(default)s)")
+    g.add_argument("--prompt-length", type=int, default=d.prompt_length,
+                   help="bytes of text per prompt (tokens for token-id data) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--new-tokens", type=int, default=d.new_tokens, help="greedy tokens per prompt (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward (default: %(default)s)")
+    g.add_argument("--stdlib-bytes", type=int, default=4_000_000,
+                   help="size of the stdlib corpus whose validation files are evaluated (default: %(default)s, "
+                   "the experiments' corpus)")  # fmt: skip
+    lm = p.add_argument_group("lm-eval pass-through (needs the lm-eval package; offline)")
+    lm.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval task names")
+    lm.add_argument("--lm-eval-include", default=None, metavar="DIR", help="directory of local lm-eval task YAMLs")
+    lm.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task")
+    p.set_defaults(func=_run)
+
+
+def _tasks(spec: str) -> list[str]:
+    if spec.strip() == "none":
+        return []
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluation import EvalSettings, compare_runs, evaluate, load_data, load_model, load_results
+    from ..evaluation.lm_eval_bridge import check_lm_eval, run_lm_eval
+    from ..evaluation.report import markdown_report, write_report
+    from ..reporting import check_report_dir
+
+    tasks = _tasks(args.tasks)
+    lm_tasks = _tasks(args.lm_eval) if args.lm_eval is not None else []
+    if not tasks and not lm_tasks:
+        raise ValueError("nothing to do: --tasks is 'none' and no --lm-eval tasks were given")
+    settings = EvalSettings(
+        seed=args.seed, documents=args.documents, max_doc_bytes=args.max_doc_bytes, stride=args.stride,
+        items=args.items, distractors=args.distractors, prompts=args.prompts, prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens, batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.out is not None:
+        check_report_dir(args.out)
+    if args.lm_eval is not None:
+        check_lm_eval(lm_tasks, args.lm_eval_include)
+    earlier = [load_results(path) for path in args.compare]
+    data = load_data(args.data, max_bytes=args.stdlib_bytes)
+    show = not args.quiet and sys.stderr.isatty()
+    model = load_model(args.model, device=args.device, context=args.context, progress=show)
+    reference = load_model(args.reference, device=args.device, context=args.context, progress=show) if args.reference else None
+    from_shell = sys.argv and Path(sys.argv[0]).name in ("moekit", "__main__.py")
+    result = evaluate(model, data, tasks=tasks, reference=reference, settings=settings, progress=not args.quiet,
+                      command=["moekit", *sys.argv[1:]] if from_shell else None)  # fmt: skip
+    result["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    for other in earlier:
+        base = dict(other["runs"][0])
+        if base["name"] == result["runs"][0]["name"]:
+            base["name"] += " (earlier run)"
+        result["comparisons"] += compare_runs(result["runs"][0], base, **settings.stats())
+    if lm_tasks:
+        result["lm_eval"] = run_lm_eval(model, lm_tasks, args.lm_eval_include, batch_size=args.batch_size,
+                                        limit=args.lm_eval_limit)  # fmt: skip
+    if args.out is not None:
+        write_report(result, args.out)
+    if not args.quiet:
+        print(markdown_report(result), end="")
+        if args.out is not None:
+            print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0

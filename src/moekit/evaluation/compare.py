@@ -1,0 +1,91 @@
+"""Paired comparison of evaluation runs on the same documents, items and prompts.
+
+For each metric both runs have, the difference ``metric(A) - metric(B)`` gets a BCa bootstrap
+interval in which the *same* units are resampled for both runs (documents for perplexity, items for
+the multiple-choice tasks, prompts for generation), which removes the unit-to-unit variation both
+share. The verdict is decided by the interval (``moekit.confidence.verdict``): "A better" when it
+lies wholly on A's better side of 0, "B better" on the other side, else "within noise". Runs are
+comparable only when they scored the same units: equal data digests and unit ids, equal item
+digests for multiple-choice tasks, the same reference for generation (else ValueError).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..confidence import Interval, bootstrap_interval, verdict
+from .metrics import METRICS, unit_arrays
+
+__all__ = ["compare_runs", "compare"]
+
+
+def _difference_of_ratios(na: np.ndarray, da: np.ndarray, nb: np.ndarray, db: np.ndarray, axis: int = -1) -> Any:
+    return na.sum(axis=axis) / da.sum(axis=axis) - nb.sum(axis=axis) / db.sum(axis=axis)
+
+
+def _check_comparable(task: str, a: Mapping[str, Any], b: Mapping[str, Any], names: tuple[str, str]) -> None:
+    where = f"{task} of {names[0]!r} and {names[1]!r}"
+    for key in ("data_sha256", "items_sha256", "reference"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"{where} are not comparable: their {key} differ ({a.get(key)} vs {b.get(key)})")
+    if [u["id"] for u in a.get("per_unit", [])] != [u["id"] for u in b.get("per_unit", [])]:
+        raise ValueError(f"{where} are not comparable: they scored different {a.get('units', 'units')}")
+
+
+def compare_runs(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    *,
+    level: float = 0.95,
+    n_resamples: int = 4999,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Paired differences of run ``a`` minus run ``b`` (runs as in ``evaluate()["runs"]``: ``{"name",
+    "tasks"}``) on every task and metric both have. One row per metric (JSON-ready)."""
+    names = (str(a.get("name", "A")), str(b.get("name", "B")))
+    rows = []
+    for task, ra in a["tasks"].items():
+        rb = b["tasks"].get(task)
+        if rb is None:
+            continue
+        _check_comparable(task, ra, rb, names)
+        for name, metric in METRICS[task].items():
+            if metric.exp:
+                continue
+            xa, xb = unit_arrays(ra, metric), unit_arrays(rb, metric)
+            if xa is None or xb is None:
+                continue
+            (_, na, da), (_, nb, db) = xa, xb
+            if np.array_equal(na, nb) and np.array_equal(da, db):
+                n = na.size
+                diff = Interval(0.0, 0.0, 0.0, n, level, "exact")
+            else:
+                diff = bootstrap_interval(na, da, nb, db, statistic=_difference_of_ratios, level=level,
+                                          n_resamples=n_resamples, seed=seed)  # fmt: skip
+            claim = "negative" if metric.better == "lower" else "positive"
+            said = {"supported": f"{names[0]} better", "contradicted": f"{names[1]} better"}
+            rows.append({
+                "task": task, "metric": name, "better": metric.better, "a": names[0], "b": names[1],
+                "a_value": float(na.sum() / da.sum()), "b_value": float(nb.sum() / db.sum()),
+                "difference": diff.to_dict(), "units": int(na.size),
+                "verdict": said.get(verdict(diff, claimed=claim), "within noise"),
+            })  # fmt: skip
+    return rows
+
+
+def compare(
+    runs: Sequence[Mapping[str, Any]], *, baseline: int = 0, level: float = 0.95, n_resamples: int = 4999, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Every run of ``runs`` (two or more) against ``runs[baseline]``: ``compare_runs(run, base)`` rows."""
+    if len(runs) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(runs)}")
+    if not -len(runs) <= baseline < len(runs):
+        raise ValueError(f"baseline must index one of the {len(runs)} runs, got {baseline}")
+    base = runs[baseline]
+    rows = []
+    for i, run in enumerate(runs):
+        if i != baseline % len(runs):
+            rows += compare_runs(run, base, level=level, n_resamples=n_resamples, seed=seed)
+    return rows
