@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..confidence import Interval, bootstrap_interval, verdict
-from .metrics import METRICS, unit_arrays
+from .metrics import METRICS, constant_ratio, unit_arrays
 
 __all__ = ["compare_runs", "compare"]
 
@@ -58,9 +58,11 @@ def compare_runs(
             if xa is None or xb is None:
                 continue
             (_, na, da), (_, nb, db) = xa, xb
+            ca, cb = constant_ratio(na, da), constant_ratio(nb, db)
             if np.array_equal(na, nb) and np.array_equal(da, db):
-                n = na.size
-                diff = Interval(0.0, 0.0, 0.0, n, level, "exact")
+                diff = Interval(0.0, 0.0, 0.0, na.size, level, "exact")
+            elif ca is not None and cb is not None:  # every resample gives the same difference
+                diff = Interval(ca - cb, ca - cb, ca - cb, na.size, level, "exact")
             else:
                 diff = bootstrap_interval(na, da, nb, db, statistic=_difference_of_ratios, level=level,
                                           n_resamples=n_resamples, seed=seed)  # fmt: skip

@@ -97,7 +97,7 @@ def _ids(model: EvalModel, p: Prompt, new_tokens: int) -> tuple[list[int], list[
         model.check_tokens(prompt + text, f"prompt {p.id} (document {p.document!r})")
     room = model.context - new_tokens + 1
     if room < 1:
-        raise ValueError(f"new_tokens={new_tokens} does not fit the context of {model.name!r} ({model.context})")
+        raise ValueError(f"new_tokens={new_tokens} does not fit the context of {model.name!r} ({model.context}); lower it")
     return prompt[-room:], text[:new_tokens]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..confidence import Interval, ratio_interval
 
-__all__ = ["Metric", "METRICS", "unit_arrays", "summarise"]
+__all__ = ["Metric", "METRICS", "unit_arrays", "constant_ratio", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,13 @@ def unit_arrays(result: Mapping[str, Any], metric: Metric) -> tuple[list[str], n
     return [str(u["id"]) for u in units], num, den
 
 
+def constant_ratio(num: np.ndarray, den: np.ndarray) -> float | None:
+    """The common value of ``num / den`` when every unit has the same ratio (then so has every
+    bootstrap resample, and the interval has zero width), else None."""
+    ratios = num / den
+    return float(ratios[0]) if np.all(ratios == ratios[0]) else None
+
+
 def _exp(interval: Interval) -> Interval:
     return Interval(math.exp(interval.estimate), math.exp(interval.low), math.exp(interval.high),
                     interval.n, interval.level, interval.method)  # fmt: skip
@@ -96,6 +103,10 @@ def summarise(
         if arrays is None:
             continue
         _, num, den = arrays
-        interval = ratio_interval(num, den, level=level, n_resamples=n_resamples, seed=seed)
+        same = constant_ratio(num, den)
+        if same is not None:
+            interval = Interval(float(num.sum() / den.sum()), same, same, num.size, level, "exact")
+        else:
+            interval = ratio_interval(num, den, level=level, n_resamples=n_resamples, seed=seed)
         out[name] = (_exp(interval) if metric.exp else interval).to_dict()
     return out
