@@ -22,16 +22,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 from moekit import (  # noqa: E402
     AuxFreeBias, ConvExperts, DSelectKRouter, ExpertChoiceRouter, GLUExperts, HashRouter, MLPExperts, MoE, SwitchRouter,
-    TopKRouter,
+    TopKRouter, load_checkpoint, save_checkpoint,
 )
-from moekit.distributed import (  # noqa: E402
-    ExpertParallelError,
-    ExpertParallelMoE,
-    init_distributed,
-    load_distributed_model,
-    make_groups,
-    save_distributed_checkpoint,
-)
+from moekit.distributed import ExpertParallelError, ExpertParallelMoE, init_distributed, make_groups  # noqa: E402
 from moekit.distributed.train import EPTrainConfig, train_expert_parallel  # noqa: E402
 
 E, D, F, T = 4, 8, 16, 12  # experts, width, hidden, global tokens
@@ -122,11 +115,11 @@ def _training(rank: int, world: int, out: Path) -> None:
         result = train_expert_parallel(TRAIN, groups, quiet=True)
         results[f"ep{ep}"] = {"losses": result.losses, "accuracy": result.accuracy}
         if ep == world:
-            save_distributed_checkpoint(result.model, out / "ckpt", groups, name="ep_moe_classifier",
-                                        config=TRAIN.model_config(64, 10))
+            save_checkpoint(result.model, out / "ckpt", groups=groups, name="ep_moe_classifier",
+                            config=TRAIN.model_config(64, 10))  # the one entry point: sharded on 2 ranks
             logits["saved"] = _logits(result.model, rank)
         else:  # re-shard the ep=2 checkpoint onto the ep=1 layout
-            logits["resharded"] = _logits(load_distributed_model(out / "ckpt", groups), rank)
+            logits["resharded"] = _logits(load_checkpoint(out / "ckpt", groups=groups), rank)
     save_file(logits, str(out / f"ckpt-logits-rank{rank}.safetensors"))
     if rank == 0:
         (out / "training.json").write_text(json.dumps(results))

@@ -248,3 +248,56 @@ def test_sequential_backbone_runs_adapters_from_hooks_only(tmp_path) -> None:
     remove_adapters(model)
     assert type(model) is nn.Sequential and len(model) == 5
     torch.testing.assert_close(model(x), plain(x))
+
+
+def _bert_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, num_labels=3)  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_task_head_stays_trainable_is_saved_and_reloads_to_identical_logits(tmp_path) -> None:
+    model = _bert_classifier()
+    insert_routed_adapters(model, r"encoder\.layer\.\d+$", method="smear", num_experts=2, bottleneck=4)
+    head = {n for n, p in model.named_parameters() if p.requires_grad and "moekit_adapters" not in n}
+    assert head == {"classifier.weight", "classifier.bias"}  # BERT's own weights stay frozen
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 100, (12, 6), generator=g), torch.arange(12) % 3
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # the head learns (it was frozen at loss ln 3 before)
+    model.eval()
+    logits = model(input_ids=ids).logits
+    save_adapters(model, tmp_path / "ad")
+    fresh = load_adapters(_bert_classifier().eval(), tmp_path / "ad")
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad and "moekit_adapters" not in n} == head
+    assert torch.equal(fresh(input_ids=ids).logits, logits)
+
+
+def test_train_names_modules_and_hand_unfrozen_tensors_are_saved(tmp_path) -> None:
+    model = _bert_classifier()
+    with pytest.raises(ValueError, match=r"train names \['clasifier'\].*top-level modules: bert, dropout, classifier"):
+        insert_routed_adapters(model, r"encoder\.layer\.0$", train=["clasifier"])
+    with pytest.raises(TypeError, match=r"use \['classifier'\]"):
+        insert_routed_adapters(model, r"encoder\.layer\.0$", train="classifier")
+    insert_routed_adapters(model, r"encoder\.layer\.0$", num_experts=2, bottleneck=4, train=[])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "moekit_adapters" not in n)
+    model.bert.pooler.dense.bias.requires_grad_(True)  # unfrozen by hand after insertion
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.add_(0.5)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 5))
+    save_adapters(model, tmp_path / "ad")
+    fresh = load_adapters(_bert_classifier().eval(), tmp_path / "ad")
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad and "moekit_adapters" not in n] == [
+        "bert.pooler.dense.bias"
+    ]
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)

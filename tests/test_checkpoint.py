@@ -91,7 +91,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="corrupt checkpoint config"):
         load_checkpoint(path)
     config.write_text(json.dumps({"format": "moekit", "model": "no_such_model", "config": {}}))
-    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
+    with pytest.raises(ValueError, match="names model 'no_such_model', which is not registered.*register_model"):
         load_checkpoint(path)
     meta = json.loads(good_config)
     meta["config"]["hidden"] = 64
@@ -101,3 +101,102 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     config.unlink()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_checkpoint(path)
+
+
+class _UserNet(torch.nn.Module):
+    """A user's own model: a moekit MoE inside, not registered anywhere."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.width = width
+        self.inp = torch.nn.Linear(5, width)
+        self.moe = moekit.MoE(moekit.TopKRouter(width, 4, k=2), moekit.MLPExperts(4, width, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.inp(x)).y
+
+
+def test_unregistered_model_saves_weights_and_loads_into_an_instance(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _UserNet().eval(), torch.randn(3, 5)
+    path = save_checkpoint(model, tmp_path / "user")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["model"] is None and meta["class"].endswith("_UserNet")
+    with pytest.raises(ValueError, match=r"load_checkpoint\(path, model=_UserNet\(...\)\).*@moekit.register_model"):
+        load_checkpoint(path)
+    fresh = _UserNet().eval()
+    assert load_checkpoint(path, model=fresh) is fresh
+    torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(ValueError, match="do not match the model you passed"):
+        load_checkpoint(path, model=_UserNet(width=8))
+
+
+def test_register_model_decorator_rebuilds_by_name(tmp_path: Path) -> None:
+    from moekit.registry import MODELS
+
+    @moekit.register_model("test_user_net")
+    class RegisteredNet(_UserNet):
+        def config(self) -> dict:
+            return {"width": self.width}
+
+    try:
+        torch.manual_seed(0)
+        model, x = RegisteredNet(width=10).eval(), torch.randn(3, 5)
+        path = save_checkpoint(model, tmp_path / "reg")
+        loaded = load_checkpoint(path).eval()
+        assert type(loaded) is RegisteredNet and loaded.width == 10
+        torch.testing.assert_close(loaded(x), model(x))
+    finally:
+        MODELS._entries.pop("test_user_net")
+
+
+def test_classifier_config_round_trip_with_a_balancer_by_name(tmp_path: Path) -> None:
+    from moekit.models.classifier import MoEClassifier
+
+    torch.manual_seed(0)
+    model = MoEClassifier(6, 3, dim=8, num_experts=4, router_kwargs={"k": 2}, balancer="aux_free",
+                          balancer_kwargs={"rate": 0.1})  # fmt: skip
+    model.train()
+    model(torch.randn(16, 6))  # the balancer's bias moves in training
+    model.eval()
+    x = torch.randn(4, 6)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "clf")).eval()
+    assert isinstance(loaded.blocks[0].router.balancer, moekit.AuxFreeBias)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    with pytest.raises(ValueError, match="balancer='aux_free'"):
+        MoEClassifier(6, 3, router_kwargs={"balancer": moekit.AuxFreeBias(8)}).config()
+
+
+def test_distributed_checkpoint_through_the_same_entry_point(tmp_path: Path) -> None:
+    from moekit.distributed import save_distributed_checkpoint
+    from moekit.distributed.model import ep_moe_classifier
+
+    config = {"in_dim": 6, "num_classes": 3, "dim": 8, "num_experts": 4, "aux_free_rate": 0.01}
+    torch.manual_seed(0)
+    model, x = ep_moe_classifier(**config).eval(), torch.randn(4, 6)
+    save_distributed_checkpoint(model, tmp_path / "ep", name="ep_moe_classifier", config=config)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "ep").eval()(x)[0], model(x)[0])
+    fresh = ep_moe_classifier(**config).eval()
+    torch.testing.assert_close(load_checkpoint(tmp_path / "ep", model=fresh)(x)[0], model(x)[0])
+
+
+def test_model_with_routed_adapters_and_a_trained_head(tmp_path: Path) -> None:
+    from moekit.models.resnet_moe import BasicBlock
+
+    def backbone() -> moekit.ResNetMoE:
+        torch.manual_seed(0)
+        return moekit.ResNetMoE(3, in_channels=1, width=4).eval()
+
+    model = moekit.insert_routed_adapters(backbone(), BasicBlock, method="smear", num_experts=2, bottleneck=4,
+                                          train=["head"], bank_kwargs={"up_init_scale": 1.0})  # fmt: skip
+    assert all(p.requires_grad for p in model.head.parameters())
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # as if trained
+    x = torch.randn(2, 1, 8, 8)
+    path = save_checkpoint(model, tmp_path / "adapted")
+    assert (path / "adapters" / "adapters.json").is_file()
+    loaded = load_checkpoint(path).eval()
+    assert set(moekit.adapter_sites(loaded)) == set(moekit.adapter_sites(model))
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    assert all(p.requires_grad for p in loaded.head.parameters()) and not loaded.stem[0].weight.requires_grad
+    torch.testing.assert_close(load_checkpoint(path, model=backbone()).eval()(x)[0], model(x)[0])

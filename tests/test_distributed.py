@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import moekit
 from moekit.distributed import load_distributed_model, load_distributed_state, read_distributed_config, save_distributed_checkpoint
 from moekit.distributed.model import ep_moe_classifier
 from moekit.distributed.train import EPTrainConfig, global_batches, train_expert_parallel
@@ -117,7 +118,7 @@ def test_checkpoint_saved_on_two_ranks_loads_on_one(main_run: Path) -> None:
     meta = read_distributed_config(main_run / "ckpt")
     assert meta["ep_size"] == 2 and sorted(p.name for p in (main_run / "ckpt").iterdir()) == [
         "config.json", "dense.safetensors", "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors"]
-    model = load_distributed_model(main_run / "ckpt").eval()
+    model = moekit.load_checkpoint(main_run / "ckpt").eval()  # the same entry point as every checkpoint
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, _ = model(x)

@@ -115,15 +115,11 @@ def test_exact_form_is_the_redirect_model(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(logits(reloaded, ids), logits(merged, ids), atol=1e-5, rtol=1e-5)
         assert generate(reloaded, ids).shape[0] == 2
-    # stock transformers cannot load the exact layout: a size-mismatch error for fused experts; for
-    # Switch (one module per expert) a load report of missing and unexpected keys
-    if family == "switch_transformers":
-        _, info = model_class(family).from_pretrained(tmp_path / "exact", output_loading_info=True)
-        assert any("router.classifier" in k for k in info["missing_keys"])
-        assert any(k.endswith("router.expert_map") for k in info["unexpected_keys"])
-    else:
-        with pytest.raises(RuntimeError, match="mismatch"):
-            model_class(family).from_pretrained(tmp_path / "exact")
+    # stock transformers refuses the exact layout with an error that names moekit's loader (Switch
+    # would otherwise load silently wrong, with re-initialised routers)
+    with pytest.raises(ValueError, match=r"load it with moekit\.load_hf_model"):
+        model_class(family).from_pretrained(tmp_path / "exact")
+    assert "moekit.load_hf_model" in (tmp_path / "exact" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("form", ["exact", "plain"])

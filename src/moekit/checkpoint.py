@@ -1,9 +1,21 @@
-"""moekit checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+"""moekit checkpoints: one save/load entry point for every model moekit trains or reads.
 
-``config.json`` = ``{"format": "moekit", "version": ..., "model": <MODELS name>, "config": {kwargs}}``;
-``load_checkpoint`` rebuilds the model with ``MODELS.create(name, **config)`` and loads the tensors
-(strict). Nothing is unpickled. Saving writes into a temporary sibling directory and renames it into
-place, so a failed save never leaves a partial checkpoint.
+``save_checkpoint(model, dir)`` writes a directory with ``model.safetensors`` and ``config.json``
+(``{"format": "moekit", "version": ..., "model": <MODELS name or null>, "class": <import path>,
+"config": {kwargs}}``); nothing is ever pickled. What gets saved depends on the model:
+
+* a **registered** model (``moekit.register_model`` / ``moekit.registry.MODELS``): ``load_checkpoint(dir)``
+  rebuilds it from its builder name and keyword arguments (``model.config()``, or ``config=``);
+* **any other** ``nn.Module``: its weights; ``load_checkpoint(dir, model=MyNet(...))`` loads them into
+  the instance you pass (strict: every tensor must match);
+* an **expert-parallel** model (``groups=``, every rank calls it): a sharded checkpoint
+  (``moekit.distributed.checkpoint``) that ``load_checkpoint`` reads on any number of ranks, or on one;
+* a model with **routed adapters** (``insert_routed_adapters``): the backbone's weights plus an
+  ``adapters/`` directory (``save_adapters``: adapters, routers and every other trainable tensor);
+  ``load_checkpoint`` puts the adapters back with the same trainable tensors.
+
+Saving writes into a temporary sibling directory and renames it into place, so a failed save never
+leaves a partial checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -21,25 +33,62 @@ from torch import nn
 from .registry import MODELS
 from .reporting import atomic_directory
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "WEIGHTS_NAME", "CONFIG_NAME"]
+if TYPE_CHECKING:
+    from .distributed.groups import ExpertParallelGroups
+
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json", "checkpoint_format",
+    "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
+]  # fmt: skip
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+ADAPTERS_DIR = "adapters"
 FORMAT = "moekit"
+DISTRIBUTED_FORMAT = "moekit-expert-parallel"
 VERSION = 1
 
 
-def _model_spec(model: nn.Module, name: str | None, config: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+def _class_path(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registered_name(model: nn.Module) -> str | None:
+    return next((e.name for e in MODELS.entries() if e.factory is type(model)), None)
+
+
+def _model_spec(model: nn.Module, name: str | None, config: Mapping[str, Any] | None) -> tuple[str | None, dict | None]:
+    """(builder name, builder kwargs), or (None, None) for a model that is neither registered nor named."""
+    name = name if name is not None else _registered_name(model)
     if name is None:
-        name = next((e.name for e in MODELS.entries() if e.factory is type(model)), None)
-        if name is None:
-            raise ValueError(f"{type(model).__name__} is not in the MODELS registry; pass name=")
+        if config is not None:
+            raise ValueError(f"config= needs a registered builder: pass name= too, or register "
+                             f"{type(model).__name__} with @moekit.register_model")  # fmt: skip
+        return None, None
     MODELS.entry(name)
     if config is None:
         if not callable(getattr(model, "config", None)):
-            raise ValueError(f"{type(model).__name__} has no config() method; pass config=")
+            raise ValueError(f"{type(model).__name__} is registered as {name!r} but has no config() method returning "
+                             "its keyword arguments; add one, or pass config={...} to save_checkpoint")  # fmt: skip
         config = model.config()
     return name, dict(config)
+
+
+def _split_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The backbone's tensors (without the routed adapters') and whether the model has adapters."""
+    from .layers.sites import ADAPTERS_ATTR
+
+    if not hasattr(model, ADAPTERS_ATTR):
+        return state, False
+    prefix = f"{ADAPTERS_ATTR}."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}, True
+
+
+def _is_expert_parallel(model: nn.Module) -> bool:
+    from .distributed.layer import ExpertParallelMoE
+
+    return any(isinstance(m, ExpertParallelMoE) for m in model.modules())
 
 
 def save_checkpoint(
@@ -48,24 +97,39 @@ def save_checkpoint(
     *,
     name: str | None = None,
     config: Mapping[str, Any] | None = None,
+    groups: ExpertParallelGroups | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save ``model`` to ``directory`` (created; must not exist unless ``overwrite``).
+    """Save ``model`` to ``directory`` (created; must not exist unless ``overwrite``). See the module doc.
 
     Args:
         model: the module to save (its full ``state_dict``, buffers included).
-        directory: output directory.
-        name: its builder in ``moekit.registry.MODELS`` (default: the registered class of ``model``).
+        name: its builder in ``moekit.registry.MODELS`` (default: the registered class of ``model``;
+            an unregistered model is saved as weights only).
         config: keyword arguments of the builder (default: ``model.config()``).
+        groups: the expert-parallel process groups of a sharded model (collective: every rank calls it).
         overwrite: replace an existing directory.
     """
+    if groups is not None or _is_expert_parallel(model):
+        if groups is None:
+            raise ValueError(f"{type(model).__name__} has expert-parallel layers: pass groups= (every rank calls "
+                             "save_checkpoint with its ExpertParallelGroups)")  # fmt: skip
+        from .distributed.checkpoint import save_distributed_checkpoint
+
+        name, config = _model_spec(model, name, config)
+        return save_distributed_checkpoint(model, directory, groups, name=name, config=config, overwrite=overwrite)
     directory = Path(directory)
     name, config = _model_spec(model, name, config)
-    text = json.dumps({"format": FORMAT, "version": VERSION, "model": name, "config": config}, indent=2)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": VERSION, "model": name, "class": _class_path(model), "config": config}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, has_adapters = _split_adapters(model, state)
     with atomic_directory(directory, overwrite=overwrite) as stage:
-        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
-        (stage / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+        save_file(state, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if has_adapters:
+            from .layers.adapters import save_adapters
+
+            save_adapters(model, stage / ADAPTERS_DIR)
     return directory
 
 
@@ -83,32 +147,104 @@ def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoi
         raise ValueError(f"corrupt {what} config {str(path)!r}: {err}") from None
 
 
+def checkpoint_format(directory: str | os.PathLike[str]) -> str:
+    """``"moekit"``, ``"moekit-expert-parallel"`` or ``"huggingface"``: what ``config.json`` in ``directory``
+    describes (ValueError for anything else)."""
+    meta = read_config_json(directory, what="model")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt in (FORMAT, DISTRIBUTED_FORMAT):
+        return fmt
+    if isinstance(meta, dict) and "model_type" in meta:
+        return "huggingface"
+    raise ValueError(f"{str(Path(directory) / CONFIG_NAME)!r} is neither a moekit checkpoint config "
+                     "nor a Hugging Face model config")  # fmt: skip
+
+
 def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint (checked for format and model name)."""
+    """The parsed ``config.json`` of a (single-file) moekit checkpoint, checked for its format."""
     meta = read_config_json(directory)
     path = Path(directory) / CONFIG_NAME
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a moekit checkpoint config (expected format {FORMAT!r})")
-    MODELS.entry(meta.get("model"))
+    if meta.get("model") is not None and not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{str(path)!r} names model {meta['model']!r} but has no config object")
     return meta
 
 
-def load_checkpoint(directory: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved in ``directory`` and load its weights (strict)."""
+def _unregistered_error(directory: Path, meta: Mapping[str, Any]) -> ValueError:
+    cls = meta.get("class") or "an unregistered model"
+    short = str(cls).rsplit(".", 1)[-1]
+    return ValueError(
+        f"checkpoint {str(directory)!r} holds the weights of {cls}, which moekit cannot rebuild by itself: "
+        f"load them into an instance, load_checkpoint(path, model={short}(...)), or register the class with "
+        f"@moekit.register_model (and a config() method returning its keyword arguments) before saving"
+    )
+
+
+def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
+    name = meta.get("model")
+    if name is None:
+        raise _unregistered_error(directory, meta)
+    if name not in MODELS:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} names model {name!r}, which is not registered in this process; "
+            f"import the module that defines it (with @moekit.register_model({name!r})) first, or pass "
+            f"model=an instance. Registered: {', '.join(MODELS.names())}"
+        )
+    try:
+        return MODELS.create(name, **meta["config"])
+    except TypeError as err:
+        raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r} does not fit {name!r}: {err}") from None
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    groups: ExpertParallelGroups | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load the checkpoint in ``directory`` (any form ``save_checkpoint`` writes; see the module doc).
+
+    Args:
+        model: load the weights into this instance (strict) instead of rebuilding the saved model; needed
+            for models saved without a registered builder. A model with routed adapters is given as the
+            fresh backbone (the adapters are inserted again).
+        groups: expert-parallel checkpoints: shard the rebuilt model over these process groups (collective);
+            default: one process holds every expert.
+        map_location: device of the loaded tensors.
+    Returns the model (``model`` itself when given).
+    """
+    from .layers.sites import ADAPTERS_ATTR
+
+    directory = Path(directory)
+    meta = read_config_json(directory)
+    if isinstance(meta, dict) and meta.get("format") == DISTRIBUTED_FORMAT:
+        from .distributed.checkpoint import load_distributed_model, load_distributed_state
+
+        if model is not None:
+            return load_distributed_state(model, directory)
+        return load_distributed_model(directory, groups)
     meta = read_checkpoint_config(directory)
-    weights = Path(directory) / WEIGHTS_NAME
+    adapters = directory / ADAPTERS_DIR
+    if model is not None and adapters.is_dir() and hasattr(model, ADAPTERS_ATTR):
+        raise ValueError(f"checkpoint {str(directory)!r} holds routed adapters: pass the backbone without adapters")
+    weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"corrupt checkpoint weights {str(weights)!r}: {err}") from None
+    target = model if model is not None else _build(directory, meta)
     try:
-        model = MODELS.create(meta["model"], **meta["config"])
-    except TypeError as err:
-        raise ValueError(f"checkpoint config {str(Path(directory) / CONFIG_NAME)!r} does not fit {meta['model']!r}: {err}") from None
-    try:
-        model.load_state_dict(state, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint weights {str(weights)!r} do not match its config: {err}") from None
-    return model.to(map_location)
+        what = "the model you passed" if model is not None else "its config"
+        raise ValueError(f"checkpoint weights {str(weights)!r} do not match {what}: {err}") from None
+    target = target.to(map_location)
+    if adapters.is_dir():
+        from .layers.adapters import load_adapters
+
+        load_adapters(target, adapters)
+    return target

@@ -1,12 +1,15 @@
-"""Name -> factory registries for routers, expert banks, losses and merge methods (timm style).
+"""Name -> factory registries for routers, expert banks, losses, merge methods and models (timm style).
 
-Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from.
+Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from. A
+registry knows which moekit modules define its built-in entries and imports them on the first
+look-up, so ``import moekit`` stays light and every name is still there when asked for.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar, overload
 
 __all__ = [
     "Registry",
@@ -16,6 +19,7 @@ __all__ = [
     "LOSSES",
     "MERGE_METHODS",
     "MODELS",
+    "register_model",
     "create_router",
     "list_routers",
     "create_experts",
@@ -36,11 +40,21 @@ class RegistryEntry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """A named collection of factories; ``register`` is used as a decorator."""
+    """A named collection of factories; ``register`` is used as a decorator.
 
-    def __init__(self, kind: str) -> None:
+    ``builtins`` names the modules whose import registers the built-in entries; they are imported
+    on the first look-up (``get``, ``entry``, ``names``, ``entries``, ``in``).
+    """
+
+    def __init__(self, kind: str, builtins: Sequence[str] = ()) -> None:
         self.kind = kind
         self._entries: dict[str, RegistryEntry[T]] = {}
+        self._builtins = tuple(builtins)
+
+    def _load_builtins(self) -> None:
+        modules, self._builtins = self._builtins, ()  # cleared first: a builtin module may look names up
+        for module in modules:
+            importlib.import_module(module)
 
     def register(self, name: str, *, paper: str = "", summary: str = "") -> Callable[[T], T]:
         def decorator(factory: T) -> T:
@@ -56,11 +70,13 @@ class Registry(Generic[T]):
         return self.entry(name).factory
 
     def entry(self, name: str) -> RegistryEntry[T]:
+        self._load_builtins()
         if not isinstance(name, str) or name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._entries)
 
     def entries(self) -> list[RegistryEntry[T]]:
@@ -70,15 +86,47 @@ class Registry(Generic[T]):
         return self.get(name)(**kwargs)  # type: ignore[operator]
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries
 
 
-ROUTERS: Registry[Callable[..., Any]] = Registry("router")
-EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank")
-LOSSES: Registry[Callable[..., Any]] = Registry("loss")
-MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
+ROUTERS: Registry[Callable[..., Any]] = Registry("router", ["moekit.routers"])
+EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank", ["moekit.experts"])
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", ["moekit.losses"])
+MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method", ["moekit.merging.layer"])
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
-MODELS: Registry[Callable[..., Any]] = Registry("model")
+MODELS: Registry[Callable[..., Any]] = Registry(
+    "model",
+    ["moekit.models.classifier", "moekit.models.lm", "moekit.models.multitask", "moekit.models.resnet_moe",
+     "moekit.distributed.model"],
+)  # fmt: skip
+
+M = TypeVar("M", bound=Callable[..., Any])
+
+
+@overload
+def register_model(name: M, /) -> M: ...
+@overload
+def register_model(name: str | None = None, /, *, summary: str = "", paper: str = "") -> Callable[[M], M]: ...
+def register_model(name: Any = None, /, *, summary: str = "", paper: str = "") -> Any:
+    """Register a model class (or builder function) so that ``save_checkpoint`` / ``load_checkpoint``
+    can rebuild it by name. Bare ``@register_model`` uses the class name.
+
+        @moekit.register_model("my_net")
+        class MyNet(nn.Module):
+            def __init__(self, width: int = 32): ...
+            def config(self) -> dict:            # the keyword arguments that rebuild it
+                return {"width": self.width}
+
+    ``load_checkpoint`` finds the name only once the module defining it has been imported.
+    """
+    if callable(name):
+        return MODELS.register(name.__name__)(name)
+
+    def decorator(factory: M) -> M:
+        return MODELS.register(name or factory.__name__, summary=summary, paper=paper)(factory)
+
+    return decorator
 
 
 def create_router(name: str, /, **kwargs: Any) -> Any:

@@ -4,8 +4,8 @@
     out = model(input_ids, attention_mask=mask)           # padding masks are picked up from the call
     with adapter_context(model, meta={"tag": domains}) as outputs:
         out = model(...)                                  # outputs[site] -> that site's MoEOutput
-    save_adapters(model, "run/adapters")                  # adapter + router weights only (safetensors + JSON)
-    load_adapters(fresh_backbone, "run/adapters")         # same sites, same weights
+    save_adapters(model, "run/adapters")                  # adapters, routers and every other trainable tensor
+    load_adapters(fresh_backbone, "run/adapters")         # same sites, same weights, same trainable tensors
 
 Each matched module keeps its code; a forward hook adds ``h + block(h)`` to its output (the first
 tensor of a tensor, tuple or model output), where ``block`` is any method of ``ROUTED_METHODS`` built by
@@ -18,18 +18,26 @@ segment (``moekit.layers.segments``) so that no token sees its future. The adapt
 Masks: the root module's ``attention_mask`` / ``decoder_attention_mask`` keyword arguments are used
 automatically (the decoder mask for sites under a ``decoder`` module of an encoder-decoder model);
 ``adapter_context(model, mask=..., decoder_mask=...)`` overrides them. A mask applies where its shape
-is the site's ``[B, S]``. Freezing sets ``requires_grad=False`` only: BatchNorm statistics of a frozen
-backbone still update in ``train()`` mode, so keep the backbone in ``eval()`` while training adapters.
+is the site's ``[B, S]``.
+
+Freezing: every backbone parameter gets ``requires_grad=False`` except the modules named in ``train=``
+(by default the task head of a Hugging Face model -- its modules outside ``model.base_model``, such as
+BERT's ``classifier``, unless they share weights with it as a tied LM head does). ``save_adapters``
+saves every tensor that is trainable when it is called (so a head unfrozen by hand is kept too), and
+``load_adapters`` restores them and their ``requires_grad``. Freezing sets ``requires_grad=False``
+only: BatchNorm statistics of a frozen backbone still update in ``train()`` mode, so keep the backbone
+in ``eval()`` while training adapters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
@@ -40,9 +48,11 @@ from .segments import FIRST_SEGMENT
 from .sites import ADAPTERS_ATTR, Sites, infer_dim, is_causal_site, match_sites
 
 __all__ = ["AdapterConfig", "insert_routed_adapters", "adapter_context", "adapter_sites", "remove_adapters",
-           "save_adapters", "load_adapters"]  # fmt: skip
+           "save_adapters", "load_adapters", "task_head"]  # fmt: skip
 
 WEIGHTS_FILE, CONFIG_FILE = "adapters.safetensors", "adapters.json"
+#: key prefix of the backbone's trainable tensors in ``adapters.safetensors`` (never part of a module name)
+BACKBONE_PREFIX = "backbone:"
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class AdapterConfig:
     first_segment: str = "default"
     bank_kwargs: dict[str, Any] = field(default_factory=dict)
     router_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: list[str] = field(default_factory=list)
+    trainable_tensors: list[str] = field(default_factory=list)
 
 
 class _Context:
@@ -124,6 +136,7 @@ def insert_routed_adapters(
     segment_len: int = 64,
     first_segment: str = "default",
     freeze_backbone: bool = True,
+    train: Sequence[str] | None = None,
     bank: str = "adapter",
     bank_kwargs: Mapping[str, Any] | None = None,
     router_kwargs: Mapping[str, Any] | None = None,
@@ -138,7 +151,9 @@ def insert_routed_adapters(
         num_keys: number of distinct example ids (``method="hash"``, key ``meta["example_ids"]``).
         causal: route per causal segment of ``segment_len`` positions (``first_segment`` as in
             ``moekit.layers.segments``); ``None`` decides per site from the model's attention modules.
-        freeze_backbone: set ``requires_grad=False`` on every parameter that is not an adapter's.
+        freeze_backbone: set ``requires_grad=False`` on every parameter that is neither an adapter's nor in ``train``.
+        train: names of backbone modules that stay trainable (e.g. ``["classifier"]``, ``["head"]``); default:
+            ``task_head(model)`` (a Hugging Face model's untied task head; nothing for other models).
         bank, bank_kwargs, router_kwargs: the expert bank by name and extra arguments of bank and router
             (adapter banks default to ``up_init_scale=0.01``: the model starts close to the backbone).
     Nothing is changed if any step fails (unknown method, no matching site, unknown width, ...).
@@ -150,6 +165,7 @@ def insert_routed_adapters(
         raise TypeError(f"causal must be True, False or None, got {causal!r}")
     names = match_sites(model, sites)
     modules = dict(model.named_modules())
+    trained = _check_train(model, task_head(model) if train is None else train)
     dims = []
     for name in names:
         d = dim if dim is not None else infer_dim(model, modules[name])
@@ -161,11 +177,42 @@ def insert_routed_adapters(
     if bank == "adapter":  # start close to the backbone's function (the official code: N(0, 0.01^2) weights)
         bank_kw.setdefault("up_init_scale", 1e-2)
     config = AdapterConfig(names, dims, flags, method, num_experts, bottleneck, bank, num_keys, segment_len,
-                           first_segment, bank_kw, dict(router_kwargs or {}))  # fmt: skip
+                           first_segment, bank_kw, dict(router_kwargs or {}), trained)  # fmt: skip
     _install(model, config)
     if freeze_backbone:
-        _freeze_backbone(model)
+        _freeze_backbone(model, trained)
     return model
+
+
+def task_head(model: nn.Module) -> list[str]:
+    """The task head of a Hugging Face model: its top-level modules outside ``model.base_model`` that
+    have parameters and share none with it (BERT's ``classifier``; not a tied LM head). ``[]`` for
+    models without a separate base model."""
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    shared = {id(p) for p in base.parameters()}
+    heads = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        if child is base or name == ADAPTERS_ATTR or not params:
+            continue
+        if not any(id(p) in shared for p in params):
+            heads.append(name)
+    return heads
+
+
+def _check_train(model: nn.Module, train: Sequence[str]) -> list[str]:
+    if isinstance(train, str):
+        raise TypeError(f"train must be a list of module names, got the string {train!r}; use [{train!r}]")
+    names = {n for n, _ in model.named_modules() if n and not n.startswith(ADAPTERS_ATTR)}
+    missing = [t for t in train if t not in names]
+    if missing:
+        tops = ", ".join(n for n, _ in model.named_children() if n != ADAPTERS_ATTR)
+        raise ValueError(f"train names {missing}, which are not modules of {type(model).__name__} "
+                         f"(its top-level modules: {tops})")  # fmt: skip
+    return list(train)
 
 
 def _build(config: AdapterConfig, index: int, kw: dict[str, Any]) -> nn.Module:
@@ -224,11 +271,15 @@ def _clear_masks(ctx: _Context):
     return hook
 
 
-def _freeze_backbone(model: nn.Module) -> None:
-    adapter_params = {id(p) for p in _adapters(model).parameters()}
+def _freeze_backbone(model: nn.Module, train: Sequence[str] = (), tensors: Sequence[str] = ()) -> None:
+    """Freeze every parameter but the adapters', those of the modules ``train`` and the parameters ``tensors``."""
+    keep = {id(p) for p in _adapters(model).parameters()}
+    for name in train:
+        keep |= {id(p) for p in model.get_submodule(name).parameters()}
+    params = dict(model.named_parameters())
+    keep |= {id(params[name]) for name in tensors if name in params}
     for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
+        p.requires_grad_(id(p) in keep)
 
 
 def _hook(adapters: _AdapterSet, site: str, in_decoder: bool):
@@ -325,23 +376,50 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def _backbone_tensors(model: nn.Module, train: Sequence[str]) -> dict[str, Tensor]:
+    """Every trainable backbone parameter, and the buffers of the modules in ``train``, by model key."""
+    adapter_params = {id(p) for p in _adapters(model).parameters()}
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params}
+    for name in train:
+        prefix = f"{name}." if name else ""
+        out.update({prefix + n: b for n, b in model.get_submodule(name).named_buffers()})
+    return out
+
+
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write only the adapters' and routers' weights (``adapters.safetensors``) and their config
-    (``adapters.json``) into directory ``path``."""
+    """Write the adapters' and routers' weights and every other tensor that is trainable now (a task
+    head, parameters unfrozen by hand) into ``adapters.safetensors``, and their config into
+    ``adapters.json``, in directory ``path``."""
     from safetensors.torch import save
 
     adapters = _adapters(model)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
+    extra = _backbone_tensors(model, adapters.config.train)
     state = {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}
+    state.update({BACKBONE_PREFIX + k: v.detach().contiguous().cpu() for k, v in extra.items()})
+    config = replace(adapters.config, trainable_tensors=sorted(extra))
     atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(adapters.config), indent=2) + "\n")
+    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
     return out
 
 
+def _load_backbone_tensors(model: nn.Module, tensors: Mapping[str, Tensor], src: Path) -> None:
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = [k for k in tensors if k not in own]
+    bad = [k for k in tensors if k in own and own[k].shape != tensors[k].shape]
+    if missing or bad:
+        raise ValueError(f"trainable tensors in {src} do not fit this backbone: not in the model {missing[:5]}, "
+                         f"other shapes {bad[:5]}")  # fmt: skip
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
+
 def load_adapters(model: nn.Module, path: str | Path, *, freeze_backbone: bool = True) -> nn.Module:
-    """Insert the adapters recorded in ``path`` into a fresh backbone and load their weights."""
+    """Insert the adapters recorded in ``path`` into a fresh backbone, load their weights and the saved
+    trainable backbone tensors; with ``freeze_backbone`` only those stay trainable."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -354,12 +432,16 @@ def load_adapters(model: nn.Module, path: str | Path, *, freeze_backbone: bool =
         state = load((src / WEIGHTS_FILE).read_bytes())
     except (json.JSONDecodeError, TypeError, SafetensorError) as err:
         raise ValueError(f"corrupt adapter files in {src}: {err}") from err
+    extra = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+    _check_train(model, config.train)
     _install(model, config)
     try:
         _adapters(model).load_state_dict(state)
-    except RuntimeError as err:
+        _load_backbone_tensors(model, extra, src)
+    except (RuntimeError, ValueError) as err:
         remove_adapters(model)
         raise ValueError(f"adapter weights in {src} do not fit this backbone: {err}") from err
     if freeze_backbone:
-        _freeze_backbone(model)
+        _freeze_backbone(model, config.train, config.trainable_tensors)
     return model

@@ -11,12 +11,11 @@ Sec. 3.1; the official code aligns plain FFNs only, this also handles SwiGLU).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .._checks import check_int
+from ..routers.local_search import hungarian
 from .weights import ExpertLayerWeights
 
 __all__ = ["matching_score", "weight_matching_permutation", "permute_experts", "align_experts"]
@@ -46,11 +45,7 @@ def matching_score(kind: str, params: dict[str, Tensor], anchor: int, target: in
 
 def weight_matching_permutation(kind: str, params: dict[str, Tensor], anchor: int, target: int) -> Tensor:
     """Permutation ``perm [F]`` (int64) such that target unit ``perm[i]`` is matched to anchor unit i."""
-    score = matching_score(kind, params, anchor, target).cpu().numpy()
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    perm = np.empty_like(cols)
-    perm[rows] = cols
-    return torch.from_numpy(perm).long()
+    return hungarian(matching_score(kind, params, anchor, target)).cpu()
 
 
 def permute_experts(kind: str, params: dict[str, Tensor], perms: dict[int, Tensor]) -> dict[str, Tensor]:

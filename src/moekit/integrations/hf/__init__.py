@@ -10,6 +10,7 @@ from . import mixtral, olmoe, qwen2_moe, qwen3_moe, switch  # noqa: F401  (regis
 from .base import FAMILIES, MoEFamily, RemappedRouter, family_for, list_families, register_family
 from .io import load_hf_model, save_hf_model
 from .merge import MERGE_CONFIG_KEY, merge_hf_model
+from .moekit_only import mark_moekit_only
 from .routing import calibrate_hf, routing_sources
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "MERGE_CONFIG_KEY",
     "save_hf_model",
     "load_hf_model",
+    "mark_moekit_only",
 ]

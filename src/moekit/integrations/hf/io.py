@@ -26,6 +26,7 @@ from torch import nn
 from ...reporting import atomic_directory
 from .base import family_for
 from .merge import MERGE_CONFIG_KEY
+from .moekit_only import clear_moekit_only, mark_moekit_only
 
 __all__ = ["save_hf_model", "load_hf_model", "exact_layout_class"]
 
@@ -35,11 +36,14 @@ def save_hf_model(
 ) -> Path:
     """``model.save_pretrained`` (and ``tokenizer.save_pretrained``) into ``directory``, atomically.
 
-    ``directory`` must not exist unless ``overwrite``. Returns its path.
+    ``directory`` must not exist unless ``overwrite``. Returns its path. An exact-form merged model is
+    marked so that stock ``from_pretrained`` refuses it with a message naming ``moekit.load_hf_model``.
     """
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as stage:
         model.save_pretrained(stage)
+        if (getattr(model.config, MERGE_CONFIG_KEY, None) or {}).get("form") == "exact":
+            mark_moekit_only(stage)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
     return directory
@@ -89,7 +93,7 @@ def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: A
         raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(directory)!r} has no config.json")
-    config = AutoConfig.from_pretrained(directory)
+    config = clear_moekit_only(AutoConfig.from_pretrained(directory))
     family_for(config)
     cls = _architecture(config)
     merge = getattr(config, MERGE_CONFIG_KEY, None)
