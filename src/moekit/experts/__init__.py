@@ -5,6 +5,7 @@ from .base import ExpertBank
 from .conv import ConvExperts
 from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
 from .grouped import grouped_linear, grouped_linear_reference
+from .inference import dispatch_inference, pack_for_inference
 from .mlp import GLUExperts, MLPExperts
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "plan_dispatch",
     "grouped_linear",
     "grouped_linear_reference",
+    "dispatch_inference",
+    "pack_for_inference",
 ]

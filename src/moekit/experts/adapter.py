@@ -52,13 +52,23 @@ class AdapterExperts(ExpertBank):
             self.up_proj.mul_(up_init_scale)
             self.up_bias.mul_(up_init_scale)
 
+    def activate(self, h: Tensor) -> Tensor:
+        """The bottleneck activation, ``[..., B] -> [..., B]``."""
+        return self._act(h)
+
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
-        h = self._act(grouped_linear(x_N, params["down_proj"], sizes_G, params["down_bias"]))
+        h = self.activate(grouped_linear(x_N, params["down_proj"], sizes_G, params["down_bias"]))
         return grouped_linear(h, params["up_proj"], sizes_G, params["up_bias"])
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
-        h = self._act(F.linear(x_N, self.down_proj[e], self.down_bias[e]))
+        h = self.activate(F.linear(x_N, self.down_proj[e], self.down_bias[e]))
         return F.linear(h, self.up_proj[e], self.up_bias[e])
+
+    def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
+        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
+
+        h = self.activate(merged_linear(x_GSI, probs_GE, self.down_proj, self.down_bias, chunk_bytes=chunk_bytes))
+        return merged_linear(h, probs_GE, self.up_proj, self.up_bias, chunk_bytes=chunk_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bottleneck={self.bottleneck}, activation={self.activation!r}"

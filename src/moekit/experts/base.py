@@ -1,23 +1,28 @@
 """Expert bank: E experts whose parameters are stacked along a leading expert axis.
 
-A bank exposes three ways to run (DESIGN.md, "Experts"):
+A bank exposes these ways to run (DESIGN.md, "Experts"):
   * ``grouped_forward``: rows sorted into groups, each group with its own parameters -- the fast
     path behind sparse dispatch (groups = experts) and SMEAR (groups = examples, merged params);
+  * ``expert_inference``: one expert, forward only, with the fastest kernel for its weights
+    (optionally oneDNN-packed, ``inference_matrices``) -- the inference path of sparse dispatch
+    (``inference.py``); banks without it run ``grouped_forward`` under ``no_grad`` instead;
   * ``forward_dense``: every expert on every token (oracle, ensembles);
-  * ``merge_parameters``: per-example weighted averages of the stacked parameters (SMEAR).
+  * ``merge_parameters``: per-example weighted averages of the stacked parameters (SMEAR), and
+    ``forward_merged`` where a bank fuses the merge into its matmuls.
 ``expert_forward`` runs one expert with plain ops and is the reference every fast path is tested against.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
+from .inference import InferencePack
 
 __all__ = ["ExpertBank", "ACTIVATIONS", "activation_fn", "init_stacked_linear"]
 
@@ -93,6 +98,26 @@ class ExpertBank(nn.Module):
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
         """Reference: expert ``e`` on all rows of ``x_N`` with plain ops (no grouping)."""
         raise NotImplementedError
+
+    #: oneDNN-packed copies of ``inference_matrices`` (set by ``moekit.experts.pack_for_inference``)
+    _inference_pack: InferencePack | None = None
+
+    def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
+        """Forward only: expert ``e`` on the rows ``x_N`` (``[M, dim] -> [M, out_dim]``), reading each of
+        its weight matrices once. ``packed`` holds ``inference_matrices`` in oneDNN layout when the bank
+        is packed. Banks that do not implement it take ``grouped_forward`` on the inference path."""
+        raise NotImplementedError
+
+    def inference_matrices(self) -> dict[str, list[Tensor]]:
+        """The matrices ``expert_inference`` can run packed: ``{name: [[O, I] per expert]}`` (none here)."""
+        return {}
+
+    def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor | None:
+        """SMEAR's merge-then-run fused into the bank's matmuls (``moekit.layers.merged_linear``): group g's
+        ``S`` rows ``x_GSI[g]`` through the expert with parameters ``sum_e probs_GE[g, e] * theta_e``, at
+        most ``chunk_bytes`` of merged weights alive at once. ``[G, S, dim] -> [G, S, out_dim]``, or
+        ``None`` for banks without a fused path (``merge_parameters`` + ``grouped_forward`` serve them)."""
+        return None
 
     def forward_dense(self, x_T: Tensor) -> Tensor:
         """Every expert on every token: ``[T, E, out...]``."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_IMBALANCE", "MAX_SPLIT_ROWS", "MIN_SPLIT_MACS", "RowSplit", "run_split", "split_groups"]
+__all__ = ["MAX_IMBALANCE", "MAX_SPLIT_ROWS", "MIN_SPLIT_MACS", "RowSplit", "run_split", "split_by_cost", "split_groups"]
 
 MIN_SPLIT_MACS = 2**26  # below this many multiply-adds per product the plain kernel is used
 MAX_SPLIT_ROWS = 1024  # auto mode splits only when the mean rows per non-empty group is below this
@@ -79,6 +79,25 @@ def split_groups(offs_G: Tensor, w_GOI: Tensor, threads: int | None) -> RowSplit
     return RowSplit(runs, starts)
 
 
+def split_by_cost(costs: list[float], starts: tuple[int, ...], threads: int) -> RowSplit | None:
+    """Runs of consecutive groups with about equal total ``costs`` (at most ``threads`` runs), or None
+    when fewer than two runs result or the caller is itself a pool worker.
+
+    ``starts`` are the groups' row offsets (``len(costs) + 1`` values), as in ``RowSplit``.
+    """
+    G = len(costs)
+    if threads < 2 or G < 2 or threading.get_ident() in _WORKERS:
+        return None
+    total, cuts, acc = sum(costs), [0], 0.0
+    for g, c in enumerate(costs[:-1]):
+        acc += c
+        if acc >= len(cuts) * total / threads and len(cuts) < threads:
+            cuts.append(g + 1)
+    cuts.append(G)
+    runs = tuple(itertools.pairwise(cuts))
+    return RowSplit(runs, starts) if len(runs) > 1 else None
+
+
 def _intra_op_threads() -> int:
     """The calling thread's intra-op thread count (the auto split's default)."""
     return torch.get_num_threads()
@@ -87,11 +106,13 @@ def _intra_op_threads() -> int:
 def run_split(split: RowSplit, fn: Callable[[int, slice], object]) -> None:
     """Call ``fn(g, rows_of_g)`` for every group (empty ones too), one pool task per run, and wait.
 
-    ``fn`` runs outside autograd (grad mode is per thread; the callers are autograd Functions).
+    ``fn`` runs outside autograd (grad mode is per thread; the callers are autograd Functions or the
+    inference path), in inference mode when the caller is (tensors it made may only be written there).
     """
+    inference = torch.is_inference_mode_enabled()
 
     def task(g0: int, g1: int) -> None:
-        with torch.no_grad():
+        with torch.inference_mode() if inference else torch.no_grad():
             for g in range(g0, g1):
                 fn(g, slice(split.starts[g], split.starts[g + 1]))
 

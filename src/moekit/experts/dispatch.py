@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from ..types import RoutingDecision
 from .base import ExpertBank
+from .inference import dispatch_inference, inference_applies
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch", "dispatch_reference", "combine_dense"]
 
@@ -94,7 +95,12 @@ def dispatch(experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Ten
         decision: routing for the T tokens.
     Returns:
         ``[T, out_dim]`` (or images); tokens with no kept slot get zeros.
+
+    When no gradient can be asked for (``no_grad``, ``inference_mode``, or nothing requires grad) and the
+    bank has ``expert_inference``, this runs the forward-only path of ``inference.py`` (same outputs).
     """
+    if inference_applies(experts, x_T, decision):
+        return dispatch_inference(experts, x_T, decision)
     plan = plan_dispatch(decision)
     x_N = x_T.index_select(0, plan.token_N)  # backward: one index_add, not index_put(accumulate)
     y_N = experts.grouped_forward(x_N, experts.stacked_parameters(), plan.sizes_E)

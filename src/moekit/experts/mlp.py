@@ -7,7 +7,7 @@ the two without reshuffling.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from .._checks import check_int
 from ..registry import EXPERTS
 from .base import ExpertBank, activation_fn, init_stacked_linear
 from .grouped import grouped_linear
+from .inference import expert_linear
 
 __all__ = ["MLPExperts", "GLUExperts", "swiglu"]
 
@@ -51,14 +52,34 @@ class MLPExperts(ExpertBank):
         init_stacked_linear(self.up_proj, self.up_bias)
         init_stacked_linear(self.down_proj, self.down_bias)
 
+    def activate(self, h: Tensor) -> Tensor:
+        """The hidden activation, ``[..., F] -> [..., F]``."""
+        return self._act(h)
+
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
-        h = self._act(grouped_linear(x_N, params["up_proj"], sizes_G, params.get("up_bias")))
+        h = self.activate(grouped_linear(x_N, params["up_proj"], sizes_G, params.get("up_bias")))
         return grouped_linear(h, params["down_proj"], sizes_G, params.get("down_bias"))
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
         up_b = None if self.up_bias is None else self.up_bias[e]
         down_b = None if self.down_bias is None else self.down_bias[e]
-        return F.linear(self._act(F.linear(x_N, self.up_proj[e], up_b)), self.down_proj[e], down_b)
+        return F.linear(self.activate(F.linear(x_N, self.up_proj[e], up_b)), self.down_proj[e], down_b)
+
+    def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
+        up_b = None if self.up_bias is None else self.up_bias[e]
+        down_b = None if self.down_bias is None else self.down_bias[e]
+        up, down = (None, None) if packed is None else (packed["up_proj"][e], packed["down_proj"][e])
+        h = expert_linear(x_N, self.up_proj[e], up_b, packed=up, activation=self.activation, act_fn=self.activate)
+        return expert_linear(h, self.down_proj[e], down_b, packed=down)
+
+    def inference_matrices(self) -> dict[str, list[Tensor]]:
+        return {"up_proj": list(self.up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
+
+    def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
+        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
+
+        h = self.activate(merged_linear(x_GSI, probs_GE, self.up_proj, self.up_bias, chunk_bytes=chunk_bytes))
+        return merged_linear(h, probs_GE, self.down_proj, self.down_bias, chunk_bytes=chunk_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hidden={self.hidden}, activation={self.activation!r}"
@@ -123,18 +144,35 @@ class GLUExperts(ExpertBank):
         init_stacked_linear(self.gate_up_proj)
         init_stacked_linear(self.down_proj)
 
-    def _glu(self, gate_up: Tensor) -> Tensor:
-        """Plain ``act(gate) * up`` (the reference, and every activation other than SiLU)."""
+    def glu_reference(self, gate_up: Tensor) -> Tensor:
+        """Plain ``act(gate) * up`` of ``[gate | up]``: ``[..., 2F] -> [..., F]`` (the reference)."""
         gate, up = gate_up.chunk(2, dim=-1)
         return self._act(gate) * up
 
+    def activate(self, gate_up: Tensor) -> Tensor:
+        """``act(gate) * up`` of ``[gate | up]``, ``[..., 2F] -> [..., F]``; SiLU with the fused backward."""
+        return swiglu(gate_up) if self.activation == "silu" else self.glu_reference(gate_up)
+
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
         gate_up = grouped_linear(x_N, params["gate_up_proj"], sizes_G)
-        h = swiglu(gate_up) if self.activation == "silu" else self._glu(gate_up)
-        return grouped_linear(h, params["down_proj"], sizes_G)
+        return grouped_linear(self.activate(gate_up), params["down_proj"], sizes_G)
 
     def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
-        return F.linear(self._glu(F.linear(x_N, self.gate_up_proj[e])), self.down_proj[e])
+        return F.linear(self.glu_reference(F.linear(x_N, self.gate_up_proj[e])), self.down_proj[e])
+
+    def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
+        gate_up, down = (None, None) if packed is None else (packed["gate_up_proj"][e], packed["down_proj"][e])
+        h = self.activate(expert_linear(x_N, self.gate_up_proj[e], packed=gate_up))
+        return expert_linear(h, self.down_proj[e], packed=down)
+
+    def inference_matrices(self) -> dict[str, list[Tensor]]:
+        return {"gate_up_proj": list(self.gate_up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
+
+    def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
+        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
+
+        h = self.activate(merged_linear(x_GSI, probs_GE, self.gate_up_proj, chunk_bytes=chunk_bytes))
+        return merged_linear(h, probs_GE, self.down_proj, chunk_bytes=chunk_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hidden={self.hidden}, activation={self.activation!r}"

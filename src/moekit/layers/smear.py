@@ -18,7 +18,7 @@ chunk of merged parameters is alive, in forward and in backward (one extra merge
 backward). ``segment_len`` routes causal segments instead of examples (Lory, ``segments.py``).
 
 Fast path (``merged_forward_fused``), taken when the batch's merged parameters exceed
-``min(merge_chunk_bytes, 16 MiB)``, for the adapter, MLP and gated-MLP banks with groups of equal size
+``min(merge_chunk_bytes, 16 MiB)``, for banks with ``forward_merged`` (adapter, MLP, gated MLP) and groups of equal size
 (examples, or segments that divide the sequence): each linear layer runs ``merged_linear``, merge and
 batched matmul fused chunk by chunk of output features, so merged weights never exist for the whole
 layer (at most that budget at once, recomputed in backward instead of kept). ``merged_forward`` is its
@@ -35,14 +35,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
-from ..experts.adapter import AdapterExperts
 from ..experts.base import ExpertBank
-from ..experts.mlp import GLUExperts, MLPExperts, swiglu
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
 from ..types import RoutingDecision
 from .example_routed import ExampleRoutedMoE
-from .merged_linear import DEFAULT_CHUNK_BYTES, merged_linear
+from .merged_linear import DEFAULT_CHUNK_BYTES
 
 __all__ = ["SMEAR", "merged_forward", "merged_forward_chunked", "merged_forward_fused", "merged_bytes_per_group"]
 
@@ -94,38 +92,20 @@ def merged_forward_chunked(
     return torch.cat(pieces)
 
 
-def _mlp(bank: MLPExperts, x: Tensor, p: Tensor, chunk: int) -> Tensor:
-    h = bank._act(merged_linear(x, p, bank.up_proj, bank.up_bias, chunk_bytes=chunk))
-    return merged_linear(h, p, bank.down_proj, bank.down_bias, chunk_bytes=chunk)
-
-
-def _glu(bank: GLUExperts, x: Tensor, p: Tensor, chunk: int) -> Tensor:
-    gate_up = merged_linear(x, p, bank.gate_up_proj, chunk_bytes=chunk)
-    h = swiglu(gate_up) if bank.activation == "silu" else bank._glu(gate_up)
-    return merged_linear(h, p, bank.down_proj, chunk_bytes=chunk)
-
-
-def _adapter(bank: AdapterExperts, x: Tensor, p: Tensor, chunk: int) -> Tensor:
-    h = bank._act(merged_linear(x, p, bank.down_proj, bank.down_bias, chunk_bytes=chunk))
-    return merged_linear(h, p, bank.up_proj, bank.up_bias, chunk_bytes=chunk)
-
-
-#: banks with a fused path, by exact type (a subclass may change ``grouped_forward``)
-_FUSED = {MLPExperts: _mlp, GLUExperts: _glu, AdapterExperts: _adapter}
-
-
 def merged_forward_fused(
     experts: ExpertBank, x_N: Tensor, probs_GE: Tensor, sizes_G: Tensor, *, max_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Tensor | None:
-    """Fast path: as ``merged_forward`` with every linear layer run by ``merged_linear`` (merged weights
-    built ``max_bytes`` at a time, never kept for backward). Returns ``None`` where it does not apply: a
-    bank without a fused path, or groups of unequal size."""
-    fused = _FUSED.get(type(experts))
+    """Fast path: as ``merged_forward`` with every linear layer run by ``merged_linear`` (the bank's
+    ``forward_merged``: merged weights built ``max_bytes`` at a time, never kept for backward). Returns
+    ``None`` where it does not apply: a bank without a fused path, or groups of unequal size."""
     G, N = probs_GE.shape[0], x_N.shape[0]
-    if fused is None or G == 0 or N % G or not bool((sizes_G == N // G).all()):
+    if type(experts).forward_merged is ExpertBank.forward_merged or G == 0 or N % G:
         return None
-    y = fused(experts, x_N.reshape(G, N // G, x_N.shape[-1]), probs_GE, check_int("max_bytes", max_bytes, low=1))
-    return y.reshape(N, y.shape[-1])
+    if not bool((sizes_G == N // G).all()):
+        return None
+    x_GSI = x_N.reshape(G, N // G, x_N.shape[-1])
+    y = experts.forward_merged(x_GSI, probs_GE, chunk_bytes=check_int("max_bytes", max_bytes, low=1))
+    return None if y is None else y.reshape(N, y.shape[-1])
 
 
 class SMEAR(ExampleRoutedMoE):

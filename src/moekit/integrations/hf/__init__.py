@@ -4,16 +4,23 @@ their routing, merge their experts (M-SMoE) and save/load the smaller checkpoint
 Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers -- one adapter file
 each; adding a family is one small file (a ``MoEFamily`` subclass with ``@register_family``) and one
 import line below. Needs transformers >= 5 (fused 3D expert tensors). See docs/huggingface.md.
+
+Importing this package also registers moekit's dispatch as the transformers experts implementations
+``"moekit"`` and ``"moekit_packed"`` (``experts_impl.py``): ``from_pretrained(..., experts_implementation="moekit")``.
 """
 
 from . import mixtral, olmoe, qwen2_moe, qwen3_moe, switch  # noqa: F401  (registers the families)
+from .experts_impl import register_experts_implementation
 from .base import FAMILIES, MoEFamily, RemappedRouter, family_for, list_families, register_family
 from .io import load_hf_model, save_hf_model
 from .merge import MERGE_CONFIG_KEY, merge_hf_model
 from .moekit_only import mark_moekit_only
 from .routing import calibrate_hf, routing_sources
 
+register_experts_implementation()  # experts_implementation="moekit" / "moekit_packed" in transformers
+
 __all__ = [
+    "register_experts_implementation",
     "MoEFamily",
     "RemappedRouter",
     "FAMILIES",

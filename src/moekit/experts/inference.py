@@ -1,0 +1,267 @@
+"""Forward-only sparse dispatch: each touched expert's weights streamed once, no autograd bookkeeping.
+
+``dispatch`` takes this path when no gradient can be asked for (``no_grad`` / ``inference_mode``, or
+nothing involved requires grad) and the bank runs one expert at a time (``ExpertBank.expert_inference``).
+It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_tk}(x_t)`` -- in three steps:
+
+* **plan** (``plan_inference``): the live slots grouped by expert. One token needs no sort (its K
+  experts are distinct: slot k is group k); more tokens take one stable argsort of the T*K ids, a few
+  microseconds at decode sizes and cheaper than any grouping in Python.
+* **experts**: every touched expert runs on its rows with ``expert_inference``, so its weight matrices
+  are read once whatever the number of rows (decode: a GEMV per matrix at the memory-bandwidth limit;
+  prefill: a GEMM per expert). Below ``SORTED_GROUPED_MIN_SLOTS`` slots, or when the bank is packed,
+  this is a loop over the touched experts; above it, unpacked banks run their sorted grouped GEMM
+  (``grouped_forward``), whose CPU path splits experts over threads (``cpu_grouped``).
+* **combine**: one weighted ``index_add`` of the expert outputs onto their tokens.
+
+Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
+split over the pool of ``cpu_grouped`` in runs of about equal cost (each worker runs its experts on one
+intra-op thread, so every thread streams distinct weights); with fewer experts than threads (a decoding
+token on an E=8, K=2 layer), each expert's matrices are split by rows over the intra-op threads of the
+kernel itself.
+
+Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
+matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with
+``torch.ops.mkldnn._linear_pointwise`` -- the kernels behind ``torch.compile``'s CPU freezing. On this
+machine's AVX-512 cores they stream a matrix at 0.9x the read bandwidth for 1-4 rows and run large
+products at twice the FLOP rate of the default fp32 BLAS (MKL), where the plain layout reaches 0.3-0.6x
+(``benchmarks/bench_infer.py``). The copy doubles the memory of the expert weights; it is rebuilt when
+a parameter changes (optimizer step, ``load_state_dict``) and dropped with ``pack_for_inference(module,
+False)``. Without packing, the same path runs ``F.linear`` per expert.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import cpu_grouped
+from ..types import RoutingDecision
+
+if TYPE_CHECKING:
+    from .base import ExpertBank
+
+__all__ = [
+    "InferencePlan",
+    "InferencePack",
+    "SORTED_GROUPED_MIN_SLOTS",
+    "dispatch_inference",
+    "expert_linear",
+    "inference_applies",
+    "pack_for_inference",
+    "packing_available",
+    "plan_inference",
+]
+
+#: unpacked banks run the sorted grouped GEMM from this many live slots on (below: the expert loop)
+SORTED_GROUPED_MIN_SLOTS = 512
+#: batch-size hint for oneDNN's weight layout (measured: 64 and 256 stream best for 1-16 rows)
+PACK_HINT = 64
+#: rows per oneDNN call: bounds the distinct problem shapes, so its primitive cache stays warm
+PACK_TILE_ROWS = 256
+#: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
+ROWS_PER_WEIGHT_PASS = 16
+
+#: activations oneDNN applies as a post-op of the matmul: name -> (attr, algorithm)
+_POST_OPS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "tanh": ("tanh", ""),
+             "silu": ("swish", ""), "identity": ("none", "")}  # fmt: skip
+
+
+def inference_applies(bank: nn.Module, x_T: Tensor, decision: RoutingDecision) -> bool:
+    """Whether the forward-only path serves this call: no gradient can be asked for, the bank runs
+    experts one at a time, and no graph is being traced (``torch.compile`` keeps the training path)."""
+    from .base import ExpertBank
+
+    if type(bank).expert_inference is ExpertBank.expert_inference or torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    params = bank.stacked_parameters().values()
+    return not (x_T.requires_grad or decision.weights_TK.requires_grad or any(p.requires_grad for p in params))
+
+
+# ----- plan -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferencePlan:
+    """Live slots grouped by expert.
+
+    Attributes:
+        token_N: source token of each slot, ``[N]``, grouped by expert.
+        weight_N: combine weight of each slot, ``[N]``.
+        groups: ``(expert, first slot, end slot)`` of every touched expert, in slot order.
+        sizes_E: slots per expert, ``[E]`` (what the sorted grouped GEMM takes).
+    """
+
+    token_N: Tensor
+    weight_N: Tensor
+    groups: tuple[tuple[int, int, int], ...]
+    sizes_E: Tensor
+
+
+def plan_inference(decision: RoutingDecision) -> InferencePlan:
+    """Group the live slots by expert: no sort for one token with distinct experts, else a stable argsort."""
+    T, K = decision.ids_TK.shape
+    ids, weights = decision.ids_TK.reshape(-1), decision.weights_TK.reshape(-1)
+    token = torch.arange(T, device=ids.device).repeat_interleave(K)
+    if decision.kept_TK is not None:
+        kept = decision.kept_TK.reshape(-1)
+        ids, weights, token = ids[kept], weights[kept], token[kept]
+    E = decision.num_experts
+    if T == 1 and decision.kept_TK is None:
+        experts = ids.tolist()
+        if len(set(experts)) == len(experts):  # slot k is the group of expert ids[k]
+            sizes = torch.zeros(E, dtype=torch.long, device=ids.device).index_fill_(0, ids, 1)
+            return InferencePlan(token, weights, tuple((e, k, k + 1) for k, e in enumerate(experts)), sizes)
+    order = torch.argsort(ids, stable=True)
+    sizes = torch.bincount(ids, minlength=E)
+    groups, start = [], 0
+    for e, n in enumerate(sizes.tolist()):
+        if n:
+            groups.append((e, start, start + n))
+            start += n
+    return InferencePlan(token[order], weights[order], tuple(groups), sizes)
+
+
+# ----- run --------------------------------------------------------------------------------------
+def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> Tensor:
+    """``sum_k w_tk * expert_{id_tk}(x_t)`` over live slots, forward only: ``[T, D] -> [T, out_dim]``."""
+    plan = plan_inference(decision)
+    T, N = x_T.shape[0], plan.token_N.shape[0]
+    out = x_T.new_zeros(T, bank.out_dim)
+    if N == 0:
+        return out
+    x_N = x_T.expand(N, -1) if T == 1 else x_T.index_select(0, plan.token_N)
+    packed = inference_pack(bank)
+    if N >= SORTED_GROUPED_MIN_SLOTS and packed is None:
+        y_N = bank.grouped_forward(x_N, bank.stacked_parameters(), plan.sizes_E)
+    else:
+        y_N = x_T.new_empty(N, bank.out_dim)
+        run_experts(plan.groups, lambda e, rows: y_N[rows].copy_(bank.expert_inference(x_N[rows], e, packed)), x_T.device)
+    return out.index_add_(0, plan.token_N, y_N * plan.weight_N.to(y_N.dtype).unsqueeze(1))
+
+
+def run_experts(groups: Sequence[tuple[int, int, int]], fn: Callable[[int, slice], object], device: torch.device) -> None:
+    """Call ``fn(expert, slot_rows)`` for every group: split over the CPU pool when there are at least as
+    many touched experts as intra-op threads, else in this thread (the kernels split rows over threads)."""
+    threads = torch.get_num_threads()
+    split = None
+    if device.type == "cpu" and len(groups) >= threads:
+        costs = [1.0 + (end - start) / ROWS_PER_WEIGHT_PASS for _, start, end in groups]
+        split = cpu_grouped.split_by_cost(costs, (*(s for _, s, _ in groups), groups[-1][2]), threads)
+    if split is None:
+        for e, start, end in groups:
+            fn(e, slice(start, end))
+    else:
+        cpu_grouped.run_split(split, lambda g, rows: fn(groups[g][0], rows))
+
+
+# ----- kernels ----------------------------------------------------------------------------------
+def packing_available(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether oneDNN packed kernels serve this dtype on this device (CPU builds with oneDNN; fp32, and
+    bf16 where the CPU has it natively)."""
+    return torch.device(device).type == "cpu" and _packs_on_cpu(dtype)
+
+
+@functools.cache
+def _packs_on_cpu(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class InferencePack:
+    """Per-expert oneDNN-packed copies of a bank's matrices (``ExpertBank.inference_matrices``), rebuilt
+    when any of the bank's parameters or buffers changes. Not part of the state dict; a deep copy or
+    pickle of the bank drops it (it is rebuilt on the next inference call of the copy)."""
+
+    def __init__(self) -> None:
+        self._stamp: tuple | None = None
+        self._packed: dict[str, list[Tensor]] = {}
+
+    def matrices(self, bank: "ExpertBank") -> dict[str, list[Tensor]]:
+        """The packed matrices, ``{name: [packed [O, I] per expert]}``, rebuilt if the bank changed."""
+        stamp = _stamp(bank)
+        if stamp != self._stamp:
+            with torch.no_grad():
+                self._packed = {
+                    name: [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT) for w in per_expert]
+                    for name, per_expert in bank.inference_matrices().items()
+                }
+            self._stamp = stamp
+        return self._packed
+
+    def __deepcopy__(self, memo: dict) -> "InferencePack":
+        return InferencePack()
+
+    def __getstate__(self) -> dict:
+        return {"_stamp": None, "_packed": {}}
+
+
+def _stamp(bank: "ExpertBank") -> tuple:
+    tensors = [*bank.stacked_parameters().values(), *bank.buffers()]
+    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def inference_pack(bank: "ExpertBank") -> dict[str, list[Tensor]] | None:
+    """The bank's packed matrices when packing is on and serves its dtype/device, else None."""
+    pack = getattr(bank, "_inference_pack", None)
+    if pack is None:
+        return None
+    ref = next(iter(bank.stacked_parameters().values()), None)
+    if ref is None or not packing_available(ref.dtype, ref.device):
+        return None
+    return pack.matrices(bank)
+
+
+def pack_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn oneDNN packing on (or off, freeing the copies) for every expert bank in ``module`` that has
+    packable matrices; returns ``module``. Packing costs a second copy of the expert weights and serves
+    CPU fp32/bf16 (``packing_available``); elsewhere the banks keep their plain kernels."""
+    from .base import ExpertBank
+
+    banks = [m for m in module.modules() if isinstance(m, ExpertBank) and m.inference_matrices()]
+    if enabled and not banks:
+        raise ValueError(f"{type(module).__name__} has no expert bank with packable matrices (mlp, glu, compressed)")
+    for bank in banks:
+        bank._inference_pack = InferencePack() if enabled else None
+    return module
+
+
+def expert_linear(
+    x_MI: Tensor,
+    weight_OI: Tensor,
+    bias_O: Tensor | None = None,
+    *,
+    packed: Tensor | None = None,
+    activation: str | None = None,
+    act_fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``act(x @ W^T + b)`` for one expert: ``[M, I] -> [M, O]``.
+
+    With ``packed`` (``weight_OI`` in oneDNN layout) the product runs in tiles of ``PACK_TILE_ROWS``
+    rows, with the activation fused as a post-op when oneDNN has it (``activation`` names it);
+    otherwise ``F.linear`` then ``act_fn``.
+    """
+    if packed is None:
+        y = F.linear(x_MI, weight_OI, bias_O)
+        return y if act_fn is None else act_fn(y)
+    attr, algorithm = _POST_OPS.get(activation or "identity", ("none", ""))
+    fused = activation is None or activation in _POST_OPS
+
+    def run(x: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias_O, attr if fused else "none", [], algorithm if fused else "")
+        return y if fused or act_fn is None else act_fn(y)
+
+    M = x_MI.shape[0]
+    if M <= PACK_TILE_ROWS:
+        return run(x_MI)
+    return torch.cat([run(x_MI[r : r + PACK_TILE_ROWS]) for r in range(0, M, PACK_TILE_ROWS)])

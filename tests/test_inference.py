@@ -1,0 +1,189 @@
+"""The forward-only path of sparse dispatch (``moekit.experts.inference``) against the training path and
+the per-expert reference, for every bank with ``expert_inference``, in fp32, bf16 and fp16, plain and
+oneDNN-packed, on one thread and with the experts split over two."""
+
+import copy
+import importlib
+import io
+import pickle
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts import dispatch, dispatch_reference, inference, pack_for_inference
+from moekit.experts.inference import packing_available, plan_inference
+from moekit.types import RoutingDecision
+
+D = 16
+dispatch_module = importlib.import_module("moekit.experts.dispatch")
+
+BANKS = {
+    "mlp": lambda E, dt: moekit.MLPExperts(E, D, 24, dtype=dt),
+    "mlp_relu_nobias": lambda E, dt: moekit.MLPExperts(E, D, 24, bias=False, activation="relu", dtype=dt),
+    "mlp_out_dim": lambda E, dt: moekit.MLPExperts(E, D, 24, out_dim=8, activation="gelu_tanh", dtype=dt),
+    "glu": lambda E, dt: moekit.GLUExperts(E, D, 24, dtype=dt),
+    "glu_gelu": lambda E, dt: moekit.GLUExperts(E, D, 24, activation="gelu", dtype=dt),
+}
+
+
+def _decision(T: int, E: int, K: int, *, kept: bool = False, dtype=torch.float32) -> RoutingDecision:
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    weights = torch.softmax(torch.randn(T, K), -1).to(dtype)
+    kept_TK = (torch.rand(T, K) > 0.4) if kept else None
+    return RoutingDecision(ids, weights, E, kept_TK=kept_TK)
+
+
+# name -> (T, E, K, kept)
+CASES = {
+    "decode_one_token": (1, 6, 2, False),
+    "few_tokens_empty_experts": (5, 12, 2, False),
+    "prefill": (40, 6, 3, False),
+    "dropped_slots": (9, 5, 2, True),
+    "single_expert": (3, 1, 1, False),
+}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}  # fmt: skip
+
+
+def _training_path(bank, x, decision):
+    """The output of the training path (grad on): the sorted grouped GEMM and weighted scatter."""
+    params = [p.requires_grad_(True) for p in bank.parameters()]
+    with torch.enable_grad():
+        y = dispatch(bank, x, decision)
+    assert y.requires_grad and params
+    return y.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("bank", list(BANKS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_path_equals_training_path(bank, case, packed, dtype, monkeypatch) -> None:
+    T, E, K, kept = CASES[case]
+    experts = BANKS[bank](E, dtype)
+    if packed:
+        pack_for_inference(experts)
+    x = torch.randn(T, D, dtype=dtype)
+    decision = _decision(T, E, K, kept=kept, dtype=dtype)
+    calls = []
+    original = type(experts).expert_inference
+    monkeypatch.setattr(type(experts), "expert_inference", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.inference_mode():
+        y = dispatch(experts, x, decision)
+    with torch.no_grad():
+        y_no_grad = dispatch(experts, x, decision)
+        ref = dispatch_reference(experts, x, decision)
+    assert calls, "the inference path was not taken"
+    assert y.dtype == dtype and y.shape == (T, experts.out_dim)
+    train = _training_path(experts, x, decision)
+    torch.testing.assert_close(y, train, **TOL[dtype])
+    torch.testing.assert_close(y_no_grad, y, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_experts_split_over_threads_equal_one_thread(packed, monkeypatch) -> None:
+    experts = moekit.GLUExperts(12, D, 24)
+    if packed:
+        pack_for_inference(experts)
+    x = torch.randn(7, D)
+    decision = _decision(7, 12, 3)
+    with torch.inference_mode():
+        one = dispatch(experts, x, decision)
+    splits = []
+    run_split = inference.cpu_grouped.run_split
+    monkeypatch.setattr(inference.cpu_grouped, "run_split", lambda s, fn: splits.append(s) or run_split(s, fn))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            two = dispatch(experts, x, decision)
+    finally:
+        torch.set_num_threads(threads)
+    assert splits and len(splits[0].runs) == 2, "the touched experts were not split over the two threads"
+    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+
+
+def test_large_products_take_the_sorted_grouped_gemm(monkeypatch) -> None:
+    experts = moekit.GLUExperts(4, D, 24)
+    x = torch.randn(30, D)
+    decision = _decision(30, 4, 2)
+    monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_SLOTS", 10)
+    grouped = []
+    original = moekit.GLUExperts.grouped_forward
+    monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
+    with torch.no_grad():
+        y = dispatch(experts, x, decision)
+    assert grouped
+    torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach())
+
+
+def test_grouped_split_under_inference_mode(monkeypatch) -> None:
+    """The CPU split of the training path's grouped GEMM used to fail in inference mode (its workers
+    wrote into inference tensors outside inference mode)."""
+    monkeypatch.setattr(inference.cpu_grouped, "_intra_op_threads", lambda: 2)
+    monkeypatch.setattr(inference.cpu_grouped, "MIN_SPLIT_MACS", 0)
+    experts = moekit.AdapterExperts(4, D, 8)  # no expert_inference: runs grouped_forward under inference mode
+    x = torch.randn(20, D)
+    decision = _decision(20, 4, 2)
+    with torch.inference_mode():
+        y = dispatch(experts, x, decision)
+    torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach())
+
+
+def test_one_token_needs_no_sort(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: pytest.fail("sorted a single token's slots"))
+    plan = plan_inference(RoutingDecision(torch.tensor([[4, 1, 3]]), torch.ones(1, 3), 6))
+    assert plan.groups == ((4, 0, 1), (1, 1, 2), (3, 2, 3))
+    assert plan.sizes_E.tolist() == [0, 1, 0, 1, 1, 0]
+
+
+def test_training_keeps_the_training_path(monkeypatch) -> None:
+    monkeypatch.setattr(dispatch_module, "dispatch_inference", lambda *a: pytest.fail("inference path under autograd"))
+    experts = moekit.GLUExperts(4, D, 24)
+    decision = _decision(6, 4, 2)
+    dispatch(experts, torch.randn(6, D), decision).sum().backward()
+    assert experts.gate_up_proj.grad is not None
+
+
+@pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
+def test_pack_follows_weight_updates_and_leaves_state_untouched() -> None:
+    experts = moekit.GLUExperts(4, D, 24)
+    keys = set(experts.state_dict())
+    pack_for_inference(experts)
+    x, decision = torch.randn(5, D), _decision(5, 4, 2)
+    with torch.no_grad():
+        before = dispatch(experts, x, decision)
+        experts.down_proj.mul_(2)  # an in-place update: the packed copy must follow
+        after = dispatch(experts, x, decision)
+        experts.load_state_dict({k: v * 0.5 for k, v in experts.state_dict().items()})
+        loaded = dispatch(experts, x, decision)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded, dispatch_reference(experts, x, decision), rtol=1e-5, atol=1e-6)
+    assert set(experts.state_dict()) == keys
+    for clone in (copy.deepcopy(experts), pickle.loads(pickle.dumps(experts))):
+        with torch.no_grad():
+            torch.testing.assert_close(dispatch(clone, x, decision), loaded)
+    buf = io.BytesIO()
+    torch.save(experts.state_dict(), buf)
+    pack_for_inference(experts, False)
+    assert experts._inference_pack is None
+
+
+def test_pack_for_inference_needs_a_packable_bank() -> None:
+    with pytest.raises(ValueError, match="no expert bank with packable matrices"):
+        pack_for_inference(moekit.AdapterExperts(4, D, 8))
+
+
+def test_moe_layer_in_eval_uses_the_inference_path(monkeypatch) -> None:
+    layer = moekit.MoE(moekit.TopKRouter(D, 8, 2, noisy=False), moekit.GLUExperts(8, D, 24)).eval()
+    x = torch.randn(2, 3, D)
+    train = layer(x).y.detach()
+    taken = []
+    original = inference.dispatch_inference
+    monkeypatch.setattr(dispatch_module, "dispatch_inference", lambda *a: taken.append(1) or original(*a))
+    with torch.inference_mode():
+        y = layer(x).y
+    assert taken
+    torch.testing.assert_close(y, train, rtol=1e-5, atol=1e-6)
