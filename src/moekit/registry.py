@@ -1,4 +1,4 @@
-"""Name -> factory registries for routers, expert banks, losses and merge methods (timm style).
+"""Name -> factory registries for routers, expert banks, losses, merge and compression methods (timm style).
 
 Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from.
 """
@@ -15,6 +15,8 @@ __all__ = [
     "EXPERTS",
     "LOSSES",
     "MERGE_METHODS",
+    "EXPERT_METHODS",
+    "STATISTICS",
     "MODELS",
     "create_router",
     "list_routers",
@@ -77,6 +79,10 @@ ROUTERS: Registry[Callable[..., Any]] = Registry("router")
 EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank")
 LOSSES: Registry[Callable[..., Any]] = Registry("loss")
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
+#: expert-reduction methods of the compression pipeline (``moekit compress --method``), one file each
+EXPERT_METHODS: Registry[Callable[..., Any]] = Registry("compression method")
+#: per-block statistics the layer-wise observer can collect for a method
+STATISTICS: Registry[Callable[..., Any]] = Registry("statistic")
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
 MODELS: Registry[Callable[..., Any]] = Registry("model")
 

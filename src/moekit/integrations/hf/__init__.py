@@ -10,7 +10,8 @@ from . import mixtral, olmoe, qwen2_moe, qwen3_moe, switch  # noqa: F401  (regis
 from .base import FAMILIES, MoEFamily, RemappedRouter, family_for, list_families, register_family
 from .io import load_hf_model, save_hf_model
 from .merge import MERGE_CONFIG_KEY, merge_hf_model
-from .routing import calibrate_hf, routing_sources
+from .routing import routing_sources
+from .stack import DecoderStack, hf_stack
 
 __all__ = [
     "MoEFamily",
@@ -20,7 +21,8 @@ __all__ = [
     "family_for",
     "list_families",
     "routing_sources",
-    "calibrate_hf",
+    "DecoderStack",
+    "hf_stack",
     "merge_hf_model",
     "MERGE_CONFIG_KEY",
     "save_hf_model",
