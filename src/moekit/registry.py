@@ -1,4 +1,4 @@
-"""Name -> factory registries for routers, expert banks, losses, merge methods and models (timm style).
+"""Name -> factory registries for routers, expert banks, losses, merge and compression methods and models (timm style).
 
 Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from. A
 registry knows which moekit modules define its built-in entries and imports them on the first
@@ -18,6 +18,8 @@ __all__ = [
     "EXPERTS",
     "LOSSES",
     "MERGE_METHODS",
+    "EXPERT_METHODS",
+    "STATISTICS",
     "MODELS",
     "register_model",
     "create_router",
@@ -94,6 +96,10 @@ ROUTERS: Registry[Callable[..., Any]] = Registry("router", ["moekit.routers"])
 EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank", ["moekit.experts"])
 LOSSES: Registry[Callable[..., Any]] = Registry("loss", ["moekit.losses"])
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method", ["moekit.merging.layer"])
+#: expert-reduction methods of the compression pipeline (``moekit compress --method``), one file each
+EXPERT_METHODS: Registry[Callable[..., Any]] = Registry("compression method", ["moekit.merging.methods"])
+#: per-block statistics the layer-wise observer can collect for a method
+STATISTICS: Registry[Callable[..., Any]] = Registry("statistic", ["moekit.merging.statistics"])
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
 MODELS: Registry[Callable[..., Any]] = Registry(
     "model",
