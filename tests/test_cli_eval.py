@@ -70,6 +70,16 @@ def test_eval_moekit_checkpoint_with_reference_writes_a_comparable_report(lm_dir
     assert _eval(lm_dir, "--data", *files, "--compare", earlier, *SMALL[:-1]) == 0  # printed, paired with it
     printed = capsys.readouterr().out
     assert "## Paired differences" in printed and "(earlier run)" in printed and "within noise" in printed
+    paired = tmp_path / "paired"  # generation had a reference in `out`, none here: left out, said why
+    assert _eval(lm_dir, "--data", *files, "--compare", out, "--out", paired, *SMALL) == 0
+    r = _results(paired)
+    assert [s["task"] for s in r["not_compared"]] == ["generate"] and "reference differ" in r["not_compared"][0]["reason"]
+    assert {c["task"] for c in r["comparisons"]} == {"perplexity", "choice", "cloze"}
+    assert "Not compared: generate" in (paired / "report.md").read_text()
+    assert _eval(lm_dir, "--data", *files, "--compare", out, "--seed", "1", *SMALL) == 2  # before any work
+    assert "used other settings (seed=0 there, 1 here)" in capsys.readouterr().err
+    assert _eval(lm_dir, "--data", *files[:2], "--compare", out, *SMALL) == 2
+    assert "evaluated other data" in capsys.readouterr().err
 
 
 def test_eval_hf_qwen3_moe_with_tokenizer_scores_text_like_a_direct_forward(qwen_dir, files, tmp_path):

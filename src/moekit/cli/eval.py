@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ def _tasks(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
+#: settings that do not change what is measured (an earlier run may differ in them)
+FREE_SETTINGS = ("batch_size", "level", "n_resamples")
+
+
+def _check_comparable(path: str, other: dict[str, Any], digest: str, settings: dict[str, Any]) -> None:
+    """Refuse, before any work, an earlier run that evaluated other data or other items."""
+    if other.get("data", {}).get("sha256") != digest:
+        raise ValueError(f"--compare {path!r} evaluated other data (data sha256 differs); "
+                         "use the same --data, --documents and --stdlib-bytes")  # fmt: skip
+    theirs = other.get("settings", {})
+    differ = [k for k, v in settings.items() if k not in FREE_SETTINGS and theirs.get(k) != v]
+    if differ:
+        shown = ", ".join(f"{k}={theirs.get(k)!r} there, {settings[k]!r} here" for k in differ)
+        raise ValueError(f"--compare {path!r} used other settings ({shown})")
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.lm_eval is not None:
         check_lm_eval(lm_tasks, args.lm_eval_include)
     earlier = [load_results(path) for path in args.compare]
-    data = load_data(args.data, max_bytes=args.stdlib_bytes)
+    data = load_data(args.data, max_bytes=args.stdlib_bytes).head(settings.documents)
+    for path, other in zip(args.compare, earlier):
+        _check_comparable(path, other, data.digest, asdict(settings))
     show = not args.quiet and sys.stderr.isatty()
     model = load_model(args.model, device=args.device, context=args.context, progress=show)
     reference = load_model(args.reference, device=args.device, context=args.context, progress=show) if args.reference else None
@@ -100,11 +119,13 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(model, data, tasks=tasks, reference=reference, settings=settings, progress=not args.quiet,
                       command=["moekit", *sys.argv[1:]] if from_shell else None)  # fmt: skip
     result["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    result["not_compared"] = []
     for other in earlier:
         base = dict(other["runs"][0])
         if base["name"] == result["runs"][0]["name"]:
             base["name"] += " (earlier run)"
-        result["comparisons"] += compare_runs(result["runs"][0], base, **settings.stats())
+        result["comparisons"] += compare_runs(result["runs"][0], base, skipped=result["not_compared"],
+                                              **settings.stats())  # fmt: skip
     if lm_tasks:
         result["lm_eval"] = run_lm_eval(model, lm_tasks, args.lm_eval_include, batch_size=args.batch_size,
                                         limit=args.lm_eval_limit)  # fmt: skip

@@ -18,20 +18,21 @@ import numpy as np
 from ..confidence import Interval, bootstrap_interval, verdict
 from .metrics import METRICS, constant_ratio, unit_arrays
 
-__all__ = ["compare_runs", "compare"]
+__all__ = ["compare_runs", "compare", "incomparable"]
 
 
 def _difference_of_ratios(na: np.ndarray, da: np.ndarray, nb: np.ndarray, db: np.ndarray, axis: int = -1) -> Any:
     return na.sum(axis=axis) / da.sum(axis=axis) - nb.sum(axis=axis) / db.sum(axis=axis)
 
 
-def _check_comparable(task: str, a: Mapping[str, Any], b: Mapping[str, Any], names: tuple[str, str]) -> None:
-    where = f"{task} of {names[0]!r} and {names[1]!r}"
-    for key in ("data_sha256", "items_sha256", "reference"):
+def incomparable(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """Why two results of one task cannot be paired (None when they can)."""
+    for key in ("data_sha256", "reference", "items_sha256"):
         if a.get(key) != b.get(key):
-            raise ValueError(f"{where} are not comparable: their {key} differ ({a.get(key)} vs {b.get(key)})")
+            return f"their {key} differ ({a.get(key)} vs {b.get(key)})"
     if [u["id"] for u in a.get("per_unit", [])] != [u["id"] for u in b.get("per_unit", [])]:
-        raise ValueError(f"{where} are not comparable: they scored different {a.get('units', 'units')}")
+        return f"they scored different {a.get('units', 'units')}"
+    return None
 
 
 def compare_runs(
@@ -41,16 +42,26 @@ def compare_runs(
     level: float = 0.95,
     n_resamples: int = 4999,
     seed: int = 0,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Paired differences of run ``a`` minus run ``b`` (runs as in ``evaluate()["runs"]``: ``{"name",
-    "tasks"}``) on every task and metric both have. One row per metric (JSON-ready)."""
+    "tasks"}``) on every task and metric both have. One row per metric (JSON-ready).
+
+    A task the two runs did not score on the same units raises ValueError, or, when a ``skipped``
+    list is given, is left out and recorded there as ``{"task", "a", "b", "reason"}``.
+    """
     names = (str(a.get("name", "A")), str(b.get("name", "B")))
     rows = []
     for task, ra in a["tasks"].items():
         rb = b["tasks"].get(task)
         if rb is None:
             continue
-        _check_comparable(task, ra, rb, names)
+        reason = incomparable(ra, rb)
+        if reason is not None:
+            if skipped is None:
+                raise ValueError(f"{task} of {names[0]!r} and {names[1]!r} are not comparable: {reason}")
+            skipped.append({"task": task, "a": names[0], "b": names[1], "reason": reason})
+            continue
         for name, metric in METRICS[task].items():
             if metric.exp:
                 continue

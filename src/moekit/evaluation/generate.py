@@ -21,6 +21,8 @@ the same batches, so a model compared with itself gets KL 0 and agreement 1 exac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,7 +36,7 @@ from .lm import EvalModel
 from .metrics import summarise
 from .scoring import forward_batches, greedy_continuations, progress_bar
 
-__all__ = ["Prompt", "build_prompts", "repeated_ngrams", "evaluate_generation"]
+__all__ = ["Prompt", "build_prompts", "prompts_digest", "repeated_ngrams", "evaluate_generation"]
 
 #: bytes of true continuation kept per new token (enough text for any tokenizer)
 TEXT_BYTES_PER_TOKEN = 8
@@ -80,6 +82,16 @@ def build_prompts(
     if not out:
         raise ValueError(f"no document is longer than prompt_length={prompt_length}; shorten the prompts")
     return out
+
+
+def prompts_digest(prompts: Sequence[Prompt], new_tokens: int, ngram: int) -> str:
+    """SHA-256 of the prompts' exact content and the generation settings (equal digests: same check)."""
+    h = hashlib.sha256(json.dumps([new_tokens, ngram]).encode())
+    for p in prompts:
+        h.update(json.dumps([p.id, p.document, p.offset]).encode() + b"\0")
+        for part in (p.prompt, p.continuation):
+            h.update((part if isinstance(part, bytes) else json.dumps(list(part)).encode()) + b"\0")
+    return h.hexdigest()
 
 
 def repeated_ngrams(tokens: Sequence[int], n: int) -> tuple[int, int]:
@@ -140,6 +152,7 @@ def evaluate_generation(
         _against_reference(model, reference, prompt_ids, refs, conts, units, ngram, batch_size)
     result: dict[str, Any] = {
         "task": "generate", "units": "prompts", "data_sha256": data.digest,
+        "items_sha256": prompts_digest(prompts, new_tokens, ngram),
         "reference": reference.info.get("path", reference.name) if reference is not None else None,
         "settings": {"new_tokens": new_tokens, "ngram": ngram, "prompts": len(prompts)},
         "per_unit": units,

@@ -82,6 +82,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
             rows.append([f"{c['task']} {METRICS[c['task']][c['metric']].label}", c["a"], c["b"],
                          format_interval(c["task"], c["metric"], d), c["better"], c["verdict"]])  # fmt: skip
         lines += [markdown_table(["metric", "A", "B", "A - B [95% CI]", "better", "verdict"], rows)]
+    for skip in result.get("not_compared") or []:
+        lines += [f"Not compared: {skip['task']} of `{skip['a']}` and `{skip['b']}` ({skip['reason']}).", ""]
     if result.get("lm_eval"):
         lines += ["## lm-eval", "", "```json", json.dumps(result["lm_eval"]["results"], indent=2), "```", ""]
     return "\n".join(lines).rstrip() + "\n"
