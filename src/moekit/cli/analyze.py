@@ -33,29 +33,29 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("path", help="a moekit checkpoint, an expert-parallel checkpoint, a Hugging Face MoE directory, "
                    "or the output directory of moekit demo / moekit reproduce ...")
-    p.add_argument("--run", default=None, help="which run of an experiment directory (default: its only run)")
+    p.add_argument("--run", default=None, metavar="NAME", help="which run of an experiment directory (default: its only run)")
     p.add_argument("--list-runs", action="store_true", help="list the runs of an experiment directory and exit")
     p.add_argument("--data", default=None, metavar="NAME|FILE",
                    help=f"evaluation data: one of {', '.join(BUILTIN_DATA)}, or a file saved with "
                    "moekit.analysis.EvalSet.save (default: the run's data, else the data that fits the model)")
-    p.add_argument("--data-dir", default=None, help="directory with the CIFAR binary files (default: none)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="directory with the CIFAR binary files (default: none)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="image side for digits data (default: the run's, else 32 for digits, 16 for domain-digits)")
     p.add_argument("--calib", nargs="+", default=None, metavar="TEXT",
                    help="language models: text files, 'stdlib', or token-id files (.json lists or .safetensors "
                    "with input_ids [N, S]) (default: the validation part of the Python standard library sources)")
-    p.add_argument("--calib-samples", type=int, default=64, help="language models: text windows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=65,
+    p.add_argument("--calib-samples", type=int, default=64, metavar="N", help="language models: text windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=65, metavar="N",
                    help="language models: tokens per window, capped at the model's context (default: %(default)s)")
-    p.add_argument("--max-examples", type=int, default=None,
+    p.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="analyse N examples spread evenly over the data (windows for language models) (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="examples per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="examples per forward pass (default: %(default)s)")
     p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
                    help="t-SNE plots of the gate logits, coloured by label (slow: tens of seconds per layer on "
                    "2 cores) (default: off)")
     p.add_argument("--no-interventions", action="store_true",
                    help="skip the inference-k sweep and the forced-expert evaluations")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, metavar="DIR",
                    help=f"report directory (default: {DEFAULT_ROOT}/<checkpoint name> or <run dir>-<run>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
