@@ -166,26 +166,40 @@ def test_hugging_face_model() -> None:
             pass
 
 
+def _png_ok(path: Path) -> None:
+    """A PNG that a person can read: a real size and not blank (pixels vary)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        pixels = torch.frombuffer(bytearray(image.convert("L").tobytes()), dtype=torch.uint8).float()
+    assert width >= 300 and height >= 200, f"{path.name} is only {width}x{height}"
+    assert float(pixels.std()) > 10 and float((pixels < 200).float().mean()) > 0.01, f"{path.name} looks blank"
+
+
+def _all_pngs_ok(out: Path) -> list[str]:
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names
+    for name in names:
+        _png_ok(out / name)
+    text = (out / "report.md").read_text()
+    assert all(f"({n})" in text for n in names), "every PNG is shown in the report"
+    return names
+
+
 def test_report_is_complete_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = ClassRouted(k=2)
     batches = class_batches()
     evaluate = lambda m: 0.5  # noqa: E731
-    result = analyze_model(model, batches, labels=lambda b: b[1], evaluate=evaluate, class_names=["a", "b", "c", "d"])
+    result = analyze_model(model, batches, labels=lambda b: b[1], evaluate=evaluate, class_names=["a", "b", "c", "d"],
+                           metadata=lambda b: {"parity": b[1] % 2})  # fmt: skip
     assert sorted(result.metric_vs_k) == [1, 2, 3, 4] and len(result.forced["moe.router"]) == 4
     out = write_analysis_report(result, tmp_path / "report", title="t")
-    names = {p.name for p in out.iterdir()}
-    assert {
-        "report.md",
-        "analysis.json",
-        "utilisation.png",
-        "class_table_0.png",
-        "coactivation_0.png",
-        "tsne_0.png",
-        "metric_vs_k.png",
-        "forced_experts.png",
-    } <= names
+    names = set(_all_pngs_ok(out))
+    assert {"utilisation.png", "load_over_data.png", "entropy.png", "coactivation.png", "class_table.png",
+            "group_parity.png", "tsne_0.png", "metric_vs_k.png", "forced_experts.png"} <= names  # fmt: skip
     text = (out / "report.md").read_text()
-    assert "NMI label" in text and "One expert forced" in text
+    assert "NMI label" in text and "One expert forced" in text and "What each expert takes" in text
     with pytest.raises(FileExistsError):
         write_analysis_report(result, out, title="t")
     import moekit.analysis.report as report
@@ -199,24 +213,57 @@ def test_report_is_complete_and_atomic(tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # nothing half-written
 
 
+def test_load_shares_and_top_values_known_answers() -> None:
+    from moekit.analysis.metrics import expert_top_values, load_shares
+
+    gates = torch.zeros(8, 2)
+    gates[:4, 0] = 1.0  # the first half of the data goes to expert 0, the second to expert 1
+    gates[4:, 1] = 1.0
+    torch.testing.assert_close(load_shares(gates, slices=2), torch.eye(2))
+    assert load_shares(gates, slices=16).shape == (4, 2)
+    choice = torch.tensor([0] * 6 + [1] * 6)
+    values = torch.tensor([5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7, 7])
+    top = expert_top_values(choice, values, 2)
+    assert top[0][0] == {"value": 5, "count": 3, "share": 0.5, "lift": pytest.approx(2.0)}
+    assert [t["value"] for t in top[1]] == [7]
+
+
+def test_eval_set_round_trip_and_token_classes(tmp_path: Path) -> None:
+    from moekit.analysis import CHAR_CLASSES, EvalSet, char_class
+
+    assert [CHAR_CLASSES[char_class(t)] for t in (" ", "\n", "a", " the", "Q", "7", ";", "é")] == [
+        "space", "newline", "lowercase", "lowercase", "uppercase", "digit", "punctuation", "other"]
+    data = EvalSet.from_tokens(torch.tensor([list(b"ab 1"), list(b"\nZ;\xc3")]), description="bytes")
+    assert data.kind == "tokens" and data.label_name == "character class"
+    assert [CHAR_CLASSES[c] for c in data.labels[1].tolist()] == ["newline", "uppercase", "punctuation", "other"]
+    assert data.group_names["token"][ord("a")] == "'a'" and data.group_names["token"][0xC3] == "0xc3"
+    images = EvalSet(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), route_meta={"tag": torch.arange(4)},
+                     groups={"domain": torch.tensor([0, 0, 1, 1])}, class_names=("a", "b"), name="mine")  # fmt: skip
+    for original in (data, images):
+        loaded = EvalSet.load(original.save(tmp_path / f"{original.name}.safetensors"))
+        assert torch.equal(loaded.inputs, original.inputs) and torch.equal(loaded.labels, original.labels)
+        assert loaded.groups.keys() == original.groups.keys() and loaded.class_names == original.class_names
+        assert loaded.route_meta.keys() == original.route_meta.keys() and loaded.kind == original.kind
+    assert "2 of them analysed" in images.take(slice(0, 2)).description
+    with pytest.raises(ValueError, match=r"labels has shape \(3,\); the inputs have 4 examples"):
+        EvalSet(torch.randn(4, 3), torch.zeros(3, dtype=torch.long))
+    (tmp_path / "other.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        EvalSet.load(tmp_path / "other.safetensors")
+
+
 def test_cli_analyze_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = ResNetMoE(10, width=4, moe_position=4, num_experts=4, k=2)
     save_checkpoint(model, tmp_path / "ckpt")
     out = tmp_path / "analysis"
-    args = [
-        "analyze",
-        str(tmp_path / "ckpt"),
-        "--image-size",
-        "8",
-        "--max-images",
-        "60",
-        "--no-tsne",
-        "--out",
-        str(out),
-    ]
+    args = ["analyze", str(tmp_path / "ckpt"), "--image-size", "8", "--max-examples", "60", "--out", str(out)]
     assert main(args) == 0
     text = (out / "report.md").read_text()
-    assert "stages.3.router" in text and "Metric against inference-time k" in text
+    assert "stages.3.router" in text and "accuracy against inference-time k" in text
+    assert "the 450 test images of scikit-learn's digits upscaled to 3x8x8; 60 of them analysed" in text
+    _all_pngs_ok(out)
     assert main(args) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert main(["analyze", str(tmp_path / "ckpt"), "--calib", "stdlib", "--out", str(tmp_path / "x")]) == 2
+    assert "--calib is for language models; ResNetMoE takes images" in capsys.readouterr().err

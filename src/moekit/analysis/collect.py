@@ -31,7 +31,8 @@ class LayerRecord:
 
     Attributes:
         gates_TE: effective combine weights ``[T, E]``; ``ids_TK``: chosen experts ``[T, K]``;
-        logits_TE: router logits (None when the router has none); labels_T / meta_T: per-token values.
+        logits_TE: router logits (None when the router has none); labels_T / meta_T: per-token values;
+        entropy_T: each token's router entropy in nats (None when the router gives no distribution).
     """
 
     name: str
@@ -41,6 +42,7 @@ class LayerRecord:
     logits_TE: Tensor | None
     labels_T: Tensor | None
     meta_T: dict[str, Tensor] = field(default_factory=dict)
+    entropy_T: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -111,6 +113,9 @@ class _Keeper:
         values = {"gates": d.gates_TE().detach().float().cpu(), "ids": d.ids_TK.detach().cpu()}
         if d.logits_TE is not None:
             values["logits"] = d.logits_TE.detach().float().cpu()
+        if d.probs_TE is not None:
+            p = d.probs_TE.detach().double().cpu()
+            values["entropy"] = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
         if self.labels is not None:
             values["labels"] = token_values(self.labels, d.num_tokens, "labels")
         for key, v in self.meta.items():
@@ -163,6 +168,7 @@ def collect_routing(
         rows = {k: torch.cat(v) for k, v in keeper.rows[name].items()}
         meta = {k.split(":", 1)[1]: v for k, v in rows.items() if k.startswith("meta:")}
         layers[name] = LayerRecord(
-            name, rec.stats[name], rows["gates"], rows["ids"], rows.get("logits"), rows.get("labels"), meta
+            name, rec.stats[name], rows["gates"], rows["ids"], rows.get("logits"), rows.get("labels"), meta,
+            rows.get("entropy"),
         )
     return RoutingRecord(layers)

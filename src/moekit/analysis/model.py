@@ -31,16 +31,23 @@ class ModelAnalysis:
     embeddings: dict[str, Tensor] = field(default_factory=dict)
     embedding_labels: dict[str, Tensor | None] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
+    group_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    label_name: str = "label"
+    metric_name: str = "metric"
+    higher_is_better: bool = True
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "layers": {n: a.as_dict() for n, a in self.layers.items()},
+            "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
             "metric": self.metric,
             "metric_vs_k": {str(k): v for k, v in self.metric_vs_k.items()},
             "trained_k": self.trained_k,
             "forced_expert_metric": self.forced,
             "class_names": list(self.class_names),
+            "label_name": self.label_name,
             "notes": self.notes,
         }
 
@@ -59,6 +66,10 @@ def analyze_model(
     max_tokens: int = 4096,
     num_labels: int | None = None,
     class_names: Sequence[str] = (),
+    group_names: Mapping[str, Sequence[str]] | None = None,
+    label_name: str = "label",
+    metric_name: str = "metric",
+    higher_is_better: bool = True,
     seed: int = 0,
 ) -> ModelAnalysis:
     """Analyse ``model`` on ``batches`` (a re-iterable sequence).
@@ -69,10 +80,18 @@ def analyze_model(
         ks: inference-time k values (default 1..E of the smallest layer when every router supports it).
         forced: evaluate with each single expert forced, per layer (moekit routers only).
         tsne: 2-D t-SNE of each layer's gate logits.
+        class_names, group_names, label_name: names of the label values and of each metadata key's values,
+            and what the labels are (for the report).
+        metric_name, higher_is_better: what ``evaluate`` measures (for the report).
     """
     record = collect_routing(model, batches, forward=forward, labels=labels, metadata=metadata, max_tokens=max_tokens)
     result = ModelAnalysis(
-        {n: analyze_layer(r, num_labels=num_labels) for n, r in record.layers.items()}, class_names=tuple(class_names)
+        {n: analyze_layer(r, num_labels=num_labels) for n, r in record.layers.items()},
+        class_names=tuple(class_names),
+        group_names={k: tuple(v) for k, v in (group_names or {}).items()},
+        label_name=label_name,
+        metric_name=metric_name,
+        higher_is_better=higher_is_better,
     )
     routers = routed_layers(model, list(record.layers))
     result.trained_k = _trained_k(routers)

@@ -1,157 +1,207 @@
-"""``moekit analyze``: routing analysis report of a saved moekit checkpoint or of a run of
-``moekit reproduce constraints`` (its ``results.json`` names the checkpoints and the data).
+"""``moekit analyze``: routing analysis report (markdown + PNG + JSON) of anything moekit saves or reads.
 
-    moekit analyze moekit-runs/constraints --run p4-E4-importance-s0
-    moekit analyze my_checkpoint --data digits --image-size 16 --out runs/analysis
+    moekit analyze CHECKPOINT                           # moekit checkpoint (any model, adapters included)
+    moekit analyze EP_CHECKPOINT                        # expert-parallel checkpoint, on one process
+    moekit analyze HF_DIR --calib notes.txt             # Hugging Face MoE directory, on your text
+    moekit analyze moekit-runs/constraints --run p4-E4-importance-s0   # one run of an experiment
+    moekit analyze moekit-runs/constraints --list-runs
+
+The data is chosen to fit the model and named in the report: the run's saved evaluation set, else
+byte windows of the Python standard library for language models, digit images for CNNs, digit
+vectors for vector classifiers, MultiDigits / the synthetic tasks for multi-task models.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from torch import Tensor
-
-DATA = ("digits", "digits-flat", "domain-digits", "cifar10", "cifar100")
+DEFAULT_ROOT = Path("moekit-runs/analyze")
 
 
 def register(subparsers: Any) -> None:
+    from ..analysis.target import BUILTIN_DATA
+
     p = subparsers.add_parser(
-        "analyze", help="routing analysis report (utilisation, specialisation, forced experts, k sweep)"
+        "analyze",
+        help="routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE",
+        description=(__doc__ or "").split("\n\n", 1)[1],
     )
-    p.add_argument("path", help="a moekit checkpoint directory, or an experiment run directory with results.json")
-    p.add_argument("--run", default=None, help="which run of an experiment directory (see its results.json)")
-    p.add_argument("--data", default=None, choices=DATA, help="evaluation data (default: the run's data, else digits)")
-    p.add_argument("--data-dir", default=None, help="directory with the CIFAR binary files")
-    p.add_argument(
-        "--image-size", type=int, default=None, help="digits: upscaled image size (default: the run's, else 32)"
-    )
-    p.add_argument("--max-images", type=int, default=None, help="analyse only the first N test images")
-    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="report directory (default: <run dir>/analysis/<run> or moekit-runs/analysis/<name>)",
-    )
+    p.add_argument("path", help="a moekit checkpoint, an expert-parallel checkpoint, a Hugging Face MoE directory, "
+                   "or the output directory of moekit demo / moekit reproduce ...")
+    p.add_argument("--run", default=None, metavar="NAME", help="which run of an experiment directory (default: its only run)")
+    p.add_argument("--list-runs", action="store_true", help="list the runs of an experiment directory and exit")
+    p.add_argument("--data", default=None, metavar="NAME|FILE",
+                   help=f"evaluation data: one of {', '.join(BUILTIN_DATA)}, or a file saved with "
+                   "moekit.analysis.EvalSet.save (default: the run's data, else the data that fits the model)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="directory with the CIFAR binary files (default: none)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="image side for digits data (default: the run's, else 32 for digits, 16 for domain-digits)")
+    p.add_argument("--calib", nargs="+", default=None, metavar="TEXT",
+                   help="language models: text files, 'stdlib', or token-id files (.json lists or .safetensors "
+                   "with input_ids [N, S]) (default: the validation part of the Python standard library sources)")
+    p.add_argument("--calib-samples", type=int, default=64, metavar="N", help="language models: text windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=65, metavar="N",
+                   help="language models: tokens per window, capped at the model's context (default: %(default)s)")
+    p.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="analyse N examples spread evenly over the data (windows for language models) (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="examples per forward pass (default: %(default)s)")
+    p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
+                   help="t-SNE plots of the gate logits, coloured by label (slow: tens of seconds per layer on "
+                   "2 cores) (default: off)")
+    p.add_argument("--no-interventions", action="store_true",
+                   help="skip the inference-k sweep and the forced-expert evaluations")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"report directory (default: {DEFAULT_ROOT}/<checkpoint name> or <run dir>-<run>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_run)
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Path]:
-    """(checkpoint dir, data settings, default output dir) for a checkpoint or an experiment run."""
-    path = Path(args.path)
-    if (path / "config.json").is_file():
-        return path, {}, Path("moekit-runs/analysis") / path.resolve().name
-    results = path / "results.json"
-    if not results.is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a moekit checkpoint (no config.json) nor an experiment run (no results.json)"
-        )
+def _checks(args: argparse.Namespace) -> None:
+    for name in ("image_size", "max_examples", "batch_size", "calib_samples", "seq_len"):
+        value = getattr(args, name)
+        low = {"seq_len": 2, "image_size": 8}.get(name, 1)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _read_token_ids(path: Path) -> Any:
+    """Token ids ``[N, S]`` from a ``.json`` list of lists or a ``.safetensors`` file with ``input_ids``."""
+    import torch
+
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            S = min(len(r) for r in rows)
+            return torch.tensor([r[:S] for r in rows], dtype=torch.long)
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"--calib {str(path)!r} must be a JSON list of token-id lists: {err}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        info = json.loads(results.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt experiment results {str(results)!r}: {err}") from None
-    runs = {r["name"]: r for r in info.get("runs", []) if isinstance(r, dict) and r.get("checkpoint")}
-    if not runs:
-        raise ValueError(f"{str(results)!r} lists no run with a saved checkpoint")
-    if args.run is None:
-        if len(runs) > 1:
-            raise ValueError(f"{str(path)!r} holds {len(runs)} runs; pick one with --run: {', '.join(sorted(runs))}")
-        args.run = next(iter(runs))
-    if args.run not in runs:
-        raise ValueError(f"--run {args.run!r} not found; runs with checkpoints: {', '.join(sorted(runs))}")
-    config = info.get("config", {})
-    data = {
-        "data": config.get("data"),
-        "data_dir": config.get("data_dir"),
-        "image_size": config.get("image_size"),
-        "num_train": config.get("num_train"),
-        "num_test": config.get("num_test"),
-    }
-    return path / runs[args.run]["checkpoint"], data, path / "analysis" / args.run
+        ids = load_file(str(path)).get("input_ids")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"--calib {str(path)!r} is not a readable safetensors file: {err}") from None
+    if ids is None or ids.dim() != 2:
+        raise ValueError(f"--calib {str(path)!r} needs a tensor 'input_ids' of shape [N, S]")
+    return ids.long()
 
 
-def _load_data(name: str, args: argparse.Namespace, run: dict[str, Any], channels: int):
-    from ..data.cifar import load_cifar_split
-    from ..data.digits import load_digits_split
-    from ..data.domains import load_domain_digits
-    from ..data.images import ImageSplit, load_digit_images
+def _token_data(model: Any, args: argparse.Namespace, path: Path) -> Any:
+    """The language-model evaluation set of ``--calib`` (or the stdlib validation text for HF models)."""
+    from ..analysis import EvalSet
+    from . import _calib
 
-    if name == "digits-flat":
-        d = load_digits_split()
-        return ImageSplit(
-            d.x_train, d.y_train, d.x_test, d.y_test, 10, "digits-flat", class_names=tuple(str(i) for i in range(10))
-        )
-    if name == "digits":
-        data = load_digit_images(size=args.image_size or run.get("image_size") or 32, channels=channels)
-    elif name == "domain-digits":
-        data = load_domain_digits(size=args.image_size or run.get("image_size") or 16)
+    hf = getattr(getattr(model, "config", None), "model_type", None) is not None
+    vocab = model.config.vocab_size if hf else model.config()["vocab_size"]
+    context = (getattr(model.config, "max_position_embeddings", None) if hf else model.max_seq_len) or args.seq_len
+    seq_len = min(args.seq_len, context)
+    tokenizer = _calib.find_tokenizer(path) if hf else None
+    sources = args.calib or []
+    id_files = [Path(s) for s in sources if Path(s).suffix in (".json", ".safetensors")]
+    if id_files:
+        if len(id_files) != len(sources):
+            raise ValueError("--calib takes either text (files or 'stdlib') or token-id files, not both")
+        import torch
+
+        ids = torch.cat([_read_token_ids(f)[:, :seq_len] for f in id_files])
+        what = f"token ids from {', '.join(map(str, id_files))}"
     else:
-        directory = args.data_dir or run.get("data_dir")
-        if not directory:
-            raise ValueError(f"--data {name} needs --data-dir (a directory with the CIFAR binary files)")
-        data = load_cifar_split(directory, name)
-    return data.subset(run.get("num_train"), run.get("num_test"))  # the experiment's split
+        if sources:
+            text, what = _calib.read_calibration_bytes(sources), f"text from {', '.join(sources)}"
+        else:
+            from ..data.stdlib_corpus import load_stdlib_corpus
+
+            text, what = bytes(load_stdlib_corpus().val.numpy()), "the validation files of the Python standard library"
+        if tokenizer is not None:
+            ids = _calib.token_windows(text, tokenizer, samples=args.calib_samples, seq_len=seq_len)
+        else:
+            ids = _calib.byte_windows(text, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab)
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"token ids go up to {int(ids.max())} but the model's vocabulary has {vocab} entries")
+    tokens = "its tokenizer" if tokenizer is not None else ("bytes" if not hf else f"bytes % {vocab} (no tokenizer saved)")
+    text_of = (lambda i: tokenizer.decode([i])) if tokenizer is not None else None
+    return EvalSet.from_tokens(ids, token_text=text_of, name="calibration text" if sources else "stdlib",
+                               description=f"{ids.shape[0]} windows of {ids.shape[1]} tokens ({tokens}) of {what}")  # fmt: skip
+
+
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _list_runs(path: Path) -> int:
+    from ..analysis import read_runs
+
+    for name, spec in read_runs(path).items():
+        data = "saved evaluation set" if spec.eval_set else (spec.data.get("data") or "data that fits the model")
+        print(f"{name}\t{spec.checkpoint}\t({data})")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
+    from ..analysis import ModelRunner, analyze_model, eval_set_for, input_kind, load_analysis_model, resolve_run
+    from ..analysis import write_analysis_report
 
-    from ..analysis import analyze_model, write_analysis_report
-    from ..checkpoint import load_checkpoint, read_checkpoint_config
-
-    checkpoint, run, default_out = _resolve(args)
+    _checks(args)
+    path = Path(args.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is not a directory (give a checkpoint, a model or an experiment run)")
+    if args.list_runs:
+        return _list_runs(path)
+    log = _log(args)
+    run = None if (path / "config.json").is_file() else resolve_run(path, args.run)
+    checkpoint = path if run is None else run.checkpoint
+    default_out = DEFAULT_ROOT / (checkpoint.resolve().name if run is None else f"{path.resolve().name}-{run.name}")
     out = Path(args.out) if args.out else default_out
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-    if args.max_images is not None and args.max_images < 5:
-        raise ValueError(f"--max-images must be >= 5, got {args.max_images}")
-    meta = read_checkpoint_config(checkpoint)
-    model = load_checkpoint(checkpoint)
-    data = _load_data(args.data or run.get("data") or "digits", args, run, int(meta["config"].get("in_channels", 3)))
-    x, y = data.x_test[: args.max_images], data.y_test[: args.max_images]
-    # categorical metadata only: a field with a distinct value per image is an identifier
-    metadata = {k: v[: args.max_images] for k, v in data.meta_test.items() if v.unique().numel() < v.numel()}
-    starts = range(0, len(y), 256)
-    batches = [(x[i : i + 256], y[i : i + 256], {k: v[i : i + 256] for k, v in metadata.items()}) for i in starts]
-
-    def logits_of(output: Any) -> Tensor:
-        return output[0] if isinstance(output, tuple) else output
-
-    @torch.no_grad()
-    def accuracy(m: torch.nn.Module) -> float:
-        m.eval()
-        return sum(int((logits_of(m(b[0])).argmax(-1) == b[1]).sum()) for b in batches) / len(y)
-
+    model, info = load_analysis_model(checkpoint)
+    log(f"loaded {checkpoint} ({info['format']}: {info['model'] or type(model).__name__})")
+    if input_kind(model) == "tokens" and args.data is None and (args.calib or info["format"] == "huggingface"):
+        data = _token_data(model, args, checkpoint)
+    elif args.calib:
+        raise ValueError(f"--calib is for language models; {type(model).__name__} takes {input_kind(model) or 'other'} "
+                         "inputs (use --data)")  # fmt: skip
+    else:
+        data = eval_set_for(model, args.data, run=run, image_size=args.image_size, data_dir=args.data_dir,
+                            seq_len=args.seq_len, samples=args.calib_samples)  # fmt: skip
+    if args.max_examples is not None:
+        data = data.spread(args.max_examples)
+    runner = ModelRunner(model, data, batch_size=args.batch_size)
+    log(f"data: {runner.describe()}; metric: {runner.metric_name}")
+    tokens = data.inputs.numel() if data.kind == "tokens" else len(data)
     result = analyze_model(
-        model,
-        batches,
-        labels=lambda b: b[1],
-        metadata=(lambda b: b[2]) if metadata else None,
-        evaluate=accuracy,
-        tsne=not args.no_tsne,
-        max_tokens=max(len(y), 1),
-        num_labels=data.num_classes,
-        class_names=data.class_names,
-    )
-    description = (
-        f"Checkpoint `{checkpoint}` ({meta['model']}), evaluated on the {len(y)} test images of {data.name}. "
-        "The metric is test accuracy."
-    )
-    write_analysis_report(
-        result,
-        out,
-        title=f"Routing analysis: {checkpoint.name}",
-        description=description,
-        config={
-            "checkpoint": str(checkpoint),
-            "model": meta["model"],
-            "model_config": meta["config"],
-            "data": data.name,
-        },
-        overwrite=args.overwrite,
-    )
-    print(f"report written to {out}/report.md")
+        model, runner.batches, forward=runner.forward, labels=runner.labels,
+        metadata=runner.metadata if data.groups else None,
+        evaluate=runner.evaluate, forced=not args.no_interventions, ks=[] if args.no_interventions else None,
+        tsne=args.tsne, max_tokens=min(max(tokens, 1), 20_000), num_labels=len(data.class_names) or None,
+        class_names=data.class_names, group_names=data.group_names, label_name=data.label_name,
+        metric_name=runner.metric_name,
+        higher_is_better=runner.higher_is_better,
+    )  # fmt: skip
+    log(f"analysed {len(result.layers)} routed layers")
+    model_name = info["model"] or type(model).__name__
+    extra = f" with routed adapters ({info['adapters']})" if info.get("adapters") else ""
+    description = f"Model: `{checkpoint}` ({model_name}{extra}). Data: {runner.describe()}."
+    if run is not None:
+        description = f"Run `{run.name}` of `{path}`. " + description
+    config = {"path": str(path), "run": None if run is None else run.name, "checkpoint": str(checkpoint),
+              "format": info["format"], "model": info["model"], "model_config": info["config"], "data": data.name,
+              "data_description": data.description, "examples": len(data), "command": sys.argv}  # fmt: skip
+    write_analysis_report(result, out, title=f"Routing analysis: {run.name if run else checkpoint.name}",
+                          description=description, config=config, overwrite=args.overwrite)  # fmt: skip
+    if not args.quiet:
+        print(f"report written to {out}/report.md")
     return 0

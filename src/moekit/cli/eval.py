@@ -31,17 +31,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)}, or 'none' (default: all)")  # fmt: skip
     p.add_argument("--reference", default=None, metavar="MODEL",
-                   help="the original (uncompressed) model: generation is compared with it, and it is evaluated too")  # fmt: skip
+                   help="the original (uncompressed) model: generation is compared with it, and it is evaluated too "
+                   "(default: none)")  # fmt: skip
     p.add_argument("--compare", nargs="+", default=[], metavar="RESULTS",
-                   help="earlier results.json (or report directories) to compare with, paired on the same items")  # fmt: skip
+                   help="earlier results.json (or report directories) to compare with, paired on the same items "
+                   "(default: none)")  # fmt: skip
     p.add_argument("--out", default=None, help="report directory (default: print the report)")
     p.add_argument("--seed", type=int, default=d.seed, help="item, prompt and bootstrap seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="device to run the models on (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no printed report")
     g = p.add_argument_group("sizes")
-    g.add_argument("--documents", type=int, default=None, help="use only the first N documents")
-    g.add_argument("--max-doc-bytes", type=int, default=None, help="perplexity: score at most N bytes per document")
+    g.add_argument("--documents", type=int, default=None, help="use only the first N documents (default: all)")
+    g.add_argument("--max-doc-bytes", type=int, default=None, help="perplexity: score at most N bytes per document (default: all)")
     g.add_argument("--stride", type=int, default=None, help="perplexity window stride in tokens (default: the context)")
     g.add_argument("--context", type=int, default=None, help="tokens per forward (default: the model's, at most 2048)")
     g.add_argument("--items", type=int, default=d.items, help="items per choice/cloze task (default: %(default)s)")
@@ -55,9 +57,9 @@ def register(subparsers: Any) -> None:
                    help="size of the stdlib corpus whose validation files are evaluated (default: %(default)s, "
                    "the experiments' corpus)")  # fmt: skip
     lm = p.add_argument_group("lm-eval pass-through (needs the lm-eval package; offline)")
-    lm.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval task names")
-    lm.add_argument("--lm-eval-include", default=None, metavar="DIR", help="directory of local lm-eval task YAMLs")
-    lm.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task")
+    lm.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval task names (default: no lm-eval pass)")
+    lm.add_argument("--lm-eval-include", default=None, metavar="DIR", help="directory of local lm-eval task YAMLs (default: lm-eval's own)")
+    lm.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task (default: all)")
     p.set_defaults(func=_run)
 
 

@@ -14,15 +14,16 @@ import sys
 from typing import Sequence
 
 from .. import __version__
+from ._help import HelpParser
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    parser = HelpParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HelpParser)
     package = importlib.import_module("moekit.cli")
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name in ("main", "__main__") or info.name.startswith("_"):

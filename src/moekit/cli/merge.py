@@ -47,8 +47,8 @@ def register(subparsers: Any) -> None:
         help="global: per-layer counts from activation frequencies; uniform: --experts in every layer "
         "(default: uniform for plain, global for exact)",
     )  # fmt: skip
-    p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged")
-    p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged (default: none)")
+    p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping (default: the method's own)")
     p.add_argument(
         "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
         help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
