@@ -55,26 +55,38 @@ def _training_path(bank, x, decision):
     return y.detach()
 
 
+def _use(path: str, experts, monkeypatch) -> None:
+    """Force one of the inference path's three ways: the expert loop, the sorted grouped GEMM, or packed."""
+    if path == "loop":
+        monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 10**9)
+    if path == "sorted":
+        monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 1)
+    if path == "packed":
+        monkeypatch.setattr(inference, "PACKED_MIN_EXPERT_BYTES", 0)  # the test banks are tiny
+        pack_for_inference(experts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("path", ["loop", "sorted", "packed"])
 @pytest.mark.parametrize("bank", list(BANKS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_inference_path_equals_training_path(bank, case, packed, dtype, monkeypatch) -> None:
+def test_inference_path_equals_training_path(bank, case, path, dtype, monkeypatch) -> None:
     T, E, K, kept = CASES[case]
     experts = BANKS[bank](E, dtype)
-    if packed:
-        pack_for_inference(experts)
+    _use(path, experts, monkeypatch)
     x = torch.randn(T, D, dtype=dtype)
     decision = _decision(T, E, K, kept=kept, dtype=dtype)
-    calls = []
-    original = type(experts).expert_inference
-    monkeypatch.setattr(type(experts), "expert_inference", lambda self, *a: calls.append(1) or original(self, *a))
+    taken = []
+    original = inference.dispatch_inference
+    monkeypatch.setattr(dispatch_module, "dispatch_inference", lambda *a: taken.append(1) or original(*a))
     with torch.inference_mode():
         y = dispatch(experts, x, decision)
     with torch.no_grad():
         y_no_grad = dispatch(experts, x, decision)
         ref = dispatch_reference(experts, x, decision)
-    assert calls, "the inference path was not taken"
+    assert taken, "the inference path was not taken"
+    if path == "packed" and packing_available(dtype, "cpu"):
+        assert inference.inference_pack(experts) is not None
     assert y.dtype == dtype and y.shape == (T, experts.out_dim)
     train = _training_path(experts, x, decision)
     torch.testing.assert_close(y, train, **TOL[dtype])
@@ -82,11 +94,10 @@ def test_inference_path_equals_training_path(bank, case, packed, dtype, monkeypa
     torch.testing.assert_close(y, ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_experts_split_over_threads_equal_one_thread(packed, monkeypatch) -> None:
+@pytest.mark.parametrize("path", ["loop", "packed"])
+def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     experts = moekit.GLUExperts(12, D, 24)
-    if packed:
-        pack_for_inference(experts)
+    _use(path, experts, monkeypatch)
     x = torch.randn(7, D)
     decision = _decision(7, 12, 3)
     with torch.inference_mode():
@@ -109,7 +120,7 @@ def test_large_products_take_the_sorted_grouped_gemm(monkeypatch) -> None:
     experts = moekit.GLUExperts(4, D, 24)
     x = torch.randn(30, D)
     decision = _decision(30, 4, 2)
-    monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_SLOTS", 10)
+    monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 10)  # T = 30 tokens
     grouped = []
     original = moekit.GLUExperts.grouped_forward
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
@@ -132,6 +143,11 @@ def test_grouped_split_under_inference_mode(monkeypatch) -> None:
     torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach())
 
 
+def test_small_experts_keep_the_plain_kernels() -> None:
+    experts = pack_for_inference(moekit.GLUExperts(4, D, 24))  # 3 KB per expert: cached, oneDNN calls cost more
+    assert experts._inference_pack is not None and inference.inference_pack(experts) is None
+
+
 def test_one_token_needs_no_sort(monkeypatch) -> None:
     monkeypatch.setattr(torch, "argsort", lambda *a, **k: pytest.fail("sorted a single token's slots"))
     plan = plan_inference(RoutingDecision(torch.tensor([[4, 1, 3]]), torch.ones(1, 3), 6))
@@ -148,7 +164,8 @@ def test_training_keeps_the_training_path(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
-def test_pack_follows_weight_updates_and_leaves_state_untouched() -> None:
+def test_pack_follows_weight_updates_and_leaves_state_untouched(monkeypatch) -> None:
+    monkeypatch.setattr(inference, "PACKED_MIN_EXPERT_BYTES", 0)
     experts = moekit.GLUExperts(4, D, 24)
     keys = set(experts.state_dict())
     pack_for_inference(experts)
@@ -165,6 +182,7 @@ def test_pack_follows_weight_updates_and_leaves_state_untouched() -> None:
     for clone in (copy.deepcopy(experts), pickle.loads(pickle.dumps(experts))):
         with torch.no_grad():
             torch.testing.assert_close(dispatch(clone, x, decision), loaded)
+    assert inference.inference_pack(experts) is not None
     buf = io.BytesIO()
     torch.save(experts.state_dict(), buf)
     pack_for_inference(experts, False)

@@ -9,9 +9,10 @@ It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_t
   microseconds at decode sizes and cheaper than any grouping in Python.
 * **experts**: every touched expert runs on its rows with ``expert_inference``, so its weight matrices
   are read once whatever the number of rows (decode: a GEMV per matrix at the memory-bandwidth limit;
-  prefill: a GEMM per expert). Below ``SORTED_GROUPED_MIN_SLOTS`` slots, or when the bank is packed,
-  this is a loop over the touched experts; above it, unpacked banks run their sorted grouped GEMM
-  (``grouped_forward``), whose CPU path splits experts over threads (``cpu_grouped``).
+  prefill: a GEMM per expert). For one token, or when the bank is packed, this is a loop over the
+  touched experts; from ``SORTED_GROUPED_MIN_TOKENS`` tokens on, unpacked banks run their sorted grouped
+  GEMM (``grouped_forward``: the same kernels in one call per matrix; its CPU path splits experts over
+  threads, ``cpu_grouped``).
 * **combine**: one weighted ``index_add`` of the expert outputs onto their tokens.
 
 Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 __all__ = [
     "InferencePlan",
     "InferencePack",
-    "SORTED_GROUPED_MIN_SLOTS",
+    "PACKED_MIN_EXPERT_BYTES",
+    "SORTED_GROUPED_MIN_TOKENS",
     "dispatch_inference",
     "expert_linear",
     "inference_applies",
@@ -58,8 +60,12 @@ __all__ = [
     "plan_inference",
 ]
 
-#: unpacked banks run the sorted grouped GEMM from this many live slots on (below: the expert loop)
-SORTED_GROUPED_MIN_SLOTS = 512
+#: unpacked banks run the sorted grouped GEMM from this many tokens on (below: the expert loop); measured
+#: with ``benchmarks/bench_infer.py --crossover``: equal kernels, the single call wins from 2 tokens on
+SORTED_GROUPED_MIN_TOKENS = 2
+#: packed kernels serve experts of at least this many weight bytes (smaller ones stay in cache, where the
+#: per-call cost of oneDNN, ~10 us, outweighs its faster streaming)
+PACKED_MIN_EXPERT_BYTES = 2**20
 #: batch-size hint for oneDNN's weight layout (measured: 64 and 256 stream best for 1-16 rows)
 PACK_HINT = 64
 #: rows per oneDNN call: bounds the distinct problem shapes, so its primitive cache stays warm
@@ -103,8 +109,10 @@ class InferencePlan:
     sizes_E: Tensor
 
 
-def plan_inference(decision: RoutingDecision) -> InferencePlan:
-    """Group the live slots by expert: no sort for one token with distinct experts, else a stable argsort."""
+def plan_inference(decision: RoutingDecision, *, with_groups: bool = True) -> InferencePlan:
+    """Group the live slots by expert: no sort for one token with distinct experts, else a stable argsort.
+    ``with_groups=False`` (for the sorted grouped GEMM, which needs the slots in expert order and
+    ``sizes_E``) always sorts and leaves ``groups`` empty."""
     T, K = decision.ids_TK.shape
     ids, weights = decision.ids_TK.reshape(-1), decision.weights_TK.reshape(-1)
     token = torch.arange(T, device=ids.device).repeat_interleave(K)
@@ -112,7 +120,7 @@ def plan_inference(decision: RoutingDecision) -> InferencePlan:
         kept = decision.kept_TK.reshape(-1)
         ids, weights, token = ids[kept], weights[kept], token[kept]
     E = decision.num_experts
-    if T == 1 and decision.kept_TK is None:
+    if T == 1 and decision.kept_TK is None and with_groups:
         experts = ids.tolist()
         if len(set(experts)) == len(experts):  # slot k is the group of expert ids[k]
             sizes = torch.zeros(E, dtype=torch.long, device=ids.device).index_fill_(0, ids, 1)
@@ -120,7 +128,7 @@ def plan_inference(decision: RoutingDecision) -> InferencePlan:
     order = torch.argsort(ids, stable=True)
     sizes = torch.bincount(ids, minlength=E)
     groups, start = [], 0
-    for e, n in enumerate(sizes.tolist()):
+    for e, n in enumerate(sizes.tolist() if with_groups else ()):
         if n:
             groups.append((e, start, start + n))
             start += n
@@ -129,15 +137,20 @@ def plan_inference(decision: RoutingDecision) -> InferencePlan:
 
 # ----- run --------------------------------------------------------------------------------------
 def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> Tensor:
-    """``sum_k w_tk * expert_{id_tk}(x_t)`` over live slots, forward only: ``[T, D] -> [T, out_dim]``."""
-    plan = plan_inference(decision)
-    T, N = x_T.shape[0], plan.token_N.shape[0]
+    """``sum_k w_tk * expert_{id_tk}(x_t)`` over live slots, forward only: ``[T, D] -> [T, out_dim]``.
+
+    Packed banks run the expert loop at every size; unpacked ones run it for one token and the sorted
+    grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same kernels, one call per matrix)."""
+    T = x_T.shape[0]
+    packed = inference_pack(bank)
+    sorted_gemm = packed is None and T >= SORTED_GROUPED_MIN_TOKENS
+    plan = plan_inference(decision, with_groups=not sorted_gemm)
+    N = plan.token_N.shape[0]
     out = x_T.new_zeros(T, bank.out_dim)
     if N == 0:
         return out
-    x_N = x_T.expand(N, -1) if T == 1 else x_T.index_select(0, plan.token_N)
-    packed = inference_pack(bank)
-    if N >= SORTED_GROUPED_MIN_SLOTS and packed is None:
+    x_N = x_T.index_select(0, plan.token_N)  # plain rows (oneDNN runs a slow kernel on stride-0 views)
+    if sorted_gemm:
         y_N = bank.grouped_forward(x_N, bank.stacked_parameters(), plan.sizes_E)
     else:
         y_N = x_T.new_empty(N, bank.out_dim)
@@ -186,16 +199,20 @@ class InferencePack:
     def __init__(self) -> None:
         self._stamp: tuple | None = None
         self._packed: dict[str, list[Tensor]] = {}
+        self.expert_bytes = 0  # mean weight bytes of one expert (what one expert's inference streams)
 
     def matrices(self, bank: "ExpertBank") -> dict[str, list[Tensor]]:
         """The packed matrices, ``{name: [packed [O, I] per expert]}``, rebuilt if the bank changed."""
         stamp = _stamp(bank)
         if stamp != self._stamp:
+            matrices = bank.inference_matrices()
             with torch.no_grad():
                 self._packed = {
                     name: [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT) for w in per_expert]
-                    for name, per_expert in bank.inference_matrices().items()
+                    for name, per_expert in matrices.items()
                 }
+            total = sum(w.numel() * w.element_size() for per_expert in matrices.values() for w in per_expert)
+            self.expert_bytes = total // max(1, bank.num_experts)
             self._stamp = stamp
         return self._packed
 
@@ -203,7 +220,7 @@ class InferencePack:
         return InferencePack()
 
     def __getstate__(self) -> dict:
-        return {"_stamp": None, "_packed": {}}
+        return {"_stamp": None, "_packed": {}, "expert_bytes": 0}
 
 
 def _stamp(bank: "ExpertBank") -> tuple:
@@ -212,14 +229,15 @@ def _stamp(bank: "ExpertBank") -> tuple:
 
 
 def inference_pack(bank: "ExpertBank") -> dict[str, list[Tensor]] | None:
-    """The bank's packed matrices when packing is on and serves its dtype/device, else None."""
+    """The bank's packed matrices when packing is on and serves its dtype, device and expert size, else None."""
     pack = getattr(bank, "_inference_pack", None)
     if pack is None:
         return None
     ref = next(iter(bank.stacked_parameters().values()), None)
     if ref is None or not packing_available(ref.dtype, ref.device):
         return None
-    return pack.matrices(bank)
+    packed = pack.matrices(bank)
+    return packed if pack.expert_bytes >= PACKED_MIN_EXPERT_BYTES else None
 
 
 def pack_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:

@@ -1,0 +1,428 @@
+"""Inference (forward-only) time of the experts of one MoE layer: moekit vs transformers' experts
+implementations vs the memory-bandwidth and dense-GEMM bounds, at decode and prefill sizes.
+
+Layers: Qwen3-30B-A3B-shaped (D=2048, F=768, E=128, K=8), Mixtral-8x7B-shaped with F cut to a quarter
+(D=4096, F=3584, E=8, K=2: the full F is 5.6 GB of fp32 per layer, more than this shared machine can hold
+twice) and OLMoE-1B-7B-shaped (D=2048, F=1024, E=64, K=8) SwiGLU experts; tokens T = 1, 4, 16 (decode)
+and 256, 1024, 4096 (prefill); fp32 and bf16. Every implementation runs the *experts* on identical
+weights (one copy in memory, shared) and identical routing (moekit's top-k router, run once per T), under
+``torch.inference_mode``; the router is the same small product for all and is left out.
+
+* **moekit**: ``moekit.experts.dispatch`` (its forward-only path: the touched experts in a loop, the
+  sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on);
+* **moekit_packed**: the same after ``moekit.experts.pack_for_inference`` (oneDNN-blocked copies of the
+  expert weights);
+* **hf_eager / hf_grouped_mm / hf_batched_mm**: transformers' ``MixtralExperts`` with each CPU experts
+  implementation (``batched_mm`` copies the weights per routed token; skipped above ``--max-gather-gb``);
+* **bandwidth bound**: bytes of the experts the routing touches / read bandwidth, the bandwidth being the
+  fastest of three reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
+  one dense GEMV over a matrix of that size, plain and oneDNN-packed, in the tested dtype);
+* **dense-GEMM bound**: one expert's gate/up, SwiGLU and down over all T*K routed rows (the MoE's FLOPs
+  with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights;
+* **bound** = the larger of the two; "x bound" = time / bound.
+
+Timing interleaves the contenders (one call of each per round) and keeps the best of ``--reps`` rounds
+(medians in the JSON): process CPU time at one thread (it leaves out time spent waiting for a core that
+another process holds), wall time with more threads. Outputs are compared with moekit's.
+
+An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwen3-MoE and Mixtral models
+(random weights) with transformers' experts implementations vs moekit's, selected through the registry
+(``experts_implementation="moekit"``), with the generated tokens compared to ``eager``'s.
+
+    python benchmarks/bench_infer.py                 # -> results/bench_infer.{json,md}, 1 thread
+    python benchmarks/bench_infer.py --threads 2     # -> results/bench_infer_2threads.{json,md}
+    python benchmarks/bench_infer.py --crossover     # loop vs sorted grouped GEMM (plain) -> results/bench_infer_crossover.*
+    python benchmarks/bench_infer.py --quick         # tiny shapes (smoke test) -> results/bench_infer_quick.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    "qwen3_30b_a3b": dict(D=2048, F=768, E=128, K=8),
+    "mixtral_8x7b_quarter_f": dict(D=4096, F=3584, E=8, K=2),
+    "olmoe_1b_7b": dict(D=2048, F=1024, E=64, K=8),
+}
+QUICK = {"tiny": dict(D=64, F=128, E=8, K=2)}
+TOKENS = [1, 4, 16, 256, 1024, 4096]
+QUICK_TOKENS = [1, 4, 64]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ["moekit", "moekit_packed", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
+BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "dense", "dense_packed"]
+DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
+TOL = {"fp32": 1e-4, "bf16": 2e-2}
+BW_BYTES = 256 * 2**20
+
+
+def _weights(shape: dict, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    D, Fh, E = shape["D"], shape["F"], shape["E"]
+    gate_up = torch.empty(E, 2 * Fh, D, dtype=dtype)
+    down = torch.empty(E, D, Fh, dtype=dtype)
+    for e in range(E):  # expert by expert: no fp32 copy of a whole bf16 bank
+        gate_up[e] = torch.randn(2 * Fh, D, generator=g) / D**0.5
+        down[e] = torch.randn(D, Fh, generator=g) / Fh**0.5
+    router = torch.randn(E, D, generator=g) / D**0.5
+    return gate_up, down, router
+
+
+class Layer:
+    """One shape in one dtype: the weights once, every implementation and bound built on them."""
+
+    def __init__(self, shape: dict, dtype: torch.dtype) -> None:
+        import moekit
+        from moekit.experts import pack_for_inference
+
+        self.shape, self.dtype = shape, dtype
+        D, Fh, E, K = shape["D"], shape["F"], shape["E"], shape["K"]
+        gate_up, down, router_w = _weights(shape, dtype)
+        self.router = moekit.TopKRouter(D, E, K, noisy=False)
+        with torch.no_grad():
+            self.router.gate.weight.copy_(router_w)
+        self.banks = {}
+        for name in ("moekit", "moekit_packed"):
+            bank = moekit.GLUExperts(E, D, Fh, device="meta", dtype=dtype)
+            bank.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+            bank.down_proj = torch.nn.Parameter(down, requires_grad=False)
+            self.banks[name] = bank
+        pack_for_inference(self.banks["moekit_packed"])
+        self.hf = {impl: self._hf_experts(impl.removeprefix("hf_"), gate_up, down) for impl in IMPLS if impl.startswith("hf_")}
+        self.expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+        self.dense_gu, self.dense_down = gate_up[0], down[0]
+        self.dense_packed = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64) for w in (gate_up[0], down[0])]
+        rows = BW_BYTES // (4096 * gate_up.element_size())
+        self.bw_fp32 = torch.randn(BW_BYTES // 4)
+        self.bw_matrix = torch.randn(rows, 4096).to(dtype)
+        self.bw_matrix_packed = torch.ops.mkldnn._reorder_linear_weight(self.bw_matrix, 64)
+        self.bw_x = torch.randn(1, 4096).to(dtype)
+
+    def _hf_experts(self, impl: str, gate_up: torch.Tensor, down: torch.Tensor):
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        import moekit.integrations.hf  # noqa: F401  (registers the moekit implementations)
+
+        s = self.shape
+        cfg = MixtralConfig(hidden_size=s["D"], intermediate_size=s["F"], num_local_experts=s["E"],
+                            num_experts_per_tok=s["K"], experts_implementation=impl)  # fmt: skip
+        with torch.device("meta"):
+            experts = MixtralExperts(cfg)
+        experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+        experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
+        return experts
+
+    def contenders(self, T: int, max_gather_gb: float, seed: int = 1) -> tuple[dict[str, Callable], dict]:
+        """``{name: fn}`` for one T (fn returns the experts' output or None) and the routing facts."""
+        from moekit.experts import dispatch
+
+        s = self.shape
+        g = torch.Generator().manual_seed(seed + T)
+        x = torch.randn(T, s["D"], generator=g).to(self.dtype)
+        decision = self.router(x.float())
+        ids, weights = decision.ids_TK, decision.weights_TK.to(self.dtype)
+        from moekit.types import RoutingDecision
+
+        run = RoutingDecision(ids, weights, s["E"])
+        touched = int(ids.unique().numel())
+        facts = {"touched_experts": touched, "touched_bytes": touched * self.expert_bytes,
+                 "gather_gb": T * s["K"] * self.expert_bytes / 2**30}  # fmt: skip
+        fns: dict[str, Callable] = {name: (lambda b=bank: dispatch(b, x, run)) for name, bank in self.banks.items()}
+        for impl, module in self.hf.items():
+            if impl == "hf_batched_mm" and facts["gather_gb"] > max_gather_gb:
+                continue
+            fns[impl] = lambda m=module: m(x, ids, weights)
+        xk = torch.randn(T * s["K"], s["D"], generator=g).to(self.dtype)
+        fns["dense"] = lambda: _none(F.linear(_swiglu(F.linear(xk, self.dense_gu)), self.dense_down))
+        lp = torch.ops.mkldnn._linear_pointwise
+        pg, pd = self.dense_packed
+        fns["dense_packed"] = lambda: _none(lp(_swiglu(lp(xk, pg, None, "none", [], "")), pd, None, "none", [], ""))
+        fns["bw_sum"] = lambda: _none(self.bw_fp32.sum())
+        fns["bw_gemv"] = lambda: _none(F.linear(self.bw_x, self.bw_matrix))
+        fns["bw_gemv_packed"] = lambda: _none(lp(self.bw_x, self.bw_matrix_packed, None, "none", [], ""))
+        return fns, facts
+
+
+def _none(_: object) -> None:
+    """Bounds return nothing to compare."""
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+_FLUSH = torch.empty(0)
+
+
+def _flush_caches() -> None:
+    """Read 64 MB (twice the L3 of this machine) so that no contender finds another's weights in cache."""
+    global _FLUSH
+    if _FLUSH.numel() == 0:
+        _FLUSH = torch.ones(16 * 2**20)
+    _FLUSH.sum()
+
+
+def time_interleaved(fns: dict[str, Callable], reps: int, clock: Callable[[], float]) -> tuple[dict, dict]:
+    """One warm-up call each (its output kept), then ``reps`` rounds of one call each, the caches flushed
+    before every call (the weights are shared by all contenders): best and median."""
+    outputs = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _flush_caches()
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    stats = {name: {"best_s": min(ts), "median_s": statistics.median(ts)} for name, ts in times.items()}
+    return stats, outputs
+
+
+def _agree(y: torch.Tensor | None, ref: torch.Tensor, tol: float) -> float | None:
+    if y is None:
+        return None
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    layer = Layer(shape, dtype)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    rows = []
+    with torch.inference_mode():
+        for T in tokens:
+            fns, facts = layer.contenders(T, args.max_gather_gb)
+            reps = args.reps if T <= 16 else max(2, args.reps // 5)
+            stats, outputs = time_interleaved(fns, reps, clock)
+            bw = max(BW_BYTES / stats[k]["best_s"] for k in ("bw_sum", "bw_gemv", "bw_gemv_packed"))
+            bw_bound = facts["touched_bytes"] / bw
+            dense = min(stats["dense"]["best_s"], stats["dense_packed"]["best_s"])
+            bound = max(bw_bound, dense)
+            ref = outputs["moekit"]
+            row = {"layer": name, "dtype": dtype_name, "T": T, **facts, "bandwidth_GBps": bw / 1e9,
+                   "bw_bound_s": bw_bound, "dense_bound_s": dense, "bound_s": bound,
+                   "bound_kind": "bandwidth" if bw_bound >= dense else "dense GEMM", "reps": reps, "impls": {}}  # fmt: skip
+            for impl in IMPLS:
+                if impl not in stats:
+                    row["impls"][impl] = {"skipped": f"would copy {facts['gather_gb']:.1f} GB of per-token weights"}
+                    continue
+                diff = _agree(outputs[impl], ref, TOL[dtype_name])
+                row["impls"][impl] = {**stats[impl], "x_bound": stats[impl]["best_s"] / bound, "max_rel_diff": diff,
+                                      "matches_moekit": diff is None or diff <= TOL[dtype_name]}  # fmt: skip
+            row["bounds"] = {k: stats[k] for k in BOUNDS}
+            rows.append(row)
+            print(_line(row), file=sys.stderr, flush=True)
+            del fns, outputs
+    del layer
+    gc.collect()
+    return rows
+
+
+def _line(row: dict) -> str:
+    cells = " ".join(f"{k}={v['x_bound']:.2f}" for k, v in row["impls"].items() if "x_bound" in v)
+    return (f"{row['layer']} {row['dtype']} T={row['T']}: bound {row['bound_s'] * 1e3:.2f} ms ({row['bound_kind']}, "
+            f"{row['bandwidth_GBps']:.1f} GB/s), x bound: {cells}")
+
+
+# ----- crossover: the plain path's expert loop vs its sorted grouped GEMM ------------------------------
+def crossover(args) -> dict:
+    """Time the unpacked inference path with the loop and with the sorted grouped GEMM forced, over T."""
+    from moekit.experts import dispatch, inference
+
+    shape = SHAPES["olmoe_1b_7b"] if not args.quick else QUICK["tiny"]
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    out = {"shape": shape, "rows": []}
+    for dtype_name, dtype in DTYPES.items():
+        layer = Layer(shape, dtype)
+        bank = layer.banks["moekit"]
+        with torch.inference_mode():
+            for T in ([4, 16, 32, 64, 128, 256] if not args.quick else [4, 32]):
+                x = torch.randn(T, shape["D"]).to(dtype)
+                d = layer.router(x.float())
+                from moekit.types import RoutingDecision
+
+                run = RoutingDecision(d.ids_TK, d.weights_TK.to(dtype), shape["E"])
+
+                def forced(limit: float) -> Callable:
+                    def fn():
+                        saved, inference.SORTED_GROUPED_MIN_TOKENS = inference.SORTED_GROUPED_MIN_TOKENS, limit
+                        try:
+                            return dispatch(bank, x, run)
+                        finally:
+                            inference.SORTED_GROUPED_MIN_TOKENS = saved
+                    return fn
+
+                stats, _ = time_interleaved({"loop": forced(float("inf")), "sorted": forced(0)}, args.reps, clock)
+                row = {"dtype": dtype_name, "T": T, "slots": T * shape["K"], "loop_s": stats["loop"]["best_s"],
+                       "sorted_s": stats["sorted"]["best_s"]}  # fmt: skip
+                row["sorted_over_loop"] = row["sorted_s"] / row["loop_s"]
+                out["rows"].append(row)
+                print(f"crossover {dtype_name} T={T}: sorted/loop = {row['sorted_over_loop']:.2f}", file=sys.stderr)
+        del layer
+        gc.collect()
+    return out
+
+
+# ----- end to end: generate -----------------------------------------------------------------------------
+GEN_CONFIGS = {
+    "qwen3_moe": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=256),
+    "mixtral": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                    max_position_embeddings=256),
+}  # fmt: skip
+GEN_IMPLS = ["eager", "grouped_mm", "batched_mm", "moekit", "moekit_packed"]
+
+
+def generate_speed(args) -> list[dict]:
+    import transformers as tf
+
+    import moekit.integrations.hf  # noqa: F401  (registers moekit, moekit_packed)
+
+    prompt, new = (8, 8) if args.quick else (32, 64)
+    rows = []
+    for family, kw in GEN_CONFIGS.items():
+        cfg = (tf.Qwen3MoeConfig if family == "qwen3_moe" else tf.MixtralConfig)(**kw)
+        if args.quick:
+            cfg.num_hidden_layers = 2
+        torch.manual_seed(0)
+        model = (tf.Qwen3MoeForCausalLM if family == "qwen3_moe" else tf.MixtralForCausalLM)(cfg).eval()
+        ids = torch.randint(3, kw["vocab_size"], (1, prompt))
+        times: dict[str, list[float]] = {impl: [] for impl in GEN_IMPLS}
+        outputs = {}
+        with torch.inference_mode():
+            for rep in range(1 + max(1, args.reps // 5)):
+                for impl in GEN_IMPLS:
+                    model.set_experts_implementation(impl)
+                    t0 = time.perf_counter()
+                    outputs[impl] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                    if rep:  # round 0 is warm-up (and packs the weights for moekit_packed)
+                        times[impl].append(time.perf_counter() - t0)
+        for impl in GEN_IMPLS:
+            best = min(times[impl])
+            rows.append({"model": family, "impl": impl, "new_tokens": new, "tokens_per_s": new / best,
+                         "same_tokens_as_eager": bool(torch.equal(outputs[impl], outputs["eager"]))})  # fmt: skip
+            print(f"generate {family} {impl}: {new / best:.1f} tokens/s", file=sys.stderr)
+        model.set_experts_implementation("eager")  # frees the packed copy
+    return rows
+
+
+# ----- report ---------------------------------------------------------------------------------------
+def _markdown(results: dict, args) -> str:
+    env = results["environment"]
+    lines = [f"Experts of one MoE layer, forward only (`torch.inference_mode`), CPU, {args.threads} thread(s); "
+             f"best of the interleaved rounds (decode: {args.reps}, prefill: fewer), {results['clock']} time; "
+             f"torch {env['torch']}, transformers {env['transformers']}. Cells: time / bound "
+             "(bound = max(bandwidth bound, dense-GEMM bound)); `moekit` is the default path, `packed` after "
+             "`pack_for_inference`.", ""]  # fmt: skip
+    heads = ["layer", "dtype", "T", "bound ms", "bound", "GB/s", "moekit", "packed", "hf eager", "hf grouped_mm",
+             "hf batched_mm", "best hf / best moekit", "outputs agree"]  # fmt: skip
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in results["rows"]:
+        cells = []
+        for impl in IMPLS:
+            v = r["impls"][impl]
+            cells.append("skipped" if "skipped" in v else f"{v['x_bound']:.2f}")
+        hf = [v["best_s"] for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v]
+        ours = min(r["impls"]["moekit"]["best_s"], r["impls"]["moekit_packed"]["best_s"])
+        agree = all(v.get("matches_moekit", True) for v in r["impls"].values())
+        lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['bound_s'] * 1e3:.2f} | {r['bound_kind']} | "
+                     f"{r['bandwidth_GBps']:.1f} | " + " | ".join(cells) + f" | {min(hf) / ours:.2f} | "
+                     f"{'yes' if agree else 'NO'} |")  # fmt: skip
+    lines += ["", _goals(results["rows"])]
+    if results.get("generate"):
+        lines += ["", "**End to end: greedy `generate`, tokens/s (tiny-config models, random weights)**", "",
+                  "| model | " + " | ".join(GEN_IMPLS) + " |", "|---|" + "---|" * len(GEN_IMPLS)]  # fmt: skip
+        by = {(r["model"], r["impl"]): r for r in results["generate"]}
+        for family in GEN_CONFIGS:
+            if (family, "eager") in by:
+                cells = [f"{by[(family, i)]['tokens_per_s']:.1f}" + ("" if by[(family, i)]["same_tokens_as_eager"] else " (tokens differ)")
+                         for i in GEN_IMPLS]  # fmt: skip
+                lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _goals(rows: list[dict]) -> str:
+    decode = [r["impls"]["moekit_packed"]["x_bound"] for r in rows if r["T"] <= 16]
+    prefill = [r["impls"]["moekit_packed"]["x_bound"] for r in rows if r["T"] > 16]
+    behind = [f"{r['layer']} {r['dtype']} T={r['T']}" for r in rows
+              if min(r["impls"]["moekit"]["best_s"], r["impls"]["moekit_packed"]["best_s"])
+              > min(v["best_s"] for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v)]  # fmt: skip
+    parts = []
+    if decode:
+        parts.append(f"packed decode: worst {max(decode):.2f}x, median {statistics.median(decode):.2f}x of the bound")
+    if prefill:
+        parts.append(f"packed prefill: worst {max(prefill):.2f}x, median {statistics.median(prefill):.2f}x")
+    parts.append("moekit behind the best transformers implementation at: " + (", ".join(behind) if behind else "none"))
+    return "; ".join(parts) + "."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--reps", type=int, default=15, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
+    ap.add_argument("--max-gather-gb", type=float, default=2.5, help="skip hf batched_mm above this weight copy")
+    ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
+    ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    if args.reps < 1 or args.threads < 1:
+        ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
+    torch.set_num_threads(args.threads)
+    from moekit.reporting import atomic_write_text, environment, write_json
+
+    import transformers
+
+    env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv)}
+    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "")
+    tag += f"_{args.threads}threads" if args.threads != 1 else ""
+    out = Path(args.out)
+    if args.crossover:
+        res = {"environment": env, **crossover(args)}
+        write_json(out / f"{tag}.json", res)
+        lines = ["| dtype | T | slots | loop ms | sorted ms | sorted / loop |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['T']} | {r['slots']} | {r['loop_s'] * 1e3:.2f} | {r['sorted_s'] * 1e3:.2f} | "
+                  f"{r['sorted_over_loop']:.2f} |" for r in res["rows"]]  # fmt: skip
+        atomic_write_text(out / f"{tag}.md", f"Unpacked inference path, {res['shape']}\n\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
+    shapes = QUICK if args.quick else SHAPES
+    if args.shapes:
+        names = args.shapes.split(",")
+        if unknown := [n for n in names if n not in shapes]:
+            ap.error(f"--shapes has unknown names {unknown}; choose from {sorted(shapes)}")
+        shapes = {n: shapes[n] for n in names}
+    dtypes = args.dtypes.split(",")
+    if bad := [d for d in dtypes if d not in DTYPES]:
+        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
+    rows = []
+    for name, shape in shapes.items():
+        for dtype_name in dtypes:
+            rows += run_layer(name, shape, dtype_name, tokens, args)
+    results = {"environment": env, "clock": "process CPU" if args.threads == 1 else "wall", "shapes": shapes,
+               "rows": rows, "goals": {"decode": DECODE_GOAL, "prefill": PREFILL_GOAL}}  # fmt: skip
+    if not args.no_generate:
+        results["generate"] = generate_speed(args)
+    write_json(out / f"{tag}.json", results)
+    text = _markdown(results, args)
+    atomic_write_text(out / f"{tag}.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
