@@ -34,21 +34,21 @@ def test_families_registered():
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_moe_blocks_found(family):
     model = tiny_model(family)
-    found = family_for(model).moe_blocks(model)
+    found = family_for(model).blocks(model)
     assert len(found) == (4 if family == "switch_transformers" else 2)
     assert all(family_for(model).num_experts(b) == NUM_EXPERTS for b in found.values())
 
 
 def test_qwen2_moe_dense_layers_are_not_blocks():
     model = tiny_model("qwen2_moe", mlp_only_layers=[0])
-    assert list(family_for(model).moe_blocks(model)) == ["model.layers.1.mlp"]
+    assert list(family_for(model).blocks(model)) == ["model.layers.1.mlp"]
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_read_layer_layout(family):
     model = tiny_model(family)
     fam = family_for(model)
-    w = fam.read_layer(next(iter(fam.moe_blocks(model).values())), model.config)
+    w = fam.read_layer(next(iter(fam.blocks(model).values())), model.config)
     D = 32
     if family == "switch_transformers":
         assert w.kind == "mlp" and w.activation == "relu"
@@ -66,7 +66,7 @@ def test_layout_matches_moekit_bank(family):
     """The HF experts module and a moekit bank built from ``read_layer`` compute the same combine."""
     model = tiny_model(family)
     fam = family_for(model)
-    block = next(iter(fam.moe_blocks(model).values()))
+    block = next(iter(fam.blocks(model).values()))
     w = fam.read_layer(block, model.config)
     E, F = w.num_experts, w.params["down_proj"].shape[-1]
     if w.kind == "glu":
@@ -94,7 +94,7 @@ def test_read_write_round_trip_is_exact(family):
     ids = token_batches(1)[0]
     with torch.no_grad():
         before = logits(model, ids)
-        for block in fam.moe_blocks(model).values():
+        for block in fam.blocks(model).values():
             w = fam.read_layer(block, model.config)
             params = {k: v.clone() for k, v in w.params.items()}
             fam.write_experts(block, params)
@@ -114,7 +114,7 @@ def test_permuting_experts_and_router_rows_keeps_the_function(family):
     perm = torch.randperm(NUM_EXPERTS)
     with torch.no_grad():
         before = logits(model, ids)
-        for block in fam.moe_blocks(model).values():
+        for block in fam.blocks(model).values():
             w = fam.read_layer(block, model.config)
             fam.write_experts(block, {k: v[perm].clone() for k, v in w.params.items()})
             bias = None if w.router_bias is None else w.router_bias[perm]
@@ -127,7 +127,7 @@ def test_routing_sources_with_recorder(family):
     model = tiny_model(family)
     ids = token_batches(1, batch=2, seq=8)[0]
     sources = routing_sources(model)
-    assert list(sources) == list(family_for(model).moe_blocks(model))
+    assert list(sources) == list(family_for(model).blocks(model))
     with torch.no_grad(), RoutingRecorder(model, sources=sources, keep_logits=True) as rec:
         logits(model, ids)
     k = 1 if family == "switch_transformers" else 2

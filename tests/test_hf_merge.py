@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 from hf_tiny import FAMILY_NAMES, NUM_EXPERTS, generate, logits, model_class, tiny_model, token_batches  # noqa: E402
 
 from moekit import RoutingRecorder  # noqa: E402
+from moekit.merging import calibrate  # noqa: E402
 from moekit.integrations.hf import (  # noqa: E402
-    calibrate_hf,
     family_for,
     load_hf_model,
     merge_hf_model,
@@ -43,7 +43,7 @@ def _weights_bytes(directory: Path) -> int:
 def _expert_params(model) -> int:
     """Parameters of one expert in one block."""
     fam = family_for(model)
-    w = fam.read_layer(next(iter(fam.moe_blocks(model).values())), model.config)
+    w = fam.read_layer(next(iter(fam.blocks(model).values())), model.config)
     return sum(p[0].numel() for p in w.params.values())
 
 
@@ -52,8 +52,8 @@ def _redirect_model(original, merged):
     unchanged): what the exact form must compute."""
     fam = family_for(original)
     redirect = copy.deepcopy(original)
-    merged_blocks = fam.moe_blocks(merged)
-    for name, block in fam.moe_blocks(redirect).items():
+    merged_blocks = fam.blocks(merged)
+    for name, block in fam.blocks(redirect).items():
         if fam.is_remapped(merged_blocks[name]):
             expert_map = getattr(merged_blocks[name], fam.router_attr).expert_map
             params = fam.read_experts(merged_blocks[name])
@@ -76,7 +76,7 @@ def test_plain_form_reloads_with_stock_transformers(family, tmp_path):
     save_hf_model(merged, tmp_path / "merged")
     reloaded = model_class(family).from_pretrained(tmp_path / "merged").eval()  # stock transformers, no moekit
     fam = family_for(model)
-    blocks = fam.moe_blocks(reloaded)
+    blocks = fam.blocks(reloaded)
     assert all(fam.num_experts(b) == 2 and fam.router(b).num_experts == 2 for b in blocks.values())
     assert getattr(reloaded.config, fam.experts_key) == 2
     assert _params(reloaded) == _params(model) - len(blocks) * (NUM_EXPERTS - 2) * (_expert_params(model) + 32)
@@ -93,10 +93,10 @@ def test_exact_form_is_the_redirect_model(family, tmp_path):
     ids = token_batches(1, batch=2, seq=10, seed=7)[0]
     merged = merge_hf_model(model, token_batches(), experts=3, form="exact", quiet=True)
     fam = family_for(model)
-    counts = [fam.num_experts(b) for b in fam.moe_blocks(merged).values()]
+    counts = [fam.num_experts(b) for b in fam.blocks(merged).values()]
     assert sum(counts) == 3 * len(counts) and all(1 <= c <= NUM_EXPERTS for c in counts)  # global budget
-    for name, block in fam.moe_blocks(model).items():  # routers unchanged
-        assert torch.equal(fam.read_router(fam.moe_blocks(merged)[name])[0], fam.read_router(block)[0])
+    for name, block in fam.blocks(model).items():  # routers unchanged
+        assert torch.equal(fam.read_router(fam.blocks(merged)[name])[0], fam.read_router(block)[0])
     redirect = _redirect_model(model, merged)
     with torch.no_grad():
         torch.testing.assert_close(logits(merged, ids), logits(redirect, ids), atol=1e-5, rtol=1e-5)
@@ -128,12 +128,12 @@ def test_identical_experts_merge_without_loss(form):
     model = tiny_model("mixtral")
     fam = family_for(model)
     with torch.no_grad():
-        for block in fam.moe_blocks(model).values():
+        for block in fam.blocks(model).values():
             w = fam.read_layer(block, model.config)
             fam.write_experts(block, {k: v[:1].expand_as(v).clone() for k, v in w.params.items()})
     ids = token_batches(1, seed=3)[0]
     merged = merge_hf_model(model, token_batches(), experts=1, form=form, quiet=True)
-    assert all(fam.num_experts(b) == 1 for b in fam.moe_blocks(merged).values())
+    assert all(fam.num_experts(b) == 1 for b in fam.blocks(merged).values())
     with torch.no_grad():
         torch.testing.assert_close(logits(merged, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -185,7 +185,7 @@ def test_exact_form_excluded_blocks_stay_unmerged():
     model = tiny_model("olmoe")
     merged = merge_hf_model(model, token_batches(), experts=2, form="exact", exclude=["model.layers.0.mlp"], quiet=True)
     fam = family_for(merged)
-    blocks = fam.moe_blocks(merged)
+    blocks = fam.blocks(merged)
     assert not fam.is_remapped(blocks["model.layers.0.mlp"]) and fam.num_experts(blocks["model.layers.0.mlp"]) == 6
     assert fam.num_experts(blocks["model.layers.1.mlp"]) == 2
     assert merged.config.moekit_merge["layers"] == {"model.layers.1.mlp": {"experts": 2, "router_outputs": 6}}
@@ -218,7 +218,9 @@ def test_calibration_that_never_reaches_a_block():
     with pytest.raises(ValueError, match="never reached MoE blocks \\['decoder.block.0.layer.2.mlp'"):
         merge_hf_model(model, token_batches(1), experts=2, forward=encoder_only)
     with pytest.raises(ValueError, match="never reached"):
-        calibrate_hf(model, [], quiet=True)
+        calibrate(tiny_model("switch_transformers", expert_capacity=0), token_batches(1))  # every token dropped
+    with pytest.raises(ValueError, match="no calibration batches"):
+        calibrate(model, [])
 
 
 def test_save_hf_model_refuses_to_overwrite(tmp_path):

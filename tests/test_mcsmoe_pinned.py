@@ -58,7 +58,7 @@ def _hf_case(family: str, **kwargs: Any) -> Callable[[], dict[str, torch.Tensor]
 
         model = tiny_model(family)
         merged = merge_hf_model(model, token_batches(), quiet=True, **kwargs)
-        blocks = list(family_for(merged).moe_blocks(merged))
+        blocks = list(family_for(merged).blocks(merged))
         return {k: v for k, v in merged.state_dict().items() if any(k.startswith(b + ".") for b in blocks)}
 
     return run

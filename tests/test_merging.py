@@ -153,13 +153,16 @@ class _TwoLayers(nn.Module):
 
 def test_calibration_that_never_reaches_a_layer_is_an_error() -> None:
     model = _TwoLayers()
-    with pytest.raises(ValueError, match=r"never reached MoE layers \['second'\]"):
+    with pytest.raises(ValueError, match=r"never reached MoE blocks \['second'\]"):
         merge_moekit_model(model, [torch.randn(8, 8)], experts=2, quiet=True)
     merged = merge_moekit_model(model, [torch.randn(8, 8)], experts=2, exclude=["second"], quiet=True,
                                 forward=lambda m, b: m(b))  # fmt: skip
     assert merged.first.experts.num_experts == 2 and merged.second.experts.num_experts == 6
-    stats = calibrate(model, [torch.randn(8, 8)], forward=lambda m, b: m(b, skip_second=False), keep_inputs=True)
-    assert stats["second"].inputs_TD.shape == (8, 8) and stats["second"].logits_TE.shape == (8, 6)
+    specs = {"counts": {}, "router_logits": {}, "router_inputs": {}}
+    stats = calibrate(model, [torch.randn(8, 8)], statistics=specs, forward=lambda m, b: m(b, skip_second=False))
+    assert stats["second"]["router_inputs"]["inputs"].shape == (8, 8)
+    assert stats["second"]["router_logits"]["logits"].shape == (8, 6)
+    assert stats["second"]["counts"]["counts"].sum() == 8 * 2
 
 
 def test_allocate_experts_global_budget() -> None:

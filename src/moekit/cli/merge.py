@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..merging.grouping import GROUPINGS
-from ..merging.model import BUDGETS, FORMS
+from ..merging import BUDGETS, FORMS
 from ..registry import MERGE_METHODS
 from ..reporting import atomic_directory
 from . import _calib
@@ -154,7 +154,7 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
         raise ValueError(f"{str(src)!r} is already merged (exact form); merge the original model instead")
     tokenizer = _calib.find_tokenizer(src)
     model = _load_hf(src)
-    blocks = family.moe_blocks(model)
+    blocks = family.blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
     data = _calib.read_calibration_bytes(args.calib)
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
@@ -168,7 +168,7 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
     merged = merge_hf_model(model, batches, inplace=True, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
         n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
-        for n, b in family.moe_blocks(merged).items()
+        for n, b in family.blocks(merged).items()
     }
     tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,

@@ -26,7 +26,7 @@ from ..data.stdlib_corpus import ByteCorpus, eval_windows, load_stdlib_corpus, r
 from ..merging.compress import StructuredPruner, compress_experts
 from ..merging.packed import pack_compressed
 from ..merging.cost import count_parameters, lm_flops_per_token
-from ..merging.model import merge_moekit_model
+from ..merging.pipeline import merge_moekit_model
 from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import evaluate_bpb, train_lm

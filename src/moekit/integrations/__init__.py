@@ -14,7 +14,6 @@ __all__ = ["HF_EXPORTS"]
 #: names re-exported lazily from ``moekit.integrations.hf``
 HF_EXPORTS = (
     "routing_sources",
-    "calibrate_hf",
     "merge_hf_model",
     "save_hf_model",
     "load_hf_model",

@@ -30,7 +30,11 @@ def _hidden_rows(kind: str, params: dict[str, Tensor], e: int) -> list[Tensor]:
             rows.append(params["up_bias"][e].unsqueeze(1))
         return rows
     gate, up = params["gate_up_proj"][e].chunk(2, dim=0)
-    return [gate, up, down]
+    rows = [gate, up, down]
+    if params.get("up_bias") is not None:  # GPT-OSS: a bias per gate and per up unit
+        gate_b, up_b = params["up_bias"][e].chunk(2)
+        rows += [gate_b.unsqueeze(1), up_b.unsqueeze(1)]
+    return rows
 
 
 def matching_score(kind: str, params: dict[str, Tensor], anchor: int, target: int) -> Tensor:
@@ -60,7 +64,10 @@ def permute_experts(kind: str, params: dict[str, Tensor], perms: dict[int, Tenso
                 out["up_bias"][e] = params["up_bias"][e][perm]
         else:
             hidden = params["down_proj"].shape[-1]
-            out["gate_up_proj"][e] = params["gate_up_proj"][e][torch.cat([perm, perm + hidden])]
+            both = torch.cat([perm, perm + hidden])
+            out["gate_up_proj"][e] = params["gate_up_proj"][e][both]
+            if "up_bias" in out:
+                out["up_bias"][e] = params["up_bias"][e][both]
     return out
 
 
@@ -86,11 +93,4 @@ def align_experts(weights: ExpertLayerWeights, anchors_E: Tensor | int) -> Exper
         for e in range(E)
         if int(anchors_E[e]) != e
     }
-    params = permute_experts(weights.kind, weights.params, perms)
-    return ExpertLayerWeights(
-        kind=weights.kind,
-        params=params,
-        router_weight=weights.router_weight,
-        router_bias=weights.router_bias,
-        activation=weights.activation,
-    )
+    return weights.replace(params=permute_experts(weights.kind, weights.params, perms))

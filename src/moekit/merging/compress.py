@@ -22,7 +22,7 @@ from .._checks import check_int, check_positive
 from ..experts.base import ExpertBank, activation_fn
 from ..experts.grouped import grouped_linear
 from ..experts.mlp import GLUExperts, MLPExperts
-from .calibration import moe_layers
+from .moekit_blocks import moe_layers
 
 __all__ = ["LowRankSparseExperts", "compress_experts", "StructuredPruner", "cubic_ratio"]
 

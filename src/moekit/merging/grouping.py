@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..experts.base import activation_fn
-from .weights import ExpertLayerWeights
+from .weights import ExpertLayerWeights, glu_hidden
 
 __all__ = ["GROUPINGS", "group_by_router_logits", "group_by_expert_output", "group_randomly", "expert_outputs"]
 
@@ -43,17 +43,15 @@ def group_by_router_logits(router_logits_TE: Tensor, dominant_G: Tensor) -> Tens
 @torch.no_grad()
 def expert_outputs(weights: ExpertLayerWeights, x_TD: Tensor) -> Tensor:
     """Every expert of the layer on every token: ``[E, T, D]`` (plain ops, fp32)."""
-    act = activation_fn(weights.activation)
     p = {name: t.detach().float() for name, t in weights.params.items()}
     x = x_TD.detach().float().to(p["down_proj"].device)
-    if weights.kind == "mlp":
-        h = torch.einsum("td,efd->etf", x, p["up_proj"])
-        if "up_bias" in p:
-            h = h + p["up_bias"][:, None]
-        h = act(h)
+    h = torch.einsum("td,efd->etf", x, p["gate_up_proj" if weights.kind == "glu" else "up_proj"])
+    if "up_bias" in p:
+        h = h + p["up_bias"][:, None]
+    if weights.kind == "glu":
+        h = glu_hidden(h, weights.activation, weights.activation_params)
     else:
-        gate, up = torch.einsum("td,efd->etf", x, p["gate_up_proj"]).chunk(2, dim=-1)
-        h = act(gate) * up
+        h = activation_fn(weights.activation)(h)
     y = torch.einsum("etf,edf->etd", h, p["down_proj"])
     if "down_bias" in p:
         y = y + p["down_bias"][:, None]

@@ -141,7 +141,6 @@ def merge_layer(
     router_w, router_b = fold_router(
         weights.router_weight, weights.router_bias, groups_E, dominant_G, router_logits_TE, how=fold
     )
-    merged = ExpertLayerWeights(
-        kind=weights.kind, params=params, router_weight=router_w, router_bias=router_b, activation=weights.activation
-    )
+    extras = {name: t.detach()[dominant_G].clone() for name, t in weights.router_extras.items()}
+    merged = weights.replace(params=params, router_weight=router_w, router_bias=router_b, router_extras=extras)
     return LayerMergeResult(weights=merged, expert_map=groups_E, dominant=dominant_G)

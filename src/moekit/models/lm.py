@@ -156,16 +156,24 @@ class MoELM(nn.Module):
             out["compressed"] = layouts
         return out
 
-    def forward(self, tokens_BS: Tensor) -> tuple[Tensor, list[MoEOutput]]:
+    def embed_tokens(self, tokens_BS: Tensor) -> Tensor:
+        """Token plus position embeddings, the input of the first block: ``[B, S, D]``."""
         if tokens_BS.dim() != 2 or tokens_BS.shape[1] > self.max_seq_len:
             raise ValueError(f"tokens must be [B, S<={self.max_seq_len}], got {tuple(tokens_BS.shape)}")
         pos = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
-        x = self.embed(tokens_BS) + self.pos(pos)
+        return self.embed(tokens_BS) + self.pos(pos)
+
+    def output_logits(self, x_BSD: Tensor) -> Tensor:
+        """Logits from the last block's output: ``[B, S, V]``."""
+        return self.head(self.norm(x_BSD))
+
+    def forward(self, tokens_BS: Tensor) -> tuple[Tensor, list[MoEOutput]]:
+        x = self.embed_tokens(tokens_BS)
         outputs = []
         for block in self.blocks:
             x, out = block(x)
             outputs.append(out)
-        return self.head(self.norm(x)), outputs
+        return self.output_logits(x), outputs
 
 
 def _layout(bank: nn.Module) -> dict[str, Any] | None:

@@ -15,7 +15,8 @@ from .base import FAMILIES, MoEFamily, RemappedRouter, family_for, list_families
 from .io import load_hf_model, save_hf_model
 from .merge import MERGE_CONFIG_KEY, merge_hf_model
 from .moekit_only import mark_moekit_only
-from .routing import calibrate_hf, routing_sources
+from .routing import routing_sources
+from .stack import DecoderStack, hf_stack
 
 register_experts_implementation()  # experts_implementation="moekit" / "moekit_packed" in transformers
 
@@ -28,7 +29,8 @@ __all__ = [
     "family_for",
     "list_families",
     "routing_sources",
-    "calibrate_hf",
+    "DecoderStack",
+    "hf_stack",
     "merge_hf_model",
     "MERGE_CONFIG_KEY",
     "save_hf_model",

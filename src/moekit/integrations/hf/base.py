@@ -1,15 +1,19 @@
-"""Family adapters: read and write the experts and routers of Hugging Face MoE models.
+"""Family adapters: the block-adapter protocol (``moekit.merging.adapter``) for Hugging Face MoE families.
 
 One ``MoEFamily`` subclass per model family (one small file: ``mixtral.py``, ``qwen2_moe.py``,
-``olmoe.py``, ``switch.py``), registered by ``config.model_type`` with ``@register_family``. An
-adapter knows four things about its family, in the tensor layout of the installed transformers 5.x:
+``deepseek_v3.py``, ``gpt_oss.py``, ...), registered by ``config.model_type`` with ``@register_family``.
+An adapter knows, in the tensor layout of the installed transformers 5.x:
 
-* where the MoE blocks are (``block_types``) and which child is the router / the experts;
+* where the MoE blocks are (``block_types``), which child is the router (``router_attr``) and which
+  the experts (``experts_attr``); everything else in a block (shared experts and their gates) is
+  never touched (``shared_tensors``);
 * how to read a block into moekit's hand-off format ``ExpertLayerWeights`` (nn.Linear layout
   ``[E, out, in]``: ``glu`` = ``gate_up_proj [E, 2F, D]`` gate rows first + ``down_proj [E, D, F]``;
   ``mlp`` = ``up_proj [E, F, D]`` + ``down_proj [E, D, F]`` + optional biases) and write G experts back;
-* how to turn its router's output into a moekit ``RoutingDecision`` (for ``RoutingRecorder``);
-* which config fields hold the expert count and experts-per-token (for the plain merged form).
+* how the router routes (``routing``: score function, top-k, routing biases, group-limited routing);
+* how to read its router's output (``decision``, for ``RoutingRecorder``) and the routing its
+  experts module receives (``experts_call``, for the observer);
+* which config fields hold the expert count and experts-per-token (for the plain form).
 
 The exact merged form wraps a block's router in a ``RemappedRouter`` (router unchanged, E outputs,
 decisions mapped to G experts); adapters say how to map their router's output.
@@ -18,12 +22,14 @@ decisions mapped to G experts); adapters say how to map their router's output.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ...merging.weights import ExpertLayerWeights
+from ...merging.adapter import FORMS, BlockAdapter
+from ...merging.observer import BlockCall
+from ...merging.weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
 from ...types import RoutingDecision
 
 __all__ = [
@@ -50,8 +56,8 @@ HF_ACTIVATIONS = {
 
 
 def moekit_activation(hf_name: str) -> str:
-    """moekit's name for a Hugging Face activation (unknown names pass through unchanged; merging
-    only needs the activation for expert-output grouping, which then reports the unknown name)."""
+    """moekit's name for a Hugging Face activation (unknown names pass through unchanged; only
+    expert-output statistics need the activation, and they then report the unknown name)."""
     return HF_ACTIVATIONS.get(hf_name, hf_name)
 
 
@@ -92,12 +98,13 @@ class RemappedRouter(nn.Module):
         return f"router_outputs={self.router_outputs}, experts={self.num_experts}"
 
 
-class MoEFamily(abc.ABC):
+class MoEFamily(BlockAdapter):
     """Adapter for one Hugging Face MoE family (stateless; one instance per registered family).
 
     Class attributes: ``name``; ``model_types`` (``config.model_type`` values); ``kind``
     (``"glu"``/``"mlp"``); ``experts_key`` / ``top_k_key``: config fields with the expert count and
-    the experts per token (``None`` for top-1 families); ``router_attr``: the block's router child.
+    the experts per token (``None`` for top-1 families); ``router_attr`` / ``experts_attr``: the
+    block's router and experts children; ``decoder_only``: the model runs layer by layer (streaming).
     """
 
     name: ClassVar[str]
@@ -106,16 +113,17 @@ class MoEFamily(abc.ABC):
     experts_key: ClassVar[str]
     top_k_key: ClassVar[str | None] = None
     router_attr: ClassVar[str] = "gate"
+    experts_attr: ClassVar[str] = "experts"
+    decoder_only: ClassVar[bool] = True
 
     # ----- structure
     @abc.abstractmethod
     def block_types(self) -> tuple[type, ...]:
         """The classes of this family's sparse MoE blocks."""
 
-    def moe_blocks(self, model: nn.Module) -> dict[str, nn.Module]:
-        """``{module name: MoE block}`` in model order."""
+    def blocks(self, module: nn.Module) -> dict[str, nn.Module]:
         types = self.block_types()
-        return {name: m for name, m in model.named_modules() if isinstance(m, types)}
+        return {name: m for name, m in module.named_modules() if isinstance(m, types)}
 
     def router(self, block: nn.Module) -> nn.Module:
         """The block's original router (inside the ``RemappedRouter`` for exact-form blocks)."""
@@ -126,8 +134,20 @@ class MoEFamily(abc.ABC):
         return isinstance(getattr(block, self.router_attr), RemappedRouter)
 
     def num_experts(self, block: nn.Module) -> int:
-        """Experts in the block's bank (G for exact-form blocks)."""
-        return int(getattr(block, "experts").num_experts)
+        return int(getattr(block, self.experts_attr).num_experts)
+
+    def router_outputs(self, block: nn.Module) -> int:
+        return int(self.router(block).num_experts)
+
+    def routing(self, block: nn.Module, config: Any) -> RoutingSpec:
+        """Default: softmax over all E logits, ``top_k`` from the config, a router bias if any."""
+        _, bias = self.read_router(block)
+        return RoutingSpec(score="softmax", top_k=self.top_k(config), selection_bias=None if bias is None else "router_bias")
+
+    def shared_tensors(self, block: nn.Module) -> tuple[str, ...]:
+        """Every tensor of the block outside its router and routed experts (shared experts, their gates)."""
+        own = (f"{self.router_attr}.", f"{self.experts_attr}.")
+        return tuple(n for n, _ in block.state_dict().items() if not n.startswith(own))
 
     # ----- tensors
     @abc.abstractmethod
@@ -138,16 +158,30 @@ class MoEFamily(abc.ABC):
     def read_router(self, block: nn.Module) -> tuple[Tensor, Tensor | None]:
         """The original router's ``(weight [E, D], bias [E] or None)`` (detached)."""
 
+    def read_router_extras(self, block: nn.Module) -> dict[str, Tensor]:
+        """Other per-expert router tensors that follow the router rows (e.g. ``e_score_correction_bias``)."""
+        return {}
+
     @abc.abstractmethod
     def activation(self, config: Any) -> str:
         """moekit name of the experts' activation."""
 
-    def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
-        """The block's experts and router as ``ExpertLayerWeights`` (the input of ``merge_layer``)."""
+    def activation_params(self, config: Any) -> dict[str, float]:
+        """Constants of the activation (GPT-OSS's clamp limit and alpha)."""
+        return {}
+
+    def read(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         if self.is_remapped(block):
             raise ValueError("this block is in the exact merged form (E router outputs, G experts); use the original")
         weight, bias = self.read_router(block)
-        return ExpertLayerWeights(self.kind, self.read_experts(block), weight, bias, self.activation(config))
+        return ExpertLayerWeights(
+            self.kind, self.read_experts(block), weight, bias, self.activation(config), self.activation_params(config),
+            self.read_router_extras(block),
+        )  # fmt: skip
+
+    def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
+        """``read`` (kept name)."""
+        return self.read(block, config)
 
     @abc.abstractmethod
     def resize_experts(self, block: nn.Module, num_experts: int) -> None:
@@ -169,6 +203,9 @@ class MoEFamily(abc.ABC):
     def write_router(self, block: nn.Module, weight_GD: Tensor, bias_G: Tensor | None) -> None:
         """Replace the router by one with G outputs (plain form)."""
 
+    def write_router_extras(self, block: nn.Module, extras: dict[str, Tensor]) -> None:
+        """Write the per-expert router tensors of ``read_router_extras`` (plain form, G rows)."""
+
     @abc.abstractmethod
     def remapped_router(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> RemappedRouter:
         """This family's ``RemappedRouter`` around ``router``."""
@@ -178,10 +215,49 @@ class MoEFamily(abc.ABC):
         router = getattr(block, self.router_attr)
         setattr(block, self.router_attr, self.remapped_router(router, expert_map, num_experts))
 
-    # ----- routing
+    def write(self, block: nn.Module, result: LayerMergeResult, form: str, config: Any) -> nn.Module:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        G = int(result.dominant.shape[0])
+        self.write_experts(block, result.weights.params)
+        if form == "plain":
+            self.write_router(block, result.weights.router_weight, result.weights.router_bias)
+            self.write_router_extras(block, dict(result.weights.router_extras))
+        else:
+            self.wrap_router(block, result.expert_map, G)
+        return block
+
+    # ----- routing and observation
     @abc.abstractmethod
     def decision(self, output: Any) -> RoutingDecision:
         """The router's forward output as a ``RoutingDecision`` over its E outputs."""
+
+    @abc.abstractmethod
+    def experts_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The experts module's call arguments as ``(x [T, D], ids [T, K], weights [T, K], kept [T, K] or None)``."""
+
+    def observe(self, block: nn.Module, config: Any, sink: Callable[[BlockCall], None]) -> list[Any]:
+        routing = self.routing(block, config)
+        G = self.num_experts(block)
+        seen: dict[str, RoutingDecision] = {}
+
+        def on_router(module: nn.Module, args: Any, output: Any) -> None:
+            seen["decision"] = self.decision(output)
+
+        def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x, ids, weights, kept = self.experts_call(args, kwargs)
+            decision = seen.pop("decision", None)
+            sink(BlockCall(
+                x_TD=x.detach(), ids_TK=ids.detach().long(), weights_TK=weights.detach(), kept_TK=kept,
+                logits_TE=None if decision is None else decision.logits_TE, routing=routing, num_experts=G,
+                router_ids_TK=None if decision is None else decision.ids_TK,
+            ))  # fmt: skip
+
+        experts = getattr(block, self.experts_attr)
+        return [
+            self.router(block).register_forward_hook(on_router),
+            experts.register_forward_pre_hook(on_experts, with_kwargs=True),
+        ]
 
     # ----- config
     def top_k(self, config: Any) -> int:

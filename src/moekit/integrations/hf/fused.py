@@ -1,6 +1,6 @@
-"""Shared adapter for families with fused 3D GLU experts and a softmax top-k router (transformers 5.x).
+"""Shared adapter for families with fused 3D GLU experts and a top-k router (transformers 5.x).
 
-Mixtral, Qwen2-MoE and OLMoE store a block's experts as ``experts.gate_up_proj [E, 2F, D]`` (gate
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 store a block's experts as ``experts.gate_up_proj [E, 2F, D]`` (gate
 rows first, ``gate, up = (x @ W.T).chunk(2)``) and ``experts.down_proj [E, D, F]`` -- exactly
 moekit's ``glu`` layout -- and route with ``gate.weight [E, D]`` (no bias):
 ``gate(x) -> (logits [T, E], weights [T, K], ids [T, K])``. The experts module takes
@@ -104,3 +104,10 @@ class FusedTopKFamily(MoEFamily):
 
     def decision(self, output: Any) -> RoutingDecision:
         return topk_decision(output)
+
+    def experts_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``experts(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`` (positional or keywords)."""
+        hidden, ids, weights = [*args, *kwargs.values()][:3]
+        x_TD = hidden.reshape(-1, hidden.shape[-1])
+        ids_TK = ids.reshape(x_TD.shape[0], -1)
+        return x_TD, ids_TK, weights.reshape(ids_TK.shape), None

@@ -25,8 +25,8 @@ from torch import nn
 
 from ...reporting import atomic_directory
 from .base import family_for
-from .merge import MERGE_CONFIG_KEY
 from .moekit_only import clear_moekit_only, mark_moekit_only
+from .stack import MERGE_CONFIG_KEY
 
 __all__ = ["save_hf_model", "load_hf_model", "exact_layout_class"]
 
@@ -56,7 +56,7 @@ def exact_layout_class(cls: type) -> type:
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
         cls.__init__(self, config, *args, **kwargs)
         family = family_for(config)
-        blocks = family.moe_blocks(self)
+        blocks = family.blocks(self)
         for name, layer in getattr(config, MERGE_CONFIG_KEY)["layers"].items():
             if name not in blocks:
                 raise ValueError(f"config.{MERGE_CONFIG_KEY} names block {name!r}, which this model does not have")

@@ -1,7 +1,8 @@
-"""Merge the experts of a Hugging Face MoE model (M-SMoE, https://arxiv.org/abs/2310.01334).
+"""``merge_hf_model``: M-SMoE on a Hugging Face MoE model in memory (https://arxiv.org/abs/2310.01334).
 
-calibrate (``calibrate_hf``) -> experts per block (``allocate_experts``) -> ``merge_layer`` per block
--> write the result back in the family's own tensor layout, in one of two forms:
+A thin front over the compression pipeline (``moekit.merging.pipeline``) with the paper's semantics:
+statistics of the unmerged model (``propagate="original"``), then ``merge_layer`` per block, written
+back in the family's own tensor layout, in one of two forms:
 
 * ``form="plain"``: each block has G experts and a router with G outputs (the rows of a group folded
   into one, see ``moekit.merging.merge.fold_router``); the config's expert count (and top-k, if it
@@ -21,23 +22,15 @@ Either way the merged tensors replace the originals, so ``save_pretrained`` writ
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any, Callable, Collection, Iterable
 
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..._checks import check_choice, check_int
-from ...merging.dominant import allocate_experts
-from ...merging.layer import merge_layer
-from ...merging.model import BUDGETS, FORMS
+from ...merging.pipeline import CompressionSpec, run_pipeline
 from .base import family_for
-from .routing import calibrate_hf
+from .stack import MERGE_CONFIG_KEY, hf_stack
 
 __all__ = ["merge_hf_model", "MERGE_CONFIG_KEY"]
-
-#: config attribute (and config.json key) describing a moekit-merged model
-MERGE_CONFIG_KEY = "moekit_merge"
 
 
 def merge_hf_model(
@@ -62,12 +55,13 @@ def merge_hf_model(
         calib_batches: token ids ``[B, S]`` per batch (or what ``forward`` takes), e.g. a few hundred
             training sequences (paper: 256 samples of the target task).
         experts: experts kept per block (``budget="uniform"``) or on average (``"global"``); 1 <= experts <= E.
-        method: a name in ``moekit.registry.MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``).
+        method: a recipe in ``moekit.registry.MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``).
         form: ``"plain"`` (stock-loadable, folded router) or ``"exact"`` (router unchanged, index map).
         budget: ``"global"`` (M-SMoE's adaptive counts; exact form only) or ``"uniform"``; default:
             ``"uniform"`` for the plain form, ``"global"`` for the exact form.
         exclude: block names left unmerged (exact form only), e.g. the first MoE block as in the paper.
-        forward: ``forward(model, batch)`` for calibration (default: the family's, see ``calibrate_hf``).
+        forward: ``forward(model, batch)`` for calibration; the whole model then runs as one unit
+            (default: decoder-only families layer by layer on token ids, Switch as one unit).
         max_calib_tokens: router logits/inputs kept per block for grouping and router folding.
         inplace: modify ``model`` itself (saves memory) instead of a deep copy.
         quiet: no progress bars.
@@ -75,64 +69,15 @@ def merge_hf_model(
 
     Returns the merged model (``model`` itself when ``inplace``), in eval/train mode as given.
     """
-    check_choice("form", form, FORMS)
-    budget = budget if budget is not None else ("uniform" if form == "plain" else "global")
-    check_choice("budget", budget, BUDGETS)
     family = family_for(model)
-    blocks = family.moe_blocks(model)
-    if not blocks:
+    spec = CompressionSpec(
+        method="m-smoe", method_options={"recipe": method, "max_tokens": max_calib_tokens, **merge_kwargs},
+        experts=experts, budget=budget or ("uniform" if form == "plain" else "global"), form=form,
+        exclude=tuple(exclude), propagate="original",
+    )  # fmt: skip
+    if not family.blocks(model):
         raise ValueError(f"{type(model).__name__} ({family.name}) has no sparse MoE block to merge")
-    if any(family.is_remapped(b) for b in blocks.values()):
-        raise ValueError("this model is already merged (exact form); merge the original model instead")
-    unknown = [n for n in exclude if n not in blocks]
-    if unknown:
-        raise ValueError(f"exclude names {unknown}, which are not MoE blocks; MoE blocks: {list(blocks)}")
-    if form == "plain" and (budget != "uniform" or exclude):
-        raise ValueError(
-            "form='plain' needs budget='uniform' and no excluded blocks (a stock config has one expert count "
-            f"for all blocks), got budget={budget!r}, exclude={list(exclude)}; use form='exact' for per-block counts"
-        )
-    merged_names = [n for n in blocks if n not in set(exclude)]
-    if not merged_names:
-        raise ValueError(f"exclude names every MoE block ({list(blocks)}); nothing to merge")
-    smallest = min(family.num_experts(blocks[n]) for n in merged_names)
-    check_int("experts", experts, low=1, high=smallest)
-
-    need_inputs = merge_kwargs.get("grouping") == "expert_output"
-    calib = calibrate_hf(
-        model, calib_batches, forward=forward, max_tokens=max_calib_tokens, keep_inputs=need_inputs, quiet=quiet
-    )
-    freqs = {n: calib[n].frequency_E for n in blocks}
-    if budget == "global":
-        counts = allocate_experts(freqs, total=experts * len(merged_names), exclude=exclude)
-    else:
-        counts = allocate_experts(freqs, per_layer=experts, exclude=exclude)
-
     out = model if inplace else copy.deepcopy(model)
-    new_blocks = family.moe_blocks(out)
-    layers: dict[str, dict[str, int]] = {}
-    bar = tqdm(merged_names, desc=f"merge ({method}, {form})", disable=quiet or not sys.stderr.isatty(), leave=False)
-    for name in bar:
-        block = new_blocks[name]
-        E = family.num_experts(block)
-        if counts[name] == E:
-            continue  # nothing to merge: the block stays as it is
-        c = calib[name]
-        result = merge_layer(
-            family.read_layer(block, out.config), c.frequency_E, c.logits_TE, counts[name], method=method,
-            calib_inputs_TD=c.inputs_TD, **merge_kwargs,
-        )  # fmt: skip
-        family.write_experts(block, result.weights.params)
-        if form == "plain":
-            family.write_router(block, result.weights.router_weight, result.weights.router_bias)
-        else:
-            family.wrap_router(block, result.expert_map, counts[name])
-        layers[name] = {"experts": counts[name], "router_outputs": E}
-    if form == "plain":
-        family.set_num_experts(out, experts)
-    setattr(
-        out.config,
-        MERGE_CONFIG_KEY,
-        {"form": form, "method": method, "experts": experts, "budget": budget, "layers": layers},
-    )
-    return out
+    was_training = out.training
+    run_pipeline(hf_stack(out.eval(), forward), calib_batches, spec, quiet=quiet)
+    return out.train(was_training)

@@ -42,6 +42,7 @@ class SwitchFamily(MoEFamily):
     experts_key = "num_experts"
     top_k_key = None
     router_attr = "router"
+    decoder_only = False
 
     def block_types(self) -> tuple[type, ...]:
         from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
@@ -121,13 +122,20 @@ class SwitchFamily(MoEFamily):
             kept_TK=kept_T1,
         )
 
+    def experts_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``experts(hidden [T, D], one_hot [T, 1, G] (dropped tokens all zero), weights [T, 1])``."""
+        hidden, one_hot, weights = [*args, *kwargs.values()][:3]
+        chosen_TG = one_hot.reshape(hidden.shape[0], -1)
+        kept_T1 = chosen_TG.sum(-1, keepdim=True) > 0
+        return hidden, chosen_TG.argmax(-1, keepdim=True), weights.reshape(-1, 1), kept_T1
+
     def set_num_experts(self, model: nn.Module, num_experts: int) -> None:
         before = int(model.config.num_experts)
         capacity = math.ceil(model.config.expert_capacity * before / num_experts)
         super().set_num_experts(model, num_experts)
         for module in pretrained_modules(model):
             module.config.expert_capacity = capacity
-        for block in self.moe_blocks(model).values():
+        for block in self.blocks(model).values():
             self.router(block).expert_capacity = capacity
 
     def forward_tokens(self, model: nn.Module, ids_BS: Tensor) -> Any:
