@@ -23,9 +23,13 @@ from moekit.merging.pipeline import CompressionSpec, moekit_stack, run_pipeline 
 from moekit.merging.streaming import compress_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: one setting per family, so that together they cover both forms, both propagations and both budgets
 CASES = {
-    "exact-global-original": CompressionSpec(experts=3, budget="global", form="exact", propagate="original"),
-    "plain-uniform-compressed": CompressionSpec(experts=3, budget="uniform", form="plain", propagate="compressed"),
+    "mixtral": CompressionSpec(experts=3, budget="global", form="exact", propagate="original"),
+    "qwen2_moe": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="compressed"),
+    "qwen3_moe": CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed"),
+    "olmoe": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original"),
+    "switch_transformers": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original"),
 }
 
 
@@ -48,12 +52,11 @@ def _disk_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_streamed_result_equals_in_memory_result(family, case, tmp_path):
-    spec = CASES[case]
-    if family == "switch_transformers":  # encoder-decoder: one unit, statistics of the model as given
-        spec = CompressionSpec(**{**spec.as_dict(), "exclude": (), "propagate": "original"})
+def test_streamed_result_equals_in_memory_result(family, tmp_path):
+    """Same tensors as the pipeline on the model in memory; plain forms load with stock
+    transformers (nothing missing, unexpected or mismatched) and generate."""
+    spec = CASES[family]
     tiny_model(family).save_pretrained(tmp_path / "in")
     report = compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
     in_memory = tiny_model(family)
@@ -62,26 +65,18 @@ def test_streamed_result_equals_in_memory_result(family, case, tmp_path):
     assert report["verification"]["max_abs_logit_diff"] <= 1e-5
     assert report["weights_bytes_after"] < 0.8 * report["weights_bytes_before"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the run directory became out/
-
-
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_streamed_plain_form_loads_with_stock_transformers_and_generates(family, tmp_path):
-    tiny_model(family).save_pretrained(tmp_path / "in")
-    spec = CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original")
-    compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
-    model, info = model_class(family).from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
-    assert getattr(model.config, "num_local_experts" if family == "mixtral" else "num_experts") == 2
-    ids = token_batches(1, batch=2, seq=6, seed=4)[0]
-    with torch.no_grad():
-        assert generate(model.eval(), ids).shape[0] == 2
+    if spec.form == "plain":
+        model, info = model_class(family).from_pretrained(tmp_path / "out", output_loading_info=True)
+        assert not any(info.values()), info
+        assert getattr(model.config, "num_local_experts" if family == "mixtral" else "num_experts") == spec.experts
+        ids = token_batches(1, batch=2, seq=6, seed=4)[0]
+        with torch.no_grad():
+            assert generate(model.eval(), ids).shape[0] == 2
 
 
 def test_moekit_checkpoint_streamed_equals_merge_moekit_model(tmp_path):
-    torch.manual_seed(0)
-    lm = moekit.MoELM(dim=32, depth=3, heads=2, max_seq_len=32, num_experts=6, k=2, hidden=40).eval()
-    moekit.save_checkpoint(lm, tmp_path / "lm")
-    batches = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    batches = _lm_checkpoint(tmp_path / "lm")
+    lm = moekit.load_checkpoint(tmp_path / "lm").eval()
     spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="original")
     compress_checkpoint(tmp_path / "lm", tmp_path / "out", batches, spec, quiet=True)
     merged = moekit.merge_moekit_model(lm, batches, experts=3, form="exact", quiet=True)
@@ -89,17 +84,22 @@ def test_moekit_checkpoint_streamed_equals_merge_moekit_model(tmp_path):
     # sequential propagation, plain form, per-layer counts (moekit configs hold them)
     spec = CompressionSpec(experts=3, budget="global", form="plain", propagate="compressed")
     compress_checkpoint(tmp_path / "lm", tmp_path / "seq", batches, spec, quiet=True)
-    in_memory = moekit.load_checkpoint(tmp_path / "lm").eval()
-    stack = moekit_stack(in_memory)
+    stack = moekit_stack(moekit.load_checkpoint(tmp_path / "lm").eval())
     run_pipeline(stack, batches, spec)
     _assert_same(_state(moekit.load_checkpoint(tmp_path / "seq")), _state(stack.model))
+
+
+def _lm_checkpoint(directory: Path) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    lm = moekit.MoELM(dim=32, depth=3, heads=2, max_seq_len=32, num_experts=6, k=2, hidden=40).eval()
+    moekit.save_checkpoint(lm, directory)
+    return [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 
 
 KILLER = """
 import os, signal, sys
 import safetensors.torch as st
-sys.path.insert(0, {tests!r})
-from hf_tiny import token_batches
+import torch
 from moekit.merging.pipeline import CompressionSpec
 from moekit.merging.streaming import compress_checkpoint
 kill_at, calls, save = int(sys.argv[1]), [0], st.save_file
@@ -111,30 +111,51 @@ def save_file(tensors, path, metadata=None):
         os.kill(os.getpid(), signal.SIGKILL)
     save(tensors, path, metadata=metadata)
 st.save_file = save_file
+batches = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed")
-compress_checkpoint(sys.argv[2], sys.argv[3], token_batches(), spec, quiet=True, resume=sys.argv[4] == "1")
+compress_checkpoint(sys.argv[2], sys.argv[3], batches, spec, quiet=True, resume=sys.argv[4] == "1")
 """
 
 
 def test_kill_at_any_point_and_resume_gives_identical_tensors(tmp_path):
-    tiny_model("qwen3_moe").save_pretrained(tmp_path / "in")
+    batches = _lm_checkpoint(tmp_path / "in")
     spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed")
-    compress_checkpoint(tmp_path / "in", tmp_path / "whole", token_batches(), spec, quiet=True)
-    script = KILLER.format(tests=str(ROOT / "tests"))
+    compress_checkpoint(tmp_path / "in", tmp_path / "whole", batches, spec, quiet=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    # killed while writing the 3rd file (hidden states of the observe phase), then, resumed, while writing
-    # its 7th (the compress phase); a third run finishes
-    for kill_at, resume in ((3, "0"), (7, "1")):
-        args = [sys.executable, "-c", script, str(kill_at), str(tmp_path / "in"), str(tmp_path / "out"), resume]
+    # SIGKILLed while writing the 3rd file (hidden states of the observe phase), then, resumed, while
+    # writing its 6th (the compress phase's shards); a third run finishes
+    for kill_at, resume in ((3, "0"), (6, "1")):
+        args = [sys.executable, "-c", KILLER, str(kill_at), str(tmp_path / "in"), str(tmp_path / "out"), resume]
         done = subprocess.run(args, env=env, capture_output=True, text=True)
         assert done.returncode == -9, done.stderr
         assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
-    report = compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True, resume=True)
+    report = compress_checkpoint(tmp_path / "in", tmp_path / "out", batches, spec, quiet=True, resume=True)
     assert report["resumed"]
     _assert_same(_disk_tensors(tmp_path / "out"), _disk_tensors(tmp_path / "whole"))
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
-        (tmp_path / "whole" / "config.json").read_text()
-    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "whole" / "config.json").read_text())
+
+
+def test_interrupted_hf_run_resumes_to_the_same_shards(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "in")
+    spec = CompressionSpec(experts=3, budget="uniform", form="plain", propagate="compressed")
+    compress_checkpoint(tmp_path / "in", tmp_path / "whole", token_batches(), spec, quiet=True)
+    save, calls = st.save_file, [0]
+
+    def failing(tensors, path, metadata=None):  # the 9th file: a unit's output shard
+        calls[0] += 1
+        if calls[0] == 9:
+            raise KeyboardInterrupt
+        save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
+    monkeypatch.setattr(st, "save_file", save)
+    compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True, resume=True)
+    _assert_same(_disk_tensors(tmp_path / "out"), _disk_tensors(tmp_path / "whole"))
 
 
 def test_run_directory_guards(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, read_config_json
 from ..models.lm import MoELM
@@ -27,13 +28,27 @@ from .stack import LayerStack
 __all__ = ["MoekitCheckpointSource", "MoekitWriter", "moekit_skeleton"]
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Random initialisation of meta tensors is skipped (it has no values to draw, and torch's meta
+    kernels for it import torch._dynamo, seconds of start-up)."""
+
+    OPS = frozenset({"normal_", "uniform_", "trunc_normal_", "bernoulli_", "random_", "exponential_"})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        first = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by keyword
+        if getattr(func, "__name__", "") in self.OPS and isinstance(first, Tensor) and first.is_meta:
+            return first
+        return func(*args, **(kwargs or {}))
+
+
 def moekit_skeleton(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a moekit checkpoint with every tensor on the meta device, and its ``config.json``."""
     meta = read_config_json(directory)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{str(directory)!r} is not a moekit checkpoint (config.json without format 'moekit')")
     try:
-        model = MODELS.create(meta["model"], **meta.get("config", {}), device="meta")
+        with _SkipRandomInit():
+            model = MODELS.create(meta["model"], **meta.get("config", {}), device="meta")
     except TypeError as err:
         raise ValueError(f"{str(directory)!r}: config.json does not build a {meta['model']!r}: {err}") from None
     return model.eval(), meta

@@ -46,6 +46,7 @@ __all__ = ["HFCheckpoint", "HFCheckpointSource", "HFShardWriter", "weight_files"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+ASYNC_FLAG = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -80,17 +81,23 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No 'Loading weights' progress bars from transformers while moekit loads module by module."""
+def _sequential_quiet_load() -> Iterator[None]:
+    """transformers' loader without its progress bars and its thread pool (one tensor converted at a
+    time keeps the memory peak at one module) while moekit loads module by module."""
     from transformers.utils import logging
 
-    enabled = logging.is_progress_bar_enabled()
+    enabled, previous = logging.is_progress_bar_enabled(), os.environ.get(ASYNC_FLAG)
     logging.disable_progress_bar()
+    os.environ[ASYNC_FLAG] = "1"
     try:
         yield
     finally:
         if enabled:
             logging.enable_progress_bar()
+        if previous is None:
+            os.environ.pop(ASYNC_FLAG, None)
+        else:
+            os.environ[ASYNC_FLAG] = previous
 
 
 class HFCheckpoint:
@@ -199,7 +206,7 @@ class HFCheckpointSource(WeightSource):
         config = LoadStateDictConfig(
             device_map={"": "cpu"}, dtype=self.checkpoint.dtype, dtype_plan=self.dtype_plan, weight_mapping=self.mapping
         )
-        with _quiet_transformers():
+        with _sequential_quiet_load():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         del state
         self.loaded.update(keys)
