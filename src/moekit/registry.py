@@ -1,8 +1,4 @@
-<<<<<<< HEAD
-"""Name -> factory registries for routers, expert banks, losses, merge methods and models (timm style).
-=======
-"""Name -> factory registries for routers, expert banks, losses, merge and compression methods (timm style).
->>>>>>> 44e7011 (One compression pipeline for moekit and Hugging Face MoEs: block-adapter protocol, layer stacks, layer-wise observer with registered statistics, methods m-smoe/frequency; merge_moekit_model and merge_hf_model are thin fronts (pinned M-SMoE results bit-identical); calibrate_hf and the second pipeline removed)
+"""Name -> factory registries: routers, expert banks, losses, merge and compression methods, statistics, models.
 
 Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from. A
 registry knows which moekit modules define its built-in entries and imports them on the first
@@ -96,21 +92,14 @@ class Registry(Generic[T]):
         return name in self._entries
 
 
-<<<<<<< HEAD
 ROUTERS: Registry[Callable[..., Any]] = Registry("router", ["moekit.routers"])
 EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank", ["moekit.experts"])
 LOSSES: Registry[Callable[..., Any]] = Registry("loss", ["moekit.losses"])
 MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method", ["moekit.merging.layer"])
-=======
-ROUTERS: Registry[Callable[..., Any]] = Registry("router")
-EXPERTS: Registry[Callable[..., Any]] = Registry("expert bank")
-LOSSES: Registry[Callable[..., Any]] = Registry("loss")
-MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method")
 #: expert-reduction methods of the compression pipeline (``moekit compress --method``), one file each
-EXPERT_METHODS: Registry[Callable[..., Any]] = Registry("compression method")
+EXPERT_METHODS: Registry[Callable[..., Any]] = Registry("compression method", ["moekit.merging.methods"])
 #: per-block statistics the layer-wise observer can collect for a method
-STATISTICS: Registry[Callable[..., Any]] = Registry("statistic")
->>>>>>> 44e7011 (One compression pipeline for moekit and Hugging Face MoEs: block-adapter protocol, layer stacks, layer-wise observer with registered statistics, methods m-smoe/frequency; merge_moekit_model and merge_hf_model are thin fronts (pinned M-SMoE results bit-identical); calibrate_hf and the second pipeline removed)
+STATISTICS: Registry[Callable[..., Any]] = Registry("statistic", ["moekit.merging.statistics"])
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
 MODELS: Registry[Callable[..., Any]] = Registry(
     "model",
