@@ -40,6 +40,7 @@ from ...merging.pipeline import WeightSource
 from ...merging.shards import save_tensors, tensor_sizes
 from ...merging.stack import LayerStack
 from .base import MoEFamily, family_for
+from .moekit_only import clear_moekit_only, mark_moekit_only
 
 __all__ = ["HFCheckpoint", "HFCheckpointSource", "HFShardWriter", "weight_files", "WEIGHT_SUFFIXES"]
 
@@ -109,7 +110,7 @@ class HFCheckpoint:
         self.directory = Path(directory)
         if not (self.directory / "config.json").is_file():
             raise FileNotFoundError(f"model directory {str(self.directory)!r} has no config.json")
-        self.config = AutoConfig.from_pretrained(self.directory)
+        self.config = clear_moekit_only(AutoConfig.from_pretrained(self.directory))
         self.family: MoEFamily = family_for(self.config)
         self.files = weight_files(self.directory)
         self.dtype = self._dtype()
@@ -284,7 +285,10 @@ class HFShardWriter:
         save_tensors(revert_weight_conversion(model, state), self._path(index))
 
     def finish(self, model: nn.Module) -> None:
-        """Index, config and the input's other files (tokenizer, generation config, ...)."""
+        """Index, config and the input's other files (tokenizer, generation config, ...); a checkpoint
+        only moekit can load is marked so (``mark_moekit_only``)."""
+        from .io import needs_moekit_layout
+
         weight_map, total = {}, 0
         for index in range(self.count):
             sizes = tensor_sizes(self._path(index))
@@ -293,6 +297,8 @@ class HFShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         model.config.save_pretrained(self.directory)
+        if needs_moekit_layout(model.config):
+            mark_moekit_only(self.directory)
         for path in self.source.checkpoint.directory.iterdir():
             own = path.name in ("config.json", INDEX_NAME) or path.name.endswith(WEIGHT_SUFFIXES)
             if path.is_file() and not own and not path.name.startswith("."):
