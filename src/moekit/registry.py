@@ -1,4 +1,4 @@
-"""Name -> factory registries for routers, expert banks, losses, merge and compression methods and models (timm style).
+"""Name -> factory registries: routers, expert banks, losses, merge and compression methods, statistics, models.
 
 Each entry keeps the paper it comes from, so ``list_routers()`` can say where a method is from. A
 registry knows which moekit modules define its built-in entries and imports them on the first

@@ -44,7 +44,6 @@ from .observer import BlockCall, BlockObserver, Statistic
 from .pipeline import BUDGETS, PROPAGATIONS, CompressionSpec, calibrate, merge_moekit_model, run_pipeline
 from .recovery import recover
 from .weights import EXPERT_KINDS, ExpertLayerWeights, LayerMergeResult, RoutingSpec
-from . import statistics as _statistics  # noqa: F401  (registers the built-in statistics)
 
 __all__ = [
     "ExpertLayerWeights",

@@ -192,10 +192,10 @@ class _Run:
 
     def __init__(
         self, stack: LayerStack, spec: CompressionSpec, *, source: WeightSource, work: Work,
-        writer: Any = None, verify_rows: int = 0, quiet: bool = True,
+        writer: Any = None, verify: Any = None, quiet: bool = True,
     ) -> None:  # fmt: skip
         self.stack, self.spec, self.source, self.work, self.writer = stack, spec, source, work, writer
-        self.quiet, self.verify_rows = quiet, verify_rows
+        self.quiet, self.verify = quiet, verify
         self.method: ExpertMethod = create_method(spec.method, **dict(spec.method_options))
         self.blocks = _find_blocks(stack)
         self.reduced = _check_request(spec, self.blocks, stack)
@@ -249,6 +249,9 @@ class _Run:
             first.put(b, hidden)
             self.contexts.append(context)
             self.valid.append(self.stack.valid_tokens(batch))
+        if self.verify is not None:  # a few tokens that go through the compressed units, to check the output
+            hidden, self.verify_context = self.stack.prepare(self.verify)
+            self.work.hidden("verify/0").put(0, hidden)
         self.source.release(self.stack, self.stack.context_modules())
         self.num_batches = len(batches)
 
@@ -257,9 +260,23 @@ class _Run:
         self.prepare(batches)
         stats = self.observe(self._observe_specs(), self.reduced) if self._needs_observe() else {}
         counts = self._allocate(stats)
+        if self.writer is not None:
+            self.writer.write_trunk()
         self._compress(stats, counts)
         self.stack.finish(self.spec.form, self._record(counts))
-        return {"layers": self.layers, "seconds": time.perf_counter() - start}
+        report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start}
+        if self.verify is not None:
+            report["expected_logits"] = self._verify_logits()
+        return report
+
+    def _verify_logits(self) -> Tensor:
+        """The compressed model's logits on the verification tokens (computed unit by unit)."""
+        hidden = self.work.hidden(f"verify/{len(self.units)}").get(0)
+        self.source.load(self.stack, self.stack.head_modules())
+        with torch.no_grad():
+            logits = self.stack.logits(hidden, self.verify_context).detach().float().clone()
+        self.source.release(self.stack, self.stack.head_modules())
+        return logits
 
     def _needs_observe(self) -> bool:
         if not self.reduced or self.spec.experts is None:
@@ -325,12 +342,18 @@ class _Run:
                     self._reduce(block_name, unit_stats[block_name], counts[block_name])
                 if carry and not last:
                     self._pass(i, inputs, None, self.work.hidden(f"compress/{i + 1}"))
+                if self.verify is not None:
+                    with torch.no_grad():
+                        out = self.stack.run(i, self.work.hidden(f"verify/{i}").get(0), self.verify_context)
+                    self.work.hidden(f"verify/{i + 1}").put(0, out)
                 if self.writer is not None:
                     self.writer.write_unit(i, name, self.stack.unit(name))
                 self.source.release(self.stack, [name])
                 self._save_state(phase="compress", unit=i + 1)
                 if carry and i > 0:
                     self.work.drop_hidden(f"compress/{i}")
+                if self.verify is not None:
+                    self.work.drop_hidden(f"verify/{i}")
                 bar.step(name or "model")
 
     def _reduce(self, name: str, stats: BlockStats, G: int) -> None:
@@ -359,11 +382,17 @@ def run_pipeline(
     source: WeightSource | None = None,
     work: Work | None = None,
     writer: Any = None,
+    verify: Any = None,
     quiet: bool = True,
 ) -> dict[str, Any]:
     """Compress ``stack.model`` (in place) on calibration ``batches``; returns a report
-    (``layers``: per reduced block its expert count and router outputs)."""
-    run = _Run(stack, spec, source=source or WeightSource(), work=work or MemoryWork(), writer=writer, quiet=quiet)
+    (``layers``: per reduced block its expert count and router outputs; ``counts``: experts per
+    block; with a ``verify`` batch, ``expected_logits``: the compressed model's logits on it).
+
+    ``source`` gives units their weights, ``work`` stores what flows between units (and progress,
+    for resume), ``writer`` receives every finished unit (``write_trunk``, ``write_unit``)."""
+    run = _Run(stack, spec, source=source or WeightSource(), work=work or MemoryWork(), writer=writer, verify=verify,
+               quiet=quiet)  # fmt: skip
     return run.run(list(batches))
 
 

@@ -28,7 +28,7 @@ from .base import family_for
 from .moekit_only import clear_moekit_only, mark_moekit_only
 from .stack import MERGE_CONFIG_KEY
 
-__all__ = ["save_hf_model", "load_hf_model", "exact_layout_class"]
+__all__ = ["save_hf_model", "load_hf_model", "layout_class", "architecture", "needs_moekit_layout"]
 
 
 def save_hf_model(
@@ -49,7 +49,7 @@ def save_hf_model(
     return directory
 
 
-def exact_layout_class(cls: type) -> type:
+def layout_class(cls: type) -> type:
     """A subclass of the architecture ``cls`` (same name) that builds the exact merged layout recorded
     in ``config.moekit_merge`` before weights are loaded."""
 
@@ -70,7 +70,8 @@ def exact_layout_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
-def _architecture(config: Any) -> type:
+def architecture(config: Any) -> type:
+    """The transformers class named by ``config.architectures``."""
     import transformers
 
     names = getattr(config, "architectures", None) or []
@@ -79,6 +80,12 @@ def _architecture(config: Any) -> type:
         if cls is not None:
             return cls
     raise ValueError(f"config.architectures={names!r} names no transformers model class")
+
+
+def needs_moekit_layout(config: Any) -> bool:
+    """Whether the checkpoint's blocks differ from what its stock config builds (exact form)."""
+    merge = getattr(config, MERGE_CONFIG_KEY, None)
+    return isinstance(merge, dict) and merge.get("form") == "exact"
 
 
 def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: Any) -> nn.Module:
@@ -95,11 +102,10 @@ def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: A
         raise FileNotFoundError(f"model directory {str(directory)!r} has no config.json")
     config = clear_moekit_only(AutoConfig.from_pretrained(directory))
     family_for(config)
-    cls = _architecture(config)
-    merge = getattr(config, MERGE_CONFIG_KEY, None)
-    if not (isinstance(merge, dict) and merge.get("form") == "exact"):
+    cls = architecture(config)
+    if not needs_moekit_layout(config):
         return cls.from_pretrained(directory, config=config, **from_pretrained_kwargs)
-    model, info = exact_layout_class(cls).from_pretrained(
+    model, info = layout_class(cls).from_pretrained(
         directory, config=config, output_loading_info=True, **from_pretrained_kwargs
     )
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

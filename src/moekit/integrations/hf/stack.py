@@ -151,12 +151,14 @@ class DecoderStack(_HFRecord, LayerStack):
 
 
 class HFWholeModelStack(_HFRecord, WholeModelStack):
-    """A Hugging Face model as one unit (encoder-decoder families, or a custom ``forward``)."""
+    """A Hugging Face model as one unit (encoder-decoder families, or a custom ``forward``); the
+    unit's output is the model's logits."""
 
     uniform_plain = True
 
-    def logits(self, hidden: Any, context: Any) -> Tensor:
-        return hidden.logits
+    def run(self, index: int, hidden: Any, context: Any) -> Any:
+        out = super().run(index, hidden, context)
+        return getattr(out, "logits", out)
 
 
 def _inputs(batch: Any) -> dict[str, Tensor]:

@@ -1,0 +1,233 @@
+"""Compress a checkpoint larger than memory: the pipeline streamed unit by unit from disk.
+
+``compress_checkpoint(src, out, batches, spec)`` opens ``src`` lazily (a moekit checkpoint or a
+Hugging Face model directory of a registered family), builds the model as an empty skeleton on the
+meta device, and runs ``moekit.merging.pipeline`` with
+
+* a ``WeightSource`` that reads one unit's tensors from the safetensors files when the unit is
+  processed and frees them after (decoder layers; an encoder-decoder model is one unit, so it must
+  fit in memory);
+* ``DiskWork``: hidden states, statistics and progress as files in the run directory (one batch
+  resident at a time; the page cache, not the process, holds the rest);
+* a writer that puts each finished unit into the output shards at once.
+
+Memory model: resident memory ~ the process's start (Python, torch, transformers) + the largest
+unit being processed (its tensors, the reduced copy, float64 merge temporaries: about
+``MEMORY_FACTOR`` x its bytes) + one batch of activations; ``max_memory`` is checked against that
+estimate before anything runs (default: half of the memory the kernel reports as available).
+
+The run directory (``moekit.merging.resume.RunDirectory``) becomes ``out`` only when everything is
+written and checked: the writer's output is opened again like a loader would (every tensor of the
+output model present with its shape, nothing extra, no NaN/Inf) and run on a few calibration tokens,
+whose logits must match the ones the pipeline computed in memory. ``resume=True`` continues an
+interrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import read_config_json
+from ..reporting import write_json
+from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
+from .pipeline import CompressionSpec, WeightSource, run_pipeline
+from .resume import DiskWork, RunDirectory, tensor_digest
+from .shards import tensor_sizes
+from .stack import LayerStack
+
+__all__ = ["compress_checkpoint", "open_checkpoint", "Opened", "stream_logits", "check_output", "MEMORY_FACTOR",
+           "REPORT_NAME"]  # fmt: skip
+
+#: resident bytes per byte of the largest unit while it is reduced (tensors, reduced copy, fp64 temporaries)
+MEMORY_FACTOR = 4.0
+REPORT_NAME = "compress_report.json"
+
+
+@dataclass
+class Opened:
+    """A checkpoint opened for streaming: its layer stack (on a meta skeleton), the source of its
+    tensors, and the bytes of each unit's tensors (``unit_bytes``) and of the rest (``other_bytes``)."""
+
+    kind: str
+    directory: Path
+    stack: LayerStack
+    source: Any
+    unit_bytes: list[int]
+    other_bytes: int
+    meta: dict[str, Any]
+
+    def writer(self, directory: Path) -> Any:
+        if self.kind == "moekit":
+            from .moekit_checkpoint import MoekitWriter
+
+            return MoekitWriter(directory, self.source, self.stack.units(), self.meta)
+        from ..integrations.hf.checkpoint import HFShardWriter
+
+        return HFShardWriter(directory, self.source, self.stack.units())
+
+    def finish(self, writer: Any, report: dict[str, Any]) -> None:
+        if self.kind == "moekit":
+            writer.finish(self.stack.model, report["layers"])
+        else:
+            writer.finish(self.stack.model)
+
+
+def open_checkpoint(directory: str | Path) -> Opened:
+    """Open ``directory`` (moekit checkpoint or Hugging Face model directory) for streaming."""
+    directory = Path(directory)
+    meta = read_config_json(directory, what="input")
+    if not isinstance(meta, dict) or (meta.get("format") != "moekit" and "model_type" not in meta):
+        raise ValueError(f"{str(directory / 'config.json')!r} is neither a moekit checkpoint config nor a Hugging Face model config")
+    if meta.get("format") == "moekit":
+        return _open_moekit(directory)
+    return _open_hf(directory, meta)
+
+
+def _open_moekit(directory: Path) -> Opened:
+    from .moekit_checkpoint import MoekitCheckpointSource, moekit_skeleton
+    from .pipeline import moekit_stack
+
+    model, meta = moekit_skeleton(directory)
+    source = MoekitCheckpointSource(directory, model)
+    return _opened("moekit", directory, moekit_stack(model), source, tensor_sizes(source.path), meta)
+
+
+def _open_hf(directory: Path, meta: dict[str, Any]) -> Opened:
+    from ..integrations.hf.checkpoint import HFCheckpoint, HFCheckpointSource
+    from ..integrations.hf.stack import hf_stack
+
+    checkpoint = HFCheckpoint(directory)
+    model = checkpoint.skeleton()
+    stack = hf_stack(model)
+    return _opened("huggingface", directory, stack, HFCheckpointSource(checkpoint, model), checkpoint.tensor_bytes(), meta)
+
+
+def _opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: dict[str, int], meta: dict[str, Any]) -> Opened:
+    units = stack.units()
+    unit_bytes = [sum(sizes[k] for k in source.disk_keys(u)) for u in units]
+    return Opened(kind, directory, stack, source, unit_bytes, sum(sizes.values()) - sum(unit_bytes), meta)
+
+
+def plan_memory(opened: Opened, max_memory: int | None) -> dict[str, int]:
+    """The memory budget and the estimate of what the run needs; ValueError if it cannot fit."""
+    now = rss_bytes() or peak_rss_bytes()
+    budget = max_memory if max_memory is not None else int(0.5 * (available_bytes() or 8 * 2**30))
+    largest = max(opened.unit_bytes + [opened.other_bytes])
+    need = now + int(MEMORY_FACTOR * largest)
+    if need > budget:
+        raise ValueError(
+            f"--max-memory {format_size(budget)} is too small: this process uses {format_size(now)} and the largest "
+            f"unit of {str(opened.directory)!r} ({format_size(largest)} of tensors) needs about "
+            f"{format_size(MEMORY_FACTOR * largest)} while it is compressed; give at least {format_size(need)}"
+        )
+    return {"max_memory": budget, "estimate": need, "start_rss": now, "largest_unit": largest}
+
+
+def _first_rows(batch: Any, rows: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[:rows]
+    if isinstance(batch, dict):
+        return {k: v[:rows] for k, v in batch.items()}
+    raise TypeError(f"a calibration batch must be a tensor or a dict of tensors, got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def stream_logits(opened: Opened, batch: Any) -> Tensor:
+    """The checkpoint's logits on ``batch``, loading one unit at a time."""
+    stack, source = opened.stack, opened.source
+    source.load(stack, stack.context_modules())
+    hidden, context = stack.prepare(batch)
+    source.release(stack, stack.context_modules())
+    for i, name in enumerate(stack.units()):
+        source.load(stack, [name])
+        hidden = stack.run(i, hidden, context)
+        source.release(stack, [name])
+    source.load(stack, stack.head_modules())
+    logits = stack.logits(hidden, context).float().clone()
+    source.release(stack, stack.head_modules())
+    return logits
+
+
+def check_output(directory: Path, batch: Any, expected: Tensor) -> dict[str, Any]:
+    """Open the written checkpoint as a loader would, run it on ``batch`` and compare with ``expected``."""
+    opened = open_checkpoint(directory)
+    logits = stream_logits(opened, batch)
+    unused = opened.source.unused_keys()
+    if unused:
+        raise ValueError(f"the written checkpoint holds tensors its model does not use: {unused[:8]}")
+    if logits.shape != expected.shape:
+        raise ValueError(f"the written checkpoint gives logits {tuple(logits.shape)}, expected {tuple(expected.shape)}")
+    diff = float((logits - expected).abs().max()) if logits.numel() else 0.0
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if not diff <= 1e-4 * (1.0 + scale):
+        raise ValueError(f"the written checkpoint's logits differ from the compressed model's by {diff:.3g}")
+    return {"max_abs_logit_diff": diff, "tokens": int(expected.shape[0] * expected.shape[1]) if expected.dim() > 2 else int(expected.shape[0])}
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+
+
+def compress_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    batches: Sequence[Any],
+    spec: CompressionSpec,
+    *,
+    max_memory: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    verify_rows: int = 2,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress the checkpoint ``src`` into ``out``, streamed (see the module docstring).
+
+    Args:
+        src: moekit checkpoint or Hugging Face model directory (only read).
+        out: output directory (must not exist unless ``overwrite``).
+        batches: calibration batches (token ids ``[B, S]``, or dicts with ``input_ids`` / ``attention_mask``).
+        spec: what to do (``CompressionSpec``).
+        max_memory: bound on the process's resident memory in bytes (checked before the run).
+        resume: continue an interrupted run of the same command.
+        verify_rows: calibration rows whose logits check the written output.
+        settings: other settings that determine the result (recorded, and compared on resume).
+
+    Returns the report (also written to ``out/compress_report.json``).
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"--out {str(out)!r} overlaps the input {str(src)!r}; the input is never modified")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no calibration batches given")
+    opened = open_checkpoint(src)
+    memory = plan_memory(opened, max_memory)
+    tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, dict) else [batch])]
+    run_settings = {"input": str(a), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
+    run_dir = RunDirectory(out, run_settings, resume=resume, overwrite=overwrite)
+    writer = opened.writer(run_dir.path)
+    verify = _first_rows(batches[0], verify_rows)
+    report = run_pipeline(opened.stack, batches, spec, source=opened.source, work=DiskWork(run_dir.work),
+                          writer=writer, verify=verify, quiet=quiet)  # fmt: skip
+    opened.finish(writer, report)
+    check = check_output(run_dir.path, verify, report.pop("expected_logits"))
+    result = {
+        "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
+        "layers": report["layers"], "experts_per_block": report["counts"], "resumed": run_dir.resumed,
+        "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
+        "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
+        "seconds": round(time.perf_counter() - start, 3), **(settings or {}),
+    }  # fmt: skip
+    write_json(run_dir.path / REPORT_NAME, result)
+    run_dir.publish(overwrite)
+    return json.loads((out / REPORT_NAME).read_text())
