@@ -91,3 +91,20 @@ def test_report_command_user_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "x.json").write_text("{}")
     assert main(["report", str(tmp_path / "x.json")]) == 2
     assert "not a moekit results file" in capsys.readouterr().err
+
+
+def test_table_section_renders_any_json(tmp_path: Path) -> None:
+    bench = {"rows": [{"gate": "comet", "speed": {"x": 10.078}}, {"gate": "dselect", "speed": {"x": 10.5}}],
+             "cases": {"a": {"ms": 1.5}, "b": {"ms": 2.25}}}  # fmt: skip
+    write_json(tmp_path / "bench.json", bench)
+    page = tmp_path / "bench.md"
+    page.write_text("<!-- moekit:generated source=bench.json section=table rows=rows columns=gate,speed.x format=.3g -->\n"
+                    f"{CLOSE}\n<!-- moekit:generated source=bench.json section=table rows=cases columns=key,ms -->\n"
+                    f"{CLOSE}\n")  # fmt: skip
+    update_document(page)
+    text = page.read_text()
+    assert "| gate | speed.x |\n|---|---|\n| comet | 10.1 |\n| dselect | 10.5 |\n" in text
+    assert "| key | ms |\n|---|---|\n| a | 1.5 |\n| b | 2.25 |\n" in text
+    page.write_text(f"<!-- moekit:generated source=bench.json section=table rows=rows columns=gate,nope -->\n{CLOSE}\n")
+    with pytest.raises(ValueError, match="columns='nope': no key 'nope'"):
+        update_document(page)

@@ -11,6 +11,12 @@ A block in a markdown file::
 experiment that wrote the JSON (its ``"experiment"`` key); any other ``key=value`` is passed to the
 renderer (e.g. ``images=img/smear``: figures are written there and linked from the block).
 
+``section=table`` works on any JSON (a benchmark's, say): ``rows=`` is the dotted path to a list of
+objects (or to an object of objects: its keys become a ``key`` column) and ``columns=`` the
+comma-separated dotted paths to show (``format=`` for numbers, default ``.4g``)::
+
+    <!-- moekit:generated source=../benchmarks/results/bench_comet.json section=table rows=rows columns=gate,speedup -->
+
 A renderer module (one per experiment, see ``RENDERERS``) defines
 
 * ``SECTIONS: dict[str, Callable[[dict, ...], str]]``: ``section(results, **options) -> markdown``;
@@ -39,6 +45,7 @@ __all__ = [
     "Block",
     "find_blocks",
     "load_results",
+    "json_table",
     "renderer",
     "render_section",
     "regenerate",
@@ -96,8 +103,9 @@ def find_blocks(text: str, *, where: str = "document") -> list[Block]:
     return blocks
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """A results JSON written by an experiment (it must name its ``"experiment"``)."""
+def load_results(path: str | Path, *, experiment: bool = True) -> dict[str, Any]:
+    """A JSON object from ``path``; with ``experiment``, one written by an experiment (it names its
+    ``"experiment"``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist")
@@ -105,9 +113,32 @@ def load_results(path: str | Path) -> dict[str, Any]:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(results, dict) or "experiment" not in results:
+    if not isinstance(results, dict) or (experiment and "experiment" not in results):
         raise ValueError(f"{str(path)!r} is not a moekit results file (no 'experiment' key)")
     return results
+
+
+def _at(value: Any, path: str, what: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            have = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ValueError(f"{what}={path!r}: no key {key!r} in the JSON (have {have})")
+        value = value[key]
+    return value
+
+
+def json_table(data: Mapping[str, Any], *, rows: str, columns: str, format: str = ".4g") -> str:
+    """A markdown table of the objects at dotted path ``rows`` of ``data`` (a list of objects, or an object
+    of objects whose keys become a ``key`` column), one column per dotted path of ``columns``."""
+    from .reporting import markdown_table
+
+    value = _at(data, rows, "rows")
+    if isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values()):
+        value = [{"key": k, **v} for k, v in value.items()]
+    if not isinstance(value, list) or not all(isinstance(r, Mapping) for r in value):
+        raise ValueError(f"rows={rows!r} is neither a list of objects nor an object of objects")
+    keys = columns.split(",")
+    return markdown_table(keys, [[_at(r, k, "columns") for k in keys] for r in value], floatfmt=format)
 
 
 def renderer(results: Mapping[str, Any]) -> ModuleType:
@@ -120,9 +151,12 @@ def renderer(results: Mapping[str, Any]) -> ModuleType:
 
 def render_section(results: Mapping[str, Any], section: str, **options: str) -> str:
     """The markdown of one section, ending with a newline."""
+    if section == "table":
+        return json_table(results, **options)
     sections: Mapping[str, Callable[..., str]] = renderer(results).SECTIONS
     if section not in sections:
-        raise ValueError(f"experiment {results['experiment']!r} has no section {section!r}; sections: {sorted(sections)}")
+        known = sorted(sections)
+        raise ValueError(f"experiment {results['experiment']!r} has no section {section!r}; sections: {known}")
     text = sections[section](results, **options)
     return text if text.endswith("\n") else text + "\n"
 
@@ -147,7 +181,7 @@ def regenerate(
         body = text[block.start : block.end]
         if wanted is None or source == wanted:
             if source not in cache:
-                cache[source] = load_results(source)
+                cache[source] = load_results(source, experiment=block.section != "table")
             new = render_section(cache[source], block.section, **block.options)
             if new != body:
                 changed.append(block)

@@ -49,8 +49,10 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(doc).is_file():
             raise FileNotFoundError(f"--doc {doc!r} does not exist")
     say = (lambda m: None) if args.quiet else print
-    results = load_results(args.results) if args.results is not None else None
-    if results is not None and (args.out is not None or not args.doc):
+    if args.results is not None and not Path(args.results).is_file():
+        raise FileNotFoundError(f"results file {args.results!r} does not exist")
+    if args.results is not None and (args.out is not None or not args.doc):
+        results = load_results(args.results)
         out = Path(args.out or f"{RUNS_ROOT}/report/{results['experiment']}")
         module = renderer(results)
         with report_directory(out) as stage:

@@ -243,8 +243,9 @@ def run_trial(data: MultiTaskSplit, gate: str, hp: dict[str, float], spec: Datas
     steps_per_epoch = math.ceil(data.x_train.shape[0] / cfg.batch_size)
     learn_steps = max(1, round(hp.get("local_search_fraction", 0.0) * steps_per_epoch * cfg.epochs))
     num_keys = int(ids["test"][-1]) + 1
+    # the same random expert per example for every task gate (one hash table per replicate)
     gates = [build_gate(gate, hp, dim=data.num_features, spec=spec, num_keys=num_keys, learn_steps=learn_steps,
-                        seed=hash_seed) for _ in data.tasks]  # one random expert per example, for every task  # fmt: skip
+                        seed=hash_seed) for _ in data.tasks]  # fmt: skip
     model = MultiGateMoE(data.num_features, data.tasks, num_experts=spec.num_experts, expert_dim=cfg.expert_dim,
                          expert_hidden=cfg.expert_hidden, tower_hidden=cfg.tower_hidden, gates=gates)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])

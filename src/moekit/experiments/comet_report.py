@@ -227,14 +227,15 @@ def _scores_cell(scores: Sequence[float | None], scale: float, spec: str) -> str
     if not vals:
         return "—"
     missing = len(scores) - len(vals)
-    return cell(mean_interval(vals), scale=scale, spec=spec) + (f" ({missing} replicate(s) without one)" if missing else "")
+    note = f" ({missing} replicate(s) without one)" if missing else ""
+    return cell(mean_interval(vals), scale=scale, spec=spec) + note
 
 
 def _comparisons(results: Mapping[str, Any], **_: str) -> str:
     checked = claims(results)
     text = ("The paper's claims, each from differences paired by replicate (same data, same hyperparameter "
             "draws):\n\n")  # fmt: skip
-    text += claims_table(checked, smoke=is_smoke(results)) if checked else "(this run lacks the gates the claims need)\n"
+    text += claims_table(checked, smoke=is_smoke(results)) if checked else "(this run lacks the claims' gates)\n"
     rows = []
     for name, d in results["datasets"].items():
         for base in ("topk", "hash", "dselect", "comet"):
@@ -242,7 +243,8 @@ def _comparisons(results: Mapping[str, Any], **_: str) -> str:
             if band_plain is None or band_plus is None:
                 continue
             N = len(band_plain[0])
-            m_plus, m_plain = trials_to_match(band_plus[0], band_plain[0][-1]), trials_to_match(band_plain[0], band_plus[0][-1])
+            m_plus = trials_to_match(band_plus[0], band_plain[0][-1])
+            m_plain = trials_to_match(band_plain[0], band_plus[0][-1])
             rows.append([name, base, f"{band_plain[0][0]:.4f}", f"{band_plus[0][0]:.4f}", f"{band_plain[0][-1]:.4f}",
                          f"{band_plus[0][-1]:.4f}", "never" if m_plus is None else f"{m_plus} of {N}",
                          "never" if m_plain is None else f"{m_plain} of {N}"])  # fmt: skip
@@ -339,16 +341,18 @@ def _plot_curves(results: Mapping[str, Any], path: Path) -> None:
             if band is None:
                 continue
             m = np.arange(1, len(band[0]) + 1)
-            ax.plot(m, band[0], color=colour, label=f"{gate}: mean over replicates")
-            ax.fill_between(m, band[1], band[2], color=colour, alpha=0.25, label=f"{gate}: 95% bootstrap band")
+            ax.plot(m, band[0], color=colour, label=gate)
+            ax.fill_between(m, band[1], band[2], color=colour, alpha=0.25, label=f"{gate} 95% band")
         ax.set_title(f"{name}: {base}", fontsize=10)
         ax.set_xlabel("random-search trials m")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("E[best validation loss]")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(plot_title(results, "tuning curves: expected best validation loss after m trials (lower is better)"))
+    fig.suptitle(plot_title(results, "tuning curves: expected best validation loss after m trials, mean over "
+                                     "replicates (lower is better); bands: 95% bootstrap over trials"))
     save_figure(fig, path)
 
 

@@ -94,7 +94,8 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
         f"{len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}); each draws a new train/test split and a new "
         f"initialisation. Data: {data['name']} ({data['num_train']} training / {data['num_test']} test images of "
         f"{size}, {data['num_classes']} classes). Model: a CIFAR-style ResNet-18 of width {cfg['width']}; the MoE "
-        f"replaces stage {' or '.join(map(str, cfg['positions']))} with E = {' or '.join(map(str, cfg['num_experts']))} "
+        f"replaces stage {' or '.join(map(str, cfg['positions']))} with "
+        f"E = {' or '.join(map(str, cfg['num_experts']))} "
         f"narrow copies of the stage (inner width {cfg['expert_ratio']}x), a GAP-FC gate, top-{cfg['k']} per image, "
         f"residual = {cfg['residual']}. Training: AdamW, lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} "
         f"epochs ({steps} optimiser steps), no augmentation. Soft constraints add their loss with weight "
@@ -235,7 +236,7 @@ def _plot_claims(results: Mapping[str, Any], path: Path) -> None:
         ax.set_yticks(range(len(seeds)), [f"seed {s}" for s in seeds], fontsize=8)
         unit = " (points)" if scale == 100 else ""
         ax.set_xlabel(f"{METRICS[metric][0]}{unit}: {a} - {b}")
-        ax.set_title(f"claim: {claimed} ({a} {'higher' if claimed == 'positive' else 'lower'})", fontsize=9)
+        ax.set_title(f"claim: {statement.split(' (')[0]}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(plot_title(results, "the paper's claims: differences paired by seed"))
@@ -308,7 +309,7 @@ def _plot_tables(results: Mapping[str, Any], key: str, path: Path) -> None:
     cols = min(4, len(runs))
     rows = math.ceil(len(runs) / cols)
     first = np.array(runs[0]["plots"][key], dtype=float)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, (0.34 * first.shape[0] + 1.4) * rows),
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, max(3.4, 0.34 * first.shape[0] + 1.4) * rows),
                              squeeze=False, layout="constrained")  # fmt: skip
     class_names = results["data"]["class_names"]
     for ax, r in zip(axes.flat, runs):
@@ -322,7 +323,7 @@ def _plot_tables(results: Mapping[str, Any], key: str, path: Path) -> None:
         ax.set_xticks(range(table.shape[1]))
         ax.set_xlabel("expert")
         if key == "class_table":
-            ax.set_yticks(range(table.shape[0]), class_names[: table.shape[0]] if class_names else range(table.shape[0]))
+            ax.set_yticks(range(table.shape[0]), class_names[: table.shape[0]] or range(table.shape[0]))
             ax.set_ylabel("class")
             label = "mean gate weight"
         else:

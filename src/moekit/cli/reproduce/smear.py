@@ -26,7 +26,7 @@ def register(experiments: Any) -> None:
     from ...experiments.smear import METHODS, SmearConfig
 
     p = experiments.add_parser(
-        "smear", help="SMEAR: merged-expert adapters vs tag/hash/top-1/estimators/merging/ensembles, multi-domain digits",
+        "smear", help="SMEAR: merged-expert adapters vs tag, hash, top-1, estimators, merging and ensembles",
         description="Adapters on a frozen CNN, routed per image, one expert per domain; every method of the SMEAR "
         "paper, several seeds (new split and backbone each), validation-based early stopping, paired 95% intervals "
         "against SMEAR. Methods: " + "; ".join(f"{m}: {d}" for m, d in METHODS.items()) + ".",
