@@ -46,11 +46,17 @@ def plot_title(results: Mapping[str, Any], title: str) -> str:
     return f"smoke run: {title}" if is_smoke(results) else title
 
 
+def _number(value: float, spec: str) -> str:
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0"
+
+
 def cell(interval: Interval, *, scale: float = 1.0, spec: str = ".1f") -> str:
     """``"85.7 [84.9, 86.5]"``, or ``"85.7 (n=1)"`` when no interval is defined."""
+    est = _number(interval.estimate * scale, spec)
     if not interval.defined:
-        return f"{format(interval.estimate * scale, spec)} (n={interval.n})"
-    return interval.format(spec, scale=scale)
+        return f"{est} (n={interval.n})"
+    return f"{est} [{_number(interval.low * scale, spec)}, {_number(interval.high * scale, spec)}]"
 
 
 def mean_cell(values: Sequence[float], *, scale: float = 1.0, spec: str = ".1f") -> str:

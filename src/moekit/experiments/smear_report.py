@@ -61,7 +61,7 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         return out
     for baseline, statement in CLAIMED_BASELINES.items():
         if baseline in by:
-            out.append(Claim(statement, paired(results, "smear", baseline, _accuracy), scale=100, spec=".1f",
+            out.append(Claim(statement, paired(results, "smear", baseline, _accuracy), scale=100, spec=".2f",
                              unit="points"))  # fmt: skip
     if "hash" in by:
         out.append(Claim("SMEAR's experts specialise by domain (domain-expert MI above hash routing's)",
