@@ -20,7 +20,7 @@ def test_demo_quick_writes_report(tmp_path, capsys, assert_pngs_readable) -> Non
     report = (out / "report.md").read_text()
     assert report.index("Smoke run") < report.index("## Results")
     assert "| configuration | test accuracy % [95% CI] | minus softmax (dense), points [95% CI] |" in report
-    assert "![expert utilisation](utilisation.png)" in report and "interval excludes 0" not in report
+    assert "![Expert utilisation](utilisation.png)" in report and "interval excludes 0" not in report
     results = json.loads((out / "results.json").read_text())
     assert results["experiment"] == "demo" and results["command"] == "moekit demo --quick --routers softmax,topk,hash --seeds 0,1"
     assert results["config"]["epochs"] == 2 and results["data"] == {"name": "sklearn digits", "train": 1347, "test": 450}

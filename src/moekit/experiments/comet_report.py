@@ -11,8 +11,18 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..confidence import Interval, mean_interval, paired_difference
-from ..reporting import atomic_write_text, markdown_table, save_figure
-from .report_common import Claim, cell, claims_table, command_block, is_smoke, plot_title, smoke_banner
+from ..reporting import markdown_table, save_figure
+from .report_common import (
+    Claim,
+    cell,
+    claims_table,
+    command_block,
+    figure_links,
+    is_smoke,
+    plot_title,
+    pyplot,
+    write_markdown_report,
+)
 
 __all__ = [
     "SECTIONS",
@@ -187,10 +197,6 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
     )
 
 
-def _command(results: Mapping[str, Any], **_: str) -> str:
-    return command_block(results)
-
-
 def _results(results: Mapping[str, Any], **_: str) -> str:
     cfg = results["config"]
     parts = []
@@ -296,13 +302,12 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    prefix = "" if images in (".", "") else images.rstrip("/") + "/"
-    return "\n".join(f"![{title}]({prefix}{name})\n" for name, title in _figure_list(results))
+    return figure_links(_figure_list(results), images)
 
 
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
-    "command": _command,
+    "command": command_block,
     "results": _results,
     "comparisons": _comparisons,
     "utilisation": _utilisation,
@@ -314,18 +319,9 @@ SECTIONS: dict[str, Callable[..., str]] = {
 # ---------------------------------------------------------------- figures
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_curves(results: Mapping[str, Any], path: Path) -> None:
     """One panel per (data set, base gate): plain and "+" curves with their bands."""
-    plt = _plt()
+    plt = pyplot()
     panels = []
     for name, d in results["datasets"].items():
         gates = list(d["replicates"][0]["trials"])
@@ -357,7 +353,7 @@ def _plot_curves(results: Mapping[str, Any], path: Path) -> None:
 
 
 def _plot_utilisation(results: Mapping[str, Any], name: str, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg, d = results["config"], results["datasets"][name]
     rep = d["replicates"][0]
     labels, rows = [], []
@@ -390,13 +386,10 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
     out = Path(out)
     write_figures(results, out)
-    parts = [
-        "# COMET: sparse gates and permutation local search on multi-task data\n",
-        smoke_banner(results),
-        f"Paper: {results['paper']}.\n",
-        "## Setup\n", _setup(results), "## Command\n", _command(results), "## Results\n", _results(results),
-        "## Against the paper's claims\n", _comparisons(results), "## Expert utilisation\n", _utilisation(results),
-        "## Time\n", _timing(results),
-        *[f"## {title}\n\n![{title}]({name})\n" for name, title in _figure_list(results)],
-    ]  # fmt: skip
-    return atomic_write_text(out / "report.md", "\n".join(p for p in parts if p))
+    return write_markdown_report(
+        results, out, title="COMET: sparse gates and permutation local search on multi-task data",
+        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
+                  ("Against the paper's claims", _comparisons), ("Expert utilisation", _utilisation),
+                  ("Time", _timing)],
+        figures=_figure_list(results),
+    )  # fmt: skip

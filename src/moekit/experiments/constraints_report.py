@@ -10,8 +10,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..confidence import Interval, mean_interval, paired_difference
-from ..reporting import atomic_write_text, markdown_table, save_figure
-from .report_common import Claim, cell, claims_table, command_block, is_smoke, mean_cell, plot_title, smoke_banner
+from ..reporting import markdown_table, save_figure
+from .report_common import (
+    Claim,
+    cell,
+    claims_table,
+    command_block,
+    figure_links,
+    is_smoke,
+    mean_cell,
+    plot_title,
+    pyplot,
+    write_markdown_report,
+)
 
 __all__ = ["SECTIONS", "group_runs", "kind_means", "claims", "write_figures", "write_report"]
 
@@ -106,10 +117,6 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
     )
 
 
-def _command(results: Mapping[str, Any], **_: str) -> str:
-    return command_block(results)
-
-
 def _results(results: Mapping[str, Any], **_: str) -> str:
     k = results["config"]["k"]
     groups = group_runs(results["runs"])
@@ -173,8 +180,7 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    prefix = "" if images in (".", "") else images.rstrip("/") + "/"
-    return "\n".join(f"![{title}]({prefix}{name})\n" for name, title in _figure_list(results))
+    return figure_links(_figure_list(results), images)
 
 
 def _timing(results: Mapping[str, Any], **_: str) -> str:
@@ -189,7 +195,7 @@ def _timing(results: Mapping[str, Any], **_: str) -> str:
 
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
-    "command": _command,
+    "command": command_block,
     "results": _results,
     "comparisons": _comparisons,
     "timing": _timing,
@@ -198,15 +204,6 @@ SECTIONS: dict[str, Callable[..., str]] = {
 
 
 # ---------------------------------------------------------------- figures
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _shown(results: Mapping[str, Any]) -> list[Run]:
@@ -218,7 +215,7 @@ def _shown(results: Mapping[str, Any]) -> list[Run]:
 
 
 def _plot_claims(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     runs, k = results["runs"], results["config"]["k"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), squeeze=False, layout="constrained")
     for ax, (statement, a, b, metric, claimed) in zip(axes.flat, CLAIMS):
@@ -244,7 +241,7 @@ def _plot_claims(results: Mapping[str, Any], path: Path) -> None:
 
 
 def _plot_k(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg, groups = results["config"], group_runs(results["runs"])
     P, N = cfg["positions"], cfg["num_experts"]
     dense = [r["accuracy"] for r in results["runs"] if r["constraint"] == "dense"]
@@ -277,7 +274,7 @@ def _plot_k(results: Mapping[str, Any], path: Path) -> None:
 
 
 def _plot_cv(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     cfg, groups = results["config"], group_runs(results["runs"])
     P, N, C = cfg["positions"], cfg["num_experts"], cfg["constraints"]
     fig, axes = plt.subplots(1, len(N), figsize=(5.0 * len(N), 3.6), squeeze=False, layout="constrained")
@@ -300,7 +297,7 @@ def _plot_cv(results: Mapping[str, Any], path: Path) -> None:
 
 def _plot_tables(results: Mapping[str, Any], key: str, path: Path) -> None:
     """Class x expert tables or co-activation matrices of the shown runs, a grid with one colour bar each."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     runs = [r for r in _shown(results) if r["plots"].get(key) is not None]
@@ -341,7 +338,7 @@ def _plot_tables(results: Mapping[str, Any], key: str, path: Path) -> None:
 
 
 def _plot_tsne(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     runs = [r for r in _shown(results) if r["plots"].get("tsne")]
     if not runs:
         return
@@ -385,13 +382,11 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
     out = Path(out)
     write_figures(results, out)
-    parts = [
-        "# Soft vs hard balancing constraints for MoE layers in CNNs\n",
-        smoke_banner(results),
-        f"Paper: {results['paper']}.\n",
-        "## Setup\n", _setup(results), "## Command\n", _command(results), "## Results per configuration\n",
-        _results(results), "## Against the paper's claims\n", _comparisons(results), "## Time\n", _timing(results),
-        *[f"## {title}\n\n![{title}]({name})\n" for name, title in _figure_list(results)],
-        "Saved models: `checkpoints/<run>` (first seed); `moekit analyze <this directory> --run <run>` analyses one.\n",
-    ]  # fmt: skip
-    return atomic_write_text(out / "report.md", "\n".join(p for p in parts if p))
+    return write_markdown_report(
+        results, out, title="Soft vs hard balancing constraints for MoE layers in CNNs",
+        sections=[("Setup", _setup), ("Command", command_block), ("Results per configuration", _results),
+                  ("Against the paper's claims", _comparisons), ("Time", _timing)],
+        figures=_figure_list(results),
+        footer="Saved models: `checkpoints/<run>` (first seed); `moekit analyze <this directory> --run <run>` "
+        "analyses one.\n",
+    )  # fmt: skip

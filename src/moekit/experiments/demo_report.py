@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..confidence import paired_difference
-from ..reporting import atomic_write_text, markdown_table, save_figure
+from ..reporting import markdown_table, save_figure
 from .demo import REFERENCE
-from .report_common import cell, command_block, is_smoke, mean_cell, plot_title, smoke_banner
+from .report_common import (
+    cell,
+    command_block,
+    figure_links,
+    is_smoke,
+    mean_cell,
+    plot_title,
+    pyplot,
+    write_markdown_report,
+)
 
 __all__ = ["SECTIONS", "runs_by_label", "write_figures", "write_report"]
 
@@ -42,10 +51,6 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
         f"{len(cfg['seeds'])} seed(s) ({', '.join(map(str, cfg['seeds']))}): each draws a new split and "
         "initialisation, shared by every configuration.\n"
     )
-
-
-def _command(results: Mapping[str, Any], **_: str) -> str:
-    return command_block(results)
 
 
 def _results(results: Mapping[str, Any], **_: str) -> str:
@@ -86,13 +91,12 @@ def _configurations(results: Mapping[str, Any], **_: str) -> str:
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    prefix = "" if images in (".", "") else images.rstrip("/") + "/"
-    return f"![expert utilisation]({prefix}utilisation.png)\n"
+    return figure_links([("utilisation.png", "expert utilisation")], images)
 
 
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
-    "command": _command,
+    "command": command_block,
     "results": _results,
     "configurations": _configurations,
     "figures": _figures,
@@ -101,12 +105,9 @@ SECTIONS: dict[str, Callable[..., str]] = {
 
 def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
     """``utilisation.png``: share of the test routing slots per expert, mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     by = runs_by_label(results)
     shares = []
     for rs in by.values():
@@ -132,9 +133,9 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     out = Path(out)
     write_figures(results, out)
-    parts = [
-        "# moekit demo: routers and balancing losses on scikit-learn digits\n", smoke_banner(results),
-        _setup(results), "## Command\n", _command(results), "## Results\n", _results(results),
-        "![expert utilisation](utilisation.png)\n", "## Configurations\n", _configurations(results),
-    ]  # fmt: skip
-    return atomic_write_text(out / "report.md", "\n".join(p for p in parts if p))
+    return write_markdown_report(
+        results, out, title="moekit demo: routers and balancing losses on scikit-learn digits",
+        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
+                  ("Configurations", _configurations)],
+        figures=[("utilisation.png", "Expert utilisation")],
+    )  # fmt: skip

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from ..confidence import Interval, mean_interval, verdict
-from ..reporting import markdown_table
+from ..reporting import atomic_write_text, markdown_table
 
 __all__ = [
     "SMOKE_BANNER",
@@ -24,6 +25,9 @@ __all__ = [
     "Claim",
     "claims_table",
     "command_block",
+    "figure_links",
+    "pyplot",
+    "write_markdown_report",
 ]
 
 SMOKE_BANNER = (
@@ -101,7 +105,7 @@ def claims_table(claims: Sequence[Claim], *, smoke: bool, measured: str = "measu
     return markdown_table(headers, rows) + note
 
 
-def command_block(results: Mapping[str, Any]) -> str:
+def command_block(results: Mapping[str, Any], **_: str) -> str:
     """The command that wrote the results, its environment and its wall-clock time."""
     env = results["environment"]
     versions = env.get("versions", {})
@@ -114,3 +118,34 @@ def command_block(results: Mapping[str, Any]) -> str:
         f"scikit-learn {versions.get('scikit-learn')}, moekit {versions.get('moekit')}; "
         f"{env['torch_threads']} torch thread(s) on {env['platform']}{took}.\n"
     )
+
+
+def figure_links(figures: Sequence[tuple[str, str]], images: str = ".") -> str:
+    """Markdown image links for ``(file name, title)`` pairs, relative to ``images``."""
+    prefix = "" if images in (".", "") else images.rstrip("/") + "/"
+    return "\n".join(f"![{title}]({prefix}{name})\n" for name, title in figures)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_markdown_report(results: Mapping[str, Any], out: str | Path, *, title: str,
+                          sections: Sequence[tuple[str, Callable[..., str]]], figures: Sequence[tuple[str, str]],
+                          footer: str = "") -> Path:  # fmt: skip
+    """A run's ``report.md``: the title, the smoke-run label, the paper, one ``## heading`` per
+    ``(heading, section)``, one per figure ``(file name, title)``, and ``footer``."""
+    parts = [f"# {title}\n", smoke_banner(results)]
+    if results.get("paper"):
+        parts.append(f"Paper: {results['paper']}.\n")
+    for heading, render in sections:
+        parts += [f"## {heading}\n", render(results)]
+    parts += [f"## {name}\n\n![{name}]({file})\n" for file, name in figures]
+    parts.append(footer)
+    return atomic_write_text(Path(out) / "report.md", "\n".join(p for p in parts if p))

@@ -9,8 +9,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..confidence import Interval, mean_interval, paired_difference
-from ..reporting import atomic_write_text, markdown_table, save_figure
-from .report_common import Claim, cell, claims_table, command_block, is_smoke, mean_cell, plot_title, smoke_banner
+from ..reporting import markdown_table, save_figure
+from .report_common import (
+    Claim,
+    cell,
+    claims_table,
+    command_block,
+    figure_links,
+    is_smoke,
+    mean_cell,
+    plot_title,
+    pyplot,
+    write_markdown_report,
+)
 
 __all__ = ["SECTIONS", "runs_by_method", "paired", "claims", "write_figures", "write_report"]
 
@@ -97,10 +108,6 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
     )
 
 
-def _command(results: Mapping[str, Any], **_: str) -> str:
-    return command_block(results)
-
-
 def _results(results: Mapping[str, Any], **_: str) -> str:
     by = runs_by_method(results)
     domains = results["data"]["domains"]
@@ -181,13 +188,12 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    prefix = "" if images in (".", "") else images.rstrip("/") + "/"
-    return "\n".join(f"![{title}]({prefix}{name})\n" for name, title in _figure_list(results))
+    return figure_links(_figure_list(results), images)
 
 
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
-    "command": _command,
+    "command": command_block,
     "results": _results,
     "comparisons": _comparisons,
     "timing": _timing,
@@ -198,17 +204,8 @@ SECTIONS: dict[str, Callable[..., str]] = {
 # ---------------------------------------------------------------- figures
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     by = runs_by_method(results)
     names = list(by)
     acc = [mean_interval([r["accuracy"] for r in by[m]]) for m in names]
@@ -248,7 +245,7 @@ def _interval_bars(ax: Any, ys: Sequence[int], intervals: Sequence[Interval], sc
 def _heatmap_grid(results: Mapping[str, Any], panels: Sequence[tuple[str, list[list[float]], float]], title: str,
                   path: Path) -> None:  # fmt: skip
     """A grid (at most 4 columns) of domain x expert routing tables with one labelled colour bar."""
-    plt = _plt()
+    plt = pyplot()
     domains = results["data"]["domains"]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -291,12 +288,9 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
     out = Path(out)
     write_figures(results, out)
-    parts = [
-        "# SMEAR: merged-expert adapters vs routing baselines (multi-domain digits)\n",
-        smoke_banner(results),
-        f"Paper: {results['paper']}.\n",
-        "## Setup\n", _setup(results), "## Command\n", _command(results), "## Results\n", _results(results),
-        "## Against the paper's claims\n", _comparisons(results), "## Time\n", _timing(results),
-        *[f"## {title}\n\n![{title}]({name})\n" for name, title in _figure_list(results)],
-    ]  # fmt: skip
-    return atomic_write_text(out / "report.md", "\n".join(p for p in parts if p))
+    return write_markdown_report(
+        results, out, title="SMEAR: merged-expert adapters vs routing baselines (multi-domain digits)",
+        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
+                  ("Against the paper's claims", _comparisons), ("Time", _timing)],
+        figures=_figure_list(results),
+    )  # fmt: skip
