@@ -115,7 +115,7 @@ def test_losses_and_training_errors() -> None:
     [
         (["demo", "--routers", "no_such_router", "--quick"], "no_such_router"),
         (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
-        (["demo", "--experts", "1", "--quick"], "num_experts must be >= 2, got 1"),
+        (["demo", "--experts", "1", "--quick"], "--experts must be >= 2, got 1"),
     ],
 )
 def test_cli_prints_one_line_error_and_exits_non_zero(argv: list[str], match: str, capsys, tmp_path) -> None:

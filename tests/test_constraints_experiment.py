@@ -9,31 +9,25 @@ from pathlib import Path
 import pytest
 
 from moekit.cli.main import main
+from moekit.experiments.common import without_timing
 from moekit.experiments.constraints import ConstraintsConfig, constraint_kind, run_constraints
+from moekit.experiments.constraints_report import claims, kind_means
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("constraints") / "run"
-    assert main(["reproduce", "constraints", "--quick", "--out", str(out)]) == 0
+    assert main(["reproduce", "constraints", "--quick", "--quiet", "--out", str(out)]) == 0
     return out
 
 
-def test_quick_run_writes_report_results_plots_and_checkpoints(quick_run: Path) -> None:
-    names = {p.name for p in quick_run.iterdir()}
-    assert {
-        "report.md",
-        "results.json",
-        "accuracy_vs_k.png",
-        "cv_importance.png",
-        "class_tables.png",
-        "tsne.png",
-        "checkpoints",
-    } <= names
+def test_quick_run_writes_report_results_plots_and_checkpoints(quick_run: Path, assert_pngs_readable) -> None:
     results = json.loads((quick_run / "results.json").read_text())
+    assert results["smoke_run"] and results["command"] == "moekit reproduce constraints --quick"
     cfg = ConstraintsConfig.quick()
     runs = {r["name"]: r for r in results["runs"]}
     assert set(runs) == {"dense-s0"} | {f"p4-E4-{c}-s0" for c in cfg.constraints}
+    assert set(results["timing"]["runs"]) == set(runs) and not any("train_seconds" in r for r in runs.values())
     for name, r in runs.items():
         assert (quick_run / r["checkpoint"] / "model.safetensors").is_file()
         assert 0.0 <= r["accuracy"] <= 1.0
@@ -41,9 +35,30 @@ def test_quick_run_writes_report_results_plots_and_checkpoints(quick_run: Path) 
             assert sorted(map(int, r["accuracy_vs_k"])) == [1, 2, 3, 4]
             assert r["accuracy_vs_k"]["2"] == pytest.approx(r["accuracy"])  # trained k = the routed model
             assert len(r["forced_expert_accuracy"]) == 4 and 1 <= r["living_experts"] <= 4
-    assert {"soft", "hard", "bias"} <= set(results["summary"])
+            assert len(r["plots"]["class_table"]) == 10 and len(r["plots"]["tsne"]) == len(r["plots"]["tsne_labels"])
     text = (quick_run / "report.md").read_text()
-    assert "| relative | hard | 4 | 4 |" in text and "Paper's claims" in text
+    assert "| relative | hard | 4 | 4 |" in text and "Smoke run: no verdicts." in text
+    assert text.index("Smoke run") < text.index("## Setup") and "supported" not in text
+    assert_pngs_readable(quick_run, expected=("claims.png", "accuracy_vs_k.png", "cv_importance.png",
+                                              "class_tables.png", "coactivation.png", "tsne.png"))  # fmt: skip
+
+
+def test_claims_pair_soft_and_hard_means_by_seed(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    soft = kind_means(results["runs"], "soft", "accuracy", 2)
+    hard = kind_means(results["runs"], "hard", "accuracy", 2)
+    by = {r["constraint"]: r["accuracy"] for r in results["runs"]}
+    assert soft == {0: pytest.approx((by["importance"] + by["kl_uniform"]) / 2)}
+    found = {c.statement: c for c in claims(results)}
+    assert len(found) == 4
+    accuracy = next(c for s, c in found.items() if s.startswith("hard constraints give higher accuracy"))
+    assert accuracy.difference.estimate == pytest.approx(100 * (hard[0] - soft[0]) / 100) and accuracy.scale == 100
+
+
+def test_same_config_gives_identical_results_except_timing() -> None:
+    cfg = replace(ConstraintsConfig.quick(), constraints=("importance", "mean"), num_train=96, num_test=60)
+    first, second = run_constraints(cfg), run_constraints(cfg)
+    assert json.dumps(without_timing(first), sort_keys=True) == json.dumps(without_timing(second), sort_keys=True)
 
 
 def test_analyze_reads_an_experiment_run(quick_run: Path, tmp_path: Path) -> None:
@@ -75,7 +90,7 @@ def test_constraint_kinds() -> None:
 )
 def test_bad_config_writes_nothing(tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        run_constraints(replace(ConstraintsConfig.quick(), **change), tmp_path / "out", quiet=True)
+        run_constraints(replace(ConstraintsConfig.quick(), **change), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -83,7 +98,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not an earlier report"):
-        run_constraints(ConstraintsConfig.quick(), tmp_path / "mine", quiet=True)
+        run_constraints(ConstraintsConfig.quick(), tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -99,5 +114,5 @@ def test_domain_metadata_gets_its_own_mutual_information() -> None:
     cfg = replace(ConstraintsConfig.quick(), data="domain-digits", num_train=96, num_test=120)
     data = load_images(cfg)
     assert set(data.meta_test["domain"].tolist()) == set(range(6))  # a random subset spans the domains
-    result, _, _ = run_one(cfg, data, constraint="mean", position=4, num_experts=4, seed=0)
+    result, _ = run_one(cfg, data, constraint="mean", position=4, num_experts=4, seed=0)
     assert set(result["nmi"]) == {"label", "domain"} and 0.0 <= result["nmi"]["domain"] <= 1.0

@@ -12,29 +12,39 @@ from moekit.models.classifier import MoEClassifier
 from moekit.training import TrainConfig, aux_loss, aux_terms, evaluate_classifier, train_classifier
 
 
-def test_demo_quick_writes_report(tmp_path, capsys) -> None:
+def test_demo_quick_writes_report(tmp_path, capsys, assert_pngs_readable) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--routers", "topk,hash", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--quiet", "--routers", "softmax,topk,hash", "--seeds", "0,1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| configuration |" in printed and f"report written to {out}/report.md" in printed
+    assert printed == f"report written to {out}/report.md\n"  # --quiet: only the final path
     report = (out / "report.md").read_text()
-    assert "| configuration | test accuracy | CV importance | CV counts | living experts | train s |" in report
-    assert "![expert utilisation](utilisation.png)" in report and "Best test accuracy" in report
+    assert report.index("Smoke run") < report.index("## Results")
+    assert "| configuration | test accuracy % [95% CI] | minus softmax (dense), points [95% CI] |" in report
+    assert "![Expert utilisation](utilisation.png)" in report and "interval excludes 0" not in report
     results = json.loads((out / "results.json").read_text())
-    assert {"config", "environment", "results"} <= set(results) and results["environment"]["torch"]
-    assert results["config"]["epochs"] == 2 and results["config"]["data"] == {"name": "sklearn digits", "train": 1347,
-                                                                             "test": 450}
-    rows = results["results"]
-    assert [r["label"] for r in rows] == ["top-2, no balancing", "top-2 + importance + load", "top-2 + aux-free bias",
-                                          "hash (example id)"]
+    assert results["experiment"] == "demo" and results["command"] == "moekit demo --quick --routers softmax,topk,hash --seeds 0,1"
+    assert results["config"]["epochs"] == 2 and results["data"] == {"name": "sklearn digits", "train": 1347, "test": 450}
+    rows = results["runs"]
+    labels = ["softmax (dense)", "top-2, no balancing", "top-2 + importance + load", "top-2 + aux-free bias",
+              "hash (example id)"]
+    assert [(r["label"], r["seed"]) for r in rows] == [(label, s) for s in (0, 1) for label in labels]
     for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0 and len(r["history"]) == 2
-        assert sum(r["tokens_per_expert"]) == (450 if r["router"] == "hash" else 900)  # k slots per test example
+        assert 0.0 <= r["accuracy"] <= 1.0 and len(r["history"]) == 2 and "seconds" not in r["history"][0]
+        assert sum(r["tokens_per_expert"]) == {"hash": 450, "softmax": 3600}.get(r["router"], 900)  # k slots per example
         assert 1 <= r["living_experts"] <= 8 and r["cv_counts"] >= 0
+        assert results["timing"]["runs"][f"{r['label']}/s{r['seed']}"]["train_s"] > 0
     assert rows[0]["accuracy"] > 0.7  # two epochs already learn the digits
-    assert "aux.importance" in rows[1]["history"][0] and "aux.load" in rows[1]["history"][0]
-    assert (out / "utilisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "aux.importance" in rows[2]["history"][0] and "aux.load" in rows[2]["history"][0]
+    assert_pngs_readable(out, expected=("utilisation.png",))
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_demo_is_deterministic_except_timing() -> None:
+    from moekit.experiments.common import without_timing
+    from moekit.experiments.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(routers=("topk", "expert_choice"), seeds=(3,), epochs=1)
+    assert json.dumps(without_timing(run_demo(cfg))) == json.dumps(without_timing(run_demo(cfg)))
 
 
 def test_digits_split_is_reproducible_and_standardised() -> None:

@@ -19,6 +19,7 @@ ROUTER_KWARGS: dict[str, dict] = {"hash": {"num_keys": 50}}
 ROUTER_META: dict[str, dict] = {
     "hash": {"token_ids": torch.arange(T) % 50},
     "tag": {"tag": torch.arange(T) % E},
+    "latent_skills": {"tag": torch.arange(T) % E},
 }
 
 

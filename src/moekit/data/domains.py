@@ -59,8 +59,9 @@ def load_domain_digits(
     """Digits in each of ``domains`` (1 channel, ``size x size``), standardised with one global mean
     and std of the training images (so domains keep their different statistics).
 
-    ``meta_train["domain"]`` / ``meta_test["domain"]`` hold the domain index (into ``domains``) and
-    ``meta_*["example_id"]`` a unique id per image (for hash routing).
+    ``meta_train["domain"]`` / ``meta_test["domain"]`` hold the domain index (into ``domains``),
+    ``meta_*["example_id"]`` a unique id per image (for hash routing) and ``meta_*["digit_id"]`` the
+    index of the source digit (shared by its renderings: hold out by it to keep a digit out of training).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -78,19 +79,19 @@ def load_domain_digits(
     idx_tr, idx_te = torch.tensor(idx_tr), torch.tensor(idx_te)
     rendered = [render_domain(base, d, seed=seed + i) for i, d in enumerate(domains)]
 
-    def gather(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def gather(idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = torch.cat([r[idx] for r in rendered])
         y = labels[idx].repeat(len(domains))
         dom = torch.arange(len(domains)).repeat_interleave(len(idx))
-        return x, y, dom
+        return x, y, dom, idx.repeat(len(domains))
 
-    x_tr, y_tr, d_tr = gather(idx_tr)
-    x_te, y_te, d_te = gather(idx_te)
+    x_tr, y_tr, d_tr, s_tr = gather(idx_tr)
+    x_te, y_te, d_te, s_te = gather(idx_te)
     mean, std = x_tr.mean(), x_tr.std().clamp_min(1e-3)
     n_tr = x_tr.shape[0]
     return ImageSplit(
         (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, 10, "domain-digits",
-        meta_train={"domain": d_tr, "example_id": torch.arange(n_tr)},
-        meta_test={"domain": d_te, "example_id": torch.arange(n_tr, n_tr + x_te.shape[0])},
+        meta_train={"domain": d_tr, "example_id": torch.arange(n_tr), "digit_id": s_tr},
+        meta_test={"domain": d_te, "example_id": torch.arange(n_tr, n_tr + x_te.shape[0]), "digit_id": s_te},
         class_names=tuple(str(i) for i in range(10)),
     )  # fmt: skip

@@ -64,6 +64,33 @@ class ImageSplit:
         )
 
 
+    def holdout(self, fraction: float, *, seed: int = 0, group: str | None = None) -> ImageSplit:
+        """A validation split carved out of the training part: an ``ImageSplit`` whose *train* part is the
+        remaining training images and whose *test* part is a random ``fraction`` of them (the validation
+        set; this split's test images are not used). With ``group`` (a ``meta_train`` key, e.g.
+        ``"digit_id"``), whole groups are held out, so no group is in both parts."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        gen = torch.Generator().manual_seed(seed)
+        if group is None:
+            ids = torch.arange(len(self.y_train))
+        elif group in self.meta_train:
+            ids = self.meta_train[group]
+        else:
+            raise ValueError(f"group {group!r} is not a training metadata key; keys: {sorted(self.meta_train)}")
+        groups = torch.unique(ids)
+        held = groups[torch.randperm(len(groups), generator=gen)[: max(1, round(fraction * len(groups)))]]
+        is_val = torch.isin(ids, held)
+        if bool(is_val.all()):
+            raise ValueError(f"fraction {fraction} of {len(groups)} groups leaves no training images")
+        val, fit = is_val.nonzero().squeeze(1), (~is_val).nonzero().squeeze(1)
+        return ImageSplit(
+            self.x_train[fit], self.y_train[fit], self.x_train[val], self.y_train[val], self.num_classes, self.name,
+            {k: v[fit] for k, v in self.meta_train.items()}, {k: v[val] for k, v in self.meta_train.items()},
+            self.class_names,
+        )  # fmt: skip
+
+
 def standardise_images(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel standardisation with the training set's mean and std."""
     x_train, x_test = x_train.float(), x_test.float()

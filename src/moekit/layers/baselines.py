@@ -35,6 +35,8 @@ ROUTED_METHODS: dict[str, str] = {
     "st_gumbel": "top-1 with straight-through Gumbel-softmax, temperature annealed",
     "reinforce": "top-1 sampled, REINFORCE with a learned baseline",
     "dselect": "DSelect-k with k=1 (smooth-step binary selector)",
+    "adamix": "AdaMix: a random expert per example in training, the average of all experts at inference",
+    "latent_skills": "Latent Skills (Polytropon): learned tag x expert weights, merged as in SMEAR",
     "ensemble": "every expert runs, outputs mixed by SMEAR's router (E x compute)",
     "dense_1x_compute": "one expert of the same size, no routing (SMEAR's compute)",
     "dense_1x_params": "one expert E times wider, no routing (SMEAR's parameter count)",
@@ -49,6 +51,8 @@ _SPARSE = {
     "reinforce": ("reinforce", True),
     "dselect": ("dselect", True),
 }
+#: parameter-averaging baselines: the registered dense router each one merges with
+_MERGED = {"adamix": "adamix", "latent_skills": "latent_skills"}
 _WIDTH_ARG = {"adapter": "bottleneck", "mlp": "hidden", "glu": "hidden"}
 
 
@@ -158,6 +162,10 @@ def build_routed_block(
         router = SMEARRouter(dim, E, **rkw, **kw)
         cls = SMEAR if method == "smear" else OutputEnsemble
         return cls(make_bank(E, width), router, **seg, **kw)
+    if method in _MERGED:
+        extra = {"key": tag_key} if method == "latent_skills" else {}
+        router = ROUTERS.create(_MERGED[method], dim=dim, num_experts=E, **{**extra, **rkw}, **kw)
+        return SMEAR(make_bank(E, width), router, **seg, **kw)
     name, learned = _SPARSE[method]
     if name not in ROUTERS:
         raise ValueError(f"method {method!r} needs the router {name!r}, which is not registered in this install "

@@ -7,6 +7,7 @@ from .dselect import DSelectKRouter
 from .estimators import ReinforceRouter, STGumbelRouter, reinforce_terms
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter, balanced_assignment
+from .merge_baselines import AdamixRouter, LatentSkillsRouter
 from .local_search import PermutationLocalSearch, hungarian, sinkhorn
 from .smear import SMEARRouter
 from .smooth_step import smooth_step, sparse_decision
@@ -35,6 +36,8 @@ __all__ = [
     "sinkhorn",
     "hungarian",
     "SMEARRouter",
+    "AdamixRouter",
+    "LatentSkillsRouter",
     "STGumbelRouter",
     "ReinforceRouter",
     "reinforce_terms",

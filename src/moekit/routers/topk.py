@@ -47,6 +47,9 @@ class TopKRouter(Router):
         renormalize: see above.
         capacity_factor: per-expert capacity as a multiple of ``T*k/E``; None = dropless.
         balancer: optional selection-only balancer (e.g. ``AuxFreeBias``).
+        expert_dropout: in training, each expert is unavailable to a token with this probability
+            (its probability zeroed and the rest renormalised before selection, as SMEAR's official
+            top-k baseline; a token keeps at least k experts).
     """
 
     def __init__(
@@ -59,11 +62,15 @@ class TopKRouter(Router):
         renormalize: bool = True,
         capacity_factor: float | None = None,
         balancer: Balancer | None = None,
+        expert_dropout: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(dim, num_experts, k, balancer=balancer, check_finite=check_finite)
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        self.expert_dropout = expert_dropout
         self.noisy = noisy
         self.renormalize = renormalize
         self.capacity_factor = check_capacity_factor(capacity_factor)
@@ -79,9 +86,10 @@ class TopKRouter(Router):
             std = F.softplus(self.noise(x_TD)) + 1e-2
             logits = clean + torch.randn_like(clean) * std
             load_prob = smooth_load_probability(clean, logits, std, self.k)
-        ids = self.selection_logits(logits).topk(self.k, dim=-1).indices
-        chosen = logits.gather(1, ids)
-        probs = torch.softmax(logits, dim=-1)
+        available = self._drop_experts(logits) if self.training and self.expert_dropout > 0 else logits
+        ids = self.selection_logits(available).topk(self.k, dim=-1).indices
+        chosen = available.gather(1, ids)
+        probs = torch.softmax(available, dim=-1)
         weights = torch.softmax(chosen, dim=-1) if self.renormalize else probs.gather(1, ids)
         decision = RoutingDecision(
             ids_TK=ids,
@@ -92,6 +100,13 @@ class TopKRouter(Router):
             load_prob_TE=load_prob,
         )
         return apply_capacity(decision, self.capacity_factor)
+
+    def _drop_experts(self, logits_TE: Tensor) -> Tensor:
+        """Logits with dropped experts at -inf (softmax = zeroed, renormalised probabilities); a token
+        left with fewer than k experts keeps all of them."""
+        keep = torch.rand_like(logits_TE) >= self.expert_dropout
+        keep |= (keep.sum(-1, keepdim=True) < self.k)
+        return logits_TE.masked_fill(~keep, float("-inf"))
 
 
 @ROUTERS.register("switch", paper="https://arxiv.org/abs/2101.03961", summary="Switch top-1, output scaled by its probability")
