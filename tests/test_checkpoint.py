@@ -24,7 +24,7 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_round_trip(tmp_path: Path) -> None:
     model, x = _model(), torch.randint(0, 256, (2, 16))
     path = save_checkpoint(model, tmp_path / "full")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [".moekit-output.json", "config.json", "model.safetensors"]
     meta = json.loads((path / "config.json").read_text())
     assert meta["model"] == "moe_lm" and meta["format"] == "moekit"
     torch.testing.assert_close(_logits(load_checkpoint(path), x), _logits(model, x))
@@ -96,7 +96,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     meta = json.loads(good_config)
     meta["config"]["hidden"] = 64
     config.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="do not match its config"):
+    with pytest.raises(ValueError, match=r"do not match its config \('moe_lm'\): tensors of another shape .*down_proj \(found \[8, 16, 32\], expected \[8, 16, 64\]\)"):
         load_checkpoint(path)
     config.unlink()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
@@ -200,3 +200,74 @@ def test_model_with_routed_adapters_and_a_trained_head(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
     assert all(p.requires_grad for p in loaded.head.parameters()) and not loaded.stem[0].weight.requires_grad
     torch.testing.assert_close(load_checkpoint(path, model=backbone()).eval()(x)[0], model(x)[0])
+
+
+def _edit(path: Path, change) -> None:
+    meta = json.loads((path / ckpt.CONFIG_NAME).read_text())
+    change(meta)
+    (path / ckpt.CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_configs_and_weights_that_would_be_silently_misread_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(_model(), tmp_path / "c")
+    good_config, good_weights = (path / ckpt.CONFIG_NAME).read_text(), (path / ckpt.WEIGHTS_NAME).read_bytes()
+    _edit(path, lambda m: m.update(version=ckpt.VERSION + 1))
+    with pytest.raises(ValueError, match=f"has format version {ckpt.VERSION + 1}, newer than this moekit reads"):
+        load_checkpoint(path)
+    # sizes that would allocate ~10^13 parameters are checked against the file's header first
+    _edit(path, lambda m: m.update(version=1) or m["config"].update(num_experts=10**6, hidden=10**7))
+    with pytest.raises(ValueError, match="tensors of another shape"):
+        load_checkpoint(path)
+    (path / ckpt.CONFIG_NAME).write_text(good_config)
+
+    state = load_file(str(path / ckpt.WEIGHTS_NAME))
+    save_file({**state, "head.weight": state["head.weight"].to(torch.int32)}, str(path / ckpt.WEIGHTS_NAME))
+    with pytest.raises(TypeError, match=r"wrong dtype: head.weight \(int32, expected float32\)"):
+        load_checkpoint(path)
+    bad = state["embed.weight"].clone()
+    bad[3, 1] = float("inf")
+    save_file({**state, "embed.weight": bad}, str(path / ckpt.WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="hold NaN/inf values in tensors embed.weight"):
+        load_checkpoint(path)
+    assert torch.isinf(load_checkpoint(path, check_finite=False).embed.weight).any()  # on request
+    (path / ckpt.WEIGHTS_NAME).write_bytes(good_weights)
+    load_checkpoint(path)
+
+
+def test_a_checkpoint_is_never_saved_over_the_directory_it_was_loaded_from(tmp_path: Path) -> None:
+    path = save_checkpoint(_model(), tmp_path / "runs" / "c")
+    before = (path / ckpt.WEIGHTS_NAME).read_bytes()
+    model = load_checkpoint(path)
+    for target in (path, path.parent, path / "sub"):
+        with pytest.raises(ValueError, match="the input"):
+            save_checkpoint(model, target, overwrite=True)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="lies inside the input"):
+        save_checkpoint(_model(), tmp_path / "data" / "ck", inputs=[tmp_path / "data"])
+    assert (path / ckpt.WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs"] and not any((tmp_path / "data").iterdir())
+
+
+def test_every_registered_model_builds_on_the_meta_device() -> None:
+    """load_checkpoint builds the model on the meta device to check sizes before allocating."""
+    import moekit.distributed.model  # noqa: F401  (registers ep_moe_classifier)
+    import moekit.models.classifier  # noqa: F401
+    import moekit.models.multitask  # noqa: F401
+    from moekit.registry import MODELS
+
+    configs = {
+        "moe_lm": {"dim": 16, "depth": 1, "heads": 2, "num_experts": 4, "hidden": 8, "experts_per_layer": [2]},
+        "resnet_moe": {"width": 8},
+        "moe_classifier": {"in_dim": 8, "num_classes": 3, "dim": 8, "num_experts": 4, "router": "hash",
+                           "router_kwargs": {"num_keys": 5}},
+        "ep_moe_classifier": {"in_dim": 8, "num_classes": 3, "dim": 8, "num_experts": 4},
+        "mmoe": {"in_dim": 8, "tasks": [{"name": "a"}, {"name": "b", "kind": "regression", "num_outputs": 1}],
+                 "num_experts": 4, "router": "topk", "router_kwargs": {"k": 2}},
+    }
+    assert set(configs) == set(MODELS.names())
+    for name, config in configs.items():
+        with torch.device("meta"):
+            model = MODELS.create(name, **config)
+        assert {t.device.type for t in model.state_dict().values()} == {"meta"}, name

@@ -121,16 +121,20 @@ def test_merge_moekit_checkpoint(form, tmp_path, calib):
         assert torch.isfinite(merged(torch.randint(0, 256, (2, 16)))[0]).all()
 
 
-def test_existing_output_needs_overwrite(tmp_path, calib, capsys):
+def test_overwrite_replaces_only_an_earlier_output_of_moekit(tmp_path, calib, capsys):
     src = _hf_dir(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert _merge(src, "--experts", 2, "--calib", calib, "--out", mine) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert _merge(src, "--experts", 2, "--calib", calib, "--out", mine, "--overwrite") == 2
+    assert "was not written by moekit" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"] and (mine / "keep.txt").read_text() == "mine"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert _merge(src, "--experts", 2, "--calib", calib, "--out", out) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert _merge(src, "--experts", 3, "--calib", calib, "--out", out) == 0
     assert _merge(src, "--experts", 2, "--calib", calib, "--out", out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "merge_report.json").read_text())["experts"] == 2
     assert _leftovers(tmp_path) == []
 
 
@@ -139,7 +143,7 @@ def _break(kind: str, tmp_path: Path, calib: Path) -> tuple[list[object], str]:
     if kind == "too_many_experts":
         return [_hf_dir(tmp_path), "--experts", 7, "--calib", calib], "between 1 and 6"
     if kind == "zero_experts":
-        return [_lm_dir(tmp_path), "--experts", 0, "--calib", calib], "--experts must be >= 1, got 0"
+        return [_lm_dir(tmp_path), "--experts", 0, "--calib", calib], "argument --experts: must be >= 1, got 0"
     if kind == "missing_input":
         return [tmp_path / "nope", "--experts", 2, "--calib", calib], "does not exist"
     if kind == "no_config":
@@ -157,7 +161,7 @@ def _break(kind: str, tmp_path: Path, calib: Path) -> tuple[list[object], str]:
     if kind == "missing_weights":
         src = _hf_dir(tmp_path)
         (src / "model.safetensors").unlink()
-        return [src, "--experts", 2, "--calib", calib], "cannot load the Hugging Face model"
+        return [src, "--experts", 2, "--calib", calib], "has no model.safetensors (nor a sharded model.safetensors.index.json)"
     if kind == "corrupt_moekit_weights":
         src = _lm_dir(tmp_path)
         (src / "model.safetensors").write_bytes(b"garbage")
@@ -186,7 +190,7 @@ def _break(kind: str, tmp_path: Path, calib: Path) -> tuple[list[object], str]:
         return [tmp_path / "exact", "--experts", 2, "--calib", calib], "already merged (exact form)"
     if kind == "out_is_input":
         src = _lm_dir(tmp_path)
-        return [src, "--experts", 2, "--calib", calib, "--overwrite", "--out", src], "overlaps the input"
+        return [src, "--experts", 2, "--calib", calib, "--overwrite", "--out", src], "is the input"
     if kind == "unknown_method":
         args = [_lm_dir(tmp_path), "--experts", 2, "--method", "magic", "--calib", calib]
         return args, "unknown merge method 'magic'"

@@ -97,8 +97,10 @@ def test_bad_config_writes_nothing(tmp_path: Path, change: dict, match: str) -> 
 def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an earlier report"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
         run_constraints(ConstraintsConfig.quick(), tmp_path / "mine")
+    with pytest.raises(FileExistsError, match="was not written by moekit"):
+        run_constraints(ConstraintsConfig.quick(), tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

@@ -36,7 +36,8 @@ def test_demo_quick_writes_report(tmp_path, capsys, assert_pngs_readable) -> Non
     assert rows[0]["accuracy"] > 0.7  # two epochs already learn the digits
     assert "aux.importance" in rows[2]["history"][0] and "aux.load" in rows[2]["history"][0]
     assert_pngs_readable(out, expected=("utilisation.png",))
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".moekit-output.json"]  # no temp files left
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging directory either
 
 
 def test_demo_is_deterministic_except_timing() -> None:

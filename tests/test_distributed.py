@@ -117,7 +117,8 @@ def test_checkpoint_saved_on_two_ranks_loads_on_one(main_run: Path) -> None:
     """Saved with ep=2; reloaded on one process and re-sharded onto 2 ranks with ep=1: same logits."""
     meta = read_distributed_config(main_run / "ckpt")
     assert meta["ep_size"] == 2 and sorted(p.name for p in (main_run / "ckpt").iterdir()) == [
-        "config.json", "dense.safetensors", "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors"]
+        ".moekit-output.json", "config.json", "dense.safetensors", "experts-00000-of-00002.safetensors",
+        "experts-00001-of-00002.safetensors"]
     model = moekit.load_checkpoint(main_run / "ckpt").eval()  # the same entry point as every checkpoint
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

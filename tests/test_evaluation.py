@@ -231,7 +231,7 @@ def test_paired_comparison_pairs_units_and_finds_the_better_model(data) -> None:
 def test_report_round_trip_compares_with_the_saved_run(data, tmp_path) -> None:
     result = evaluate(tiny_lm(), data, settings=FAST, command=["moekit", "eval", "x"])
     out = write_report(result, tmp_path / "report")
-    assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "report.md", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".moekit-output.json", "items.jsonl", "report.md", "results.json"]
     saved = load_results(out)
     assert saved["format"] == "moekit-eval" and saved["command"] == ["moekit", "eval", "x"]
     assert saved["data"]["sha256"] == data.digest and "items" not in saved
@@ -241,11 +241,13 @@ def test_report_round_trip_compares_with_the_saved_run(data, tmp_path) -> None:
     assert rows and all(r["difference"]["high"] == 0.0 for r in rows)
     report = (out / "report.md").read_text()
     assert "bits/byte" in report and "Paired differences" not in report
-    write_report(result, out)  # an earlier report is replaced
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        write_report(result, out)
+    write_report(result, out, overwrite=True)  # an earlier report of moekit is replaced on request
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an earlier report"):
-        write_report(result, tmp_path / "foreign")
+    with pytest.raises(FileExistsError, match="was not written by moekit"):
+        write_report(result, tmp_path / "foreign", overwrite=True)
     with pytest.raises(ValueError, match="corrupt evaluation results"):
         load_results(tmp_path / "foreign" / "notes.txt")
     (tmp_path / "foreign" / "results.json").write_text('{"format": "moekit"}')

@@ -179,7 +179,7 @@ def test_run_directory_guards(tmp_path):
         compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
     with pytest.raises(ValueError, match="started with other settings"):
         compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True, resume=True)
-    with pytest.raises(ValueError, match="overlaps the input"):
+    with pytest.raises(ValueError, match="lies inside the input"):
         compress_checkpoint(tmp_path / "in", tmp_path / "in" / "sub", token_batches(), spec, quiet=True)
 
 

@@ -14,8 +14,15 @@
   ``adapters/`` directory (``save_adapters``: adapters, routers and every other trainable tensor);
   ``load_checkpoint`` puts the adapters back with the same trainable tensors.
 
-Saving writes into a temporary sibling directory and renames it into place, so a failed save never
-leaves a partial checkpoint.
+Loading is strict and allocates nothing before the checks: the model is first built on the meta
+device (or the instance you pass is used) and its tensor names and shapes are compared with the
+safetensors header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
+integer tensors are never cast into float parameters (nor the reverse), NaN/inf weights are refused,
+and a checkpoint of a newer format ``version`` is refused.
+
+Saving writes into a temporary sibling directory and renames it into place
+(``moekit.reporting.atomic_directory``), so a failed or interrupted save never leaves a partial
+checkpoint, and never writes over the directory the model was loaded from (``model_sources``).
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
 from .registry import MODELS
 from .reporting import atomic_directory
 
@@ -37,8 +45,8 @@ if TYPE_CHECKING:
     from .distributed.groups import ExpertParallelGroups
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json", "checkpoint_format",
-    "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
+    "save_checkpoint", "write_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json",
+    "checkpoint_format", "check_format_version", "model_sources", "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
 ]  # fmt: skip
 
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +55,28 @@ ADAPTERS_DIR = "adapters"
 FORMAT = "moekit"
 DISTRIBUTED_FORMAT = "moekit-expert-parallel"
 VERSION = 1
+#: the attribute ``load_checkpoint`` sets on the model it returns: the directory it was read from
+SOURCE_ATTR = "_moekit_source"
+
+
+def model_sources(model: nn.Module) -> list[Path]:
+    """The directories ``model`` was loaded from: a moekit checkpoint (``load_checkpoint``) or a
+    Hugging Face directory (``from_pretrained`` records it as ``name_or_path``). Savers refuse to
+    write over them."""
+    names = [getattr(model, SOURCE_ATTR, None), getattr(model, "name_or_path", None)]
+    return [Path(n) for n in names if isinstance(n, (str, os.PathLike)) and str(n) and Path(n).is_dir()]
+
+
+def check_format_version(meta: Mapping[str, Any], newest: int, path: str | os.PathLike[str]) -> None:
+    """Refuse a config whose format ``version`` (1 when absent) is not an integer in ``[1, newest]``
+    (a checkpoint written by a newer moekit may mean something this one would silently misread)."""
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{str(path)!r} has an invalid format version {version!r} (expected an integer >= 1)")
+    if version > newest:
+        raise ValueError(
+            f"{str(path)!r} has format version {version}, newer than this moekit reads (<= {newest}); upgrade moekit"
+        )
 
 
 def _class_path(model: nn.Module) -> str:
@@ -99,8 +129,9 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
     groups: ExpertParallelGroups | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
-    """Save ``model`` to ``directory`` (created; must not exist unless ``overwrite``). See the module doc.
+    """Save ``model`` to ``directory`` (created; absent or empty unless ``overwrite``). See the module doc.
 
     Args:
         model: the module to save (its full ``state_dict``, buffers included).
@@ -108,8 +139,11 @@ def save_checkpoint(
             an unregistered model is saved as weights only).
         config: keyword arguments of the builder (default: ``model.config()``).
         groups: the expert-parallel process groups of a sharded model (collective: every rank calls it).
-        overwrite: replace an existing directory.
+        overwrite: replace an earlier output of moekit there (never a directory moekit did not write, nor
+            one holding files moekit did not write).
+        inputs: paths the output must not overlap, besides the directories ``model`` was loaded from.
     """
+    sources = [*inputs, *model_sources(model)]
     if groups is not None or _is_expert_parallel(model):
         if groups is None:
             raise ValueError(f"{type(model).__name__} has expert-parallel layers: pass groups= (every rank calls "
@@ -117,20 +151,38 @@ def save_checkpoint(
         from .distributed.checkpoint import save_distributed_checkpoint
 
         name, config = _model_spec(model, name, config)
-        return save_distributed_checkpoint(model, directory, groups, name=name, config=config, overwrite=overwrite)
+        return save_distributed_checkpoint(model, directory, groups, name=name, config=config, overwrite=overwrite,
+                                           inputs=sources)  # fmt: skip
     directory = Path(directory)
-    name, config = _model_spec(model, name, config)
+    spec = _model_spec(model, name, config)
+    with atomic_directory(directory, overwrite=overwrite, inputs=sources, writer="save_checkpoint") as stage:
+        _write(model, stage, spec)
+    return directory
+
+
+def write_checkpoint(
+    model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write the checkpoint files of ``model`` into the existing directory ``directory``: the staging
+    directory of an ``atomic_directory`` that holds other files too (e.g. ``moekit merge``'s report).
+    Arguments as in ``save_checkpoint``; use that to write a checkpoint on its own."""
+    directory = Path(directory)
+    _write(model, directory, _model_spec(model, name, config))
+    return directory
+
+
+def _write(model: nn.Module, directory: Path, spec: tuple[str | None, dict | None]) -> None:
+    name, config = spec
     meta = {"format": FORMAT, "version": VERSION, "model": name, "class": _class_path(model), "config": config}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state, has_adapters = _split_adapters(model, state)
-    with atomic_directory(directory, overwrite=overwrite) as stage:
-        save_file(state, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
-        (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if has_adapters:
-            from .layers.adapters import save_adapters
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if has_adapters:
+        from .layers.adapters import save_adapters
 
-            save_adapters(model, stage / ADAPTERS_DIR)
-    return directory
+        save_adapters(model, directory / ADAPTERS_DIR)
 
 
 def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
@@ -168,6 +220,7 @@ def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} is not a moekit checkpoint config (expected format {FORMAT!r})")
     if meta.get("model") is not None and not isinstance(meta.get("config"), dict):
         raise ValueError(f"{str(path)!r} names model {meta['model']!r} but has no config object")
+    check_format_version(meta, VERSION, path)
     return meta
 
 
@@ -195,6 +248,17 @@ def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
         return MODELS.create(name, **meta["config"])
     except TypeError as err:
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r} does not fit {name!r}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r}: {err}") from None
+
+
+def _header_shapes(weights: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header (nothing else is read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"corrupt checkpoint weights {str(weights)!r}: {err}") from None
 
 
 def load_checkpoint(
@@ -203,6 +267,7 @@ def load_checkpoint(
     model: nn.Module | None = None,
     groups: ExpertParallelGroups | None = None,
     map_location: str | torch.device = "cpu",
+    check_finite: bool = True,
 ) -> nn.Module:
     """Load the checkpoint in ``directory`` (any form ``save_checkpoint`` writes; see the module doc).
 
@@ -213,7 +278,8 @@ def load_checkpoint(
         groups: expert-parallel checkpoints: shard the rebuilt model over these process groups (collective);
             default: one process holds every expert.
         map_location: device of the loaded tensors.
-    Returns the model (``model`` itself when given).
+        check_finite: refuse weights holding NaN or inf.
+    Returns the model (``model`` itself when given). Names, shapes and dtype kinds must match.
     """
     from .layers.sites import ADAPTERS_ATTR
 
@@ -232,10 +298,21 @@ def load_checkpoint(
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
+    if model is not None:
+        expected = model.state_dict()
+    else:
+        with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
+            expected = _build(directory, meta).state_dict()
+    against = "the model you passed" if model is not None else f"its config ({meta.get('model')!r})"
+    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, _header_shapes(weights), where=str(weights),
+                       against=against)  # fmt: skip
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"corrupt checkpoint weights {str(weights)!r}: {err}") from None
+    check_tensor_dtypes(state, expected, where=str(weights))
+    if check_finite:
+        check_finite_tensors(state.items(), where=str(weights))
     target = model if model is not None else _build(directory, meta)
     try:
         target.load_state_dict(state, strict=True)
@@ -247,4 +324,5 @@ def load_checkpoint(
         from .layers.adapters import load_adapters
 
         load_adapters(target, adapters)
+    setattr(target, SOURCE_ATTR, str(directory))
     return target

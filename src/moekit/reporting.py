@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
-import sys
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -20,8 +23,13 @@ __all__ = [
     "atomic_directory",
     "staging_dir",
     "publish_dir",
-    "check_report_dir",
-    "report_directory",
+    "check_output_dir",
+    "check_no_overlap",
+    "check_writable_parent",
+    "check_replaceable",
+    "read_marker",
+    "remove_stale_staging",
+    "MARKER_NAME",
     "write_json",
     "environment",
     "markdown_table",
@@ -52,13 +60,237 @@ def _umask() -> int:
     return mask
 
 
-def staging_dir(target: str | os.PathLike[str]) -> Path:
-    """A new empty directory beside ``target`` (same filesystem, so it can be renamed onto it)."""
+#: the marker file of every directory moekit writes (see ``atomic_directory``)
+MARKER_NAME = ".moekit-output.json"
+MARKER_FORMAT = "moekit-output"
+#: a staging directory without a marker (killed between its creation and the marker) older than this is debris
+_UNMARKED_STAGE_AGE_S = 60.0
+
+
+def _overwrite_hint(name: str) -> str:
+    return "--overwrite" if name.startswith("--") else "overwrite=True"
+
+
+def check_no_overlap(
+    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *, name: str = "directory"
+) -> None:
+    """Raise ``ValueError`` when the output ``out`` is, contains or lies inside any of ``inputs``
+    (files or directories; symbolic links resolved), so that writing or replacing ``out`` can never
+    touch an input. Inputs that do not exist (e.g. the word ``stdlib``) cannot be touched and are skipped."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if not os.path.lexists(item):
+            continue
+        source = Path(item).resolve()
+        relation = (
+            "is" if source == target
+            else "contains" if target in source.parents
+            else "lies inside" if source in target.parents
+            else None
+        )  # fmt: skip
+        if relation:
+            raise ValueError(
+                f"{name} {str(out)!r} {relation} the input {str(item)!r}; moekit never writes over its inputs: "
+                "choose a directory outside it"
+            )
+
+
+def check_writable_parent(out: str | os.PathLike[str], *, name: str = "directory") -> None:
+    """Raise ``OSError`` naming ``name`` unless ``out`` can be created: its nearest existing ancestor
+    must be a directory in which moekit can create (and remove) an entry. Nothing is left behind."""
+    out = Path(out)
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{name} {str(out)!r} cannot be created: {str(ancestor)!r} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".moekit-probe-"))
+    except OSError as err:
+        raise PermissionError(
+            f"{name} {str(out)!r} cannot be written: {str(ancestor)!r} is not writable ({err.strerror or err})"
+        ) from None
+
+
+def read_marker(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The parsed marker of a directory moekit wrote, or None (no marker, or not a valid one)."""
+    try:
+        marker = json.loads((Path(directory) / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def _foreign_files(directory: Path) -> list[str]:
+    """Files below ``directory`` that no moekit marker in the tree lists (nested moekit outputs, such
+    as checkpoints inside a report, list their own files)."""
+    covered: set[Path] = set()
+    for marker_path in directory.rglob(MARKER_NAME):
+        marker = read_marker(marker_path.parent)
+        if marker is not None:
+            covered.add(marker_path)
+            covered.update(marker_path.parent / f for f in marker.get("files", []) if isinstance(f, str))
+    files = (p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(p.relative_to(directory).as_posix() for p in files if p not in covered)
+
+
+def check_replaceable(out: str | os.PathLike[str], *, name: str = "directory") -> None:
+    """Raise ``FileExistsError`` unless the existing directory ``out`` may be replaced: moekit wrote
+    it (it carries the marker) and it holds no file that moekit did not write."""
+    out = Path(out)
+    if read_marker(out) is None:
+        raise FileExistsError(
+            f"{name} {str(out)!r} was not written by moekit (it has no {MARKER_NAME}); moekit replaces only "
+            f"its own outputs: choose another {name} or remove it yourself"
+        )
+    foreign = _foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{name} {str(out)!r} holds files moekit did not write ({shown}); move them away or choose another {name}"
+        )
+
+
+def check_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    name: str = "directory",
+) -> Path:
+    """``out`` as a Path if an output directory may be written there; call it before any long work.
+
+    The rules (``name`` is the argument named in the errors, e.g. ``"--out"``):
+
+    * ``out`` is not, does not contain and does not lie inside any of ``inputs`` (``ValueError``);
+    * ``out`` does not exist, or is an empty directory, or -- only with ``overwrite`` -- is a directory
+      that moekit wrote and that holds no file moekit did not write (``FileExistsError``);
+    * it can be created: its nearest existing ancestor is a writable directory (``OSError``).
+    """
+    out = Path(out)
+    check_no_overlap(out, inputs, name=name)
+    if out.is_symlink():
+        raise FileExistsError(f"{name} {str(out)!r} is a symbolic link; give the directory it points to, or another {name}")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{name} {str(out)!r} exists and is not a directory; choose another {name}")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{name} {str(out)!r} already exists and is not empty (pass {_overwrite_hint(name)} to replace "
+                    "an earlier output of moekit)"
+                )
+            check_replaceable(out, name=name)
+    check_writable_parent(out, name=name)
+    return out
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux ``/proc``), so that a reused pid is not taken for its owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22 of proc(5))
+
+
+def _owner_alive(marker: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a staging marker may still be running (unknown counts as alive)."""
+    pid = marker.get("pid")
+    if marker.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    if Path("/proc/self/stat").exists():
+        start = _process_start(pid)
+        return start is not None and start == marker.get("start", start)
+    return True
+
+
+def _remove_owned(directory: Path) -> None:
+    """Remove a moekit staging directory, its marker last (an interrupted removal stays recognisable)."""
+    for child in directory.iterdir():
+        if child.name == MARKER_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    (directory / MARKER_NAME).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+def remove_stale_staging(parent: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging (``.*.tmp``) and set-aside (``.*.old``) directories in ``parent`` that an
+    interrupted moekit run left behind: those whose marker names them and whose writing process (on
+    this host) is gone, and unmarked empty ones older than a minute. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith((".tmp", ".old"))):
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        marker = read_marker(entry)
+        if marker is not None and marker.get("stage") == entry.name and not _owner_alive(marker):
+            _remove_owned(entry)
+            removed.append(entry)
+        elif marker is None and not any(entry.iterdir()):
+            try:
+                if time.time() - entry.stat().st_mtime > _UNMARKED_STAGE_AGE_S:
+                    entry.rmdir()
+                    removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _new_marker(directory: Path, writer: str | None) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "format": MARKER_FORMAT,
+        "moekit": __version__,
+        "writer": writer,
+        "command": sys.argv,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "stage": directory.name,
+    }
+
+
+def _private_dir(parent: Path, name: str, suffix: str, writer: str | None) -> Path:
+    """A new marked directory ``.<name>.<random><suffix>`` in ``parent`` with ordinary permissions."""
+    directory = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=suffix))
+    directory.chmod(0o777 & ~_umask())  # mkdtemp makes the directory private; the result is an ordinary directory
+    atomic_write_text(directory / MARKER_NAME, json.dumps(_new_marker(directory, writer), indent=2) + "\n")
+    return directory
+
+
+def staging_dir(target: str | os.PathLike[str], *, writer: str | None = None) -> Path:
+    """A new empty directory beside ``target`` (same filesystem, so it can be renamed onto it).
+
+    It carries the moekit marker (which records ``writer``, the command line, the moekit version,
+    the time and the writing process), so that a later run into the same parent removes it if this
+    process dies before publishing it (``remove_stale_staging``, called here first).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    stage.chmod(0o777 & ~_umask())  # mkdtemp makes the directory private; the result is an ordinary directory
-    return stage
+    remove_stale_staging(target.parent)
+    return _private_dir(target.parent, target.name, ".tmp", writer)
 
 
 def _ordinary_permissions(directory: Path) -> None:
@@ -70,63 +302,69 @@ def _ordinary_permissions(directory: Path) -> None:
             path.chmod(mode)
 
 
+def _seal(staged: Path) -> None:
+    """Record in the marker of ``staged`` every file it holds (what a later overwrite may remove)."""
+    marker = read_marker(staged) or _new_marker(staged, None)
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file() or p.is_symlink())
+    marker["files"] = [f for f in files if f != MARKER_NAME]
+    atomic_write_text(staged / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+
+
 def publish_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Move the finished directory ``staged`` to ``target`` with renames only.
 
-    An existing ``target`` is replaced only when ``overwrite``; it is renamed aside first and removed last.
+    The marker of ``staged`` gets the list of its files. A missing or empty ``target`` is replaced at
+    once. An existing non-empty ``target`` is replaced only when ``overwrite`` and ``check_replaceable``
+    allows it (moekit wrote it, nothing foreign inside): it is renamed into a marked ``.<name>.*.old``
+    directory first and removed last, so a kill at any point leaves either the old or the new output
+    at ``target`` (or, for an instant between the two renames, none) and debris the next run removes.
     """
     staged, target = Path(staged), Path(target)
     _ordinary_permissions(staged)
-    if not target.exists():
-        os.replace(staged, target)
+    _seal(staged)
+    if target.is_symlink():
+        raise FileExistsError(f"output {str(target)!r} is a symbolic link; moekit does not replace links")
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(staged, target)  # rename(2) also replaces an empty directory
         return target
     if not overwrite:
-        raise FileExistsError(f"output directory {str(target)!r} already exists (pass overwrite=True to replace it)")
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        raise FileExistsError(
+            f"output directory {str(target)!r} already exists (pass overwrite=True to replace it)"
+        )
+    if not target.is_dir():
+        raise FileExistsError(f"output {str(target)!r} exists and is not a directory")
+    check_replaceable(target, name="output directory")
+    old = _private_dir(target.parent, target.name, ".old", "publish_dir")
     os.replace(target, old / "previous")
     os.replace(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_owned(old)
     return target
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    name: str = "directory",
+    writer: str | None = None,
+) -> Iterator[Path]:
     """Build a directory in a staging place and rename it to ``target`` only if the block succeeds.
 
-    Raises ``FileExistsError`` up front when ``target`` exists and not ``overwrite``. On any error the
-    staging directory is removed and ``target`` is left as it was.
+    ``check_output_dir`` runs first (same arguments), so a bad ``target`` fails before any work. The
+    published directory carries the marker ``.moekit-output.json`` (the command that wrote it, the
+    moekit version, the time, its files); ``overwrite`` replaces only such a directory. On any error
+    the staging directory is removed and ``target`` is left as it was.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(target)!r} already exists (pass overwrite=True to replace it)")
-    stage = staging_dir(target)
+    target = check_output_dir(target, overwrite=overwrite, inputs=inputs, name=name)
+    stage = staging_dir(target, writer=writer)
     try:
         yield stage
         publish_dir(stage, target, overwrite=overwrite)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def check_report_dir(out: str | os.PathLike[str]) -> Path:
-    """``out`` as a Path, if a report may be written there: it does not exist, is an empty directory,
-    or holds an earlier report (``results.json``). Call it before long work, so a bad ``--out``
-    fails at once rather than after the run."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / "results.json").is_file():
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not an earlier report (no results.json); choose another --out"
-        )
-    return out
-
-
-@contextmanager
-def report_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
-    """``atomic_directory`` for experiment reports: the whole report appears at ``out`` or nothing
-    does; an earlier report there is replaced (anything else is refused by ``check_report_dir``)."""
-    with atomic_directory(check_report_dir(out), overwrite=True) as stage:
-        yield stage
+        if stage.exists():
+            _remove_owned(stage)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..reporting import atomic_directory, atomic_write_text, environment, markdown_table, write_json
 from .metrics import LayerAnalysis
@@ -193,10 +193,14 @@ def write_analysis_report(
     description: str = "",
     config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    name: str = "out_dir",
 ) -> Path:
-    """Write ``report.md``, ``analysis.json`` and PNGs into ``out_dir`` (must not exist unless ``overwrite``)."""
+    """Write ``report.md``, ``analysis.json`` and PNGs into ``out_dir``: it must be absent or empty
+    unless ``overwrite`` (which replaces only an earlier output of moekit), and must not overlap
+    ``inputs`` (e.g. the analysed checkpoint). ``name`` is the argument named in errors."""
     out = Path(out_dir)
-    with atomic_directory(out, overwrite=overwrite) as stage:
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs, name=name, writer="write_analysis_report") as stage:
         figures = _plots(analysis, stage)
         write_json(
             stage / "analysis.json", {"config": dict(config or {}), "environment": environment(), **analysis.as_dict()}

@@ -4,6 +4,8 @@
 its ``--help`` shows each option's default -- written by the option's help when it says ``default``
 (needed where the default is ``None`` or empty and means something, e.g. "default: the run's data"),
 appended as ``(default: X)`` otherwise -- and keeps indented example lines of a description as they are.
+Its errors (a refused argument) are one line: ``<prog>: error: <message> (see <prog> --help)``, exit 2;
+``one_line(err)`` puts a command's own error message on one line the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import argparse
 import textwrap
 from typing import Any
 
-__all__ = ["DefaultsFormatter", "HelpParser", "is_empty_default"]
+__all__ = ["DefaultsFormatter", "HelpParser", "is_empty_default", "one_line"]
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a KeyError's message without its quotes)."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return " ".join(str(message).split()) or type(err).__name__
 
 
 def is_empty_default(value: Any) -> bool:
@@ -49,3 +57,7 @@ class HelpParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line on stderr (not the usage block), exit status 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

@@ -1,6 +1,12 @@
 """Option helpers shared by moekit's subcommands: one spelling, one help style, one parser per idea.
 
-* ``add_out(parser, "reproduce", "smear")``: ``--out``, default ``moekit-runs/reproduce/smear``.
+* ``add_out(parser, "reproduce", "smear")``: ``--out`` (default ``moekit-runs/reproduce/smear``) and
+  ``--overwrite``; ``checked_out(args, inputs=[...])``, the first thing a command does, applies
+  ``moekit.reporting.check_output_dir``: ``--out`` must not be, contain or lie inside an input; an
+  existing non-empty ``--out`` is refused unless ``--overwrite``, which replaces only a directory
+  moekit wrote (its marker lists every file; a file moekit did not write is never deleted); the
+  parent must be writable. Every command that writes a directory uses the pair.
+* ``at_least(n)`` and ``positive_float``: argparse ``type=`` checkers for options outside a config.
 * ``add_quiet(parser)`` and ``progress_from(args)``: ``--quiet``, and a ``Progress`` that draws bars
   on a terminal and prints plain periodic lines in a pipe or CI log.
 * ``ConfigOption``: an option that sets one field of a config dataclass. ``add_config_options``
@@ -13,14 +19,20 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "RUNS_ROOT",
     "default_out",
     "add_out",
+    "checked_out",
+    "at_least",
+    "positive_float",
     "add_quiet",
     "progress_from",
     "Kind",
@@ -49,9 +61,58 @@ def default_out(*command: str) -> str:
     return "/".join((RUNS_ROOT, *command))
 
 
-def add_out(parser: argparse.ArgumentParser, *command: str, what: str = "report.md, results.json and PNGs") -> None:
-    parser.add_argument("--out", default=default_out(*command), metavar="DIR",
-                        help=f"output directory ({what}) (default: %(default)s)")  # fmt: skip
+OVERWRITE_HELP = ("replace an earlier output of moekit at --out (a directory moekit did not write, or one holding "
+                  "files it did not write, is never replaced)")  # fmt: skip
+
+
+def add_out(parser: argparse.ArgumentParser, *command: str, what: str = "report.md, results.json and PNGs",
+            required: bool = False, default_help: str | None = None) -> None:  # fmt: skip
+    """``--out DIR`` and ``--overwrite``. The default is ``moekit-runs/<command>``; with no ``command``
+    there is none, and ``default_help`` says what happens then (or ``required``)."""
+    if command:
+        default, shown = default_out(*command), "%(default)s"
+    else:
+        default, shown = None, default_help or "none"
+    suffix = "" if required else f" (default: {shown})"
+    parser.add_argument("--out", default=default, required=required, metavar="DIR",
+                        help=f"output directory ({what}; absent or empty unless --overwrite){suffix}")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def checked_out(args: argparse.Namespace, *, inputs: Iterable[str | os.PathLike[str] | None] = (),
+                out: str | os.PathLike[str] | None = None) -> Path:  # fmt: skip
+    """``args.out`` (or ``out``) checked as an output directory before any work
+    (``moekit.reporting.check_output_dir``, errors naming ``--out``); ``None`` inputs are skipped."""
+    from ..reporting import check_output_dir
+
+    return check_output_dir(args.out if out is None else out, overwrite=args.overwrite,
+                            inputs=[i for i in inputs if i is not None], name="--out")  # fmt: skip
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse ``type=``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number ``> 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +141,13 @@ def _number(cast: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: cast(text.strip())
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not finite: {text}")
+    return value
+
+
 def _list(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     def parse(text: str) -> tuple[Any, ...]:
         values = tuple(cast(t.strip()) for t in text.split(",") if t.strip())
@@ -95,10 +163,10 @@ def _join(values: Sequence[Any]) -> str:
 
 
 INT = Kind(_number(int), str, "an integer")
-FLOAT = Kind(_number(float), repr, "a number")
+FLOAT = Kind(_number(_finite), repr, "a finite number")
 TEXT = Kind(str, str, "text")
 INTS = Kind(_list(int), _join, "comma-separated integers")
-FLOATS = Kind(_list(float), lambda v: ",".join(repr(float(x)) for x in v), "comma-separated numbers")
+FLOATS = Kind(_list(_finite), lambda v: ",".join(repr(float(x)) for x in v), "comma-separated finite numbers")
 WORDS = Kind(_list(str), _join, "comma-separated names")
 OPTIONAL_INT = Kind(lambda t: None if t.strip() == "all" else int(t.strip()),
                     lambda v: "all" if v is None else str(v), "an integer or 'all'")  # fmt: skip

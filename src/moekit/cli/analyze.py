@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ._options import add_out, checked_out
+
 DEFAULT_ROOT = Path("moekit-runs/analyze")
 
 
@@ -55,9 +57,8 @@ def register(subparsers: Any) -> None:
                    "2 cores) (default: off)")
     p.add_argument("--no-interventions", action="store_true",
                    help="skip the inference-k sweep and the forced-expert evaluations")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"report directory (default: {DEFAULT_ROOT}/<checkpoint name> or <run dir>-<run>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    add_out(p, what="report.md, analysis.json and PNGs",
+            default_help=f"{DEFAULT_ROOT}/<checkpoint name> or <run dir>-<run>")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_run)
 
@@ -164,9 +165,8 @@ def _run(args: argparse.Namespace) -> int:
     run = None if (path / "config.json").is_file() else resolve_run(path, args.run)
     checkpoint = path if run is None else run.checkpoint
     default_out = DEFAULT_ROOT / (checkpoint.resolve().name if run is None else f"{path.resolve().name}-{run.name}")
-    out = Path(args.out) if args.out else default_out
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    inputs = [i for i in (path, checkpoint, args.data_dir, args.data, *(args.calib or [])) if i is not None]
+    out = checked_out(args, inputs=inputs, out=args.out or default_out)
     model, info = load_analysis_model(checkpoint)
     log(f"loaded {checkpoint} ({info['format']}: {info['model'] or type(model).__name__})")
     if input_kind(model) == "tokens" and args.data is None and (args.calib or info["format"] == "huggingface"):
@@ -201,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
               "format": info["format"], "model": info["model"], "model_config": info["config"], "data": data.name,
               "data_description": data.description, "examples": len(data), "command": sys.argv}  # fmt: skip
     write_analysis_report(result, out, title=f"Routing analysis: {run.name if run else checkpoint.name}",
-                          description=description, config=config, overwrite=args.overwrite)  # fmt: skip
+                          description=description, config=config, overwrite=args.overwrite,
+                          inputs=inputs, name="--out")  # fmt: skip
     if not args.quiet:
         print(f"report written to {out}/report.md")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ._options import FLOAT, INT, SEEDS, THREADS, WORDS, ConfigOption, add_config_options, add_out, add_quiet
-from ._options import command_line, config_from_args, progress_from
+from ._options import checked_out, command_line, config_from_args, progress_from
 
 OPTIONS = (
     ConfigOption("--routers", WORDS, "router names to run, comma-separated, e.g. topk,hash (empty: every "
@@ -42,9 +42,11 @@ def _run(args: argparse.Namespace) -> int:
 
     base = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = config_from_args(args, OPTIONS, base)
+    checked_out(args)
     command = command_line(("moekit", "demo"), cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
     progress = progress_from(args)
-    results = run_demo(cfg, args.out, progress=progress, command=command, smoke_run=args.quick)
+    results = run_demo(cfg, args.out, overwrite=args.overwrite, progress=progress, command=command,
+                       smoke_run=args.quick)
     progress.echo("\n" + SECTIONS["results"](results))
     print(f"report written to {args.out}/report.md")
     return 0

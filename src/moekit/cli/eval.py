@@ -6,7 +6,8 @@
 
 MODEL is a moekit checkpoint or a Hugging Face model directory (only read). Without ``--out`` the
 markdown report is printed; with it, ``results.json``, ``items.jsonl`` and ``report.md`` are written
-there (an earlier report is replaced; any other non-empty directory is refused before any work).
+there (absent or empty, or with ``--overwrite`` an earlier output of moekit; checked before any work,
+and never one of the inputs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.documents import STDLIB
+from ._options import add_out, checked_out
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +38,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--compare", nargs="+", default=[], metavar="RESULTS",
                    help="earlier results.json (or report directories) to compare with, paired on the same items "
                    "(default: none)")  # fmt: skip
-    p.add_argument("--out", default=None, help="report directory (default: print the report)")
+    add_out(p, what="results.json, items.jsonl and report.md", default_help="print the report")
     p.add_argument("--seed", type=int, default=d.seed, help="item, prompt and bootstrap seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="device to run the models on (default: %(default)s)")
@@ -91,7 +93,6 @@ def _run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalSettings, compare_runs, evaluate, load_data, load_model, load_results
     from ..evaluation.lm_eval_bridge import check_lm_eval, run_lm_eval
     from ..evaluation.report import markdown_report, write_report
-    from ..reporting import check_report_dir
 
     tasks = _tasks(args.tasks)
     lm_tasks = _tasks(args.lm_eval) if args.lm_eval is not None else []
@@ -106,8 +107,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    inputs = [args.model, args.reference, *args.data, *args.compare, args.lm_eval_include]
     if args.out is not None:
-        check_report_dir(args.out)
+        checked_out(args, inputs=inputs)
     if args.lm_eval is not None:
         check_lm_eval(lm_tasks, args.lm_eval_include)
     earlier = [load_results(path) for path in args.compare]
@@ -132,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         result["lm_eval"] = run_lm_eval(model, lm_tasks, args.lm_eval_include, batch_size=args.batch_size,
                                         limit=args.lm_eval_limit)  # fmt: skip
     if args.out is not None:
-        write_report(result, args.out)
+        write_report(result, args.out, overwrite=args.overwrite, inputs=[i for i in inputs if i], name="--out")
     if not args.quiet:
         print(markdown_report(result), end="")
         if args.out is not None:

@@ -2,7 +2,9 @@
 
 Every module in ``moekit.cli`` that defines ``register(subparsers)`` adds a subcommand; the
 subcommand's parser sets ``func`` (called with the parsed args, returns an exit code).
-User errors (bad values, missing files) print one line without a traceback and exit 2.
+User errors -- bad arguments (refused by argparse, ``HelpParser.error``) and bad values, missing or
+unreadable files, unwritable outputs (``USER_ERRORS``, raised by the command) -- print one line,
+``moekit <command>: error: <message>``, without a traceback and exit 2 (``--traceback`` shows it).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import sys
 from typing import Sequence
 
 from .. import __version__
-from ._help import HelpParser
+from ._help import HelpParser, one_line
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, KeyError)
+#: ``OSError`` covers missing, unreadable and unwritable files (FileNotFoundError, PermissionError, ...)
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a refused argument (already printed)
+        return int(done.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -45,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.traceback:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"moekit {args.command}: error: {message}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "experiment", None))))
+        print(f"moekit {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,7 +5,8 @@
 The input is a moekit checkpoint (``config.json`` with ``"format": "moekit"``) or a Hugging Face
 model directory of a supported family. The input is only read. The output is built in a temporary
 sibling directory and renamed into place when complete, so a failure leaves nothing at ``--out``;
-an existing ``--out`` is replaced only with ``--overwrite``. ``merge_report.json`` in the output
+an existing ``--out`` is replaced only with ``--overwrite`` and only if moekit wrote it
+(``_options.checked_out``); ``--out`` may not overlap the input. ``merge_report.json`` in the output
 records the settings, per-layer expert counts, parameters and file sizes before/after.
 """
 
@@ -27,6 +28,7 @@ from ..merging import BUDGETS, FORMS
 from ..registry import MERGE_METHODS
 from ..reporting import atomic_directory
 from . import _calib
+from ._options import add_out, at_least, checked_out
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
@@ -35,7 +37,8 @@ Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
-    p.add_argument("--experts", type=int, required=True, help="experts kept per MoE layer (average if budget global)")
+    p.add_argument("--experts", type=at_least(1), required=True,
+                   help="experts kept per MoE layer (average if budget global)")
     methods = ", ".join(MERGE_METHODS.names())
     p.add_argument("--method", default="mcsmoe", help=f"one of {methods} (default: %(default)s)")
     p.add_argument(
@@ -53,12 +56,11 @@ def register(subparsers: Any) -> None:
         "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
         help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
     )  # fmt: skip
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: %(default)s)")
+    p.add_argument("--calib-samples", type=at_least(1), default=64, help="calibration sequences (default: %(default)s)")
+    p.add_argument("--seq-len", type=at_least(1), default=128, help="tokens per calibration sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="calibration batch size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of random grouping (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out(p, what="the merged checkpoint and merge_report.json", required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.set_defaults(func=_run)
 
@@ -74,15 +76,11 @@ def _read_config(src: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
-    a, b = src.resolve(), out.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise ValueError(f"--out {str(out)!r} overlaps the input {str(src)!r}; the input is never modified")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-
-
 def _check_experts(experts: int, counts: dict[str, int], src: Path, exclude: list[str]) -> None:
+    unknown = sorted(set(exclude) - set(counts))
+    if unknown:
+        raise ValueError(f"--exclude names {unknown}, which are not MoE layers of {str(src)!r}; "
+                         f"MoE layers: {list(counts)}")
     merged = [c for name, c in counts.items() if name not in set(exclude)] or list(counts.values())
     if not 1 <= experts <= min(merged):
         where = f"experts per MoE layer of {str(src)!r}"
@@ -109,7 +107,7 @@ def _merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
-    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import load_checkpoint, write_checkpoint
     from ..merging import merge_moekit_model, moe_layers
 
     cfg = meta["config"]
@@ -131,29 +129,18 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
             "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
-    return merged, lambda path: save_checkpoint(merged, path, overwrite=True), info
-
-
-def _load_hf(src: Path) -> nn.Module:
-    from safetensors import SafetensorError
-
-    from ..integrations.hf import load_hf_model
-
-    try:
-        return load_hf_model(src)
-    except (OSError, RuntimeError, SafetensorError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load the Hugging Face model in {str(src)!r}: {first}") from None
+    return merged, lambda path: write_checkpoint(merged, path), info
 
 
 def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
-    from ..integrations.hf import MERGE_CONFIG_KEY, family_for, merge_hf_model
+    from ..integrations.hf import MERGE_CONFIG_KEY, family_for, load_hf_model, merge_hf_model
+    from ..integrations.hf.checks import quiet_transformers
 
     family = family_for(SimpleNamespace(model_type=meta["model_type"]))
     if (meta.get(MERGE_CONFIG_KEY) or {}).get("form") == "exact":
         raise ValueError(f"{str(src)!r} is already merged (exact form); merge the original model instead")
     tokenizer = _calib.find_tokenizer(src)
-    model = _load_hf(src)
+    model = load_hf_model(src)
     blocks = family.blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
     data = _calib.read_calibration_bytes(args.calib)
@@ -175,7 +162,8 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
             "calibration": {"tokens": windows.numel(), "tokenizer": tokens}}  # fmt: skip
 
     def save(path: Path) -> None:
-        merged.save_pretrained(path)
+        with quiet_transformers():
+            merged.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
@@ -184,14 +172,13 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 def _run(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
-    if args.experts < 1:
-        raise ValueError(f"--experts must be >= 1, got {args.experts}")
     MERGE_METHODS.entry(args.method)
-    _check_paths(src, out, args.overwrite)
+    inputs = [src, *(c for c in args.calib if c != _calib.STDLIB)]
+    checked_out(args, inputs=inputs)
     meta = _read_config(src)
     start = time.perf_counter()
     merged, save, info = (_merge_moekit if meta.get("format") == "moekit" else _merge_hf)(args, src, meta)
-    with atomic_directory(out, overwrite=args.overwrite) as stage:
+    with atomic_directory(out, overwrite=args.overwrite, inputs=inputs, name="--out", writer="moekit merge") as stage:
         save(stage)
         report = {
             "input": str(src), "output": str(out), **_merge_kwargs(args),

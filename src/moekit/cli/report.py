@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._options import RUNS_ROOT, add_quiet
+from ._options import RUNS_ROOT, add_out, add_quiet, checked_out
 
 
 def register(subparsers: Any) -> None:
@@ -28,9 +28,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--doc", action="append", default=[], metavar="DOC.md",
                    help="a markdown document whose generated blocks (and their figures) to rewrite; repeatable "
                    "(default: none)")  # fmt: skip
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"directory for the rebuilt report (default: {RUNS_ROOT}/report/<experiment> when no --doc "
-                   "is given)")  # fmt: skip
+    add_out(p, what="the rebuilt report", default_help=f"{RUNS_ROOT}/report/<experiment> when no --doc is given")
     p.add_argument("--check", action="store_true",
                    help="write nothing; list the stale blocks of each --doc and exit 1 if there are any")
     add_quiet(p)
@@ -38,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..reporting import report_directory, write_json
+    from ..reporting import atomic_directory, write_json
     from ..reporting_docs import load_results, renderer, stale_blocks, update_document
 
     if args.results is None and not args.doc:
@@ -53,9 +51,10 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"results file {args.results!r} does not exist")
     if args.results is not None and (args.out is not None or not args.doc):
         results = load_results(args.results)
-        out = Path(args.out or f"{RUNS_ROOT}/report/{results['experiment']}")
+        inputs = [args.results, *args.doc]
+        out = checked_out(args, inputs=inputs, out=args.out or f"{RUNS_ROOT}/report/{results['experiment']}")
         module = renderer(results)
-        with report_directory(out) as stage:
+        with atomic_directory(out, overwrite=args.overwrite, inputs=inputs, name="--out", writer="moekit report") as stage:
             write_json(stage / "results.json", results)
             module.write_report(results, stage)
         print(f"report written to {out / 'report.md'}")

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,10 +29,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import CONFIG_NAME, read_config_json
+from .._checks import check_tensor_dtypes
+from ..checkpoint import CONFIG_NAME, check_format_version, read_config_json
 from ..layers.moe import MoE
 from ..registry import MODELS
-from ..reporting import publish_dir, staging_dir
+from ..reporting import check_output_dir, publish_dir, staging_dir
 from .comm import guarded
 from .groups import ExpertParallelGroups
 from .layer import ExpertParallelMoE, expert_parallel
@@ -101,6 +102,26 @@ def _all_ok(ok: bool, groups: ExpertParallelGroups | None) -> bool:
     return int(flag.item()) == 0
 
 
+#: the errors of ``check_output_dir``, by name, so that every rank raises rank 0's error
+_OUTPUT_ERRORS = {cls.__name__: cls for cls in (ValueError, FileExistsError, NotADirectoryError, PermissionError, OSError)}
+
+
+def _check_output_on_rank0(
+    directory: Path, overwrite: bool, inputs: list[str | os.PathLike[str]], groups: ExpertParallelGroups | None
+) -> None:
+    """``check_output_dir`` on rank 0, its error raised on every rank."""
+    problem = ""
+    if groups is None or groups.rank == 0:
+        try:
+            check_output_dir(directory, overwrite=overwrite, inputs=inputs)
+        except tuple(_OUTPUT_ERRORS.values()) as err:
+            problem = f"{type(err).__name__}:{err}"
+    problem = _broadcast_text(problem, groups)
+    if problem:
+        kind, message = problem.split(":", 1)
+        raise _OUTPUT_ERRORS.get(kind, OSError)(message)
+
+
 def save_distributed_checkpoint(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -109,6 +130,7 @@ def save_distributed_checkpoint(
     name: str | None = None,
     config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """Save ``model`` (expert-parallel with ``groups``, or a plain single-process model with
     ``groups=None``) to ``directory``. Collective: every rank of the world must call it.
@@ -116,18 +138,17 @@ def save_distributed_checkpoint(
     Args:
         name, config: the model's builder in ``moekit.registry.MODELS`` and its keyword arguments, so that
             ``load_distributed_model`` can rebuild it; optional (``load_distributed_state`` needs neither).
-        overwrite: replace an existing directory.
+        overwrite: replace an earlier output of moekit there (never a directory moekit did not write).
+        inputs: paths the output must not overlap (``moekit.reporting.check_output_dir``).
     """
     directory, model = Path(directory), _unwrap(model)
     if name is not None:
         MODELS.entry(name)
     rank0 = groups is None or groups.rank == 0
-    exists = _broadcast_text("1" if directory.exists() else "0", groups) == "1"
-    if exists and not overwrite:
-        raise FileExistsError(f"output directory {str(directory)!r} already exists (pass overwrite=True to replace it)")
+    _check_output_on_rank0(directory, overwrite, list(inputs), groups)
     tmp = ""
     if rank0:
-        tmp = str(staging_dir(directory))
+        tmp = str(staging_dir(directory, writer="save_distributed_checkpoint"))
     tmp_dir = Path(_broadcast_text(tmp, groups))
     ep_rank, ep_size = (0, 1) if groups is None else (groups.ep_rank, groups.ep_size)
     dense, experts = _split_state(model)
@@ -171,6 +192,7 @@ def read_distributed_config(directory: str | os.PathLike[str]) -> dict[str, Any]
     path = Path(directory) / CONFIG_NAME
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("experts"), dict):
         raise ValueError(f"{str(path)!r} is not an expert-parallel moekit checkpoint (expected format {FORMAT!r})")
+    check_format_version(meta, VERSION, path)
     return meta
 
 
@@ -205,6 +227,7 @@ def load_distributed_state(model: nn.Module, directory: str | os.PathLike[str]) 
             state[key] = _read_rows(directory, entry, key, start, stop)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"corrupt or incomplete checkpoint {str(directory)!r}: {err}") from None
+    check_tensor_dtypes(state, target.state_dict(), where=str(directory))
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -215,6 +215,7 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
 
     from ..cli._calib import find_tokenizer
     from ..integrations.hf import family_for, load_hf_model
+    from ..integrations.hf.checks import check_loaded_model, quiet_transformers, require_safetensors
 
     shown = hf_logging.is_progress_bar_enabled()
     if not progress:
@@ -225,8 +226,13 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
             raise ValueError(f"{str(path)!r} is an encoder-decoder model ({config.model_type}); moekit eval scores causal LMs")
         try:
             family_for(config)
-        except ValueError:  # not a family moekit merges: any causal LM transformers can load
-            module = AutoModelForCausalLM.from_pretrained(path)
+        except ValueError:  # not a family moekit merges: any causal LM transformers can load, as strictly
+            require_safetensors(path, "AutoModelForCausalLM")
+            with quiet_transformers():
+                module, info = AutoModelForCausalLM.from_pretrained(
+                    path, output_loading_info=True, ignore_mismatched_sizes=True, use_safetensors=True
+                )
+            check_loaded_model(module, info, where=str(path))
         else:
             module = load_hf_model(path)
     except (OSError, RuntimeError, SafetensorError, KeyError) as err:

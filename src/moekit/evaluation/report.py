@@ -7,10 +7,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..confidence import Interval
-from ..reporting import atomic_write_text, markdown_table, report_directory, write_json
+from ..reporting import atomic_directory, atomic_write_text, markdown_table, write_json
 from .metrics import METRICS
 
 __all__ = ["markdown_report", "write_report", "load_results", "format_interval"]
@@ -89,12 +89,14 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(result: Mapping[str, Any], out: str | os.PathLike[str]) -> Path:
-    """Write ``results.json``, ``items.jsonl`` and ``report.md`` into ``out`` (atomically; an earlier
-    report there is replaced, any other non-empty directory refused)."""
+def write_report(result: Mapping[str, Any], out: str | os.PathLike[str], *, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike[str]] = (), name: str = "out") -> Path:  # fmt: skip
+    """Write ``results.json``, ``items.jsonl`` and ``report.md`` into ``out`` (atomically): absent or
+    empty unless ``overwrite``, which replaces only an earlier output of moekit; never overlapping
+    ``inputs``. ``name`` is the argument named in errors."""
     body = {k: v for k, v in result.items() if k != "items"}
     items = [json.dumps({"task": task, **item}) for task, rows in result.get("items", {}).items() for item in rows]
-    with report_directory(out) as stage:
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs, name=name, writer="moekit eval") as stage:
         write_json(stage / "results.json", body)
         atomic_write_text(stage / "items.jsonl", "".join(line + "\n" for line in items))
         atomic_write_text(stage / "report.md", markdown_report(result))

@@ -32,7 +32,7 @@ from ..data.multidigits import make_multidigits, overlay_split
 from ..data.synthetic_multitask import MultiTaskSplit, make_synthetic_multitask
 from ..models.multitask import MultiGateMoE, MultiTaskOutput
 from ..progress import Progress
-from ..reporting import check_report_dir, report_directory, write_json
+from ..reporting import atomic_directory, check_output_dir, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
 from .common import TIMING_KEY, pinned_threads, results_header
 
@@ -275,12 +275,13 @@ def run_trial(data: MultiTaskSplit, gate: str, hp: dict[str, float], spec: Datas
 
 
 def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
-              command: str | None = None, smoke_run: bool = False) -> dict[str, Any]:  # fmt: skip
+              command: str | None = None, smoke_run: bool = False,
+              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every data set, replicate, gate and trial; write the report when ``out_dir`` is set."""
     cfg.check()
     progress = progress or Progress.off()
     if out_dir is not None:
-        check_report_dir(out_dir)
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     datasets: dict[str, Any] = {}
     timing: dict[str, Any] = {"search_s": {}}
     start = time.perf_counter()
@@ -316,7 +317,7 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: 
     if out_dir is not None:
         from .comet_report import write_report
 
-        with report_directory(out_dir) as out:
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_comet") as out:
             write_json(out / "results.json", results)
             write_report(results, out)
     return results

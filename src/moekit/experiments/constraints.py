@@ -38,7 +38,7 @@ from ..data.images import ImageSplit, load_digit_images
 from ..models.resnet_moe import ResNetMoE
 from ..progress import Progress
 from ..registry import LOSSES
-from ..reporting import check_report_dir, report_directory, write_json
+from ..reporting import atomic_directory, check_output_dir, write_json
 from ..training import TrainConfig, train_classifier
 from .common import TIMING_KEY, pinned_threads, results_header
 
@@ -204,13 +204,14 @@ def run_name(result: dict[str, Any]) -> str:
 
 
 def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
-                    command: str | None = None, smoke_run: bool = False) -> dict[str, Any]:  # fmt: skip
+                    command: str | None = None, smoke_run: bool = False,
+                    overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run the grid for every seed; with ``out_dir``, write ``results.json``, ``report.md``, PNGs and the
     first seed's checkpoints there (built aside and renamed into place)."""
     cfg.check()
     progress = progress or Progress.off()
     if out_dir is not None:
-        check_report_dir(out_dir)
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     grid: list[tuple[str | None, int | None, int]] = [(None, None, 0)]
     grid += [(c, p, E) for p in cfg.positions for E in cfg.num_experts for c in cfg.constraints]
     runs, models, timing = [], {}, {"runs": {}}
@@ -246,7 +247,7 @@ def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path | None = None, *
     if out_dir is not None:
         from .constraints_report import write_report
 
-        with report_directory(out_dir) as stage:
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_constraints") as stage:
             for name, model in models.items():
                 save_checkpoint(model, stage / "checkpoints" / name)
             write_json(stage / "results.json", results)

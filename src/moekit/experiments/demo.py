@@ -20,7 +20,7 @@ from ..balancing import AuxFreeBias
 from ..data.digits import DigitsSplit, load_digits_split
 from ..models.classifier import MoEClassifier
 from ..progress import Progress
-from ..reporting import check_report_dir, report_directory, write_json
+from ..reporting import atomic_directory, check_output_dir, write_json
 from ..stats import RoutingRecorder
 from ..training import TrainConfig, evaluate_classifier, train_classifier
 from .common import TIMING_KEY, pinned_threads, results_header
@@ -111,12 +111,13 @@ def _meta_fns(data: DigitsSplit) -> tuple[Callable, Callable]:
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
-             command: str | None = None, smoke_run: bool = False) -> dict[str, Any]:  # fmt: skip
+             command: str | None = None, smoke_run: bool = False,
+             overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train every selected configuration for every seed; write the report files when ``out_dir`` is set."""
     cfg.check()
     progress = progress or Progress.off()
     if out_dir is not None:
-        check_report_dir(out_dir)
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     configurations = select_runs(cfg.routers)
     runs, timing = [], {"runs": {}}
     start = time.perf_counter()
@@ -153,7 +154,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
     if out_dir is not None:
         from .demo_report import write_report
 
-        with report_directory(out_dir) as out:
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_demo") as out:
             write_json(out / "results.json", results)
             write_report(results, out)
     return results

@@ -30,7 +30,8 @@ from ..merging.pipeline import merge_moekit_model
 from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import evaluate_bpb, train_lm
-from ..reporting import check_report_dir, environment, report_directory, write_json
+from ..cli._options import add_out, at_least, checked_out
+from ..reporting import atomic_directory, check_output_dir, environment, write_json
 from .mcsmoe_report import write_report
 
 __all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe", "add_reproduce_parser"]
@@ -118,10 +119,13 @@ def _measure(model: torch.nn.Module, val: torch.Tensor, cfg: McSmoeConfig, *, ch
     return row
 
 
-def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Any]:
-    """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set."""
+def run_mcsmoe(
+    cfg: McSmoeConfig, out_dir: str | Path | None = None, *, overwrite: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set
+    (absent or empty, or with ``overwrite`` an earlier output of moekit)."""
     if out_dir is not None:
-        check_report_dir(out_dir)
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     torch.manual_seed(cfg.seed)
     corpus: ByteCorpus = load_stdlib_corpus(max_bytes=cfg.corpus_bytes)
     val = eval_windows(corpus.val, cfg.seq_len, cfg.eval_windows)
@@ -170,7 +174,7 @@ def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, quiet: b
         "train_loss_first_last": [losses[0], losses[-1]] if losses else [], "rows": rows,
     }  # fmt: skip
     if out_dir is not None:
-        with report_directory(out_dir) as out:
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_mcsmoe") as out:
             write_json(out / "results.json", results)
             write_report(results, out)
     return results
@@ -193,21 +197,22 @@ def _compress(merged: torch.nn.Module, teacher: torch.nn.Module, corpus: ByteCor
 
 def add_reproduce_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("mcsmoe", help="MC-SMoE: merge, then compress, a byte-level MoE LM")
-    parser.add_argument("--out", default="reports/mcsmoe", help="output directory (report.md, results.json, PNG)")
+    add_out(parser, "reproduce", "mcsmoe", what="report.md, results.json and a PNG")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--train-steps", type=int, default=None)
-    parser.add_argument("--recovery-steps", type=int, default=None)
-    parser.add_argument("--compress-steps", type=int, default=None)
+    parser.add_argument("--train-steps", type=at_least(1), default=None)
+    parser.add_argument("--recovery-steps", type=at_least(1), default=None)
+    parser.add_argument("--compress-steps", type=at_least(1), default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    checked_out(args)
     cfg = McSmoeConfig.quick() if args.quick else McSmoeConfig()
     overrides = {"seed": args.seed, "train_steps": args.train_steps, "recovery_steps": args.recovery_steps,
                  "compress_steps": args.compress_steps}  # fmt: skip
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    run_mcsmoe(cfg, args.out, quiet=args.quiet)
+    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0

@@ -32,7 +32,7 @@ from ..layers.adapters import adapter_context, adapter_sites, insert_routed_adap
 from ..layers.baselines import ROUTED_METHODS
 from ..models.resnet_moe import BasicBlock, ResNetMoE
 from ..progress import Progress
-from ..reporting import check_report_dir, report_directory, write_json
+from ..reporting import atomic_directory, check_output_dir, write_json
 from ..routers.estimators import reinforce_terms
 from .common import TIMING_KEY, pinned_threads, results_header
 
@@ -271,7 +271,8 @@ def run_method(method: str, seed: int, backbone: ResNetMoE, data: SeedData, cfg:
 
 
 def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
-              command: str | None = None, smoke_run: bool = False) -> dict[str, Any]:  # fmt: skip
+              command: str | None = None, smoke_run: bool = False,
+              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every seed and method; write ``results.json``, ``report.md`` and PNGs when ``out_dir`` is set.
 
     Routing tables are kept for the first seed only (for the heatmaps); every run keeps its mutual information.
@@ -279,7 +280,7 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
     cfg.check()
     progress = progress or Progress.off()
     if out_dir is not None:
-        check_report_dir(out_dir)
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     runs, seeds, timing = [], [], {"pretrain_s": {}, "runs": {}}
     start = time.perf_counter()
     with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * len(cfg.methods), "smear runs") as task:
@@ -316,7 +317,7 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
     if out_dir is not None:
         from .smear_report import write_report
 
-        with report_directory(out_dir) as out:
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_smear") as out:
             write_json(out / "results.json", results)
             write_report(results, out)
     return results

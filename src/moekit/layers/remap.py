@@ -54,7 +54,7 @@ class RemappedMoE(nn.Module):
     def __init__(self, router: Router, experts: ExpertBank, expert_map: Tensor, *, combine: str = "sparse") -> None:
         super().__init__()
         self.combine = check_layer_parts(router, experts, combine)
-        expert_map = torch.as_tensor(expert_map, dtype=torch.long)
+        expert_map = torch.as_tensor(expert_map, dtype=torch.long, device="cpu")  # checked here, even under a meta device
         G, E = experts.num_experts, router.num_experts
         if expert_map.shape != (E,) or (expert_map < 0).any() or (expert_map >= G).any():
             raise ValueError(

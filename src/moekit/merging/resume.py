@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..reporting import atomic_write_text, publish_dir
+from ..reporting import atomic_write_text, check_output_dir, publish_dir
 from .shards import save_tensors
 from .work import BlockStats, HiddenStore, Work
 
@@ -58,8 +58,7 @@ class RunDirectory:
         self.out = Path(out)
         self.path = self.out.parent / f".{self.out.name}.partial"
         self.digest = settings_digest(settings)
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"output directory {str(self.out)!r} already exists (pass --overwrite to replace it)")
+        check_output_dir(self.out, overwrite=overwrite)
         marker = self.path / MARKER
         if self.path.exists():
             if not marker.is_file():

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import read_config_json
-from ..reporting import write_json
+from ..reporting import check_output_dir, write_json
 from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
 from .pipeline import CompressionSpec, WeightSource, run_pipeline
 from .resume import DiskWork, RunDirectory, tensor_digest
@@ -192,7 +192,8 @@ def compress_checkpoint(
 
     Args:
         src: moekit checkpoint or Hugging Face model directory (only read).
-        out: output directory (must not exist unless ``overwrite``).
+        out: output directory: absent or empty unless ``overwrite`` (which replaces only an earlier output
+            of moekit), never overlapping ``src`` (``moekit.reporting.check_output_dir``).
         batches: calibration batches (token ids ``[B, S]``, or dicts with ``input_ids`` / ``attention_mask``).
         spec: what to do (``CompressionSpec``).
         max_memory: bound on the process's resident memory in bytes (checked before the run).
@@ -204,16 +205,14 @@ def compress_checkpoint(
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
-    a, b = src.resolve(), out.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise ValueError(f"--out {str(out)!r} overlaps the input {str(src)!r}; the input is never modified")
+    check_output_dir(out, overwrite=overwrite, inputs=[src], name="out")
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration batches given")
     opened = open_checkpoint(src)
     memory = plan_memory(opened, max_memory)
     tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, dict) else [batch])]
-    run_settings = {"input": str(a), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
+    run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
     run_dir = RunDirectory(out, run_settings, resume=resume, overwrite=overwrite)
     writer = opened.writer(run_dir.path)
     verify = _first_rows(batches[0], verify_rows)

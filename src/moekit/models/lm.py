@@ -128,7 +128,7 @@ class MoELM(nn.Module):
             gate = ROUTERS.create(router, dim=dim, num_experts=R, k=min(k, R), **router_kwargs, **kw)
             bank_kw = {"num_experts": G, "dim": dim, "hidden": hidden, "activation": activation, **kw}
             bank = _bank(experts, bank_kw, layout, f"compressed[{i}]")
-            moe = MoE(gate, bank) if G == R else RemappedMoE(gate, bank, torch.arange(R) % G)
+            moe = MoE(gate, bank) if G == R else RemappedMoE(gate, bank, torch.arange(R, device="cpu") % G)
             blocks.append(_Block(dim, heads, moe, **kw))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(dim, **kw)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .._options import INT, INTS, OPTIONAL_INT, SEEDS, TEXT, THREADS, WORDS, ConfigOption, add_config_options
-from .._options import add_out, add_quiet, command_line, config_from_args, progress_from
+from .._options import add_out, add_quiet, checked_out, command_line, config_from_args, progress_from
 
 WORDS_ = ("moekit", "reproduce", "constraints")
 
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = ConstraintsConfig.quick() if args.quick else ConstraintsConfig()
     cfg = config_from_args(args, OPTIONS, base)
+    checked_out(args, inputs=[cfg.data_dir])
     command = command_line(WORDS_, cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    run_constraints(cfg, args.out, progress=progress_from(args), command=command, smoke_run=args.quick)
+    run_constraints(cfg, args.out, overwrite=args.overwrite, progress=progress_from(args), command=command,
+                    smoke_run=args.quick)
     print(f"report written to {args.out}/report.md")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .._options import FLOAT, INT, OPTIONAL_INT, SEEDS, THREADS, WORDS, ConfigOption, add_config_options, add_out
-from .._options import add_quiet, command_line, config_from_args, progress_from
+from .._options import add_quiet, checked_out, command_line, config_from_args, progress_from
 
 WORDS_ = ("moekit", "reproduce", "smear")
 
@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = SmearConfig.quick() if args.quick else SmearConfig()
     cfg = config_from_args(args, OPTIONS, base)
+    checked_out(args)
     command = command_line(WORDS_, cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    run_smear(cfg, args.out, progress=progress_from(args), command=command, smoke_run=args.quick)
+    run_smear(cfg, args.out, overwrite=args.overwrite, progress=progress_from(args), command=command,
+              smoke_run=args.quick)
     print(f"report written to {args.out}/report.md")
     return 0

@@ -40,18 +40,18 @@ from ...merging.pipeline import WeightSource
 from ...merging.shards import save_tensors, tensor_sizes
 from ...merging.stack import LayerStack
 from .base import MoEFamily, family_for
+from .checks import INDEX_NAME, SINGLE_NAME, check_loaded_tensors, require_safetensors
 from .moekit_only import clear_moekit_only, mark_moekit_only
 
 __all__ = ["HFCheckpoint", "HFCheckpointSource", "HFShardWriter", "weight_files", "WEIGHT_SUFFIXES"]
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 ASYNC_FLAG = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
     """``{tensor name on disk: safetensors file}`` of a model directory."""
+    require_safetensors(directory)  # a pickled checkpoint (the error says how to convert it) or no weights
     index = directory / INDEX_NAME
     if index.is_file():
         try:
@@ -63,22 +63,14 @@ def weight_files(directory: Path) -> dict[str, Path]:
         if missing:
             raise FileNotFoundError(f"{str(index)!r} names shard files that do not exist: {missing}")
         return files
-    single = directory / SINGLE_NAME
-    if single.is_file():
-        from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open
 
-        try:
-            with safe_open(str(single), "pt") as f:
-                return {k: single for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {str(single)!r}: {err}") from None
-    others = sorted(p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-    if others:
-        raise ValueError(
-            f"{str(directory)!r} has no safetensors weights (found {others}); streaming reads safetensors only -- "
-            "load the model once and save it with save_pretrained (safetensors is the default)"
-        )
-    raise FileNotFoundError(f"{str(directory)!r} has no model weights ({SINGLE_NAME} or {INDEX_NAME})")
+    single = directory / SINGLE_NAME
+    try:
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {str(single)!r}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -201,9 +193,8 @@ class HFCheckpointSource(WeightSource):
             with safe_open(str(path), "pt") as f:
                 for key in file_keys:
                     state[key] = f.get_tensor(key)
-        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise ValueError(f"{str(self.checkpoint.directory)!r}: tensors {bad} hold NaN or Inf values")
+        where = str(self.checkpoint.directory)
+        check_loaded_tensors(where=where, tensors=state.items())
         config = LoadStateDictConfig(
             device_map={"": "cpu"}, dtype=self.checkpoint.dtype, dtype_plan=self.dtype_plan, weight_mapping=self.mapping
         )
@@ -214,10 +205,7 @@ class HFCheckpointSource(WeightSource):
         module = self.model.get_submodule(name) if name else self.model
         prefix = f"{name}." if name else ""
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix) and k not in self.tied)
-        where = f"checkpoint {str(self.checkpoint.directory)!r}"
-        if missing or info.mismatched_keys:
-            shapes = [f"{k}: {tuple(got)} vs model {tuple(want)}" for k, got, want in sorted(info.mismatched_keys)]
-            raise ValueError(f"{where} does not match its config: missing {missing}, mismatched {shapes}")
+        check_loaded_tensors(where=where, missing=missing, mismatched=info.mismatched_keys)
         if any(k in self.tied for k in info.missing_keys if k.startswith(prefix)):
             self.model.tie_weights()
         self._init_buffers(module)

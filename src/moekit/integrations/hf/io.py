@@ -12,19 +12,23 @@ temporary sibling directory and renames it into place, so a failure never leaves
   mismatch). moekit loads them through ``from_pretrained`` of a subclass of the architecture whose
   ``__init__`` first gives each merged block its G experts and ``RemappedRouter``; transformers'
   loader then fills every tensor as usual (meta-device init, tied weights, dtype, device map).
+
+Either way the load is strict (``checks.py``): safetensors only, no missing, unexpected or
+mismatched tensor, no NaN/inf weight; transformers' own load report is silenced.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from ...reporting import atomic_directory
 from .base import family_for
+from .checks import check_loaded_model, quiet_transformers, require_safetensors
 from .moekit_only import clear_moekit_only, mark_moekit_only
 from .stack import MERGE_CONFIG_KEY
 
@@ -32,16 +36,27 @@ __all__ = ["save_hf_model", "load_hf_model", "layout_class", "architecture", "ne
 
 
 def save_hf_model(
-    model: nn.Module, directory: str | os.PathLike[str], *, tokenizer: Any = None, overwrite: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """``model.save_pretrained`` (and ``tokenizer.save_pretrained``) into ``directory``, atomically.
 
-    ``directory`` must not exist unless ``overwrite``. Returns its path. An exact-form merged model is
-    marked so that stock ``from_pretrained`` refuses it with a message naming ``moekit.load_hf_model``.
+    ``directory`` must be absent or empty unless ``overwrite`` (which replaces only an earlier output
+    of moekit); it must not overlap ``inputs`` nor the directory the model was loaded from. Returns its
+    path. An exact-form merged model is marked so that stock ``from_pretrained`` refuses it with a
+    message naming ``moekit.load_hf_model``.
     """
+    from ...checkpoint import model_sources
+
     directory = Path(directory)
-    with atomic_directory(directory, overwrite=overwrite) as stage:
-        model.save_pretrained(stage)
+    sources = [*inputs, *model_sources(model)]
+    with atomic_directory(directory, overwrite=overwrite, inputs=sources, writer="save_hf_model") as stage:
+        with quiet_transformers():
+            model.save_pretrained(stage)
         if (getattr(model.config, MERGE_CONFIG_KEY, None) or {}).get("form") == "exact":
             mark_moekit_only(stage)
         if tokenizer is not None:
@@ -88,11 +103,17 @@ def needs_moekit_layout(config: Any) -> bool:
     return isinstance(merge, dict) and merge.get("form") == "exact"
 
 
-def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: Any) -> nn.Module:
+def load_hf_model(
+    directory: str | os.PathLike[str], *, check_finite: bool = True, **from_pretrained_kwargs: Any
+) -> nn.Module:
     """Load a Hugging Face MoE checkpoint of a registered family, merged (either form) or not.
 
-    Raises FileNotFoundError for a missing directory or config, ValueError for an unknown family.
+    Strict, unlike a bare ``from_pretrained``: only safetensors files are read, and a missing,
+    unexpected or mismatched tensor, or (with ``check_finite``) a NaN/inf weight, is a ``ValueError``
+    naming the tensors (``checks.check_loaded_model``). Raises FileNotFoundError for a missing
+    directory or config, ValueError for an unknown family.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -103,13 +124,16 @@ def load_hf_model(directory: str | os.PathLike[str], **from_pretrained_kwargs: A
     config = clear_moekit_only(AutoConfig.from_pretrained(directory))
     family_for(config)
     cls = architecture(config)
-    if not needs_moekit_layout(config):
-        return cls.from_pretrained(directory, config=config, **from_pretrained_kwargs)
-    model, info = layout_class(cls).from_pretrained(
-        directory, config=config, output_loading_info=True, **from_pretrained_kwargs
-    )
-    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        where = f"exact-form checkpoint {str(directory)!r}"
-        raise ValueError(f"{where} does not match its config.{MERGE_CONFIG_KEY}: {bad}")
+    require_safetensors(directory, cls.__name__)
+    kwargs = {**from_pretrained_kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True,
+              "use_safetensors": True}  # fmt: skip
+    try:
+        with quiet_transformers():
+            model, info = (layout_class(cls) if needs_moekit_layout(config) else cls).from_pretrained(
+                directory, config=config, **kwargs
+            )
+    except (OSError, RuntimeError, SafetensorError, KeyError) as err:  # unreadable or truncated files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the Hugging Face model in {str(directory)!r}: {first}") from None
+    check_loaded_model(model, info, where=str(directory), check_finite=check_finite)
     return model
