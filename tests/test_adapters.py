@@ -214,7 +214,7 @@ def test_bad_metadata_reaches_the_user_as_a_clear_error() -> None:
 
 
 def test_load_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="adapters.json"):
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors not found"):
         load_adapters(_bert(), tmp_path)
     model = insert_routed_adapters(_bert(), r"encoder\.layer\.\d+$", num_experts=2, bottleneck=4)
     save_adapters(model, tmp_path / "ok")

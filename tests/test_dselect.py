@@ -158,7 +158,7 @@ def test_registry_and_k1_baseline() -> None:
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"gamma": 0.0}, ValueError, "gamma must be > 0, got 0"),
+        ({"gamma": 0.0}, ValueError, "gamma must be a finite number > 0, got 0"),
         ({"gamma": -2.0}, ValueError, "gamma"),
         ({"k": 5}, ValueError, "k must be <= num_experts"),
         ({"k": 0}, ValueError, "k must be >= 1, got 0"),

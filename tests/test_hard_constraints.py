@@ -138,7 +138,7 @@ def test_guard_property(args: tuple) -> None:
 @pytest.mark.parametrize("cls", [RelativeImportanceConstraint, MeanImportanceConstraint])
 def test_bad_arguments(cls: type[ImportanceConstraint]) -> None:
     for tau in (0.0, -0.5):
-        with pytest.raises(ValueError, match="tau must be > 0"):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             cls(4, k=2, tau=tau)
     with pytest.raises(ValueError, match="k must be <= 4"):
         cls(4, k=5, tau=0.3)

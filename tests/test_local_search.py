@@ -150,7 +150,7 @@ def test_bad_input_is_rejected() -> None:
         PermutationLocalSearch(torch.nn.Linear(DIM, E), learn_steps=5)
     with pytest.raises(ValueError, match="learn_steps must be >= 1, got 0"):
         PermutationLocalSearch(inner("topk"), learn_steps=0)
-    with pytest.raises(ValueError, match="tau_start must be > 0"):
+    with pytest.raises(ValueError, match="tau_start must be a finite number > 0"):
         PermutationLocalSearch(inner("topk"), learn_steps=3, tau_start=0.0)
     with pytest.raises(ValueError, match="sparse router"):
         moekit.create_router("local_search", dim=DIM, num_experts=E, base="softmax")

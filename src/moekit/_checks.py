@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -19,10 +20,11 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``); NaN and inf are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        allowed = ">= 0" if allow_zero else "> 0"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = "a finite number >= 0" if allow_zero else "a finite number > 0"
         raise ValueError(f"{name} must be {allowed}, got {value}")
     return float(value)
 

@@ -2,6 +2,7 @@
 
 Coefficients belong to the training config, not here. Statistics use the population variance
 (CV = std/mean over experts with ``correction=0``), as in Shazeer et al. and the CNN-MoE paper.
+Every loss is 0 (finite, and still differentiable) on a decision with no token.
 """
 
 from __future__ import annotations
@@ -55,23 +56,26 @@ def switch_aux(decision: RoutingDecision) -> Tensor:
     choices, before capacity drops), P_e = mean router probability. Equals transformers'
     ``load_balancing_loss_func`` for Mixtral-style routers on the same logits."""
     probs = _need(decision, "probs_TE", "switch").float()
-    T = decision.num_tokens
-    f = torch.bincount(decision.ids_TK.reshape(-1), minlength=decision.num_experts).float() / max(T, 1)
-    return decision.num_experts * (f * probs.mean(0)).sum()
+    T = max(decision.num_tokens, 1)
+    f = torch.bincount(decision.ids_TK.reshape(-1), minlength=decision.num_experts).float() / T
+    return decision.num_experts * (f * probs.sum(0) / T).sum()
 
 
 @LOSSES.register("z", paper="https://arxiv.org/abs/2202.08906")
 def z_loss(decision: RoutingDecision) -> Tensor:
     """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``."""
     logits = _need(decision, "logits_TE", "z").float()
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(decision.num_tokens, 1)
 
 
 @LOSSES.register("kl_uniform", paper="https://arxiv.org/abs/2204.10598")
 def kl_to_uniform(decision: RoutingDecision) -> Tensor:
     """``KL(p || U_E) = log E - H(p)`` where ``p = Imp / T`` is the batch-mean post-top-k gate
     (renormalised to sum to one when capacity dropped slots)."""
-    p = decision.gates_TE().float().mean(0)
+    gates = decision.gates_TE().float()
+    if decision.num_tokens == 0:
+        return gates.sum()
+    p = gates.mean(0)
     p = p / p.sum().clamp_min(_EPS)
     return math.log(decision.num_experts) + (p * torch.log(p.clamp_min(_EPS))).sum()
 
@@ -82,4 +86,4 @@ def entropy(decision: RoutingDecision) -> Tensor:
     Adding it with a positive coefficient pushes routing towards confident (sparse) choices."""
     p = decision.probs_TE if decision.probs_TE is not None else decision.gates_TE()
     p = p.float()
-    return -(p * torch.log(p.clamp_min(_EPS))).sum(-1).mean()
+    return -(p * torch.log(p.clamp_min(_EPS))).sum() / max(decision.num_tokens, 1)

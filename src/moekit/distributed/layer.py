@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..experts.base import ExpertBank
 from ..experts.dispatch import _scatter_weighted, plan_dispatch
+from ..layers.checks import check_layer_input
 from ..layers.moe import MoE, flatten_meta
 from ..routers.base import Router
 from ..types import MoEOutput
@@ -142,6 +143,7 @@ class ExpertParallelMoE(nn.Module):
                 f"input is on {x.device} but the {self.groups.backend} process group exchanges "
                 f"{self.groups.device.type} tensors; use NCCL for CUDA tensors and gloo for CPU tensors"
             )
+        check_layer_input(x, self.experts)
         x_T = self.experts.as_tokens(x)
         lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
         decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))

@@ -53,6 +53,7 @@ __all__ = ["AdapterConfig", "insert_routed_adapters", "adapter_context", "adapte
 WEIGHTS_FILE, CONFIG_FILE = "adapters.safetensors", "adapters.json"
 #: key prefix of the backbone's trainable tensors in ``adapters.safetensors`` (never part of a module name)
 BACKBONE_PREFIX = "backbone:"
+CONFIG_KEY = "moekit_adapters"  # the config, also kept in the weights file's metadata
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,10 @@ def _backbone_tensors(model: nn.Module, train: Sequence[str]) -> dict[str, Tenso
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
     """Write the adapters' and routers' weights and every other tensor that is trainable now (a task
     head, parameters unfrozen by hand) into ``adapters.safetensors``, and their config into
-    ``adapters.json``, in directory ``path``."""
+    ``adapters.json``, in directory ``path`` (which may hold other files; earlier adapter files there
+    are replaced). The weights file also carries the config in its metadata and is written atomically,
+    so it alone is what ``load_adapters`` reads: an interrupted save leaves the old adapters or the new
+    ones, never a mix (``adapters.json`` is the readable copy)."""
     from safetensors.torch import save
 
     adapters = _adapters(model)
@@ -399,9 +403,9 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
     extra = _backbone_tensors(model, adapters.config.train)
     state = {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}
     state.update({BACKBONE_PREFIX + k: v.detach().contiguous().cpu() for k, v in extra.items()})
-    config = replace(adapters.config, trainable_tensors=sorted(extra))
-    atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
+    config = json.dumps(asdict(replace(adapters.config, trainable_tensors=sorted(extra))), indent=2)
+    atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={CONFIG_KEY: config}))
+    atomic_write_text(out / CONFIG_FILE, config + "\n")
     return out
 
 
@@ -420,17 +424,20 @@ def _load_backbone_tensors(model: nn.Module, tensors: Mapping[str, Tensor], src:
 def load_adapters(model: nn.Module, path: str | Path, *, freeze_backbone: bool = True) -> nn.Module:
     """Insert the adapters recorded in ``path`` into a fresh backbone, load their weights and the saved
     trainable backbone tensors; with ``freeze_backbone`` only those stay trainable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError, safe_open
 
     src = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (src / name).is_file():
-            raise FileNotFoundError(f"{src / name} not found: not a moekit adapter directory")
+    weights = src / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: not a moekit adapter directory ({WEIGHTS_FILE}, {CONFIG_FILE})")
     try:
-        config = AdapterConfig(**json.loads((src / CONFIG_FILE).read_text()))
-        state = load((src / WEIGHTS_FILE).read_bytes())
-    except (json.JSONDecodeError, TypeError, SafetensorError) as err:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_KEY)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if text is None:  # saved before the config was embedded in the weights file
+            text = (src / CONFIG_FILE).read_text(encoding="utf-8")
+        config = AdapterConfig(**json.loads(text))
+    except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as err:
         raise ValueError(f"corrupt adapter files in {src}: {err}") from err
     extra = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}

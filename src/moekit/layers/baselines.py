@@ -21,6 +21,7 @@ from ..registry import EXPERTS, ROUTERS
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
 from ..types import MoEOutput, RoutingDecision
+from .checks import check_layer_input
 from .example_routed import ExampleRoutedMoE
 from .pooling import check_mask
 from .smear import SMEAR
@@ -74,6 +75,7 @@ class SingleExpert(nn.Module):
         return 1
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, meta: Mapping[str, Any] | None = None) -> MoEOutput:
+        check_layer_input(x, self.experts)
         x_T = self.experts.as_tokens(x)
         if x.shape[0] == 0 or (x.dim() == 3 and self.experts.token_input and x.shape[1] == 0):
             raise ValueError(f"cannot run empty input: shape {tuple(x.shape)}")

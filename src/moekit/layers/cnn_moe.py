@@ -30,6 +30,7 @@ from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..routers.topk import TopKRouter
 from ..types import MoEOutput
+from .checks import check_layer_input
 from .moe import COMBINES, flatten_meta
 
 __all__ = ["GAPGate", "ConvGAPGate", "ResStageExperts", "ImageMoE", "ResBlockMoE", "ConvMoE", "stage_macs", "GATES"]
@@ -199,9 +200,6 @@ class ImageMoE(nn.Module):
                 f"router has dim={router.dim}, num_experts={router.num_experts}; gate gives {self.gate.out_dim} "
                 f"features and the bank has {experts.num_experts} experts"
             )
-        balancer_k = getattr(router.balancer, "k", None)
-        if balancer_k is not None and balancer_k < router.k:
-            raise ValueError(f"the balancer guards k={balancer_k} experts but the router picks k={router.k}")
         self.router, self.experts, self.shortcut = router, experts, shortcut
         self.combine = check_choice("combine", combine, COMBINES)
 
@@ -210,6 +208,7 @@ class ImageMoE(nn.Module):
         return self.experts.num_experts
 
     def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
+        check_layer_input(x, self.experts)
         x_N = self.experts.as_tokens(x)
         decision = self.router(self.gate(x_N), meta=flatten_meta(meta, x.shape[:1]))
         if self.combine == "sparse":

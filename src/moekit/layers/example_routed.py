@@ -23,6 +23,7 @@ from ..experts.base import ExpertBank
 from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..types import MoEOutput, RoutingDecision
+from .checks import check_layer_input
 from .pooling import RoutingGroups, example_groups
 from .segments import FIRST_SEGMENT, causal_segment_groups
 
@@ -133,8 +134,7 @@ class ExampleRoutedMoE(nn.Module):
 
     def _as_sequences(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """View the input as ``[B, S, ...]`` and return a function restoring the output's shape."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        check_layer_input(x, self.experts)
         if x.dim() > 0 and x.shape[0] == 0:
             raise ValueError(f"input has an empty batch: shape {tuple(x.shape)}")
         if not self.experts.token_input:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -16,6 +15,7 @@ from ..experts.base import ExpertBank
 from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..types import MoEOutput, RoutingDecision
+from .checks import check_layer_input, first_tensor
 
 __all__ = ["MoE", "flatten_meta", "check_layer_parts", "run_layer"]
 
@@ -102,8 +102,8 @@ def run_layer(
     ``bank_view`` maps the router's decision to the one the bank runs (e.g. the merged form's index
     map); by default the bank runs the router's decision as it is.
     """
+    check_layer_input(x, experts)
     x_T = experts.as_tokens(x)
-    _check_input(x_T, experts)
     lead = x.shape[:-1] if experts.token_input else x.shape[:1]
     decision = router(experts.router_features(x_T), meta=flatten_meta(meta, lead))
     run = decision if bank_view is None else bank_view(decision)
@@ -114,23 +114,9 @@ def run_layer(
     return MoEOutput(y=experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
 
 
-def _first_tensor(module: nn.Module) -> Tensor | None:
-    return next(itertools.chain(module.parameters(), module.buffers()), None)
-
-
 def _check_same_placement(router: nn.Module, experts: nn.Module) -> None:
     """Router and experts on one device (their dtypes may differ: router maths runs in fp32)."""
-    r, e = _first_tensor(router), _first_tensor(experts)
+    r, e = first_tensor(router), first_tensor(experts)
     if r is not None and e is not None and r.device != e.device:
         raise ValueError(f"router is on {r.device} but experts are on {e.device}; move the layer with .to(device)")
 
-
-def _check_input(x_T: Tensor, experts: ExpertBank) -> None:
-    """The input must be on the experts' device and, outside autocast, in their dtype."""
-    ref = _first_tensor(experts)
-    if ref is None:
-        return
-    if x_T.device != ref.device:
-        raise ValueError(f"input is on {x_T.device} but experts are on {ref.device}; move one of them")
-    if x_T.dtype != ref.dtype and not torch.is_autocast_enabled(x_T.device.type):
-        raise TypeError(f"input has dtype {x_T.dtype} but experts have dtype {ref.dtype}; cast one of them")

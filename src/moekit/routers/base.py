@@ -51,6 +51,12 @@ class Router(nn.Module):
             raise ValueError(
                 f"balancer has num_experts={balancer.num_experts}, router has num_experts={num_experts}"
             )
+        guarded = getattr(balancer, "k", None)  # a hard constraint never masks more than E - k experts
+        if guarded is not None and guarded < k:
+            raise ValueError(
+                f"balancer {type(balancer).__name__} has k={guarded} but the router picks k={k} experts per "
+                f"token, so it could pick masked experts; build the balancer with k={k}"
+            )
         self.balancer = balancer
         self.check_finite = check_finite
         self.layer_name = type(self).__name__  # name_routers(model) sets the module path

@@ -1,7 +1,8 @@
 """Expert capacity: drop token slots beyond ``ceil(capacity_factor * T * K / E)`` per expert.
 
 Priority follows GShard/Switch: all first choices (k = 0) before any second choice, and within a
-choice rank, earlier tokens first. ``capacity_factor=None`` is dropless.
+choice rank, earlier tokens first. ``capacity_factor=None`` is dropless (``inf``, like NaN, is refused:
+use None).
 """
 
 from __future__ import annotations

@@ -61,6 +61,10 @@ class HashRouter(Router):
         if mode == "balanced":
             if key_counts is None or len(key_counts) != num_keys:
                 raise ValueError(f"mode='balanced' needs key_counts of length num_keys={num_keys}")
+            counts = torch.as_tensor(key_counts, dtype=torch.float64).reshape(-1)
+            bad = counts[~(torch.isfinite(counts) & (counts >= 0))]
+            if bad.numel():
+                raise ValueError(f"key_counts must be finite counts >= 0 (one per key), got {bad[:5].tolist()}")
             if k != 1:
                 raise ValueError(f"mode='balanced' supports k=1 only, got k={k}")
             table = balanced_assignment(key_counts, num_experts).unsqueeze(1)

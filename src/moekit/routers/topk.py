@@ -28,8 +28,9 @@ def smooth_load_probability(clean_TE: Tensor, noisy_TE: Tensor, std_TE: Tensor, 
         threshold = torch.where(inside, kth_plus_one, kth)
     else:
         return torch.ones_like(clean_TE)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    return normal.cdf((clean_TE - threshold) / std_TE)
+    # the standard normal CDF; unlike torch.distributions it does not validate its input, so NaN/inf
+    # logits reach the router's finiteness check (a FloatingPointError naming the layer)
+    return torch.special.ndtr((clean_TE - threshold) / std_TE)
 
 
 @ROUTERS.register("topk", paper="https://arxiv.org/abs/1701.06538", summary="noisy top-k gating (Shazeer 2017)")
