@@ -20,6 +20,7 @@ from .report_common import (
     figure_links,
     is_smoke,
     plot_title,
+    verdict_list,
     pyplot,
     write_markdown_report,
 )
@@ -310,6 +311,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "command": command_block,
     "results": _results,
     "comparisons": _comparisons,
+    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
     "utilisation": _utilisation,
     "timing": _timing,
     "figures": _figures,

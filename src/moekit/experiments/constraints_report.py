@@ -20,6 +20,7 @@ from .report_common import (
     is_smoke,
     mean_cell,
     plot_title,
+    verdict_list,
     pyplot,
     write_markdown_report,
 )
@@ -198,6 +199,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "command": command_block,
     "results": _results,
     "comparisons": _comparisons,
+    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
     "timing": _timing,
     "figures": _figures,
 }

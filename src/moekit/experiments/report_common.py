@@ -24,6 +24,7 @@ __all__ = [
     "mean_cell",
     "Claim",
     "claims_table",
+    "verdict_list",
     "command_block",
     "figure_links",
     "pyplot",
@@ -103,6 +104,14 @@ def claims_table(claims: Sequence[Claim], *, smoke: bool, measured: str = "measu
         "*contradicted* when entirely on the other side, otherwise *inconclusive at this scale*.\n"
     )
     return markdown_table(headers, rows) + note
+
+
+def verdict_list(claims: Sequence[Claim], *, smoke: bool) -> str:
+    """One bullet per claim: ``claim: **verdict** (difference [95% CI])``; a smoke run gives none."""
+    if smoke:
+        return "Smoke run: no verdicts.\n"
+    return "".join(f"- {c.statement}: **{c.verdict}** ({cell(c.difference, scale=c.scale, spec=c.spec)}"
+                   f"{' ' + c.unit if c.unit else ''}, n = {c.difference.n})\n" for c in claims)  # fmt: skip
 
 
 def command_block(results: Mapping[str, Any], **_: str) -> str:
