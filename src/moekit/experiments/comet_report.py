@@ -17,6 +17,7 @@ from .report_common import (
     cell,
     claims_table,
     command_block,
+    runtime_line,
     figure_links,
     is_smoke,
     plot_title,
@@ -309,6 +310,7 @@ def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
     "command": command_block,
+    "runtime": runtime_line,
     "results": _results,
     "comparisons": _comparisons,
     "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
