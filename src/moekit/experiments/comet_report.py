@@ -17,9 +17,11 @@ from .report_common import (
     cell,
     claims_table,
     command_block,
+    runtime_line,
     figure_links,
     is_smoke,
     plot_title,
+    verdict_list,
     pyplot,
     write_markdown_report,
 )
@@ -308,8 +310,10 @@ def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
     "command": command_block,
+    "runtime": runtime_line,
     "results": _results,
     "comparisons": _comparisons,
+    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
     "utilisation": _utilisation,
     "timing": _timing,
     "figures": _figures,

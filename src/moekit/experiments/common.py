@@ -5,7 +5,7 @@ Layout shared by all experiments (``results_header`` fills the first part)::
     {"experiment": "smear", "paper": URL, "smoke_run": false,
      "command": "moekit reproduce smear --seeds 0,1,2,3,4",   # null when run from Python
      "config": {...},                                           # the config dataclass, threads included
-     "environment": {...versions, platform, torch_threads},
+     "environment": {...versions, platform, torch_threads, cpus},
      ...the experiment's own data (runs, trials, ...)...,
      "timing": {...}}                                           # wall-clock seconds, and nothing else
 
@@ -17,6 +17,7 @@ same command with the same seeds and thread count writes the same JSON (tests co
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterator
@@ -70,7 +71,7 @@ def results_header(
         "smoke_run": bool(smoke_run),
         "command": command,
         "config": config_dict(cfg),
-        "environment": {**environment(), "versions": versions()},
+        "environment": {**environment(), "cpus": os.cpu_count(), "versions": versions()},
     }
 
 

@@ -16,10 +16,12 @@ from .report_common import (
     cell,
     claims_table,
     command_block,
+    runtime_line,
     figure_links,
     is_smoke,
     mean_cell,
     plot_title,
+    verdict_list,
     pyplot,
     write_markdown_report,
 )
@@ -196,8 +198,10 @@ def _timing(results: Mapping[str, Any], **_: str) -> str:
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
     "command": command_block,
+    "runtime": runtime_line,
     "results": _results,
     "comparisons": _comparisons,
+    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
     "timing": _timing,
     "figures": _figures,
 }

@@ -64,7 +64,7 @@ class DemoConfig:
     """Everything a demo run depends on. ``routers``: router names to run (empty: every configuration)."""
 
     routers: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 20
     num_experts: int = 8
     dim: int = 64

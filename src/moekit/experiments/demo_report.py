@@ -13,6 +13,7 @@ from .demo import REFERENCE
 from .report_common import (
     cell,
     command_block,
+    runtime_line,
     figure_links,
     is_smoke,
     mean_cell,
@@ -97,6 +98,7 @@ def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
 SECTIONS: dict[str, Callable[..., str]] = {
     "setup": _setup,
     "command": command_block,
+    "runtime": runtime_line,
     "results": _results,
     "configurations": _configurations,
     "figures": _figures,
@@ -104,7 +106,8 @@ SECTIONS: dict[str, Callable[..., str]] = {
 
 
 def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
-    """``utilisation.png``: share of the test routing slots per expert, mean over seeds."""
+    """``utilisation.png``: share of the test routing slots of each seed's busiest, second busiest, ...
+    expert, mean over seeds (expert ids are arbitrary, so each seed's shares are sorted before averaging)."""
     import numpy as np
 
     plt = pyplot()
@@ -112,15 +115,16 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
     shares = []
     for rs in by.values():
         s = np.array([r["tokens_per_expert"] for r in rs], dtype=float)
-        shares.append((s / np.maximum(s.sum(1, keepdims=True), 1)).mean(0))
+        share = s / np.maximum(s.sum(1, keepdims=True), 1)
+        shares.append(-np.sort(-share, axis=1).mean(0))
     shares = np.array(shares)
     E = shares.shape[1]
     fig, ax = plt.subplots(figsize=(2.6 + 0.65 * E, 1.2 + 0.45 * len(by)), layout="constrained")
     image = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
     ax.set_yticks(range(len(by)), list(by))
-    ax.set_xticks(range(E))
-    ax.set_xlabel("expert")
-    ax.set_title(plot_title(results, f"share of test-set routing slots per expert\n(mean over "
+    ax.set_xticks(range(E), [str(r) for r in range(1, E + 1)])
+    ax.set_xlabel("expert, ranked by its share within each seed (1 = busiest)")
+    ax.set_title(plot_title(results, f"share of test-set routing slots per expert rank\n(mean over "
                                      f"{len(results['config']['seeds'])} seed(s); uniform = 1/{E} = {1 / E:.3f})"))
     for i in range(shares.shape[0]):
         for j in range(E):

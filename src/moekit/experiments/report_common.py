@@ -24,7 +24,9 @@ __all__ = [
     "mean_cell",
     "Claim",
     "claims_table",
+    "verdict_list",
     "command_block",
+    "runtime_line",
     "figure_links",
     "pyplot",
     "write_markdown_report",
@@ -105,6 +107,19 @@ def claims_table(claims: Sequence[Claim], *, smoke: bool, measured: str = "measu
     return markdown_table(headers, rows) + note
 
 
+def verdict_list(claims: Sequence[Claim], *, smoke: bool) -> str:
+    """One bullet per claim: ``claim: **verdict** (difference [95% CI])``; a smoke run gives none."""
+    if smoke:
+        return "Smoke run: no verdicts.\n"
+    return "".join(f"- {c.statement}: **{c.verdict}** ({cell(c.difference, scale=c.scale, spec=c.spec)}"
+                   f"{' ' + c.unit if c.unit else ''}, n = {c.difference.n})\n" for c in claims)  # fmt: skip
+
+
+def _machine(env: Mapping[str, Any]) -> str:
+    cpus = f"{env['cpus']} CPU cores, " if env.get("cpus") else ""
+    return f"{env['torch_threads']} torch thread(s) on {cpus}{env['platform']}"
+
+
 def command_block(results: Mapping[str, Any], **_: str) -> str:
     """The command that wrote the results, its environment and its wall-clock time."""
     env = results["environment"]
@@ -116,8 +131,17 @@ def command_block(results: Mapping[str, Any], **_: str) -> str:
         f"```bash\n{command}\n```\n\n"
         f"torch {versions.get('torch', env.get('torch'))}, numpy {versions.get('numpy')}, "
         f"scikit-learn {versions.get('scikit-learn')}, moekit {versions.get('moekit')}; "
-        f"{env['torch_threads']} torch thread(s) on {env['platform']}{took}.\n"
+        f"{_machine(env)}{took}.\n"
     )
+
+
+def runtime_line(results: Mapping[str, Any], **_: str) -> str:
+    """One line for a summary (the README): the command, its wall-clock time and the machine."""
+    env = results["environment"]
+    total = results.get("timing", {}).get("total_s")
+    took = f"{total / 60:.1f} min wall-clock" if total is not None else "time not recorded"
+    command = results.get("command") or results["experiment"]
+    return f"- `{command}`: {took}, {_machine(env)}.\n"
 
 
 def figure_links(figures: Sequence[tuple[str, str]], images: str = ".") -> str:
