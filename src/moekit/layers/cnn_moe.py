@@ -26,12 +26,9 @@ from .._checks import check_choice, check_int, check_k
 from ..balancing import Balancer
 from ..experts.base import ExpertBank
 from ..experts.conv import ConvExperts, ImageExpertBank
-from ..experts.dispatch import combine_dense, dispatch
 from ..routers.base import Router
 from ..routers.topk import TopKRouter
-from ..types import MoEOutput
-from .checks import check_layer_input
-from .moe import COMBINES, flatten_meta
+from .moe import MoE
 
 __all__ = ["GAPGate", "ConvGAPGate", "ResStageExperts", "ImageMoE", "ResBlockMoE", "ConvMoE", "stage_macs", "GATES"]
 
@@ -171,8 +168,9 @@ class ResStageExperts(ImageExpertBank):
         return f"{super().extra_repr()}, hidden_channels={self.hidden_channels}, stride={self.stride}"
 
 
-class ImageMoE(nn.Module):
-    """Per-image MoE over an image expert bank: ``y = sum_k w_k expert_k(x) [+ shortcut(x)]``.
+class ImageMoE(MoE):
+    """Per-image MoE over an image expert bank: ``y = sum_k w_k expert_k(x) [+ shortcut(x)]`` -- ``MoE``
+    with a gate (the bank's rows -> router input) and an optional shortcut.
 
     Args:
         router: a moekit router over ``gate.out_dim`` features.
@@ -191,33 +189,15 @@ class ImageMoE(nn.Module):
         shortcut: nn.Module | None = None,
         combine: str = "sparse",
     ) -> None:
-        super().__init__()
         if experts.token_input:
             raise TypeError(f"ImageMoE needs an image expert bank, got {type(experts).__name__}")
-        self.gate = gate if gate is not None else GAPGate(experts.dim)
-        if router.dim != self.gate.out_dim or router.num_experts != experts.num_experts:
+        gate = gate if gate is not None else GAPGate(experts.dim)
+        if router.dim != gate.out_dim or router.num_experts != experts.num_experts:
             raise ValueError(
-                f"router has dim={router.dim}, num_experts={router.num_experts}; gate gives {self.gate.out_dim} "
+                f"router has dim={router.dim}, num_experts={router.num_experts}; gate gives {gate.out_dim} "
                 f"features and the bank has {experts.num_experts} experts"
             )
-        self.router, self.experts, self.shortcut = router, experts, shortcut
-        self.combine = check_choice("combine", combine, COMBINES)
-
-    @property
-    def num_experts(self) -> int:
-        return self.experts.num_experts
-
-    def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
-        check_layer_input(x, self.experts)
-        x_N = self.experts.as_tokens(x)
-        decision = self.router(self.gate(x_N), meta=flatten_meta(meta, x.shape[:1]))
-        if self.combine == "sparse":
-            y = dispatch(self.experts, x_N, decision)
-        else:
-            y = combine_dense(self.experts, x_N, decision.gates_TE())
-        if self.shortcut is not None:
-            y = y + self.shortcut(x_N)
-        return MoEOutput(y=y, aux=dict(decision.aux), decision=decision)
+        super().__init__(router, experts, combine=combine, gate=gate, shortcut=shortcut)
 
 
 def _make_gate(gate: str, channels: int, gate_channels: int, kw: dict[str, Any]) -> nn.Module:
