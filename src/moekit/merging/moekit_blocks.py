@@ -21,7 +21,7 @@ from ..layers.remap import RemappedMoE
 from ..routers.topk import TopKRouter
 from .adapter import FORMS, BlockAdapter
 from .observer import BlockCall
-from .weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from .weights import BankWeights, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
 __all__ = ["MoekitBlocks", "MOEKIT_BLOCKS", "moe_layers", "read_moe_layer", "build_merged_layer"]
 
@@ -94,6 +94,13 @@ class MoekitBlocks(BlockAdapter):
 
     def read(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         return read_moe_layer(block)
+
+    def read_bank(self, block: nn.Module, config: Any) -> BankWeights:
+        bank = block.experts
+        if not isinstance(bank, (GLUExperts, MLPExperts)):
+            raise ValueError(f"low-rank compression needs an 'mlp' or 'glu' bank, got {type(bank).__name__}")
+        kind = "glu" if isinstance(bank, GLUExperts) else "mlp"
+        return BankWeights(kind, {n: p.detach() for n, p in bank.stacked_parameters().items()}, bank.activation)
 
     def write(self, block: nn.Module, result: LayerMergeResult, form: str, config: Any) -> nn.Module:
         return build_merged_layer(block, result, form)

@@ -29,6 +29,17 @@ class MSMoE(ExpertMethod):
     and inputs kept per block)."""
 
     name = "m-smoe"
+    #: help of each option on the command line (``moekit compress``)
+    option_help = {
+        "recipe": "merge recipe (moekit.registry.MERGE_METHODS): mcsmoe = the paper, prune / uniform / random = its ablations",
+        "grouping": "how non-dominant experts join a group (default: the recipe's; router-logits in the paper)",
+        "merge": "how a group's experts are averaged (default: the recipe's; activation-frequency weights in the paper)",
+        "align": "permutation-align experts to the anchor before averaging (default: the recipe's; on in the paper)",
+        "anchor": "expert the others are aligned to: 'dominant' or an expert id (the official code uses 0)",
+        "fold": "plain-form router rows of a group: lse or dominant (default: lse for softmax routers, dominant for sigmoid)",
+        "seed": "seed of random grouping",
+        "max_tokens": "router logits and inputs kept per block for grouping",
+    }
 
     def __init__(
         self, *, recipe: str = "mcsmoe", grouping: str | None = None, merge: str | None = None,
