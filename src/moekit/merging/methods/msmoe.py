@@ -24,9 +24,9 @@ __all__ = ["MSMoE"]
                          summary="M-SMoE: frequency-chosen dominant experts, router-logit grouping, aligned frequency-weighted merge")  # fmt: skip
 class MSMoE(ExpertMethod):
     """Options: ``recipe`` (MERGE_METHODS name, default ``"mcsmoe"``), ``grouping``, ``merge``,
-    ``align``, ``anchor`` (``"dominant"`` or an expert id; the paper uses 0), ``fold`` (plain-form
-    router: ``"lse"`` or ``"dominant"``), ``seed`` (random grouping), ``max_tokens`` (router logits
-    and inputs kept per block)."""
+    ``align``, ``anchor`` (``"dominant"``; ``"first"``: each group's lowest id, as the official code; or
+    an expert id), ``fold`` (plain-form router: ``"lse"`` or ``"dominant"``), ``seed`` (random grouping),
+    ``max_tokens`` (router logits and inputs kept per block)."""
 
     name = "m-smoe"
     #: help of each option on the command line (``moekit compress``)
