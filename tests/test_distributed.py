@@ -158,7 +158,7 @@ def test_failed_rank_gives_clear_error_within_timeout(tmp_path: Path) -> None:
 @pytest.mark.parametrize("point", worker.SETUP_POINTS)
 def test_rank_killed_during_setup_gives_expert_parallel_error(tmp_path: Path, point: str) -> None:
     """A rank SIGKILLed before joining, before the groups connect, or before DDP's parameter broadcast
-    makes the other rank raise ExpertParallelError naming the set-up step, within the 3 s timeout (not
+    makes the other rank raise ExpertParallelError naming the set-up step, within the 3 s timeout, not gloo's default 30 min (not
     gloo's raw "Connection closed by peer" / the store's "Wait timeout")."""
     outputs = _launch(f"setup-{point}", tmp_path, timeout=90)
     report_path = tmp_path / "setup.json"
@@ -170,7 +170,8 @@ def test_rank_killed_during_setup_gives_expert_parallel_error(tmp_path: Path, po
     assert report["type"] == "ExpertParallelError", report
     assert step[point] in report["error"] and "a peer rank probably died" in report["error"], report["error"]
     assert "process-group timeout 3s" in report["error"]
-    assert report["seconds"] < 3.0 + 10.0
+    # far below gloo's default 30 min timeout, with room for a loaded machine (16 s seen at load 9 on 2 cores)
+    assert report["seconds"] < 3.0 + 60.0
 
 
 def test_single_process_checkpoint_round_trip_and_atomicity(tmp_path: Path) -> None:
