@@ -38,6 +38,7 @@ from moekit.cli.main import main
 from moekit.distributed.checkpoint import save_distributed_checkpoint
 from moekit.distributed.model import ep_moe_classifier
 from moekit.merging.pipeline import CompressionSpec
+from moekit.merging.resume import RunDirectory
 from moekit.merging.streaming import compress_checkpoint
 from moekit.reporting import MARKER_NAME, atomic_directory, read_marker
 
@@ -213,6 +214,7 @@ SAVERS = {
     "save_distributed_checkpoint": Saver(_save_distributed, _check_distributed),
     "moekit-merge": Saver(_merge, _check_merge, trigger=_ATOMIC),
     "compress_checkpoint": Saver(_compress, _check_compress, kills=4),
+    "compress_checkpoint-publishing": Saver(_compress, _check_compress, trigger=RunDirectory.publish.__code__, kills=4),
     "moekit-report": Saver(_report, _check_report, trigger=_ATOMIC, kills=4),
 }
 

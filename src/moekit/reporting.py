@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_directory",
     "staging_dir",
+    "as_staging",
     "publish_dir",
     "check_output_dir",
     "check_no_overlap",
@@ -334,6 +336,18 @@ def staging_dir(target: str | os.PathLike[str], *, writer: str | None = None) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target.parent)
     return _private_dir(target.parent, target.name, ".tmp", writer)
+
+
+def as_staging(directory: str | os.PathLike[str], target: str | os.PathLike[str], *, writer: str | None = None) -> Path:
+    """Turn the finished directory ``directory`` (beside ``target``, e.g. a resumable run directory)
+    into a staging directory of ``target``, ready for ``publish_dir``: it gets the marker, then the
+    name, of one made by ``staging_dir`` -- so that from the rename on, a run killed before publishing
+    leaves debris the next run removes, and before it, ``directory`` as it was."""
+    directory, target = Path(directory), Path(target)
+    stage = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    atomic_write_text(directory / MARKER_NAME, json.dumps(_new_marker(stage, writer), indent=2) + "\n")
+    os.replace(directory, stage)
+    return stage
 
 
 def _ordinary_permissions(directory: Path) -> None:
