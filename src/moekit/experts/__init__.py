@@ -7,6 +7,7 @@ from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
 from .grouped import grouped_linear, grouped_linear_reference
 from .inference import dispatch_inference, pack_for_inference
 from .mlp import GLUExperts, MLPExperts
+from .resstage import ResStageExperts
 
 __all__ = [
     "ExpertBank",
@@ -14,6 +15,7 @@ __all__ = [
     "GLUExperts",
     "AdapterExperts",
     "ConvExperts",
+    "ResStageExperts",
     "dispatch",
     "dispatch_reference",
     "combine_dense",

@@ -41,7 +41,7 @@ from ..routers.smear import SMEARRouter
 from ..types import RoutingDecision
 from .dispatchers import Dispatcher
 from .example_routed import ExampleRoutedMoE
-from .merged_linear import DEFAULT_CHUNK_BYTES
+from ..experts.merged_linear import DEFAULT_CHUNK_BYTES
 
 __all__ = ["SMEAR", "MergeDispatch", "PlainMergeDispatch", "merged_forward", "merged_forward_chunked", "merged_forward_fused", "merged_bytes_per_group"]
 
