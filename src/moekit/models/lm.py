@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..experts.lowrank import LowRankSparseExperts
+from ..experts.packed import PackedLowRankSparseExperts
 from ..layers.moe import MoE
 from ..layers.remap import RemappedMoE
 from ..registry import EXPERTS, MODELS, ROUTERS
@@ -189,8 +191,6 @@ def _bank(experts: str, bank_kw: dict[str, Any], layout: Mapping[str, Any] | Non
         raise ValueError(f"{where} must be None or {{'rank': int, 'kept_rows': ...}}, got {layout!r}")
     if experts not in ("glu", "mlp"):
         raise ValueError(f"{where}: compressed layers need experts 'glu' or 'mlp', got {experts!r}")
-    from ..merging.packed import LowRankSparseExperts, PackedLowRankSparseExperts  # lazy: merging imports lm_train
-
     try:
         if layout["kept_rows"] is None:
             return LowRankSparseExperts(EXPERTS.create(experts, **bank_kw), layout["rank"])
