@@ -1,4 +1,5 @@
-"""Expert-parallel training of a small MoE classifier on scikit-learn's digits, under torchrun.
+"""Expert-parallel training of a small MoE classifier on scikit-learn's digits, under torchrun (the one
+loop of ``moekit.training``, with the expert-gradient sync as its ``after_backward`` hook).
 
     torchrun --nproc_per_node 2 -m moekit.distributed.train --steps 20
     python -m moekit.distributed.train --steps 20        # the same run in one process, no torch.distributed
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int, check_positive
 from ..data.digits import DigitsSplit, load_digits_split
-from ..training import aux_loss
+from ..training import aux_loss, training_steps
 from .comm import all_reduce_sum
 from .data_parallel import sync_expert_grads, wrap_ddp
 from .groups import ExpertParallelGroups
@@ -149,15 +150,14 @@ def train_expert_parallel(
     bar = tqdm(total=config.steps, desc="train", disable=rank != 0 or quiet or None, leave=False)
     losses: list[float] = []
     start = time.perf_counter()
-    for step, batch in enumerate(global_batches(data.x_train.shape[0], config.batch_size, config.steps, config.seed)):
+    def step_loss(batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         idx = batch.tensor_split(world)[rank]
         logits, outputs = net(data.x_train[idx].to(device))
-        loss = F.cross_entropy(logits, data.y_train[idx].to(device)) + aux_loss(outputs, aux_weights).to(device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if groups is not None:
-            sync_expert_grads(model, groups)
-        opt.step()
+        return F.cross_entropy(logits, data.y_train[idx].to(device)) + aux_loss(outputs, aux_weights).to(device), {}
+
+    sync = None if groups is None else (lambda _: sync_expert_grads(model, groups))
+    batches = global_batches(data.x_train.shape[0], config.batch_size, config.steps, config.seed)
+    for step, loss, _ in training_steps(batches, step_loss, opt, after_backward=sync):
         losses.append(_sum_over_ranks(loss, groups) / world)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -24,6 +24,7 @@ from ..experts.packed import PackedLowRankSparseExperts
 from ..layers.moe import MoE
 from ..layers.remap import RemappedMoE
 from ..registry import EXPERTS, MODELS, ROUTERS
+from ..training import lm_loss
 from ..types import MoEOutput
 
 __all__ = ["MoELM", "CausalSelfAttention", "lm_loss"]
@@ -197,8 +198,3 @@ def _bank(experts: str, bank_kw: dict[str, Any], layout: Mapping[str, Any] | Non
         return PackedLowRankSparseExperts(kind=experts, rank=layout["rank"], kept_rows=layout["kept_rows"], **bank_kw)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
-
-
-def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats (divide by ln 2 for bits per byte)."""
-    return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), targets_BS.reshape(-1))
