@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from moekit import MoELM, save_checkpoint
 from moekit.cli.main import main
-from moekit.distributed.train import main as distributed_main
+from moekit.cli.distributed_train import main as distributed_main
 from moekit.models.classifier import MoEClassifier
 from moekit.reporting import atomic_directory
 

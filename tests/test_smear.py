@@ -9,7 +9,7 @@ from torch import nn
 import moekit
 from moekit.layers.baselines import ROUTED_METHODS, OutputEnsemble, SingleExpert, build_routed_block
 from moekit.layers.example_routed import ExampleRoutedMoE
-from moekit.layers.merged_linear import merged_linear, merged_linear_reference
+from moekit.experts.merged_linear import merged_linear, merged_linear_reference
 from moekit.layers.pooling import masked_mean
 from moekit.layers.smear import SMEAR, PlainMergeDispatch, merged_forward, merged_forward_chunked, merged_forward_fused
 from moekit.routers.base import Router

@@ -30,6 +30,7 @@ from ..experts.base import ExpertBank
 from ..experts.dispatch import plan_dispatch, scatter_weighted
 from ..layers.dispatchers import Dispatcher
 from ..layers.moe import MoE
+from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..types import MoEOutput, RoutingDecision
 from .comm import all_reduce_sum, all_to_all, check_same_config, exchange_counts
@@ -62,6 +63,7 @@ def _expert_major_order(recv_RE: Tensor) -> Tensor:
     return torch.argsort(expert_of_row, stable=True)
 
 
+@DISPATCHERS.register("all_to_all", paper="https://arxiv.org/abs/2006.16668")
 class AllToAllDispatch(Dispatcher):
     """The expert-parallel dispatcher: this rank's kept slots sorted by expert, sent to the experts'
     owners (``all_to_all``), run on the local shard, sent back and scattered like ``SparseDispatch``.

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._checks import check_choice
 from ..experts.base import ExpertBank
 from ..experts.dispatch import combine_dense, dispatch
+from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..types import RoutingDecision
 
@@ -72,6 +73,7 @@ class Dispatcher:
         return f"{type(self).__name__}()"
 
 
+@DISPATCHERS.register("sparse", paper="https://arxiv.org/abs/1701.06538")
 class SparseDispatch(Dispatcher):
     """Only the chosen experts run: ``y_t = sum_k w_tk * expert_{id_tk}(x_t)`` over kept slots."""
 
@@ -81,6 +83,7 @@ class SparseDispatch(Dispatcher):
         return dispatch(experts, x_N, decision)
 
 
+@DISPATCHERS.register("dense", paper="https://arxiv.org/abs/1701.06538")
 class DenseMix(Dispatcher):
     """Every expert runs on every row, outputs mixed with the decision's dense gates ``[N, E]``."""
 
@@ -90,12 +93,9 @@ class DenseMix(Dispatcher):
         return combine_dense(experts, x_N, decision.gates_TE())
 
 
-#: the dispatchers ``MoE(combine=name)`` builds by name (the others are passed as objects)
-_BY_NAME: dict[str, type[Dispatcher]] = {"sparse": SparseDispatch, "dense": DenseMix}
-
-
-def dispatcher_for(combine: "str | Dispatcher", allowed: tuple[str, ...] = tuple(_BY_NAME)) -> Dispatcher:
-    """``combine`` as a dispatcher: a name in ``allowed`` or a ``Dispatcher`` object."""
+def dispatcher_for(combine: "str | Dispatcher", allowed: tuple[str, ...] = ("sparse", "dense")) -> Dispatcher:
+    """``combine`` as a dispatcher: a ``Dispatcher`` object, or the name of a registered one in ``allowed``
+    (``moekit.registry.DISPATCHERS``; built without arguments)."""
     if isinstance(combine, Dispatcher):
         return combine
-    return _BY_NAME[check_choice("combine", combine, allowed)]()
+    return DISPATCHERS.create(check_choice("combine", combine, allowed))

@@ -179,6 +179,8 @@ def check_layer_parts(router: Router | None, experts: ExpertBank, combine: str |
     if not isinstance(experts, ExpertBank):
         raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
     if router is not None:
+        if gate is not None and not isinstance(getattr(gate, "out_dim", None), int):
+            raise TypeError(f"gate must have an int out_dim (the router's input width), got {type(gate).__name__}")
         width, what = (experts.dim, "experts has dim") if gate is None else (gate.out_dim, "gate gives out_dim")
         if router.dim != width:
             raise ValueError(f"router has dim={router.dim} but {what}={width}")

@@ -36,12 +36,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..experts.base import ExpertBank
+from ..experts.merged_linear import DEFAULT_CHUNK_BYTES
+from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
 from ..types import RoutingDecision
 from .dispatchers import Dispatcher
 from .example_routed import ExampleRoutedMoE
-from .merged_linear import DEFAULT_CHUNK_BYTES
 
 __all__ = ["SMEAR", "MergeDispatch", "PlainMergeDispatch", "merged_forward", "merged_forward_chunked", "merged_forward_fused", "merged_bytes_per_group"]
 
@@ -109,6 +110,7 @@ def merged_forward_fused(
     return None if y is None else y.reshape(N, y.shape[-1])
 
 
+@DISPATCHERS.register("merge", paper="https://arxiv.org/abs/2306.03745")
 class MergeDispatch(Dispatcher):
     """SMEAR's dispatcher: group g runs one expert whose parameters are ``sum_e p[g, e] * theta_e``.
 

@@ -37,7 +37,7 @@ class CompressedExperts(nn.Module):
 def compressed_bank(num_experts: int, layout: Mapping[str, Any]) -> nn.Module:
     """An empty ``PackedLowRankSparseExperts`` of the shapes recorded in ``config.moekit_merge``
     (``{"kind", "dim", "hidden", "activation", "bias", "rank", "kept_rows"}``), for loading."""
-    from ...merging.packed import PackedLowRankSparseExperts
+    from ...experts.packed import PackedLowRankSparseExperts
 
     kind = layout["kind"]
     return PackedLowRankSparseExperts(
