@@ -118,8 +118,9 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
         f"merged experts shared); alignment anchor: {anchor}. Every variant, and the no-merge control, then gets "
         f"the same {cfg['recovery_steps']} recovery steps on the same batches: LM loss + {cfg['alpha']} x KL "
         f"(T = {cfg['temperature']}) to the unmerged model, routers frozen, lr {cfg['recovery_lr']}. MC-SMoE "
-        f"replaces the M-SMoE merge's experts by rank-{cfg['rank']} factors plus a sparse residual whose rows are "
-        f"pruned to {cfg['final_ratio']:.0%} during those same steps, then packed (only kept rows stored). "
+        f"replaces every expert bank of the M-SMoE merge (the unmerged first layer's too) by rank-{cfg['rank']} "
+        f"factors plus a sparse residual whose rows are pruned to {cfg['final_ratio']:.0%} during those same steps "
+        "(one global threshold), then packed (only kept rows stored). "
         "Scoring: `moekit.evaluation.evaluate_perplexity` (rolling windows of the model's context).\n"
     )
 
