@@ -106,3 +106,19 @@ def test_bad_configs_are_refused_before_any_work(change: dict, match: str) -> No
     with pytest.raises(ValueError, match=match):
         cfg.check()
         heldout_split(cfg, 0)
+
+
+def test_report_command_rebuilds_the_run_report_and_document_blocks(quick_run: Path, tmp_path: Path) -> None:
+    from moekit.experiments.mcsmoe_report import SECTIONS
+    from moekit.reporting_docs import stale_blocks
+
+    out = tmp_path / "again"
+    assert main(["report", str(quick_run / "results.json"), "--out", str(out), "--quiet"]) == 0
+    assert (out / "report.md").read_text() == (quick_run / "report.md").read_text()
+    doc = tmp_path / "page.md"
+    (tmp_path / "r.json").write_bytes((quick_run / "results.json").read_bytes())
+    doc.write_text("".join(f"<!-- moekit:generated source=r.json section={s} images=img -->\n<!-- /moekit:generated -->\n"
+                           for s in SECTIONS))  # fmt: skip
+    assert main(["report", "--doc", str(doc), "--quiet"]) == 0
+    assert not stale_blocks(doc) and (tmp_path / "img" / "bpb.png").is_file()
+    assert "Smoke run: no verdicts." in doc.read_text()

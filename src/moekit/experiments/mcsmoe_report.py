@@ -113,13 +113,14 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
         f"layer, top-{cfg['k']}, Switch balancing loss {cfg['aux_switch']}; trained {cfg['train_steps']} AdamW steps "
         f"(lr {cfg['lr']}, batch {cfg['batch_size']} x {cfg['seq_len']} bytes). Merging: {cfg['calib_sequences']} "
         f"calibration sequences from the training text; the first MoE layer is "
-        f"{'kept whole (as in the paper)' if cfg['keep_first'] else 'merged too'}; the other {merged} layers get an "
+        f"{'kept whole (as in the paper)' if cfg['keep_first'] else 'merged too'}; the {merged} merged layer(s) get an "
         f"average of {cfg['experts']} experts each (a global budget unless noted), exact form (router unchanged, "
         f"merged experts shared); alignment anchor: {anchor}. Every variant, and the no-merge control, then gets "
         f"the same {cfg['recovery_steps']} recovery steps on the same batches: LM loss + {cfg['alpha']} x KL "
         f"(T = {cfg['temperature']}) to the unmerged model, routers frozen, lr {cfg['recovery_lr']}. MC-SMoE "
-        f"replaces the M-SMoE merge's experts by rank-{cfg['rank']} factors plus a sparse residual whose rows are "
-        f"pruned to {cfg['final_ratio']:.0%} during those same steps, then packed (only kept rows stored). "
+        f"replaces every expert bank of the M-SMoE merge (the unmerged first layer's too) by rank-{cfg['rank']} "
+        f"factors plus a sparse residual whose rows are pruned to {cfg['final_ratio']:.0%} during those same steps "
+        "(one global threshold), then packed (only kept rows stored). "
         "Scoring: `moekit.evaluation.evaluate_perplexity` (rolling windows of the model's context).\n"
     )
 
@@ -159,12 +160,12 @@ def _results(results: Mapping[str, Any], **_: str) -> str:
 
 
 def _per_seed_table(results: Mapping[str, Any], pairs: Sequence[tuple[str, str, str]]) -> str:
-    seeds = results["seeds"]
+    seeds, lab = results["seeds"], labels(results)
     rows = []
-    for a, b, statement in pairs:
+    for a, b, _ in pairs:
         if _has(results, a, b):
-            rows.append([statement] + [cell(per_seed_difference(s, a, b), spec=".4f") for s in seeds])
-    return markdown_table(["difference", *[f"seed {s['seed']}" for s in seeds]], rows)
+            rows.append([f"{lab[a]} − {lab[b]}"] + [cell(per_seed_difference(s, a, b), spec=".4f") for s in seeds])
+    return markdown_table(["bits/byte difference", *[f"seed {s['seed']}" for s in seeds]], rows)
 
 
 def _comparisons(results: Mapping[str, Any], **_: str) -> str:
@@ -206,7 +207,7 @@ def _timing(results: Mapping[str, Any], **_: str) -> str:
 
 def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [("bpb.png", "Held-out bits per byte per model, and M-SMoE's paired differences"),
-            ("size_quality.png", "Expert parameters and checkpoint size against held-out bits per byte")]  # fmt: skip
+            ("size_quality.png", "Expert parameters and checkpoint size against held-out bits per byte, relative to the no-merge control")]  # fmt: skip
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
@@ -277,15 +278,17 @@ def _plot_size(results: Mapping[str, Any], path: Path) -> None:
     for ax, key, scale, xlabel in ((axes[0], "expert_params", 1e3, "expert parameters (thousands)"),
                                    (axes[1], "checkpoint_bytes", 2**20, "checkpoint MB (model.safetensors)")):  # fmt: skip
         for i, name in enumerate(names):
-            interval = mean_interval(_values(results, name))
-            err = [[interval.estimate - interval.low], [interval.high - interval.estimate]] if interval.defined else None
-            ax.errorbar([_mean(results, name, key) / scale], [interval.estimate], yerr=err, fmt=markers[i % len(markers)],
-                        capsize=3, label=lab[name])  # fmt: skip
+            diff = paired(results, name, "control")
+            err = [[diff.estimate - diff.low], [diff.high - diff.estimate]] if diff.defined else None
+            ax.errorbar([_mean(results, name, key) / scale], [diff.estimate], yerr=err, capsize=3, label=lab[name],
+                        fmt=markers[i % len(markers)])  # fmt: skip
+        ax.axhline(0, color="black", lw=1, ls="--")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out bits per byte (mean, 95% CI)")
+        ax.set_ylabel("bits/byte minus the no-merge control\n(paired over seeds, 95% CI)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(plot_title(results, "size against quality (lower left is better)"))
+    fig.suptitle(plot_title(results, "size against quality, relative to the step-matched no-merge control "
+                            "(lower left is better)"))  # fmt: skip
     save_figure(fig, path)
 
 
