@@ -127,27 +127,6 @@ def _model_info(src: Path) -> SimpleNamespace:
     )  # fmt: skip
 
 
-def _batches(args: argparse.Namespace, info: SimpleNamespace) -> tuple[list[Any], dict[str, Any]]:
-    sources = list(args.calib)
-    files = [s for s in sources if _calib.is_token_file(s)]
-    if files:
-        if len(files) != len(sources):
-            raise ValueError("--calib takes either text (files or 'stdlib') or token-id files (.safetensors/.jsonl), not both")
-        batches = _calib.token_file_batches(files, vocab_size=info.vocab, batch_size=args.batch_size, decoder=info.decoder)
-        rows = sum(int((b if not isinstance(b, dict) else b["input_ids"]).shape[0]) for b in batches)
-        return batches, {"sources": sources, "rows": rows, "tokenizer": "token-id files"}
-    data = _calib.read_calibration_bytes(sources)
-    seq_len = min(args.seq_len, info.context or args.seq_len)
-    if info.tokenizer is not None:
-        windows = _calib.token_windows(data, info.tokenizer, samples=args.calib_samples, seq_len=seq_len)
-        tokens = "model"
-    else:
-        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=info.vocab)
-        tokens = "bytes" if info.kind == "moekit" else "bytes % vocab_size"
-    batches = _calib.to_batches(windows, args.batch_size)
-    return batches, {"sources": sources, "rows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "tokenizer": tokens}
-
-
 def _spec(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     from ..merging.lowrank import LowRankOptions
     from ..merging.pipeline import CompressionSpec
@@ -189,7 +168,10 @@ def _run(args: argparse.Namespace) -> int:
               f"(give a smaller --experts, or --rank for the low-rank step); nothing written")  # fmt: skip
         return 0
     spec = _spec(args, options)
-    batches, calibration = _batches(args, info)
+    batches, calibration = _calib.calibration_batches(
+        args, vocab_size=info.vocab, context=info.context, tokenizer=info.tokenizer, decoder=info.decoder,
+        byte_level=info.kind == "moekit",
+    )  # fmt: skip
     settings = {"calibration_sources": calibration}
     report = compress_checkpoint(src, args.out, batches, spec, max_memory=args.max_memory, resume=args.resume,
                                  overwrite=args.overwrite, quiet=args.quiet, settings=settings)  # fmt: skip

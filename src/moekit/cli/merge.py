@@ -52,13 +52,7 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged (default: none)")
     p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping (default: the method's own)")
-    p.add_argument(
-        "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
-        help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
-    )  # fmt: skip
-    p.add_argument("--calib-samples", type=at_least(1), default=64, help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seq-len", type=at_least(1), default=128, help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=at_least(1), default=8, help="calibration batch size (default: %(default)s)")
+    _calib.add_calib_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of random grouping (default: %(default)s)")
     add_out(p, what="the merged checkpoint and merge_report.json", required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -116,11 +110,10 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
         raise ValueError(f"{str(src)!r} holds a {kind!r} model; text calibration needs a moekit language model")
     model = load_checkpoint(src)
     _check_experts(args.experts, {n: m.experts.num_experts for n, m in moe_layers(model).items()}, src, args.exclude)
-    seq_len = min(args.seq_len, cfg["max_seq_len"])
-    data = _calib.read_calibration_bytes(args.calib)
-    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=cfg["vocab_size"])
+    batches, calibration = _calib.calibration_batches(args, vocab_size=cfg["vocab_size"], context=cfg["max_seq_len"],
+                                                      byte_level=True)  # fmt: skip
     bar = not args.quiet and sys.stderr.isatty()
-    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=not bar, leave=False)
+    batches = tqdm(batches, desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
     merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
@@ -128,7 +121,7 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
         for n, m in moe_layers(merged).items()
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
     return merged, lambda path: write_checkpoint(merged, path), info
 
 
@@ -143,23 +136,18 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
     model = load_hf_model(src)
     blocks = family.blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
-    data = _calib.read_calibration_bytes(args.calib)
-    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
-    if tokenizer is not None:
-        windows = _calib.token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
-    else:
-        vocab = model.config.vocab_size
-        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab)
+    batches, calibration = _calib.calibration_batches(
+        args, vocab_size=model.config.vocab_size, context=getattr(model.config, "max_position_embeddings", None),
+        tokenizer=tokenizer, decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
+    )  # fmt: skip
     before = _params(model)
-    batches = _calib.to_batches(windows, args.batch_size)
     merged = merge_hf_model(model, batches, inplace=True, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
         n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
         for n, b in family.blocks(merged).items()
     }
-    tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
 
     def save(path: Path) -> None:
         with quiet_transformers():
@@ -173,7 +161,7 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 def _run(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
     MERGE_METHODS.entry(args.method)
-    inputs = [src, *(c for c in args.calib if c != _calib.STDLIB)]
+    inputs = [src, *_calib.calib_inputs(args.calib)]
     checked_out(args, inputs=inputs)
     meta = _read_config(src)
     start = time.perf_counter()

@@ -36,6 +36,8 @@ class BlockAdapter(abc.ABC):
     """Reads, writes and observes the MoE blocks of one model family (stateless)."""
 
     name: ClassVar[str]
+    #: whether ``write_compressed`` can put a moekit low-rank + sparse bank into this family's blocks
+    compressible: ClassVar[bool] = True
 
     # ----- structure
     @abc.abstractmethod

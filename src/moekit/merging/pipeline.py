@@ -53,6 +53,7 @@ __all__ = [
     "BUDGETS",
     "WeightSource",
     "run_pipeline",
+    "check_request",
     "calibrate",
     "merge_moekit_model",
     "moekit_stack",
@@ -199,6 +200,17 @@ def _fit_to_routing(counts: dict[str, int], routing: dict[str, RoutingSpec], exp
             )
         out[name] = fitted
     return out
+
+
+def check_request(stack: LayerStack, spec: CompressionSpec) -> list[str]:
+    """Errors of a request that cannot be met on ``stack``, before any work (blocks, expert counts,
+    forms, method options, whether the family can hold compressed experts); returns the reduced blocks."""
+    create_method(spec.method, **dict(spec.method_options))
+    blocks = _find_blocks(stack)
+    if spec.lowrank is not None and not stack.adapter.compressible:
+        raise ValueError(f"{stack.adapter.name}: compressed experts (--rank) are not supported for this family; "
+                         "merge or prune only")  # fmt: skip
+    return _check_request(spec, blocks, stack)
 
 
 class _Run:

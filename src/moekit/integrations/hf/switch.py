@@ -37,6 +37,7 @@ class RemappedSwitchRouter(RemappedRouter):
 @register_family
 class SwitchFamily(MoEFamily):
     name = "switch_transformers"
+    compressible = False  # a ModuleDict of experts with per-expert capacity: no moekit bank in its place
     model_types = ("switch_transformers",)
     kind = "mlp"
     experts_key = "num_experts"
