@@ -14,9 +14,10 @@
   ``adapters/`` directory (``save_adapters``: adapters, routers and every other trainable tensor);
   ``load_checkpoint`` puts the adapters back with the same trainable tensors.
 
-Loading is strict and allocates nothing before the checks: the model is first built on the meta
-device (or the instance you pass is used) and its tensor names and shapes are compared with the
-safetensors header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
+Loading is strict and allocates nothing before the checks: every size in the config must fit the
+largest tensor extent in the safetensors header (``check_config_sizes``), then the model is built on
+the meta device (or the instance you pass is used) and its tensor names and shapes are compared with
+the header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
 integer tensors are never cast into float parameters (nor the reverse), NaN/inf weights are refused,
 and a checkpoint of a newer format ``version`` is refused.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "save_checkpoint", "write_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json",
-    "checkpoint_format", "check_format_version", "model_sources", "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
+    "checkpoint_format", "check_format_version", "check_config_sizes", "header_shapes", "model_sources",
+    "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
 ]  # fmt: skip
 
 WEIGHTS_NAME = "model.safetensors"
@@ -234,6 +236,51 @@ def _unregistered_error(directory: Path, meta: Mapping[str, Any]) -> ValueError:
     )
 
 
+#: builder arguments (at any depth of a checkpoint config) that are tensor extents: each must be at most the
+#: largest extent of any tensor in the weights file. ``depth``-like counts are bounded by the tensor count.
+SIZE_KEYS = frozenset({
+    "num_experts", "experts_per_layer", "router_outputs_per_layer", "num_keys", "num_tags", "dim", "hidden",
+    "vocab_size", "max_seq_len", "in_dim", "num_classes", "expert_dim", "expert_hidden", "tower_hidden",
+    "bottleneck", "width", "in_channels", "out_channels", "gate_channels", "out_dim",
+})  # fmt: skip
+COUNT_KEYS = frozenset({"depth"})
+
+
+def _config_sizes(config: Any, path: str = "") -> Iterable[tuple[str, str, int]]:
+    """``(where, key, value)`` for every integer under a size or count key of ``config`` (nested dicts
+    and lists, e.g. ``router_kwargs``, ``tasks``)."""
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "num_experts" and config.get("experts_per_layer") is not None:
+                continue  # only the default of the per-layer sizes (a merged MoELM keeps the original count)
+            if key in SIZE_KEYS or key in COUNT_KEYS:
+                values = value if isinstance(value, (list, tuple)) else [value]
+                for v in values:
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        yield where, str(key), v
+            else:
+                yield from _config_sizes(value, where)
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            yield from _config_sizes(value, f"{path}[{i}]")
+
+
+def check_config_sizes(config: Any, shapes: Mapping[str, Sequence[int]], *, where: str) -> None:
+    """Refuse a checkpoint config whose sizes no tensor of its weights file (``shapes``, from the header)
+    could hold, before anything is built: a corrupt or hostile ``num_experts=10**9`` would otherwise make
+    a router's constructor allocate index tables or loop over experts (even on the meta device)."""
+    extent = max((max(shape, default=1) for shape in shapes.values()), default=1)
+    for name, key, value in _config_sizes(config):
+        limit = len(shapes) if key in COUNT_KEYS else extent
+        if value > limit:
+            what = f"the {len(shapes)} tensors" if key in COUNT_KEYS else f"the largest tensor extent ({extent})"
+            raise ValueError(
+                f"checkpoint config {where!r}: {name}={value} exceeds {what} of its weights: "
+                "the config does not describe these weights (corrupt or edited config.json)"
+            )
+
+
 def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
     name = meta.get("model")
     if name is None:
@@ -248,11 +295,11 @@ def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
         return MODELS.create(name, **meta["config"])
     except TypeError as err:
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r} does not fit {name!r}: {err}") from None
-    except ValueError as err:
+    except (ValueError, RuntimeError, OverflowError) as err:  # RuntimeError: e.g. torch's storage size overflow
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r}: {err}") from None
 
 
-def _header_shapes(weights: Path) -> dict[str, list[int]]:
+def header_shapes(weights: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from a safetensors header (nothing else is read)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -298,14 +345,15 @@ def load_checkpoint(
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
+    shapes = header_shapes(weights)
     if model is not None:
         expected = model.state_dict()
     else:
+        check_config_sizes(meta.get("config"), shapes, where=str(directory / CONFIG_NAME))
         with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
             expected = _build(directory, meta).state_dict()
     against = "the model you passed" if model is not None else f"its config ({meta.get('model')!r})"
-    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, _header_shapes(weights), where=str(weights),
-                       against=against)  # fmt: skip
+    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, shapes, where=str(weights), against=against)
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
