@@ -180,6 +180,8 @@ class RoutingRecorder:
         found: dict[str, tuple[nn.Module, DecisionFn]] = {
             name: (m, _identity) for name, m in model.named_modules() if isinstance(m, Router)
         }
+        given = {id(m) for m, _ in (sources or {}).values()}  # a router named in sources is recorded under that name
+        found = {n: v for n, v in found.items() if id(v[0]) not in given}
         found.update(sources or {})
         if layers is not None:
             wanted = list(layers)
