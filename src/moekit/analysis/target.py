@@ -85,13 +85,15 @@ def load_analysis_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[s
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of an experiment directory: its checkpoint, its evaluation set (None: pick by model) and
-    the data settings recorded in ``results.json``'s ``config`` (used when there is no evaluation set)."""
+    """One run of an experiment directory: its checkpoint, its evaluation set (None: pick by model), the
+    data settings recorded in ``results.json``'s ``config`` (used when there is no evaluation set) and
+    the evaluation batch size (``"eval_batch_size"``, per run or at the top; None: not recorded)."""
 
     name: str
     checkpoint: Path
     eval_set: Path | None
     data: dict[str, Any]
+    batch_size: int | None = None  # the experiment's evaluation batch (batch-dependent routers: expert choice)
 
 
 def read_runs(path: str | os.PathLike[str]) -> dict[str, RunSpec]:
@@ -111,8 +113,10 @@ def read_runs(path: str | os.PathLike[str]) -> dict[str, RunSpec]:
     for r in info.get("runs", []) if isinstance(info.get("runs"), list) else []:
         if isinstance(r, dict) and r.get("checkpoint") and r.get("name"):
             eval_set = r.get("eval_set") or shared
+            batch = r.get("eval_batch_size") or info.get("eval_batch_size")
             runs[str(r["name"])] = RunSpec(str(r["name"]), path / r["checkpoint"], path / eval_set if eval_set else None,
-                                           {k: v for k, v in data.items() if v is not None})  # fmt: skip
+                                           {k: v for k, v in data.items() if v is not None},
+                                           int(batch) if isinstance(batch, int) and batch > 0 else None)  # fmt: skip
     if not runs:
         raise ValueError(f"{str(results)!r} lists no run with a saved checkpoint (runs need 'name' and 'checkpoint')")
     return runs

@@ -124,4 +124,5 @@ def save_run_models(out: Path, models: Mapping[str, Any], eval_sets: Mapping[str
         path.mkdir(parents=True)
         write_checkpoint(model, path, name=builder, config=config)
     for file, data in (eval_sets or {}).items():
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
         data.save(out / file)

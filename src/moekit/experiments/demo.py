@@ -57,6 +57,8 @@ DEMO_RUNS: tuple[DemoRun, ...] = (
 
 #: the first seed's test digits (with the example ids hash routing reads), for moekit analyze
 EVAL_SET = "eval_set.safetensors"
+#: test examples per forward (expert choice routing depends on the batch); recorded for moekit analyze
+EVAL_BATCH = 512
 #: the configuration every other one is compared with
 REFERENCE = DEMO_RUNS[0].label
 
@@ -135,7 +137,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
                 history = train_classifier(model, (data.x_train, data.y_train), aux_weights=conf.aux_weights,
                                            meta_fn=train_meta, progress=False, **train)  # fmt: skip
                 with RoutingRecorder(model) as rec:
-                    acc, _ = evaluate_classifier(model, data.x_test, data.y_test, meta_fn=test_meta)
+                    acc, _ = evaluate_classifier(model, data.x_test, data.y_test, meta_fn=test_meta,
+                                                 batch_size=EVAL_BATCH)  # fmt: skip
                 metrics = rec.metrics()["blocks.0.router"].as_dict()
                 timing["runs"][f"{conf.label}/s{seed}"] = {"train_s": sum(e.pop("seconds") for e in history)}
                 run = {"name": f"{run_slug(conf.label)}-s{seed}", "label": conf.label, "router": conf.router,
@@ -154,6 +157,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
         "configurations": [asdict(c) for c in configurations],
         "data": {"name": "sklearn digits", "train": len(data.y_train), "test": len(data.y_test)},
         "eval_set": EVAL_SET,
+        "eval_batch_size": EVAL_BATCH,
         "runs": runs,
         TIMING_KEY: timing,
     }
