@@ -334,8 +334,8 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("comet:plus-gamma-nan", f"{_R.format('comet')} --plus-gamma nan", "--plus-gamma must be a finite number"),
     ("comet:idx-data-without-idx-dir", f"{_R.format('comet')} --datasets multimnist", "needs idx_dir"),
     ("comet:missing-idx-dir", f"{_R.format('comet')} --datasets multimnist --idx-dir {{I}}/nope", "'{I}/nope"),
-    ("mcsmoe:train-steps-0", f"{_R.format('mcsmoe')} --train-steps 0", "argument --train-steps: must be >= 1, got 0"),
-    ("mcsmoe:recovery-steps-negative", f"{_R.format('mcsmoe')} --recovery-steps -1", "argument --recovery-steps: must be >= 1"),
+    ("mcsmoe:train-steps-0", f"{_R.format('mcsmoe')} --train-steps 0", "--train-steps must be >= 1, got 0"),
+    ("mcsmoe:recovery-steps-negative", f"{_R.format('mcsmoe')} --recovery-steps -1", "--recovery-steps must be >= 1, got -1"),
     ("reproduce:unknown-experiment", "reproduce nope --out {O}", "argument EXPERIMENT: invalid choice: 'nope'"),
     ("moekit:unknown-command", "nope", "argument COMMAND: invalid choice: 'nope'"),
 ]})  # fmt: skip

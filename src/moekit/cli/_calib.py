@@ -12,12 +12,10 @@ Windows are spread evenly over the text (deterministic, no randomness).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-from torch import Tensor
-
-from .._checks import check_int
+if TYPE_CHECKING:  # torch loads when calibration runs, not for moekit --help
+    from torch import Tensor
 
 __all__ = ["STDLIB", "read_calibration_bytes", "byte_windows", "token_windows", "to_batches", "find_tokenizer"]
 
@@ -48,12 +46,18 @@ def read_calibration_bytes(sources: Sequence[str], *, max_bytes: int = 2_000_000
 
 
 def _starts(total: int, length: int, samples: int) -> list[int]:
+    import torch
+
     span = max(total - length, 0)
     return sorted({int(s) for s in torch.linspace(0, span, samples).round().long().tolist()})
 
 
 def byte_windows(data: bytes, *, samples: int, seq_len: int, vocab_size: int) -> Tensor:
     """Up to ``samples`` windows of ``seq_len`` byte tokens (shorter text: one shorter window): ``[N, S]``."""
+    import torch
+
+    from .._checks import check_int
+
     check_int("samples", samples, low=1)
     check_int("seq_len", seq_len, low=1)
     ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() % vocab_size
@@ -64,6 +68,10 @@ def byte_windows(data: bytes, *, samples: int, seq_len: int, vocab_size: int) ->
 def token_windows(data: bytes, tokenizer: Any, *, samples: int, seq_len: int) -> Tensor:
     """Up to ``samples`` windows of ``seq_len`` tokenizer ids: ``[N, S]`` (S shrinks to the shortest
     window when the text is short). Each window tokenises a byte chunk of about 8 bytes per token."""
+    import torch
+
+    from .._checks import check_int
+
     check_int("samples", samples, low=1)
     check_int("seq_len", seq_len, low=1)
     chunk = 8 * seq_len
@@ -81,6 +89,8 @@ def token_windows(data: bytes, tokenizer: Any, *, samples: int, seq_len: int) ->
 
 def to_batches(windows_NS: Tensor, batch_size: int) -> list[Tensor]:
     """Split ``[N, S]`` into batches of up to ``batch_size`` rows."""
+    from .._checks import check_int
+
     check_int("batch_size", batch_size, low=1)
     return list(windows_NS.split(batch_size))
 

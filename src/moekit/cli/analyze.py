@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ._options import add_out, checked_out
 
 DEFAULT_ROOT = Path("moekit-runs/analyze")
+SUMMARY = "routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE"
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +31,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "analyze",
-        help="routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE",
+        help=SUMMARY,
         description=(__doc__ or "").split("\n\n", 1)[1],
     )
     p.add_argument("path", help="a moekit checkpoint, an expert-parallel checkpoint, a Hugging Face MoE directory, "

@@ -11,11 +11,10 @@ Paper: Li et al., ICLR 2024, https://arxiv.org/abs/2310.01334.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,11 +29,10 @@ from ..merging.pipeline import merge_moekit_model
 from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import evaluate_bpb, train_lm
-from ..cli._options import add_out, at_least, checked_out
 from ..reporting import atomic_directory, check_output_dir, environment, write_json
 from .mcsmoe_report import write_report
 
-__all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe", "add_reproduce_parser"]
+__all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe"]
 
 
 @dataclass(frozen=True)
@@ -193,26 +191,3 @@ def _compress(merged: torch.nn.Module, teacher: torch.nn.Module, corpus: ByteCor
     packed = pack_compressed(student, inplace=True)  # only the kept residual rows are stored
     return {"label": "MC-SMoE (M-SMoE + compression)", "method": "mcsmoe", "target": target, "form": "exact",
             "recovery": True, "merge_s": time.perf_counter() - t, **_measure(packed, val, cfg, checkpoint=True)}  # fmt: skip
-
-
-def add_reproduce_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("mcsmoe", help="MC-SMoE: merge, then compress, a byte-level MoE LM")
-    add_out(parser, "reproduce", "mcsmoe", what="report.md, results.json and a PNG")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--train-steps", type=at_least(1), default=None)
-    parser.add_argument("--recovery-steps", type=at_least(1), default=None)
-    parser.add_argument("--compress-steps", type=at_least(1), default=None)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    checked_out(args)
-    cfg = McSmoeConfig.quick() if args.quick else McSmoeConfig()
-    overrides = {"seed": args.seed, "train_steps": args.train_steps, "recovery_steps": args.recovery_steps,
-                 "compress_steps": args.compress_steps}  # fmt: skip
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
-    print(f"wrote {Path(args.out) / 'report.md'}")
-    return 0
