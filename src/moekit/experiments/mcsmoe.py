@@ -118,10 +118,12 @@ def _measure(model: torch.nn.Module, val: torch.Tensor, cfg: McSmoeConfig, *, ch
 
 
 def run_mcsmoe(
-    cfg: McSmoeConfig, out_dir: str | Path | None = None, *, overwrite: bool = False, quiet: bool = False
+    cfg: McSmoeConfig, out_dir: str | Path | None = None, *, overwrite: bool = False, quiet: bool = False,
+    smoke_run: bool = False,
 ) -> dict[str, Any]:
     """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set
-    (absent or empty, or with ``overwrite`` an earlier output of moekit)."""
+    (absent or empty, or with ``overwrite`` an earlier output of moekit). ``smoke_run`` labels a
+    ``--quick`` run as such in the report and plot."""
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     torch.manual_seed(cfg.seed)
@@ -167,7 +169,7 @@ def run_mcsmoe(
                 recovered[target] = merged
         rows.append(_compress(recovered[target], model, corpus, val, cfg, target, quiet))
     results = {
-        "experiment": "mcsmoe", "paper": "https://arxiv.org/abs/2310.01334", "config": asdict(cfg),
+        "experiment": "mcsmoe", "paper": "https://arxiv.org/abs/2310.01334", "smoke_run": smoke_run, "config": asdict(cfg),
         "environment": environment(), "corpus": corpus.describe(), "train_time_s": train_time,
         "train_loss_first_last": [losses[0], losses[-1]] if losses else [], "rows": rows,
     }  # fmt: skip

@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, OPTIONS, McSmoeConfig.quick() if args.quick else McSmoeConfig())
     checked_out(args)
-    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet, smoke_run=args.quick)
     print(f"report written to {args.out}/report.md")
     return 0
