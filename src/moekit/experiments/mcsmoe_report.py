@@ -45,7 +45,7 @@ def _figure(results: dict[str, Any]) -> Any:
     rows = results["rows"]
     targets = results["config"]["targets"]
     full, control = rows[0]["val_bpb"], rows[1]["val_bpb"]
-    fig = plt.figure(figsize=(6.0 * len(targets), 9.5), layout="constrained")
+    fig = plt.figure(figsize=(6.8 * len(targets), 9.5), layout="constrained")
     grid = fig.add_gridspec(2, len(targets), height_ratios=(1.0, 1.1))
     for col, target in enumerate(targets):
         ax = fig.add_subplot(grid[0, col])
