@@ -1,8 +1,8 @@
 """``moekit eval``: evaluate a (compressed) MoE language model on held-out text.
 
-    moekit eval merged/ --reference original/ --out reports/eval-merged
+    moekit eval merged/ --reference original/ --out moekit-runs/eval/merged
     moekit eval my-hf-model/ --data corpus.jsonl --tasks perplexity,generate
-    moekit eval merged/ --compare reports/eval-other      # paired against an earlier run
+    moekit eval merged/ --compare moekit-runs/eval/other   # paired against an earlier run
 
 MODEL is a moekit checkpoint or a Hugging Face model directory (only read). Without ``--out`` the
 markdown report is printed; with it, ``results.json``, ``items.jsonl`` and ``report.md`` are written
