@@ -119,3 +119,61 @@ def test_experiment_directory_lists_runs_and_analyses_one(tmp_path: Path, capsys
     text = (out / "report.md").read_text()
     assert "Run `switch` of `experiment`" in text and "40 vectors of my own" in text and "NMI colour" in text
     _all_pngs_ok(out)
+
+
+# ----- every experiment's output directory is analyzable (end to end, --quick runs)
+def _reproduced_metric(results: dict, name: str) -> float:
+    """The test metric the experiment reported for run ``name`` (COMET: mean over the tasks)."""
+    run = next(r for r in results["runs"] if r["name"] == name)
+    if results["experiment"] != "comet":
+        return run["accuracy"]
+    trial = results["datasets"][run["dataset"]]["replicates"][0]["trials"][run["gate"]][run["trial"]]
+    return sum(trial["test"]["metric"]) / len(trial["test"]["metric"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "runs"), [
+    (["demo", "--routers", "hash,expert_choice"], ["hash-example-id-s0", "expert-choice-s0"]),
+    (["reproduce", "smear", "--methods", "smear,tag,dense_1x_compute"], ["smear-s0", "tag-s0"]),
+    (["reproduce", "comet", "--datasets", "synthetic"], ["synthetic-comet-plus", "synthetic-hash"]),
+], ids=["demo", "smear", "comet"])  # fmt: skip
+def test_experiment_outputs_list_their_runs_and_analyze_reproduces_each_metric(tmp_path: Path, capsys, command,
+                                                                               runs) -> None:  # fmt: skip
+    out = tmp_path / "experiment"
+    assert main([*command, "--quick", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["analyze", str(out), "--list-runs"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    if command[-1] == "synthetic":  # COMET: the best trial of every gate
+        assert listed == [f"synthetic-{g.replace('+', '-plus')}" for g in results["config"]["gates"]]
+    else:  # only routed models are saved (SMEAR's dense baselines have no router)
+        assert sorted(listed) == sorted(runs)
+    for name in runs:
+        report = tmp_path / f"report-{name}"
+        assert main(["analyze", str(out), "--run", name, "--out", str(report), "--quiet", "--no-interventions"]) == 0
+        analysis = json.loads((report / "analysis.json").read_text())
+        assert analysis["metric"] == pytest.approx(_reproduced_metric(results, name), abs=1e-6)
+        assert analysis["layers"] and f"Run `{name}`" in (report / "report.md").read_text()
+        _all_pngs_ok(report)
+
+
+def test_comet_checkpoint_configs_rebuild_every_gate() -> None:
+    """``gate_spec`` (what a saved COMET model's config says) builds what ``build_gate`` builds."""
+    from moekit.experiments.comet import DATASETS, GATES, build_gate, gate_spec
+    from moekit.registry import create_router
+
+    spec, hp = DATASETS["synthetic"], {"lr": 1e-3, "gamma": 0.5}
+    for gate in GATES:
+        torch.manual_seed(0)
+        built = build_gate(gate, hp, dim=12, spec=spec, num_keys=50, learn_steps=7, seed=3)
+        name, kwargs = gate_spec(gate, hp, spec=spec, num_keys=50, learn_steps=7, seed=3)
+        torch.manual_seed(0)
+        rebuilt = create_router(name, dim=12, num_experts=spec.num_experts, **kwargs)
+        assert type(rebuilt) is type(built), gate
+        a, b = built.state_dict(), rebuilt.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), gate
+        x = torch.randn(9, 12)
+        meta = {"example_id": torch.arange(9)}
+        built.eval(), rebuilt.eval()
+        assert torch.equal(built(x, meta=meta).gates_TE(), rebuilt(x, meta=meta).gates_TE()), gate

@@ -23,6 +23,59 @@ def _subparser(words: tuple[str, ...]) -> argparse.ArgumentParser:
     return parser
 
 
+def _walk(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
+    """Every parser of the argparse tree: ``(command words, parser)``."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*words, name))
+
+
+ALL = list(_walk(build_parser()))
+LEAVES = [(w, p) for w, p in ALL if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)]
+
+
+@pytest.mark.parametrize(("words", "parser"), ALL, ids=[" ".join(w) or "moekit" for w, _ in ALL])
+def test_every_help_explains_every_option_and_shows_its_default(words, parser) -> None:
+    from moekit.cli._help import DefaultsFormatter
+
+    formatter = DefaultsFormatter(" ".join(("moekit", *words)))
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        flag = f"moekit {' '.join(words)} {action.option_strings[0]}"
+        assert action.help, f"{flag} has no help text"
+        shown = formatter._get_help_string(action) % {"default": action.default}
+        if action.nargs != 0 and not action.required:  # flags (store_true) need no default
+            assert "default" in shown.lower(), f"{flag} shows no default: {shown!r}"
+    parser.format_help()  # renders (no bad % formats)
+
+
+@pytest.mark.parametrize(("words", "parser"), LEAVES, ids=[" ".join(w) for w, _ in LEAVES])
+def test_every_command_has_quiet_and_writes_under_moekit_runs_by_default(words, parser) -> None:
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    assert "--quiet" in flags, f"moekit {' '.join(words)} has no --quiet"
+    if words == ("eval",):  # prints its report; --out also writes it
+        assert flags["--out"].default is None and "print the report" in flags["--out"].help
+        return
+    out = flags["--out"]
+    assert not out.required
+    where = out.default if out.default is not None else out.help
+    assert "moekit-runs/" + words[0] in str(where), f"moekit {' '.join(words)} --out defaults to {where!r}"
+
+
+def test_help_of_the_top_command_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\nfrom moekit.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n    main(['--help'])\n"
+            "assert 'reproduce' in out.getvalue()\n"
+            "print(','.join(m for m in ('torch', 'numpy', 'tqdm') if m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip() == ""
+
+
 @pytest.mark.parametrize("words", COMMANDS, ids=" ".join)
 def test_every_option_has_help_and_value_options_show_their_default(words) -> None:
     parser = _subparser(words)

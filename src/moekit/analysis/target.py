@@ -32,7 +32,8 @@ from .evalset import EvalSet
 
 __all__ = [
     "INPUT_KINDS", "BUILTIN_DATA", "input_kind", "load_analysis_model", "read_runs", "resolve_run", "RunSpec",
-    "builtin_eval_set", "default_eval_set", "eval_set_for", "byte_eval_set", "ModelRunner",
+    "builtin_eval_set", "default_eval_set", "eval_set_for", "byte_eval_set", "image_eval_set", "multitask_eval_set",
+    "ModelRunner",
 ]  # fmt: skip
 
 INPUT_KINDS = ("tokens", "images", "vectors")
@@ -84,13 +85,15 @@ def load_analysis_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[s
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of an experiment directory: its checkpoint, its evaluation set (None: pick by model) and
-    the data settings recorded in ``results.json``'s ``config`` (used when there is no evaluation set)."""
+    """One run of an experiment directory: its checkpoint, its evaluation set (None: pick by model), the
+    data settings recorded in ``results.json``'s ``config`` (used when there is no evaluation set) and
+    the evaluation batch size (``"eval_batch_size"``, per run or at the top; None: not recorded)."""
 
     name: str
     checkpoint: Path
     eval_set: Path | None
     data: dict[str, Any]
+    batch_size: int | None = None  # the experiment's evaluation batch (batch-dependent routers: expert choice)
 
 
 def read_runs(path: str | os.PathLike[str]) -> dict[str, RunSpec]:
@@ -110,8 +113,10 @@ def read_runs(path: str | os.PathLike[str]) -> dict[str, RunSpec]:
     for r in info.get("runs", []) if isinstance(info.get("runs"), list) else []:
         if isinstance(r, dict) and r.get("checkpoint") and r.get("name"):
             eval_set = r.get("eval_set") or shared
+            batch = r.get("eval_batch_size") or info.get("eval_batch_size")
             runs[str(r["name"])] = RunSpec(str(r["name"]), path / r["checkpoint"], path / eval_set if eval_set else None,
-                                           {k: v for k, v in data.items() if v is not None})  # fmt: skip
+                                           {k: v for k, v in data.items() if v is not None},
+                                           int(batch) if isinstance(batch, int) and batch > 0 else None)  # fmt: skip
     if not runs:
         raise ValueError(f"{str(results)!r} lists no run with a saved checkpoint (runs need 'name' and 'checkpoint')")
     return runs
@@ -151,7 +156,10 @@ def _stdlib(seq_len: int, samples: int) -> EvalSet:
     )  # fmt: skip
 
 
-def _image_set(data: Any, what: str, group_names: dict[str, tuple[str, ...]] | None = None) -> EvalSet:
+def image_eval_set(data: Any, what: str, group_names: dict[str, tuple[str, ...]] | None = None) -> EvalSet:
+    """The test part of an ``ImageSplit`` as an evaluation set: metadata with repeated values become
+    groups (domain), example ids and domains the routing metadata (``example_ids``, ``tag``) the hash,
+    tag and adapter routers read."""
     groups = {k: v for k, v in data.meta_test.items() if v.unique().numel() < v.numel()}  # ids are not groups
     route_meta = {"example_ids": data.meta_test["example_id"]} if "example_id" in data.meta_test else {}
     if "domain" in data.meta_test:
@@ -194,19 +202,19 @@ def builtin_eval_set(
 
         size = image_size or 32
         data = load_digit_images(size=size, channels=channels, seed=seed).subset(num_train, num_test)
-        return _image_set(data, f"scikit-learn's digits upscaled to {channels}x{size}x{size}")
+        return image_eval_set(data, f"scikit-learn's digits upscaled to {channels}x{size}x{size}")
     if name == "domain-digits":
         from ..data.domains import DOMAINS, load_domain_digits
 
         size = image_size or 16
         data = load_domain_digits(size=size, seed=seed).subset(num_train, num_test)
-        return _image_set(data, f"digits rendered in {len(DOMAINS)} visual domains ({size}x{size}, domain as metadata)",
+        return image_eval_set(data, f"digits rendered in {len(DOMAINS)} visual domains ({size}x{size}, domain as metadata)",
                           {"domain": tuple(DOMAINS)})
     if not data_dir:
         raise ValueError(f"data {name!r} needs a data directory with the CIFAR binary files (--data-dir)")
     from ..data.cifar import load_cifar_split
 
-    return _image_set(load_cifar_split(data_dir, name).subset(num_train, num_test), name.upper())
+    return image_eval_set(load_cifar_split(data_dir, name).subset(num_train, num_test), name.upper())
 
 
 def _multitask_set(name: str, *, in_dim: int | None, num_tasks: int, seed: int) -> EvalSet:
@@ -220,12 +228,19 @@ def _multitask_set(name: str, *, in_dim: int | None, num_tasks: int, seed: int) 
 
         split = make_synthetic_multitask(dim=in_dim or 100, num_tasks=num_tasks, seed=seed)
         what = f"the synthetic regression tasks of Ma et al. (dim {split.num_features}, {num_tasks} tasks)"
+    return multitask_eval_set(split, name, what)
+
+
+def multitask_eval_set(split: Any, name: str, what: str, route_meta: dict[str, Tensor] | None = None) -> EvalSet:
+    """The test part of a ``MultiTaskSplit``: every task's targets; the first classification task's
+    classes are the labels, the other tasks' classes groups; ``route_meta`` e.g. hash keys ``[N]``."""
     first = next((i for i, spec in enumerate(split.tasks) if spec.kind == "classification"), None)
     labels = None if first is None else split.ys_test[first]
     names = tuple(str(i) for i in range(split.tasks[first].num_outputs)) if first is not None else ()
     groups = {f"{t.name} class": y for i, (t, y) in enumerate(zip(split.tasks, split.ys_test))
               if t.kind == "classification" and i != first}  # fmt: skip
-    return EvalSet(split.x_test, labels, tuple(split.ys_test), groups=groups, class_names=names, name=name,
+    return EvalSet(split.x_test, labels, tuple(split.ys_test), route_meta=dict(route_meta or {}), groups=groups,
+                   class_names=names, name=name,
                    description=f"the {split.x_test.shape[0]} test examples of {what}",
                    label_name="label" if first is None else f"{split.tasks[first].name} class")  # fmt: skip
 

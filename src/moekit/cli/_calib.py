@@ -6,26 +6,27 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from ..data.calibration import (
-    STDLIB,
-    byte_windows,
-    find_tokenizer,
-    is_token_file,
-    read_calibration_bytes,
-    to_batches,
-    token_file_batches,
-    token_windows,
-)
 from ._options import at_least
 
-__all__ = [
-    "STDLIB", "add_calib_options", "calib_inputs", "calibration_batches", "byte_windows", "find_tokenizer", "is_token_file",
-    "read_calibration_bytes", "to_batches", "token_file_batches", "token_windows",
-]
+#: read from ``moekit.data.calibration`` on first use (it imports torch; ``moekit --help`` must not)
+_DATA_NAMES = frozenset({"STDLIB", "byte_windows", "find_tokenizer", "is_token_file", "read_calibration_bytes",
+                         "to_batches", "token_file_batches", "token_windows"})  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATA_NAMES:
+        from ..data import calibration
+
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["add_calib_options", "calib_inputs", "calibration_batches"]
 
 
 def add_calib_options(parser: argparse.ArgumentParser) -> None:
     """``--calib``, ``--calib-samples``, ``--seq-len``, ``--batch-size`` (shared by merge and compress)."""
+    from ..data.calibration import STDLIB
+
     parser.add_argument(
         "--calib", nargs="+", default=[STDLIB], metavar="SOURCE",
         help="calibration text file(s), 'stdlib' for the Python standard library sources, or token-id files "
@@ -40,6 +41,8 @@ def add_calib_options(parser: argparse.ArgumentParser) -> None:
 
 def calib_inputs(sources: Sequence[str]) -> list[str]:
     """The ``--calib`` entries that are files (the inputs an output directory must not overlap)."""
+    from ..data.calibration import STDLIB
+
     return [s for s in sources if s != STDLIB]
 
 
@@ -51,6 +54,10 @@ def calibration_batches(
     they are (``sources``, ``rows``, ``tokens``, ``tokenizer``). Text: windows of the ``tokenizer``'s ids,
     else of bytes (``% vocab_size``; ``byte_level``: the model's own tokens are bytes); token-id files:
     their rows as they are."""
+    from ..data.calibration import (
+        byte_windows, is_token_file, read_calibration_bytes, to_batches, token_file_batches, token_windows,
+    )  # fmt: skip
+
     sources = list(args.calib)
     files = [s for s in sources if is_token_file(s)]
     if files:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ._options import add_out, checked_out
 
 DEFAULT_ROOT = Path("moekit-runs/analyze")
+SUMMARY = "routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE"
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +31,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "analyze",
-        help="routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE",
+        help=SUMMARY,
         description=(__doc__ or "").split("\n\n", 1)[1],
     )
     p.add_argument("path", help="a moekit checkpoint, an expert-parallel checkpoint, a Hugging Face MoE directory, "
@@ -51,7 +52,9 @@ def register(subparsers: Any) -> None:
                    help="language models: tokens per window, capped at the model's context (default: %(default)s)")
     p.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="analyse N examples spread evenly over the data (windows for language models) (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="examples per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="examples per forward pass (default: the run's evaluation batch when recorded, else 256; "
+                   "expert-choice routing depends on it)")
     p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
                    help="t-SNE plots of the gate logits, coloured by label (slow: tens of seconds per layer on "
                    "2 cores) (default: off)")
@@ -179,7 +182,8 @@ def _run(args: argparse.Namespace) -> int:
                             seq_len=args.seq_len, samples=args.calib_samples)  # fmt: skip
     if args.max_examples is not None:
         data = data.spread(args.max_examples)
-    runner = ModelRunner(model, data, batch_size=args.batch_size)
+    batch_size = args.batch_size or (run.batch_size if run is not None else None) or 256
+    runner = ModelRunner(model, data, batch_size=batch_size)
     log(f"data: {runner.describe()}; metric: {runner.metric_name}")
     tokens = data.inputs.numel() if data.kind == "tokens" else len(data)
     result = analyze_model(

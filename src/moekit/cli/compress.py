@@ -22,12 +22,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..merging import BUDGETS, FORMS
-from ..merging.memory import format_size, parse_size
-from ..merging.pipeline import PROPAGATIONS
 from . import _calib
 from ._methods import add_method_options, method_options
-from ._options import add_out, add_quiet, at_least, checked_out, positive_float
+from ._options import add_out, add_quiet, at_least, checked_out, default_out, positive_float
+
+SUMMARY = "merge / prune / low-rank-compress a MoE checkpoint, streamed layer by layer"
 
 DESCRIPTION = """Merge, prune and low-rank-compress a MoE checkpoint, streamed one decoder layer at a time
 within --max-memory; resumable (--resume), the output appears only when complete and checked.
@@ -39,6 +38,8 @@ within --max-memory; resumable (--resume), the output appears only when complete
 
 
 def _size(text: str) -> int:
+    from ..merging.memory import parse_size
+
     try:
         return parse_size(text)
     except ValueError as err:
@@ -56,10 +57,12 @@ def _fraction(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
+    from ..merging import BUDGETS, FORMS
+    from ..merging.pipeline import PROPAGATIONS
     from ..registry import EXPERT_METHODS
 
     p = subparsers.add_parser(
-        "compress", help="merge / prune / low-rank-compress a MoE checkpoint, streamed layer by layer",
+        "compress", help=SUMMARY,
         description=DESCRIPTION,
     )  # fmt: skip
     p.add_argument("input", help="Hugging Face model directory or moekit checkpoint (only read)")
@@ -97,7 +100,7 @@ def register(subparsers: Any) -> None:
     _calib.add_calib_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command (bit-identical result)")  # fmt: skip
-    add_out(p, what="the compressed checkpoint and compress_report.json", required=True)
+    add_out(p, what="the compressed checkpoint and compress_report.json", default_help="moekit-runs/compress/<input name>")
     add_quiet(p)
     add_method_options(p)
     p.set_defaults(func=_run)
@@ -150,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..registry import EXPERT_METHODS
 
     src = Path(args.input)
+    if args.out is None:
+        args.out = default_out("compress", src.resolve().name)
     EXPERT_METHODS.entry(args.method)
     options = method_options(args, args.method)
     create_method(args.method, **options)  # a bad option value fails now, before any work
@@ -183,6 +188,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _summary(r: dict[str, Any]) -> None:
+    from ..merging.memory import format_size
+
     before, after = r["weights_bytes_before"], r["weights_bytes_after"]
     counts = list(r["experts_per_block"].values())
     low = r.get("lowrank")

@@ -19,11 +19,14 @@ OPTIONS = (
 )
 
 
+SUMMARY = "train MoE classifiers with several routers and balancing losses on embedded digits"
+
+
 def register(subparsers: Any) -> None:
     from ..experiments.demo import DemoConfig
 
     p = subparsers.add_parser(
-        "demo", help="train MoE classifiers with several routers and balancing losses on embedded digits",
+        "demo", help=SUMMARY,
         description="Train one small MoE classifier per router/balancing configuration and seed on scikit-learn's "
         "digits, print the table (accuracy with 95%% intervals, CV, living experts, time) and write report.md, "
         "results.json and utilisation.png into --out.",

@@ -1,8 +1,8 @@
 """``moekit eval``: evaluate a (compressed) MoE language model on held-out text.
 
-    moekit eval merged/ --reference original/ --out reports/eval-merged
+    moekit eval merged/ --reference original/ --out moekit-runs/eval/merged
     moekit eval my-hf-model/ --data corpus.jsonl --tasks perplexity,generate
-    moekit eval merged/ --compare reports/eval-other      # paired against an earlier run
+    moekit eval merged/ --compare moekit-runs/eval/other   # paired against an earlier run
 
 MODEL is a moekit checkpoint or a Hugging Face model directory (only read). Without ``--out`` the
 markdown report is printed; with it, ``results.json``, ``items.jsonl`` and ``report.md`` are written
@@ -18,15 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.documents import STDLIB
 from ._options import add_out, checked_out
+
+SUMMARY = "evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation"
 
 
 def register(subparsers: Any) -> None:
+    from ..evaluation.documents import STDLIB
     from ..evaluation.harness import TASKS, EvalSettings
 
     d = EvalSettings()
-    p = subparsers.add_parser("eval", help="evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation")
+    p = subparsers.add_parser("eval", help=SUMMARY)
     p.add_argument("model", help="moekit checkpoint or Hugging Face model directory (only read)")
     p.add_argument("--data", nargs="+", default=[STDLIB], metavar="SOURCE",
                    help="'stdlib' (held-out stdlib files, default) or text / .jsonl / .safetensors token-id files")  # fmt: skip

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .. import __version__
 from ._help import HelpParser, one_line
@@ -22,23 +22,40 @@ from ._help import HelpParser, one_line
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = HelpParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
-    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
-    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HelpParser)
+def commands() -> dict[str, Any]:
+    """``{command: module}`` of every subcommand module (cheap to import: heavy imports live in its
+    ``register`` and its run function)."""
     package = importlib.import_module("moekit.cli")
+    found = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name in ("main", "__main__") or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"moekit.cli.{info.name}")
         if hasattr(module, "register"):
+            found[info.name] = module
+    return found
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``moekit`` parser. With ``argv``, only the command it names is built in full (the others
+    appear with their one-line ``SUMMARY``), so ``moekit --help`` imports no torch; without, all are."""
+    parser = HelpParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HelpParser)
+    modules = commands()
+    wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for name, module in modules.items():
+        if wanted is None or wanted == name:
             module.register(subparsers)
+        else:
+            subparsers.add_parser(name, help=module.SUMMARY)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a refused argument (already printed)

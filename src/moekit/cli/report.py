@@ -15,9 +15,12 @@ from typing import Any
 from ._options import RUNS_ROOT, add_out, add_quiet, checked_out
 
 
+SUMMARY = "rebuild a report, or a document's generated blocks, from a results JSON"
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "report", help="rebuild a report, or a document's generated blocks, from a results JSON",
+        "report", help=SUMMARY,
         description="Write the report (report.md, PNGs) of a results.json written by `moekit demo` or `moekit "
         "reproduce`, or rewrite the generated blocks (<!-- moekit:generated ... -->) of markdown documents "
         "from the results files they name.",

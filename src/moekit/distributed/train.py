@@ -173,6 +173,6 @@ def train_expert_parallel(
 
 
 if __name__ == "__main__":  # the command line lives in cli/ (argument parsing only there)
-    from moekit.cli.distributed_train import main
+    from moekit.cli._distributed_train import main
 
     sys.exit(main())

@@ -12,7 +12,9 @@ paper, the "+" variants of DSelect-k and COMET fix gamma (``plus_gamma``) instea
 hash routing sends each example to one fixed random expert (k = 1), and top-k has no noise and no
 balancing loss. Each trial trains with early stopping on the validation loss and records its routing
 on the validation set (used to decide whether the trained gate is k-sparse) and on the test set.
-``run_comet(cfg)`` returns the results dict and writes the report when given a directory.
+``run_comet(cfg)`` returns the results dict and writes the report when given a directory, with the
+best trial of every gate and data set in the first replicate (``checkpoints/<data set>-<gate>``) and
+that replicate's test sets (``eval_sets/<data set>.safetensors``) for ``moekit analyze``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from ..models.multitask import MultiGateMoE, MultiTaskOutput
 from ..progress import Progress
 from ..reporting import atomic_directory, check_output_dir, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
-from .common import TIMING_KEY, pinned_threads, results_header
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
 
 __all__ = ["CometConfig", "DatasetSpec", "DATASETS", "GATES", "draw_hparams", "gate_hparams", "build_gate",
-           "load_dataset", "run_trial", "run_comet"]  # fmt: skip
+           "gate_spec", "load_dataset", "run_trial", "run_comet"]  # fmt: skip
 
 PAPER = "https://arxiv.org/abs/2306.02824"
 GATES = ("softmax", "topk", "topk+", "hash", "hash+", "dselect", "dselect+", "comet", "comet+")
@@ -167,6 +169,21 @@ def build_gate(gate: str, hp: dict[str, float], *, dim: int, spec: DatasetSpec, 
     return router
 
 
+def gate_spec(gate: str, hp: dict[str, float], *, spec: DatasetSpec, num_keys: int, learn_steps: int,
+              seed: int) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    """``(router registry name, kwargs)`` that rebuild ``build_gate``'s gate (a saved checkpoint's config)."""
+    base, k = gate.rstrip("+"), gate_k(gate, spec)
+    kwargs: dict[str, Any] = {
+        "softmax": {}, "topk": {"k": k, "noisy": False}, "dselect": {"k": k, "gamma": hp.get("gamma")},
+        "comet": {"k": k, "gamma": hp.get("gamma")},
+        "hash": {"num_keys": num_keys, "k": k, "key": "example_id", "seed": seed},
+    }[base]  # fmt: skip
+    if gate.endswith("+"):
+        inner = {n: v for n, v in kwargs.items() if n != "k"}
+        return "local_search", {"k": k, "base": base, "base_kwargs": inner, "learn_steps": learn_steps}
+    return base, kwargs
+
+
 def load_dataset(name: str, cfg: CometConfig, seed: int) -> MultiTaskSplit:
     if name == "synthetic":
         return make_synthetic_multitask(cfg.synthetic_samples, correlation=cfg.synthetic_correlation, seed=seed)
@@ -234,9 +251,10 @@ def evaluate(model: MultiGateMoE, x: Tensor, ys: list[Tensor], ids: Tensor, k: i
 
 
 def run_trial(data: MultiTaskSplit, gate: str, hp: dict[str, float], spec: DatasetSpec, cfg: CometConfig, *,
-              seed: int, hash_seed: int) -> dict[str, Any]:  # fmt: skip
+              seed: int, hash_seed: int) -> tuple[dict[str, Any], tuple[MultiGateMoE, str, dict[str, Any]] | None]:  # fmt: skip
     """Train one configuration; keep the epoch with the lowest validation loss (sum over tasks); record
-    validation and test results of that epoch (train time under ``"timing"``)."""
+    validation and test results of that epoch (train time under ``"timing"``). Also returns the trained
+    model with its checkpoint builder and config (``save_run_models``), None when every epoch diverged."""
     torch.manual_seed(seed)
     ids = _example_ids(data)
     k = gate_k(gate, spec)
@@ -266,12 +284,16 @@ def run_trial(data: MultiTaskSplit, gate: str, hp: dict[str, float], spec: Datas
     timing = {"train_s": time.perf_counter() - start}
     if best is None:  # diverged at every epoch
         return {"gate": gate, "hparams": hp, "val_loss": None, "best_epoch": None, "val": None, "test": None,
-                TIMING_KEY: timing}  # fmt: skip
+                TIMING_KEY: timing}, None  # fmt: skip
     model.load_state_dict(best[2])
     val = evaluate(model, data.x_val, data.ys_val, ids["val"], k)
     test = evaluate(model, data.x_test, data.ys_test, ids["test"], k)
+    router, router_kwargs = gate_spec(gate, hp, spec=spec, num_keys=num_keys, learn_steps=learn_steps, seed=hash_seed)
+    config = {"in_dim": data.num_features, "tasks": [asdict(t) for t in data.tasks], "num_experts": spec.num_experts,
+              "expert_dim": cfg.expert_dim, "expert_hidden": cfg.expert_hidden, "tower_hidden": cfg.tower_hidden,
+              "router": router, "router_kwargs": router_kwargs}  # fmt: skip
     return {"gate": gate, "hparams": hp, "val_loss": best[0], "best_epoch": best[1] + 1, "val": val, "test": test,
-            TIMING_KEY: timing}  # fmt: skip
+            TIMING_KEY: timing}, (model, "mmoe", config)  # fmt: skip
 
 
 def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
@@ -283,6 +305,9 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: 
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     datasets: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []  # the best trial of each gate and data set in the first replicate
+    models: dict[str, Any] = {}
+    eval_sets: dict[str, Any] = {}
     timing: dict[str, Any] = {"search_s": {}}
     start = time.perf_counter()
     total = len(cfg.datasets) * len(cfg.replicates) * len(cfg.gates) * cfg.trials
@@ -296,28 +321,49 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: 
                 trials: dict[str, list[dict[str, Any]]] = {}
                 for gate in cfg.gates:
                     trials[gate] = []
+                    best_run: tuple[float, int, Any] | None = None
                     for i, draw in enumerate(draws):
-                        trial = run_trial(data, gate, gate_hparams(gate, draw, cfg), spec, cfg,
-                                          seed=10_007 * rep + i, hash_seed=rep)  # fmt: skip
+                        trial, saved = run_trial(data, gate, gate_hparams(gate, draw, cfg), spec, cfg,
+                                                 seed=10_007 * rep + i, hash_seed=rep)  # fmt: skip
+                        if rep == cfg.replicates[0] and saved is not None and (
+                                best_run is None or trial["val_loss"] < best_run[0]):  # fmt: skip
+                            best_run = (trial["val_loss"], i, saved)
                         seconds = trial.pop(TIMING_KEY)["train_s"]
                         timing["search_s"][f"{name}/r{rep}/{gate}"] = timing["search_s"].get(
                             f"{name}/r{rep}/{gate}", 0.0) + seconds  # fmt: skip
                         trials[gate].append(trial)
                         task.advance(note=f"{name} replicate {rep} {gate}")
+                    if best_run is not None:  # saved for moekit analyze
+                        run_name = f"{name}-{gate.replace('+', '-plus')}"
+                        models[run_name] = best_run[2]
+                        runs.append({"name": run_name, "dataset": name, "gate": gate, "replicate": rep,
+                                     "trial": best_run[1], "val_loss": best_run[0],
+                                     "checkpoint": checkpoint_entry(run_name), "eval_set": f"eval_sets/{name}.safetensors"})  # fmt: skip
                     losses = [t["val_loss"] for t in trials[gate] if t["val_loss"] is not None]
                     progress.echo(f"{name:<12} replicate {rep} {gate:<9} best val loss "
                                   f"{min(losses) if losses else float('nan'):.4f}")  # fmt: skip
                 replicates.append({"seed": rep, "sizes": [data.x_train.shape[0], data.x_val.shape[0],
                                                           data.x_test.shape[0]], "trials": trials})  # fmt: skip
+                if rep == cfg.replicates[0]:
+                    eval_sets[f"eval_sets/{name}.safetensors"] = _eval_set(name, data, rep)
             datasets[name] = {"tasks": [asdict(t) for t in data.tasks], "metric": data.tasks[0].metric,
                               "num_experts": spec.num_experts, "k": spec.k, "features": data.num_features,
                               "replicates": replicates}  # fmt: skip
     timing["total_s"] = time.perf_counter() - start
-    results = {**header, "datasets": datasets, TIMING_KEY: timing}
+    results = {**header, "datasets": datasets, "runs": runs, TIMING_KEY: timing}
     if out_dir is not None:
         from .comet_report import write_report
 
         with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_comet") as out:
+            save_run_models(out, models, eval_sets)
             write_json(out / "results.json", results)
             write_report(results, out)
     return results
+
+
+def _eval_set(name: str, data: MultiTaskSplit, seed: int) -> Any:
+    """The replicate's test set with the example ids the hash gates read (``moekit analyze``)."""
+    from ..analysis.target import multitask_eval_set
+
+    what = f"{name} (test split of replicate {seed}, as the experiment)"
+    return multitask_eval_set(data, name, what, route_meta={"example_id": _example_ids(data)["test"]})

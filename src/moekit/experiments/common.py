@@ -12,6 +12,10 @@ Layout shared by all experiments (``results_header`` fills the first part)::
 Everything outside ``"timing"`` is a function of the config (and the machine's library versions): the
 same command with the same seeds and thread count writes the same JSON (tests compare two runs with
 ``without_timing``).
+
+Experiments also save models for ``moekit analyze DIR --run NAME``: runs with a ``"name"`` and a
+``"checkpoint"`` (``checkpoints/<name>``, written by ``save_run_models``) and the data they were
+tested on, ``"eval_set"`` (an ``EvalSet`` file; at the top of the JSON or per run).
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ import importlib.metadata
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from .._checks import check_int
 from ..reporting import environment
 
-__all__ = ["TIMING_KEY", "versions", "results_header", "without_timing", "pinned_threads", "config_dict"]
+__all__ = ["TIMING_KEY", "versions", "results_header", "without_timing", "pinned_threads", "config_dict", "run_slug",
+           "checkpoint_entry", "save_run_models"]  # fmt: skip
 
 #: the one key of a results JSON that holds wall-clock measurements (excluded from rerun comparisons)
 TIMING_KEY = "timing"
@@ -95,3 +101,28 @@ def pinned_threads(threads: int) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_slug(label: str) -> str:
+    """A run label as a directory name: ``"top-2 + aux-free bias"`` -> ``"top-2-aux-free-bias"``."""
+    return "-".join("".join(c if c.isalnum() or c in "-_." else " " for c in label.lower()).split())
+
+
+def checkpoint_entry(name: str) -> str:
+    """Where run ``name``'s model lies in an experiment directory (the results' ``"checkpoint"``)."""
+    return f"checkpoints/{name}"
+
+
+def save_run_models(out: Path, models: Mapping[str, Any], eval_sets: Mapping[str, Any] | None = None) -> None:
+    """Save each run's model to ``out / checkpoint_entry(name)`` (a model, or ``(model, builder name,
+    builder config)`` for models built from ready-made parts) and each ``EvalSet`` to ``out / file``."""
+    from ..checkpoint import write_checkpoint
+
+    for name, model in models.items():
+        model, builder, config = model if isinstance(model, tuple) else (model, None, None)
+        path = out / checkpoint_entry(name)
+        path.mkdir(parents=True)
+        write_checkpoint(model, path, name=builder, config=config)
+    for file, data in (eval_sets or {}).items():
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
+        data.save(out / file)

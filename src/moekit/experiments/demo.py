@@ -4,7 +4,8 @@ For every seed (a new train/test split and initialisation) one small model per c
 trained; the report gives test accuracy, balance (CV of importance and of counts), living experts and
 time, each as a mean with a 95% interval over seeds, every configuration's accuracy paired against the
 dense softmax gate, and a plot of how each configuration uses its experts. ``run_demo(cfg)`` returns
-the results dict and writes ``report.md``, ``results.json`` and PNGs when given a directory.
+the results dict and writes ``report.md``, ``results.json`` and PNGs when given a directory, with the
+first seed's models (``checkpoints/<run>``) and test digits (``eval_set.safetensors``) for ``moekit analyze``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..balancing import AuxFreeBias
 from ..data.digits import DigitsSplit, load_digits_split
 from ..models.classifier import MoEClassifier
 from ..progress import Progress
 from ..reporting import atomic_directory, check_output_dir, write_json
 from ..stats import RoutingRecorder
 from ..training import TrainConfig, evaluate_classifier, train_classifier
-from .common import TIMING_KEY, pinned_threads, results_header
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, run_slug, save_run_models
 
 __all__ = ["DemoRun", "DEMO_RUNS", "DemoConfig", "select_runs", "run_demo"]
 
@@ -55,6 +55,10 @@ DEMO_RUNS: tuple[DemoRun, ...] = (
     DemoRun("hash (example id)", "hash", {"k": 1}, note="fixed random expert per example id: balanced, but blind"),
 )  # fmt: skip
 
+#: the first seed's test digits (with the example ids hash routing reads), for moekit analyze
+EVAL_SET = "eval_set.safetensors"
+#: test examples per forward (expert choice routing depends on the batch); recorded for moekit analyze
+EVAL_BATCH = 512
 #: the configuration every other one is compared with
 REFERENCE = DEMO_RUNS[0].label
 
@@ -98,10 +102,9 @@ def _build(run: DemoRun, data: DigitsSplit, cfg: DemoConfig) -> MoEClassifier:
     kwargs = dict(run.router_kwargs)
     if run.router == "hash":
         kwargs["num_keys"] = data.x_train.shape[0] + data.x_test.shape[0]
-    if run.aux_free_bias:
-        kwargs["balancer"] = AuxFreeBias(cfg.num_experts, rate=1e-2)
+    balancer = {"balancer": "aux_free", "balancer_kwargs": {"rate": 1e-2}} if run.aux_free_bias else {}
     return MoEClassifier(data.num_features, 10, dim=cfg.dim, num_experts=cfg.num_experts, router=run.router,
-                         router_kwargs=kwargs)  # fmt: skip
+                         router_kwargs=kwargs, **balancer)  # fmt: skip  (by name: the checkpoint config rebuilds it)
 
 
 def _meta_fns(data: DigitsSplit) -> tuple[Callable, Callable]:
@@ -119,7 +122,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
     configurations = select_runs(cfg.routers)
-    runs, timing = [], {"runs": {}}
+    runs, models, timing = [], {}, {"runs": {}}
     start = time.perf_counter()
     with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * len(configurations), "demo runs") as task:
         header = results_header("demo", "", cfg, command=command, smoke_run=smoke_run)
@@ -134,12 +137,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
                 history = train_classifier(model, (data.x_train, data.y_train), aux_weights=conf.aux_weights,
                                            meta_fn=train_meta, progress=False, **train)  # fmt: skip
                 with RoutingRecorder(model) as rec:
-                    acc, _ = evaluate_classifier(model, data.x_test, data.y_test, meta_fn=test_meta)
+                    acc, _ = evaluate_classifier(model, data.x_test, data.y_test, meta_fn=test_meta,
+                                                 batch_size=EVAL_BATCH)  # fmt: skip
                 metrics = rec.metrics()["blocks.0.router"].as_dict()
                 timing["runs"][f"{conf.label}/s{seed}"] = {"train_s": sum(e.pop("seconds") for e in history)}
-                runs.append({"label": conf.label, "router": conf.router, "seed": seed, "accuracy": acc,
-                             "final_train_loss": history[-1]["loss"], "history": history,
-                             **{k: v for k, v in metrics.items() if k != "coactivation"}})  # fmt: skip
+                run = {"name": f"{run_slug(conf.label)}-s{seed}", "label": conf.label, "router": conf.router,
+                       "seed": seed, "accuracy": acc, "final_train_loss": history[-1]["loss"], "history": history,
+                       **{k: v for k, v in metrics.items() if k != "coactivation"}}  # fmt: skip
+                if seed == cfg.seeds[0]:  # saved for moekit analyze
+                    models[run["name"]] = model
+                    run["checkpoint"] = checkpoint_entry(run["name"])
+                runs.append(run)
                 task.advance(note=f"{conf.label} seed {seed}: acc {acc:.3f}")
                 progress.echo(f"seed {seed} {conf.label:<27} acc {acc:.3f}  CV(counts) {metrics['cv_counts']:.2f}  "
                               f"living {metrics['living_experts']}/{cfg.num_experts}")  # fmt: skip
@@ -148,13 +156,18 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
         **header,
         "configurations": [asdict(c) for c in configurations],
         "data": {"name": "sklearn digits", "train": len(data.y_train), "test": len(data.y_test)},
+        "eval_set": EVAL_SET,
+        "eval_batch_size": EVAL_BATCH,
         "runs": runs,
         TIMING_KEY: timing,
     }
     if out_dir is not None:
         from .demo_report import write_report
 
+        from ..analysis.target import builtin_eval_set
+
         with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_demo") as out:
+            save_run_models(out, models, {EVAL_SET: builtin_eval_set("digits-flat", seed=cfg.seeds[0])})
             write_json(out / "results.json", results)
             write_report(results, out)
     return results

@@ -8,7 +8,9 @@ after each of its 8 BasicBlocks -- a bottleneck at every spatial position, route
 spatial mean, one expert per domain -- and are trained with a new classifier head on all domains,
 once per method (``METHODS``). Each run keeps the epoch with the best validation accuracy (early
 stopping with ``patience``) and is tested once. ``run_smear(cfg)`` returns the results dict (see
-``moekit.experiments.common`` for its layout) and writes the report when given a directory.
+``moekit.experiments.common`` for its layout) and writes the report when given a directory, with the
+first seed's routed models (``checkpoints/<method>-s<seed>``) and test images (``eval_set.safetensors``) for
+``moekit analyze``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ from ..layers.baselines import ROUTED_METHODS
 from ..models.resnet_moe import BasicBlock, ResNetMoE
 from ..progress import Progress
 from ..reporting import atomic_directory, check_output_dir, write_json
+from ..routers.base import Router
 from ..routers.estimators import reinforce_terms
-from .common import TIMING_KEY, pinned_threads, results_header
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
 
 __all__ = ["METHODS", "SmearConfig", "load_seed_data", "pretrain_backbone", "run_method", "run_smear"]
 
 PAPER = "https://arxiv.org/abs/2306.03745"
 
+#: the first seed's test images (with the domain tags and example ids the routers read), for moekit analyze
+EVAL_SET = "eval_set.safetensors"
 #: every method of the comparison: moekit's routed methods and SMEAR with twice the experts
 METHODS: dict[str, str] = {**ROUTED_METHODS, "smear_2x": "SMEAR with twice as many experts (2E)"}
 
@@ -221,9 +226,10 @@ def _optimizer(model: nn.Module, cfg: SmearConfig) -> tuple[torch.optim.Optimize
     return torch.optim.Adam(groups, lr=cfg.lr), rest + fast
 
 
-def run_method(method: str, seed: int, backbone: ResNetMoE, data: SeedData, cfg: SmearConfig) -> dict[str, Any]:
+def run_method(method: str, seed: int, backbone: ResNetMoE, data: SeedData,
+               cfg: SmearConfig) -> tuple[dict[str, Any], ResNetMoE]:  # fmt: skip
     """Adapters with ``method`` at every block of a copy of the frozen backbone, trained with a new head;
-    the best-validation epoch is tested. Returns the run's record (times under ``"timing"``)."""
+    the best-validation epoch is tested. Returns the run's record (times under ``"timing"``) and the model."""
     torch.manual_seed(seed)
     model = copy.deepcopy(backbone)
     fit, D = data.fit, len(cfg.domains)
@@ -267,7 +273,7 @@ def run_method(method: str, seed: int, backbone: ResNetMoE, data: SeedData, cfg:
             "val_curve": val_curve, "trainable_params": sum(p.numel() for p in params),
             "adapter_params": sum(p.numel() for p in model.moekit_adapters.parameters()),
             "sites": list(adapter_sites(model)), **result,
-            TIMING_KEY: {"train_s": train_s, "infer_ms_per_1k": 1e6 * seconds / data.test.x_test.shape[0]}}  # fmt: skip
+            TIMING_KEY: {"train_s": train_s, "infer_ms_per_1k": 1e6 * seconds / data.test.x_test.shape[0]}}, model  # fmt: skip
 
 
 def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
@@ -281,7 +287,7 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
     progress = progress or Progress.off()
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
-    runs, seeds, timing = [], [], {"pretrain_s": {}, "runs": {}}
+    runs, seeds, models, timing = [], [], {}, {"pretrain_s": {}, "runs": {}}
     start = time.perf_counter()
     with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * len(cfg.methods), "smear runs") as task:
         header = results_header("smear", PAPER, cfg, command=command, smoke_run=smoke_run)
@@ -295,10 +301,14 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
                           "test": data.test.x_test.shape[0], "zero_shot_accuracy": zero_shot["accuracy"],
                           "zero_shot_per_domain": zero_shot["per_domain"]})  # fmt: skip
             for method in cfg.methods:
-                run = run_method(method, seed, backbone, data, cfg)
+                run, model = run_method(method, seed, backbone, data, cfg)
                 timing["runs"][f"{method}/s{seed}"] = run.pop(TIMING_KEY)
+                run["name"] = f"{method}-s{seed}"
                 if seed != cfg.seeds[0]:
                     run["routing"] = {}
+                elif any(isinstance(m, Router) for m in model.modules()):  # routed: saved for moekit analyze
+                    models[run["name"]] = model
+                    run["checkpoint"] = checkpoint_entry(run["name"])
                 runs.append(run)
                 task.advance(note=f"{method} seed {seed}: test {run['accuracy']:.3f}")
             progress.echo(f"seed {seed}: " + ", ".join(f"{r['method']} {r['accuracy']:.3f}"
@@ -311,13 +321,20 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
         "data": {"name": "domain-digits", "domains": list(cfg.domains), "image": list(first.fit.x_train.shape[1:]),
                  "domain_entropy_bits": label_entropy(first.test.meta_test["domain"]) / math.log(2)},
         "seeds": seeds,
+        "eval_set": EVAL_SET,
         "runs": runs,
         TIMING_KEY: timing,
     }  # fmt: skip
     if out_dir is not None:
         from .smear_report import write_report
 
+        from ..analysis.target import image_eval_set
+
+        side = first.test.image_size
+        what = f"digits in {len(cfg.domains)} visual domains ({side}x{side}, split of seed {cfg.seeds[0]})"
+        eval_set = image_eval_set(first.test, what, {"domain": tuple(cfg.domains)})
         with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_smear") as out:
+            save_run_models(out, models, {EVAL_SET: eval_set})
             write_json(out / "results.json", results)
             write_report(results, out)
     return results

@@ -9,6 +9,8 @@ import line below. Needs transformers >= 5 (fused 3D expert tensors). See docs/h
 
 Importing this package also registers moekit's dispatch as the transformers experts implementations
 ``"moekit"`` and ``"moekit_packed"`` (``experts_impl.py``): ``from_pretrained(..., experts_implementation="moekit")``.
+``replace_routers(model, "comet" | "dselect" | "topk", ...)`` (``replace.py``) swaps a model's routers for
+moekit routers and balancers, to fine-tune it in a normal transformers loop.
 """
 
 from . import (  # noqa: F401  (registers the families)
@@ -34,6 +36,7 @@ from .base import FAMILIES, MoEFamily, RemappedRouter, family_for, list_families
 from .io import load_hf_model, save_hf_model
 from .merge import MERGE_CONFIG_KEY, merge_hf_model
 from .moekit_only import mark_moekit_only
+from .replace import MoekitGate, replace_routers
 from .routing import routing_sources
 from .stack import DecoderStack, hf_stack
 
@@ -55,4 +58,6 @@ __all__ = [
     "save_hf_model",
     "load_hf_model",
     "mark_moekit_only",
+    "replace_routers",
+    "MoekitGate",
 ]

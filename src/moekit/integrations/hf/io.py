@@ -11,7 +11,9 @@ temporary sibling directory and renames it into place, so a failure never leaves
   routers with E outputs and an ``expert_map`` buffer, which stock transformers rejects (size
   mismatch). moekit loads them through ``from_pretrained`` of a subclass of the architecture whose
   ``__init__`` first gives each merged block its G experts and ``RemappedRouter``; transformers'
-  loader then fills every tensor as usual (meta-device init, tied weights, dtype, device map).
+  loader then fills every tensor as usual (meta-device init, tied weights, dtype, device map);
+* checkpoints with moekit routers (``config.moekit_routers``, written by ``replace_routers``) are
+  loaded the same way: the subclass puts the recorded moekit routers into the blocks first.
 
 Either way the load is strict (``checks.py``): safetensors only, no missing, unexpected or
 mismatched tensor, no NaN/inf weight; transformers' own load report is silenced.
@@ -30,6 +32,7 @@ from ...reporting import atomic_directory
 from .base import family_for
 from .checks import check_loaded_model, quiet_transformers, require_safetensors
 from .moekit_only import clear_moekit_only, mark_moekit_only
+from .replace import ROUTERS_CONFIG_KEY, apply_router_record, gates
 from .stack import MERGE_CONFIG_KEY
 
 __all__ = ["save_hf_model", "load_hf_model", "layout_class", "architecture", "needs_moekit_layout"]
@@ -57,26 +60,33 @@ def save_hf_model(
     with atomic_directory(directory, overwrite=overwrite, inputs=sources, writer="save_hf_model") as stage:
         with quiet_transformers():
             model.save_pretrained(stage)
-        if needs_moekit_layout(model.config):
-            mark_moekit_only(stage)
+        if isinstance(getattr(model.config, ROUTERS_CONFIG_KEY, None), dict):
+            mark_moekit_only(stage, what="with moekit routers (moekit.integrations.hf.replace_routers)",
+                             field=ROUTERS_CONFIG_KEY, name=directory.name)  # fmt: skip
+        elif needs_moekit_layout(model.config):
+            mark_moekit_only(stage, name=directory.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
     return directory
 
 
 def layout_class(cls: type) -> type:
-    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in
-    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``)
-    and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows)."""
+    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in the config
+    before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``) and compressed experts
+    (``CompressedExperts`` with the recorded ranks and kept rows) from ``config.moekit_merge``, and the
+    moekit routers of ``config.moekit_routers``."""
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
         from .compressed import compressed_bank
 
         cls.__init__(self, config, *args, **kwargs)
+        routers = getattr(config, ROUTERS_CONFIG_KEY, None)
+        if isinstance(routers, dict):
+            apply_router_record(self, routers)
         family = family_for(config)
         blocks = family.blocks(self)
-        record = getattr(config, MERGE_CONFIG_KEY)
-        for name, layer in record["layers"].items():
+        record = getattr(config, MERGE_CONFIG_KEY, None)
+        for name, layer in (record["layers"] if isinstance(record, dict) else {}).items():
             if name not in blocks:
                 raise ValueError(f"config.{MERGE_CONFIG_KEY} names block {name!r}, which this model does not have")
             G, E = int(layer["experts"]), int(layer["router_outputs"])
@@ -105,9 +115,11 @@ def architecture(config: Any) -> type:
 
 
 def needs_moekit_layout(config: Any) -> bool:
-    """Whether the checkpoint's blocks differ from what its stock config builds (exact form, or
-    compressed experts)."""
+    """Whether the checkpoint's blocks differ from what its stock config builds (exact form, compressed
+    experts, moekit routers)."""
     merge = getattr(config, MERGE_CONFIG_KEY, None)
+    if isinstance(getattr(config, ROUTERS_CONFIG_KEY, None), dict):
+        return True
     if not isinstance(merge, dict):
         return False
     layers = merge.get("layers") or {}
@@ -146,5 +158,7 @@ def load_hf_model(
     except (OSError, RuntimeError, SafetensorError, KeyError) as err:  # unreadable or truncated files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load the Hugging Face model in {str(directory)!r}: {first}") from None
+    for gate in gates(model).values():
+        gate.restore_constants()
     check_loaded_model(model, info, where=str(directory), check_finite=check_finite)
     return model

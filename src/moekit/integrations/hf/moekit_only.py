@@ -30,23 +30,29 @@ FIELD = "experts_implementation"
 README = """\
 # moekit-only checkpoint
 
-This directory holds a Mixture-of-Experts model in moekit's exact merged form (fewer experts than
-router outputs, with an index map). Stock `transformers` cannot build it; load it with moekit:
+This directory holds a Mixture-of-Experts model {what}.
+Stock `transformers` cannot build it; load it with moekit:
 
 ```python
 import moekit
 model = moekit.load_hf_model("{name}")
 ```
 
-`config.json` records the merge in `moekit_merge` and sets `experts_implementation` to a value that
+`config.json` records it in `{field}` and sets `experts_implementation` to a value that
 stock `from_pretrained` rejects with this instruction.
 """
 
 
-def mark_moekit_only(directory: str | os.PathLike[str]) -> Path:
+EXACT_FORM = "in moekit's exact merged form (fewer experts than router outputs, with an index map)"
+
+
+def mark_moekit_only(directory: str | os.PathLike[str], *, what: str = EXACT_FORM, field: str = "moekit_merge",
+                     name: str | None = None) -> Path:  # fmt: skip
     """Mark the ``save_pretrained`` output in ``directory`` as loadable by ``moekit.load_hf_model`` only:
     sets ``experts_implementation`` in its ``config.json`` and writes a ``README.md`` saying so (both
-    atomically; an existing README is left as it is). Call it on the staging directory before publishing."""
+    atomically; an existing README is left as it is). ``what`` says what moekit-only layout it holds and
+    ``field`` which config field records it; ``name`` is the path the README's example loads (default: the
+    directory's name; give the final name when marking a staging directory before publishing it)."""
     directory = Path(directory)
     path = directory / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -54,7 +60,7 @@ def mark_moekit_only(directory: str | os.PathLike[str]) -> Path:
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     readme = directory / "README.md"
     if not readme.exists():
-        atomic_write_text(readme, README.format(name=directory.name))
+        atomic_write_text(readme, README.format(name=name or directory.name, what=what, field=field))
     return directory
 
 

@@ -8,7 +8,8 @@
     rec.metrics()   # {"model.layers.0.mlp": RoutingMetrics, ...}
 
 Layers are named by their MoE block (e.g. ``model.layers.0.mlp``); exact-form merged blocks report
-their original router's E outputs.
+their original router's E outputs; blocks with moekit routers (``replace_routers``) report the moekit
+router's own decision.
 """
 
 from __future__ import annotations
@@ -32,4 +33,14 @@ def routing_sources(model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[An
     blocks = family.blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} ({family.name}) has no sparse MoE block")
-    return {name: (family.router(block), family.decision) for name, block in blocks.items()}
+    from .replace import MoekitGate
+
+    sources: dict[str, tuple[nn.Module, Callable[[Any], RoutingDecision]]] = {}
+    for name, block in blocks.items():
+        router = family.router(block)
+        sources[name] = (router.router, _same) if isinstance(router, MoekitGate) else (router, family.decision)
+    return sources
+
+
+def _same(decision: RoutingDecision) -> RoutingDecision:
+    return decision
