@@ -15,12 +15,13 @@ the forward is ``MoE``'s.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..experts.base import ExpertBank
 from ..routers.base import Router
 from .dispatchers import Dispatcher, expand_decision, stop_gradient_rows
 from .features import ExampleFeatures
+from .pooling import RoutingGroups
 from .moe import MoE
 
 __all__ = ["ExampleRoutedMoE", "expand_decision", "stop_gradient_rows"]
@@ -66,6 +67,10 @@ class ExampleRoutedMoE(MoE):
             norm = nn.LayerNorm(experts.dim, device=device, dtype=dtype)
         super().__init__(router, experts, combine=combine, features=ExampleFeatures(segment_len, first_segment),
                          router_norm=norm)  # fmt: skip
+
+    def groups(self, x_BS: Tensor, mask: Tensor | None) -> RoutingGroups:
+        """The routing groups of ``[B, S, ...]``: examples, or causal segments when ``segment_len`` is set."""
+        return self.features.groups(x_BS, mask, self.experts)
 
     @property
     def segment_len(self) -> int | None:
