@@ -227,3 +227,43 @@ def test_memory_bound_is_checked_before_the_run(tmp_path):
     with pytest.raises(ValueError, match=r"--max-memory 1.00 MB is too small.*give at least"):
         compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, max_memory=10**6, quiet=True)
     assert not (tmp_path / ".out.partial").exists()
+
+
+PAD_CASES = {  # seeds and depths whose global budget gives different counts per block
+    "glm4_moe": dict(seed=1, num_hidden_layers=3),
+    "gpt_oss": dict(seed=0, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PAD_CASES))
+def test_padded_plain_form_computes_the_per_block_counts_model(family, tmp_path):
+    """A global budget in the plain form with pad=True: every block padded to the largest count with
+    never-chosen experts; stock transformers loads it, and it computes what the model with its true
+    per-block counts computes (built in memory, where blocks may differ)."""
+    spec = CompressionSpec(experts=3, budget="global", form="plain", pad=True)
+    tiny_model(family, **PAD_CASES[family]).save_pretrained(tmp_path / "in")
+    report = compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
+    kept = [layer.get("kept_experts", layer["experts"]) for layer in report["layers"].values()]
+    assert len(set(kept)) > 1 and sum(kept) == 3 * len(kept)
+    largest = max(kept)
+    assert all(layer["experts"] == largest for layer in report["layers"].values())
+    assert report["padding_bytes"] > 0
+    padded = model_class(family).from_pretrained(tmp_path / "out").eval()
+    assert getattr(padded.config, family_for(padded).experts_key) == largest
+    reference = tiny_model(family, **PAD_CASES[family])
+    stack = hf_stack(reference)
+    stack.uniform_plain = False  # in memory every block keeps its own count
+    run_pipeline(stack, token_batches(), CompressionSpec(experts=3, budget="global", form="plain"))
+    counts = [family_for(reference).num_experts(b) for b in family_for(reference).blocks(reference).values()]
+    assert counts == kept
+    ids = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(padded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_is_refused_where_the_router_cannot_exclude_an_expert(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path / "in")
+    spec = CompressionSpec(experts=3, budget="global", form="plain", pad=True)
+    with pytest.raises(ValueError, match="no bias that can make an expert unreachable"):
+        compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
