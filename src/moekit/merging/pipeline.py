@@ -236,6 +236,8 @@ class _Run:
         self.state: dict[str, Any] = work.state() or {"phase": "observe", "unit": 0}
         self.layers: dict[str, dict[str, Any]] = dict(self.state.get("layers", {}))
         self.pad_to: int | None = None
+        #: wall time of each unit's compress phase (the units this process ran; resume keeps earlier ones)
+        self.unit_seconds: dict[str, float] = dict(self.state.get("unit_seconds", {}))
 
     # ----- helpers
     def _save_state(self, **changes: Any) -> None:
@@ -300,7 +302,7 @@ class _Run:
         self._compress(stats, counts)
         self.stack.finish(self.spec.form, self._record(counts))
         report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start,
-                                  "padding_bytes": sum(int(v.get("padding_bytes", 0)) for v in self.layers.values())}  # fmt: skip
+                                  "unit_seconds": self.unit_seconds, "padding_bytes": sum(int(v.get("padding_bytes", 0)) for v in self.layers.values())}  # fmt: skip
         if self.verify is not None:
             report["expected_logits"] = self._verify_logits()
         return report
@@ -374,6 +376,7 @@ class _Run:
         begin = self.state["unit"] if self.state["phase"] == "compress" else 0
         with Progress(len(self.units), "compress", quiet=self.quiet, initial=begin) as bar:
             for i in range(begin, len(self.units)):
+                unit_start = time.perf_counter()
                 name, last = self.units[i], i == len(self.units) - 1
                 inputs = self.work.hidden("input" if i == 0 else f"compress/{i}") if carry else None
                 to_reduce = [n for n in self.blocks.by_unit[i] if n in self.reduced and counts[n] < self.blocks.experts[n]]
@@ -397,7 +400,8 @@ class _Run:
                 if self.writer is not None:
                     self.writer.write_unit(i, name, self.stack.unit(name))
                 self.source.release(self.stack, [name])
-                self._save_state(phase="compress", unit=i + 1)
+                self.unit_seconds[name] = round(time.perf_counter() - unit_start, 4)
+                self._save_state(phase="compress", unit=i + 1, unit_seconds=self.unit_seconds)
                 if carry and i > 0:
                     self.work.drop_hidden(f"compress/{i}")
                 if self.verify is not None:

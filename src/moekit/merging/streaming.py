@@ -224,7 +224,7 @@ def compress_checkpoint(
     result = {
         "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
         "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
-        "resumed": run_dir.resumed,
+        "unit_seconds": report["unit_seconds"], "resumed": run_dir.resumed,
         "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
         "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
         "seconds": round(time.perf_counter() - start, 3), **(settings or {}),
