@@ -186,7 +186,7 @@ def test_import_moekit_does_not_import_transformers():
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_prune_and_low_rank_on_every_family(family):
-    """Frequency pruning runs on every family; the low-rank step with the whole residual kept
+    """Frequency pruning runs on every family (plain form); the low-rank step with the whole residual kept
     (``keep_residual=1``: U V + S = W) computes what the pruned model computes, through the family's
     compressed experts; families that cannot hold them refuse up front."""
     from moekit.merging.lowrank import LowRankOptions
@@ -195,11 +195,11 @@ def test_prune_and_low_rank_on_every_family(family):
 
     ids = token_batches(1, seed=5)[0]
     pruned = tiny_model(family)
-    spec = CompressionSpec(method="frequency", experts=4, budget="uniform", form="exact")
+    spec = CompressionSpec(method="frequency", experts=4, budget="uniform", form="plain")
     run_pipeline(hf_stack(pruned), token_batches(2), spec)
     assert all(family_for(pruned).num_experts(b) == 4 for b in family_for(pruned).blocks(pruned).values())
     compressed = tiny_model(family)
-    low = CompressionSpec(method="frequency", experts=4, budget="uniform", form="exact",
+    low = CompressionSpec(method="frequency", experts=4, budget="uniform", form="plain",
                           lowrank=LowRankOptions(rank=2, keep_residual=1.0))  # fmt: skip
     if not family_for(compressed).compressible:
         with pytest.raises(ValueError, match="not supported"):
