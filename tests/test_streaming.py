@@ -119,6 +119,7 @@ KILLER = """
 import os, signal, sys
 import safetensors.torch as st
 import torch
+from moekit.merging.lowrank import LowRankOptions
 from moekit.merging.pipeline import CompressionSpec
 from moekit.merging.streaming import compress_checkpoint
 kill_at, calls, save = int(sys.argv[1]), [0], st.save_file
@@ -131,20 +132,24 @@ def save_file(tensors, path, metadata=None):
     save(tensors, path, metadata=metadata)
 st.save_file = save_file
 batches = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
-spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed")
+lowrank = LowRankOptions(rank=4, recover_steps=3, recover_tokens=32) if sys.argv[5] == "1" else None
+spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed", lowrank=lowrank)
 compress_checkpoint(sys.argv[2], sys.argv[3], batches, spec, quiet=True, resume=sys.argv[4] == "1")
 """
 
 
-def test_kill_at_any_point_and_resume_gives_identical_tensors(tmp_path):
+@pytest.mark.parametrize("lowrank", [False, True], ids=["merge", "merge+lowrank+recovery"])
+def test_kill_at_any_point_and_resume_gives_identical_tensors(tmp_path, lowrank):
     batches = _lm_checkpoint(tmp_path / "in")
-    spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed")
+    options = LowRankOptions(rank=4, recover_steps=3, recover_tokens=32) if lowrank else None
+    spec = CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed", lowrank=options)
     compress_checkpoint(tmp_path / "in", tmp_path / "whole", batches, spec, quiet=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     # SIGKILLed while writing the 3rd file (hidden states of the observe phase), then, resumed, while
     # writing its 6th (the compress phase's shards); a third run finishes
     for kill_at, resume in ((3, "0"), (6, "1")):
-        args = [sys.executable, "-c", KILLER, str(kill_at), str(tmp_path / "in"), str(tmp_path / "out"), resume]
+        args = [sys.executable, "-c", KILLER, str(kill_at), str(tmp_path / "in"), str(tmp_path / "out"), resume,
+                "1" if lowrank else "0"]  # fmt: skip
         done = subprocess.run(args, env=env, capture_output=True, text=True)
         assert done.returncode == -9, done.stderr
         assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
@@ -155,11 +160,12 @@ def test_kill_at_any_point_and_resume_gives_identical_tensors(tmp_path):
     assert config == json.loads((tmp_path / "whole" / "config.json").read_text())
 
 
-def test_interrupted_hf_run_resumes_to_the_same_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lowrank", [None, LowRankOptions(rank=3, recover_steps=2, recover_tokens=16)], ids=["merge", "lowrank"])
+def test_interrupted_hf_run_resumes_to_the_same_shards(tmp_path, monkeypatch, lowrank):
     import safetensors.torch as st
 
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "in")
-    spec = CompressionSpec(experts=3, budget="uniform", form="plain", propagate="compressed")
+    spec = CompressionSpec(experts=3, budget="uniform", form="plain", propagate="compressed", lowrank=lowrank)
     compress_checkpoint(tmp_path / "in", tmp_path / "whole", token_batches(), spec, quiet=True)
     save, calls = st.save_file, [0]
 

@@ -436,7 +436,7 @@ class _Run:
         def hook(name: str) -> Callable[..., None]:
             def on_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
                 x = (args[0] if args else next(iter(kwargs.values()))).detach()
-                y = (output[0] if isinstance(output, tuple) else output).detach()
+                y = self.stack.adapter.block_output(output).detach()
                 x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
                 if valid[0] is not None and valid[0].numel() == x.shape[0]:
                     x, y = x[valid[0]], y[valid[0]]
@@ -472,8 +472,7 @@ class _Run:
 
             def forward(bank: nn.Module, x_ND: Tensor) -> Tensor:
                 module = adapter.write_compressed(block, bank, stack.config)
-                out = module(x_ND.unsqueeze(0))
-                out = out[0] if isinstance(out, tuple) else out
+                out = adapter.block_output(module(x_ND.unsqueeze(0)))
                 return out.reshape(-1, out.shape[-1])
 
             recovery = Recovery(target[0], target[1], forward)
