@@ -97,7 +97,7 @@ def _open_moekit(directory: Path) -> Opened:
     from .pipeline import moekit_stack
 
     model, meta = moekit_skeleton(directory)
-    source = MoekitCheckpointSource(directory, model)
+    source = MoekitCheckpointSource(directory, model, against=f"its config ({meta.get('model')!r})")
     return _opened("moekit", directory, moekit_stack(model), source, tensor_sizes(source.path), meta)
 
 
@@ -115,6 +115,21 @@ def _opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: d
     units = stack.units()
     unit_bytes = [sum(sizes[k] for k in source.disk_keys(u)) for u in units]
     return Opened(kind, directory, stack, source, unit_bytes, sum(sizes.values()) - sum(unit_bytes), meta)
+
+
+def check_input(opened: Opened) -> None:
+    """Read the whole input once, one module at a time (within the memory bound), through the loader
+    the run uses: missing, mismatched, unexpected, wrongly typed and NaN/inf tensors are errors before
+    any output exists."""
+    from .._checks import raise_for_tensor_problems
+
+    stack, source = opened.stack, opened.source
+    names = list(dict.fromkeys([*stack.context_modules(), *stack.units(), *stack.head_modules()]))
+    for name in names:
+        source.load(stack, [name])
+        source.release(stack, [name])
+    raise_for_tensor_problems(unexpected=source.unused_keys(), where=str(opened.directory))
+    source.loaded.clear()
 
 
 def plan_memory(opened: Opened, max_memory: int | None) -> dict[str, int]:
@@ -214,6 +229,7 @@ def compress_checkpoint(
     opened = open_checkpoint(src)
     check_request(opened.stack, spec)
     memory = plan_memory(opened, max_memory)
+    check_input(opened)
     tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, dict) else [batch])]
     run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
     run_dir = RunDirectory(out, run_settings, resume=resume, overwrite=overwrite)
