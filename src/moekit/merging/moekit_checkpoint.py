@@ -21,7 +21,6 @@ from torch.overrides import TorchFunctionMode
 from .._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
 from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, header_shapes, read_config_json
 from ..models.lm import MoELM
-from ..registry import MODELS
 from .memory import release_memory
 from .pipeline import WeightSource
 from .shards import concat_safetensors, save_tensors
