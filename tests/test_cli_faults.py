@@ -199,7 +199,7 @@ MODEL_FAULTS = {
     "json-not-a-config": ("lm_list_json", "is neither a moekit checkpoint"),
     "unknown-moekit-model": ("lm_unknown_model", "names model 'nope', which is not registered"),
     "newer-format-version": ("lm_newer", "has format version 99, newer than this moekit reads"),
-    "absurd-sizes": ("lm_absurd", "do not match its config ('moe_lm'): tensors of another shape"),
+    "absurd-sizes": ("lm_absurd", "hidden=1000000 exceeds the largest tensor extent (256) of its weights"),
     "bad-config-value": ("lm_bad_value", "num_experts must be >= 1, got -3"),
     "bad-config-key": ("lm_bad_kwarg", "does not fit 'moe_lm'"),
     "no-weights": ("lm_no_weights", "checkpoint '{I}/lm_no_weights' has no model.safetensors"),
