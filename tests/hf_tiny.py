@@ -53,7 +53,7 @@ EXTRA = {
     "dots1": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=None, n_shared_experts=1,
                   first_k_dense_replace=0, n_group=1, topk_group=1, routed_scaling_factor=1.0, head_dim=8),
     "gpt_oss": dict(intermediate_size=24, num_local_experts=None, head_dim=8, layer_types=["sliding_attention", "full_attention"],
-                    sliding_window=8),
+                    sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "granitemoe": dict(intermediate_size=24, num_local_experts=None),
     "granitemoeshared": dict(intermediate_size=24, num_local_experts=None, shared_intermediate_size=16),
     "phimoe": dict(intermediate_size=24, num_local_experts=None),

@@ -165,3 +165,20 @@ def test_bad_token_files_are_refused(src, tmp_path, capsys):
     big.write_text(json.dumps({"input_ids": [5, VOCAB]}) + "\n")
     assert main(["compress", str(src), "--experts", "3", "--calib", str(big), "--out", str(tmp_path / "o")]) == 2
     assert f"must be in [0, {VOCAB})" in capsys.readouterr().err
+
+
+def test_pad_writes_a_stock_loadable_plain_form_and_says_what_it_costs(tmp_path, capsys):
+    src = tmp_path / "gpt_oss"
+    tiny_model("gpt_oss", seed=0, num_hidden_layers=3,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention"]).save_pretrained(src)  # fmt: skip
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.cat(token_batches())}, str(tmp_path / "ids.safetensors"))  # counts differ here
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "--experts", "3", "--form", "plain", "--budget", "global", "--pad",
+                 "--calib", str(tmp_path / "ids.safetensors"), "--batch-size", "4", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    report = json.loads((out / "compress_report.json").read_text())
+    assert report["padding_bytes"] > 0 and "of never-routed experts (--pad)" in printed
+    model = model_class("gpt_oss").from_pretrained(out)
+    assert model.config.num_local_experts == max(report["experts_per_block"].values())

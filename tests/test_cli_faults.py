@@ -143,6 +143,7 @@ COMMANDS = {
     "demo": "demo --quick --routers topk --quiet",
     "merge-moekit": "merge {I}/lm --experts 2 --calib {I}/calib.txt --quiet",
     "merge-hf": "merge {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
+    "compress-hf": "compress {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
     "analyze": "analyze {I}/clf --quiet",
     "analyze-run": "analyze {I}/run --quiet",
     "analyze-hf": "analyze {I}/hf --calib {I}/calib.txt --quiet",
@@ -198,7 +199,7 @@ MODEL_FAULTS = {
     "json-not-a-config": ("lm_list_json", "is neither a moekit checkpoint"),
     "unknown-moekit-model": ("lm_unknown_model", "names model 'nope', which is not registered"),
     "newer-format-version": ("lm_newer", "has format version 99, newer than this moekit reads"),
-    "absurd-sizes": ("lm_absurd", "exceeds the largest tensor extent (256) of its weights"),
+    "absurd-sizes": ("lm_absurd", "hidden=1000000 exceeds the largest tensor extent (256) of its weights"),
     "bad-config-value": ("lm_bad_value", "num_experts must be >= 1, got -3"),
     "bad-config-key": ("lm_bad_kwarg", "does not fit 'moe_lm'"),
     "no-weights": ("lm_no_weights", "checkpoint '{I}/lm_no_weights' has no model.safetensors"),
@@ -216,6 +217,7 @@ MODEL_FAULTS = {
 }
 MODEL_COMMANDS = {
     "merge": "merge {M} --calib {I}/calib.txt --quiet --out {O} --experts 2",
+    "compress": "compress {M} --calib {I}/calib.txt --quiet --out {O} --experts 2",
     "analyze": "analyze {M} --calib {I}/calib.txt --quiet --out {O}",
     "eval": "eval {M} --data {I}/calib.txt --tasks perplexity --quiet --out {O}",
 }
@@ -224,6 +226,9 @@ MODEL_FAULT_MATCH = {
     ("analyze", "missing-input"): "'{I}/nope' is not a directory",
     ("analyze", "no-config"): "'{I}/no_config' has no results.json: not an experiment output directory",
     ("eval", "hf-unsupported-family"): None,
+    # the streamed reader names the tensor as it is on disk, and the file it could not read
+    ("compress", "hf-nan-weights"): "hold NaN/inf values in tensors model.layers.0.block_sparse_moe.gate.weight",
+    ("compress", "hf-truncated"): "cannot read '{I}/hf_truncated/model.safetensors'",
 }
 
 FAULTS = {

@@ -182,3 +182,32 @@ def test_import_moekit_does_not_import_transformers():
         "assert callable(moekit.routing_sources) and callable(moekit.integrations.merge_hf_model)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_prune_and_low_rank_on_every_family(family):
+    """Frequency pruning runs on every family (plain form); the low-rank step with the whole residual kept
+    (``keep_residual=1``: U V + S = W) computes what the pruned model computes, through the family's
+    compressed experts; families that cannot hold them refuse up front."""
+    from moekit.merging.lowrank import LowRankOptions
+    from moekit.merging.pipeline import CompressionSpec, check_request, run_pipeline
+    from moekit.integrations.hf import hf_stack
+
+    ids = token_batches(1, seed=5)[0]
+    pruned = tiny_model(family)
+    spec = CompressionSpec(method="frequency", experts=4, budget="uniform", form="plain")
+    run_pipeline(hf_stack(pruned), token_batches(2), spec)
+    assert all(family_for(pruned).num_experts(b) == 4 for b in family_for(pruned).blocks(pruned).values())
+    compressed = tiny_model(family)
+    low = CompressionSpec(method="frequency", experts=4, budget="uniform", form="plain",
+                          lowrank=LowRankOptions(rank=2, keep_residual=1.0))  # fmt: skip
+    if not family_for(compressed).compressible:
+        with pytest.raises(ValueError, match="not supported"):
+            check_request(hf_stack(compressed), low)
+        return
+    run_pipeline(hf_stack(compressed), token_batches(2), low)
+    from moekit.integrations.hf.compressed import CompressedExperts
+
+    assert all(isinstance(b.experts, CompressedExperts) for b in family_for(compressed).blocks(compressed).values())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compressed, ids), logits(pruned, ids), atol=1e-4, rtol=1e-4)

@@ -27,6 +27,9 @@ Building blocks (pure functions on ``ExpertLayerWeights``, family-agnostic):
 * ``recover`` (KD fine-tune, routers frozen), ``compress_experts`` + ``StructuredPruner`` (low rank +
   structured sparse residual), ``pack_compressed`` (keep only the kept residual rows, so checkpoints
   shrink), ``count_parameters`` / ``lm_flops_per_token`` (cost).
+* ``CompressionSpec(..., lowrank=LowRankOptions(rank=...))`` -- the same low-rank + sparse step inside
+  the pipeline, block by block, with optional layer-wise recovery (``moekit.merging.lowrank``);
+  ``moekit.merging.streaming.compress_checkpoint`` runs it streamed from disk (``moekit compress``).
 """
 
 from .align import align_experts, weight_matching_permutation
@@ -42,6 +45,7 @@ from .methods import ExpertMethod, create_method, list_methods
 from .moekit_blocks import MOEKIT_BLOCKS, MoekitBlocks, build_merged_layer, moe_layers, read_moe_layer
 from .observer import BlockCall, BlockObserver, Statistic
 from .pipeline import BUDGETS, PROPAGATIONS, CompressionSpec, calibrate, merge_moekit_model, run_pipeline
+from .lowrank import LowRankOptions, compress_block
 from .recovery import recover
 from .weights import EXPERT_KINDS, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
@@ -85,6 +89,8 @@ __all__ = [
     "build_merged_layer",
     "FORMS",
     "recover",
+    "LowRankOptions",
+    "compress_block",
     "compress_experts",
     "LowRankSparseExperts",
     "StructuredPruner",

@@ -81,6 +81,10 @@ class BlockAdapter(abc.ABC):
         sparse bank with the same experts). Families that cannot run a moekit bank refuse."""
         raise ValueError(f"{self.name}: compressed experts (--rank) are not supported for this family")
 
+    def block_output(self, output: Any) -> Any:
+        """The output tensor of a block's forward (``[..., D]``; default: the first of a tuple)."""
+        return output[0] if isinstance(output, tuple) else output
+
     # ----- observation
     @abc.abstractmethod
     def observe(self, block: nn.Module, config: Any, sink: Callable[..., None]) -> list[Any]:

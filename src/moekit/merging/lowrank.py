@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..experts.lowrank import LowRankSparseExperts
 from ..experts.mlp import GLUExperts, MLPExperts
-from .compress import LowRankSparseExperts, StructuredPruner
-from .packed import PackedLowRankSparseExperts
+from ..experts.packed import PackedLowRankSparseExperts
+from .compress import StructuredPruner
 from .weights import BankWeights
 
 __all__ = ["LowRankOptions", "Recovery", "dense_bank", "compress_block", "prune_by_magnitude"]

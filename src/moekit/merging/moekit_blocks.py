@@ -110,6 +110,9 @@ class MoekitBlocks(BlockAdapter):
             return RemappedMoE(block.router, bank, block.expert_map, combine=block.combine)
         return MoE(block.router, bank, combine=block.combine)
 
+    def block_output(self, output: Any) -> Any:
+        return output.y
+
     def observe(self, block: nn.Module, config: Any, sink: Callable[[BlockCall], None]) -> list[Any]:
         routing = self.routing(block, config)
         expert_map = getattr(block, "expert_map", None)

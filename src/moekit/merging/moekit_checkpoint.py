@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
 from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, header_shapes, read_config_json
 from ..models.lm import MoELM
-from ..registry import MODELS
 from .memory import release_memory
 from .pipeline import WeightSource
 from .shards import concat_safetensors, save_tensors
@@ -43,17 +44,18 @@ class _SkipRandomInit(TorchFunctionMode):
 
 def moekit_skeleton(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a moekit checkpoint with every tensor on the meta device, and its ``config.json``."""
+    from ..checkpoint import _build, read_checkpoint_config
+
     meta = read_config_json(directory)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{str(directory)!r} is not a moekit checkpoint (config.json without format 'moekit')")
+    meta = read_checkpoint_config(directory)  # format version, config shape: the errors of load_checkpoint
     weights = Path(directory) / WEIGHTS_NAME
     if weights.is_file():  # a missing file is reported by the weight source
         check_config_sizes(meta.get("config"), header_shapes(weights), where=str(Path(directory) / CONFIG_NAME))
     try:
-        with _SkipRandomInit():
-            model = MODELS.create(meta["model"], **meta.get("config", {}), device="meta")
-    except TypeError as err:
-        raise ValueError(f"{str(directory)!r}: config.json does not build a {meta['model']!r}: {err}") from None
+        with torch.device("meta"), _SkipRandomInit():
+            model = _build(directory, meta)
     except (RuntimeError, OverflowError) as err:
         raise ValueError(f"{str(directory)!r}: config.json cannot be built: {err}") from None
     return model.eval(), meta
@@ -62,17 +64,15 @@ def moekit_skeleton(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
 class MoekitCheckpointSource(WeightSource):
     """Loads modules of ``model`` (from ``moekit_skeleton``) from ``directory/model.safetensors``."""
 
-    def __init__(self, directory: Path, model: nn.Module) -> None:
-        from safetensors import SafetensorError, safe_open
-
+    def __init__(self, directory: Path, model: nn.Module, against: str = "its config") -> None:
         self.path, self.model = Path(directory) / WEIGHTS_NAME, model
         if not self.path.is_file():
-            raise FileNotFoundError(f"moekit checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                self.keys = list(f.keys())
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"corrupt checkpoint weights {str(self.path)!r}: {err}") from None
+            raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
+        found = header_shapes(self.path)  # names and shapes against the config before anything is read
+        self.expected = model.state_dict()
+        check_tensor_names({k: list(v.shape) for k, v in self.expected.items()}, found, where=str(self.path),
+                           against=against)  # fmt: skip
+        self.keys = list(found)
         self.loaded: set[str] = set()
 
     def disk_keys(self, name: str) -> list[str]:
@@ -88,7 +88,11 @@ class MoekitCheckpointSource(WeightSource):
             keys = self.disk_keys(name)
             prefix = len(name) + 1 if name else 0
             with safe_open(str(self.path), "pt") as f:
-                state = {k[prefix:]: f.get_tensor(k) for k in keys}
+                full = {k: f.get_tensor(k) for k in keys}
+            check_tensor_dtypes(full, self.expected, where=str(self.path))
+            check_finite_tensors(full.items(), where=str(self.path))
+            state = {k[prefix:]: t for k, t in full.items()}
+            del full
             module = self.model.get_submodule(name) if name else self.model
             try:
                 module.load_state_dict(state, strict=True, assign=True)

@@ -42,6 +42,7 @@ from .methods import ExpertMethod, create_method
 from .methods.base import reduce_block
 from .moekit_blocks import MOEKIT_BLOCKS
 from .observer import BlockObserver
+from .padding import can_pad, pad_result
 from .progress import Progress
 from .stack import LayerStack, MoELMStack, WholeModelStack
 from .weights import RoutingSpec
@@ -172,6 +173,12 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
     reduced = [n for n in blocks.names if n not in set(spec.exclude)]
     if spec.experts is not None and reduced:
         check_int("experts", spec.experts, low=1, high=min(blocks.experts[n] for n in reduced))
+    if spec.pad and spec.form == "plain" and spec.experts is not None:
+        for name in reduced:
+            reason = can_pad(blocks.routing[name])
+            if reason is not None:
+                raise ValueError(f"pad=True (--pad) cannot pad block {name!r}: {reason}; use form='exact' for "
+                                 "per-block counts, or budget='uniform'")  # fmt: skip
     if stack.uniform_plain and spec.form == "plain" and spec.experts is not None and not spec.pad:
         if spec.budget != "uniform" or spec.exclude:
             raise ValueError(
@@ -228,6 +235,9 @@ class _Run:
         self.units = stack.units()
         self.state: dict[str, Any] = work.state() or {"phase": "observe", "unit": 0}
         self.layers: dict[str, dict[str, Any]] = dict(self.state.get("layers", {}))
+        self.pad_to: int | None = None
+        #: wall time of each unit's compress phase (the units this process ran; resume keeps earlier ones)
+        self.unit_seconds: dict[str, float] = dict(self.state.get("unit_seconds", {}))
 
     # ----- helpers
     def _save_state(self, **changes: Any) -> None:
@@ -286,11 +296,13 @@ class _Run:
         self.prepare(batches)
         stats = self.observe(self._observe_specs(), self.reduced) if self._needs_observe() else {}
         counts = self._allocate(stats)
+        self.pad_to = self._padding(counts)
         if self.writer is not None:
             self.writer.write_trunk()
         self._compress(stats, counts)
         self.stack.finish(self.spec.form, self._record(counts))
-        report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start}
+        report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start,
+                                  "unit_seconds": self.unit_seconds, "padding_bytes": sum(int(v.get("padding_bytes", 0)) for v in self.layers.values())}  # fmt: skip
         if self.verify is not None:
             report["expected_logits"] = self._verify_logits()
         return report
@@ -350,6 +362,13 @@ class _Run:
         self._save_state(counts=counts)
         return counts
 
+    def _padding(self, counts: dict[str, int]) -> int | None:
+        """The count every reduced block is padded to (plain form with --pad and differing counts)."""
+        spec = self.spec
+        if not (spec.pad and spec.form == "plain" and self.stack.uniform_plain) or len(set(counts.values())) <= 1:
+            return None
+        return max(counts.values())
+
     def _compress(self, stats: dict[str, BlockStats], counts: dict[str, int]) -> None:
         """Phase 2: reduce every unit's blocks, unit by unit."""
         spec = self.spec
@@ -357,6 +376,7 @@ class _Run:
         begin = self.state["unit"] if self.state["phase"] == "compress" else 0
         with Progress(len(self.units), "compress", quiet=self.quiet, initial=begin) as bar:
             for i in range(begin, len(self.units)):
+                unit_start = time.perf_counter()
                 name, last = self.units[i], i == len(self.units) - 1
                 inputs = self.work.hidden("input" if i == 0 else f"compress/{i}") if carry else None
                 to_reduce = [n for n in self.blocks.by_unit[i] if n in self.reduced and counts[n] < self.blocks.experts[n]]
@@ -380,7 +400,8 @@ class _Run:
                 if self.writer is not None:
                     self.writer.write_unit(i, name, self.stack.unit(name))
                 self.source.release(self.stack, [name])
-                self._save_state(phase="compress", unit=i + 1)
+                self.unit_seconds[name] = round(time.perf_counter() - unit_start, 4)
+                self._save_state(phase="compress", unit=i + 1, unit_seconds=self.unit_seconds)
                 if carry and i > 0:
                     self.work.drop_hidden(f"compress/{i}")
                 if self.verify is not None:
@@ -393,10 +414,15 @@ class _Run:
         E = adapter.num_experts(block)
         weights = adapter.read(block, stack.config)
         result = reduce_block(self.method, weights, stats, G, self.blocks.routing[name])
+        record: dict[str, Any] = {}
+        if self.pad_to is not None and G < self.pad_to:
+            result, cost = pad_result(result, self.pad_to, self.blocks.routing[name])
+            record = {"kept_experts": G, "padding": self.pad_to - G, "padding_bytes": cost}
+            G = self.pad_to
         new = adapter.write(block, result, self.spec.form, stack.config)
         if new is not block:
             stack.replace(name, new)
-        self.layers[name] = {"experts": G, "router_outputs": E if self.spec.form == "exact" else G}
+        self.layers[name] = {"experts": G, "router_outputs": E if self.spec.form == "exact" else G, **record}
 
     def _capture(self, index: int, inputs: Any, names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
         """Inputs and outputs ``([T, D], [T, D])`` of the original blocks ``names`` of unit ``index`` on
@@ -410,7 +436,7 @@ class _Run:
         def hook(name: str) -> Callable[..., None]:
             def on_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
                 x = (args[0] if args else next(iter(kwargs.values()))).detach()
-                y = (output[0] if isinstance(output, tuple) else output).detach()
+                y = self.stack.adapter.block_output(output).detach()
                 x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
                 if valid[0] is not None and valid[0].numel() == x.shape[0]:
                     x, y = x[valid[0]], y[valid[0]]
@@ -446,8 +472,7 @@ class _Run:
 
             def forward(bank: nn.Module, x_ND: Tensor) -> Tensor:
                 module = adapter.write_compressed(block, bank, stack.config)
-                out = module(x_ND.unsqueeze(0))
-                out = out[0] if isinstance(out, tuple) else out
+                out = adapter.block_output(module(x_ND.unsqueeze(0)))
                 return out.reshape(-1, out.shape[-1])
 
             recovery = Recovery(target[0], target[1], forward)

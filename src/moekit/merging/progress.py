@@ -1,53 +1,37 @@
-"""Progress of the layer-wise pipeline: a tqdm bar per phase on a terminal (ETA and resident memory),
-plain lines at most every ``interval`` seconds otherwise (logs, CI), nothing when quiet."""
+"""Progress of the layer-wise pipeline: ``moekit.progress`` (a bar with ETA on a terminal, plain lines at
+most every ``interval`` seconds in a log, nothing when quiet), one task per phase, each step noting the
+unit just finished and the process's resident memory."""
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any, TextIO
 
-from tqdm.auto import tqdm
-
+from ..progress import Progress as _Progress
 from .memory import format_size, rss_bytes
 
 __all__ = ["Progress"]
 
 
 class Progress:
-    """``with Progress(total, desc) as p: ... p.step(name)`` after each unit."""
+    """``with Progress(total, desc) as p: ... p.step(name)`` after each unit; a resumed run
+    (``initial`` units already done) counts the remaining ones."""
 
     def __init__(
         self, total: int, desc: str, *, quiet: bool = False, initial: int = 0, stream: TextIO | None = None,
         interval: float = 30.0,
     ) -> None:  # fmt: skip
-        self.total, self.desc, self.quiet, self.done, self.initial = total, desc, quiet, initial, initial
-        self.stream = stream or sys.stderr
-        self.interval, self._last, self._start = interval, 0.0, time.perf_counter()
-        self._bar: Any = None
-        if not quiet and self.stream.isatty():
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="layer", file=self.stream, leave=False)
+        self._progress = _Progress("off" if quiet else "auto", interval=interval, stream=stream)
+        label = desc if not initial else f"{desc} (resumed after {initial}/{total})"
+        self._context = self._progress.task(total=total - initial, desc=label)
+        self._task: Any = None
 
     def __enter__(self) -> "Progress":
+        self._task = self._context.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._context.__exit__(*exc)
 
     def step(self, name: str) -> None:
-        self.done += 1
         rss = rss_bytes()
-        memory = format_size(rss) if rss is not None else "?"
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{name} rss {memory}", refresh=False)
-            self._bar.update(1)
-            return
-        now = time.perf_counter()
-        if self.quiet or (now - self._last < self.interval and self.done < self.total):
-            return
-        self._last = now
-        elapsed = now - self._start
-        eta = elapsed / max(self.done - self.initial, 1) * (self.total - self.done)
-        print(f"{self.desc}: {self.done}/{self.total} ({name}) {elapsed:.0f}s elapsed, ETA {eta:.0f}s, rss {memory}",
-              file=self.stream, flush=True)  # fmt: skip
+        self._task.advance(note=f"{name}, rss {format_size(rss) if rss is not None else '?'}")
