@@ -4,6 +4,9 @@ After expert merging (M-SMoE, https://arxiv.org/abs/2310.01334, App. A3 "redirec
 its E outputs and decisions; ``expert_map [E]`` sends router output e to expert ``expert_map[e]`` of a
 bank of G <= E experts. A token whose chosen experts share a merged expert runs it once per slot, so
 its gates add up: ``y = sum_k w_k f_{map[id_k]}(x)``, exactly the redirected original model.
+
+Novices (MoNE, https://arxiv.org/abs/2507.00390): router outputs marked in ``novice_mask`` run no
+expert; each returns its row of ``novices [E, D]`` (the pruned expert's mean output) times its gate.
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ class RemappedMoE(nn.Module):
         experts: bank of G experts.
         expert_map: ``[E]`` int64 values in ``[0, G)`` (stored as a buffer, saved in checkpoints).
         combine: ``"sparse"`` or ``"dense"`` as in ``MoE``.
+        novices: ``[E, D]`` constant outputs of the router outputs in ``novice_mask`` (``[E]`` bool),
+            or None (token-level banks only).
 
     ``forward`` returns ``MoEOutput`` whose ``decision`` is the router's own (E outputs), so routing
     statistics and aux losses still refer to the router.
     """
 
-    def __init__(self, router: Router, experts: ExpertBank, expert_map: Tensor, *, combine: str = "sparse") -> None:
+    def __init__(
+        self, router: Router, experts: ExpertBank, expert_map: Tensor, *, combine: str = "sparse",
+        novices: Tensor | None = None, novice_mask: Tensor | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.combine = check_layer_parts(router, experts, combine)
         expert_map = torch.as_tensor(expert_map, dtype=torch.long, device="cpu")  # checked here, even under a meta device
@@ -62,7 +70,23 @@ class RemappedMoE(nn.Module):
             )
         self.router = router
         self.experts = experts
-        self.register_buffer("expert_map", expert_map.to(next(experts.parameters()).device))
+        device = next(experts.parameters()).device
+        self.register_buffer("expert_map", expert_map.to(device))
+        if (novices is None) != (novice_mask is None):
+            raise ValueError("give novices [E, D] and novice_mask [E] together, or neither")
+        if novices is not None and novice_mask is not None:
+            if novices.dim() != 2 or novices.shape[0] != E or tuple(novice_mask.shape) != (E,):
+                raise ValueError(f"novices must be [E={E}, D] and novice_mask [E={E}], got "
+                                 f"{tuple(novices.shape)} and {tuple(novice_mask.shape)}")  # fmt: skip
+            if not experts.token_input:
+                raise ValueError("novices need a token-level expert bank")
+            if combine != "sparse":
+                raise ValueError(f"novices need combine='sparse', got {combine!r}")
+            self.register_buffer("novices", novices.detach().clone().to(device))
+            self.register_buffer("novice_mask", novice_mask.detach().bool().clone().to(device))
+        else:
+            self.novices = None
+            self.novice_mask = None
 
     @property
     def num_experts(self) -> int:
@@ -70,8 +94,21 @@ class RemappedMoE(nn.Module):
 
     def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
         G = self.experts.num_experts
-        return run_layer(self.router, self.experts, self.combine, x, meta,
-                         bank_view=lambda d: remap_decision(d, self.expert_map, G))  # fmt: skip
+        if self.novices is None:
+            return run_layer(self.router, self.experts, self.combine, x, meta,
+                             bank_view=lambda d: remap_decision(d, self.expert_map, G))  # fmt: skip
+        seen: dict[str, RoutingDecision] = {}
+
+        def view(d: RoutingDecision) -> RoutingDecision:
+            seen["d"] = d
+            bank = remap_decision(d, self.expert_map, G)
+            return replace(bank, kept_TK=d.kept_mask() & ~self.novice_mask[d.ids_TK])
+
+        out = run_layer(self.router, self.experts, self.combine, x, meta, bank_view=view)
+        d = seen["d"]
+        w = (d.weights_TK * (d.kept_mask() & self.novice_mask[d.ids_TK])).to(self.novices.dtype)
+        add_TD = torch.einsum("tk,tkd->td", w, self.novices[d.ids_TK])
+        return replace(out, y=out.y + add_TD.reshape(out.y.shape).to(out.y.dtype))
 
     def extra_repr(self) -> str:
         return f"router_outputs={self.router.num_experts}, experts={self.experts.num_experts}, combine={self.combine!r}"

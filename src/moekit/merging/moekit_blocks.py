@@ -61,7 +61,8 @@ def build_merged_layer(moe: MoE, result: LayerMergeResult, form: str) -> nn.Modu
     G = bank.num_experts
     if form == "exact":
         router = copy.deepcopy(moe.router)
-        return RemappedMoE(router, bank, result.expert_map.to(bank.down_proj.device), combine=moe.combine)
+        return RemappedMoE(router, bank, result.expert_map.to(bank.down_proj.device), combine=moe.combine,
+                           novices=result.novices, novice_mask=result.novice_mask)  # fmt: skip
     if moe.router.balancer is not None:
         raise ValueError("form='plain' cannot fold a router with a balancer; use form='exact'")
     router = copy.deepcopy(moe.router)
@@ -79,6 +80,7 @@ class MoekitBlocks(BlockAdapter):
     """moekit ``MoE`` / ``RemappedMoE`` layers anywhere in a module."""
 
     name = "moekit"
+    supports_novices = True
 
     def blocks(self, module: nn.Module) -> dict[str, nn.Module]:
         return {name: m for name, m in module.named_modules() if isinstance(m, (MoE, RemappedMoE))}
@@ -100,7 +102,8 @@ class MoekitBlocks(BlockAdapter):
 
     def write_compressed(self, block: nn.Module, bank: nn.Module, config: Any) -> nn.Module:
         if isinstance(block, RemappedMoE):
-            return RemappedMoE(block.router, bank, block.expert_map, combine=block.combine)
+            return RemappedMoE(block.router, bank, block.expert_map, combine=block.combine,
+                               novices=block.novices, novice_mask=block.novice_mask)  # fmt: skip
         return MoE(block.router, bank, combine=block.combine)
 
     def observe(self, block: nn.Module, config: Any, sink: Callable[[BlockCall], None]) -> list[Any]:

@@ -38,7 +38,8 @@ from .dominant import allocate_experts
 from .methods import ExpertMethod, create_method
 from .methods.base import reduce_block
 from .moekit_blocks import MOEKIT_BLOCKS
-from .observer import BlockObserver
+from .methods.protection import SUPER_EXPERT_STATISTIC, super_experts
+from .observer import BlockObserver, unwrap_batch
 from .progress import Progress
 from .stack import LayerStack, MoELMStack, WholeModelStack
 from .weights import RoutingSpec
@@ -69,7 +70,8 @@ class CompressionSpec:
         method: a name in ``moekit.registry.EXPERT_METHODS`` (``"m-smoe"``, ``"frequency"``).
         method_options: the method's keyword options.
         experts: experts kept per block (``budget="uniform"``) or on average over the reduced blocks
-            (``"global"``); None keeps every expert (compression only).
+            (``"global"``); a float in (0, 1) is the fraction kept: ``E - int(E * (1 - experts))``
+            per block (REAP's rounding of the removed count); None keeps every expert.
         budget: ``"global"`` (MC-SMoE's adaptive counts) or ``"uniform"``.
         form: ``"plain"`` (standard block, G-row router) or ``"exact"`` (router unchanged + index map).
         exclude: block names left as they are.
@@ -77,6 +79,8 @@ class CompressionSpec:
             pad every block to the largest count with experts the router can never choose (needs a
             router or selection bias); otherwise such a request is refused.
         propagate: ``"compressed"`` or ``"original"`` (see the module docstring).
+        protect_super_experts: methods that support it (``ExpertMethod.protects``) never remove the
+            super experts found on the original model (``moekit.merging.methods.protection``).
     """
 
     method: str = "m-smoe"
@@ -87,13 +91,24 @@ class CompressionSpec:
     exclude: tuple[str, ...] = ()
     pad: bool = False
     propagate: str = "compressed"
+    protect_super_experts: bool = True
 
     def __post_init__(self) -> None:
         check_choice("form", self.form, FORMS)
         check_choice("budget", self.budget, BUDGETS)
         check_choice("propagate", self.propagate, PROPAGATIONS)
-        if self.experts is not None:
+        if isinstance(self.experts, float):
+            if not 0 < self.experts < 1:
+                raise ValueError(f"experts as a fraction must be in (0, 1), got {self.experts!r}")
+        elif self.experts is not None:
             check_int("experts", self.experts, low=1)
+
+    def kept(self, num_experts: int) -> int:
+        """Experts a block of ``num_experts`` keeps under a uniform budget."""
+        assert self.experts is not None
+        if isinstance(self.experts, float):
+            return max(1, num_experts - int(num_experts * (1 - self.experts)))
+        return self.experts
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -155,7 +170,7 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
     if unknown:
         raise ValueError(f"exclude names {unknown}, which are not MoE blocks; MoE blocks: {blocks.names}")
     reduced = [n for n in blocks.names if n not in set(spec.exclude)]
-    if spec.experts is not None and reduced:
+    if spec.experts is not None and reduced and not isinstance(spec.experts, float):
         check_int("experts", spec.experts, low=1, high=min(blocks.experts[n] for n in reduced))
     if stack.uniform_plain and spec.form == "plain" and spec.experts is not None and not spec.pad:
         if spec.budget != "uniform" or spec.exclude:
@@ -202,10 +217,12 @@ class _Run:
         self.units = stack.units()
         self.state: dict[str, Any] = work.state() or {"phase": "observe", "unit": 0}
         self.layers: dict[str, dict[str, Any]] = dict(self.state.get("layers", {}))
+        self.protected: dict[str, list[int]] = dict(self.state.get("protected", {}))
+        self.kept: dict[str, list[int]] = dict(self.state.get("kept", {}))
 
     # ----- helpers
     def _save_state(self, **changes: Any) -> None:
-        self.state.update(changes, layers=self.layers)
+        self.state.update(changes, layers=self.layers, kept=self.kept)
         self.work.save_state(self.state)
 
     def _pass(self, index: int, inputs: Any, specs: Mapping[str, Mapping[str, Any]] | None, outputs: Any,
@@ -232,6 +249,7 @@ class _Run:
         for b in range(self.num_batches):
             if observer is not None:
                 observer.set_valid(self.valid[b])
+                observer.set_weight(self.batch_weights[b])
             out = self.stack.run(index, inputs.get(b), self.contexts[b])
             if outputs is not None:
                 outputs.put(b, out)
@@ -243,8 +261,10 @@ class _Run:
             raise ValueError("no calibration batches given; the pipeline needs at least one")
         self.source.load(self.stack, self.stack.context_modules())
         first = self.work.hidden("input")
-        self.contexts, self.valid = [], []
-        for b, batch in enumerate(batches):
+        self.contexts, self.valid, self.batch_weights = [], [], []
+        for b, weighted in enumerate(batches):
+            batch, weight = unwrap_batch(weighted)
+            self.batch_weights.append(weight)
             hidden, context = self.stack.prepare(batch)
             first.put(b, hidden)
             self.contexts.append(context)
@@ -259,12 +279,16 @@ class _Run:
         start = time.perf_counter()
         self.prepare(batches)
         stats = self.observe(self._observe_specs(), self.reduced) if self._needs_observe() else {}
+        if self._protecting() and "protected" not in self.state:
+            self.protected = super_experts({n: stats[n][SUPER_EXPERT_STATISTIC] for n in self.reduced}, self.reduced)
+            self._save_state(protected=self.protected)
         counts = self._allocate(stats)
         if self.writer is not None:
             self.writer.write_trunk()
         self._compress(stats, counts)
         self.stack.finish(self.spec.form, self._record(counts))
-        report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start}
+        report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start,
+                                  "protected": self.protected if self._protecting() else None, "kept": self.kept}
         if self.verify is not None:
             report["expected_logits"] = self._verify_logits()
         return report
@@ -278,15 +302,21 @@ class _Run:
         self.source.release(self.stack, self.stack.head_modules())
         return logits
 
+    def _protecting(self) -> bool:
+        return bool(self.spec.protect_super_experts and self.method.protects and self.reduced and self.spec.experts)
+
     def _needs_observe(self) -> bool:
         if not self.reduced or self.spec.experts is None:
             return False
-        return self.spec.budget == "global" or self.spec.propagate == "original"
+        return self.spec.budget == "global" or self.spec.propagate == "original" or self._protecting()
 
     def _observe_specs(self) -> dict[str, dict[str, Any]]:
-        if self.spec.propagate == "original":
-            return self.method.statistics()
-        return {"counts": {}}
+        specs = dict(self.method.statistics()) if self.spec.propagate == "original" else {"counts": {}}
+        if self.spec.budget == "global":
+            specs.update(self.method.budget_statistics())
+        if self._protecting():
+            specs.setdefault(SUPER_EXPERT_STATISTIC, {})
+        return specs
 
     def observe(self, specs: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> dict[str, BlockStats]:
         """Phase 1: statistics ``specs`` of the blocks ``names`` on the original model's hidden states."""
@@ -317,9 +347,9 @@ class _Run:
             counts = dict(E)
         elif self.spec.budget == "global":
             scores = {n: self.method.budget_score(stats[n]) for n in self.reduced}
-            counts = {**E, **allocate_experts(scores, total=self.spec.experts * len(self.reduced))}
+            counts = {**E, **allocate_experts(scores, total=sum(self.spec.kept(E[n]) for n in self.reduced))}
         else:
-            counts = {**E, **{n: self.spec.experts for n in self.reduced}}
+            counts = {**E, **{n: self.spec.kept(E[n]) for n in self.reduced}}
         counts = _fit_to_routing(counts, self.blocks.routing, E)
         self._save_state(counts=counts)
         return counts
@@ -361,11 +391,22 @@ class _Run:
         block = stack.unit(name)
         E = adapter.num_experts(block)
         weights = adapter.read(block, stack.config)
+        if name in self.protected:
+            mask = torch.zeros(E, dtype=torch.bool)
+            mask[self.protected[name]] = True
+            stats = {**stats, "protected": {"mask": mask}}
         result = reduce_block(self.method, weights, stats, G, self.blocks.routing[name])
+        if result.novices is not None and not getattr(adapter, "supports_novices", False):
+            raise ValueError(f"method {self.spec.method!r} replaces experts by novices, which the {adapter.name} "
+                             "adapter cannot write; use a moekit model")
+        if result.novices is not None and self.spec.form != "exact":
+            raise ValueError(f"method {self.spec.method!r} keeps the router (novices answer for pruned experts); "
+                             "use form='exact'")
         new = adapter.write(block, result, self.spec.form, stack.config)
         if new is not block:
             stack.replace(name, new)
         self.layers[name] = {"experts": G, "router_outputs": E if self.spec.form == "exact" else G}
+        self.kept[name] = result.dominant.tolist()
 
     def _record(self, counts: dict[str, int]) -> dict[str, Any]:
         return {

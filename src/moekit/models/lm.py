@@ -75,6 +75,8 @@ class MoELM(nn.Module):
             ``{"rank": r, "kept_rows": {matrix: [kept residual rows per expert]}}`` builds a
             ``PackedLowRankSparseExperts``, ``{"rank": r, "kept_rows": None}`` a dense-masked
             ``LowRankSparseExperts`` (``moekit.merging``). Default: no layer compressed.
+        novice_layers: per layer whether its ``RemappedMoE`` holds MoNE novices (pruned experts
+            replaced by constant outputs; values come with the weights). Default: none.
 
     ``forward(tokens [B, S]) -> (logits [B, S, V], [MoEOutput per layer])``.
     """
@@ -97,6 +99,7 @@ class MoELM(nn.Module):
         experts_per_layer: Sequence[int] | None = None,
         router_outputs_per_layer: Sequence[int] | None = None,
         compressed: Sequence[Mapping[str, Any] | None] | None = None,
+        novice_layers: Sequence[bool] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -113,6 +116,9 @@ class MoELM(nn.Module):
         layouts = list(compressed) if compressed is not None else [None] * depth
         if len(layouts) != depth:
             raise ValueError(f"compressed must have one entry per layer ({depth}), got {len(layouts)}")
+        novice_flags = list(novice_layers) if novice_layers is not None else [False] * depth
+        if len(novice_flags) != depth:
+            raise ValueError(f"novice_layers must have one entry per layer ({depth}), got {len(novice_flags)}")
         router_kwargs = {"noisy": False, **(router_kwargs or {})} if router == "topk" else dict(router_kwargs or {})
         self._spec = {
             "vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads, "max_seq_len": max_seq_len,
@@ -122,13 +128,15 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(check_int("vocab_size", vocab_size, low=1), dim, **kw)
         self.pos = nn.Embedding(max_seq_len, dim, **kw)
         blocks = []
-        for i, (G, R, layout) in enumerate(zip(bank_sizes, router_sizes, layouts)):
+        for i, (G, R, layout, novice) in enumerate(zip(bank_sizes, router_sizes, layouts, novice_flags)):
             if G > R:
                 raise ValueError(f"a layer cannot have more experts ({G}) than router outputs ({R})")
             gate = ROUTERS.create(router, dim=dim, num_experts=R, k=min(k, R), **router_kwargs, **kw)
             bank_kw = {"num_experts": G, "dim": dim, "hidden": hidden, "activation": activation, **kw}
             bank = _bank(experts, bank_kw, layout, f"compressed[{i}]")
-            moe = MoE(gate, bank) if G == R else RemappedMoE(gate, bank, torch.arange(R, device="cpu") % G)
+            novices = (torch.zeros(R, dim, **kw), torch.zeros(R, dtype=torch.bool)) if novice else (None, None)
+            moe = (MoE(gate, bank) if G == R and not novice else
+                   RemappedMoE(gate, bank, torch.arange(R, device="cpu") % G, novices=novices[0], novice_mask=novices[1]))  # fmt: skip
             blocks.append(_Block(dim, heads, moe, **kw))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(dim, **kw)
@@ -154,6 +162,9 @@ class MoELM(nn.Module):
         layouts = [_layout(block.moe.experts) for block in self.blocks]
         if any(layout is not None for layout in layouts):
             out["compressed"] = layouts
+        novices = [getattr(block.moe, "novices", None) is not None for block in self.blocks]
+        if any(novices):
+            out["novice_layers"] = novices
         return out
 
     def embed_tokens(self, tokens_BS: Tensor) -> Tensor:

@@ -27,6 +27,8 @@ class ExpertMethod(abc.ABC):
     """Reduces one MoE block from E to G experts. Options are constructor keywords."""
 
     name: ClassVar[str]
+    #: whether the method honours ``--protect-super-experts`` (``stats["protected"]["mask"]``)
+    protects: ClassVar[bool] = False
 
     @abc.abstractmethod
     def statistics(self) -> dict[str, dict[str, Any]]:
@@ -37,6 +39,10 @@ class ExpertMethod(abc.ABC):
         M-SMoE's activation frequency)."""
         return stats["counts"]["counts"]
 
+    def budget_statistics(self) -> dict[str, dict[str, Any]]:
+        """Statistics ``budget_score`` reads (observed on the original model for a global budget)."""
+        return {"counts": {}}
+
     @abc.abstractmethod
     def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
         """The block with ``num_experts`` (G) experts."""
@@ -45,6 +51,8 @@ class ExpertMethod(abc.ABC):
         """The statistics of the experts ``experts`` only (for group-limited routing). Default:
         per-expert tensors are sliced on their first axis, router logits on their last."""
         out: dict[str, dict[str, Tensor]] = {}
+        if "layer_io" in stats:
+            raise ValueError(f"method {self.name!r} needs whole-block outputs, which group-limited routing splits")
         for name, values in stats.items():
             out[name] = {}
             for key, t in values.items():
@@ -86,6 +94,8 @@ def reduce_block(
             router_extras={k: v[idx] for k, v in weights.router_extras.items()},
         )  # fmt: skip
         parts.append(method.reduce(sub, method.slice_statistics(stats, idx), keep, RoutingSpec(routing.score, routing.top_k)))
+        if parts[-1].novices is not None:
+            raise ValueError(f"method {method.name!r} (novices) does not support group-limited routing")
     cat = lambda ts: torch.cat(ts)  # noqa: E731
     first = parts[0].weights
     merged = first.replace(
