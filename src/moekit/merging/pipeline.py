@@ -496,6 +496,7 @@ def merge_moekit_model(
     exclude: Sequence[str] = (),
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_calib_tokens: int = 8192,
+    protect_super_experts: bool = True,
     quiet: bool = False,
     **merge_kwargs: Any,
 ) -> nn.Module:
@@ -508,20 +509,23 @@ def merge_moekit_model(
         experts: average experts kept per merged layer (``budget="global"``: a shared budget of
             ``experts * merged layers``, each layer's count set by normalised frequencies, the most-used
             expert always kept; ``"uniform"``: exactly this many per layer). 1 <= experts <= E.
-        method: a recipe in ``MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``).
+        method: a recipe in ``MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``), or
+            another ``EXPERT_METHODS`` name (``"reap"``, ``"hc-smoe"``, ...; ``methods.spec.front_spec``).
         form: ``"exact"`` (router unchanged, index map) or ``"plain"`` (router folded, standard MoE).
         exclude: MoE layer names left unmerged.
         forward: ``forward(model, batch)`` for calibration (default ``model(batch)``).
         max_calib_tokens: router logits/inputs kept per layer for grouping.
         quiet: no progress bar.
-        merge_kwargs: passed to ``merge_layer`` (``grouping``, ``merge``, ``align``, ``anchor``, ``fold``, ``seed``).
+        protect_super_experts: keep super experts (methods that support it; not M-SMoE).
+        merge_kwargs: passed to ``merge_layer`` (``grouping``, ``merge``, ``align``, ``anchor``, ``fold``, ``seed``)
+            or the method's options.
 
     Statistics come from the unmerged model (``propagate="original"``), as in the paper.
     """
-    spec = CompressionSpec(
-        method="m-smoe", method_options={"recipe": method, "max_tokens": max_calib_tokens, **merge_kwargs},
-        experts=experts, budget=budget, form=form, exclude=tuple(exclude), propagate="original",
-    )  # fmt: skip
+    from .methods.spec import front_spec
+
+    spec = front_spec(method, merge_kwargs, experts=experts, budget=budget, form=form, exclude=exclude,
+                      max_tokens=max_calib_tokens, protect_super_experts=protect_super_experts)  # fmt: skip
     if not MOEKIT_BLOCKS.blocks(model):
         raise ValueError(f"{type(model).__name__} has no moekit MoE layer to merge")
     out = copy.deepcopy(model)
