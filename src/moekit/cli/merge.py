@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from ..merging.grouping import GROUPINGS
 from ..merging import BUDGETS, FORMS
-from ..registry import MERGE_METHODS
+from ..registry import EXPERT_METHODS, MERGE_METHODS
 from ..reporting import atomic_directory
 from . import _calib
-from ._options import add_out, at_least, checked_out
+from ._options import add_out, at_least, checked_out, experts_count
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
@@ -37,10 +37,16 @@ Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
-    p.add_argument("--experts", type=at_least(1), required=True,
-                   help="experts kept per MoE layer (average if budget global)")
-    methods = ", ".join(MERGE_METHODS.names())
-    p.add_argument("--method", default="mcsmoe", help=f"one of {methods} (default: %(default)s)")
+    p.add_argument("--experts", type=experts_count, required=True,
+                   help="experts kept per MoE layer (average if budget global), or the fraction kept, e.g. 0.5")
+    recipes = ", ".join(MERGE_METHODS.names())
+    others = ", ".join(n for n in EXPERT_METHODS.names() if n not in MERGE_METHODS and n != "m-smoe")
+    p.add_argument("--method", default="mcsmoe",
+                   help=f"M-SMoE or an ablation ({recipes}), or another method ({others}); see docs/compression.md")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the method, e.g. gate=softmax for reap (repeatable; default: none)")
+    p.add_argument("--protect-super-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="never remove super experts (Super Experts paper rule; methods other than M-SMoE)")
     p.add_argument(
         "--form", choices=FORMS, default="plain",
         help="plain: standard smaller model, router folded; exact: router unchanged + index map (default: %(default)s)",
@@ -82,6 +88,8 @@ def _check_experts(experts: int, counts: dict[str, int], src: Path, exclude: lis
         raise ValueError(f"--exclude names {unknown}, which are not MoE layers of {str(src)!r}; "
                          f"MoE layers: {list(counts)}")
     merged = [c for name, c in counts.items() if name not in set(exclude)] or list(counts.values())
+    if isinstance(experts, float):
+        return
     if not 1 <= experts <= min(merged):
         where = f"experts per MoE layer of {str(src)!r}"
         raise ValueError(f"--experts must be between 1 and {min(merged)} ({where}), got {experts}")
@@ -99,11 +107,32 @@ def _merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     budget = args.budget or ("uniform" if args.form == "plain" else "global")
     kw: dict[str, Any] = {
         "experts": args.experts, "method": args.method, "form": args.form, "budget": budget,
-        "exclude": list(args.exclude), "seed": args.seed,
+        "exclude": list(args.exclude), "seed": args.seed, "protect_super_experts": args.protect_super_experts,
+        **_method_options(args),
     }  # fmt: skip
     if args.grouping:
         kw["grouping"] = args.grouping
     return kw
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--option NAME=VALUE`` values, typed by the method's declaration (``methods.options``)."""
+    from ..merging.methods.options import method_options, parse_option
+
+    if not args.option:
+        return {}
+    if args.method in MERGE_METHODS:
+        raise ValueError(f"--option is for methods other than the M-SMoE recipes; {args.method!r} takes --grouping/--seed")
+    declared = {o.name: o for o in method_options(args.method)}
+    out: dict[str, Any] = {}
+    for text in args.option:
+        name, sep, value = text.partition("=")
+        key = name.strip().replace("-", "_")
+        if not sep or key not in declared:
+            raise ValueError(f"--option must be NAME=VALUE with NAME one of {sorted(declared) or 'none'} "
+                             f"(options of {args.method!r}), got {text!r}")  # fmt: skip
+        out[key] = parse_option(declared[key], value)
+    return out
 
 
 def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
@@ -122,13 +151,14 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
     bar = not args.quiet and sys.stderr.isatty()
     batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
-    merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
+    record: dict[str, Any] = {}
+    merged = merge_moekit_model(model, batches, quiet=args.quiet, report=record, **_merge_kwargs(args))
     layers = {
         n: {"experts": m.experts.num_experts, "router_outputs": m.router.num_experts}
         for n, m in moe_layers(merged).items()
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
+            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}, "protected": record.get("protected")}  # fmt: skip
     return merged, lambda path: write_checkpoint(merged, path), info
 
 
@@ -157,9 +187,10 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
         n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
         for n, b in family.blocks(merged).items()
     }
+    record = getattr(merged.config, MERGE_CONFIG_KEY, None) or {}
     tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}}  # fmt: skip
+            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}, "protected": record.get("protected")}  # fmt: skip
 
     def save(path: Path) -> None:
         with quiet_transformers():
@@ -172,7 +203,9 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 def _run(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
-    MERGE_METHODS.entry(args.method)
+    if args.method not in MERGE_METHODS and args.method not in EXPERT_METHODS:
+        names = sorted(set(MERGE_METHODS.names()) | set(EXPERT_METHODS.names()) - {"m-smoe"})
+        raise ValueError(f"unknown merge method {args.method!r}; --method takes one of {', '.join(names)}")
     inputs = [src, *(c for c in args.calib if c != _calib.STDLIB)]
     checked_out(args, inputs=inputs)
     meta = _read_config(src)
@@ -184,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
             "input": str(src), "output": str(out), **_merge_kwargs(args),
             "calibration": {"sources": list(args.calib), "samples": args.calib_samples, **info["calibration"]},
             "model": info["model"], "kind": info["kind"], "layers": info["layers"],
+            "protected_super_experts": info.get("protected"),
             "params_before": info["params_before"], "params_after": _params(merged),
             "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(stage),
             "seconds": round(time.perf_counter() - start, 3),

@@ -411,7 +411,8 @@ class _Run:
     def _record(self, counts: dict[str, int]) -> dict[str, Any]:
         return {
             "form": self.spec.form, "method": self.spec.method, "experts": self.spec.experts,
-            "budget": self.spec.budget, "layers": self.layers,
+            "budget": self.spec.budget, "layers": self.layers, "kept": self.kept,
+            "protected": self.protected if self._protecting() else None,
         }  # fmt: skip
 
 
@@ -498,6 +499,7 @@ def merge_moekit_model(
     max_calib_tokens: int = 8192,
     protect_super_experts: bool = True,
     quiet: bool = False,
+    report: dict[str, Any] | None = None,
     **merge_kwargs: Any,
 ) -> nn.Module:
     """A merged copy of a moekit model (``model`` itself is not modified): M-SMoE through the pipeline.
@@ -517,6 +519,7 @@ def merge_moekit_model(
         max_calib_tokens: router logits/inputs kept per layer for grouping.
         quiet: no progress bar.
         protect_super_experts: keep super experts (methods that support it; not M-SMoE).
+        report: a dict that receives the pipeline's report (``counts``, ``kept``, ``protected``, ...).
         merge_kwargs: passed to ``merge_layer`` (``grouping``, ``merge``, ``align``, ``anchor``, ``fold``, ``seed``)
             or the method's options.
 
@@ -531,5 +534,7 @@ def merge_moekit_model(
     out = copy.deepcopy(model)
     was_training = out.training
     stack = moekit_stack(out.eval(), forward)
-    run_pipeline(stack, calib_batches, spec, quiet=quiet)
+    result = run_pipeline(stack, calib_batches, spec, quiet=quiet)
+    if report is not None:
+        report.update(result)
     return stack.model.train(was_training)
