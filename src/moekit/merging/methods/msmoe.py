@@ -23,8 +23,10 @@ __all__ = ["MSMoE"]
 @EXPERT_METHODS.register("m-smoe", paper="https://arxiv.org/abs/2310.01334",
                          summary="M-SMoE: frequency-chosen dominant experts, router-logit grouping, aligned frequency-weighted merge")  # fmt: skip
 class MSMoE(ExpertMethod):
-    """Options: ``recipe`` (MERGE_METHODS name, default ``"mcsmoe"``), ``grouping``, ``merge``,
-    ``align``, ``anchor`` (``"dominant"`` or an expert id; the paper uses 0), ``fold`` (plain-form
+    """Options: ``recipe`` (MERGE_METHODS name, default ``"mcsmoe"``), ``grouping`` (override the
+    recipe's grouping: ``"router_logits"``, ``"expert_output"`` or ``"random"``), ``merge`` (override:
+    ``"frequency"``, ``"uniform"`` or ``"dominant"``), ``align`` (override: permutation-align group
+    members), ``anchor`` (``"dominant"`` or an expert id; the paper uses 0), ``fold`` (plain-form
     router: ``"lse"`` or ``"dominant"``), ``seed`` (random grouping), ``max_tokens`` (router logits
     and inputs kept per block)."""
 
