@@ -82,7 +82,7 @@ class CompressionConfig:
     aux_switch: float = 0.01
     calib_sequences: int = 64
     recovery_steps: int = 30
-    recovery_lr: float = 1e-3
+    recovery_lr: float = 5e-4
     alpha: float = 0.2
     temperature: float = 2.0
     eval_documents: int = 24
@@ -153,10 +153,11 @@ def _evaluate(model: nn.Module, reference: Any, data: Any, settings: Any) -> dic
     return {name: task["metrics"][name] for name, task in pick.items()}
 
 
-def _row(seed: int, method: str, removed: float, recovered: bool, model: nn.Module, metrics: Mapping[str, Any],
+def _row(seed: int, method: str, removed: float, steps: int, model: nn.Module, metrics: Mapping[str, Any],
          info: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    recovered = steps > 0
     return {
-        "seed": seed, "method": method, "removed": removed, "recovery": recovered,
+        "seed": seed, "method": method, "removed": removed, "recovery": recovered, "recovery_steps": steps,
         "experts_per_layer": [b.moe.experts.num_experts for b in model.blocks], "params": count_parameters(model),
         **{k: info[k] for k in ("form", "budget", "kept", "protected") if k in info}, "metrics": dict(metrics),
     }  # fmt: skip
@@ -186,11 +187,12 @@ def run_seed(cfg: CompressionConfig, seed: int, corpus: Any, data: Any, task: An
 
     def finish(label: str, method: str, removed: float, compressed: nn.Module, info: Mapping[str, Any]) -> None:
         t = time.perf_counter()
-        rows.append(_row(seed, method, removed, False, compressed, _evaluate(compressed, reference, data, settings), info))
+        rows.append(_row(seed, method, removed, 0, compressed, _evaluate(compressed, reference, data, settings), info))
         student = copy.deepcopy(compressed)
         recover(student, model, lambda step: recovery[step], steps=cfg.recovery_steps, lr=cfg.recovery_lr,
                 alpha=cfg.alpha, temperature=cfg.temperature, quiet=True, desc=label)  # fmt: skip
-        rows.append(_row(seed, method, removed, True, student, _evaluate(student, reference, data, settings), info))
+        rows.append(_row(seed, method, removed, cfg.recovery_steps, student, _evaluate(student, reference, data, settings),
+                         info))  # fmt: skip
         timing[label] = {**timing.get(label, {}), "recover_and_eval_s": time.perf_counter() - t}
         task.advance(note=f"seed {seed} {label}: {rows[-2]['metrics']['bits_per_byte']['estimate']:.3f} -> "
                           f"{rows[-1]['metrics']['bits_per_byte']['estimate']:.3f} bits/byte")  # fmt: skip

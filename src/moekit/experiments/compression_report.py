@@ -87,7 +87,7 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
     cfg, data = results["config"], results["data"]
     ev = data["evaluation"]
     return (
-        f"{len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}); each trains a new byte-level MoE LM "
+        f"{len(cfg['seeds'])} seed(s) ({', '.join(map(str, cfg['seeds']))}); each trains a new byte-level MoE LM "
         f"(dim {cfg['dim']}, {cfg['depth']} layers, {cfg['num_experts']} GLU experts of hidden {cfg['hidden']}, "
         f"top-{cfg['k']}, context {cfg['seq_len']}) for {cfg['train_steps']} steps of batch {cfg['batch_size']} "
         f"on the training files of the Python standard library ({data['corpus']['train_bytes']:,} bytes, "
