@@ -61,7 +61,7 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         pct = f"{r:.0%} removed, one-shot"
 
         def add(statement: str, a: str, b: str, metric: str, claimed: str, scale: float = 1.0, spec: str = ".3f",
-                unit: str = "") -> None:  # fmt: skip
+                unit: str = "", r: float = r, pct: str = pct) -> None:  # fmt: skip
             if a in methods and b in methods:
                 out.append(Claim(f"{statement} ({pct})", paired(results, (a, r, False), (b, r, False), metric),
                                  claimed=claimed, scale=scale, spec=spec, unit=unit))  # fmt: skip

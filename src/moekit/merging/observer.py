@@ -67,7 +67,7 @@ def mix_calibration(sets: Sequence[tuple[Sequence[Any], float]]) -> list[Weighte
         raise ValueError("mix_calibration needs at least one (batches, weight) pair, got none")
     sizes = []
     for i, (batches, weight) in enumerate(sets):
-        if not isinstance(weight, (int, float)) or not weight > 0 or weight != weight or weight == float("inf"):
+        if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
             raise ValueError(f"weight of calibration set {i} must be a finite number > 0, got {weight!r}")
         n = sum(_tokens(b) for b in batches)
         if n == 0:
