@@ -90,3 +90,28 @@ def test_cli_merge_with_reap_then_moekit_eval(tmp_path):
                  "--out", str(tmp_path / "eval"), "--quiet"]) == 0  # fmt: skip
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert result["runs"][0]["tasks"]["generate"]["metrics"]["continuation_agreement"]["n"] == 3
+
+
+@pytest.mark.parametrize("method", ["reap", "hc-smoe", "nae"])
+def test_streamed_from_disk_equals_in_memory(tmp_path, method):
+    from moekit.merging.observer import mix_calibration
+    from moekit.merging.streaming import compress_checkpoint
+
+    model = tiny_model("qwen3_moe")
+    with quiet_transformers():
+        model.save_pretrained(tmp_path / "in")
+    gen = torch.Generator().manual_seed(3)
+    batches = mix_calibration([([torch.randint(3, 256, (2, 16), generator=gen)], 2.0),
+                               ([torch.randint(3, 256, (2, 16), generator=gen) for _ in range(2)], 1.0)])  # fmt: skip
+    spec = CompressionSpec(method=method, experts=4, budget="uniform", form="plain", propagate="original")
+    report = compress_checkpoint(tmp_path / "in", tmp_path / "out", batches, spec, quiet=True)
+    from moekit.integrations.hf.stack import hf_stack
+
+    memory = copy.deepcopy(model)
+    expected = run_pipeline(hf_stack(memory.eval()), batches, spec)
+    assert report["kept"] == expected["kept"] and report["protected_super_experts"] == expected["protected"]
+    with quiet_transformers():
+        back = type(model).from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, memory(x).logits, atol=1e-5)
