@@ -27,10 +27,10 @@ def register(experiments: Any) -> None:
 
     p = experiments.add_parser(
         "compression", help="every expert-compression method (REAP, HC-SMoE, MoNE, M-SMoE, ...) on a small MoE LM",
-        description="Trains a byte-level MoE LM per seed, removes 25%% and 50%% of each layer's experts with every "
+        description="Trains a byte-level MoE LM per seed, removes 25% and 50% of each layer's experts with every "
         "method, with and without the same recovery steps (a no-compression control gets them too), and evaluates "
-        "held-out bits/byte, multiple choice and generation with paired 95%% intervals. Methods: "
-        + "; ".join(f"{m}: {d}" for m, d in METHODS.items()).replace("%", "%%") + ".",
+        "held-out bits/byte, multiple choice and generation with paired 95% intervals. Methods: "
+        + "; ".join(f"{m}: {d}" for m, d in METHODS.items()) + ".",
     )  # fmt: skip
     add_out(p, "reproduce", "compression")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny model and data; the other "
