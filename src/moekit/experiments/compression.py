@@ -105,12 +105,13 @@ class CompressionConfig:
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"methods {unknown} are unknown; choose from {', '.join(METHODS)}")
+            raise ValueError(f"methods (--methods) {unknown} are unknown; choose from {', '.join(METHODS)}")
         if not self.seeds or not self.methods or not self.removed:
-            raise ValueError("seeds, methods and removed must each name at least one value")
+            raise ValueError("seeds, methods and removed (--seeds, --methods, --removed) must each name at least one value")
         bad = [r for r in self.removed if not 0 < r < 1 or int(self.num_experts * r) < 1]
         if bad:
-            raise ValueError(f"removed fractions must remove at least one of {self.num_experts} experts and keep one, got {bad}")
+            raise ValueError(f"removed fractions (--removed) must remove at least one of {self.num_experts} experts and keep "
+                             f"one, got {bad}")  # fmt: skip
 
     def kept(self, removed: float) -> int:
         """Experts kept per layer when ``removed`` of them go (REAP: ``int(E * ratio)`` removed)."""
