@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from moekit.merging import calibrate, merge_moekit_model
-from moekit.merging.methods import create_method, list_methods, method_options
+from moekit.merging.methods import create_method, list_methods
 from moekit.merging.methods._prune import prune_by_score, ranked
 from moekit.merging.methods.hc_smoe import agglomerate
 from moekit.merging.methods.mone import mone_scores
-from moekit.merging.methods.options import parse_option
 from moekit.merging.methods.protection import super_experts
 from moekit.merging.methods.reap import reap_scores
 from moekit.merging.moekit_blocks import read_moe_layer
@@ -215,13 +214,14 @@ def test_agglomerate_by_hand_ties_and_singletons():
 
 @pytest.mark.parametrize("linkage", ["average", "complete", "single"])
 def test_agglomerate_matches_scipy(linkage):
-    from scipy.cluster.hierarchy import fcluster, linkage as scipy_linkage
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
 
     f = torch.randn(12, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     for G in (2, 4, 7):
         ours = agglomerate(f, G, linkage=linkage)
         theirs = fcluster(scipy_linkage(f.numpy(), method=linkage, metric="euclidean"), G, criterion="maxclust")
-        part = lambda labels: {frozenset(i for i, l in enumerate(labels) if l == c) for c in set(labels)}  # noqa: E731
+        part = lambda labels: {frozenset(i for i, l in enumerate(labels) if l == c) for c in set(labels)}
         assert part(ours.tolist()) == part(list(theirs))
 
 
@@ -251,7 +251,7 @@ def test_uniform_control_deals_equal_groups_and_averages_them():
 
 def test_random_control_is_seeded():
     w = _weights(E=8)
-    kept = lambda seed: [create_method("random", seed=seed).reduce(w, {}, 4, RoutingSpec()).dominant.tolist()]  # noqa: E731
+    kept = lambda seed: [create_method("random", seed=seed).reduce(w, {}, 4, RoutingSpec()).dominant.tolist()]
     assert kept(0) == kept(0) and kept(0) != kept(1)
 
 
@@ -261,10 +261,11 @@ def test_mone_layer_answers_pruned_choices_with_the_mean_output_times_the_gate()
     merged = merge_moekit_model(model, batches, experts=4, method="mone", budget="uniform", form="exact",
                                 protect_super_experts=False, quiet=True)  # fmt: skip
     layer, moe = merged.blocks[0].moe, model.blocks[0].moe
+    assert layer.experts.real_experts == 4 and layer.experts.num_experts == 8
     x = _layer_inputs(model, batches)[0]
     with torch.no_grad():
         d = moe.router(x)
-        kept = set(torch.nonzero(~layer.novice_mask).flatten().tolist())
+        kept = set(torch.nonzero(layer.expert_map < 4).flatten().tolist())
         want = torch.zeros_like(x)
         for t in range(x.shape[0]):
             for slot in range(2):
@@ -330,7 +331,7 @@ def test_a_super_expert_in_the_last_quarter_of_layers_is_not_protected():
 
 # ----- budgets and options
 def test_fraction_budgets_follow_reaps_rounding():
-    spec = lambda f: CompressionSpec(method="reap", experts=f)  # noqa: E731
+    spec = lambda f: CompressionSpec(method="reap", experts=f)
     assert [spec(f).kept(8) for f in (0.5, 0.75, 0.3, 0.1)] == [4, 6, 3, 1]
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         CompressionSpec(experts=1.5)
@@ -344,21 +345,40 @@ def test_global_budget_with_reap_scores_spends_the_whole_budget():
     assert sum(report["counts"].values()) == 12 and len(set(report["counts"].values())) >= 1
 
 
-def test_every_method_declares_documented_options():
+def test_every_method_declares_documented_options_for_moekit_compress():
+    from moekit.cli._methods import declared_options
+    from moekit.registry import EXPERT_METHODS
+
     for name in list_methods():
-        for o in method_options(name):
-            assert o.help, f"{name}: option {o.name} has no help in the class docstring"
-    reap = {o.name: o for o in method_options("reap")}
-    assert reap["gate"].default == "renormalized" and parse_option(reap["max_tokens"], "12") == 12
-    with pytest.raises(ValueError, match="--max-tokens must be int"):
-        parse_option(reap["max_tokens"], "x")
+        for o in declared_options(name, EXPERT_METHODS.get(name)):
+            assert o.help, f"{name}: option {o.name} has no option_help entry"
+    reap = {o.name: o for o in declared_options("reap", EXPERT_METHODS.get("reap"))}
+    assert reap["gate"].default == "renormalized" and reap["max_tokens"].parse("12") == 12
 
 
 @pytest.mark.parametrize("method", NEW + ("m-smoe",))
 def test_every_method_runs_streamed_on_a_moekit_lm(method):
     model, batches = _lm(seed=10), _batches()
     merged, _ = _compress(model, batches, method, 4, form="exact")
-    assert [b.moe.experts.num_experts for b in merged.blocks] == [4, 4]
+    assert [getattr(b.moe.experts, "real_experts", b.moe.experts.num_experts) for b in merged.blocks] == [4, 4]
     with torch.no_grad():
         assert torch.isfinite(merged(batches[0])[0]).all()
     assert copy.deepcopy(model).state_dict().keys() == model.state_dict().keys()  # input untouched
+
+
+@pytest.mark.parametrize("method", ["mone", "hc-smoe", "nae"])
+def test_moekit_compress_streams_a_moekit_checkpoint_and_it_reloads(tmp_path, method):
+    import json
+
+    from moekit import load_checkpoint, save_checkpoint
+    from moekit.cli.main import main
+
+    save_checkpoint(_lm(seed=12), tmp_path / "lm")
+    (tmp_path / "calib.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    assert main(["compress", str(tmp_path / "lm"), "--method", method, "--experts", "0.5", "--form", "exact",
+                 "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "4", "--seq-len", "16",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "out" / "compress_report.json").read_text())
+    assert report["verification"]["max_abs_logit_diff"] < 1e-4 and report["protected_super_experts"] is not None
+    back = load_checkpoint(tmp_path / "out")
+    assert [getattr(b.moe.experts, "real_experts", b.moe.experts.num_experts) for b in back.blocks] == [4, 4]

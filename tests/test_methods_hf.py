@@ -13,12 +13,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_tiny import tiny_model  # noqa: E402
+from hf_tiny import tiny_model
 
-from moekit.cli.main import main  # noqa: E402
-from moekit.integrations.hf import load_hf_model, merge_hf_model  # noqa: E402
-from moekit.integrations.hf.checks import quiet_transformers  # noqa: E402
-from moekit.merging.pipeline import CompressionSpec, run_pipeline  # noqa: E402
+from moekit.cli.main import main
+from moekit.integrations.hf import load_hf_model, merge_hf_model
+from moekit.integrations.hf.checks import quiet_transformers
+from moekit.merging.pipeline import CompressionSpec, run_pipeline
 
 METHODS = ("reap", "ean", "frequency", "hc-smoe", "nae", "random", "uniform")
 
@@ -68,7 +68,7 @@ def test_mone_is_refused_clearly_on_hugging_face_models():
                        form="exact", quiet=True)  # fmt: skip
 
 
-def test_cli_merge_with_reap_then_moekit_eval(tmp_path):
+def test_cli_compress_with_reap_then_moekit_eval(tmp_path):
     from safetensors.torch import save_file
 
     src = tmp_path / "mixtral"
@@ -77,12 +77,13 @@ def test_cli_merge_with_reap_then_moekit_eval(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("def f(x):\n    return x + 1\n" * 40)
     out = tmp_path / "pruned"
-    assert main(["merge", str(src), "--method", "reap", "--experts", "0.5", "--option", "gate=softmax",
+    assert main(["compress", str(src), "--method", "reap", "--experts", "0.5", "--gate", "softmax", "--form", "plain",
                  "--calib", str(calib), "--calib-samples", "4", "--seq-len", "16", "--out", str(out), "--quiet"]) == 0  # fmt: skip
-    report = json.loads((out / "merge_report.json").read_text())
-    assert report["method"] == "reap" and report["gate"] == "softmax" and report["protect_super_experts"] is True
+    report = json.loads((out / "compress_report.json").read_text())
+    assert report["method"] == "reap" and report["method_options"] == {"gate": "softmax"}
+    assert report["protect_super_experts"] is True
     assert set(report["protected_super_experts"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
-    assert [v["experts"] for v in report["layers"].values()] == [3, 3]
+    assert list(report["experts_per_block"].values()) == [3, 3]
     ids = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
     assert main(["eval", str(out), "--data", str(tmp_path / "ids.safetensors"), "--reference", str(src),

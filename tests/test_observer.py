@@ -61,7 +61,7 @@ def test_mix_calibration_weights_each_set_by_its_weight_not_its_size():
     mixed = mix_calibration([(a, 3.0), (b, 1.0)])
     assert [m.weight for m in mixed] == [3 / 4 * 96 / 64] * 2 + [1 / 4 * 96 / 32]  # 64 + 32 tokens
     model = _lm()
-    counts = lambda batches: calibrate(model, batches, statistics={"counts": {}})  # noqa: E731
+    counts = lambda batches: calibrate(model, batches, statistics={"counts": {}})
     ca, cb, cm = counts(a), counts(b), counts(mixed)
     for name in cm:
         per_token_a = ca[name]["counts"]["counts"] / 64

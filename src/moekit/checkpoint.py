@@ -38,6 +38,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
+from .checkpoint_format import (
+    ADAPTERS_DIR,
+    CONFIG_NAME,
+    DISTRIBUTED_FORMAT,
+    FORMAT,
+    VERSION,
+    WEIGHTS_NAME,
+    check_format_version,
+    read_config_json,
+)
 from .registry import MODELS
 from .reporting import atomic_directory
 
@@ -49,12 +59,6 @@ __all__ = [
     "checkpoint_format", "check_format_version", "model_sources", "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
 ]  # fmt: skip
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-ADAPTERS_DIR = "adapters"
-FORMAT = "moekit"
-DISTRIBUTED_FORMAT = "moekit-expert-parallel"
-VERSION = 1
 #: the attribute ``load_checkpoint`` sets on the model it returns: the directory it was read from
 SOURCE_ATTR = "_moekit_source"
 
@@ -65,18 +69,6 @@ def model_sources(model: nn.Module) -> list[Path]:
     write over them."""
     names = [getattr(model, SOURCE_ATTR, None), getattr(model, "name_or_path", None)]
     return [Path(n) for n in names if isinstance(n, (str, os.PathLike)) and str(n) and Path(n).is_dir()]
-
-
-def check_format_version(meta: Mapping[str, Any], newest: int, path: str | os.PathLike[str]) -> None:
-    """Refuse a config whose format ``version`` (1 when absent) is not an integer in ``[1, newest]``
-    (a checkpoint written by a newer moekit may mean something this one would silently misread)."""
-    version = meta.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{str(path)!r} has an invalid format version {version!r} (expected an integer >= 1)")
-    if version > newest:
-        raise ValueError(
-            f"{str(path)!r} has format version {version}, newer than this moekit reads (<= {newest}); upgrade moekit"
-        )
 
 
 def _class_path(model: nn.Module) -> str:
@@ -183,20 +175,6 @@ def _write(model: nn.Module, directory: Path, spec: tuple[str | None, dict | Non
         from .layers.adapters import save_adapters
 
         save_adapters(model, directory / ADAPTERS_DIR)
-
-
-def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
-    """The parsed ``config.json`` of the directory ``directory`` (a ``what``), with errors that name the path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{what} directory {str(directory)!r} does not exist")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(directory)!r} has no {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} config {str(path)!r}: {err}") from None
 
 
 def checkpoint_format(directory: str | os.PathLike[str]) -> str:

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from ..merging.grouping import GROUPINGS
 from ..merging import BUDGETS, FORMS
-from ..registry import EXPERT_METHODS, MERGE_METHODS
+from ..registry import MERGE_METHODS
 from ..reporting import atomic_directory
 from . import _calib
-from ._options import add_out, at_least, checked_out, experts_count
+from ._options import add_out, at_least, checked_out
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
@@ -37,16 +37,10 @@ Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
-    p.add_argument("--experts", type=experts_count, required=True,
-                   help="experts kept per MoE layer (average if budget global), or the fraction kept, e.g. 0.5")
-    recipes = ", ".join(MERGE_METHODS.names())
-    others = ", ".join(n for n in EXPERT_METHODS.names() if n not in MERGE_METHODS and n != "m-smoe")
-    p.add_argument("--method", default="mcsmoe",
-                   help=f"M-SMoE or an ablation ({recipes}), or another method ({others}); see docs/compression.md")
-    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an option of the method, e.g. gate=softmax for reap (repeatable; default: none)")
-    p.add_argument("--protect-super-experts", action=argparse.BooleanOptionalAction, default=True,
-                   help="never remove super experts (Super Experts paper rule; methods other than M-SMoE)")
+    p.add_argument("--experts", type=at_least(1), required=True,
+                   help="experts kept per MoE layer (average if budget global)")
+    methods = ", ".join(MERGE_METHODS.names())
+    p.add_argument("--method", default="mcsmoe", help=f"one of {methods} (default: %(default)s)")
     p.add_argument(
         "--form", choices=FORMS, default="plain",
         help="plain: standard smaller model, router folded; exact: router unchanged + index map (default: %(default)s)",
@@ -58,13 +52,7 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged (default: none)")
     p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping (default: the method's own)")
-    p.add_argument(
-        "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
-        help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
-    )  # fmt: skip
-    p.add_argument("--calib-samples", type=at_least(1), default=64, help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seq-len", type=at_least(1), default=128, help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=at_least(1), default=8, help="calibration batch size (default: %(default)s)")
+    _calib.add_calib_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of random grouping (default: %(default)s)")
     add_out(p, what="the merged checkpoint and merge_report.json", required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -88,8 +76,6 @@ def _check_experts(experts: int, counts: dict[str, int], src: Path, exclude: lis
         raise ValueError(f"--exclude names {unknown}, which are not MoE layers of {str(src)!r}; "
                          f"MoE layers: {list(counts)}")
     merged = [c for name, c in counts.items() if name not in set(exclude)] or list(counts.values())
-    if isinstance(experts, float):
-        return
     if not 1 <= experts <= min(merged):
         where = f"experts per MoE layer of {str(src)!r}"
         raise ValueError(f"--experts must be between 1 and {min(merged)} ({where}), got {experts}")
@@ -107,32 +93,11 @@ def _merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     budget = args.budget or ("uniform" if args.form == "plain" else "global")
     kw: dict[str, Any] = {
         "experts": args.experts, "method": args.method, "form": args.form, "budget": budget,
-        "exclude": list(args.exclude), "seed": args.seed, "protect_super_experts": args.protect_super_experts,
-        **_method_options(args),
+        "exclude": list(args.exclude), "seed": args.seed,
     }  # fmt: skip
     if args.grouping:
         kw["grouping"] = args.grouping
     return kw
-
-
-def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--option NAME=VALUE`` values, typed by the method's declaration (``methods.options``)."""
-    from ..merging.methods.options import method_options, parse_option
-
-    if not args.option:
-        return {}
-    if args.method in MERGE_METHODS:
-        raise ValueError(f"--option is for methods other than the M-SMoE recipes; {args.method!r} takes --grouping/--seed")
-    declared = {o.name: o for o in method_options(args.method)}
-    out: dict[str, Any] = {}
-    for text in args.option:
-        name, sep, value = text.partition("=")
-        key = name.strip().replace("-", "_")
-        if not sep or key not in declared:
-            raise ValueError(f"--option must be NAME=VALUE with NAME one of {sorted(declared) or 'none'} "
-                             f"(options of {args.method!r}), got {text!r}")  # fmt: skip
-        out[key] = parse_option(declared[key], value)
-    return out
 
 
 def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merged:
@@ -145,20 +110,18 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
         raise ValueError(f"{str(src)!r} holds a {kind!r} model; text calibration needs a moekit language model")
     model = load_checkpoint(src)
     _check_experts(args.experts, {n: m.experts.num_experts for n, m in moe_layers(model).items()}, src, args.exclude)
-    seq_len = min(args.seq_len, cfg["max_seq_len"])
-    data = _calib.read_calibration_bytes(args.calib)
-    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=cfg["vocab_size"])
+    batches, calibration = _calib.calibration_batches(args, vocab_size=cfg["vocab_size"], context=cfg["max_seq_len"],
+                                                      byte_level=True)  # fmt: skip
     bar = not args.quiet and sys.stderr.isatty()
-    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=not bar, leave=False)
+    batches = tqdm(batches, desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
-    record: dict[str, Any] = {}
-    merged = merge_moekit_model(model, batches, quiet=args.quiet, report=record, **_merge_kwargs(args))
+    merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
         n: {"experts": m.experts.num_experts, "router_outputs": m.router.num_experts}
         for n, m in moe_layers(merged).items()
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}, "protected": record.get("protected")}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
     return merged, lambda path: write_checkpoint(merged, path), info
 
 
@@ -173,24 +136,18 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
     model = load_hf_model(src)
     blocks = family.blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
-    data = _calib.read_calibration_bytes(args.calib)
-    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
-    if tokenizer is not None:
-        windows = _calib.token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
-    else:
-        vocab = model.config.vocab_size
-        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab)
+    batches, calibration = _calib.calibration_batches(
+        args, vocab_size=model.config.vocab_size, context=getattr(model.config, "max_position_embeddings", None),
+        tokenizer=tokenizer, decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
+    )  # fmt: skip
     before = _params(model)
-    batches = _calib.to_batches(windows, args.batch_size)
     merged = merge_hf_model(model, batches, inplace=True, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
         n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
         for n, b in family.blocks(merged).items()
     }
-    record = getattr(merged.config, MERGE_CONFIG_KEY, None) or {}
-    tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}, "protected": record.get("protected")}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
 
     def save(path: Path) -> None:
         with quiet_transformers():
@@ -203,10 +160,8 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 def _run(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
-    if args.method not in MERGE_METHODS and args.method not in EXPERT_METHODS:
-        names = sorted(set(MERGE_METHODS.names()) | set(EXPERT_METHODS.names()) - {"m-smoe"})
-        raise ValueError(f"unknown merge method {args.method!r}; --method takes one of {', '.join(names)}")
-    inputs = [src, *(c for c in args.calib if c != _calib.STDLIB)]
+    MERGE_METHODS.entry(args.method)
+    inputs = [src, *_calib.calib_inputs(args.calib)]
     checked_out(args, inputs=inputs)
     meta = _read_config(src)
     start = time.perf_counter()
@@ -217,7 +172,6 @@ def _run(args: argparse.Namespace) -> int:
             "input": str(src), "output": str(out), **_merge_kwargs(args),
             "calibration": {"sources": list(args.calib), "samples": args.calib_samples, **info["calibration"]},
             "model": info["model"], "kind": info["kind"], "layers": info["layers"],
-            "protected_super_experts": info.get("protected"),
             "params_before": info["params_before"], "params_after": _params(merged),
             "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(stage),
             "seconds": round(time.perf_counter() - start, 3),

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._checks import check_tensor_dtypes
-from ..checkpoint import CONFIG_NAME, check_format_version, read_config_json
+from ..checkpoint_format import CONFIG_NAME, check_format_version, read_config_json
 from ..layers.moe import MoE
 from ..registry import MODELS
 from ..reporting import check_output_dir, publish_dir, staging_dir

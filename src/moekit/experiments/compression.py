@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..data.stdlib_corpus import load_stdlib_corpus, random_windows
 from ..merging.cost import count_parameters
-from ..merging.methods.options import method_options
+from ..merging.methods.base import option_names
 from ..merging.pipeline import CompressionSpec, moekit_stack, run_pipeline
 from ..merging.recovery import recover
 from ..models.lm import MoELM
@@ -120,7 +120,7 @@ class CompressionConfig:
 
 def compress(model: nn.Module, method: str, experts: int, calib: list[Tensor], seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """A compressed copy of ``model`` (``experts`` per layer, average for M-SMoE) and the pipeline report."""
-    declared = {o.name for o in method_options(method)}
+    declared = set(option_names(method))
     options: dict[str, Any] = {"seed": seed} if "seed" in declared else {}
     if method == "m-smoe":
         spec = CompressionSpec(method="m-smoe", method_options={"recipe": "mcsmoe", **options}, experts=experts,
@@ -159,7 +159,8 @@ def _row(seed: int, method: str, removed: float, steps: int, model: nn.Module, m
     recovered = steps > 0
     return {
         "seed": seed, "method": method, "removed": removed, "recovery": recovered, "recovery_steps": steps,
-        "experts_per_layer": [b.moe.experts.num_experts for b in model.blocks], "params": count_parameters(model),
+        "experts_per_layer": [getattr(b.moe.experts, "real_experts", b.moe.experts.num_experts) for b in model.blocks],
+        "params": count_parameters(model),
         **{k: info[k] for k in ("form", "budget", "kept", "protected") if k in info}, "metrics": dict(metrics),
     }  # fmt: skip
 

@@ -119,9 +119,13 @@ class MoekitWriter:
 
     def finish(self, model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
         parts = [self._part(i) for i in range(len(self.units) + 1)]
-        concat_safetensors(parts, self.directory / WEIGHTS_NAME)
+        weights = self.directory / WEIGHTS_NAME
+        # the weights appear (by a rename) before any part is removed: a part missing on a resume means
+        # a killed earlier finish had already written them whole
+        if all(p.is_file() for p in parts) or not weights.is_file():
+            concat_safetensors(parts, weights)
         for part in parts:
-            part.unlink()
+            part.unlink(missing_ok=True)
         config = dict(self.meta.get("config", {}))
         if callable(getattr(model, "config", None)):
             config.update(model.config())

@@ -1,8 +1,7 @@
 """``moekit reproduce <experiment>``: run one of the papers' comparisons and write a report.
 
 Each module of this package defines ``register(experiments)`` and adds one experiment (one file per
-subcommand); it imports its experiment only when run, so ``--help`` stays fast. The experiment modules
-named in ``_IN_EXPERIMENT_MODULE`` still define their parser themselves (``add_reproduce_parser``).
+subcommand); it imports its experiment only when run, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,10 +12,6 @@ import pkgutil
 from typing import Any
 
 
-#: experiments whose parser still lives in the experiment module (to move into this package)
-_IN_EXPERIMENT_MODULE = ("moekit.experiments.mcsmoe",)
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("reproduce", help="reproduce a paper's comparison (writes a report)",
                                    description="Run one paper's comparison at CPU scale and write report.md, "
@@ -25,8 +20,6 @@ def register(subparsers: Any) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}").register(experiments)
-    for name in _IN_EXPERIMENT_MODULE:
-        importlib.import_module(name).add_reproduce_parser(experiments)
     parser.set_defaults(func=lambda args: _missing(parser))
 
 

@@ -57,7 +57,7 @@ def save_hf_model(
     with atomic_directory(directory, overwrite=overwrite, inputs=sources, writer="save_hf_model") as stage:
         with quiet_transformers():
             model.save_pretrained(stage)
-        if (getattr(model.config, MERGE_CONFIG_KEY, None) or {}).get("form") == "exact":
+        if needs_moekit_layout(model.config):
             mark_moekit_only(stage)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
@@ -65,19 +65,26 @@ def save_hf_model(
 
 
 def layout_class(cls: type) -> type:
-    """A subclass of the architecture ``cls`` (same name) that builds the exact merged layout recorded
-    in ``config.moekit_merge`` before weights are loaded."""
+    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in
+    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``)
+    and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows)."""
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        from .compressed import compressed_bank
+
         cls.__init__(self, config, *args, **kwargs)
         family = family_for(config)
         blocks = family.blocks(self)
-        for name, layer in getattr(config, MERGE_CONFIG_KEY)["layers"].items():
+        record = getattr(config, MERGE_CONFIG_KEY)
+        for name, layer in record["layers"].items():
             if name not in blocks:
                 raise ValueError(f"config.{MERGE_CONFIG_KEY} names block {name!r}, which this model does not have")
             G, E = int(layer["experts"]), int(layer["router_outputs"])
-            family.resize_experts(blocks[name], G)
-            family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+            if record.get("form") == "exact" and G < E:
+                family.resize_experts(blocks[name], G)
+                family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+            if "compression" in layer:
+                family.write_compressed(blocks[name], compressed_bank(G, layer["compression"]), config)
             # every tensor of the block comes from the checkpoint (load_hf_model checks that strictly):
             # skip the family's own weight init, which assumes E experts and a stock router
             blocks[name]._is_hf_initialized = True
@@ -98,9 +105,13 @@ def architecture(config: Any) -> type:
 
 
 def needs_moekit_layout(config: Any) -> bool:
-    """Whether the checkpoint's blocks differ from what its stock config builds (exact form)."""
+    """Whether the checkpoint's blocks differ from what its stock config builds (exact form, or
+    compressed experts)."""
     merge = getattr(config, MERGE_CONFIG_KEY, None)
-    return isinstance(merge, dict) and merge.get("form") == "exact"
+    if not isinstance(merge, dict):
+        return False
+    layers = merge.get("layers") or {}
+    return merge.get("form") == "exact" or any("compression" in layer for layer in layers.values())
 
 
 def load_hf_model(

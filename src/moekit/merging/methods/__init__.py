@@ -3,8 +3,9 @@
 A method is one small file: an ``ExpertMethod`` subclass that names the statistics it needs from the
 layer-wise observer (``statistics``), scores experts for a global budget (``budget_score``) and turns
 one block's weights and statistics into a ``LayerMergeResult`` (``reduce``), registered with
-``@EXPERT_METHODS.register(name, paper=...)``. Its options are its constructor's keyword arguments
-(``method_options``: name, default, type and help line from the class docstring).
+``@EXPERT_METHODS.register(name, paper=...)``. Its options are its constructor's typed keyword-only
+arguments, with their help in ``option_help`` (``moekit compress`` builds flags from them,
+``moekit.cli._methods``).
 
 * ``m-smoe`` (``msmoe.py``): M-SMoE merging (alignment, router-logit grouping, frequency merge).
 * ``frequency`` (``frequency.py``): keep the most-routed experts.
@@ -16,11 +17,10 @@ one block's weights and statistics into a ``LayerMergeResult`` (``reduce``), reg
 * ``random`` (``random_prune.py``), ``uniform`` (``uniform_merge.py``): data-free controls.
 
 Shared pieces: ``_prune.py`` (keep the best-scored experts), ``_groups.py`` (merge a partition),
-``protection.py`` (super experts), ``options.py`` (option declarations for the CLI).
+``protection.py`` (super experts), ``spec.py`` (the merge fronts' method names).
 """
 
 from . import ean, frequency, hc_smoe, mone, msmoe, nae, random_prune, reap, uniform_merge  # noqa: F401  (registers)
 from .base import ExpertMethod, create_method, list_methods
-from .options import MethodOption, method_options
 
-__all__ = ["ExpertMethod", "create_method", "list_methods", "MethodOption", "method_options"]
+__all__ = ["ExpertMethod", "create_method", "list_methods"]

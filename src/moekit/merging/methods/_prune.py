@@ -39,7 +39,7 @@ def ranked(score_E: Tensor, num_experts: int, protected_E: Tensor | None = None)
 
 def keep_rows(weights: ExpertLayerWeights, kept_G: Tensor) -> ExpertLayerWeights:
     """The block with only experts ``kept_G``: their tensors, router rows, bias and router extras."""
-    pick = lambda t: t.detach()[kept_G.to(t.device)].clone()  # noqa: E731
+    pick = lambda t: t.detach()[kept_G.to(t.device)].clone()
     return weights.replace(
         params={k: pick(v) for k, v in weights.params.items()}, router_weight=pick(weights.router_weight),
         router_bias=None if weights.router_bias is None else pick(weights.router_bias),

@@ -17,7 +17,7 @@ from torch import Tensor
 from ...registry import EXPERT_METHODS
 from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
-__all__ = ["ExpertMethod", "Stats", "create_method", "list_methods", "reduce_block"]
+__all__ = ["ExpertMethod", "Stats", "create_method", "list_methods", "option_names", "reduce_block"]
 
 #: one block's statistics: ``{statistic name: {key: tensor}}`` (see ``moekit.merging.statistics``)
 Stats = Mapping[str, Mapping[str, Tensor]]
@@ -72,6 +72,14 @@ def create_method(name: str, **options: Any) -> ExpertMethod:
 
 def list_methods() -> list[str]:
     return EXPERT_METHODS.names()
+
+
+def option_names(name: str) -> list[str]:
+    """The options (keyword-only constructor arguments) of a registered method."""
+    import inspect
+
+    params = inspect.signature(EXPERT_METHODS.get(name).__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def reduce_block(

@@ -26,11 +26,13 @@ REDUCTIONS = ("sum", "mean")
 @EXPERT_METHODS.register("ean", paper="https://arxiv.org/abs/2510.13999",
                          summary="prune the experts with the smallest summed output norm on their routed tokens")  # fmt: skip
 class EANPruning(ExpertMethod):
-    """Options: ``reduction`` (``"sum"``: REAP's ean_sum, or ``"mean"``), ``max_tokens`` (router
-    logits sampled for the exact form's redirect), ``seed`` (of that sample)."""
+    """EAN pruning (see the module docstring)."""
 
     name = "ean"
     protects = True
+    option_help = {"reduction": "EAN score: sum (REAP's ean_sum) or mean of the output norms over routed tokens",
+                   "max_tokens": "router logits sampled per block (exact form: redirect of pruned experts)",
+                   "seed": "seed of the sampled tokens"}  # fmt: skip
 
     def __init__(self, *, reduction: str = "sum", max_tokens: int = 8192, seed: int = 0) -> None:
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)

@@ -26,6 +26,8 @@ class FrequencyPruning(ExpertMethod):
 
     name = "frequency"
     protects = True
+    #: help of each option on the command line (``moekit compress``)
+    option_help = {"max_tokens": "router logits kept per block for the exact form's redirect"}
 
     def __init__(self, *, max_tokens: int = 8192) -> None:
         self.max_tokens = max_tokens

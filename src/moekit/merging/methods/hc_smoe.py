@@ -84,17 +84,20 @@ def agglomerate(features_ED: Tensor, num_clusters: int, *, linkage: str = "avera
 @EXPERT_METHODS.register("hc-smoe", paper="https://arxiv.org/abs/2410.08589",
                          summary="cluster experts by mean output on all tokens (average linkage), frequency-weighted merge")  # fmt: skip
 class HCSMoE(ExpertMethod):
-    """Options: ``linkage`` (``"average"``), ``merge`` (``"frequency"`` or ``"uniform"``), ``fold``
-    (plain-form router: ``"lse"`` or ``"dominant"``), ``max_tokens`` (router logits sampled for the
-    fold), ``seed`` (of that sample)."""
+    """HC-SMoE (see the module docstring)."""
 
     name = "hc-smoe"
     protects = True
+    option_help = {"linkage": "agglomerative linkage: average (the paper), complete or single",
+                   "merge": "how a cluster is averaged: frequency (routed counts, the paper; the default) or uniform",
+                   "fold": "plain-form router rows of a group: lse or dominant (default: lse for softmax routers)",
+                   "max_tokens": "router logits sampled per block (for the plain-form fold)",
+                   "seed": "seed of the sampled tokens"}  # fmt: skip
 
-    def __init__(self, *, linkage: str = "average", merge: str = "frequency", fold: str = "lse",
+    def __init__(self, *, linkage: str = "average", merge: str | None = None, fold: str | None = None,
                  max_tokens: int = 8192, seed: int = 0) -> None:  # fmt: skip
         self.linkage = check_choice("linkage", linkage, LINKAGES)
-        self.merge = check_choice("merge", merge, ("frequency", "uniform"))
+        self.merge = check_choice("merge", merge or "frequency", ("frequency", "uniform"))
         self.fold, self.max_tokens, self.seed = fold, max_tokens, seed
 
     def statistics(self) -> dict[str, dict[str, Any]]:
@@ -114,4 +117,5 @@ class HCSMoE(ExpertMethod):
         groups, dominant = relabel(labels, dominant_of)
         counts = stats["counts"]["counts"].double()
         alpha = counts if self.merge == "frequency" else torch.ones(E, dtype=torch.float64)
-        return merge_by_groups(weights, groups, dominant, alpha, stats.get("router_logits", {}).get("logits"), self.fold)
+        fold = self.fold or ("dominant" if routing.score == "sigmoid" else "lse")
+        return merge_by_groups(weights, groups, dominant, alpha, stats.get("router_logits", {}).get("logits"), fold)

@@ -42,7 +42,7 @@ def mone_scores(stats: Stats) -> tuple[Tensor, Tensor]:
 @EXPERT_METHODS.register("mone", paper="https://arxiv.org/abs/2507.00390",
                          summary="prune low-usage, stable experts and replace each by its mean output (novice)")  # fmt: skip
 class MoNE(ExpertMethod):
-    """No options: the score and the novices come from the statistics."""
+    """MoNE (see the module docstring); no options: the score and the novices come from the statistics."""
 
     name = "mone"
     protects = True

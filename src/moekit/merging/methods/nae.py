@@ -51,11 +51,13 @@ def subset_output(outputs_ETD: Tensor, logits_TE: Tensor, keep_E: Tensor, top_k:
 @EXPERT_METHODS.register("nae", paper="https://arxiv.org/abs/2402.14800",
                          summary="NAEE: per block, the expert subset whose output best reconstructs the original")  # fmt: skip
 class NAEE(ExpertMethod):
-    """Options: ``max_subsets`` (largest C(E, G) searched), ``max_tokens`` (tokens sampled per
-    block), ``seed`` (of that sample)."""
+    """NAEE's subset search (see the module docstring)."""
 
     name = "nae"
     protects = True
+    option_help = {"max_subsets": "largest number of expert subsets C(E, G) searched per block",
+                   "max_tokens": "calibration tokens sampled per block for the reconstruction error",
+                   "seed": "seed of the sampled tokens"}  # fmt: skip
 
     def __init__(self, *, max_subsets: int = 5000, max_tokens: int = 2048, seed: int = 0) -> None:
         self.max_subsets, self.max_tokens, self.seed = max_subsets, max_tokens, seed

@@ -21,10 +21,12 @@ __all__ = ["RandomPruning"]
 
 @EXPERT_METHODS.register("random", summary="control: keep a seeded random subset of experts per block")
 class RandomPruning(ExpertMethod):
-    """Options: ``seed`` (of the random scores and the logit sample), ``max_tokens`` (router logits sampled for the exact form's redirect)."""
+    """The random-pruning control (see the module docstring)."""
 
     name = "random"
     protects = True
+    option_help = {"seed": "seed of the random scores and of the sampled tokens",
+                   "max_tokens": "router logits sampled per block (exact form: redirect of pruned experts)"}  # fmt: skip
 
     def __init__(self, *, seed: int = 0, max_tokens: int = 8192) -> None:
         self.seed, self.max_tokens = seed, max_tokens

@@ -43,11 +43,14 @@ def reap_scores(norms: dict[str, Tensor], gate: str = "renormalized") -> Tensor:
 @EXPERT_METHODS.register("reap", paper="https://arxiv.org/abs/2510.13999",
                          summary="prune the experts with the smallest mean gate x output norm on their routed tokens")  # fmt: skip
 class REAP(ExpertMethod):
-    """Options: ``gate`` (``"renormalized"``, ``"softmax"`` or ``"model"``), ``max_tokens`` (router
-    logits sampled for the exact form's redirect), ``seed`` (of that sample)."""
+    """REAP pruning (see the module docstring)."""
 
     name = "reap"
     protects = True
+    option_help = {"gate": "REAP's gate: renormalized (top-k renormalised softmax, the official default), softmax "
+                           "(full softmax, the earlier default) or model (the gate the block applied)",
+                   "max_tokens": "router logits sampled per block (exact form: redirect of pruned experts)",
+                   "seed": "seed of the sampled tokens"}  # fmt: skip
 
     def __init__(self, *, gate: str = "renormalized", max_tokens: int = 8192, seed: int = 0) -> None:
         self.gate = check_choice("gate", gate, tuple(GATES))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ...registry import EXPERT_METHODS, MERGE_METHODS
-from .options import method_options
+from .base import option_names
 
 __all__ = ["front_spec"]
 
@@ -30,7 +30,7 @@ def front_spec(
     if method not in EXPERT_METHODS:
         names = sorted(set(MERGE_METHODS.names()) | set(EXPERT_METHODS.names()))
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(names)}")
-    declared = {o.name for o in method_options(method)}
+    declared = set(option_names(method))
     unknown = sorted(k for k in options if k not in declared and k != "seed")
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {sorted(declared) or 'none'}")

@@ -23,13 +23,15 @@ __all__ = ["UniformMerge"]
 
 @EXPERT_METHODS.register("uniform", summary="control: equal-weight merge of seeded random equal-size groups")
 class UniformMerge(ExpertMethod):
-    """Options: ``seed`` (of the groups and the logit sample), ``fold`` (plain-form router: ``"lse"`` or ``"dominant"``), ``max_tokens``
-    (router logits sampled for the fold)."""
+    """The uniform-merging control (see the module docstring)."""
 
     name = "uniform"
     protects = True
+    option_help = {"seed": "seed of the random groups and of the sampled tokens",
+                   "fold": "plain-form router rows of a group: lse or dominant (default: lse for softmax routers)",
+                   "max_tokens": "router logits sampled per block (for the plain-form fold)"}  # fmt: skip
 
-    def __init__(self, *, seed: int = 0, fold: str = "lse", max_tokens: int = 8192) -> None:
+    def __init__(self, *, seed: int = 0, fold: str | None = None, max_tokens: int = 8192) -> None:
         self.seed, self.fold, self.max_tokens = seed, fold, max_tokens
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -52,4 +54,5 @@ class UniformMerge(ExpertMethod):
         dominant_of = {g: int(torch.nonzero(labels == g).min()) for g in range(G)}
         groups, dominant = relabel(labels, dominant_of)
         logits = stats.get("router_logits", {}).get("logits")
-        return merge_by_groups(weights, groups, dominant, torch.ones(E, dtype=torch.float64), logits, self.fold)
+        fold = self.fold or ("dominant" if routing.score == "sigmoid" else "lse")
+        return merge_by_groups(weights, groups, dominant, torch.ones(E, dtype=torch.float64), logits, fold)
