@@ -14,9 +14,10 @@
   ``adapters/`` directory (``save_adapters``: adapters, routers and every other trainable tensor);
   ``load_checkpoint`` puts the adapters back with the same trainable tensors.
 
-Loading is strict and allocates nothing before the checks: the model is first built on the meta
-device (or the instance you pass is used) and its tensor names and shapes are compared with the
-safetensors header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
+Loading is strict and allocates nothing before the checks: every size in the config must fit the
+largest tensor extent in the safetensors header (``check_config_sizes``), then the model is built on
+the meta device (or the instance you pass is used) and its tensor names and shapes are compared with
+the header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
 integer tensors are never cast into float parameters (nor the reverse), NaN/inf weights are refused,
 and a checkpoint of a newer format ``version`` is refused.
 
@@ -45,6 +46,7 @@ from .checkpoint_format import (
     FORMAT,
     VERSION,
     WEIGHTS_NAME,
+    check_config_sizes,
     check_format_version,
     read_config_json,
 )
@@ -56,7 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "save_checkpoint", "write_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json",
-    "checkpoint_format", "check_format_version", "model_sources", "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
+    "checkpoint_format", "check_format_version", "check_config_sizes", "header_shapes", "model_sources",
+    "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
 ]  # fmt: skip
 
 #: the attribute ``load_checkpoint`` sets on the model it returns: the directory it was read from
@@ -212,6 +215,8 @@ def _unregistered_error(directory: Path, meta: Mapping[str, Any]) -> ValueError:
     )
 
 
+#: builder arguments (at any depth of a checkpoint config) that are tensor extents: each must be at most the
+#: largest extent of any tensor in the weights file. ``depth``-like counts are bounded by the tensor count.
 def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
     name = meta.get("model")
     if name is None:
@@ -226,11 +231,11 @@ def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
         return MODELS.create(name, **meta["config"])
     except TypeError as err:
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r} does not fit {name!r}: {err}") from None
-    except ValueError as err:
+    except (ValueError, RuntimeError, OverflowError) as err:  # RuntimeError: e.g. torch's storage size overflow
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r}: {err}") from None
 
 
-def _header_shapes(weights: Path) -> dict[str, list[int]]:
+def header_shapes(weights: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from a safetensors header (nothing else is read)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -276,14 +281,15 @@ def load_checkpoint(
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
+    shapes = header_shapes(weights)
     if model is not None:
         expected = model.state_dict()
     else:
+        check_config_sizes(meta.get("config"), shapes, where=str(directory / CONFIG_NAME))
         with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
             expected = _build(directory, meta).state_dict()
     against = "the model you passed" if model is not None else f"its config ({meta.get('model')!r})"
-    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, _header_shapes(weights), where=str(weights),
-                       against=against)  # fmt: skip
+    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, shapes, where=str(weights), against=against)
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:

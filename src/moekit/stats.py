@@ -355,12 +355,14 @@ def record_routing(
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     labels: Callable[[Any], Tensor | None] | None = None,
+    metadata: Callable[[Any], Mapping[str, Tensor]] | None = None,
     **recorder_kwargs: Any,
 ) -> RoutingRecorder:
     """Run ``model`` in eval mode over ``batches`` and return the filled recorder.
 
     ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for tuples, else
-    ``model(batch)``); ``labels(batch)`` gives per-example labels for the per-label tables.
+    ``model(batch)``); ``labels(batch)`` gives per-example labels for the per-label tables;
+    ``metadata(batch) -> {key: [B]}`` integer metadata kept with the rows (``keep_rows``).
     """
     was_training = model.training
     model.eval()
@@ -369,9 +371,10 @@ def record_routing(
         with RoutingRecorder(model, **recorder_kwargs) as rec:
             for batch in batches:
                 rec.set_labels(labels(batch) if labels else None)
+                rec.set_meta(metadata(batch) if metadata else None)
                 run(model, batch)
     finally:
         model.train(was_training)
     if not rec.stats:
-        raise ValueError("no routed layer ran on the given batches: the model has no moekit router on this path")
+        raise ValueError("no routed layer ran on the given batches (none of the recorded routers was called)")
     return rec

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..stats import DecisionFn, LayerStats, RoutingRecorder, default_forward, router_sources, token_values
+from ..stats import DecisionFn, LayerStats, record_routing, router_sources, token_values
 
 __all__ = ["LayerRecord", "RoutingRecord", "routing_sources_for", "collect_routing", "token_values"]
 
@@ -69,7 +69,6 @@ def routing_sources_for(model: nn.Module) -> Sources:
     return dict(routing_sources(model))
 
 
-@torch.no_grad()
 def collect_routing(
     model: nn.Module,
     batches: Iterable[Any],
@@ -91,19 +90,8 @@ def collect_routing(
     """
     check_int("max_tokens", max_tokens, low=1)
     chosen = dict(sources or routing_sources_for(model))
-    run = forward or default_forward
-    was_training = model.training
-    model.eval()
-    try:
-        with RoutingRecorder(model, sources=chosen, layers=list(chosen), keep_rows=max_tokens) as rec:
-            for batch in batches:
-                rec.set_labels(labels(batch) if labels else None)
-                rec.set_meta(metadata(batch) if metadata else None)
-                run(model, batch)
-    finally:
-        model.train(was_training)
-    if not rec.stats:
-        raise ValueError("no routed layer ran on the given batches")
+    rec = record_routing(model, batches, forward=forward, labels=labels, metadata=metadata, sources=chosen,
+                         layers=list(chosen), keep_rows=max_tokens)  # fmt: skip
     layers = {}
     for name in chosen:
         if name not in rec.stats:
