@@ -63,7 +63,8 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         def add(statement: str, a: str, b: str, metric: str, claimed: str, scale: float = 1.0, spec: str = ".3f",
                 unit: str = "", r: float = r, pct: str = pct) -> None:  # fmt: skip
             if a in methods and b in methods:
-                out.append(Claim(f"{statement} ({pct})", paired(results, (a, r, False), (b, r, False), metric),
+                text, source = statement.rsplit(" (", 1)
+                out.append(Claim(f"{text} ({source.rstrip(')')}; {pct})", paired(results, (a, r, False), (b, r, False), metric),
                                  claimed=claimed, scale=scale, spec=spec, unit=unit))  # fmt: skip
 
         add("REAP beats M-SMoE on held-out bits/byte (REAP)", "reap", "m-smoe", "bits_per_byte", "negative", unit="bits/byte")
