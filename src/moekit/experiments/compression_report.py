@@ -160,6 +160,43 @@ def _ranking(results: Mapping[str, Any], **_: str) -> str:
     return "\n".join(parts)
 
 
+def _summary(results: Mapping[str, Any], **_: str) -> str:
+    """Plain sentences: per setting the best method on bits/byte, which are within noise of it, and
+    where M-SMoE stands against REAP and HC-SMoE; then whether choice accuracy moved at all."""
+    cfg, lines = results["config"], []
+    for removed in cfg["removed"]:
+        for recovery in (False, True):
+            means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
+            order = sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+            if not order:
+                continue
+            best, tied, worse = order[0], [], []
+            for m in order[1:]:
+                d = paired(results, (m, removed, recovery), (best, removed, recovery), "bits_per_byte")
+                (tied if not d.defined or d.low <= 0 else worse).append(f"{m} (+{d.estimate:.3f})")
+            setting = f"{removed:.0%} removed, {'after recovery' if recovery else 'one-shot'}"
+            line = (f"- {setting}: lowest bits/byte **{best}** ({means[best]:.3f}); within noise of it: "
+                    f"{', '.join(tied) or 'none'}; worse beyond noise: {', '.join(worse) or 'none'}.")  # fmt: skip
+            if "m-smoe" in means:
+                parts = []
+                for other in ("reap", "hc-smoe"):
+                    if other in means:
+                        d = paired(results, ("m-smoe", removed, recovery), (other, removed, recovery), "bits_per_byte")
+                        side = "within noise" if not d.defined or d.low <= 0 <= d.high else ("worse" if d.low > 0 else "better")
+                        parts.append(f"{d.estimate:+.3f} vs {other} ({side})")
+                line += f" M-SMoE: {'; '.join(parts)}."
+            lines.append(line)
+    moved = []
+    for removed in cfg["removed"]:
+        for m in _methods(results):
+            d = paired(results, (m, removed, False), (NONE, 0.0, False), "acc")
+            if d.defined and (d.low > 0 or d.high < 0):
+                moved.append(f"{m} at {removed:.0%} ({d.estimate * 100:+.1f} points)")
+    lines.append("- Multiple choice (one-shot, against the control): "
+                 + (f"beyond noise only {', '.join(moved)}." if moved else "no method moves accuracy beyond noise."))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _mean(results: Mapping[str, Any], method: str, removed: float, recovery: bool) -> float:
     rows = _rows(results, method, removed, recovery)
     return sum(value(r, "bits_per_byte") for r in rows.values()) / len(rows) if rows else math.nan
@@ -200,6 +237,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "runtime": runtime_line,
     "results": _results,
     "ranking": _ranking,
+    "summary": _summary,
     "comparisons": lambda results, **_: claims_table(claims(results), smoke=is_smoke(results)),
     "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
     "protected": _protected,
@@ -250,7 +288,7 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     write_figures(results, out)
     sections: Sequence[tuple[str, Callable[..., str]]] = [
-        ("Setup", _setup), ("Command", command_block), ("Results", _results), ("Ranking", _ranking),
+        ("Setup", _setup), ("Command", command_block), ("Summary", _summary), ("Results", _results), ("Ranking", _ranking),
         ("Claims", SECTIONS["comparisons"]), ("Protected super experts", _protected), ("Timing", _timing),
     ]  # fmt: skip
     return write_markdown_report(results, out, title="Expert compression methods compared", sections=sections,
