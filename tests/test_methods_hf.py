@@ -116,3 +116,20 @@ def test_streamed_from_disk_equals_in_memory(tmp_path, method):
     x = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.allclose(back(x).logits, memory(x).logits, atol=1e-5)
+
+
+def test_cli_calib_weights_mix_two_sources(tmp_path):
+    src = tmp_path / "qwen"
+    with quiet_transformers():
+        tiny_model("qwen3_moe").save_pretrained(src)
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    (tmp_path / "b.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--method", "frequency", "--experts", "4", "--form", "plain", "--calib-samples", "3", "--seq-len", "16",
+              "--quiet", "--no-protect-super-experts"]  # fmt: skip
+    assert main(["compress", str(src), "--calib", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--calib-weights",
+                 "0.999,0.001", *common, "--out", str(tmp_path / "ab")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "ab" / "compress_report.json").read_text())
+    assert report["calibration_sources"]["weights"] == [0.999, 0.001] and report["calibration_sources"]["rows"] == 6
+    assert report["protected_super_experts"] is None  # --no-protect-super-experts
+    assert main(["compress", str(src), "--calib", str(tmp_path / "a.txt"), "--calib-weights", "1,2", *common,
+                 "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
