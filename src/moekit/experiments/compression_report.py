@@ -68,8 +68,8 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
                                  claimed=claimed, scale=scale, spec=spec, unit=unit))  # fmt: skip
 
         add("REAP beats M-SMoE on held-out bits/byte (REAP)", "reap", "m-smoe", "bits_per_byte", "negative", unit="bits/byte")
-        add("REAP keeps generation closer to the original than M-SMoE (REAP)", "reap", "m-smoe",
-            "continuation_agreement", "positive", 100, ".1f", "points")
+        add("REAP's next-token predictions stay closer to the original's than M-SMoE's, KL (REAP)", "reap", "m-smoe",
+            "kl", "negative", 1.0, ".3f", "nats/token")
         add("REAP beats frequency pruning on bits/byte (REAP)", "reap", "frequency", "bits_per_byte", "negative", unit="bits/byte")
         add("REAP beats EAN on bits/byte (REAP)", "reap", "ean", "bits_per_byte", "negative", unit="bits/byte")
         add("HC-SMoE beats M-SMoE on multiple choice (HC-SMoE)", "hc-smoe", "m-smoe", "acc", "positive", 100, ".1f", "points")
@@ -108,7 +108,7 @@ def _setup(results: Mapping[str, Any], **_: str) -> str:
 def _results(results: Mapping[str, Any], **_: str) -> str:
     cfg = results["config"]
     headers = ["method", "removed", "recovery", "experts/layer", "bits/byte [95% CI]", "Δ bits/byte vs control",
-               "choice acc %", "agreement %", "repetition %", "form"]  # fmt: skip
+               "choice acc %", "KL to original", "agreement %", "repetition %", "form"]  # fmt: skip
     table = []
     for recovery in (False, True):
         for removed in [0.0, *cfg["removed"]]:
@@ -124,12 +124,15 @@ def _results(results: Mapping[str, Any], **_: str) -> str:
                     method if method != NONE else "no compression (control)", f"{removed:.0%}", "yes" if recovery else "no",
                     ", ".join("/".join(map(str, c)) for c in counts),
                     mean_cell([value(r, "bits_per_byte") for r in rs], spec=".3f"), delta,
-                    mean_cell([value(r, "acc") for r in rs], scale=100), mean_cell([value(r, "continuation_agreement") for r in rs], scale=100),
+                    mean_cell([value(r, "acc") for r in rs], scale=100), mean_cell([value(r, "kl") for r in rs], spec=".3f"),
+                    mean_cell([value(r, "continuation_agreement") for r in rs], scale=100),
                     mean_cell([value(r, "repetition") for r in rs], scale=100), rs[0]["form"],
                 ])  # fmt: skip
     note = ("\nMeans over seeds with 95% t-intervals; Δ is paired by seed against the control with the same "
             "recovery (so recovered variants are compared with a model that had the same extra training). "
-            "Agreement: share of greedy continuation tokens equal to the original model's.\n")  # fmt: skip
+            "KL: mean KL(original || model) of the next-token distributions over the prompt positions "
+            "(held-out text, nats/token); agreement: share of greedy continuation tokens equal to the original's; "
+            "repetition: repeated n-grams in the model's own continuation.\n")  # fmt: skip
     return markdown_table(headers, table) + note
 
 
@@ -224,7 +227,7 @@ def _timing(results: Mapping[str, Any], **_: str) -> str:
 
 def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [("compression_bpb.png", "held-out bits/byte by method and fraction removed"),
-            ("compression_generation.png", "greedy continuation agreement with the original model")]  # fmt: skip
+            ("compression_generation.png", "next-token KL to the original model on held-out prompts")]  # fmt: skip
 
 
 def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
@@ -281,8 +284,8 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _plot_metric(results, out / "compression_bpb.png", "bits_per_byte", "held-out bits per byte (lower is better)", 1.0,
                  "Held-out bits/byte")  # fmt: skip
-    _plot_metric(results, out / "compression_generation.png", "continuation_agreement",
-                 "continuation agreement with the original (%)", 100.0, "Generation vs the original model")  # fmt: skip
+    _plot_metric(results, out / "compression_generation.png", "kl", "KL(original || model), nats/token (lower is closer)",
+                 1.0, "Next-token KL to the original model")  # fmt: skip
 
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
