@@ -153,6 +153,7 @@ COMMANDS = {
     "reproduce-smear": "reproduce smear --quick --quiet",
     "reproduce-comet": "reproduce comet --quick --quiet",
     "reproduce-mcsmoe": "reproduce mcsmoe --quick --quiet",
+    "reproduce-compression": "reproduce compression --quick --quiet",
 }
 
 #: faults of --out that every command must refuse before any work (set up by _prepare_out)

@@ -60,6 +60,7 @@ RENDERERS: dict[str, str] = {
     "comet": "moekit.experiments.comet_report",
     "constraints": "moekit.experiments.constraints_report",
     "mcsmoe": "moekit.experiments.mcsmoe_report",
+    "compression": "moekit.experiments.compression_report",
 }
 
 _OPEN = re.compile(r"<!-- moekit:generated(?P<attrs>(?:\s+[\w.-]+=\S+?)*)\s*-->\n")

@@ -37,6 +37,20 @@ def add_calib_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=at_least(1), default=128,
                         help="tokens per calibration sequence cut from text")  # fmt: skip
     parser.add_argument("--batch-size", type=at_least(1), default=8, help="calibration batch size")
+    parser.add_argument("--calib-weights", type=_weights, default=None, metavar="W,W,...",
+                        help="one weight per --calib source: each source is read on its own (text: --calib-samples "
+                        "windows each) and contributes its weight's share of every statistic, whatever its size "
+                        "(default: the sources are pooled)")  # fmt: skip
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers > 0, got {text!r}") from None
+    if not values or any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 def calib_inputs(sources: Sequence[str]) -> list[str]:
@@ -53,12 +67,17 @@ def calibration_batches(
     """The batches of ``--calib`` (with ``--calib-samples``, ``--seq-len``, ``--batch-size``) and what
     they are (``sources``, ``rows``, ``tokens``, ``tokenizer``). Text: windows of the ``tokenizer``'s ids,
     else of bytes (``% vocab_size``; ``byte_level``: the model's own tokens are bytes); token-id files:
-    their rows as they are."""
+    their rows as they are. With ``--calib-weights`` every source gives its own batches, mixed with
+    ``moekit.merging.observer.mix_calibration``."""
     from ..data.calibration import (
         byte_windows, is_token_file, read_calibration_bytes, to_batches, token_file_batches, token_windows,
     )  # fmt: skip
 
     sources = list(args.calib)
+    weights = getattr(args, "calib_weights", None)
+    if weights is not None:
+        return _weighted_batches(args, sources, weights, vocab_size=vocab_size, context=context, tokenizer=tokenizer,
+                                 decoder=decoder, byte_level=byte_level)  # fmt: skip
     files = [s for s in sources if is_token_file(s)]
     if files:
         if len(files) != len(sources):
@@ -77,3 +96,20 @@ def calibration_batches(
         tokens = "bytes" if byte_level else "bytes % vocab_size"
     info = {"sources": sources, "rows": int(windows.shape[0]), "tokens": windows.numel(), "tokenizer": tokens}
     return to_batches(windows, args.batch_size), info
+
+
+def _weighted_batches(args: argparse.Namespace, sources: list[str], weights: Sequence[float],
+                      **kwargs: Any) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
+    from ..merging.observer import mix_calibration
+
+    if len(weights) != len(sources):
+        raise ValueError(f"--calib-weights needs one weight per --calib source ({len(sources)}), got {len(weights)}")
+    parts, infos = [], []
+    for source, weight in zip(sources, weights):
+        one = argparse.Namespace(**{**vars(args), "calib": [source], "calib_weights": None})
+        batches, info = calibration_batches(one, **kwargs)
+        parts.append((batches, weight))
+        infos.append(info)
+    info = {"sources": sources, "weights": list(weights), "rows": sum(i["rows"] for i in infos),
+            "tokens": sum(i["tokens"] for i in infos), "tokenizer": infos[0]["tokenizer"]}  # fmt: skip
+    return mix_calibration(parts), info

@@ -104,6 +104,26 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def experts_count(text: str) -> int | float:
+    """argparse ``type=`` of ``--experts``: an integer ``>= 1`` (experts kept per layer) or a fraction in
+    (0, 1) (the share of each layer's experts kept, e.g. ``0.5``)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = None
+    if count is not None:
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {count}")
+        return count
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction in (0, 1), got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse ``type=``: a finite number ``> 0``."""
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import _calib
 from ._methods import add_method_options, method_options
-from ._options import add_out, add_quiet, at_least, checked_out, default_out, positive_float
+from ._options import add_out, add_quiet, at_least, checked_out, default_out, experts_count, positive_float
 
 SUMMARY = "merge / prune / low-rank-compress a MoE checkpoint, streamed layer by layer"
 
@@ -67,9 +67,13 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("input", help="Hugging Face model directory or moekit checkpoint (only read)")
     p.add_argument("--method", default="m-smoe", help=f"expert-reduction method: {', '.join(EXPERT_METHODS.names())}")
-    p.add_argument("--experts", type=at_least(1), default=None,
-                   help="experts kept per MoE block (the average with --budget global); default: every expert "
-                   "(then only --rank compresses)")  # fmt: skip
+    p.add_argument("--experts", type=experts_count, default=None,
+                   help="experts kept per MoE block (the average with --budget global), or the fraction kept, e.g. "
+                   "0.5 (REAP's rounding: E - int(E * 0.5) per block); default: every expert (then only --rank "
+                   "compresses)")  # fmt: skip
+    p.add_argument("--protect-super-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="never prune or merge super experts (the Super Experts paper's rule; every method but "
+                   "m-smoe; the report lists them)")  # fmt: skip
     p.add_argument("--budget", choices=BUDGETS, default=None,
                    help="global: MC-SMoE's adaptive per-block counts from the method's scores (activation frequency); "
                    "uniform: --experts in every block (default: global for --form exact, uniform for plain)")  # fmt: skip
@@ -144,6 +148,7 @@ def _spec(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     return CompressionSpec(
         method=args.method, method_options=options, experts=args.experts, budget=budget, form=args.form,
         exclude=tuple(args.exclude), pad=args.pad, propagate=args.propagate, lowrank=lowrank,
+        protect_super_experts=args.protect_super_experts,
     )  # fmt: skip
 
 
@@ -166,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     reduced = [c for n, c in info.counts.items() if n not in set(args.exclude)]
     if args.experts is None and args.rank is None:
         raise ValueError("give --experts N (merge/prune to N experts per block) and/or --rank R (low-rank + sparse)")
-    if args.experts is not None and reduced and args.experts > min(reduced):
+    if isinstance(args.experts, int) and reduced and args.experts > min(reduced):
         raise ValueError(f"--experts must be between 1 and {min(reduced)} (experts per MoE block of {str(src)!r}), got {args.experts}")
     if args.rank is None and (not reduced or args.experts == max(reduced) == min(reduced)):
         print(f"nothing would be merged: {str(src)!r} has {args.experts} experts in every MoE block "
@@ -196,6 +201,9 @@ def _summary(r: dict[str, Any]) -> None:
     print(f"compressed {r['input']} -> {r['output']} ({r['kind']}, form={r['form']}, method={r['method']}, "
           f"budget={r['budget']}{', rank ' + str(low['rank']) if low else ''})")  # fmt: skip
     print(f"  experts per block {counts}")
+    protected = {k: v for k, v in (r.get("protected_super_experts") or {}).items() if v}
+    if protected:
+        print("  protected super experts: " + ", ".join(f"{k} {v}" for k, v in protected.items()))
     if r.get("padding_bytes"):
         print(f"  padding: {format_size(r['padding_bytes'])} of never-routed experts (--pad)")
     print(f"  weight bytes {format_size(before)} -> {format_size(after)} ({100.0 * (after - before) / max(before, 1):+.1f}%)")

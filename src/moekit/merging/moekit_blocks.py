@@ -16,6 +16,7 @@ from torch import nn
 
 from .._checks import check_choice
 from ..experts.mlp import GLUExperts, MLPExperts
+from ..experts.novice import NoviceExperts
 from ..layers.moe import MoE, is_token_moe
 from ..layers.remap import RemappedMoE
 from ..routers.topk import TopKRouter
@@ -61,7 +62,12 @@ def build_merged_layer(moe: MoE, result: LayerMergeResult, form: str) -> nn.Modu
     G = bank.num_experts
     if form == "exact":
         router = copy.deepcopy(moe.router)
-        return RemappedMoE(router, bank, result.expert_map.to(bank.down_proj.device), combine=moe.combine)
+        expert_map = result.expert_map.clone()
+        if result.novices is not None and result.novice_mask is not None:  # MoNE: pruned outputs -> novice slots
+            mask = result.novice_mask.cpu()
+            expert_map[mask] = G + torch.arange(int(mask.sum()))
+            bank = NoviceExperts(bank, result.novices[mask].to(bank.down_proj))
+        return RemappedMoE(router, bank, expert_map.to(result.weights.router_weight.device), combine=moe.combine)
     if moe.router.balancer is not None:
         raise ValueError("form='plain' cannot fold a router with a balancer; use form='exact'")
     router = copy.deepcopy(moe.router)
@@ -79,6 +85,7 @@ class MoekitBlocks(BlockAdapter):
     """moekit ``MoE`` / ``RemappedMoE`` layers anywhere in a module."""
 
     name = "moekit"
+    supports_novices = True
 
     def blocks(self, module: nn.Module) -> dict[str, nn.Module]:
         return {name: m for name, m in module.named_modules() if is_token_moe(m)}

@@ -13,13 +13,18 @@ capacity-dropped slots masked), the router's logits and scores -- and computes e
 hidden units and outputs on demand (once per call, shared by all statistics), from the block's
 weights in moekit layout (``ExpertLayerWeights``). Padding tokens are removed before statistics see
 the call (``set_valid``).
+
+Several calibration sets can be mixed with explicit weights (``mix_calibration``): every batch carries
+a per-token weight (``WeightedBatch``), sums become weighted sums and reservoir samples weighted
+samples, so each set contributes in proportion to its weight whatever its size (REAP issue #6: with
+several sets only the last one counted).
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +33,52 @@ from ..registry import STATISTICS
 from .adapter import BlockAdapter
 from .weights import ExpertLayerWeights, RoutingSpec
 
-__all__ = ["BlockCall", "ExpertIO", "Statistic", "BlockObserver", "make_statistic"]
+__all__ = ["BlockCall", "ExpertIO", "Statistic", "BlockObserver", "make_statistic", "WeightedBatch",
+           "mix_calibration", "unwrap_batch"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WeightedBatch:
+    """A calibration batch whose tokens count ``weight`` times in every statistic (``weight >= 0``)."""
+
+    batch: Any
+    weight: float
+
+
+def unwrap_batch(batch: Any) -> tuple[Any, float]:
+    """``(batch, weight)``: a ``WeightedBatch`` unpacked, any other batch with weight 1."""
+    return (batch.batch, float(batch.weight)) if isinstance(batch, WeightedBatch) else (batch, 1.0)
+
+
+def _tokens(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
+        return batch["input_ids"].numel()
+    return 1
+
+
+def mix_calibration(sets: Sequence[tuple[Sequence[Any], float]]) -> list[WeightedBatch]:
+    """Batches of several calibration sets, weighted so that set s contributes ``w_s / sum(w)`` of
+    every statistic whatever its size: a token of set s weighs ``(w_s / sum w) * N / N_s`` (N_s its
+    tokens, N all tokens), so the mean token weight stays 1 and an unweighted mix of equal-sized sets
+    is unchanged. ``sets``: ``[(batches, weight), ...]``, weights > 0."""
+    if not sets:
+        raise ValueError("mix_calibration needs at least one (batches, weight) pair, got none")
+    sizes = []
+    for i, (batches, weight) in enumerate(sets):
+        if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"weight of calibration set {i} must be a finite number > 0, got {weight!r}")
+        n = sum(_tokens(b) for b in batches)
+        if n == 0:
+            raise ValueError(f"calibration set {i} has no batches")
+        sizes.append(n)
+    total_w, total_n = sum(float(w) for _, w in sets), sum(sizes)
+    return [
+        WeightedBatch(b, float(w) / total_w * total_n / n)
+        for (batches, w), n in zip(sets, sizes)
+        for b in batches
+    ]
 
 
 @dataclass(frozen=True)
@@ -58,6 +108,7 @@ class BlockCall:
         routing: the block's ``RoutingSpec`` (score function, top-k, ...).
         router_ids_TK: the router's own choices in ``[0, E)`` (differs from ``ids_TK`` in the exact form).
         num_experts: G.
+        sample_weight: weight of every token of this call (calibration mixing; 1 by default).
     """
 
     x_TD: Tensor
@@ -69,6 +120,7 @@ class BlockCall:
     num_experts: int
     router_ids_TK: Tensor | None = None
     weights_fn: Callable[[], ExpertLayerWeights] | None = None
+    sample_weight: float = 1.0
     _io: dict[int, ExpertIO] = field(default_factory=dict, repr=False)
 
     @property
@@ -116,7 +168,12 @@ class BlockCall:
         return BlockCall(
             self.x_TD[rows_T], self.ids_TK[rows_T], self.weights_TK[rows_T], pick(self.kept_TK),
             pick(self.logits_TE), self.routing, self.num_experts, pick(self.router_ids_TK), self.weights_fn,
+            self.sample_weight,
         )  # fmt: skip
+
+    def router_choices(self) -> Tensor:
+        """The router's own choices ``[T, K]`` in ``[0, E)`` (the bank's ids when it did not say)."""
+        return self.ids_TK if self.router_ids_TK is None else self.router_ids_TK
 
 
 class Statistic(abc.ABC):
@@ -172,11 +229,16 @@ class BlockObserver:
         self.stats: dict[str, dict[str, Statistic]] = {}
         self._weights: dict[str, ExpertLayerWeights] = {}
         self._valid: Tensor | None = None
+        self._weight = 1.0
         self._handles: list[Any] = []
 
     def set_valid(self, valid_T: Tensor | None) -> None:
         """Mask of real tokens of the next forward (flattened ``[B * S]``); None = all are real."""
         self._valid = None if valid_T is None else valid_T.reshape(-1).bool()
+
+    def set_weight(self, weight: float) -> None:
+        """Weight of every token of the next forward (``WeightedBatch.weight``)."""
+        self._weight = float(weight)
 
     def __enter__(self) -> "BlockObserver":
         for name, block in self.blocks.items():
@@ -196,6 +258,7 @@ class BlockObserver:
 
         def sink(call: BlockCall) -> None:
             call.weights_fn = weights
+            call.sample_weight = self._weight
             if self._valid is not None and self._valid.numel() == call.num_tokens and not bool(self._valid.all()):
                 call = call.select(self._valid.to(call.x_TD.device))
             if name not in self.stats:

@@ -41,7 +41,8 @@ from .lowrank import LowRankOptions, Recovery, compress_block
 from .methods import ExpertMethod, create_method
 from .methods.base import reduce_block
 from .moekit_blocks import MOEKIT_BLOCKS
-from .observer import BlockObserver
+from .methods.protection import SUPER_EXPERT_STATISTIC, super_experts
+from .observer import BlockObserver, unwrap_batch
 from .padding import can_pad, pad_result
 from .progress import Progress
 from .stack import LayerStack, MoELMStack, WholeModelStack
@@ -74,7 +75,8 @@ class CompressionSpec:
         method: a name in ``moekit.registry.EXPERT_METHODS`` (``"m-smoe"``, ``"frequency"``).
         method_options: the method's keyword options.
         experts: experts kept per block (``budget="uniform"``) or on average over the reduced blocks
-            (``"global"``); None keeps every expert (compression only).
+            (``"global"``); a float in (0, 1) is the fraction kept: ``E - int(E * (1 - experts))``
+            per block (REAP's rounding of the removed count); None keeps every expert.
         budget: ``"global"`` (MC-SMoE's adaptive counts) or ``"uniform"``.
         form: ``"plain"`` (standard block, G-row router) or ``"exact"`` (router unchanged + index map).
         exclude: block names left as they are.
@@ -84,6 +86,8 @@ class CompressionSpec:
         propagate: ``"compressed"`` or ``"original"`` (see the module docstring).
         lowrank: the low-rank + sparse step (``LowRankOptions``) applied to every block not excluded,
             after merging; None = no such step. Its recovery needs ``propagate="compressed"``.
+        protect_super_experts: methods that support it (``ExpertMethod.protects``) never remove the
+            super experts found on the original model (``moekit.merging.methods.protection``).
     """
 
     method: str = "m-smoe"
@@ -95,12 +99,16 @@ class CompressionSpec:
     pad: bool = False
     propagate: str = "compressed"
     lowrank: LowRankOptions | None = None
+    protect_super_experts: bool = True
 
     def __post_init__(self) -> None:
         check_choice("form", self.form, FORMS)
         check_choice("budget", self.budget, BUDGETS)
         check_choice("propagate", self.propagate, PROPAGATIONS)
-        if self.experts is not None:
+        if isinstance(self.experts, float):
+            if not 0 < self.experts < 1:
+                raise ValueError(f"experts as a fraction must be in (0, 1), got {self.experts!r}")
+        elif self.experts is not None:
             check_int("experts", self.experts, low=1)
         if self.lowrank is not None and not isinstance(self.lowrank, LowRankOptions):
             raise TypeError(f"lowrank must be LowRankOptions or None, got {type(self.lowrank).__name__}")
@@ -109,6 +117,13 @@ class CompressionSpec:
                 "layer-wise recovery (recover_steps > 0) matches each block on the inputs the compressed model "
                 f"gives it; it needs propagate='compressed', got propagate={self.propagate!r}"
             )
+
+    def kept(self, num_experts: int) -> int:
+        """Experts a block of ``num_experts`` keeps under a uniform budget."""
+        assert self.experts is not None
+        if isinstance(self.experts, float):
+            return max(1, num_experts - int(num_experts * (1 - self.experts)))
+        return self.experts
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -171,7 +186,7 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
     if unknown:
         raise ValueError(f"exclude names {unknown}, which are not MoE blocks; MoE blocks: {blocks.names}")
     reduced = [n for n in blocks.names if n not in set(spec.exclude)]
-    if spec.experts is not None and reduced:
+    if spec.experts is not None and reduced and not isinstance(spec.experts, float):
         check_int("experts", spec.experts, low=1, high=min(blocks.experts[n] for n in reduced))
     if spec.pad and spec.form == "plain" and spec.experts is not None:
         for name in reduced:
@@ -238,10 +253,12 @@ class _Run:
         self.pad_to: int | None = None
         #: wall time of each unit's compress phase (the units this process ran; resume keeps earlier ones)
         self.unit_seconds: dict[str, float] = dict(self.state.get("unit_seconds", {}))
+        self.protected: dict[str, list[int]] = dict(self.state.get("protected", {}))
+        self.kept: dict[str, list[int]] = dict(self.state.get("kept", {}))
 
     # ----- helpers
     def _save_state(self, **changes: Any) -> None:
-        self.state.update(changes, layers=self.layers)
+        self.state.update(changes, layers=self.layers, kept=self.kept)
         self.work.save_state(self.state)
 
     def _pass(self, index: int, inputs: Any, specs: Mapping[str, Mapping[str, Any]] | None, outputs: Any,
@@ -268,6 +285,7 @@ class _Run:
         for b in range(self.num_batches):
             if observer is not None:
                 observer.set_valid(self.valid[b])
+                observer.set_weight(self.batch_weights[b])
             out = self.stack.run(index, inputs.get(b), self.contexts[b])
             if outputs is not None:
                 outputs.put(b, out)
@@ -279,8 +297,10 @@ class _Run:
             raise ValueError("no calibration batches given; the pipeline needs at least one")
         self.source.load(self.stack, self.stack.context_modules())
         first = self.work.hidden("input")
-        self.contexts, self.valid = [], []
-        for b, batch in enumerate(batches):
+        self.contexts, self.valid, self.batch_weights = [], [], []
+        for b, weighted in enumerate(batches):
+            batch, weight = unwrap_batch(weighted)
+            self.batch_weights.append(weight)
             hidden, context = self.stack.prepare(batch)
             first.put(b, hidden)
             self.contexts.append(context)
@@ -295,6 +315,9 @@ class _Run:
         start = time.perf_counter()
         self.prepare(batches)
         stats = self.observe(self._observe_specs(), self.reduced) if self._needs_observe() else {}
+        if self._protecting() and "protected" not in self.state:
+            self.protected = super_experts({n: stats[n][SUPER_EXPERT_STATISTIC] for n in self.reduced}, self.reduced)
+            self._save_state(protected=self.protected)
         counts = self._allocate(stats)
         self.pad_to = self._padding(counts)
         if self.writer is not None:
@@ -302,7 +325,8 @@ class _Run:
         self._compress(stats, counts)
         self.stack.finish(self.spec.form, self._record(counts))
         report: dict[str, Any] = {"layers": self.layers, "counts": counts, "seconds": time.perf_counter() - start,
-                                  "unit_seconds": self.unit_seconds, "padding_bytes": sum(int(v.get("padding_bytes", 0)) for v in self.layers.values())}  # fmt: skip
+                                  "unit_seconds": self.unit_seconds, "padding_bytes": sum(int(v.get("padding_bytes", 0)) for v in self.layers.values()),
+                                  "protected": self.protected if self._protecting() else None, "kept": self.kept}  # fmt: skip
         if self.verify is not None:
             report["expected_logits"] = self._verify_logits()
         return report
@@ -316,15 +340,21 @@ class _Run:
         self.source.release(self.stack, self.stack.head_modules())
         return logits
 
+    def _protecting(self) -> bool:
+        return bool(self.spec.protect_super_experts and self.method.protects and self.reduced and self.spec.experts)
+
     def _needs_observe(self) -> bool:
         if not self.reduced or self.spec.experts is None:
             return False
-        return self.spec.budget == "global" or self.spec.propagate == "original"
+        return self.spec.budget == "global" or self.spec.propagate == "original" or self._protecting()
 
     def _observe_specs(self) -> dict[str, dict[str, Any]]:
-        if self.spec.propagate == "original":
-            return self.method.statistics()
-        return {"counts": {}}
+        specs = dict(self.method.statistics()) if self.spec.propagate == "original" else {"counts": {}}
+        if self.spec.budget == "global":
+            specs.update(self.method.budget_statistics())
+        if self._protecting():
+            specs.setdefault(SUPER_EXPERT_STATISTIC, {})
+        return specs
 
     def observe(self, specs: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> dict[str, BlockStats]:
         """Phase 1: statistics ``specs`` of the blocks ``names`` on the original model's hidden states."""
@@ -355,9 +385,9 @@ class _Run:
             counts = dict(E)
         elif self.spec.budget == "global":
             scores = {n: self.method.budget_score(stats[n]) for n in self.reduced}
-            counts = {**E, **allocate_experts(scores, total=self.spec.experts * len(self.reduced))}
+            counts = {**E, **allocate_experts(scores, total=sum(self.spec.kept(E[n]) for n in self.reduced))}
         else:
-            counts = {**E, **{n: self.spec.experts for n in self.reduced}}
+            counts = {**E, **{n: self.spec.kept(E[n]) for n in self.reduced}}
         counts = _fit_to_routing(counts, self.blocks.routing, E)
         self._save_state(counts=counts)
         return counts
@@ -413,7 +443,18 @@ class _Run:
         block = stack.unit(name)
         E = adapter.num_experts(block)
         weights = adapter.read(block, stack.config)
+        if name in self.protected:
+            mask = torch.zeros(E, dtype=torch.bool)
+            mask[self.protected[name]] = True
+            stats = {**stats, "protected": {"mask": mask}}
         result = reduce_block(self.method, weights, stats, G, self.blocks.routing[name])
+        if result.novices is not None and not getattr(adapter, "supports_novices", False):
+            raise ValueError(f"method {self.spec.method!r} replaces experts by novices, which the {adapter.name} "
+                             "adapter cannot write; use a moekit model")
+        if result.novices is not None and self.spec.form != "exact":
+            raise ValueError(f"method {self.spec.method!r} keeps the router (novices answer for pruned experts); "
+                             "use form='exact'")
+        kept = result.dominant.tolist()
         record: dict[str, Any] = {}
         if self.pad_to is not None and G < self.pad_to:
             result, cost = pad_result(result, self.pad_to, self.blocks.routing[name])
@@ -423,6 +464,7 @@ class _Run:
         if new is not block:
             stack.replace(name, new)
         self.layers[name] = {"experts": G, "router_outputs": E if self.spec.form == "exact" else G, **record}
+        self.kept[name] = kept
 
     def _capture(self, index: int, inputs: Any, names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
         """Inputs and outputs ``([T, D], [T, D])`` of the original blocks ``names`` of unit ``index`` on
@@ -495,7 +537,8 @@ class _Run:
     def _record(self, counts: dict[str, int]) -> dict[str, Any]:
         return {
             "form": self.spec.form, "method": self.spec.method, "experts": self.spec.experts,
-            "budget": self.spec.budget, "layers": self.layers,
+            "budget": self.spec.budget, "layers": self.layers, "kept": self.kept,
+            "protected": self.protected if self._protecting() else None,
         }  # fmt: skip
 
 
@@ -580,7 +623,9 @@ def merge_moekit_model(
     exclude: Sequence[str] = (),
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_calib_tokens: int = 8192,
+    protect_super_experts: bool = True,
     quiet: bool = False,
+    report: dict[str, Any] | None = None,
     **merge_kwargs: Any,
 ) -> nn.Module:
     """A merged copy of a moekit model (``model`` itself is not modified): M-SMoE through the pipeline.
@@ -592,24 +637,30 @@ def merge_moekit_model(
         experts: average experts kept per merged layer (``budget="global"``: a shared budget of
             ``experts * merged layers``, each layer's count set by normalised frequencies, the most-used
             expert always kept; ``"uniform"``: exactly this many per layer). 1 <= experts <= E.
-        method: a recipe in ``MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``).
+        method: a recipe in ``MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``), or
+            another ``EXPERT_METHODS`` name (``"reap"``, ``"hc-smoe"``, ...; ``methods.spec.front_spec``).
         form: ``"exact"`` (router unchanged, index map) or ``"plain"`` (router folded, standard MoE).
         exclude: MoE layer names left unmerged.
         forward: ``forward(model, batch)`` for calibration (default ``model(batch)``).
         max_calib_tokens: router logits/inputs kept per layer for grouping.
         quiet: no progress bar.
-        merge_kwargs: passed to ``merge_layer`` (``grouping``, ``merge``, ``align``, ``anchor``, ``fold``, ``seed``).
+        protect_super_experts: keep super experts (methods that support it; not M-SMoE).
+        report: a dict that receives the pipeline's report (``counts``, ``kept``, ``protected``, ...).
+        merge_kwargs: passed to ``merge_layer`` (``grouping``, ``merge``, ``align``, ``anchor``, ``fold``, ``seed``)
+            or the method's options.
 
     Statistics come from the unmerged model (``propagate="original"``), as in the paper.
     """
-    spec = CompressionSpec(
-        method="m-smoe", method_options={"recipe": method, "max_tokens": max_calib_tokens, **merge_kwargs},
-        experts=experts, budget=budget, form=form, exclude=tuple(exclude), propagate="original",
-    )  # fmt: skip
+    from .methods.spec import front_spec
+
+    spec = front_spec(method, merge_kwargs, experts=experts, budget=budget, form=form, exclude=exclude,
+                      max_tokens=max_calib_tokens, protect_super_experts=protect_super_experts)  # fmt: skip
     if not MOEKIT_BLOCKS.blocks(model):
         raise ValueError(f"{type(model).__name__} has no moekit MoE layer to merge")
     out = copy.deepcopy(model)
     was_training = out.training
     stack = moekit_stack(out.eval(), forward)
-    run_pipeline(stack, calib_batches, spec, quiet=quiet)
+    result = run_pipeline(stack, calib_batches, spec, quiet=quiet)
+    if report is not None:
+        report.update(result)
     return stack.model.train(was_training)

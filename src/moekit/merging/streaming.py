@@ -37,6 +37,7 @@ from torch import Tensor
 from ..checkpoint import read_config_json
 from ..reporting import check_output_dir, write_json
 from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
+from .observer import unwrap_batch
 from .pipeline import CompressionSpec, WeightSource, check_request, run_pipeline
 from .resume import DiskWork, RunDirectory, tensor_digest
 from .shards import tensor_sizes
@@ -230,11 +231,13 @@ def compress_checkpoint(
     check_request(opened.stack, spec)
     memory = plan_memory(opened, max_memory)
     check_input(opened)
-    tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, dict) else [batch])]
+    plain = [unwrap_batch(b) for b in batches]
+    tensors = [t for batch, _ in plain for t in (batch.values() if isinstance(batch, dict) else [batch])]
+    tensors += [torch.tensor([w for _, w in plain], dtype=torch.float64)] if any(w != 1.0 for _, w in plain) else []
     run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
     run_dir = RunDirectory(out, run_settings, resume=resume, overwrite=overwrite)
     writer = opened.writer(run_dir.path)
-    verify = _first_rows(batches[0], verify_rows)
+    verify = _first_rows(plain[0][0], verify_rows)
     report = run_pipeline(opened.stack, batches, spec, source=opened.source, work=DiskWork(run_dir.work),
                           writer=writer, verify=verify, quiet=quiet)  # fmt: skip
     opened.finish(writer, report)
@@ -242,7 +245,8 @@ def compress_checkpoint(
     result = {
         "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
         "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
-        "unit_seconds": report["unit_seconds"], "resumed": run_dir.resumed,
+        "unit_seconds": report["unit_seconds"], "kept": report["kept"], "protected_super_experts": report["protected"],
+        "resumed": run_dir.resumed,
         "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
         "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
         "seconds": round(time.perf_counter() - start, 3), **(settings or {}),

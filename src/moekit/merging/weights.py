@@ -168,12 +168,18 @@ class LayerMergeResult:
             (rows of a group combined into one) for the plain form.
         expert_map: ``[E]`` int64, original expert -> merged expert, for the exact form (the original
             router keeps deciding; its choice e runs merged expert ``expert_map[e]``).
-        dominant: ``[G]`` original id of each group's dominant expert.
+        dominant: ``[G]`` original id of each group's dominant expert (the kept experts when pruning).
+        novices: ``[E, D]`` or None (MoNE, exact form only): router outputs with ``novice_mask`` set
+            no longer run an expert; each returns its row (the pruned expert's mean output) times
+            its gate.
+        novice_mask: ``[E]`` bool, which router outputs are novices.
     """
 
     weights: ExpertLayerWeights
     expert_map: Tensor
     dominant: Tensor
+    novices: Tensor | None = None
+    novice_mask: Tensor | None = None
 
     @property
     def groups(self) -> Tensor:

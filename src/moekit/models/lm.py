@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..experts.lowrank import LowRankSparseExperts
+from ..experts.novice import NoviceExperts
 from ..experts.packed import PackedLowRankSparseExperts
 from ..layers.moe import MoE
 from ..layers.remap import RemappedMoE
@@ -78,6 +79,9 @@ class MoELM(nn.Module):
             ``{"rank": r, "kept_rows": {matrix: [kept residual rows per expert]}}`` builds a
             ``PackedLowRankSparseExperts``, ``{"rank": r, "kept_rows": None}`` a dense-masked
             ``LowRankSparseExperts`` (``moekit.merging``). Default: no layer compressed.
+        novices_per_layer: per layer the MoNE novices after its bank's experts
+            (``moekit.experts.NoviceExperts``: pruned experts replaced by constant outputs; their values
+            come with the weights). Default: none.
 
     ``forward(tokens [B, S]) -> (logits [B, S, V], [MoEOutput per layer])``.
     """
@@ -100,6 +104,7 @@ class MoELM(nn.Module):
         experts_per_layer: Sequence[int] | None = None,
         router_outputs_per_layer: Sequence[int] | None = None,
         compressed: Sequence[Mapping[str, Any] | None] | None = None,
+        novices_per_layer: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -116,6 +121,9 @@ class MoELM(nn.Module):
         layouts = list(compressed) if compressed is not None else [None] * depth
         if len(layouts) != depth:
             raise ValueError(f"compressed must have one entry per layer ({depth}), got {len(layouts)}")
+        novice_counts = list(novices_per_layer) if novices_per_layer is not None else [0] * depth
+        if len(novice_counts) != depth or any(not isinstance(n, int) or n < 0 for n in novice_counts):
+            raise ValueError(f"novices_per_layer must be {depth} ints >= 0, got {novice_counts}")
         router_kwargs = {"noisy": False, **(router_kwargs or {})} if router == "topk" else dict(router_kwargs or {})
         self._spec = {
             "vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads, "max_seq_len": max_seq_len,
@@ -125,12 +133,14 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(check_int("vocab_size", vocab_size, low=1), dim, **kw)
         self.pos = nn.Embedding(max_seq_len, dim, **kw)
         blocks = []
-        for i, (G, R, layout) in enumerate(zip(bank_sizes, router_sizes, layouts)):
+        for i, (G, R, layout, novices) in enumerate(zip(bank_sizes, router_sizes, layouts, novice_counts)):
             if G > R:
                 raise ValueError(f"a layer cannot have more experts ({G}) than router outputs ({R})")
             gate = ROUTERS.create(router, dim=dim, num_experts=R, k=min(k, R), **router_kwargs, **kw)
             bank_kw = {"num_experts": G, "dim": dim, "hidden": hidden, "activation": activation, **kw}
             bank = _bank(experts, bank_kw, layout, f"compressed[{i}]")
+            if novices:
+                bank = NoviceExperts(bank, torch.zeros(novices, dim, **kw))
             moe = MoE(gate, bank) if G == R else RemappedMoE(gate, bank, torch.arange(R, device="cpu") % G)
             blocks.append(_Block(dim, heads, moe, **kw))
         self.blocks = nn.ModuleList(blocks)
@@ -151,12 +161,15 @@ class MoELM(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this model as it is now (merged layers included)."""
-        banks = [block.moe.experts.num_experts for block in self.blocks]
+        banks = [getattr(block.moe.experts, "real_experts", block.moe.experts.num_experts) for block in self.blocks]
         routers = [block.moe.router.num_experts for block in self.blocks]
         out = {**self._spec, "experts_per_layer": banks, "router_outputs_per_layer": routers}
         layouts = [_layout(block.moe.experts) for block in self.blocks]
         if any(layout is not None for layout in layouts):
             out["compressed"] = layouts
+        novices = [_novices(block.moe.experts) for block in self.blocks]
+        if any(novices):
+            out["novices_per_layer"] = novices
         return out
 
     def embed_tokens(self, tokens_BS: Tensor) -> Tensor:
@@ -177,6 +190,10 @@ class MoELM(nn.Module):
             x, out = block(x)
             outputs.append(out)
         return self.output_logits(x), outputs
+
+
+def _novices(bank: nn.Module) -> int:
+    return int(bank.novices.shape[0]) if isinstance(bank, NoviceExperts) else 0
 
 
 def _layout(bank: nn.Module) -> dict[str, Any] | None:

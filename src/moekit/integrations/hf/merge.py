@@ -26,7 +26,8 @@ from typing import Any, Callable, Collection, Iterable
 
 from torch import nn
 
-from ...merging.pipeline import CompressionSpec, run_pipeline
+from ...merging.methods.spec import front_spec
+from ...merging.pipeline import run_pipeline
 from .base import family_for
 from .stack import MERGE_CONFIG_KEY, hf_stack
 
@@ -45,6 +46,7 @@ def merge_hf_model(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_calib_tokens: int = 8192,
     inplace: bool = False,
+    protect_super_experts: bool = True,
     quiet: bool = False,
     **merge_kwargs: Any,
 ) -> nn.Module:
@@ -55,7 +57,9 @@ def merge_hf_model(
         calib_batches: token ids ``[B, S]`` per batch (or what ``forward`` takes), e.g. a few hundred
             training sequences (paper: 256 samples of the target task).
         experts: experts kept per block (``budget="uniform"``) or on average (``"global"``); 1 <= experts <= E.
-        method: a recipe in ``moekit.registry.MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``).
+        method: a recipe in ``moekit.registry.MERGE_METHODS`` (``"mcsmoe"``, ``"prune"``, ``"uniform"``, ``"random"``)
+            or another ``EXPERT_METHODS`` name (``"reap"``, ``"hc-smoe"``, ...).
+        protect_super_experts: keep super experts (methods that support it; not M-SMoE).
         form: ``"plain"`` (stock-loadable, folded router) or ``"exact"`` (router unchanged, index map).
         budget: ``"global"`` (M-SMoE's adaptive counts; exact form only) or ``"uniform"``; default:
             ``"uniform"`` for the plain form, ``"global"`` for the exact form.
@@ -70,11 +74,9 @@ def merge_hf_model(
     Returns the merged model (``model`` itself when ``inplace``), in eval/train mode as given.
     """
     family = family_for(model)
-    spec = CompressionSpec(
-        method="m-smoe", method_options={"recipe": method, "max_tokens": max_calib_tokens, **merge_kwargs},
-        experts=experts, budget=budget or ("uniform" if form == "plain" else "global"), form=form,
-        exclude=tuple(exclude), propagate="original",
-    )  # fmt: skip
+    spec = front_spec(method, merge_kwargs, experts=experts, budget=budget or ("uniform" if form == "plain" else "global"),
+                      form=form, exclude=exclude, max_tokens=max_calib_tokens,
+                      protect_super_experts=protect_super_experts)  # fmt: skip
     if not family.blocks(model):
         raise ValueError(f"{type(model).__name__} ({family.name}) has no sparse MoE block to merge")
     out = model if inplace else copy.deepcopy(model)

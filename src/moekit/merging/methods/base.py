@@ -17,7 +17,7 @@ from torch import Tensor
 from ...registry import EXPERT_METHODS
 from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
-__all__ = ["ExpertMethod", "Stats", "create_method", "list_methods", "reduce_block"]
+__all__ = ["ExpertMethod", "Stats", "create_method", "list_methods", "option_names", "reduce_block"]
 
 #: one block's statistics: ``{statistic name: {key: tensor}}`` (see ``moekit.merging.statistics``)
 Stats = Mapping[str, Mapping[str, Tensor]]
@@ -27,6 +27,8 @@ class ExpertMethod(abc.ABC):
     """Reduces one MoE block from E to G experts. Options are constructor keywords."""
 
     name: ClassVar[str]
+    #: whether the method honours ``--protect-super-experts`` (``stats["protected"]["mask"]``)
+    protects: ClassVar[bool] = False
 
     @abc.abstractmethod
     def statistics(self) -> dict[str, dict[str, Any]]:
@@ -37,6 +39,10 @@ class ExpertMethod(abc.ABC):
         M-SMoE's activation frequency)."""
         return stats["counts"]["counts"]
 
+    def budget_statistics(self) -> dict[str, dict[str, Any]]:
+        """Statistics ``budget_score`` reads (observed on the original model for a global budget)."""
+        return {"counts": {}}
+
     @abc.abstractmethod
     def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
         """The block with ``num_experts`` (G) experts."""
@@ -45,6 +51,8 @@ class ExpertMethod(abc.ABC):
         """The statistics of the experts ``experts`` only (for group-limited routing). Default:
         per-expert tensors are sliced on their first axis, router logits on their last."""
         out: dict[str, dict[str, Tensor]] = {}
+        if "layer_io" in stats:
+            raise ValueError(f"method {self.name!r} needs whole-block outputs, which group-limited routing splits")
         for name, values in stats.items():
             out[name] = {}
             for key, t in values.items():
@@ -64,6 +72,14 @@ def create_method(name: str, **options: Any) -> ExpertMethod:
 
 def list_methods() -> list[str]:
     return EXPERT_METHODS.names()
+
+
+def option_names(name: str) -> list[str]:
+    """The options (keyword-only constructor arguments) of a registered method."""
+    import inspect
+
+    params = inspect.signature(EXPERT_METHODS.get(name).__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def reduce_block(
@@ -86,6 +102,8 @@ def reduce_block(
             router_extras={k: v[idx] for k, v in weights.router_extras.items()},
         )  # fmt: skip
         parts.append(method.reduce(sub, method.slice_statistics(stats, idx), keep, RoutingSpec(routing.score, routing.top_k)))
+        if parts[-1].novices is not None:
+            raise ValueError(f"method {method.name!r} (novices) does not support group-limited routing")
     cat = lambda ts: torch.cat(ts)  # noqa: E731
     first = parts[0].weights
     merged = first.replace(

@@ -4,7 +4,7 @@ The standard pruning baseline (REAP's ``frequency``, HC-SMoE's "F-prune"; MC-SMo
 when ``budget="global"``). Ties go to the lower expert id. Plain form: the kept experts keep their
 own router rows (the router's softmax over the survivors renormalises). Exact form: the router is
 unchanged and a pruned expert's choices run the kept expert with the most similar router-logit
-column (M-SMoE's "prune" baseline).
+column (M-SMoE's "prune" baseline). Super experts are protected (``_prune.prune_by_score``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...registry import EXPERT_METHODS
-from ..layer import merge_layer
 from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from ._prune import prune_by_score
 from .base import ExpertMethod, Stats
 
 __all__ = ["FrequencyPruning"]
@@ -25,6 +25,7 @@ class FrequencyPruning(ExpertMethod):
     """Options: ``max_tokens`` (router logits kept per block for the exact form's redirect)."""
 
     name = "frequency"
+    protects = True
     #: help of each option on the command line (``moekit compress``)
     option_help = {"max_tokens": "router logits kept per block for the exact form's redirect"}
 
@@ -35,7 +36,4 @@ class FrequencyPruning(ExpertMethod):
         return {"counts": {}, "router_logits": {"max_tokens": self.max_tokens}}
 
     def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
-        return merge_layer(
-            weights, stats["counts"]["counts"], stats["router_logits"]["logits"], num_experts, method="prune",
-            fold="dominant",
-        )  # fmt: skip
+        return prune_by_score(weights, stats["counts"]["counts"], num_experts, stats)

@@ -1,0 +1,264 @@
+"""``moekit reproduce compression``: every expert-compression method on one small MoE LM, step-matched.
+
+Per seed: a byte-level MoE LM (``moekit.models.lm.MoELM``, 8 experts, top-2) is trained on the
+Python standard library's training files; calibration windows come from those training files, the
+evaluation from the held-out files (``moekit.evaluation.stdlib_heldout``: same split rule). Every
+method removes 25% and 50% of each layer's experts (``CompressionSpec``; statistics of the original
+model, ``propagate="original"``, as REAP and M-SMoE do), once without recovery and once after the
+same number of recovery steps (KD from the original model, routers frozen, the same batches) -- as
+does the no-compression control, so every recovered variant had exactly the same training. Each
+variant is evaluated with ``moekit.evaluation``: held-out bits per byte (bootstrap 95% CI over
+documents), next-line multiple choice, and greedy continuation agreement with the seed's original
+model (plus the repetition rate of the generated text, the failure mode of lost super experts).
+The report pairs every comparison across seeds (``moekit.confidence``).
+
+Methods keep their papers' output form: pruning (frequency, EAN, REAP, NAEE, random) drops router
+rows (plain form); merging (M-SMoE, HC-SMoE, uniform) and MoNE keep the router (exact form);
+M-SMoE uses its global budget with the same total expert count, the others REAP's uniform rule.
+Super experts are protected for every method but M-SMoE (whose paper does not).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..data.stdlib_corpus import load_stdlib_corpus, random_windows
+from ..merging.cost import count_parameters
+from ..merging.methods.base import option_names
+from ..merging.pipeline import CompressionSpec, moekit_stack, run_pipeline
+from ..merging.recovery import recover
+from ..models.lm import MoELM
+from ..models.lm_train import train_lm
+from ..progress import Progress
+from ..reporting import atomic_directory, check_output_dir, write_json
+from .common import TIMING_KEY, pinned_threads, results_header
+
+__all__ = ["METHODS", "FORMS", "CompressionConfig", "compress", "run_compression"]
+
+PAPER = "https://arxiv.org/abs/2510.13999"
+
+#: method -> one line (the registry's summary, with the paper)
+METHODS: dict[str, str] = {
+    "frequency": "prune the least-routed experts",
+    "ean": "prune the smallest summed expert output norms (REAP's EAN baseline)",
+    "reap": "prune the smallest mean gate x output norm (REAP, renormalised top-k gates)",
+    "mone": "prune low-usage stable experts, replace each by its mean output (MoNE)",
+    "nae": "keep the expert subset that best reconstructs each layer's output (NAEE)",
+    "hc-smoe": "cluster experts by mean output (average linkage), frequency-weighted merge (HC-SMoE)",
+    "m-smoe": "frequency-chosen dominants, router-logit grouping, aligned frequency merge (M-SMoE)",
+    "random": "control: prune a seeded random subset",
+    "uniform": "control: equal-weight merge of seeded random equal-size groups",
+}
+#: output form per method (pruning: plain, the default)
+FORMS = {"mone": "exact", "hc-smoe": "exact", "m-smoe": "exact", "uniform": "exact"}
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Sizes and schedule; ``quick()`` is a smoke run for tests."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
+    removed: tuple[float, ...] = (0.25, 0.5)
+    corpus_bytes: int = 4_000_000
+    dim: int = 64
+    depth: int = 3
+    heads: int = 4
+    hidden: int = 128
+    num_experts: int = 8
+    k: int = 2
+    seq_len: int = 64
+    batch_size: int = 16
+    train_steps: int = 500
+    lr: float = 3e-3
+    aux_switch: float = 0.01
+    calib_sequences: int = 64
+    recovery_steps: int = 30
+    recovery_lr: float = 5e-4
+    alpha: float = 0.2
+    temperature: float = 2.0
+    eval_documents: int = 24
+    max_doc_bytes: int = 768
+    items: int = 100
+    prompts: int = 12
+    prompt_length: int = 48
+    new_tokens: int = 16
+    n_resamples: int = 999
+    threads: int = 1
+
+    @classmethod
+    def quick(cls) -> "CompressionConfig":
+        return cls(
+            seeds=(0,), corpus_bytes=400_000, dim=16, depth=2, heads=2, hidden=24, seq_len=64, batch_size=4,
+            train_steps=10, calib_sequences=8, recovery_steps=2, eval_documents=4, max_doc_bytes=128, items=8,
+            prompts=2, prompt_length=16, new_tokens=4, n_resamples=99,
+        )  # fmt: skip
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods (--methods) {unknown} are unknown; choose from {', '.join(METHODS)}")
+        if not self.seeds or not self.methods or not self.removed:
+            raise ValueError("seeds, methods and removed (--seeds, --methods, --removed) must each name at least one value")
+        bad = [r for r in self.removed if not 0 < r < 1 or int(self.num_experts * r) < 1]
+        if bad:
+            raise ValueError(f"removed fractions (--removed) must remove at least one of {self.num_experts} experts and keep "
+                             f"one, got {bad}")  # fmt: skip
+
+    def kept(self, removed: float) -> int:
+        """Experts kept per layer when ``removed`` of them go (REAP: ``int(E * ratio)`` removed)."""
+        return self.num_experts - int(self.num_experts * removed)
+
+
+def compress(model: nn.Module, method: str, experts: int, calib: list[Tensor], seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A compressed copy of ``model`` (``experts`` per layer, average for M-SMoE) and the pipeline report."""
+    declared = set(option_names(method))
+    options: dict[str, Any] = {"seed": seed} if "seed" in declared else {}
+    if method == "m-smoe":
+        spec = CompressionSpec(method="m-smoe", method_options={"recipe": "mcsmoe", **options}, experts=experts,
+                               budget="global", form="exact", propagate="original", protect_super_experts=False)  # fmt: skip
+    else:
+        spec = CompressionSpec(method=method, method_options=options, experts=experts, budget="uniform",
+                               form=FORMS.get(method, "plain"), propagate="original")  # fmt: skip
+    out = copy.deepcopy(model).eval()
+    report = run_pipeline(moekit_stack(out), calib, spec)
+    return out, {"form": spec.form, "budget": spec.budget, "counts": report["counts"], "kept": report["kept"],
+                 "protected": report["protected"]}  # fmt: skip
+
+
+def _settings(cfg: CompressionConfig, seed: int) -> Any:
+    from ..evaluation import EvalSettings
+
+    return EvalSettings(seed=seed, documents=cfg.eval_documents, max_doc_bytes=cfg.max_doc_bytes, items=cfg.items,
+                        prompts=cfg.prompts, prompt_length=cfg.prompt_length, new_tokens=cfg.new_tokens,
+                        n_resamples=cfg.n_resamples)  # fmt: skip
+
+
+def _evaluate(model: nn.Module, reference: Any, data: Any, settings: Any) -> dict[str, Any]:
+    """Held-out metrics of ``model`` (intervals as dicts): bits per byte, choice accuracy, generation."""
+    from ..evaluation import evaluate, wrap_model
+
+    m = wrap_model(model, name="model")
+    own = evaluate(m, data, tasks=("perplexity", "choice"), settings=settings)["runs"][0]["tasks"]
+    gen = evaluate(m, data, tasks=("generate",), reference=reference, settings=settings)["runs"][0]["tasks"]["generate"]
+    pick = {"bits_per_byte": own["perplexity"], "acc": own["choice"], "acc_norm": own["choice"],
+            "continuation_agreement": gen, "top1_agreement": gen, "kl": gen, "repetition": gen}  # fmt: skip
+    return {name: task["metrics"][name] for name, task in pick.items()}
+
+
+def _row(seed: int, method: str, removed: float, steps: int, model: nn.Module, metrics: Mapping[str, Any],
+         info: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    recovered = steps > 0
+    return {
+        "seed": seed, "method": method, "removed": removed, "recovery": recovered, "recovery_steps": steps,
+        "experts_per_layer": [getattr(b.moe.experts, "real_experts", b.moe.experts.num_experts) for b in model.blocks],
+        "params": count_parameters(model),
+        **{k: info[k] for k in ("form", "budget", "kept", "protected") if k in info}, "metrics": dict(metrics),
+    }  # fmt: skip
+
+
+def run_seed(cfg: CompressionConfig, seed: int, corpus: Any, data: Any, task: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train one LM, compress it every way, recover, evaluate; ``(rows, timing)``."""
+    from ..evaluation import wrap_model
+
+    timing: dict[str, Any] = {}
+    torch.manual_seed(seed)
+    model = MoELM(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, max_seq_len=cfg.seq_len, num_experts=cfg.num_experts,
+                  k=cfg.k, hidden=cfg.hidden)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    train_lm(model, lambda step: random_windows(corpus.train, cfg.batch_size, cfg.seq_len, gen), steps=cfg.train_steps,
+             lr=cfg.lr, aux_weights={"switch": cfg.aux_switch}, quiet=True)  # fmt: skip
+    timing["train_s"] = time.perf_counter() - t0
+    model.eval()
+    calib_gen = torch.Generator().manual_seed(10_000 + seed)
+    calib = [w[:, :-1] for w in random_windows(corpus.train, cfg.calib_sequences, cfg.seq_len, calib_gen).split(cfg.batch_size)]
+    recovery = random_windows(corpus.train, cfg.recovery_steps * cfg.batch_size, cfg.seq_len,
+                              torch.Generator().manual_seed(20_000 + seed)).split(cfg.batch_size)  # fmt: skip
+    reference = wrap_model(copy.deepcopy(model), name="original")
+    settings = _settings(cfg, seed)
+    rows: list[dict[str, Any]] = []
+
+    def finish(label: str, method: str, removed: float, compressed: nn.Module, info: Mapping[str, Any]) -> None:
+        t = time.perf_counter()
+        rows.append(_row(seed, method, removed, 0, compressed, _evaluate(compressed, reference, data, settings), info))
+        student = copy.deepcopy(compressed)
+        recover(student, model, lambda step: recovery[step], steps=cfg.recovery_steps, lr=cfg.recovery_lr,
+                alpha=cfg.alpha, temperature=cfg.temperature, quiet=True, desc=label)  # fmt: skip
+        rows.append(_row(seed, method, removed, cfg.recovery_steps, student, _evaluate(student, reference, data, settings),
+                         info))  # fmt: skip
+        timing[label] = {**timing.get(label, {}), "recover_and_eval_s": time.perf_counter() - t}
+        task.advance(note=f"seed {seed} {label}: {rows[-2]['metrics']['bits_per_byte']['estimate']:.3f} -> "
+                          f"{rows[-1]['metrics']['bits_per_byte']['estimate']:.3f} bits/byte")  # fmt: skip
+
+    finish(NONE, NONE, 0.0, model, {"form": "-", "budget": "-", "kept": {}, "protected": None})
+    for removed in cfg.removed:
+        for method in cfg.methods:
+            label = f"{method}@{removed:g}"
+            t = time.perf_counter()
+            compressed, info = compress(model, method, cfg.kept(removed), calib, seed)
+            timing[label] = {"compress_s": time.perf_counter() - t}
+            finish(label, method, removed, compressed, info)
+    return rows, timing
+
+
+def run_compression(cfg: CompressionConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
+                    command: str | None = None, smoke_run: bool = False, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Every seed, method and fraction; writes ``results.json``, ``report.md`` and PNGs when ``out_dir`` is set."""
+    from ..evaluation import stdlib_heldout
+
+    cfg.check()
+    progress = progress or Progress.off()
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    timing: dict[str, Any] = {"seeds": {}}
+    per_seed = 1 + len(cfg.methods) * len(cfg.removed)
+    with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * per_seed, "compression variants") as task:
+        header = results_header("compression", PAPER, cfg, command=command, smoke_run=smoke_run)
+        corpus = load_stdlib_corpus(max_bytes=cfg.corpus_bytes)
+        data = stdlib_heldout(max_bytes=cfg.corpus_bytes)
+        for seed in cfg.seeds:
+            seed_rows, seed_timing = run_seed(cfg, seed, corpus, data, task)
+            rows += seed_rows
+            timing["seeds"][str(seed)] = seed_timing
+    timing["total_s"] = time.perf_counter() - start
+    results = {
+        **header,
+        "methods": {m: METHODS[m] for m in cfg.methods},
+        "papers": {m: _paper(m) for m in cfg.methods},
+        "data": {"corpus": corpus.describe(), "evaluation": _describe(data.head(cfg.eval_documents))},
+        "rows": rows,
+        TIMING_KEY: timing,
+    }
+    if out_dir is not None:
+        from .compression_report import write_report
+
+        with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_compression") as out:
+            write_json(out / "results.json", results)
+            write_report(results, out)
+    return results
+
+
+def _describe(data: Any) -> dict[str, Any]:
+    """The evaluation data's description without the (long) list of training files."""
+    out = data.describe()
+    split = dict(out.get("split", {}))
+    split["train_documents"] = len(split.get("train_documents", []))
+    return {**out, "split": split}
+
+
+def _paper(method: str) -> str:
+    from ..registry import EXPERT_METHODS
+
+    return EXPERT_METHODS.entry(method).paper
+

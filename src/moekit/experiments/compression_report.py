@@ -1,0 +1,298 @@
+"""Report of ``moekit reproduce compression``: sections for ``report.md`` and the generated blocks of
+``docs/compression.md`` (``SECTIONS``), and figures. Every number comes from the results dict; every
+comparison is a difference paired by seed (same trained model, calibration and evaluation items) with
+a 95% t-interval, and each published claim gets its verdict from that interval."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..confidence import Interval, mean_interval, paired_difference
+from ..reporting import markdown_table, save_figure
+from .report_common import (
+    Claim,
+    claims_table,
+    command_block,
+    figure_links,
+    is_smoke,
+    mean_cell,
+    plot_title,
+    pyplot,
+    runtime_line,
+    verdict_list,
+    write_markdown_report,
+)
+
+__all__ = ["SECTIONS", "value", "paired", "claims", "write_figures", "write_report"]
+
+NONE = "none"
+LABELS = {"bits_per_byte": "bits/byte", "acc": "choice acc %", "continuation_agreement": "agreement %",
+          "repetition": "repetition %"}  # fmt: skip
+
+
+def value(row: Mapping[str, Any], metric: str) -> float:
+    return float(row["metrics"][metric]["estimate"])
+
+
+def _rows(results: Mapping[str, Any], method: str, removed: float, recovery: bool) -> dict[int, Mapping[str, Any]]:
+    want = 0.0 if method == NONE else removed
+    return {r["seed"]: r for r in results["rows"]
+            if r["method"] == method and r["recovery"] == recovery and (r["removed"] == want)}  # fmt: skip
+
+
+def paired(results: Mapping[str, Any], a: tuple[str, float, bool], b: tuple[str, float, bool], metric: str) -> Interval:
+    """Interval of ``metric(a) - metric(b)`` paired by seed; ``a``/``b`` = (method, removed, recovery)."""
+    ra, rb = _rows(results, *a), _rows(results, *b)
+    seeds = [s for s in ra if s in rb]
+    return paired_difference([value(ra[s], metric) for s in seeds], [value(rb[s], metric) for s in seeds])
+
+
+def _methods(results: Mapping[str, Any]) -> list[str]:
+    return list(results["methods"])
+
+
+def claims(results: Mapping[str, Any]) -> list[Claim]:
+    """The papers' claims this run can check, at every removed fraction, without recovery (one-shot,
+    as the papers report) -- bits/byte lower is better, accuracy and agreement higher."""
+    methods, out = set(_methods(results)), []
+    for r in results["config"]["removed"]:
+        pct = f"{r:.0%} removed, one-shot"
+
+        def add(statement: str, a: str, b: str, metric: str, claimed: str, scale: float = 1.0, spec: str = ".3f",
+                unit: str = "", r: float = r, pct: str = pct) -> None:  # fmt: skip
+            if a in methods and b in methods:
+                text, source = statement.rsplit(" (", 1)
+                out.append(Claim(f"{text} ({source.rstrip(')')}; {pct})", paired(results, (a, r, False), (b, r, False), metric),
+                                 claimed=claimed, scale=scale, spec=spec, unit=unit))  # fmt: skip
+
+        add("REAP beats M-SMoE on held-out bits/byte (REAP)", "reap", "m-smoe", "bits_per_byte", "negative", unit="bits/byte")
+        add("REAP's next-token predictions stay closer to the original's than M-SMoE's, KL (REAP)", "reap", "m-smoe",
+            "kl", "negative", 1.0, ".3f", "nats/token")
+        add("REAP beats frequency pruning on bits/byte (REAP)", "reap", "frequency", "bits_per_byte", "negative", unit="bits/byte")
+        add("REAP beats EAN on bits/byte (REAP)", "reap", "ean", "bits_per_byte", "negative", unit="bits/byte")
+        add("HC-SMoE beats M-SMoE on multiple choice (HC-SMoE)", "hc-smoe", "m-smoe", "acc", "positive", 100, ".1f", "points")
+        add("HC-SMoE beats REAP on multiple choice (REAP: MC favours merging)", "hc-smoe", "reap", "acc", "positive", 100,
+            ".1f", "points")
+        add("MoNE beats REAP on bits/byte (MoNE)", "mone", "reap", "bits_per_byte", "negative", unit="bits/byte")
+        add("NAEE beats frequency pruning on bits/byte (NAEE)", "nae", "frequency", "bits_per_byte", "negative", unit="bits/byte")
+        add("REAP beats random pruning on bits/byte (control)", "reap", "random", "bits_per_byte", "negative", unit="bits/byte")
+    return out
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _setup(results: Mapping[str, Any], **_: str) -> str:
+    cfg, data = results["config"], results["data"]
+    ev = data["evaluation"]
+    return (
+        f"{len(cfg['seeds'])} seed(s) ({', '.join(map(str, cfg['seeds']))}); each trains a new byte-level MoE LM "
+        f"(dim {cfg['dim']}, {cfg['depth']} layers, {cfg['num_experts']} GLU experts of hidden {cfg['hidden']}, "
+        f"top-{cfg['k']}, context {cfg['seq_len']}) for {cfg['train_steps']} steps of batch {cfg['batch_size']} "
+        f"on the training files of the Python standard library ({data['corpus']['train_bytes']:,} bytes, "
+        f"{data['corpus']['train_files']} files). Calibration: {cfg['calib_sequences']} windows of the training "
+        f"files. Evaluation: the first {len(ev['documents'])} held-out files (never trained or calibrated on; at "
+        f"most {cfg['max_doc_bytes']} bytes each for bits/byte), {cfg['items']} next-line multiple-choice items "
+        f"(3 distractors, chance 25%), {cfg['prompts']} prompts of {cfg['prompt_length']} bytes continued greedily "
+        f"for {cfg['new_tokens']} tokens and compared with the seed's original model. Each method removes "
+        f"{' and '.join(f'{r:.0%}' for r in cfg['removed'])} of every layer's experts (M-SMoE: the same total, "
+        f"its global budget). Recovery: {cfg['recovery_steps']} steps of KD from the original model (alpha "
+        f"{cfg['alpha']}, T {cfg['temperature']}, lr {cfg['recovery_lr']}, routers frozen) on the same batches for "
+        f"every variant, the no-compression control included. Super experts protected for every method but "
+        f"M-SMoE.\n"
+    )
+
+
+def _results(results: Mapping[str, Any], **_: str) -> str:
+    cfg = results["config"]
+    headers = ["method", "removed", "recovery", "experts/layer", "bits/byte [95% CI]", "Δ bits/byte vs control",
+               "choice acc %", "KL to original", "agreement %", "repetition %", "form"]  # fmt: skip
+    table = []
+    for recovery in (False, True):
+        for removed in [0.0, *cfg["removed"]]:
+            for method in [NONE] if removed == 0.0 else _methods(results):
+                rows = _rows(results, method, removed, recovery)
+                if not rows:
+                    continue
+                rs = list(rows.values())
+                delta = "—" if method == NONE else _diff(paired(results, (method, removed, recovery), (NONE, 0.0, recovery),
+                                                                "bits_per_byte"), spec=".3f")  # fmt: skip
+                counts = sorted({tuple(r["experts_per_layer"]) for r in rs})
+                table.append([
+                    method if method != NONE else "no compression (control)", f"{removed:.0%}", "yes" if recovery else "no",
+                    ", ".join("/".join(map(str, c)) for c in counts),
+                    mean_cell([value(r, "bits_per_byte") for r in rs], spec=".3f"), delta,
+                    mean_cell([value(r, "acc") for r in rs], scale=100), mean_cell([value(r, "kl") for r in rs], spec=".3f"),
+                    mean_cell([value(r, "continuation_agreement") for r in rs], scale=100),
+                    mean_cell([value(r, "repetition") for r in rs], scale=100), rs[0]["form"],
+                ])  # fmt: skip
+    note = ("\nMeans over seeds with 95% t-intervals; Δ is paired by seed against the control with the same "
+            "recovery (so recovered variants are compared with a model that had the same extra training). "
+            "KL: mean KL(original || model) of the next-token distributions over the prompt positions "
+            "(held-out text, nats/token); agreement: share of greedy continuation tokens equal to the original's; "
+            "repetition: repeated n-grams in the model's own continuation.\n")  # fmt: skip
+    return markdown_table(headers, table) + note
+
+
+def _diff(interval: Interval, *, scale: float = 1.0, spec: str = ".2f") -> str:
+    from .report_common import cell
+
+    return cell(interval, scale=scale, spec=spec)
+
+
+def _ranking(results: Mapping[str, Any], **_: str) -> str:
+    """Per fraction and recovery: methods by mean bits/byte, each against the best (paired)."""
+    cfg, parts = results["config"], []
+    for removed in cfg["removed"]:
+        for recovery in (False, True):
+            means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
+            order = sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+            if not order:
+                continue
+            best = order[0]
+            rows = []
+            for m in order:
+                d = paired(results, (m, removed, recovery), (best, removed, recovery), "bits_per_byte")
+                noise = "best" if m == best else ("within noise" if d.defined and d.low <= 0 <= d.high else
+                                                   ("worse" if d.defined and d.low > 0 else "n too small"))  # fmt: skip
+                rows.append([m, f"{means[m]:.3f}", "—" if m == best else _diff(d, spec=".3f"), noise])
+            parts.append(f"**{removed:.0%} removed, {'after recovery' if recovery else 'one-shot'}**\n\n"
+                         + markdown_table(["method", "mean bits/byte", f"Δ vs {best} [95% CI]", "verdict"], rows))  # fmt: skip
+    return "\n".join(parts)
+
+
+def _summary(results: Mapping[str, Any], **_: str) -> str:
+    """Plain sentences: per setting the best method on bits/byte, which are within noise of it, and
+    where M-SMoE stands against REAP and HC-SMoE; then whether choice accuracy moved at all."""
+    cfg, lines = results["config"], []
+    for removed in cfg["removed"]:
+        for recovery in (False, True):
+            means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
+            order = sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+            if not order:
+                continue
+            best, tied, worse = order[0], [], []
+            for m in order[1:]:
+                d = paired(results, (m, removed, recovery), (best, removed, recovery), "bits_per_byte")
+                (tied if not d.defined or d.low <= 0 else worse).append(f"{m} (+{d.estimate:.3f})")
+            setting = f"{removed:.0%} removed, {'after recovery' if recovery else 'one-shot'}"
+            line = (f"- {setting}: lowest bits/byte **{best}** ({means[best]:.3f}); within noise of it: "
+                    f"{', '.join(tied) or 'none'}; worse beyond noise: {', '.join(worse) or 'none'}.")  # fmt: skip
+            if "m-smoe" in means:
+                parts = []
+                for other in ("reap", "hc-smoe"):
+                    if other in means:
+                        d = paired(results, ("m-smoe", removed, recovery), (other, removed, recovery), "bits_per_byte")
+                        side = "within noise" if not d.defined or d.low <= 0 <= d.high else ("worse" if d.low > 0 else "better")
+                        parts.append(f"{d.estimate:+.3f} vs {other} ({side})")
+                line += f" M-SMoE: {'; '.join(parts)}."
+            lines.append(line)
+    moved = []
+    for removed in cfg["removed"]:
+        for m in _methods(results):
+            d = paired(results, (m, removed, False), (NONE, 0.0, False), "acc")
+            if d.defined and (d.low > 0 or d.high < 0):
+                moved.append(f"{m} at {removed:.0%} ({d.estimate * 100:+.1f} points)")
+    lines.append("- Multiple choice (one-shot, against the control): "
+                 + (f"beyond noise only {', '.join(moved)}." if moved else "no method moves accuracy beyond noise."))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _mean(results: Mapping[str, Any], method: str, removed: float, recovery: bool) -> float:
+    rows = _rows(results, method, removed, recovery)
+    return sum(value(r, "bits_per_byte") for r in rows.values()) / len(rows) if rows else math.nan
+
+
+def _protected(results: Mapping[str, Any], **_: str) -> str:
+    seen: dict[int, Any] = {}
+    for r in results["rows"]:
+        if r.get("protected") and r["seed"] not in seen:
+            seen[r["seed"]] = {k: v for k, v in r["protected"].items() if v}
+    if not seen:
+        return "No super experts were protected.\n"
+    return "".join(f"- seed {s}: " + (", ".join(f"{b} expert(s) {v}" for b, v in p.items()) or "none") + "\n"
+                   for s, p in sorted(seen.items()))  # fmt: skip
+
+
+def _timing(results: Mapping[str, Any], **_: str) -> str:
+    t = results.get("timing", {})
+    seeds = t.get("seeds", {})
+    train = [v.get("train_s", 0.0) for v in seeds.values()]
+    total = t.get("total_s")
+    return (f"Training {sum(train) / max(len(train), 1):.0f} s per seed; whole run "
+            f"{(total or 0) / 60:.1f} min.\n")  # fmt: skip
+
+
+def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [("compression_bpb.png", "held-out bits/byte by method and fraction removed"),
+            ("compression_generation.png", "next-token KL to the original model on held-out prompts")]  # fmt: skip
+
+
+def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
+    return figure_links(_figure_list(results), images)
+
+
+SECTIONS: dict[str, Callable[..., str]] = {
+    "setup": _setup,
+    "command": command_block,
+    "runtime": runtime_line,
+    "results": _results,
+    "ranking": _ranking,
+    "summary": _summary,
+    "comparisons": lambda results, **_: claims_table(claims(results), smoke=is_smoke(results)),
+    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
+    "protected": _protected,
+    "timing": _timing,
+    "figures": _figures,
+}
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _plot_metric(results: Mapping[str, Any], path: Path, metric: str, ylabel: str, scale: float, title: str) -> None:
+    plt = pyplot()
+    cfg = results["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    xs = [0.0, *cfg["removed"]]
+    for ax, recovery in zip(axes, (False, True)):
+        control = [value(r, metric) * scale for r in _rows(results, NONE, 0.0, recovery).values()]
+        for i, method in enumerate(_methods(results)):
+            ys, lo, hi = [], [], []
+            for x in xs:
+                vals = control if x == 0.0 else [value(r, metric) * scale for r in _rows(results, method, x, recovery).values()]
+                iv = mean_interval(vals)
+                ys.append(iv.estimate)
+                lo.append(iv.estimate - iv.low if iv.defined else 0.0)
+                hi.append(iv.high - iv.estimate if iv.defined else 0.0)
+            offset = (i - len(_methods(results)) / 2) * 0.004
+            ax.errorbar([x * 100 + offset * 100 for x in xs], ys, yerr=[lo, hi], marker="o", capsize=2, label=method)
+        ax.set_title("after recovery (step-matched)" if recovery else "one-shot")
+        ax.set_xlabel("experts removed per layer (%)")
+        ax.set_xticks([x * 100 for x in xs])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(plot_title(results, title + " (mean over seeds, 95% CI)"))
+    save_figure(fig, path)
+
+
+def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_metric(results, out / "compression_bpb.png", "bits_per_byte", "held-out bits per byte (lower is better)", 1.0,
+                 "Held-out bits/byte")  # fmt: skip
+    _plot_metric(results, out / "compression_generation.png", "kl", "KL(original || model), nats/token (lower is closer)",
+                 1.0, "Next-token KL to the original model")  # fmt: skip
+
+
+def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
+    write_figures(results, out)
+    sections: Sequence[tuple[str, Callable[..., str]]] = [
+        ("Setup", _setup), ("Command", command_block), ("Summary", _summary), ("Results", _results), ("Ranking", _ranking),
+        ("Claims", SECTIONS["comparisons"]), ("Protected super experts", _protected), ("Timing", _timing),
+    ]  # fmt: skip
+    return write_markdown_report(results, out, title="Expert compression methods compared", sections=sections,
+                                 figures=[(name, title) for name, title in _figure_list(results)])  # fmt: skip
