@@ -152,6 +152,8 @@ COMMANDS = {
     "demo": "demo --quick --routers topk --quiet",
     "merge-moekit": "merge {I}/lm --experts 2 --calib {I}/calib.txt --quiet",
     "merge-hf": "merge {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
+    "compress-moekit": "compress {I}/lm --experts 2 --calib {I}/calib.txt --quiet",
+    "compress-hf": "compress {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
     "analyze": "analyze {I}/clf --quiet",
     "analyze-run": "analyze {I}/run --quiet",
     "analyze-hf": "analyze {I}/hf --calib {I}/calib.txt --quiet",
@@ -228,6 +230,7 @@ MODEL_FAULTS = {
 }
 MODEL_COMMANDS = {
     "merge": "merge {M} --calib {I}/calib.txt --quiet --out {O} --experts 2",
+    "compress": "compress {M} --calib {I}/calib.txt --quiet --out {O} --experts 2",
     "analyze": "analyze {M} --calib {I}/calib.txt --quiet --out {O}",
     "eval": "eval {M} --data {I}/calib.txt --tasks perplexity --quiet --out {O}",
 }
@@ -238,6 +241,12 @@ MODEL_FAULT_MATCH = {
     ("eval", "hf-unsupported-family"): None,
     ("merge", "absurd-router-table"): "holds a 'moe_classifier' model; text calibration needs a moekit language model",
     ("eval", "absurd-router-table"): "holds a 'moe_classifier' model; moekit eval needs a language model",
+    ("compress", "unknown-moekit-model"): "unknown model 'nope'; registered:",
+    ("compress", "bad-config-key"): "config.json does not build a 'moe_lm': MoELM.__init__() got an unexpected keyword",
+    ("compress", "hf-nan-weights"): "hold NaN/inf values in tensors model.layers.0.block_sparse_moe.gate.weight",
+    ("compress", "hf-truncated"): "cannot read '{I}/hf_truncated/model.safetensors'",
+    ("compress", "hf-absurd-experts"): "gate.weight (found [6, 32], expected [10000, 32])",
+    ("compress", "hf-unexpected-tensor"): "holds tensors its model does not use: ['extra']",
 }
 
 FAULTS = {
@@ -253,6 +262,7 @@ FAULTS.update({
 })  # fmt: skip
 _M = "merge --calib {I}/calib.txt --quiet --out {O} --experts 2"
 _A = "analyze --quiet --out {O}"
+_C = "compress --calib {I}/calib.txt --quiet --out {O} --experts 2"
 _E = "eval --data {I}/calib.txt --tasks perplexity --quiet --out {O}"
 _R = "reproduce {} --quick --quiet --out {{O}}"
 FAULTS.update({case: Fault(argv, match) for case, argv, match in [
@@ -297,6 +307,19 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("merge:exclude-unknown-layer", f"{_M} {{I}}/lm --exclude nope", "--exclude names ['nope'], which are not MoE layers"),
     ("merge:no-input", "merge --experts 2 --out {O}", "the following arguments are required: input"),
     ("merge:exact-form-input", f"{_M} {{I}}/hf_exact", "already merged (exact form)"),
+    # compress: overlapping --out, bad numbers and names
+    ("compress:out-is-the-input", "compress {I}/lm --experts 2 --out {I}/lm --overwrite", "--out '{I}/lm' is the input"),
+    ("compress:out-inside-the-input", "compress {I}/hf --experts 2 --out {I}/hf/c", "lies inside the input '{I}/hf'"),
+    ("compress:experts-0", f"{_C} {{I}}/lm --experts 0", "argument --experts: must be >= 1, got 0"),
+    ("compress:experts-too-many", f"{_C} {{I}}/hf --experts 9", "--experts"),
+    ("compress:unknown-method", f"{_C} {{I}}/lm --method nope", "'nope'"),
+    ("compress:unknown-form", f"{_C} {{I}}/lm --form nope", "argument --form: invalid choice: 'nope'"),
+    ("compress:max-memory-not-a-size", f"{_C} {{I}}/lm --max-memory lots", "--max-memory"),
+    ("compress:max-memory-too-small", f"{_C} {{I}}/lm --max-memory 1KB", "--max-memory"),
+    ("compress:rank-0", f"{_C} {{I}}/lm --rank 0", "argument --rank: must be >= 1, got 0"),
+    ("compress:seq-len-0", f"{_C} {{I}}/lm --seq-len 0", "argument --seq-len: must be >= 1, got 0"),
+    ("compress:missing-calib-file", "compress {I}/lm --experts 2 --out {O} --calib {I}/nope.txt", "'{I}/nope.txt'"),
+    ("compress:exclude-unknown-block", f"{_C} {{I}}/lm --exclude nope", "'nope'"),
     # analyze: faulty inputs and bad numbers
     ("analyze:corrupt-results", f"{_A} {{I}}/run_corrupt", "corrupt experiment results '{I}/run_corrupt/results.json'"),
     ("analyze:run-without-checkpoints", f"{_A} {{I}}/run_empty", "lists no run with a saved checkpoint"),
@@ -372,7 +395,6 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("comet:idx-data-without-idx-dir", f"{_R.format('comet')} --datasets multimnist", "needs idx_dir"),
     ("comet:missing-idx-dir", f"{_R.format('comet')} --datasets multimnist --idx-dir {{I}}/nope", "'{I}/nope"),
     ("mcsmoe:train-steps-0", f"{_R.format('mcsmoe')} --train-steps 0", "--train-steps must be >= 1, got 0"),
-    ("mcsmoe:compress-steps-negative", f"{_R.format('mcsmoe')} --compress-steps -1", "--compress-steps must be >= 1, got -1"),
     ("mcsmoe:recovery-steps-negative", f"{_R.format('mcsmoe')} --recovery-steps -1", "--recovery-steps must be >= 1, got -1"),
     ("mcsmoe:unknown-variant", f"{_R.format('mcsmoe')} --variants msmoe,nope", "unknown variants ['nope']"),
     ("mcsmoe:bad-anchor", f"{_R.format('mcsmoe')} --anchor last", "anchor must be 'first', 'dominant' or an expert id"),

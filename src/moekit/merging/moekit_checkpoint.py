@@ -17,7 +17,10 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, header_shapes, read_config_json
+from .._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
+from ..checkpoint import (
+    CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, check_format_version, header_shapes, read_config_json,
+)
 from ..models.lm import MoELM
 from ..registry import MODELS
 from .memory import release_memory
@@ -46,6 +49,7 @@ def moekit_skeleton(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = read_config_json(directory)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{str(directory)!r} is not a moekit checkpoint (config.json without format 'moekit')")
+    check_format_version(meta, VERSION, Path(directory) / CONFIG_NAME)
     weights = Path(directory) / WEIGHTS_NAME
     if weights.is_file():  # a missing file is reported by the weight source
         check_config_sizes(meta.get("config"), header_shapes(weights), where=str(Path(directory) / CONFIG_NAME))
@@ -73,7 +77,22 @@ class MoekitCheckpointSource(WeightSource):
                 self.keys = list(f.keys())
         except (SafetensorError, OSError) as err:
             raise ValueError(f"corrupt checkpoint weights {str(self.path)!r}: {err}") from None
+        self._check()
         self.loaded: set[str] = set()
+
+    def _check(self) -> None:
+        """Before any work, what ``load_checkpoint`` checks: tensor names and shapes (header), dtype kinds
+        and NaN/inf (one pass over the file, one tensor in memory at a time)."""
+        from safetensors import safe_open
+
+        expected = self.model.state_dict()
+        where = str(self.path)
+        check_tensor_names({k: list(v.shape) for k, v in expected.items()}, header_shapes(self.path), where=where,
+                           against="its config")  # fmt: skip
+        with safe_open(where, "pt") as f:
+            for key in self.keys:
+                check_tensor_dtypes({key: f.get_tensor(key)}, {key: expected[key]}, where=where)
+            check_finite_tensors(((k, f.get_tensor(k)) for k in self.keys), where=where)
 
     def disk_keys(self, name: str) -> list[str]:
         return [k for k in self.keys if not name or k.startswith(f"{name}.")]
