@@ -216,7 +216,10 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
     from ..data.calibration import find_tokenizer
     from ..integrations.hf import family_for, load_hf_model
     from ..integrations.hf.checks import (
-        check_config_fits_weights, check_loaded_model, quiet_transformers, require_safetensors,
+        check_config_fits_weights,
+        check_loaded_model,
+        quiet_transformers,
+        require_safetensors,
     )
 
     shown = hf_logging.is_progress_bar_enabled()

@@ -19,7 +19,14 @@ from torch.overrides import TorchFunctionMode
 
 from .._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
 from ..checkpoint import (
-    CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, check_format_version, header_shapes, read_config_json,
+    CONFIG_NAME,
+    FORMAT,
+    VERSION,
+    WEIGHTS_NAME,
+    check_config_sizes,
+    check_format_version,
+    header_shapes,
+    read_config_json,
 )
 from ..models.lm import MoELM
 from ..registry import MODELS
