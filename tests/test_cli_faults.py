@@ -246,7 +246,6 @@ MODEL_FAULT_MATCH = {
     ("compress", "hf-nan-weights"): "hold NaN/inf values in tensors model.layers.0.block_sparse_moe.gate.weight",
     ("compress", "hf-truncated"): "cannot read '{I}/hf_truncated/model.safetensors'",
     ("compress", "hf-absurd-experts"): "gate.weight (found [6, 32], expected [10000, 32])",
-    ("compress", "hf-unexpected-tensor"): "holds tensors its model does not use: ['extra']",
 }
 
 FAULTS = {
