@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moekit import MoELM, save_checkpoint
-from moekit.cli.main import main
 from moekit.cli._distributed_train import main as distributed_main
+from moekit.cli.main import main
+from moekit.distributed import save_distributed_checkpoint
+from moekit.distributed.model import ep_moe_classifier
 from moekit.models.classifier import MoEClassifier
 from moekit.reporting import atomic_directory
 
@@ -34,6 +36,7 @@ pytest.importorskip("transformers")
 from hf_tiny import tiny_model  # noqa: E402
 
 CLF_CONFIG = dict(in_dim=64, num_classes=10, dim=16, num_experts=4, router="topk")
+EP_CONFIG = dict(in_dim=64, num_classes=10, dim=16, num_experts=4)
 LM_CONFIG = dict(dim=16, depth=1, heads=2, num_experts=4, k=2, hidden=24, max_seq_len=32)
 
 
@@ -78,6 +81,8 @@ def _build_inputs(root: Path) -> None:
     variant("lm", "lm_unknown_model", lambda d: _edit_config(d, lambda m: m.update(model="nope")))
     variant("lm", "lm_newer", lambda d: _edit_config(d, lambda m: m.update(version=99)))
     variant("lm", "lm_absurd", lambda d: _edit_config(d, lambda m: m["config"].update(num_experts=10**6, hidden=10**6)))
+    variant("lm", "lm_absurd_dim", lambda d: _edit_config(d, lambda m: m["config"].update(dim=10**9)))
+    variant("clf", "clf_comet_huge", lambda d: _edit_config(d, lambda m: m["config"].update(router="comet", num_experts=10**5)))
     variant("lm", "lm_bad_value", lambda d: _edit_config(d, lambda m: m["config"].update(num_experts=-3)))
     variant("lm", "lm_bad_kwarg", lambda d: _edit_config(d, lambda m: m["config"].update(colour="red")))
     variant("lm", "lm_no_weights", lambda d: (d / "model.safetensors").unlink())
@@ -93,6 +98,7 @@ def _build_inputs(root: Path) -> None:
     variant("hf", "hf_nan", lambda d: _edit_safetensors(d, _nan(gate), "model.safetensors"))
     variant("hf", "hf_truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]))
     variant("hf", "hf_bin_only", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
+    variant("hf", "hf_absurd_experts", lambda d: _edit_config(d, lambda m: m.update(num_local_experts=10**4)))
     variant("hf", "hf_bert", lambda d: _edit_config(d, lambda m: m.update(model_type="bert")))
     # an experiment run directory written by moekit, holding a checkpoint (what `moekit analyze` reads)
     with atomic_directory(root / "run") as stage:
@@ -100,6 +106,9 @@ def _build_inputs(root: Path) -> None:
         runs = {"config": {"data": "digits-flat"}, "runs": [{"name": "r0", "checkpoint": "checkpoints/r0"}]}
         (stage / "results.json").write_text(json.dumps(runs))
     (root / "results.json").write_text(json.dumps({"experiment": "demo", "runs": []}))
+    save_distributed_checkpoint(ep_moe_classifier(**EP_CONFIG), root / "ep", name="ep_moe_classifier", config=EP_CONFIG)
+    variant("ep", "ep_absurd", lambda d: _edit_config(d, lambda m: m["config"].update(num_experts=10**5)))
+    variant("ep", "ep_nan", lambda d: _edit_safetensors(d, _nan("head.weight"), "dense.safetensors"))
     (root / "ids_bad.json").write_text('{"not": "rows"}')
     (root / "ids_big.json").write_text(json.dumps([[1, 2, 999] * 4] * 2))
     variant("hf", "hf_exact", lambda d: _edit_config(d, lambda m: m.update(moekit_merge={"form": "exact", "layers": {}})))
@@ -143,6 +152,7 @@ COMMANDS = {
     "demo": "demo --quick --routers topk --quiet",
     "merge-moekit": "merge {I}/lm --experts 2 --calib {I}/calib.txt --quiet",
     "merge-hf": "merge {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
+    "compress-moekit": "compress {I}/lm --experts 2 --calib {I}/calib.txt --quiet",
     "compress-hf": "compress {I}/hf --experts 2 --calib {I}/calib.txt --quiet",
     "analyze": "analyze {I}/clf --quiet",
     "analyze-run": "analyze {I}/run --quiet",
@@ -201,6 +211,8 @@ MODEL_FAULTS = {
     "unknown-moekit-model": ("lm_unknown_model", "names model 'nope', which is not registered"),
     "newer-format-version": ("lm_newer", "has format version 99, newer than this moekit reads"),
     "absurd-sizes": ("lm_absurd", "hidden=1000000 exceeds the largest tensor extent (256) of its weights"),
+    "absurd-size-overflow": ("lm_absurd_dim", "dim=1000000000 exceeds the largest tensor extent (256)"),
+    "absurd-router-table": ("clf_comet_huge", "num_experts=100000 exceeds the largest tensor extent (64)"),
     "bad-config-value": ("lm_bad_value", "num_experts must be >= 1, got -3"),
     "bad-config-key": ("lm_bad_kwarg", "does not fit 'moe_lm'"),
     "no-weights": ("lm_no_weights", "checkpoint '{I}/lm_no_weights' has no model.safetensors"),
@@ -215,6 +227,7 @@ MODEL_FAULTS = {
     "hf-truncated": ("hf_truncated", "'{I}/hf_truncated'"),
     "hf-pytorch-bin-only": ("hf_bin_only", "holds only pytorch_model.bin (a pickle): moekit reads only"),
     "hf-unsupported-family": ("hf_bert", "'bert'"),
+    "hf-absurd-experts": ("hf_absurd_experts", "num_local_experts=10000 exceeds the largest tensor extent"),
 }
 MODEL_COMMANDS = {
     "merge": "merge {M} --calib {I}/calib.txt --quiet --out {O} --experts 2",
@@ -227,9 +240,11 @@ MODEL_FAULT_MATCH = {
     ("analyze", "missing-input"): "'{I}/nope' is not a directory",
     ("analyze", "no-config"): "'{I}/no_config' has no results.json: not an experiment output directory",
     ("eval", "hf-unsupported-family"): None,
-    # the streamed reader names the tensor as it is on disk, and the file it could not read
+    ("merge", "absurd-router-table"): "holds a 'moe_classifier' model; text calibration needs a moekit language model",
+    ("eval", "absurd-router-table"): "holds a 'moe_classifier' model; moekit eval needs a language model",
     ("compress", "hf-nan-weights"): "hold NaN/inf values in tensors model.layers.0.block_sparse_moe.gate.weight",
     ("compress", "hf-truncated"): "cannot read '{I}/hf_truncated/model.safetensors'",
+    ("compress", "hf-absurd-experts"): "gate.weight (found [6, 32], expected [10000, 32])",
 }
 
 FAULTS = {
@@ -245,6 +260,7 @@ FAULTS.update({
 })  # fmt: skip
 _M = "merge --calib {I}/calib.txt --quiet --out {O} --experts 2"
 _A = "analyze --quiet --out {O}"
+_C = "compress --calib {I}/calib.txt --quiet --out {O} --experts 2"
 _E = "eval --data {I}/calib.txt --tasks perplexity --quiet --out {O}"
 _R = "reproduce {} --quick --quiet --out {{O}}"
 FAULTS.update({case: Fault(argv, match) for case, argv, match in [
@@ -280,6 +296,8 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("merge:seq-len-0", f"{_M} {{I}}/lm --seq-len 0", "argument --seq-len: must be >= 1, got 0"),
     ("merge:batch-size-0", f"{_M} {{I}}/lm --batch-size 0", "argument --batch-size: must be >= 1, got 0"),
     ("merge:unknown-method", f"{_M} {{I}}/lm --method nope", "unknown merge method 'nope'"),
+    ("merge:unknown-budget", f"{_M} {{I}}/lm --budget nope", "argument --budget: invalid choice: 'nope'"),
+    ("merge:unknown-grouping", f"{_M} {{I}}/lm --grouping nope", "argument --grouping: invalid choice: 'nope'"),
     ("merge:unknown-form", f"{_M} {{I}}/lm --form nope", "argument --form: invalid choice: 'nope'"),
     ("merge:missing-calib-file", "merge {I}/lm --experts 2 --out {O} --calib {I}/nope.txt",
      "calibration file '{I}/nope.txt' does not exist"),
@@ -287,6 +305,19 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("merge:exclude-unknown-layer", f"{_M} {{I}}/lm --exclude nope", "--exclude names ['nope'], which are not MoE layers"),
     ("merge:no-input", "merge --experts 2 --out {O}", "the following arguments are required: input"),
     ("merge:exact-form-input", f"{_M} {{I}}/hf_exact", "already merged (exact form)"),
+    # compress: overlapping --out, bad numbers and names
+    ("compress:out-is-the-input", "compress {I}/lm --experts 2 --out {I}/lm --overwrite", "--out '{I}/lm' is the input"),
+    ("compress:out-inside-the-input", "compress {I}/hf --experts 2 --out {I}/hf/c", "lies inside the input '{I}/hf'"),
+    ("compress:experts-0", f"{_C} {{I}}/lm --experts 0", "argument --experts: must be >= 1, got 0"),
+    ("compress:experts-too-many", f"{_C} {{I}}/hf --experts 9", "--experts"),
+    ("compress:unknown-method", f"{_C} {{I}}/lm --method nope", "'nope'"),
+    ("compress:unknown-form", f"{_C} {{I}}/lm --form nope", "argument --form: invalid choice: 'nope'"),
+    ("compress:max-memory-not-a-size", f"{_C} {{I}}/lm --max-memory lots", "--max-memory"),
+    ("compress:max-memory-too-small", f"{_C} {{I}}/lm --max-memory 1KB", "--max-memory"),
+    ("compress:rank-0", f"{_C} {{I}}/lm --rank 0", "argument --rank: must be >= 1, got 0"),
+    ("compress:seq-len-0", f"{_C} {{I}}/lm --seq-len 0", "argument --seq-len: must be >= 1, got 0"),
+    ("compress:missing-calib-file", "compress {I}/lm --experts 2 --out {O} --calib {I}/nope.txt", "'{I}/nope.txt'"),
+    ("compress:exclude-unknown-block", f"{_C} {{I}}/lm --exclude nope", "'nope'"),
     # analyze: faulty inputs and bad numbers
     ("analyze:corrupt-results", f"{_A} {{I}}/run_corrupt", "corrupt experiment results '{I}/run_corrupt/results.json'"),
     ("analyze:run-without-checkpoints", f"{_A} {{I}}/run_empty", "lists no run with a saved checkpoint"),
@@ -301,6 +332,9 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("analyze:missing-calib-file", f"{_A} {{I}}/lm --calib {{I}}/nope.txt", "'{I}/nope.txt' does not exist"),
     ("analyze:corrupt-token-ids", f"{_A} {{I}}/lm --calib {{I}}/ids_bad.json", "--calib '{I}/ids_bad.json' must be"),
     ("analyze:token-ids-beyond-vocab", f"{_A} {{I}}/lm --calib {{I}}/ids_big.json", "token ids go up to 999"),
+    ("analyze:ep-absurd-config", f"{_A} {{I}}/ep_absurd", "num_experts=100000 exceeds the largest tensor extent"),
+    ("analyze:ep-nan-weights", f"{_A} {{I}}/ep_nan", "hold NaN/inf values in tensors head.weight"),
+    ("analyze:list-runs-of-a-checkpoint", "analyze {I}/lm --list-runs", "has no results.json: not an experiment output"),
     # eval: bad numbers, names and files
     ("eval:threads-0", f"{_E} {{I}}/lm --threads 0", "--threads must be >= 1, got 0"),
     ("eval:items-0", f"{_E} {{I}}/lm --items 0", "items must be >= 1, got 0"),
@@ -310,12 +344,25 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("eval:compare-not-results", f"{_E} {{I}}/lm --compare {{I}}/calib.txt", "'{I}/calib.txt'"),
     ("eval:missing-reference", f"{_E} {{I}}/lm --reference {{I}}/nope", "'{I}/nope'"),
     ("eval:classifier-is-not-an-lm", f"{_E} {{I}}/clf", "moekit eval needs a language model"),
+    ("eval:unknown-device", f"{_E} {{I}}/lm --device quantum", "argument --device: must be a torch device"),
+    ("eval:stdlib-bytes-0", f"{_E} {{I}}/lm --stdlib-bytes 0", "argument --stdlib-bytes: must be >= 1024, got 0"),
+    ("eval:max-doc-bytes-0", f"{_E} {{I}}/lm --max-doc-bytes 0", "max_doc_bytes must be >= 1, got 0"),
+    ("eval:stride-0", f"{_E} {{I}}/lm --stride 0", "stride must be >= 1, got 0"),
+    ("eval:context-1", f"{_E} {{I}}/lm --context 1", "context must be >= 2, got 1"),
+    ("eval:distractors-0", f"{_E} {{I}}/lm --distractors 0", "distractors must be >= 1, got 0"),
+    ("eval:prompts-0", f"{_E} {{I}}/lm --prompts 0", "prompts must be >= 1, got 0"),
+    ("eval:new-tokens-0", f"{_E} {{I}}/lm --new-tokens 0", "new_tokens must be >= 1, got 0"),
+    ("eval:prompt-length-0", f"{_E} {{I}}/lm --prompt-length 0", "prompt_length must be >= 1, got 0"),
+    ("eval:documents-not-a-number", f"{_E} {{I}}/lm --documents all", "argument --documents: invalid int value: 'all'"),
     # report: faulty results files
     ("report:missing-results", "report {I}/nope.json --out {O}", "results file '{I}/nope.json' does not exist"),
     ("report:not-json", "report {I}/calib.txt --out {O}", "'{I}/calib.txt' is not valid JSON"),
     ("report:not-an-experiment", "report {I}/lm/config.json --out {O}", "is not a moekit results file"),
     ("report:nothing-given", "report --out {O}", "give a RESULTS.json, a --doc DOC.md, or both"),
     ("report:missing-doc", "report --doc {I}/nope.md", "--doc '{I}/nope.md' does not exist"),
+    ("report:check-without-doc", "report {I}/results.json --check", "--check compares documents with their results: give --doc"),
+    ("report:incomplete-results", "report {I}/results.json --out {O}",
+     "results file '{I}/results.json' is not a complete 'demo' results file: it lacks"),
     # demo and reproduce: bad numbers and names
     ("demo:epochs-0", "demo --epochs 0 --out {O}", "--epochs must be >= 1, got 0"),
     ("demo:experts-1", "demo --quick --experts 1 --out {O}", "--experts must be >= 2, got 1"),
@@ -327,11 +374,16 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("constraints:epochs-0", f"{_R.format('constraints')} --epochs 0", "--epochs must be >= 1, got 0"),
     ("constraints:positions-9", f"{_R.format('constraints')} --positions 9", "positions must be in 1..4, got 9"),
     ("constraints:seeds-not-ints", f"{_R.format('constraints')} --seeds a,b", "--seeds must be comma-separated integers"),
+    ("constraints:width-0", f"{_R.format('constraints')} --width 0", "--width must be >= 1, got 0"),
+    ("constraints:num-test-0", f"{_R.format('constraints')} --num-test 0", "--num-test must be >= 1, got 0"),
+    ("constraints:unknown-constraint", f"{_R.format('constraints')} --constraints nope", "'nope'"),
     ("constraints:unknown-data", f"{_R.format('constraints')} --data nope", "data must be one of"),
     ("constraints:cifar-without-data-dir", f"{_R.format('constraints')} --data cifar10", "needs data_dir"),
     ("smear:unknown-method", f"{_R.format('smear')} --methods nope", "unknown methods ['nope']"),
     ("smear:seeds-not-ints", f"{_R.format('smear')} --seeds x", "--seeds must be comma-separated integers"),
     ("smear:epochs-0", f"{_R.format('smear')} --epochs 0", "--epochs must be >= 1, got 0"),
+    ("smear:patience-negative", f"{_R.format('smear')} --patience -1", "--patience must be >= 1, got -1"),
+    ("smear:pretrain-epochs-negative", f"{_R.format('smear')} --pretrain-epochs -1", "--pretrain-epochs must be >= 1, got -1"),
     ("smear:threads-0", f"{_R.format('smear')} --threads 0", "--threads must be >= 1, got 0"),
     ("smear:lr-inf", f"{_R.format('smear')} --lr inf", "--lr must be a finite number, got 'inf'"),
     ("smear:num-train-0", f"{_R.format('smear')} --num-train 0", "--num-train must be >= 1, got 0"),

@@ -180,3 +180,36 @@ def test_stale_staging_and_old_directories_are_removed_by_the_next_run(tmp_path)
         (stage / "a").write_text("a")
     assert _names(tmp_path) == [".mine.tmp", live.name, "out"]
     assert remove_stale_staging(tmp_path) == []
+
+
+def test_a_replacement_killed_between_its_two_renames_is_put_back(tmp_path):
+    """publish_dir sets the old output aside, then renames the new one in: a run killed between the two
+    renames leaves no output; the next run (any check of that --out) puts the old one back."""
+    from moekit import reporting
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as stage:
+        (stage / "report.md").write_text("old report")
+    old = reporting._private_dir(tmp_path, "out", ".old", "publish_dir", target="out")  # noqa: SLF001
+    os.replace(out, old / "previous")
+    marker = read_marker(old)
+    (old / MARKER_NAME).write_text(json.dumps({**marker, "pid": _dead_pid()}))  # its writer was killed
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):  # without --overwrite: refused
+        check_output_dir(out)
+    assert (out / "report.md").read_text() == "old report" and _names(tmp_path) == ["out"]
+
+
+def test_staging_killed_before_its_marker_is_removed_but_never_a_user_directory(tmp_path):
+    """A staging (or probe) directory is named after its writer's pid, so a run killed before the marker
+    was in place (only the marker's temporary file inside) leaves debris the next run can tell apart."""
+    pid = _dead_pid()
+    unmarked = tmp_path / f".out.{pid}-abc123.tmp"
+    unmarked.mkdir()
+    (unmarked / f".{MARKER_NAME}.x1y2.tmp").write_text("{")
+    probe = tmp_path / f".moekit-probe.{pid}-q9.tmp"
+    probe.mkdir()
+    user = tmp_path / f".notes.{pid}-abc.tmp"  # named like ours, but holds a file moekit never writes
+    user.mkdir()
+    (user / "thesis.tex").write_text("keep")
+    assert sorted(p.name for p in remove_stale_staging(tmp_path)) == sorted([unmarked.name, probe.name])
+    assert _names(tmp_path) == [user.name] and (user / "thesis.tex").read_text() == "keep"

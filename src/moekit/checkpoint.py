@@ -215,8 +215,6 @@ def _unregistered_error(directory: Path, meta: Mapping[str, Any]) -> ValueError:
     )
 
 
-#: builder arguments (at any depth of a checkpoint config) that are tensor extents: each must be at most the
-#: largest extent of any tensor in the weights file. ``depth``-like counts are bounded by the tensor count.
 def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
     name = meta.get("model")
     if name is None:

@@ -54,35 +54,44 @@ SIZE_KEYS = frozenset({
 COUNT_KEYS = frozenset({"depth"})
 
 
-def _config_sizes(config: Any, path: str = "") -> Iterable[tuple[str, str, int]]:
-    """``(where, key, value)`` for every integer under a size or count key of ``config`` (nested dicts
+def _config_sizes(config: Any, keys: frozenset[str], path: str = "") -> Iterable[tuple[str, str, int]]:
+    """``(where, key, value)`` for every integer under one of ``keys`` in ``config`` (nested dicts
     and lists, e.g. ``router_kwargs``, ``tasks``)."""
     if isinstance(config, Mapping):
         for key, value in config.items():
             where = f"{path}.{key}" if path else str(key)
             if key == "num_experts" and config.get("experts_per_layer") is not None:
                 continue  # only the default of the per-layer sizes (a merged MoELM keeps the original count)
-            if key in SIZE_KEYS or key in COUNT_KEYS:
+            if key in keys:
                 values = value if isinstance(value, (list, tuple)) else [value]
                 for v in values:
                     if isinstance(v, int) and not isinstance(v, bool):
                         yield where, str(key), v
             else:
-                yield from _config_sizes(value, where)
+                yield from _config_sizes(value, keys, where)
     elif isinstance(config, (list, tuple)):
         for i, value in enumerate(config):
-            yield from _config_sizes(value, f"{path}[{i}]")
+            yield from _config_sizes(value, keys, f"{path}[{i}]")
 
 
-def check_config_sizes(config: Any, shapes: Mapping[str, Sequence[int]], *, where: str) -> None:
+def check_config_sizes(
+    config: Any,
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    where: str,
+    size_keys: frozenset[str] = SIZE_KEYS,
+    count_keys: frozenset[str] = COUNT_KEYS,
+) -> None:
     """Refuse a checkpoint config whose sizes no tensor of its weights file (``shapes``, from the header)
     could hold, before anything is built: a corrupt or hostile ``num_experts=10**9`` would otherwise make
-    a router's constructor allocate index tables or loop over experts (even on the meta device)."""
+    a router's constructor allocate index tables or loop over experts (even on the meta device), or
+    transformers initialise full-size tensors for the mismatched ones. ``size_keys`` are tensor extents
+    (at most the largest extent in ``shapes``), ``count_keys`` counts of layers (at most the tensor count)."""
     extent = max((max(shape, default=1) for shape in shapes.values()), default=1)
-    for name, key, value in _config_sizes(config):
-        limit = len(shapes) if key in COUNT_KEYS else extent
+    for name, key, value in _config_sizes(config, size_keys | count_keys):
+        limit = len(shapes) if key in count_keys else extent
         if value > limit:
-            what = f"the {len(shapes)} tensors" if key in COUNT_KEYS else f"the largest tensor extent ({extent})"
+            what = f"the {len(shapes)} tensors" if key in count_keys else f"the largest tensor extent ({extent})"
             raise ValueError(
                 f"checkpoint config {where!r}: {name}={value} exceeds {what} of its weights: "
                 "the config does not describe these weights (corrupt or edited config.json)"

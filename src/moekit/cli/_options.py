@@ -135,6 +135,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def device_name(text: str) -> str:
+    """argparse ``type=``: a torch device (``cpu``, ``cuda``, ``cuda:1``, ``mps``...), checked by torch."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as 'cpu' or 'cuda:0', got {text!r}") from None
+    return text
+
+
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress or per-run lines, only the final path (default: progress bars on a "

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ._options import add_out, checked_out
+from ._options import add_out, at_least, checked_out, device_name
 
 SUMMARY = "evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation"
 
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     add_out(p, what="results.json, items.jsonl and report.md", default_help="print the report")
     p.add_argument("--seed", type=int, default=d.seed, help="item, prompt and bootstrap seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="device to run the models on (default: %(default)s)")
+    p.add_argument("--device", type=device_name, default="cpu", help="device to run the models on (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no printed report")
     g = p.add_argument_group("sizes")
     g.add_argument("--documents", type=int, default=None, help="use only the first N documents (default: all)")
@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
                    help="bytes of text per prompt (tokens for token-id data) (default: %(default)s)")  # fmt: skip
     g.add_argument("--new-tokens", type=int, default=d.new_tokens, help="greedy tokens per prompt (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward (default: %(default)s)")
-    g.add_argument("--stdlib-bytes", type=int, default=4_000_000,
+    g.add_argument("--stdlib-bytes", type=at_least(1024), default=4_000_000,
                    help="size of the stdlib corpus whose validation files are evaluated (default: %(default)s, "
                    "the experiments' corpus)")  # fmt: skip
     lm = p.add_argument_group("lm-eval pass-through (needs the lm-eval package; offline)")

@@ -59,7 +59,11 @@ def _run(args: argparse.Namespace) -> int:
         module = renderer(results)
         with atomic_directory(out, overwrite=args.overwrite, inputs=inputs, name="--out", writer="moekit report") as stage:
             write_json(stage / "results.json", results)
-            module.write_report(results, stage)
+            try:
+                module.write_report(results, stage)
+            except KeyError as err:  # a results file edited by hand, or of an older layout
+                raise ValueError(f"results file {args.results!r} is not a complete {results['experiment']!r} "
+                                 f"results file: it lacks {err}") from None
         print(f"report written to {out / 'report.md'}")
     stale = 0
     for doc in args.doc:

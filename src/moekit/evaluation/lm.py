@@ -215,7 +215,12 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
 
     from ..data.calibration import find_tokenizer
     from ..integrations.hf import family_for, load_hf_model
-    from ..integrations.hf.checks import check_loaded_model, quiet_transformers, require_safetensors
+    from ..integrations.hf.checks import (
+        check_config_fits_weights,
+        check_loaded_model,
+        quiet_transformers,
+        require_safetensors,
+    )
 
     shown = hf_logging.is_progress_bar_enabled()
     if not progress:
@@ -228,6 +233,7 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
             family_for(config)
         except ValueError:  # not a family moekit merges: any causal LM transformers can load, as strictly
             require_safetensors(path, "AutoModelForCausalLM")
+            check_config_fits_weights(path, config)
             with quiet_transformers():
                 module, info = AutoModelForCausalLM.from_pretrained(
                     path, output_loading_info=True, ignore_mismatched_sizes=True, use_safetensors=True

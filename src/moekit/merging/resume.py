@@ -83,6 +83,11 @@ class RunDirectory:
             self.resumed = False
         self.work = self.path / "work"
 
+    def discard(self) -> None:
+        """Remove the run directory (a fresh run that failed on its input: nothing to resume)."""
+        if (self.path / MARKER).is_file():
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def publish(self, overwrite: bool) -> Path:
         """Make the finished directory an ordinary staging directory of ``out`` (a kill from then on
         leaves debris the next run removes; before, the run directory with its marker), drop the work

@@ -236,21 +236,26 @@ def compress_checkpoint(
     tensors += [torch.tensor([w for _, w in plain], dtype=torch.float64)] if any(w != 1.0 for _, w in plain) else []
     run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
     run_dir = RunDirectory(out, run_settings, resume=resume, overwrite=overwrite)
-    writer = opened.writer(run_dir.path)
-    verify = _first_rows(plain[0][0], verify_rows)
-    report = run_pipeline(opened.stack, batches, spec, source=opened.source, work=DiskWork(run_dir.work),
-                          writer=writer, verify=verify, quiet=quiet)  # fmt: skip
-    opened.finish(writer, report)
-    check = check_output(run_dir.path, verify, report.pop("expected_logits"))
-    result = {
-        "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
-        "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
-        "unit_seconds": report["unit_seconds"], "kept": report["kept"], "protected_super_experts": report["protected"],
-        "resumed": run_dir.resumed,
-        "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
-        "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
-        "seconds": round(time.perf_counter() - start, 3), **(settings or {}),
-    }  # fmt: skip
-    write_json(run_dir.path / REPORT_NAME, result)
+    try:
+        writer = opened.writer(run_dir.path)
+        verify = _first_rows(plain[0][0], verify_rows)
+        report = run_pipeline(opened.stack, batches, spec, source=opened.source, work=DiskWork(run_dir.work),
+                              writer=writer, verify=verify, quiet=quiet)  # fmt: skip
+        opened.finish(writer, report)
+        check = check_output(run_dir.path, verify, report.pop("expected_logits"))
+        result = {
+            "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
+            "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
+            "unit_seconds": report["unit_seconds"], "kept": report["kept"], "protected_super_experts": report["protected"],
+            "resumed": run_dir.resumed,
+            "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
+            "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
+            "seconds": round(time.perf_counter() - start, 3), **(settings or {}),
+        }  # fmt: skip
+        write_json(run_dir.path / REPORT_NAME, result)
+    except (ValueError, TypeError, FloatingPointError):  # the input is at fault: rerunning cannot resume it
+        if not run_dir.resumed:
+            run_dir.discard()
+        raise
     run_dir.publish(overwrite)
     return json.loads((out / REPORT_NAME).read_text())

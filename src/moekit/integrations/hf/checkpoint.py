@@ -166,6 +166,11 @@ class HFCheckpointSource(WeightSource):
         }
         self.tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
         self.loaded: set[str] = set()
+        # before any work (each module's load checks shapes and values again): every file tensor has a place
+        # in the model, and every model tensor (but tied copies) a source in the files
+        check_loaded_tensors(where=str(checkpoint.directory),
+                             missing=sorted(set(meta) - set(self.targets.values()) - self.tied),
+                             unexpected=sorted(k for k, t in self.targets.items() if t not in meta))  # fmt: skip
 
     def disk_keys(self, name: str) -> list[str]:
         """Checkpoint tensors that load into module ``name`` (``""`` = the whole model)."""

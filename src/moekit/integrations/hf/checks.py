@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ..._checks import check_finite_tensors, raise_for_tensor_problems
 
 __all__ = [
-    "SAFETENSORS_FILES", "require_safetensors", "check_loaded_tensors", "check_loaded_model", "quiet_transformers",
+    "SAFETENSORS_FILES", "require_safetensors", "check_config_fits_weights", "check_loaded_tensors",
+    "check_loaded_model", "quiet_transformers",
 ]  # fmt: skip
 
 SINGLE_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -47,6 +48,41 @@ def require_safetensors(directory: str | os.PathLike[str], architecture: str | N
             f"t.{cls}.from_pretrained('{directory}').save_pretrained('{directory}-safetensors')\""
         )
     raise FileNotFoundError(f"{str(directory)!r} has no {SAFETENSORS_FILES[0]} (nor a sharded {SAFETENSORS_FILES[1]})")
+
+
+#: config fields that are tensor extents in every causal LM / MoE family (not ``max_position_embeddings``:
+#: rotary models have no position table), and counts of layers
+HF_SIZE_KEYS = frozenset({
+    "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "num_local_experts", "num_experts", "vocab_size", "d_model", "d_ff",
+})  # fmt: skip
+HF_COUNT_KEYS = frozenset({"num_hidden_layers", "num_layers", "num_decoder_layers"})
+
+
+def check_config_fits_weights(directory: str | os.PathLike[str], config: Any) -> None:
+    """Refuse a ``config.json`` (a transformers config) whose sizes no tensor of the directory's
+    safetensors files could hold, from the headers alone, before transformers builds the model: it
+    would otherwise initialise full-size tensors for every mismatched one (``num_local_experts=10**6``
+    allocates a million experts) before moekit's strict check sees the load report."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from ...checkpoint_format import check_config_sizes
+
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_NAME]
+        shapes: dict[str, list[int]] = {}
+        for name in files:
+            with safe_open(str(directory / name), framework="pt") as f:
+                shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the safetensors files of {str(directory)!r}: {err}") from None
+    values = config.to_dict() if hasattr(config, "to_dict") else config
+    check_config_sizes(values, shapes, where=str(directory / "config.json"), size_keys=HF_SIZE_KEYS,
+                       count_keys=HF_COUNT_KEYS)  # fmt: skip
 
 
 def check_loaded_tensors(

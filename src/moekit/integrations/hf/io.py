@@ -30,7 +30,7 @@ from torch import nn
 
 from ...reporting import atomic_directory
 from .base import family_for
-from .checks import check_loaded_model, quiet_transformers, require_safetensors
+from .checks import check_config_fits_weights, check_loaded_model, quiet_transformers, require_safetensors
 from .moekit_only import clear_moekit_only, mark_moekit_only
 from .replace import ROUTERS_CONFIG_KEY, apply_router_record, gates
 from .stack import MERGE_CONFIG_KEY
@@ -148,6 +148,7 @@ def load_hf_model(
     family_for(config)
     cls = architecture(config)
     require_safetensors(directory, cls.__name__)
+    check_config_fits_weights(directory, config)
     kwargs = {**from_pretrained_kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True,
               "use_safetensors": True}  # fmt: skip
     try:
