@@ -22,3 +22,26 @@ def test_bench_moe_quick(tmp_path: Path) -> None:
     impls = {r["impl"] for r in results if "error" not in r}
     assert {"dense_bound", "moekit", "hf_eager"} <= impls
     assert "| moekit |" in (tmp_path / "bench_moe_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu.sh --dry-run`` runs every step (cuda tests, training and inference benchmarks) on CPU."""
+    pytest.importorskip("transformers")
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", f"--out={tmp_path}"],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "== 3/3" in done.stdout and "gpu.sh: done" in done.stdout
+    rows = json.loads((tmp_path / "bench_gpu_quick_cpu.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"inference", "train"}
+    for r in rows:
+        assert {"moekit", "hf_grouped_mm"} <= set(r["impls"]), r
+        assert all(v.get("matches_moekit") for v in r["impls"].values()), r
+    assert (tmp_path / "bench_moe_quick.json").exists()
+
+
+def test_gpu_script_refuses_unknown_arguments() -> None:
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--fast"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown argument '--fast'" in done.stderr and done.stderr.count("\n") == 1
