@@ -407,7 +407,20 @@ def assemble(args, out: Path, tag: str) -> None:
     write_json(out / f"{tag}.json", results)
     text = _markdown(results, args) + _profiles(results["rows"])
     atomic_write_text(out / f"{tag}.md", text)
-    print(text)
+    print(text + "\n" + summary_table(results["rows"]))
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The compact table for the README: best moekit path and best transformers implementation, x bound."""
+    lines = ["| layer | dtype | T | bound | moekit (best path) | best transformers impl. | transformers / moekit |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ours = min(("moekit", "moekit_packed"), key=lambda k: r["impls"][k]["best_s"])
+        hf = min((k for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v), key=lambda k: r["impls"][k]["best_s"])
+        lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['bound_kind']} | {r['impls'][ours]['x_bound']:.2f}x "
+                     f"({'packed' if ours == 'moekit_packed' else 'plain'}) | {r['impls'][hf]['x_bound']:.2f}x ({hf.removeprefix('hf_')}) | "
+                     f"{r['impls'][hf]['best_s'] / r['impls'][ours]['best_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _profiles(rows: list[dict]) -> str:
