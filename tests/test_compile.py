@@ -17,7 +17,7 @@ from moekit.experts import dispatch_reference
 from moekit.merging import LowRankSparseExperts, PackedLowRankSparseExperts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry_sweep import DIM, E, ROUTER_META, T, build_router  # noqa: E402
+from test_registry_sweep import DIM, ROUTER_META, E, T, build_router  # noqa: E402
 
 #: routers whose forward reads tensor values on the host (one graph break each, and why)
 GRAPH_BREAKING_ROUTERS = {
