@@ -325,13 +325,14 @@ def generate_speed(args) -> list[dict]:
         times: dict[str, list[float]] = {impl: [] for impl in GEN_IMPLS}
         outputs = {}
         with torch.inference_mode():
-            for rep in range(1 + max(1, args.reps // 5)):
+            clock = time.process_time if args.threads == 1 else time.perf_counter  # as the layer timings
+            for rep in range(1 + max(3, args.reps // 5)):
                 for impl in GEN_IMPLS:
                     model.set_experts_implementation(impl)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     outputs[impl] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
                     if rep:  # round 0 is warm-up (and packs the weights for moekit_packed)
-                        times[impl].append(time.perf_counter() - t0)
+                        times[impl].append(clock() - t0)
         for impl in GEN_IMPLS:
             best = min(times[impl])
             rows.append({"model": family, "impl": impl, "new_tokens": new, "tokens_per_s": new / best,
