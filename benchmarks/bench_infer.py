@@ -407,8 +407,11 @@ def assemble(args, out: Path, tag: str) -> None:
             results["generate"] = p["generate"]
     write_json(out / f"{tag}.json", results)
     text = _markdown(results, args) + _profiles(results["rows"])
+    if results["rows"]:
+        text += "\n**Summary: moekit's best path and the best transformers implementation, x bound**\n\n"
+        text += summary_table(results["rows"])
     atomic_write_text(out / f"{tag}.md", text)
-    print(text + "\n" + summary_table(results["rows"]))
+    print(text)
 
 
 def summary_table(rows: list[dict]) -> str:
