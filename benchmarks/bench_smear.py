@@ -194,7 +194,7 @@ def profile_ffn(case: dict, reps: int) -> dict:
     products of one expert; and the whole layer with smaller merge chunks (cache-sized blocks)."""
     import torch.nn.functional as F
 
-    from moekit.layers.merged_linear import DEFAULT_CHUNK_BYTES, _rows_per_chunk, merged_linear
+    from moekit.experts.merged_linear import DEFAULT_CHUNK_BYTES, _rows_per_chunk, merged_linear
 
     G, S, D, W, E = case["B"], case["S"], case["D"], case["W"], case["E"]
     O, I = W, D

@@ -14,7 +14,7 @@ from moekit.experts import (
     grouped_linear,
     grouped_linear_reference,
 )
-from moekit.layers.merged_linear import merged_linear, merged_linear_reference
+from moekit.experts.merged_linear import merged_linear, merged_linear_reference
 from moekit.types import RoutingDecision
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
