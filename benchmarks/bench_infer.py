@@ -33,12 +33,17 @@ An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwe
     python benchmarks/bench_infer.py --threads 2     # -> results/bench_infer_2threads.{json,md}
     python benchmarks/bench_infer.py --crossover     # loop vs sorted grouped GEMM (plain) -> results/bench_infer_crossover.*
     python benchmarks/bench_infer.py --quick         # tiny shapes (smoke test) -> results/bench_infer_quick.*
+
+On a shared machine, run it in pieces (``--shapes``, ``--dtypes``, ``--no-generate``, each into its own
+``--out``; every piece records its load average) and combine them with ``--assemble PIECE.json ...``.
+``--profile`` adds, for every size where moekit misses its goal, the top ops of one of its calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -201,7 +206,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
     with torch.inference_mode():
         for T in tokens:
             fns, facts = layer.contenders(T, args.max_gather_gb)
-            reps = args.reps if T <= 16 else max(2, args.reps // 5)
+            reps = args.reps if T <= 16 else max(2, args.reps // 5) if T < 4096 else 2
             stats, outputs = time_interleaved(fns, reps, clock)
             bw = max(BW_BYTES / stats[k]["best_s"] for k in ("bw_sum", "bw_gemv", "bw_gemv_packed"))
             bw_bound = facts["touched_bytes"] / bw
@@ -219,12 +224,31 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
                 row["impls"][impl] = {**stats[impl], "x_bound": stats[impl]["best_s"] / bound, "max_rel_diff": diff,
                                       "matches_moekit": diff is None or diff <= TOL[dtype_name]}  # fmt: skip
             row["bounds"] = {k: stats[k] for k in BOUNDS}
+            row["load_average"] = os.getloadavg()
+            best = min(("moekit", "moekit_packed"), key=lambda k: row["impls"][k]["best_s"])
+            goal = DECODE_GOAL if T <= 16 else PREFILL_GOAL
+            if args.profile and row["impls"][best]["x_bound"] > goal:
+                row["profile"] = {"impl": best, "top_ops": profile_call(fns[best])}
             rows.append(row)
             print(_line(row), file=sys.stderr, flush=True)
             del fns, outputs
     del layer
     gc.collect()
     return rows
+
+
+def profile_call(fn: Callable, top: int = 8) -> list[dict]:
+    """Where one call's time goes: the ``top`` aten ops by self CPU time (torch.profiler), with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or e.key.startswith("mkldnn::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
+            for e in events[:top]]  # fmt: skip
 
 
 def _line(row: dict) -> str:
@@ -301,13 +325,14 @@ def generate_speed(args) -> list[dict]:
         times: dict[str, list[float]] = {impl: [] for impl in GEN_IMPLS}
         outputs = {}
         with torch.inference_mode():
-            for rep in range(1 + max(1, args.reps // 5)):
+            clock = time.process_time if args.threads == 1 else time.perf_counter  # as the layer timings
+            for rep in range(1 + max(3, args.reps // 5)):
                 for impl in GEN_IMPLS:
                     model.set_experts_implementation(impl)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     outputs[impl] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
                     if rep:  # round 0 is warm-up (and packs the weights for moekit_packed)
-                        times[impl].append(time.perf_counter() - t0)
+                        times[impl].append(clock() - t0)
         for impl in GEN_IMPLS:
             best = min(times[impl])
             rows.append({"model": family, "impl": impl, "new_tokens": new, "tokens_per_s": new / best,
@@ -367,6 +392,65 @@ def _goals(rows: list[dict]) -> str:
     return "; ".join(parts) + "."
 
 
+def assemble(args, out: Path, tag: str) -> None:
+    """One result from the JSON of runs made in pieces (a shared machine: short runs, each with its load)."""
+    import json
+
+    from moekit.reporting import atomic_write_text, write_json
+
+    parts = [json.loads(Path(p).read_text()) for p in args.assemble]
+    results = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "shapes": {}, "pieces": []}
+    for p in parts:
+        results["shapes"].update(p["shapes"])
+        results["pieces"].append({"command": p["environment"]["command"], "load_average": p.get("load_average")})
+        if p.get("generate"):
+            results["generate"] = p["generate"]
+    write_json(out / f"{tag}.json", results)
+    text = _markdown(results, args) + _profiles(results["rows"])
+    if results["rows"]:
+        text += "\n**Summary: moekit's best path and the best transformers implementation, x bound**\n\n"
+        text += summary_table(results["rows"])
+    atomic_write_text(out / f"{tag}.md", text)
+    print(text)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The compact table for the README: best moekit path and best transformers implementation, x bound."""
+    lines = ["| layer | dtype | T | bound | moekit (best path) | best transformers impl. | transformers / moekit | "
+             "moekit x GEMV-rate bound |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ours = min(("moekit", "moekit_packed"), key=lambda k: r["impls"][k]["best_s"])
+        hf = min((k for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v), key=lambda k: r["impls"][k]["best_s"])
+        lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['bound_kind']} | {r['impls'][ours]['x_bound']:.2f}x "
+                     f"({'packed' if ours == 'moekit_packed' else 'plain'}) | {r['impls'][hf]['x_bound']:.2f}x ({hf.removeprefix('hf_')}) | "
+                     f"{r['impls'][hf]['best_s'] / r['impls'][ours]['best_s']:.2f} | "
+                     f"{r['impls'][ours]['best_s'] / gemv_bound(r):.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def gemv_bound(row: dict) -> float:
+    """The bound with the bandwidth one GEMV reaches (plain or packed, 256 MB matrix, same rounds) in place
+    of the plain read's: what a matrix-vector kernel on one core can stream here, the decode limit."""
+    gemv = min(row["bounds"]["bw_gemv"]["best_s"], row["bounds"]["bw_gemv_packed"]["best_s"])
+    return max(row["touched_bytes"] / (BW_BYTES / gemv), row["dense_bound_s"])
+
+
+def _profiles(rows: list[dict]) -> str:
+    """The profiles of the rows that miss their goal: top ops of moekit's call."""
+    lines = []
+    for r in rows:
+        if "profile" not in r:
+            continue
+        ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile"]["top_ops"][:5])
+        lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['impls'][r['profile']['impl']]['x_bound']:.2f} | "
+                     f"{r['bound_kind']} | {ops} |")  # fmt: skip
+    if not lines:
+        return ""
+    head = ["", "**Where moekit misses the goal: top ops of one call (torch.profiler, self CPU time)**", "",
+            "| layer | dtype | T | x bound | bound | ops (share of op time) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    return "\n".join(head + lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -378,6 +462,8 @@ def main() -> None:
     ap.add_argument("--max-gather-gb", type=float, default=2.5, help="skip hf batched_mm above this weight copy")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
     ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
+    ap.add_argument("--profile", action="store_true", help="profile moekit's call where it misses its goal")
+    ap.add_argument("--assemble", nargs="+", metavar="JSON", help="combine the JSON of separate runs (pieces) into one")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if args.reps < 1 or args.threads < 1:
@@ -391,6 +477,9 @@ def main() -> None:
     tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
     out = Path(args.out)
+    if args.assemble:
+        assemble(args, out, tag)
+        return
     if args.crossover:
         res = {"environment": env, **crossover(args)}
         write_json(out / f"{tag}.json", res)
@@ -410,16 +499,17 @@ def main() -> None:
     if bad := [d for d in dtypes if d not in DTYPES]:
         ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
-    rows = []
+    rows, load_start = [], os.getloadavg()
     for name, shape in shapes.items():
         for dtype_name in dtypes:
             rows += run_layer(name, shape, dtype_name, tokens, args)
     results = {"environment": env, "clock": "process CPU" if args.threads == 1 else "wall", "shapes": shapes,
-               "rows": rows, "goals": {"decode": DECODE_GOAL, "prefill": PREFILL_GOAL}}  # fmt: skip
+               "rows": rows, "goals": {"decode": DECODE_GOAL, "prefill": PREFILL_GOAL},
+               "load_average": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count()}  # fmt: skip
     if not args.no_generate:
         results["generate"] = generate_speed(args)
     write_json(out / f"{tag}.json", results)
-    text = _markdown(results, args)
+    text = _markdown(results, args) + _profiles(rows)
     atomic_write_text(out / f"{tag}.md", text)
     print(text)
 

@@ -7,6 +7,11 @@ from, in ``MoE(TopKRouter(noisy=False), bank)``: forward + backward, fp32, one i
 implementations timed interleaved (one step each per round, best of ``--reps`` rounds, CPU time).
 The script checks that packed and masked outputs agree.
 
+Inference (forward only, ``torch.inference_mode``): the same three banks on a larger layer (``INFER``) at
+decode and prefill sizes; the compressed banks run their ``expert_inference`` (factors and kept rows read
+once), the dense bank its own inference path; time relative to the dense bank, outputs compared with it
+(``keep = 100%``: the compressed banks compute the dense function up to rounding).
+
     python benchmarks/bench_packed.py           # writes benchmarks/results/bench_packed.{json,md}
     python benchmarks/bench_packed.py --quick   # tiny shapes (seconds)
 """
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +32,8 @@ import moekit
 from moekit.merging import LowRankSparseExperts, PackedLowRankSparseExperts
 
 SHAPES = {"full": dict(T=2048, D=128, F=256, E=4, K=2, rank=16), "quick": dict(T=128, D=32, F=64, E=4, K=2, rank=4)}
+INFER = {"full": dict(D=1024, F=2048, E=8, K=2, rank=64, tokens=[1, 16, 256]),
+         "quick": dict(D=64, F=128, E=4, K=2, rank=8, tokens=[1, 16])}  # fmt: skip
 
 
 def banks(s: dict, keep: float) -> dict[str, moekit.ExpertBank]:
@@ -66,6 +75,39 @@ def run(s: dict, keeps: list[float], reps: int) -> list[dict]:
     return rows
 
 
+def run_inference(s: dict, keeps: list[float], reps: int) -> list[dict]:
+    """Forward-only time of each bank (best of ``reps`` interleaved rounds, CPU time) per kept fraction and T."""
+    rows = []
+    for keep in keeps:
+        torch.manual_seed(1)
+        router = moekit.TopKRouter(s["D"], s["E"], s["K"], noisy=False)
+        layers = {name: moekit.MoE(router, bank).eval() for name, bank in banks(s, keep).items()}
+        for T in s["tokens"]:
+            x = torch.randn(T, s["D"])
+            with torch.inference_mode():
+                outs = {name: layer(x).y for name, layer in layers.items()}
+                best = {name: float("inf") for name in layers}
+                for _ in range(reps):
+                    for name, layer in layers.items():
+                        t = time.process_time()
+                        layer(x)
+                        best[name] = min(best[name], time.process_time() - t)
+            torch.testing.assert_close(outs["packed"], outs["masked"], rtol=1e-4, atol=1e-4)
+            for name in layers:
+                diff = float((outs[name] - outs["dense GLU"]).abs().max() / outs["dense GLU"].abs().max())
+                rows.append({"keep": keep, "T": T, "bank": name, "ms": 1e3 * best[name],
+                             "x dense": best[name] / best["dense GLU"], "max rel diff vs dense": diff})  # fmt: skip
+    return rows
+
+
+def markdown_inference(rows: list[dict], s: dict, reps: int) -> str:
+    head = (f"Inference (forward only): D={s['D']}, F={s['F']}, E={s['E']}, K={s['K']}, rank={s['rank']}; "
+            f"best of {reps}, CPU time, 1 thread\n\n")  # fmt: skip
+    lines = ["| kept rows | T | bank | CPU ms | x dense |", "|---|---|---|---|---|"]
+    lines += [f"| {r['keep']:.0%} | {r['T']} | {r['bank']} | {r['ms']:.3f} | {r['x dense']:.2f} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], s: dict, reps: int) -> str:
     head = f"T={s['T']}, D={s['D']}, F={s['F']}, E={s['E']}, K={s['K']}, rank={s['rank']}; forward + backward, best of {reps}\n\n"
     lines = ["| kept rows | bank | CPU ms | x masked | stored expert params |", "|---|---|---|---|---|"]
@@ -86,14 +128,17 @@ def main() -> None:
     name = "quick" if args.quick else "full"
     s, keeps = SHAPES[name], [1.0, 0.5, 0.1]
     rows = run(s, keeps, args.reps)
-    text = markdown(rows, s, args.reps)
+    infer_rows = run_inference(INFER[name], keeps, args.reps)
+    text = markdown(rows, s, args.reps) + "\n" + markdown_inference(infer_rows, INFER[name], args.reps)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_packed" + ("_quick" if args.quick else "")
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(), "threads": 1}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(), "threads": 1,
+           "load_average": os.getloadavg(), "command": " ".join(sys.argv)}
     (out / f"{stem}.json").write_text(
-        json.dumps({"shapes": s, "reps": args.reps, "environment": env, "rows": rows}, indent=2) + "\n"
+        json.dumps({"shapes": s, "reps": args.reps, "environment": env, "rows": rows,
+                    "inference": {"shapes": INFER[name], "rows": infer_rows}}, indent=2) + "\n"
     )
     (out / f"{stem}.md").write_text(f"# Packed vs masked low-rank + sparse experts\n\n{text}")
 

@@ -188,6 +188,72 @@ def _analytic(case: dict) -> dict:
             "memory_crossover_S": P / act_per_pos, "compute_crossover_S_1.3x": E / 0.3}  # fmt: skip
 
 
+def profile_ffn(case: dict, reps: int) -> dict:
+    """Where SMEAR's FFN time goes: each product of ``merged_linear`` for one chunk of output rows (the
+    default chunk of the first matrix), timed alone (best of ``reps``, CPU time), against the same
+    products of one expert; and the whole layer with smaller merge chunks (cache-sized blocks)."""
+    import torch.nn.functional as F
+
+    from moekit.experts.merged_linear import DEFAULT_CHUNK_BYTES, _rows_per_chunk, merged_linear
+
+    G, S, D, W, E = case["B"], case["S"], case["D"], case["W"], case["E"]
+    O, I = W, D
+    n = _rows_per_chunk(G, O, I, 4, DEFAULT_CHUNK_BYTES)
+    g = torch.Generator().manual_seed(0)
+    p, w = torch.rand(G, E, generator=g), torch.randn(E, n * I, generator=g)
+    x, grad_y, grad_m = torch.randn(G, S, I, generator=g), torch.randn(G, S, n, generator=g), torch.randn(G, n * I, generator=g)
+    merged, grad_pT, grad_w = torch.empty(G, n * I), torch.zeros(E, G), torch.empty(E, n * I)
+    m = merged.view(G, n, I)
+    one_w, x2 = torch.randn(n, I, generator=g), x.reshape(G * S, I)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.process_time()
+            fn()
+            times.append(time.process_time() - t)
+        return 1e3 * min(times)
+
+    ops = {
+        "merge p @ w (forward; again in backward)": best(lambda: torch.mm(p, w, out=merged)),
+        "forward bmm x_g @ W_g^T": best(lambda: torch.bmm(x, m.transpose(1, 2))),
+        "grad_x bmm": best(lambda: torch.bmm(grad_y, m)),
+        "grad_W_g bmm": best(lambda: torch.bmm(grad_y.transpose(1, 2), x)),
+        "grad_probs w @ grad_W^T": best(lambda: grad_pT.addmm_(w, grad_m.t())),
+        "grad_w p^T @ grad_W": best(lambda: torch.mm(p.t(), grad_m, out=grad_w)),
+        "one expert: forward mm": best(lambda: F.linear(x2, one_w)),
+        "one expert: grad_x mm": best(lambda: torch.mm(grad_y.reshape(G * S, n), one_w)),
+        "one expert: grad_W mm": best(lambda: torch.mm(grad_y.reshape(G * S, n).t(), x2)),
+    }
+    main = sum(v for k, v in ops.items() if "bmm" in k)
+    merge = 2 * ops["merge p @ w (forward; again in backward)"] + ops["grad_probs w @ grad_W^T"] + ops["grad_w p^T @ grad_W"]
+    one = sum(v for k, v in ops.items() if k.startswith("one expert"))
+    merged_gb = G * n * I * 4 / 1e9
+    out = {"chunk_rows": n, "ops_ms": ops, "main_products_ms": main, "merge_ms": merge, "one_expert_ms": one,
+           "predicted_x_one": (main + merge) / one, "merge_write_GBps": merged_gb / (ops["merge p @ w (forward; again in backward)"] / 1e3)}  # fmt: skip
+    # the whole FFN with smaller merge chunks (merged blocks that stay in cache)
+    w1, w2 = torch.randn(E, W, D, requires_grad=True), torch.randn(E, D, W, requires_grad=True)
+    xs, logits = torch.randn(G, S, D, requires_grad=True), torch.randn(G, E, requires_grad=True)
+
+    def layer(chunk: int):
+        def run():
+            probs = torch.softmax(logits, -1)
+            h = F.gelu(merged_linear(xs, probs, w1, chunk_bytes=chunk))
+            merged_linear(h, probs, w2, chunk_bytes=chunk).sum().backward()
+        return run
+
+    e1, e2 = w1[0].detach().clone().requires_grad_(), w2[0].detach().clone().requires_grad_()
+
+    def one_expert() -> None:
+        F.linear(F.gelu(F.linear(xs, e1)), e2).sum().backward()
+
+    out["whole_layer_one_expert_ms"] = best(one_expert)
+    out["whole_layer_ms_by_chunk_bytes"] = {str(c): best(layer(c)) for c in (DEFAULT_CHUNK_BYTES, 2**20, 2**18)}
+    out["whole_layer_x_one"] = out["whole_layer_ms_by_chunk_bytes"][str(DEFAULT_CHUNK_BYTES)] / out["whole_layer_one_expert_ms"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -197,10 +263,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="only the FFN case's time split -> bench_smear_profile.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         return _child(args)
+    if args.profile:
+        prof = {"case": CASES["ffn"], "threads": args.threads, "torch": torch.__version__, "load_average": os.getloadavg(),
+                "command": " ".join(sys.argv), **profile_ffn(CASES["ffn"], args.reps)}  # fmt: skip
+        write_json(Path(args.out) / "bench_smear_profile.json", prof)
+        print(json.dumps(prof, indent=1))
+        return
     cases = QUICK if args.quick else CASES
     results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, "torch": torch.__version__, "cases": {}}
     for name, case in cases.items():

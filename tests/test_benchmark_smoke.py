@@ -36,3 +36,50 @@ def test_bench_compress_quick(tmp_path: Path) -> None:
     assert [r["rc"] for r in runs] == [0, 0, 0, 0]
     assert all(r["peak_rss"] <= r["max_memory"] for r in runs if "max_memory" in r)
     assert "| streamed |" in (tmp_path / "bench_compress_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu.sh --dry-run`` runs every step (cuda tests, training and inference benchmarks) on CPU."""
+    pytest.importorskip("transformers")
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", f"--out={tmp_path}"],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "== 3/3" in done.stdout and "gpu.sh: done" in done.stdout
+    rows = json.loads((tmp_path / "bench_gpu_quick_cpu.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"inference", "train"}
+    for r in rows:
+        assert {"moekit", "hf_grouped_mm"} <= set(r["impls"]), r
+        assert all(v.get("matches_moekit") for v in r["impls"].values()), r
+    assert (tmp_path / "bench_moe_quick.json").exists()
+
+
+def test_gpu_script_refuses_unknown_arguments() -> None:
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--fast"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown argument '--fast'" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
+    """Two pieces of the inference benchmark (tiny shapes), each with its load, combined by --assemble."""
+    pytest.importorskip("transformers")
+    script = str(ROOT / "benchmarks" / "bench_infer.py")
+    for dtype in ("fp32", "bf16"):
+        done = subprocess.run(
+            [sys.executable, script, "--quick", "--reps", "1", "--dtypes", dtype, "--tokens", "1,64", "--no-generate",
+             "--profile", "--out", str(tmp_path / dtype)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    pieces = [str(tmp_path / d / "bench_infer_quick.json") for d in ("fp32", "bf16")]
+    done = subprocess.run([sys.executable, script, "--quick", "--assemble", *pieces, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "bench_infer_quick.json").read_text())
+    assert [(r["dtype"], r["T"]) for r in results["rows"]] == [("fp32", 1), ("fp32", 64), ("bf16", 1), ("bf16", 64)]
+    assert len(results["pieces"]) == 2 and all(len(p["load_average"]["start"]) == 3 for p in results["pieces"])
+    for r in results["rows"]:
+        assert all(v.get("matches_moekit", True) for v in r["impls"].values()), r
+    assert "GEMV-rate bound" in done.stdout and "| tiny | bf16 | 64 |" in (tmp_path / "bench_infer_quick.md").read_text()

@@ -108,6 +108,10 @@ class ExpertBank(nn.Module):
         is packed. Banks that do not implement it take ``grouped_forward`` on the inference path."""
         raise NotImplementedError
 
+    #: whether the inference path runs ``grouped_forward`` (one call per matrix) from
+    #: ``SORTED_GROUPED_MIN_TOKENS`` tokens on; False: ``expert_inference`` per touched expert at every size
+    inference_sorted_gemm: bool = True
+
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         """The matrices ``expert_inference`` can run packed: ``{name: [[O, I] per expert]}`` (none here)."""
         return {}

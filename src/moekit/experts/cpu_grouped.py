@@ -104,7 +104,8 @@ def _intra_op_threads() -> int:
 
 
 def run_split(split: RowSplit, fn: Callable[[int, slice], object]) -> None:
-    """Call ``fn(g, rows_of_g)`` for every group (empty ones too), one pool task per run, and wait.
+    """Call ``fn(g, rows_of_g)`` for every group (empty ones too), one pool task per run (a single run:
+    in the calling thread), and wait.
 
     ``fn`` runs outside autograd (grad mode is per thread; the callers are autograd Functions or the
     inference path), in inference mode when the caller is (tensors it made may only be written there).
@@ -116,6 +117,9 @@ def run_split(split: RowSplit, fn: Callable[[int, slice], object]) -> None:
             for g in range(g0, g1):
                 fn(g, slice(split.starts[g], split.starts[g + 1]))
 
+    if len(split.runs) == 1:  # one run: in this thread
+        task(*split.runs[0])
+        return
     pool = _pool(len(split.runs))
     for future in [pool.submit(task, g0, g1) for g0, g1 in split.runs]:
         future.result()

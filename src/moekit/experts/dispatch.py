@@ -41,11 +41,25 @@ def plan_dispatch(decision: RoutingDecision) -> DispatchPlan:
     ids = decision.ids_TK.reshape(-1)
     weights = decision.weights_TK.reshape(-1)
     token = torch.arange(T, device=ids.device).repeat_interleave(K)
+    if torch.compiler.is_compiling():
+        return _traceable_plan(ids, weights, token, decision)
     if decision.kept_TK is not None:
         kept = decision.kept_TK.reshape(-1)
         ids, weights, token = ids[kept], weights[kept], token[kept]
     order = torch.argsort(ids, stable=True)
     sizes = torch.bincount(ids, minlength=decision.num_experts)
+    return DispatchPlan(token[order], weights[order], sizes)
+
+
+def _traceable_plan(ids: Tensor, weights: Tensor, token: Tensor, decision: RoutingDecision) -> DispatchPlan:
+    """``plan_dispatch`` with shapes that do not depend on the routing (what ``torch.compile`` traces
+    without a graph break): dropped slots stay in their expert's group with weight 0 instead of being
+    removed, and the group sizes come from a scatter-add (``bincount``'s output size is data-dependent)."""
+    if decision.kept_TK is not None:
+        weights = weights * decision.kept_TK.reshape(-1).to(weights.dtype)
+    order = torch.argsort(ids, stable=True)
+    sizes = torch.zeros(decision.num_experts, dtype=torch.long, device=ids.device)
+    sizes = sizes.scatter_add(0, ids, torch.ones_like(ids))
     return DispatchPlan(token[order], weights[order], sizes)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_int
+from .compiled import grouped_mm_op
 from .cpu_grouped import RowSplit, run_split, split_groups
 
 __all__ = ["grouped_linear", "grouped_linear_reference", "grouped_mm_available"]
@@ -28,16 +29,53 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     """Whether the fused kernel can serve these operands (device, dtype and alignment)."""
-    if not _HAS_GROUPED_MM or x.dtype != w.dtype or x.device != w.device:
+    if x.dtype != w.dtype or x.device != w.device:
+        return False
+    return _kernel_serves(x, w.shape[-2], w.shape[-1])
+
+
+def _kernel_serves(x: Tensor, *widths: int) -> bool:
+    """Whether ``F.grouped_mm`` takes ``x``'s dtype and device with operands of these widths."""
+    if not _HAS_GROUPED_MM:
         return False
     per_16_bytes = 16 // x.element_size()
-    if w.shape[-1] % per_16_bytes or w.shape[-2] % per_16_bytes:  # kernel needs 16-byte aligned strides
+    if any(n % per_16_bytes for n in widths):  # kernel needs 16-byte aligned strides
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
     return False
+
+
+def grouped_rows(x_NI: Tensor, w_GOI: Tensor, offs_G: Tensor, split: RowSplit | None, transpose: bool = False) -> Tensor:
+    """``x[rows of g] @ w[g].T`` (``transpose``: ``@ w[g]``) for every group: ``[N, I] -> [N, O]``.
+    ``split`` runs the products one pool task per run of whole groups; None: one ``F.grouped_mm``
+    (a loop of ``torch.mm`` where that kernel cannot serve the operands)."""
+    if split is None and not grouped_mm_available(x_NI, w_GOI):
+        split = _serial(offs_G)
+    if split is None:
+        return F.grouped_mm(x_NI, w_GOI.contiguous() if transpose else w_GOI.transpose(-2, -1), offs=offs_G)
+    y_NO = x_NI.new_empty(x_NI.shape[0], w_GOI.shape[2 if transpose else 1])
+    run_split(split, lambda g, r: torch.mm(x_NI[r], w_GOI[g] if transpose else w_GOI[g].t(), out=y_NO[r]))
+    return y_NO
+
+
+def grouped_weight_grad(grad_NO: Tensor, x_NI: Tensor, offs_G: Tensor, split: RowSplit | None, groups: int) -> Tensor:
+    """``grad[rows of g].T @ x[rows of g]`` for every group: ``[G, O, I]`` (an empty group gives zeros)."""
+    if split is None and not _kernel_serves(x_NI, grad_NO.shape[1], x_NI.shape[1]):
+        split = _serial(offs_G)
+    if split is None:
+        return F.grouped_mm(grad_NO.t(), x_NI, offs=offs_G)
+    grad_w = x_NI.new_empty(groups, grad_NO.shape[1], x_NI.shape[1])  # an empty group's product writes zeros
+    run_split(split, lambda g, r: torch.mm(grad_NO[r].t(), x_NI[r], out=grad_w[g]))
+    return grad_w
+
+
+def _serial(offs_G: Tensor) -> RowSplit:
+    """Every group in one run (``run_split`` then loops in the calling thread)."""
+    ends = offs_G.tolist()
+    return RowSplit(((0, len(ends)),), (0, *ends))
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -50,31 +88,14 @@ class _GroupedMM(torch.autograd.Function):
     def forward(ctx, x_NI: Tensor, w_GOI: Tensor, offs_G: Tensor, split: RowSplit | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x_NI, w_GOI, offs_G)
         ctx.split = split
-        if split is None:
-            return F.grouped_mm(x_NI, w_GOI.transpose(-2, -1), offs=offs_G)
-        y_NO = x_NI.new_empty(x_NI.shape[0], w_GOI.shape[1])
-        run_split(split, lambda g, r: torch.mm(x_NI[r], w_GOI[g].t(), out=y_NO[r]))
-        return y_NO
+        return grouped_rows(x_NI, w_GOI, offs_G, split)
 
     @staticmethod
     def backward(ctx, grad_NO: Tensor):  # type: ignore[override]
         x_NI, w_GOI, offs_G = ctx.saved_tensors
-        split: RowSplit | None = ctx.split
         grad_NO = grad_NO.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            if split is None:
-                grad_x = F.grouped_mm(grad_NO, w_GOI.contiguous(), offs=offs_G)
-            else:
-                grad_x = x_NI.new_empty(x_NI.shape)
-                run_split(split, lambda g, r: torch.mm(grad_NO[r], w_GOI[g], out=grad_x[r]))
-        if ctx.needs_input_grad[1]:
-            # [O, N] x [N, I] grouped along N -> [G, O, I]; empty groups give zeros.
-            if split is None:
-                grad_w = F.grouped_mm(grad_NO.t(), x_NI, offs=offs_G)
-            else:
-                grad_w = w_GOI.new_empty(w_GOI.shape)  # an empty group's product writes zeros
-                run_split(split, lambda g, r: torch.mm(grad_NO[r].t(), x_NI[r], out=grad_w[g]))
+        grad_x = grouped_rows(grad_NO, w_GOI, offs_G, ctx.split, transpose=True) if ctx.needs_input_grad[0] else None
+        grad_w = grouped_weight_grad(grad_NO, x_NI, offs_G, ctx.split, w_GOI.shape[0]) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None
 
 
@@ -118,6 +139,8 @@ def grouped_linear(
         check_int("threads", threads, low=1)
     use_fast = grouped_mm_available(x_NI, w_GOI) if fast is None else fast
     G, N = w_GOI.shape[0], x_NI.shape[0]
+    if torch.compiler.is_compiling():  # no data-dependent branch or host sync in a traced graph
+        return _traced_grouped_linear(x_NI, w_GOI, sizes_G, bias_GO)
     if fast is None and 0 < G and 0 < N and N % G == 0 and bool((sizes_G == N // G).all()):
         # groups of equal size (SMEAR's examples, dense ensembles): one batched matmul, in the operand
         # order whose backward copies less: W @ x^T keeps the weight gradient contiguous (pays off when a
@@ -140,6 +163,27 @@ def grouped_linear(
     if bias_GO is not None:
         y = y + torch.repeat_interleave(bias_GO, sizes_G, dim=0, output_size=x_NI.shape[0])
     return y
+
+
+def _traced_grouped_linear(x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_GO: Tensor | None) -> Tensor:
+    """``grouped_linear`` under ``torch.compile``: ``F.grouped_mm`` where the compiled kernel accepts the
+    operands (its CPU version takes bf16 only, ``compiled_grouped_mm_accepts``), else moekit's custom op
+    (``moekit::grouped_mm``, the eager kernels behind an opaque op): one graph, no break, any dtype."""
+    offs = torch.cumsum(sizes_G, 0).to(torch.int32)
+    x = x_NI.contiguous()
+    if compiled_grouped_mm_accepts(x, w_GOI):
+        y = _GroupedMM.apply(x, w_GOI, offs, None)
+    else:
+        y = grouped_mm_op(x, w_GOI, offs)
+    if bias_GO is not None:
+        y = y + torch.repeat_interleave(bias_GO, sizes_G, dim=0, output_size=x_NI.shape[0])
+    return y
+
+
+def compiled_grouped_mm_accepts(x: Tensor, w: Tensor) -> bool:
+    """Whether ``torch.compile`` takes ``F.grouped_mm`` for these operands: its CPU meta kernel accepts
+    bf16 only (eager accepts fp32 too), CUDA bf16 on sm80+."""
+    return grouped_mm_available(x, w) and x.dtype == torch.bfloat16
 
 
 def grouped_linear_reference(x_NI: Tensor, w_GOI: Tensor, sizes_G: Tensor, bias_GO: Tensor | None = None) -> Tensor:

@@ -143,7 +143,7 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
     grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same kernels, one call per matrix)."""
     T = x_T.shape[0]
     packed = inference_pack(bank)
-    sorted_gemm = packed is None and T >= SORTED_GROUPED_MIN_TOKENS
+    sorted_gemm = packed is None and bank.inference_sorted_gemm and T >= SORTED_GROUPED_MIN_TOKENS
     plan = plan_inference(decision, with_groups=not sorted_gemm)
     N = plan.token_N.shape[0]
     out = x_T.new_zeros(T, bank.out_dim)
@@ -248,7 +248,7 @@ def pack_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
 
     banks = [m for m in module.modules() if isinstance(m, ExpertBank) and m.inference_matrices()]
     if enabled and not banks:
-        raise ValueError(f"{type(module).__name__} has no expert bank with packable matrices (mlp, glu, compressed)")
+        raise ValueError(f"{type(module).__name__} has no expert bank with packable matrices (mlp, glu)")
     for bank in banks:
         bank._inference_pack = InferencePack() if enabled else None
     return module

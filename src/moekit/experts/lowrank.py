@@ -6,7 +6,7 @@ size as ``moekit.experts.packed.PackedLowRankSparseExperts``."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,18 @@ class LowRankSparseExperts(ExpertBank):
         h = F.linear(x_N, self.dense_weight(first)[e], None if up_b is None else up_b[e])
         return F.linear(self._hidden(h), self.dense_weight(second)[e], None if down_b is None else down_b[e])
 
+    #: the inference path runs one expert at a time (``expert_inference``) at every size
+    inference_sorted_gemm = False
+
+    def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
+        """Forward only: the factors and ``S_e`` read once (the mask applied to ``x S_e^T``)."""
+        return two_matrix_expert(self, x_N, e)
+
+    def _expert_linear(self, x_MI: Tensor, m: str, e: int) -> Tensor:
+        """``x (U_e V_e + S_e * mask_e)^T`` reading ``S_e`` once: ``[M, I] -> [M, O]``."""
+        low = F.linear(F.linear(x_MI, getattr(self, f"{m}_v")[e]), getattr(self, f"{m}_u")[e])
+        return torch.addcmul(low, F.linear(x_MI, getattr(self, f"{m}_s")[e]), getattr(self, f"{m}_mask")[e])
+
     def compression_layout(self) -> dict[str, Any]:
         """``{"rank": r, "kept_rows": None}``: what a model config stores for this dense-masked form
         (the mask is a buffer, so every shape follows from the rank; packed banks list their kept rows)."""
@@ -112,6 +124,18 @@ class LowRankSparseExperts(ExpertBank):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}, hidden={self.hidden}, rank={self.rank}"
+
+
+def two_matrix_expert(bank: Any, x_MI: Tensor, e: int) -> Tensor:
+    """Expert ``e`` of a compressed bank, forward only: ``down(hidden(up(x) + up_bias)) + down_bias`` with
+    each matrix applied by ``bank._expert_linear`` (``[M, dim] -> [M, out_dim]``; the inference path)."""
+    first, second = bank.matrices
+    up_b, down_b = getattr(bank, "up_bias", None), getattr(bank, "down_bias", None)
+    h = bank._expert_linear(x_MI, first, e)
+    if up_b is not None:
+        h = h + up_b[e]
+    y = bank._expert_linear(bank._hidden(h), second, e)
+    return y if down_b is None else y + down_b[e]
 
 
 def two_matrix_forward(bank: Any, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:

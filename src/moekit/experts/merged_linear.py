@@ -23,6 +23,8 @@ group, E/S of the expert's own work).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -43,6 +45,22 @@ def merged_linear_reference(x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO
     return y if b_EO is None else y + (p @ b_EO).unsqueeze(1)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused buffer of at least ``numel`` values for ``name`` (per thread, dtype and device): the merged
+    weights of one chunk and their gradient. Fresh buffers of this size (megabytes) come from ``mmap`` on
+    CPU and are page-faulted in on every call -- measured 20-25% of SMEAR's FFN step (bench_smear.py
+    --profile); kept, they cost ``2 * chunk_bytes`` per thread that ran SMEAR."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 def _rows_per_chunk(G: int, O: int, I: int, element_size: int, chunk_bytes: int) -> int:
     return max(1, min(O, chunk_bytes // max(1, G * I * element_size)))
 
@@ -54,7 +72,7 @@ class _MergedLinear(torch.autograd.Function):
         E, O, _ = w_EOI.shape
         p = probs_GE.to(w_EOI.dtype).contiguous()
         rows = _rows_per_chunk(G, O, I, w_EOI.element_size(), chunk_bytes)
-        buf = torch.empty(G * rows * I, dtype=w_EOI.dtype, device=w_EOI.device)
+        buf = _scratch("merged", G * rows * I, w_EOI.dtype, w_EOI.device)
         w_E_OI = w_EOI.reshape(E, O * I)
         y = torch.empty(G, S, O, dtype=x_GSI.dtype, device=x_GSI.device)
         b_GO = None if b_EO is None else p @ b_EO
@@ -83,8 +101,8 @@ class _MergedLinear(torch.autograd.Function):
         grad_x = torch.empty(G, S, I, dtype=x_GSI.dtype, device=x_GSI.device) if need_x else None
         grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
         grad_w = torch.empty_like(w_EOI) if need_w else None
-        merged = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if need_x else None
-        grad_m = torch.empty(G * rows * I, dtype=p.dtype, device=p.device) if (need_p or need_w) else None
+        merged = _scratch("merged", G * rows * I, p.dtype, p.device) if need_x else None
+        grad_m = _scratch("grad_merged", G * rows * I, p.dtype, p.device) if (need_p or need_w) else None
         for o0 in range(0, O, rows):
             n = min(rows, O - o0)
             g_GSn = grad_GSO[:, :, o0 : o0 + n].contiguous()  # batched (not per-group) matmuls need it

@@ -112,7 +112,12 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim: ``[..., 2F] -> [..., F]``."""
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim: ``[..., 2F] -> [..., F]``.
+    Under ``torch.compile`` the plain ops (the compiler fuses them; the hand-written backward writes into
+    views, which it cannot trace)."""
+    if torch.compiler.is_compiling():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
     return _SwiGLU.apply(gate_up)
 
 

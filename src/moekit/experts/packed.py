@@ -20,6 +20,7 @@ runs per expert on its kept rows only: ``n_e * k_e * I`` multiply-adds instead o
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int
 from .base import ExpertBank, activation_fn
 from .grouped import grouped_linear
-from .lowrank import LowRankSparseExperts, two_matrix_forward
+from .lowrank import LowRankSparseExperts, two_matrix_expert, two_matrix_forward
 from .mlp import swiglu
 
 __all__ = ["PackedLowRankSparseExperts"]
@@ -81,6 +82,8 @@ class PackedLowRankSparseExperts(ExpertBank):
         shapes = {"gate_up_proj": (2 * H, D), "down_proj": (D, H)} if kind == "glu" else {"up_proj": (H, D), "down_proj": (self.out_dim, H)}  # fmt: skip
         self.matrices = tuple(shapes)
         self.kept_rows = _check_kept_rows(kept_rows, shapes, E)
+        #: ``(start, end)`` of each expert's kept rows in ``{m}_s`` / ``{m}_index``
+        self._kept_slices = {m: list(itertools.pairwise(itertools.accumulate(c, initial=0))) for m, c in self.kept_rows.items()}
         kw = {"device": device, "dtype": dtype}
         for m, (O, I) in shapes.items():
             r, counts = min(rank, O, I), self.kept_rows[m]
@@ -153,6 +156,24 @@ class PackedLowRankSparseExperts(ExpertBank):
         y = torch.cat(pieces) if pieces else low
         # no kept row saw a token: keep S in the graph (zero gradient), as the dense masked form does
         return y if used else y + (x_N[:0] @ s.t()).sum()
+
+    #: the inference path runs one expert at a time (``expert_inference``) at every size
+    inference_sorted_gemm = False
+
+    def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
+        """Forward only: expert e's factors and kept rows of ``S`` read once (``r (O + I) + k_e I`` values
+        per matrix instead of the dense expert's ``O I``)."""
+        return two_matrix_expert(self, x_N, e)
+
+    def _expert_linear(self, x_MI: Tensor, m: str, e: int) -> Tensor:
+        """``x (U_e V_e)^T`` with expert e's kept rows of ``S`` added into their columns: ``[M, I] -> [M, O]``."""
+        u = getattr(self, f"{m}_u")
+        y = F.linear(F.linear(x_MI, getattr(self, f"{m}_v")[e]), u[e])
+        start, end = self._kept_slices[m][e]
+        if end > start:
+            rows = getattr(self, f"{m}_index")[start:end].long() - e * u.shape[1]
+            y.index_add_(1, rows, F.linear(x_MI, getattr(self, f"{m}_s")[start:end]))
+        return y
 
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
         """Groups must be the experts (sparse dispatch, dense combine): ``sizes_G [E]``."""
