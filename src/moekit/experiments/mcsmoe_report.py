@@ -256,7 +256,7 @@ def _plot_bpb(results: Mapping[str, Any], path: Path) -> None:
     ax.set_yticks(ys, [lab[n] for n in names], fontsize=8)
     ax.set_xlabel("held-out bits per byte (lower is better)")
     ax.set_title("held-out bits per byte")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, fontsize=7)
     ax = axes[1]
     pairs = [("msmoe", b) for b in others] + extra
     ys = list(range(len(pairs)))[::-1]
@@ -281,7 +281,7 @@ def _plot_size(results: Mapping[str, Any], path: Path) -> None:
             diff = paired(results, name, "control")
             err = [[diff.estimate - diff.low], [diff.high - diff.estimate]] if diff.defined else None
             ax.errorbar([_mean(results, name, key) / scale], [diff.estimate], yerr=err, capsize=3, label=lab[name],
-                        fmt=markers[i % len(markers)])  # fmt: skip
+                        fmt=markers[i % len(markers)], color=plt.get_cmap("tab20")(i % 20))  # fmt: skip
         ax.axhline(0, color="black", lw=1, ls="--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("bits/byte minus the no-merge control\n(paired over seeds, 95% CI)")
