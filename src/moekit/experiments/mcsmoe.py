@@ -30,6 +30,7 @@ from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import evaluate_bpb, train_lm
 from ..reporting import atomic_directory, check_output_dir, environment, write_json
+from ..progress import Progress, Task
 from .mcsmoe_report import write_report
 
 __all__ = ["MergeVariant", "VARIANTS", "McSmoeConfig", "run_mcsmoe"]
@@ -119,13 +120,22 @@ def _measure(model: torch.nn.Module, val: torch.Tensor, cfg: McSmoeConfig, *, ch
 
 def run_mcsmoe(
     cfg: McSmoeConfig, out_dir: str | Path | None = None, *, overwrite: bool = False, quiet: bool = False,
-    smoke_run: bool = False,
+    smoke_run: bool = False, progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the whole comparison; writes ``report.md``, ``results.json`` and a PNG when ``out_dir`` is set
     (absent or empty, or with ``overwrite`` an earlier output of moekit). ``smoke_run`` labels a
-    ``--quick`` run as such in the report and plot."""
+    ``--quick`` run as such in the report and plot; ``progress`` reports each finished step (bars of
+    the steps inside on a terminal unless ``quiet``)."""
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = progress or Progress.off()
+    steps = 2 + len(cfg.targets) * (len(VARIANTS) + sum(v.recover for v in VARIANTS) + 1)
+    with progress.task(steps, "mcsmoe steps") as task:
+        return _run(cfg, out_dir, overwrite=overwrite, quiet=quiet, smoke_run=smoke_run, task=task)
+
+
+def _run(cfg: McSmoeConfig, out_dir: str | Path | None, *, overwrite: bool, quiet: bool, smoke_run: bool,
+         task: Task) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(cfg.seed)
     corpus: ByteCorpus = load_stdlib_corpus(max_bytes=cfg.corpus_bytes)
     val = eval_windows(corpus.val, cfg.seq_len, cfg.eval_windows)
@@ -141,11 +151,13 @@ def run_mcsmoe(
         aux_weights={"switch": cfg.aux_switch}, quiet=quiet, desc="train MoE LM",
     )  # fmt: skip
     train_time = time.perf_counter() - t0
+    task.advance(note=f"trained the full model, {train_time:.0f} s")
     rows: list[dict[str, Any]] = [{"label": "full SMoE", "method": "-", "target": cfg.num_experts, "form": "-",
                                    "recovery": False, "merge_s": 0.0, **_measure(model, val, cfg, checkpoint=True)}]
     control = copy.deepcopy(model)  # same extra training as recovery, without merging
     train_lm(control, _batches(corpus.train, cfg, cfg.seed + 2), steps=cfg.recovery_steps, lr=cfg.recovery_lr,
              warmup=10, quiet=quiet, desc="full + continued training")  # fmt: skip
+    task.advance(note="continued training of the full model")
     rows.append({"label": "full SMoE + continued training", "method": "-", "target": cfg.num_experts, "form": "-",
                  "recovery": True, "merge_s": 0.0, **_measure(control, val, cfg, checkpoint=False)})
     recovered: dict[int, torch.nn.Module] = {}
@@ -159,15 +171,18 @@ def run_mcsmoe(
             merge_s = time.perf_counter() - t
             base = {"label": v.label, "method": v.method, "target": target, "form": v.form, "merge_s": merge_s}
             rows.append({**base, "recovery": False, **_measure(merged, val, cfg, checkpoint=True)})
+            task.advance(note=f"{v.label} to {target} experts")
             if not v.recover:
                 continue
             recover(merged, model, _batches(corpus.train, cfg, cfg.seed + 2), steps=cfg.recovery_steps,
                     lr=cfg.recovery_lr, alpha=cfg.alpha, temperature=cfg.temperature, quiet=quiet,
                     desc=f"recover {v.label} ({target})")  # fmt: skip
             rows.append({**base, "recovery": True, **_measure(merged, val, cfg, checkpoint=False)})
+            task.advance(note=f"recovered {v.label} ({target})")
             if v.label == "M-SMoE":
                 recovered[target] = merged
         rows.append(_compress(recovered[target], model, corpus, val, cfg, target, quiet))
+        task.advance(note=f"compressed M-SMoE ({target})")
     results = {
         "experiment": "mcsmoe", "paper": "https://arxiv.org/abs/2310.01334", "smoke_run": smoke_run, "config": asdict(cfg),
         "environment": environment(), "corpus": corpus.describe(), "train_time_s": train_time,

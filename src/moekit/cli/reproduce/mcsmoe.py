@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .._options import INT, SEED, ConfigOption, add_config_options, add_out, add_quiet, checked_out, config_from_args
+from .._options import progress_from
 
 OPTIONS = (
     SEED,
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, OPTIONS, McSmoeConfig.quick() if args.quick else McSmoeConfig())
     checked_out(args)
-    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet, smoke_run=args.quick)
+    run_mcsmoe(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet, smoke_run=args.quick,
+               progress=progress_from(args))  # fmt: skip
     print(f"report written to {args.out}/report.md")
     return 0
