@@ -128,7 +128,7 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
                                      f"{len(results['config']['seeds'])} seed(s); uniform = 1/{E} = {1 / E:.3f})"))
     for i in range(shares.shape[0]):
         for j in range(E):
-            ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, f"{abs(shares[i, j]):.2f}", ha="center", va="center", fontsize=8,
                     color="black" if shares[i, j] > 0.6 * shares.max() else "white")  # fmt: skip
     fig.colorbar(image, ax=ax, label="share of routing slots")
     save_figure(fig, Path(directory) / "utilisation.png")
