@@ -11,7 +11,7 @@ on CUDA ``max_memory_allocated``). Peak is above the memory after setup (inputs 
 activations, merged parameters, gradients and temporaries of one forward+backward. "saved MB" is the size
 of the tensors autograd keeps for backward beyond the layer's own parameters (unique storages, via
 ``saved_tensors_hooks``): a deterministic memory measure that allocator noise does not blur. ``smear`` is
-the layer as shipped (fused merge-and-matmul, ``moekit.layers.merged_linear``); ``smear_reference`` is
+the layer as shipped (fused merge-and-matmul, ``moekit.experts.merged_linear``); ``smear_reference`` is
 the plain path it replaced (``merged_forward``: all merged copies built at once and kept for backward);
 ``smear_chunked`` is SMEAR with a merge budget of a quarter of the batch's merged parameters
 (``merge_chunk_bytes``). A sweep over positions per example (FFN case) locates the two

@@ -71,7 +71,7 @@ def weights_bytes(directory: Path) -> int:
 
 
 def run(size: str, samples: int, seq_len: int) -> list[dict]:
-    from moekit.cli._calib import byte_windows, read_calibration_bytes, to_batches
+    from moekit.data.calibration import byte_windows, read_calibration_bytes, to_batches
     from moekit.integrations.hf import family_for, load_hf_model, merge_hf_model, save_hf_model
 
     s = SIZES[size]

@@ -24,7 +24,10 @@ from moekit import (  # noqa: E402
     AuxFreeBias, ConvExperts, DSelectKRouter, ExpertChoiceRouter, GLUExperts, HashRouter, MLPExperts, MoE, SwitchRouter,
     TopKRouter, load_checkpoint, save_checkpoint,
 )
-from moekit.distributed import ExpertParallelError, ExpertParallelMoE, init_distributed, make_groups  # noqa: E402
+from moekit.distributed import (  # noqa: E402
+    ExpertParallelError, ExpertParallelMoE, expert_parallel, init_distributed, make_groups, wrap_ddp,
+)
+from moekit.distributed.model import ep_moe_classifier  # noqa: E402
 from moekit.distributed.train import EPTrainConfig, train_expert_parallel  # noqa: E402
 
 E, D, F, T = 4, 8, 16, 12  # experts, width, hidden, global tokens
@@ -158,8 +161,40 @@ def _failures(rank: int, world: int, out: Path) -> None:
     os._exit(0)  # the groups are broken: skip the normal teardown
 
 
+#: where ``setup-<point>`` kills rank 1 (SIGKILL), in the order of a training run's set-up
+SETUP_POINTS = ("init", "groups", "ddp")
+
+
+def _setup_killed(point: str, rank: int, world: int, store: str, out: Path) -> None:
+    """Rank 1 dies at ``point`` of the set-up (before joining, before the groups, before DDP); rank 0
+    records what it raised and how long it took (every timeout is 3 s)."""
+
+    def maybe_die(here: str) -> None:
+        if rank == 1 and here == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    start = time.perf_counter()
+    try:
+        maybe_die("init")
+        init_distributed(backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout_s=3)
+        maybe_die("groups")
+        groups = make_groups(timeout_s=3)
+        torch.manual_seed(0)
+        model = expert_parallel(ep_moe_classifier(in_dim=8, num_classes=3, dim=8, depth=1, num_experts=4), groups)
+        maybe_die("ddp")
+        wrap_ddp(model, groups)
+        report = {"error": None, "type": None}
+    except Exception as err:  # noqa: BLE001 - the test checks which type it is
+        report = {"error": str(err), "type": type(err).__name__}
+    (out / "setup.json").write_text(json.dumps({**report, "seconds": time.perf_counter() - start}))
+    sys.stdout.flush()
+    os._exit(0)  # the groups are broken: skip the normal teardown
+
+
 def main() -> None:
     scenario, rank, world, store, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+    if scenario.startswith("setup-"):
+        _setup_killed(scenario.removeprefix("setup-"), rank, world, store, out)
     init_distributed(backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout_s=60)
     try:
         if scenario == "main":

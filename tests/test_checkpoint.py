@@ -218,7 +218,7 @@ def test_configs_and_weights_that_would_be_silently_misread_are_refused(tmp_path
         load_checkpoint(path)
     # sizes that would allocate ~10^13 parameters are checked against the file's header first
     _edit(path, lambda m: m.update(version=1) or m["config"].update(num_experts=10**6, hidden=10**7))
-    with pytest.raises(ValueError, match="tensors of another shape"):
+    with pytest.raises(ValueError, match=r"hidden=10000000 exceeds the largest tensor extent \(256\)"):
         load_checkpoint(path)
     (path / ckpt.CONFIG_NAME).write_text(good_config)
 
@@ -234,6 +234,37 @@ def test_configs_and_weights_that_would_be_silently_misread_are_refused(tmp_path
     assert torch.isinf(load_checkpoint(path, check_finite=False).embed.weight).any()  # on request
     (path / ckpt.WEIGHTS_NAME).write_bytes(good_weights)
     load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change", [
+    {"depth": 10**5}, {"dim": 10**9}, {"max_seq_len": 10**12}, {"router_outputs_per_layer": [10**7, 8]},
+    {"router": "comet", "experts_per_layer": None, "router_outputs_per_layer": None, "num_experts": 10**5},
+    {"router_kwargs": {"num_keys": 10**6}, "router": "hash"},
+], ids=["depth", "dim", "max_seq_len", "router_outputs", "comet_experts", "hash_keys"])
+def test_absurd_config_sizes_are_refused_before_anything_is_built(tmp_path: Path, change: dict, monkeypatch) -> None:
+    """A config whose sizes no tensor of the file could hold is refused from the header alone: before,
+    even the meta-device build allocated a router's O(E) tables on the CPU (comet: 0.7 GB per 10^6
+    experts), the merged layer's expert map, or overflowed torch's size arithmetic (a raw RuntimeError)."""
+    path = save_checkpoint(_model(), tmp_path / "c")
+    _edit(path, lambda m: m["config"].update(change))
+    monkeypatch.setattr(ckpt.MODELS, "create", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=r"exceeds the (largest tensor extent \(\d+\)|\d+ tensors) of its weights"):
+        load_checkpoint(path)
+
+
+def test_absurd_expert_parallel_config_is_refused_before_the_model_is_built(tmp_path: Path) -> None:
+    """load_distributed_model built the model for real from the config before any check."""
+    from moekit.distributed import save_distributed_checkpoint
+    from moekit.distributed.model import ep_moe_classifier
+
+    config = {"in_dim": 6, "num_classes": 4096, "dim": 8, "num_experts": 4}  # a head [4096, 8]: extent 4096
+    save_distributed_checkpoint(ep_moe_classifier(**config), tmp_path / "ep", name="ep_moe_classifier", config=config)
+    _edit(tmp_path / "ep", lambda m: m["config"].update(num_experts=10**5))
+    with pytest.raises(ValueError, match="num_experts=100000 exceeds the largest tensor extent"):
+        load_checkpoint(tmp_path / "ep")
+    _edit(tmp_path / "ep", lambda m: m["config"].update(num_experts=4096, dim=4096))  # each fits, together they do not
+    with pytest.raises(ValueError, match="describes [0-9,]+ bytes of tensors but its weights files hold"):
+        load_checkpoint(tmp_path / "ep")
 
 
 def test_a_checkpoint_is_never_saved_over_the_directory_it_was_loaded_from(tmp_path: Path) -> None:

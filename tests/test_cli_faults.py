@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from moekit import MoELM, save_checkpoint
 from moekit.cli.main import main
-from moekit.distributed.train import main as distributed_main
+from moekit.cli.distributed_train import main as distributed_main
 from moekit.models.classifier import MoEClassifier
 from moekit.reporting import atomic_directory
 
@@ -336,6 +336,9 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("comet:missing-idx-dir", f"{_R.format('comet')} --datasets multimnist --idx-dir {{I}}/nope", "'{I}/nope"),
     ("mcsmoe:train-steps-0", f"{_R.format('mcsmoe')} --train-steps 0", "--train-steps must be >= 1, got 0"),
     ("mcsmoe:recovery-steps-negative", f"{_R.format('mcsmoe')} --recovery-steps -1", "--recovery-steps must be >= 1, got -1"),
+    ("mcsmoe:unknown-variant", f"{_R.format('mcsmoe')} --variants msmoe,nope", "unknown variants ['nope']"),
+    ("mcsmoe:bad-anchor", f"{_R.format('mcsmoe')} --anchor last", "anchor must be 'first', 'dominant' or an expert id"),
+    ("mcsmoe:too-many-experts", f"{_R.format('mcsmoe')} --experts 9", "experts must be <= num_experts=8, got 9"),
     ("reproduce:unknown-experiment", "reproduce nope --out {O}", "argument EXPERIMENT: invalid choice: 'nope'"),
     ("moekit:unknown-command", "nope", "argument COMMAND: invalid choice: 'nope'"),
 ]})  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 import moekit
 from moekit.experts import combine_dense, cpu_grouped, dispatch, dispatch_reference
 from moekit.experts import grouped as grouped_module
-from moekit.experts.dispatch import DispatchPlan, _scatter_weighted, plan_dispatch
+from moekit.experts.dispatch import DispatchPlan, scatter_weighted, plan_dispatch
 from moekit.types import RoutingDecision
 
 T, D = 9, 8
@@ -118,7 +118,7 @@ def test_weighted_scatter_gradcheck() -> None:
     w = torch.rand(6, dtype=torch.float64, requires_grad=True)
 
     def scatter(y_N: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
-        return _scatter_weighted(y_N, DispatchPlan(token, w_N, torch.tensor([6])), 5)
+        return scatter_weighted(y_N, DispatchPlan(token, w_N, torch.tensor([6])), 5)
 
     assert torch.autograd.gradcheck(scatter, (y, w))
     out = scatter(y, w)

@@ -155,6 +155,25 @@ def test_failed_rank_gives_clear_error_within_timeout(tmp_path: Path) -> None:
     assert report["dead"]["seconds"] < 10.0  # detected from the closed connection, not the 30 s timeout
 
 
+@pytest.mark.parametrize("point", worker.SETUP_POINTS)
+def test_rank_killed_during_setup_gives_expert_parallel_error(tmp_path: Path, point: str) -> None:
+    """A rank SIGKILLed before joining, before the groups connect, or before DDP's parameter broadcast
+    makes the other rank raise ExpertParallelError naming the set-up step, within the 3 s timeout, not gloo's default 30 min (not
+    gloo's raw "Connection closed by peer" / the store's "Wait timeout")."""
+    outputs = _launch(f"setup-{point}", tmp_path, timeout=90)
+    report_path = tmp_path / "setup.json"
+    assert report_path.is_file(), f"rank 0 wrote no report:\n{outputs[0]}"
+    report = json.loads(report_path.read_text())
+    step = {"init": "init_process_group failed on rank 0 during the process-group set-up",
+            "groups": "new_group of ranks [0, 1] failed on rank 0 during the process-group set-up",
+            "ddp": "DistributedDataParallel set-up (parameter check and broadcast) failed on rank 0 in the group"}
+    assert report["type"] == "ExpertParallelError", report
+    assert step[point] in report["error"] and "a peer rank probably died" in report["error"], report["error"]
+    assert "process-group timeout 3s" in report["error"]
+    # far below gloo's default 30 min timeout, with room for a loaded machine (16 s seen at load 9 on 2 cores)
+    assert report["seconds"] < 3.0 + 60.0
+
+
 def test_single_process_checkpoint_round_trip_and_atomicity(tmp_path: Path) -> None:
     config = worker.TRAIN.model_config(64, 10)
     torch.manual_seed(0)

@@ -54,8 +54,8 @@ def test_read_layer_layout(family):
         assert w.kind == "mlp" and w.activation == "relu"
         assert w.params["up_proj"].shape == (NUM_EXPERTS, 48, D) and w.params["down_proj"].shape == (NUM_EXPERTS, D, 48)
     else:
-        F = 24 if family.startswith("qwen") else 48
-        assert w.kind == "glu" and w.activation == "silu"
+        F = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
+        assert w.kind == "glu" and w.activation == ("gpt_oss_swiglu" if family == "gpt_oss" else "silu")
         assert w.params["gate_up_proj"].shape == (NUM_EXPERTS, 2 * F, D)
         assert w.params["down_proj"].shape == (NUM_EXPERTS, D, F)
     assert w.router_weight.shape == (NUM_EXPERTS, D)
@@ -69,11 +69,13 @@ def test_layout_matches_moekit_bank(family):
     block = next(iter(fam.blocks(model).values()))
     w = fam.read_layer(block, model.config)
     E, F = w.num_experts, w.params["down_proj"].shape[-1]
-    if w.kind == "glu":
+    bank = None
+    if w.kind == "glu" and w.activation != "gpt_oss_swiglu":
         bank = GLUExperts(E, 32, F, activation=w.activation)
-    else:
+    elif w.kind == "mlp":
         bank = MLPExperts(E, 32, F, activation=w.activation, bias="up_bias" in w.params)
-    bank.load_state_dict({k: v.clone() for k, v in w.params.items()}, strict=True)
+    if bank is not None:
+        bank.load_state_dict({k: v.clone() for k, v in w.params.items()}, strict=True)
     x_BSD = torch.randn(3, 5, 32)
     x_TD = x_BSD.reshape(-1, 32)
     with torch.no_grad():
@@ -83,7 +85,14 @@ def test_layout_matches_moekit_bank(family):
         else:
             out = fam.router(block)(x_TD)
             y_hf = block.experts(x_TD, out[2], out[1])
-        y_mk = dispatch(bank, x_TD, fam.decision(out))
+        decision = fam.decision(out)
+        if bank is not None:
+            y_mk = dispatch(bank, x_TD, decision)
+        else:  # no moekit bank for this activation (GPT-OSS): the plain per-expert reference
+            y_mk = torch.zeros_like(x_TD)
+            for t in range(x_TD.shape[0]):
+                for e, g in zip(decision.ids_TK[t].tolist(), decision.weights_TK[t]):
+                    y_mk[t] += g * w.expert_forward(x_TD[t : t + 1], e)[0]
     torch.testing.assert_close(y_mk, y_hf, atol=1e-5, rtol=1e-5)
 
 
@@ -106,19 +115,23 @@ def test_read_write_round_trip_is_exact(family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_permuting_experts_and_router_rows_keeps_the_function(family):
-    """Writing experts in another order together with the router rows in that order (plain-form
-    writer) leaves the model's function unchanged: expert ids and router rows are consistent."""
+    """Writing experts in another order together with the router rows (and per-expert router tensors
+    such as ``e_score_correction_bias``) in that order (plain-form writer) leaves the model's function
+    unchanged: expert ids and router rows are consistent. Group-limited routers permute within groups."""
     model = tiny_model(family)
     fam = family_for(model)
     ids = token_batches(1)[0]
-    perm = torch.randperm(NUM_EXPERTS)
     with torch.no_grad():
         before = logits(model, ids)
         for block in fam.blocks(model).values():
+            groups = fam.routing(block, model.config).groups
+            size = NUM_EXPERTS // groups
+            perm = torch.cat([g * size + torch.randperm(size) for g in range(groups)])
             w = fam.read_layer(block, model.config)
             fam.write_experts(block, {k: v[perm].clone() for k, v in w.params.items()})
             bias = None if w.router_bias is None else w.router_bias[perm]
             fam.write_router(block, w.router_weight[perm].clone(), bias)
+            fam.write_router_extras(block, {k: v[perm].clone() for k, v in w.router_extras.items()})
         torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=1e-5)
 
 

@@ -116,6 +116,26 @@ def test_merge_layer_groups_dominant_experts_and_orders_groups() -> None:
         torch.testing.assert_close(prune.weights.params[name], p[prune.dominant])
 
 
+def test_first_anchor_aligns_each_group_to_its_lowest_member() -> None:
+    from moekit.merging import align_experts
+
+    w = read_moe_layer(_moe(E=6))
+    freq = torch.tensor([5.0, 1.0, 9.0, 0.5, 7.0, 2.0])
+    logits = torch.randn(60, 6)
+    got = merge_layer(w, freq, logits, 3, anchor="first")
+    groups = got.expert_map
+    anchors = torch.tensor([min(j for j in range(6) if groups[j] == groups[e]) for e in range(6)])  # naive
+    want = merge_groups(align_experts(w, anchors).params, groups, 3, freq.double())
+    for name, value in want.items():
+        torch.testing.assert_close(got.weights.params[name], value)
+    dominant = merge_layer(w, freq, logits, 3, anchor="dominant")
+    assert torch.equal(dominant.expert_map, groups)
+    if not torch.equal(anchors, got.dominant[groups]):  # a group led by a higher id: a different alignment
+        assert any(not torch.equal(got.weights.params[n], dominant.weights.params[n]) for n in want)
+    with pytest.raises(ValueError, match="anchor must be 'dominant', 'first' or an expert id"):
+        merge_layer(w, freq, logits, 3, anchor="last")
+
+
 def test_merge_layer_rejects_bad_counts_and_inputs() -> None:
     w = read_moe_layer(_moe(E=6))
     freq, logits = torch.rand(6) + 0.1, torch.randn(10, 6)

@@ -9,9 +9,9 @@ from torch import nn
 import moekit
 from moekit.layers.baselines import ROUTED_METHODS, OutputEnsemble, SingleExpert, build_routed_block
 from moekit.layers.example_routed import ExampleRoutedMoE
-from moekit.layers.merged_linear import merged_linear, merged_linear_reference
+from moekit.experts.merged_linear import merged_linear, merged_linear_reference
 from moekit.layers.pooling import masked_mean
-from moekit.layers.smear import SMEAR, merged_forward, merged_forward_chunked, merged_forward_fused
+from moekit.layers.smear import SMEAR, PlainMergeDispatch, merged_forward, merged_forward_chunked, merged_forward_fused
 from moekit.routers.base import Router
 from moekit.routers.estimators import ReinforceRouter, STGumbelRouter, reinforce_terms
 from moekit.routers.smear import SMEARRouter
@@ -151,11 +151,11 @@ def _saved_for_backward_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-class _ReferenceSMEAR(SMEAR):
+def _reference_smear(experts: moekit.ExpertBank, router: SMEARRouter, **kwargs) -> SMEAR:
     """SMEAR on the plain reference path (every example's merged copy built at once and kept)."""
-
-    def _combine(self, x_N: torch.Tensor, decision: RoutingDecision, sizes_G: torch.Tensor) -> torch.Tensor:
-        return merged_forward(self.experts, x_N, decision.gates_TE(), sizes_G)
+    layer = SMEAR(experts, router, **kwargs)
+    layer.dispatcher = PlainMergeDispatch()
+    return layer
 
 
 def test_fused_and_chunked_merges_keep_less_for_backward() -> None:
@@ -163,12 +163,12 @@ def test_fused_and_chunked_merges_keep_less_for_backward() -> None:
     router = SMEARRouter(32, 4, expert_dropout=0.0)
     x = torch.randn(8, 4, 32, requires_grad=True)
     per_example = moekit.layers.smear.merged_bytes_per_group(experts)
-    plain = _saved_for_backward_bytes(_ReferenceSMEAR(experts, router), x)
+    plain = _saved_for_backward_bytes(_reference_smear(experts, router), x)
     fused = _saved_for_backward_bytes(SMEAR(experts, router, merge_chunk_bytes=2 * per_example), x)
     conv = moekit.ConvExperts(4, 8, 64, 3)  # no fused path: the checkpointed chunks bound it
     xc = torch.randn(8, 8, 3, 3, requires_grad=True)
     per_image = moekit.layers.smear.merged_bytes_per_group(conv)
-    conv_plain = _saved_for_backward_bytes(_ReferenceSMEAR(conv, SMEARRouter(8, 4)), xc)
+    conv_plain = _saved_for_backward_bytes(_reference_smear(conv, SMEARRouter(8, 4)), xc)
     conv_chunked = _saved_for_backward_bytes(SMEAR(conv, SMEARRouter(8, 4), merge_chunk_bytes=2 * per_image), xc)
     assert plain > 8 * per_example  # every example's merged copy is kept
     assert fused < 2 * per_example  # only inputs and routing weights are kept; merges are redone in backward
@@ -222,7 +222,7 @@ def test_fused_path_declines_other_banks_and_unequal_groups() -> None:
     x = torch.randn(2, 6, 8, requires_grad=True)
     for seg in (4, 3):  # 6 = 4 + 2: unequal segments take the checkpointed path; 6 = 3 + 3: the fused one
         layer = SMEAR(BANKS["mlp"](4), segment_len=seg, expert_dropout=0.0, router_init_std=1.0, merge_chunk_bytes=1)
-        ref = _ReferenceSMEAR(layer.experts, layer.router, segment_len=seg)
+        ref = _reference_smear(layer.experts, layer.router, segment_len=seg)
         y, y_ref = layer(x).y, ref(x).y
         torch.testing.assert_close(y, y_ref)
         params = [x, *layer.parameters()]
@@ -403,7 +403,7 @@ def test_bad_input_errors() -> None:
         smear(torch.randn(2, 3, 7))
     with pytest.raises(ValueError, match="sparse router TopKRouter"):
         SMEAR(moekit.AdapterExperts(4, 8, 4), moekit.TopKRouter(8, 4, 1))
-    with pytest.raises(ValueError, match="router has num_experts=3 but experts has 4"):
+    with pytest.raises(ValueError, match="router has num_experts=3 but experts has num_experts=4"):
         ExampleRoutedMoE(moekit.TopKRouter(8, 3, 1), moekit.AdapterExperts(4, 8, 4))
     with pytest.raises(ValueError, match="all-padding"):
         build_routed_block("dense_1x_compute", dim=8, num_experts=4, width=4)(

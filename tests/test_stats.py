@@ -112,3 +112,20 @@ def test_record_routing_errors() -> None:
     with pytest.raises(ValueError, match="labels have 3 entries"):
         moekit.record_routing(Net(), [(torch.randn(4, 4), torch.tensor([0, 0, 1, 2]))],
                               forward=lambda m, b: m(b), labels=lambda b: torch.tensor([0, 1, 2]))
+
+
+def test_living_and_used_experts_have_one_definition_each() -> None:
+    """living = mean gate > 0.01 (the paper), used = at least one kept slot; analysis reports the same."""
+    from moekit.analysis.collect import LayerRecord
+    from moekit.analysis.metrics import analyze_layer
+
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    weights = torch.tensor([[0.995, 0.005], [0.6, 0.4], [0.99, 0.01]])  # expert 1: mean gate 0.005
+    decision = RoutingDecision(ids, weights, 4)
+    stats = LayerStats(4)
+    stats.add(decision, None, False, None)
+    m = routing_metrics(stats)
+    assert m.used_experts == 3 and m.living_experts == 2
+    assert m.as_dict()["used_experts"] == 3 and m.as_dict()["living_experts"] == 2
+    record = LayerRecord("l", stats, decision.gates_TE(), ids, None, None)
+    assert analyze_layer(record).living_experts == m.living_experts

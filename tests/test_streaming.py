@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 from hf_tiny import FAMILY_NAMES, generate, model_class, tiny_model, token_batches  # noqa: E402
 
 import moekit  # noqa: E402
-from moekit.integrations.hf import hf_stack, load_hf_model  # noqa: E402
+from moekit.integrations.hf import family_for, hf_stack, load_hf_model  # noqa: E402
+from moekit.merging.lowrank import LowRankOptions  # noqa: E402
 from moekit.merging.pipeline import CompressionSpec, moekit_stack, run_pipeline  # noqa: E402
 from moekit.merging.streaming import compress_checkpoint  # noqa: E402
 
@@ -30,6 +31,19 @@ CASES = {
     "qwen3_moe": CompressionSpec(experts=3, budget="global", form="exact", propagate="compressed"),
     "olmoe": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original"),
     "switch_transformers": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original"),
+    "minimax": CompressionSpec(experts=3, budget="global", form="exact", lowrank=LowRankOptions(rank=4)),
+    "flex_olmo": CompressionSpec(experts=2, budget="uniform", form="plain", propagate="original"),
+    "deepseek_v2": CompressionSpec(experts=4, budget="global", form="exact"),
+    "deepseek_v3": CompressionSpec(experts=4, budget="uniform", form="plain", lowrank=LowRankOptions(rank=3, keep_residual=0.2)),
+    "glm4_moe": CompressionSpec(experts=3, budget="uniform", form="exact",
+                                lowrank=LowRankOptions(rank=4, recover_steps=3, recover_tokens=32)),
+    "dots1": CompressionSpec(experts=3, budget="uniform", form="plain", propagate="original"),
+    "gpt_oss": CompressionSpec(experts=3, budget="uniform", form="plain"),
+    "granitemoe": CompressionSpec(experts=3, budget="global", form="exact"),
+    "granitemoeshared": CompressionSpec(experts=2, budget="uniform", form="plain", lowrank=LowRankOptions(rank=2)),
+    "phimoe": CompressionSpec(experts=3, budget="global", form="exact"),
+    "ernie4_5_moe": CompressionSpec(experts=3, budget="uniform", form="plain", lowrank=LowRankOptions(rank=4)),
+    "hunyuan_v1_moe": CompressionSpec(experts=3, budget="uniform", form="exact", propagate="original"),
 }
 
 
@@ -55,7 +69,8 @@ def _disk_tensors(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_streamed_result_equals_in_memory_result(family, tmp_path):
     """Same tensors as the pipeline on the model in memory; plain forms load with stock
-    transformers (nothing missing, unexpected or mismatched) and generate."""
+    transformers (nothing missing, unexpected or mismatched) and generate; exact forms and compressed
+    experts are refused by stock transformers (naming moekit's loader) and load and generate with moekit."""
     spec = CASES[family]
     tiny_model(family).save_pretrained(tmp_path / "in")
     report = compress_checkpoint(tmp_path / "in", tmp_path / "out", token_batches(), spec, quiet=True)
@@ -65,16 +80,17 @@ def test_streamed_result_equals_in_memory_result(family, tmp_path):
     assert report["verification"]["max_abs_logit_diff"] <= 1e-5
     assert report["weights_bytes_after"] < 0.8 * report["weights_bytes_before"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the run directory became out/
-    if spec.form == "plain":
+    ids = token_batches(1, batch=2, seq=6, seed=4)[0]
+    if spec.form == "plain" and spec.lowrank is None:
         model, info = model_class(family).from_pretrained(tmp_path / "out", output_loading_info=True)
         assert not any(info.values()), info
-        assert getattr(model.config, "num_local_experts" if family == "mixtral" else "num_experts") == spec.experts
-        ids = token_batches(1, batch=2, seq=6, seed=4)[0]
-        with torch.no_grad():
-            assert generate(model.eval(), ids).shape[0] == 2
-    else:  # stock transformers refuses the exact form, naming moekit's loader
+        assert getattr(model.config, family_for(model).experts_key) == spec.experts
+    else:  # stock transformers refuses the exact form and compressed experts, naming moekit's loader
         with pytest.raises(ValueError, match="moekit.load_hf_model"):
             model_class(family).from_pretrained(tmp_path / "out")
+        model = load_hf_model(tmp_path / "out")
+    with torch.no_grad():
+        assert generate(model.eval(), ids).shape[0] == 2
 
 
 def test_moekit_checkpoint_streamed_equals_merge_moekit_model(tmp_path):

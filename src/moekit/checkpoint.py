@@ -14,9 +14,10 @@
   ``adapters/`` directory (``save_adapters``: adapters, routers and every other trainable tensor);
   ``load_checkpoint`` puts the adapters back with the same trainable tensors.
 
-Loading is strict and allocates nothing before the checks: the model is first built on the meta
-device (or the instance you pass is used) and its tensor names and shapes are compared with the
-safetensors header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
+Loading is strict and allocates nothing before the checks: every size in the config must fit the
+largest tensor extent in the safetensors header (``check_config_sizes``), then the model is built on
+the meta device (or the instance you pass is used) and its tensor names and shapes are compared with
+the header, so a corrupt or hostile ``config.json`` cannot make it allocate absurd sizes;
 integer tensors are never cast into float parameters (nor the reverse), NaN/inf weights are refused,
 and a checkpoint of a newer format ``version`` is refused.
 
@@ -38,6 +39,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._checks import check_finite_tensors, check_tensor_dtypes, check_tensor_names
+from .checkpoint_format import (
+    ADAPTERS_DIR,
+    CONFIG_NAME,
+    DISTRIBUTED_FORMAT,
+    FORMAT,
+    VERSION,
+    WEIGHTS_NAME,
+    check_config_sizes,
+    check_format_version,
+    read_config_json,
+)
 from .registry import MODELS
 from .reporting import atomic_directory
 
@@ -46,15 +58,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "save_checkpoint", "write_checkpoint", "load_checkpoint", "read_checkpoint_config", "read_config_json",
-    "checkpoint_format", "check_format_version", "model_sources", "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
+    "checkpoint_format", "check_format_version", "check_config_sizes", "header_shapes", "model_sources",
+    "WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR",
 ]  # fmt: skip
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-ADAPTERS_DIR = "adapters"
-FORMAT = "moekit"
-DISTRIBUTED_FORMAT = "moekit-expert-parallel"
-VERSION = 1
 #: the attribute ``load_checkpoint`` sets on the model it returns: the directory it was read from
 SOURCE_ATTR = "_moekit_source"
 
@@ -65,18 +72,6 @@ def model_sources(model: nn.Module) -> list[Path]:
     write over them."""
     names = [getattr(model, SOURCE_ATTR, None), getattr(model, "name_or_path", None)]
     return [Path(n) for n in names if isinstance(n, (str, os.PathLike)) and str(n) and Path(n).is_dir()]
-
-
-def check_format_version(meta: Mapping[str, Any], newest: int, path: str | os.PathLike[str]) -> None:
-    """Refuse a config whose format ``version`` (1 when absent) is not an integer in ``[1, newest]``
-    (a checkpoint written by a newer moekit may mean something this one would silently misread)."""
-    version = meta.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{str(path)!r} has an invalid format version {version!r} (expected an integer >= 1)")
-    if version > newest:
-        raise ValueError(
-            f"{str(path)!r} has format version {version}, newer than this moekit reads (<= {newest}); upgrade moekit"
-        )
 
 
 def _class_path(model: nn.Module) -> str:
@@ -185,20 +180,6 @@ def _write(model: nn.Module, directory: Path, spec: tuple[str | None, dict | Non
         save_adapters(model, directory / ADAPTERS_DIR)
 
 
-def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
-    """The parsed ``config.json`` of the directory ``directory`` (a ``what``), with errors that name the path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{what} directory {str(directory)!r} does not exist")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(directory)!r} has no {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} config {str(path)!r}: {err}") from None
-
-
 def checkpoint_format(directory: str | os.PathLike[str]) -> str:
     """``"moekit"``, ``"moekit-expert-parallel"`` or ``"huggingface"``: what ``config.json`` in ``directory``
     describes (ValueError for anything else)."""
@@ -234,6 +215,8 @@ def _unregistered_error(directory: Path, meta: Mapping[str, Any]) -> ValueError:
     )
 
 
+#: builder arguments (at any depth of a checkpoint config) that are tensor extents: each must be at most the
+#: largest extent of any tensor in the weights file. ``depth``-like counts are bounded by the tensor count.
 def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
     name = meta.get("model")
     if name is None:
@@ -248,11 +231,11 @@ def _build(directory: Path, meta: Mapping[str, Any]) -> nn.Module:
         return MODELS.create(name, **meta["config"])
     except TypeError as err:
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r} does not fit {name!r}: {err}") from None
-    except ValueError as err:
+    except (ValueError, RuntimeError, OverflowError) as err:  # RuntimeError: e.g. torch's storage size overflow
         raise ValueError(f"checkpoint config {str(directory / CONFIG_NAME)!r}: {err}") from None
 
 
-def _header_shapes(weights: Path) -> dict[str, list[int]]:
+def header_shapes(weights: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from a safetensors header (nothing else is read)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -298,14 +281,15 @@ def load_checkpoint(
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {WEIGHTS_NAME}")
+    shapes = header_shapes(weights)
     if model is not None:
         expected = model.state_dict()
     else:
+        check_config_sizes(meta.get("config"), shapes, where=str(directory / CONFIG_NAME))
         with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
             expected = _build(directory, meta).state_dict()
     against = "the model you passed" if model is not None else f"its config ({meta.get('model')!r})"
-    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, _header_shapes(weights), where=str(weights),
-                       against=against)  # fmt: skip
+    check_tensor_names({k: list(v.shape) for k, v in expected.items()}, shapes, where=str(weights), against=against)
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:

@@ -100,6 +100,10 @@ MERGE_METHODS: Registry[Callable[..., Any]] = Registry("merge method", ["moekit.
 EXPERT_METHODS: Registry[Callable[..., Any]] = Registry("compression method", ["moekit.merging.methods"])
 #: per-block statistics the layer-wise observer can collect for a method
 STATISTICS: Registry[Callable[..., Any]] = Registry("statistic", ["moekit.merging.statistics"])
+#: how an MoE layer runs its bank on a routing decision (``MoE(combine=name)``), one class each
+DISPATCHERS: Registry[Callable[..., Any]] = Registry(
+    "dispatcher", ["moekit.layers.dispatchers", "moekit.layers.smear", "moekit.distributed.layer"]
+)
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
 MODELS: Registry[Callable[..., Any]] = Registry(
     "model",

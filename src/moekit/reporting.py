@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
 import socket
 import sys
@@ -22,6 +24,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_directory",
     "staging_dir",
+    "as_staging",
     "publish_dir",
     "check_output_dir",
     "check_no_overlap",
@@ -65,6 +68,8 @@ MARKER_NAME = ".moekit-output.json"
 MARKER_FORMAT = "moekit-output"
 #: a staging directory without a marker (killed between its creation and the marker) older than this is debris
 _UNMARKED_STAGE_AGE_S = 60.0
+#: staging, set-aside and probe directories are named ``.<name>.<pid>-<random>.tmp|.old``: the pid of their writer
+_STAGE_NAME = re.compile(r"\.(\d+)-[A-Za-z0-9_]+\.(?:tmp|old)$")
 
 
 def _overwrite_hint(name: str) -> str:
@@ -104,8 +109,8 @@ def check_writable_parent(out: str | os.PathLike[str], *, name: str = "directory
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise NotADirectoryError(f"{name} {str(out)!r} cannot be created: {str(ancestor)!r} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".moekit-probe-"))
+    try:  # named like a staging directory, so that a run killed before the rmdir leaves debris the next run removes
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=f".moekit-probe.{os.getpid()}-", suffix=".tmp"))
     except OSError as err:
         raise PermissionError(
             f"{name} {str(out)!r} cannot be written: {str(ancestor)!r} is not writable ({err.strerror or err})"
@@ -169,6 +174,7 @@ def check_output_dir(
     """
     out = Path(out)
     check_no_overlap(out, inputs, name=name)
+    remove_stale_staging(out.absolute().parent)  # first: a killed replacement of ``out`` is put back
     if out.is_symlink():
         raise FileExistsError(f"{name} {str(out)!r} is a symbolic link; give the directory it points to, or another {name}")
     if out.exists():
@@ -195,17 +201,24 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22 of proc(5))
 
 
-def _owner_alive(marker: Mapping[str, Any]) -> bool:
-    """Whether the process that wrote a staging marker may still be running (unknown counts as alive)."""
-    pid = marker.get("pid")
-    if marker.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return True
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie counts as gone; unknown as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
+    return not Path("/proc/self/stat").exists() or _process_start(pid) is not None
+
+
+def _owner_alive(marker: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a staging marker may still be running (unknown counts as alive)."""
+    pid = marker.get("pid")
+    if marker.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    if not _pid_alive(pid):
+        return False
     if Path("/proc/self/stat").exists():
         start = _process_start(pid)
         return start is not None and start == marker.get("start", start)
@@ -229,9 +242,14 @@ def _remove_owned(directory: Path) -> None:
 
 
 def remove_stale_staging(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove the staging (``.*.tmp``) and set-aside (``.*.old``) directories in ``parent`` that an
-    interrupted moekit run left behind: those whose marker names them and whose writing process (on
-    this host) is gone, and unmarked empty ones older than a minute. Returns what was removed."""
+    """Clean up after interrupted moekit runs in ``parent``; returns the directories removed.
+
+    Candidates are the staging (``.*.tmp``), set-aside (``.*.old``) and probe directories that moekit
+    names ``.<name>.<pid>-<random>.<tmp|old>``. One is removed when its marker names it and its writing
+    process (on this host) is gone, or when it is unmarked, holds nothing but an unfinished marker write
+    and its writer (the pid in its name) is gone or it is older than a minute. A set-aside ``.old`` directory whose output was never
+    replaced (the run died between its two renames, see ``publish_dir``) is first put back in place.
+    """
     removed = []
     try:
         entries = list(Path(parent).iterdir())
@@ -244,11 +262,16 @@ def remove_stale_staging(parent: str | os.PathLike[str]) -> list[Path]:
             continue
         marker = read_marker(entry)
         if marker is not None and marker.get("stage") == entry.name and not _owner_alive(marker):
+            _restore_set_aside(entry, marker)
             _remove_owned(entry)
             removed.append(entry)
-        elif marker is None and not any(entry.iterdir()):
+        elif marker is None and _only_marker_temps(entry):
+            named = _STAGE_NAME.search(entry.name)
             try:
-                if time.time() - entry.stat().st_mtime > _UNMARKED_STAGE_AGE_S:
+                if (named is not None and not _pid_alive(int(named.group(1)))) or \
+                        time.time() - entry.stat().st_mtime > _UNMARKED_STAGE_AGE_S:
+                    for temp in entry.iterdir():
+                        temp.unlink()
                     entry.rmdir()
                     removed.append(entry)
             except OSError:
@@ -256,10 +279,30 @@ def remove_stale_staging(parent: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _new_marker(directory: Path, writer: str | None) -> dict[str, Any]:
+def _only_marker_temps(directory: Path) -> bool:
+    """Whether ``directory`` holds nothing but unfinished marker writes (``atomic_write_text``'s
+    ``.<marker>.*.tmp``): a staging directory whose writer died before its marker was in place."""
+    try:
+        return all(p.name.startswith(f".{MARKER_NAME}.") and p.name.endswith(".tmp") and p.is_file()
+                   and not p.is_symlink() for p in directory.iterdir())  # fmt: skip
+    except OSError:
+        return False
+
+
+def _restore_set_aside(entry: Path, marker: Mapping[str, Any]) -> None:
+    """Put the output that ``publish_dir`` set aside in ``entry`` back, if nothing replaced it."""
+    target, previous = marker.get("target"), entry / "previous"
+    if not isinstance(target, str) or "/" in target or target in ("", ".", "..") or not previous.is_dir():
+        return
+    if not os.path.lexists(entry.parent / target):
+        os.replace(previous, entry.parent / target)
+
+
+def _new_marker(directory: Path, writer: str | None, target: str | None = None) -> dict[str, Any]:
     from . import __version__
 
     return {
+        **({} if target is None else {"target": target}),
         "format": MARKER_FORMAT,
         "moekit": __version__,
         "writer": writer,
@@ -272,11 +315,13 @@ def _new_marker(directory: Path, writer: str | None) -> dict[str, Any]:
     }
 
 
-def _private_dir(parent: Path, name: str, suffix: str, writer: str | None) -> Path:
-    """A new marked directory ``.<name>.<random><suffix>`` in ``parent`` with ordinary permissions."""
-    directory = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=suffix))
+def _private_dir(parent: Path, name: str, suffix: str, writer: str | None, target: str | None = None) -> Path:
+    """A new marked directory ``.<name>.<pid>-<random><suffix>`` in ``parent`` with ordinary permissions
+    (``target``: the output it sets aside, recorded in the marker)."""
+    directory = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}-", suffix=suffix))
     directory.chmod(0o777 & ~_umask())  # mkdtemp makes the directory private; the result is an ordinary directory
-    atomic_write_text(directory / MARKER_NAME, json.dumps(_new_marker(directory, writer), indent=2) + "\n")
+    marker = _new_marker(directory, writer, target)
+    atomic_write_text(directory / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
     return directory
 
 
@@ -291,6 +336,18 @@ def staging_dir(target: str | os.PathLike[str], *, writer: str | None = None) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target.parent)
     return _private_dir(target.parent, target.name, ".tmp", writer)
+
+
+def as_staging(directory: str | os.PathLike[str], target: str | os.PathLike[str], *, writer: str | None = None) -> Path:
+    """Turn the finished directory ``directory`` (beside ``target``, e.g. a resumable run directory)
+    into a staging directory of ``target``, ready for ``publish_dir``: it gets the marker, then the
+    name, of one made by ``staging_dir`` -- so that from the rename on, a run killed before publishing
+    leaves debris the next run removes, and before it, ``directory`` as it was."""
+    directory, target = Path(directory), Path(target)
+    stage = target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    atomic_write_text(directory / MARKER_NAME, json.dumps(_new_marker(stage, writer), indent=2) + "\n")
+    os.replace(directory, stage)
+    return stage
 
 
 def _ordinary_permissions(directory: Path) -> None:
@@ -317,7 +374,8 @@ def publish_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str], 
     once. An existing non-empty ``target`` is replaced only when ``overwrite`` and ``check_replaceable``
     allows it (moekit wrote it, nothing foreign inside): it is renamed into a marked ``.<name>.*.old``
     directory first and removed last, so a kill at any point leaves either the old or the new output
-    at ``target`` (or, for an instant between the two renames, none) and debris the next run removes.
+    at ``target`` (or, for an instant between the two renames, none: the next run puts the old one back)
+    and debris the next run removes (``remove_stale_staging``).
     """
     staged, target = Path(staged), Path(target)
     _ordinary_permissions(staged)
@@ -334,7 +392,7 @@ def publish_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str], 
     if not target.is_dir():
         raise FileExistsError(f"output {str(target)!r} exists and is not a directory")
     check_replaceable(target, name="output directory")
-    old = _private_dir(target.parent, target.name, ".old", "publish_dir")
+    old = _private_dir(target.parent, target.name, ".old", "publish_dir", target=target.name)
     os.replace(target, old / "previous")
     os.replace(staged, target)
     _remove_owned(old)

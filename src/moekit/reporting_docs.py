@@ -59,6 +59,7 @@ RENDERERS: dict[str, str] = {
     "smear": "moekit.experiments.smear_report",
     "comet": "moekit.experiments.comet_report",
     "constraints": "moekit.experiments.constraints_report",
+    "mcsmoe": "moekit.experiments.mcsmoe_report",
 }
 
 _OPEN = re.compile(r"<!-- moekit:generated(?P<attrs>(?:\s+[\w.-]+=\S+?)*)\s*-->\n")

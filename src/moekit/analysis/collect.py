@@ -2,8 +2,9 @@
 
 moekit routers are found by type; a model without any (a Hugging Face MoE checkpoint) is read
 through ``moekit.integrations.hf.routing_sources`` (imported only then). Aggregates come from
-``moekit.stats.RoutingRecorder``; on top, the first ``max_tokens`` tokens' gates, logits, labels and
-metadata are kept per layer, so that analyses can condition on anything (mutual information, t-SNE).
+``moekit.stats.RoutingRecorder`` (the one recorder), which also keeps the first ``max_tokens`` tokens'
+gates, logits, labels and metadata per layer (``keep_rows``), so that analyses can condition on anything
+(mutual information, t-SNE). The statistics' definitions are those of ``moekit.stats``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..routers.base import Router
-from ..stats import LayerStats, RoutingRecorder
-from ..types import RoutingDecision
+from ..stats import DecisionFn, LayerStats, record_routing, router_sources, token_values
 
 __all__ = ["LayerRecord", "RoutingRecord", "routing_sources_for", "collect_routing", "token_values"]
 
-DecisionFn = Callable[[Any], RoutingDecision]
 Sources = dict[str, tuple[nn.Module, DecisionFn]]
 
 
@@ -59,7 +57,7 @@ class RoutingRecord:
 def routing_sources_for(model: nn.Module) -> Sources:
     """``{name: (module, output -> RoutingDecision)}``: every moekit Router, or for a model with none,
     the Hugging Face integration's sources (raises ValueError when the model has neither)."""
-    found: Sources = {name: (m, _identity) for name, m in model.named_modules() if isinstance(m, Router)}
+    found: Sources = router_sources(model)
     if found:
         return found
     if getattr(getattr(model, "config", None), "model_type", None) is None:
@@ -71,60 +69,6 @@ def routing_sources_for(model: nn.Module) -> Sources:
     return dict(routing_sources(model))
 
 
-def _identity(decision: RoutingDecision) -> RoutingDecision:
-    return decision
-
-
-def token_values(values: Tensor, num_tokens: int, what: str) -> Tensor:
-    """Per-example values ``[B]`` broadcast to ``num_tokens`` (T = B * S) tokens, flattened to ``[T]``."""
-    values = torch.as_tensor(values).reshape(-1)
-    if values.numel() == 0 or num_tokens % values.numel():
-        raise ValueError(
-            f"{what} has {values.numel()} entries but the layer routed {num_tokens} tokens; "
-            "give one per example or per token"
-        )
-    return values.repeat_interleave(num_tokens // values.numel())
-
-
-class _Keeper:
-    """Keeps the first ``max_tokens`` tokens' routing of every layer."""
-
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        self.rows: dict[str, dict[str, list[Tensor]]] = {}
-        self.labels: Tensor | None = None
-        self.meta: dict[str, Tensor] = {}
-
-    def wrap(self, name: str, fn: DecisionFn) -> DecisionFn:
-        def capture(output: Any) -> RoutingDecision:
-            decision = fn(output)
-            self.add(name, decision)
-            return decision
-
-        return capture
-
-    @torch.no_grad()
-    def add(self, name: str, d: RoutingDecision) -> None:
-        rows = self.rows.setdefault(name, {})
-        have = sum(t.shape[0] for t in rows.get("gates", []))
-        take = min(self.max_tokens - have, d.num_tokens)
-        if take <= 0:
-            return
-        values = {"gates": d.gates_TE().detach().float().cpu(), "ids": d.ids_TK.detach().cpu()}
-        if d.logits_TE is not None:
-            values["logits"] = d.logits_TE.detach().float().cpu()
-        if d.probs_TE is not None:
-            p = d.probs_TE.detach().double().cpu()
-            values["entropy"] = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-        if self.labels is not None:
-            values["labels"] = token_values(self.labels, d.num_tokens, "labels")
-        for key, v in self.meta.items():
-            values[f"meta:{key}"] = token_values(v, d.num_tokens, f"metadata {key!r}")
-        for key, v in values.items():
-            rows.setdefault(key, []).append(v[:take])
-
-
-@torch.no_grad()
 def collect_routing(
     model: nn.Module,
     batches: Iterable[Any],
@@ -145,27 +89,14 @@ def collect_routing(
         sources: routed layers to read (default: ``routing_sources_for(model)``).
     """
     check_int("max_tokens", max_tokens, low=1)
-    keeper = _Keeper(max_tokens)
-    wrapped = {n: (m, keeper.wrap(n, fn)) for n, (m, fn) in (sources or routing_sources_for(model)).items()}
-    run = forward or (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
-    was_training = model.training
-    model.eval()
-    try:
-        with RoutingRecorder(model, sources=wrapped, layers=list(wrapped)) as rec:
-            for batch in batches:
-                keeper.labels = labels(batch) if labels else None
-                keeper.meta = {k: torch.as_tensor(v) for k, v in (metadata(batch) if metadata else {}).items()}
-                rec.set_labels(keeper.labels)
-                run(model, batch)
-    finally:
-        model.train(was_training)
-    if not rec.stats:
-        raise ValueError("no routed layer ran on the given batches")
+    chosen = dict(sources or routing_sources_for(model))
+    rec = record_routing(model, batches, forward=forward, labels=labels, metadata=metadata, sources=chosen,
+                         layers=list(chosen), keep_rows=max_tokens)  # fmt: skip
     layers = {}
-    for name in wrapped:
+    for name in chosen:
         if name not in rec.stats:
             continue
-        rows = {k: torch.cat(v) for k, v in keeper.rows[name].items()}
+        rows = {k: torch.cat(v) for k, v in rec.rows[name].items()}
         meta = {k.split(":", 1)[1]: v for k, v in rows.items() if k.startswith("meta:")}
         layers[name] = LayerRecord(
             name, rec.stats[name], rows["gates"], rows["ids"], rows.get("logits"), rows.get("labels"), meta,

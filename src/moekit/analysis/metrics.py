@@ -2,7 +2,8 @@
 https://arxiv.org/abs/2204.10598, Sec. IV: importance, CV, living experts, co-activation, class x
 expert gate table; plus entropy and mutual information between expert choice and labels/metadata).
 
-All functions are pure; ``analyze_layer`` applies them to a ``LayerRecord``.
+All functions are pure; ``analyze_layer`` applies them to a ``LayerRecord``. The shared statistics
+(coefficient of variation, living experts, entropy) are defined once, in ``moekit.stats``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..stats import LIVING_THRESHOLD, coefficient_of_variation, living_experts, used_experts
 from .collect import LayerRecord
 
 __all__ = [
     "LayerAnalysis",
     "coefficient_of_variation",
     "living_experts",
+    "used_experts",
+    "LIVING_THRESHOLD",
     "mutual_information",
     "label_entropy",
     "class_expert_table",
@@ -30,22 +34,6 @@ __all__ = [
     "expert_top_values",
     "load_shares",
 ]
-
-#: an expert is "living" when its mean gate weight exceeds this (the paper's threshold)
-LIVING_THRESHOLD = 0.01
-
-
-def coefficient_of_variation(x_E: Tensor) -> float:
-    """Population std / mean over experts (0 = perfectly balanced; NaN when the mean is 0)."""
-    x = x_E.double()
-    mean = float(x.mean())
-    return float(x.std(correction=0)) / mean if mean > 0 else math.nan
-
-
-def living_experts(mean_gate_E: Tensor, threshold: float = LIVING_THRESHOLD) -> int:
-    """Experts whose mean gate weight over tokens exceeds ``threshold``."""
-    return int((mean_gate_E > threshold).sum())
-
 
 def mutual_information(joint_AB: Tensor) -> float:
     """Mutual information (nats) of two discrete variables from their joint counts ``[A, B]``."""
@@ -189,8 +177,7 @@ def _mi(choice_T: Tensor, values_T: Tensor, num_experts: int) -> dict[str, float
 def analyze_layer(record: LayerRecord, *, num_labels: int | None = None) -> LayerAnalysis:
     """Every metric of one layer; per-label/metadata metrics use the record's kept per-token rows."""
     stats = record.stats
-    tokens = max(stats.tokens, 1)
-    mean_gate = (stats.importance_E / tokens).float()
+    mean_gate = stats.mean_gate_E().float()
     choice = top1_choice(record.gates_TE)
     mutual = {}
     class_table = None

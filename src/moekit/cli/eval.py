@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ._options import add_out, checked_out
+from ._help import command_summary
 
-SUMMARY = "evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 
 def register(subparsers: Any) -> None:

@@ -20,26 +20,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from typing import TYPE_CHECKING
+from torch import nn
+from tqdm.auto import tqdm
 
+from ..merging.grouping import GROUPINGS
+from ..merging import BUDGETS, FORMS
+from ..registry import MERGE_METHODS
+from ..reporting import atomic_directory
 from . import _calib
-from ._options import add_out, at_least, checked_out, default_out
+from ._options import add_out, out_for_input, at_least, checked_out
 
-if TYPE_CHECKING:  # torch and the merging code load when a merge runs, not for --help
-    from torch import nn
-
-    Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
-
-SUMMARY = "merge a trained MoE's experts (M-SMoE) into a smaller checkpoint"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 
 
 def register(subparsers: Any) -> None:
-    from ..merging import BUDGETS, FORMS
-    from ..merging.grouping import GROUPINGS
-    from ..registry import MERGE_METHODS
-
-    p = subparsers.add_parser("merge", help=SUMMARY)
+    p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
     p.add_argument("--experts", type=at_least(1), required=True,
                    help="experts kept per MoE layer (average if budget global)")
@@ -56,13 +52,7 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="MoE layer names left unmerged (default: none)")
     p.add_argument("--grouping", choices=GROUPINGS, default=None, help="override the method's grouping (default: the method's own)")
-    p.add_argument(
-        "--calib", nargs="+", default=[_calib.STDLIB], metavar="TEXT",
-        help="calibration text file(s), or 'stdlib' for the Python standard library sources (default)",
-    )  # fmt: skip
-    p.add_argument("--calib-samples", type=at_least(1), default=64, help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seq-len", type=at_least(1), default=128, help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=at_least(1), default=8, help="calibration batch size (default: %(default)s)")
+    _calib.add_calib_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of random grouping (default: %(default)s)")
     add_out(p, what="the merged checkpoint and merge_report.json", default_help="moekit-runs/merge/<input name>")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -120,13 +110,10 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
         raise ValueError(f"{str(src)!r} holds a {kind!r} model; text calibration needs a moekit language model")
     model = load_checkpoint(src)
     _check_experts(args.experts, {n: m.experts.num_experts for n, m in moe_layers(model).items()}, src, args.exclude)
-    seq_len = min(args.seq_len, cfg["max_seq_len"])
-    data = _calib.read_calibration_bytes(args.calib)
-    windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=cfg["vocab_size"])
+    batches, calibration = _calib.calibration_batches(args, vocab_size=cfg["vocab_size"], context=cfg["max_seq_len"],
+                                                      byte_level=True)  # fmt: skip
     bar = not args.quiet and sys.stderr.isatty()
-    from tqdm.auto import tqdm
-
-    batches = tqdm(_calib.to_batches(windows, args.batch_size), desc="calibrate", disable=not bar, leave=False)
+    batches = tqdm(batches, desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
     merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
@@ -134,7 +121,7 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
         for n, m in moe_layers(merged).items()
     }
     info = {"kind": "moekit", "model": meta.get("model"), "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": "bytes"}}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
     return merged, lambda path: write_checkpoint(merged, path), info
 
 
@@ -149,23 +136,18 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
     model = load_hf_model(src)
     blocks = family.blocks(model)
     _check_experts(args.experts, {n: family.num_experts(b) for n, b in blocks.items()}, src, args.exclude)
-    data = _calib.read_calibration_bytes(args.calib)
-    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
-    if tokenizer is not None:
-        windows = _calib.token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
-    else:
-        vocab = model.config.vocab_size
-        windows = _calib.byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab)
+    batches, calibration = _calib.calibration_batches(
+        args, vocab_size=model.config.vocab_size, context=getattr(model.config, "max_position_embeddings", None),
+        tokenizer=tokenizer, decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
+    )  # fmt: skip
     before = _params(model)
-    batches = _calib.to_batches(windows, args.batch_size)
     merged = merge_hf_model(model, batches, inplace=True, quiet=args.quiet, **_merge_kwargs(args))
     layers = {
         n: {"experts": family.num_experts(b), "router_outputs": family.router(b).num_experts}
         for n, b in family.blocks(merged).items()
     }
-    tokens = "model" if tokenizer is not None else "bytes % vocab_size"
     info = {"kind": "huggingface", "model": meta["model_type"], "params_before": before, "layers": layers,
-            "calibration": {"tokens": windows.numel(), "tokenizer": tokens}}  # fmt: skip
+            "calibration": {"tokens": calibration["tokens"], "tokenizer": calibration["tokenizer"]}}  # fmt: skip
 
     def save(path: Path) -> None:
         with quiet_transformers():
@@ -177,15 +159,9 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..registry import MERGE_METHODS
-    from ..reporting import atomic_directory
-
-    src = Path(args.input)
-    if args.out is None:
-        args.out = default_out("merge", src.resolve().name)
-    out = Path(args.out)
+    src, out = Path(args.input), Path(out_for_input(args, "merge"))
     MERGE_METHODS.entry(args.method)
-    inputs = [src, *(c for c in args.calib if c != _calib.STDLIB)]
+    inputs = [src, *_calib.calib_inputs(args.calib)]
     checked_out(args, inputs=inputs)
     meta = _read_config(src)
     start = time.perf_counter()

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._checks import check_tensor_dtypes
-from ..checkpoint import CONFIG_NAME, check_format_version, read_config_json
+from .._checks import check_finite_tensors, check_tensor_dtypes
+from ..checkpoint_format import CONFIG_NAME, check_config_sizes, check_format_version, read_config_json
 from ..layers.moe import MoE
 from ..registry import MODELS
 from ..reporting import check_output_dir, publish_dir, staging_dir
@@ -228,11 +228,41 @@ def load_distributed_state(model: nn.Module, directory: str | os.PathLike[str]) 
     except (SafetensorError, OSError) as err:
         raise ValueError(f"corrupt or incomplete checkpoint {str(directory)!r}: {err}") from None
     check_tensor_dtypes(state, target.state_dict(), where=str(directory))
+    check_finite_tensors(state.items(), where=str(directory))
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {str(directory)!r} does not match the model: {err}") from None
     return model
+
+
+def _check_model_size(directory: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse a config that would build a model far larger than the weights files hold, before the
+    model is built for real: its sizes against the files' tensor extents, then the bytes of a meta-device
+    build against the bytes on disk (a dtype may differ: up to 4x is allowed; the strict load checks)."""
+    files = [meta["dense"], *sorted({s["file"] for e in meta["experts"].values() for s in e["shards"]})]
+    shapes: dict[str, list[int]] = {}
+    try:
+        for name in files:
+            with safe_open(str(directory / name), framework="pt") as f:
+                shapes.update({f"{name}:{k}": list(f.get_slice(k).get_shape()) for k in f.keys()})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"corrupt or incomplete checkpoint {str(directory)!r}: {err}") from None
+    check_config_sizes(meta["config"], shapes, where=str(directory / CONFIG_NAME))
+    try:
+        with torch.device("meta"):
+            skeleton = MODELS.create(meta["model"], **meta["config"])
+    except TypeError as err:
+        raise ValueError(f"checkpoint config of {str(directory)!r} does not fit {meta['model']!r}: {err}") from None
+    except (RuntimeError, OverflowError) as err:
+        raise ValueError(f"checkpoint config of {str(directory)!r} cannot be built: {err}") from None
+    need = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    have = sum((directory / name).stat().st_size for name in files)
+    if need > 4 * have + (1 << 20):
+        raise ValueError(
+            f"checkpoint config {str(directory / CONFIG_NAME)!r} describes {need:,} bytes of tensors but its weights "
+            f"files hold {have:,}: the config does not describe these weights (corrupt or edited config.json)"
+        )
 
 
 def load_distributed_model(directory: str | os.PathLike[str], groups: ExpertParallelGroups | None = None) -> nn.Module:
@@ -242,6 +272,7 @@ def load_distributed_model(directory: str | os.PathLike[str], groups: ExpertPara
     if meta.get("model") is None or not isinstance(meta.get("config"), dict):
         raise ValueError(f"checkpoint {str(directory)!r} was saved without name=/config=; "
                          "build the model yourself and use load_distributed_state(model, directory)")
+    _check_model_size(Path(directory), meta)
     try:
         model = MODELS.create(meta["model"], **meta["config"])
     except TypeError as err:

@@ -13,6 +13,7 @@ profilers and the benchmark can split time between communication and compute.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable, TypeVar
 
 import torch
@@ -31,19 +32,31 @@ class ExpertParallelError(RuntimeError):
     ran a different program)."""
 
 
-def guarded(what: str, group: ProcessGroup, fn: Callable[[], T], timeout_s: float | None = None) -> T:
+def _where(group: ProcessGroup | None, rank: int | None) -> str:
+    """``"rank R in the group of ranks [...]"``, or (no group yet) the rank given or set by the launcher."""
+    if group is not None and dist.is_initialized():
+        return f"rank {dist.get_rank()} in the group of ranks {dist.get_process_group_ranks(group)}"
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+    return f"rank {rank} during the process-group set-up"
+
+
+def guarded(what: str, group: ProcessGroup | None, fn: Callable[[], T], timeout_s: float | None = None, *,
+            rank: int | None = None) -> T:
     """Run the collective ``fn``; re-raise a backend error as ``ExpertParallelError`` saying which
-    operation failed on which rank and within which group."""
+    operation failed on which rank and within which group (``group=None``: a set-up step such as
+    ``init_process_group``, ``new_group`` or the DDP construction, where a peer killed before or while
+    connecting shows up as gloo's "Connection reset/closed by peer" or a store "Wait timeout"; ``rank``
+    names this process before the default group exists)."""
     try:
         return fn()
-    except RuntimeError as err:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+    except RuntimeError as err:  # DistBackendError, DistStoreError and gloo/NCCL timeouts are RuntimeErrors
         if isinstance(err, ExpertParallelError):
             raise
         limit = "" if timeout_s is None else f" (process-group timeout {timeout_s:g}s)"
         raise ExpertParallelError(
-            f"{what} failed on rank {dist.get_rank()} in the group of ranks {dist.get_process_group_ranks(group)}"
-            f"{limit}: a peer rank probably died, is stuck, or runs a different number of layers/steps. "
-            f"Backend error: {str(err).strip()[:500]}"
+            f"{what} failed on {_where(group, rank)}{limit}: a peer rank probably died, is stuck, or runs a different "
+            f"number of layers/steps. Backend error: {str(err).strip()[:500]}"
         ) from err
 
 

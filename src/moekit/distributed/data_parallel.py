@@ -42,12 +42,15 @@ def wrap_ddp(model: nn.Module, groups: ExpertParallelGroups, **ddp_kwargs) -> Di
     """DistributedDataParallel over the dense group for everything except the expert shards.
 
     Call ``sync_expert_grads(model, groups)`` after each backward (before the optimiser step).
-    ``ddp_kwargs`` go to ``DistributedDataParallel`` (e.g. ``device_ids`` on GPU).
+    ``ddp_kwargs`` go to ``DistributedDataParallel`` (e.g. ``device_ids`` on GPU). The construction is
+    collective (it checks and broadcasts the dense parameters): a dead peer raises ``ExpertParallelError``.
     """
     if not _expert_layers(model):
         raise ValueError(f"{type(model).__name__} has no ExpertParallelMoE layer; use expert_parallel(model, groups) first")
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    return DistributedDataParallel(model, process_group=groups.world_group, **ddp_kwargs)
+    return guarded("DistributedDataParallel set-up (parameter check and broadcast)", groups.world_group,
+                   lambda: DistributedDataParallel(model, process_group=groups.world_group, **ddp_kwargs),
+                   groups.timeout_s)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .._checks import check_choice, check_int, check_positive
+from .comm import guarded
 
 __all__ = ["ExpertParallelGroups", "init_distributed", "make_groups", "default_backend"]
 
@@ -49,7 +50,8 @@ def init_distributed(
 
     Under ``torchrun`` the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) is enough; pass
     ``init_method`` (e.g. ``"file:///tmp/store"``) with ``rank`` and ``world_size`` otherwise.
-    With NCCL the process binds to GPU ``LOCAL_RANK``.
+    With NCCL the process binds to GPU ``LOCAL_RANK``. A peer that dies or never comes before every
+    rank has joined raises ``ExpertParallelError`` (after at most ``timeout_s``).
     """
     if dist.is_initialized():
         return
@@ -58,7 +60,9 @@ def init_distributed(
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
-    dist.init_process_group(backend, init_method=init_method, timeout=timeout, **kwargs)
+    guarded("init_process_group", None,
+            lambda: dist.init_process_group(backend, init_method=init_method, timeout=timeout, **kwargs), timeout_s,
+            rank=rank)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +96,11 @@ class ExpertParallelGroups:
         )
 
 
+def _new_group(ranks: list[int], timeout: datetime.timedelta, timeout_s: float) -> ProcessGroup:
+    """``dist.new_group`` (collective: it connects the ranks), a dead peer raising ``ExpertParallelError``."""
+    return guarded(f"new_group of ranks {ranks}", None, lambda: dist.new_group(ranks, timeout=timeout), timeout_s)
+
+
 def make_groups(ep_size: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> ExpertParallelGroups:
     """Create the expert-parallel, expert data-parallel and dense groups on every rank.
 
@@ -101,6 +110,8 @@ def make_groups(ep_size: int | None = None, *, timeout_s: float = DEFAULT_TIMEOU
         ep_size: ranks that share one set of experts (default: the whole world, i.e. ``dp_size = 1``).
             Must divide the world size.
         timeout_s: timeout of every collective in these groups.
+
+    Raises ``ExpertParallelError`` when a peer dies (or hangs past ``timeout_s``) while the groups connect.
     """
     if not dist.is_initialized():
         raise RuntimeError(
@@ -120,15 +131,15 @@ def make_groups(ep_size: int | None = None, *, timeout_s: float = DEFAULT_TIMEOU
     ep_group = dp_group = None
     for d in range(dp_size):  # every rank creates every group, in the same order
         ranks = list(range(d * ep_size, (d + 1) * ep_size))
-        group = dist.new_group(ranks, timeout=timeout)
+        group = _new_group(ranks, timeout, timeout_s)
         if d == dp_rank:
             ep_group, ep_ranks = group, tuple(ranks)
     for e in range(ep_size):
         ranks = list(range(e, world, ep_size))
-        group = dist.new_group(ranks, timeout=timeout)
+        group = _new_group(ranks, timeout, timeout_s)
         if e == ep_rank:
             dp_group, dp_ranks = group, tuple(ranks)
-    world_group = dist.new_group(list(range(world)), timeout=timeout)
+    world_group = _new_group(list(range(world)), timeout, timeout_s)
     assert ep_group is not None and dp_group is not None
     return ExpertParallelGroups(
         rank=rank, world_size=world, ep_size=ep_size, dp_size=dp_size, ep_rank=ep_rank, dp_rank=dp_rank,

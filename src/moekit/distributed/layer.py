@@ -10,6 +10,9 @@ Per forward, on every rank of the group (R ranks, ``E_l = E / R`` local experts 
 4. reorder the received rows by local expert and run ``ExpertBank.grouped_forward`` on the local shard;
 5. send the results back (the reverse exchange) and combine them exactly like ``moekit.MoE``.
 
+Steps 1-5 are the ``AllToAllDispatch`` dispatcher; ``ExpertParallelMoE`` is ``moekit.MoE`` with it (the
+one forward: same input checks, features and ``MoEOutput``).
+
 GShard-style semantics (Lepikhin et al. 2020, https://arxiv.org/abs/2006.16668): routing, capacity and
 the decision in ``MoEOutput`` are per rank (local tokens); balancer statistics are summed over all
 ranks (``count_reducer``), so aux-free bias updates are the same as for the global batch.
@@ -24,15 +27,16 @@ import torch
 from torch import Tensor, nn
 
 from ..experts.base import ExpertBank
-from ..experts.dispatch import _scatter_weighted, plan_dispatch
-from ..layers.checks import check_layer_input
-from ..layers.moe import MoE, flatten_meta
+from ..experts.dispatch import plan_dispatch, scatter_weighted
+from ..layers.dispatchers import Dispatcher
+from ..layers.moe import MoE
+from ..registry import DISPATCHERS
 from ..routers.base import Router
-from ..types import MoEOutput
+from ..types import MoEOutput, RoutingDecision
 from .comm import all_reduce_sum, all_to_all, check_same_config, exchange_counts
 from .groups import ExpertParallelGroups
 
-__all__ = ["ExpertParallelMoE", "shard_experts", "expert_parallel"]
+__all__ = ["ExpertParallelMoE", "AllToAllDispatch", "shard_experts", "expert_parallel"]
 
 
 def shard_experts(experts: ExpertBank, start: int, stop: int) -> ExpertBank:
@@ -59,9 +63,71 @@ def _expert_major_order(recv_RE: Tensor) -> Tensor:
     return torch.argsort(expert_of_row, stable=True)
 
 
-class ExpertParallelMoE(nn.Module):
-    """MoE layer whose experts are sharded over ``groups.ep_group``; returns the same ``MoEOutput``
-    as ``moekit.MoE`` (``y`` for the local tokens, the local routing decision).
+@DISPATCHERS.register("all_to_all", paper="https://arxiv.org/abs/2006.16668")
+class AllToAllDispatch(Dispatcher):
+    """The expert-parallel dispatcher: this rank's kept slots sorted by expert, sent to the experts'
+    owners (``all_to_all``), run on the local shard, sent back and scattered like ``SparseDispatch``.
+
+    Args:
+        groups: the process-group layout (``make_groups``); the bank is this rank's ``E / ep_size`` experts.
+    """
+
+    name = "all_to_all"
+
+    def __init__(self, groups: ExpertParallelGroups) -> None:
+        self.groups = groups
+
+    def local_experts(self, router: Router) -> int:
+        """``E_l = E / ep_size``: the experts each rank holds."""
+        E, R = router.num_experts, self.groups.ep_size
+        if E % R:
+            raise ValueError(
+                f"num_experts={E} is not divisible by the expert-parallel size ep_size={R}; "
+                f"choose an ep_size dividing {E} or a multiple of {R} experts"
+            )
+        return E // R
+
+    def check(self, router: Router, experts: ExpertBank) -> None:
+        if not router.is_sparse:
+            raise ValueError(f"expert parallelism needs a sparse router (is_sparse=True), got {type(router).__name__}")
+        E_l = self.local_experts(router)
+        if experts.num_experts != E_l:
+            raise ValueError(
+                f"the local expert shard has num_experts={experts.num_experts}; with num_experts={router.num_experts} "
+                f"over ep_size={self.groups.ep_size} ranks it must hold {E_l}"
+            )
+
+    def run(self, experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Tensor:
+        plan = plan_dispatch(decision)
+        y_N = self._run_remote_experts(experts, x_T[plan.token_N], plan.sizes_E)
+        return scatter_weighted(y_N, plan, x_T.shape[0])
+
+    def _run_remote_experts(self, experts: ExpertBank, x_N: Tensor, sizes_E: Tensor) -> Tensor:
+        """Rows ``x_N`` sorted by global expert (``sizes_E`` per expert) -> their experts' outputs."""
+        g = self.groups
+        R, E_l = g.ep_size, experts.num_experts
+        needs_grad = torch.is_grad_enabled() and (x_N.requires_grad or any(p.requires_grad for p in experts.parameters()))
+        send_RC = torch.cat([sizes_E.reshape(R, E_l), torch.full((R, 1), int(needs_grad), device=sizes_E.device)], 1)
+        recv_RC = exchange_counts(send_RC.to(g.device), g.ep_group, timeout_s=g.timeout_s).to(sizes_E.device)
+        recv_RE = recv_RC[:, :E_l]
+        keep_graph = bool(recv_RC[:, E_l].any())
+        in_splits, out_splits = send_RC[:, :E_l].sum(1).tolist(), recv_RE.sum(1).tolist()
+        x_recv = all_to_all(x_N, out_splits, in_splits, g.ep_group, keep_graph=keep_graph,
+                            what="all_to_all of tokens to experts", timeout_s=g.timeout_s)
+        order = _expert_major_order(recv_RE)
+        y_sorted = experts.grouped_forward(x_recv[order], experts.stacked_parameters(), recv_RE.sum(0))
+        y_recv = y_sorted[torch.argsort(order)]
+        return all_to_all(y_recv, in_splits, out_splits, g.ep_group, keep_graph=keep_graph,
+                          what="all_to_all of expert outputs", timeout_s=g.timeout_s)
+
+    def __repr__(self) -> str:
+        return f"AllToAllDispatch(ep_size={self.groups.ep_size})"
+
+
+class ExpertParallelMoE(MoE):
+    """MoE layer whose experts are sharded over ``groups.ep_group``: ``moekit.MoE`` with the
+    ``AllToAllDispatch`` dispatcher; returns the same ``MoEOutput`` (``y`` for the local tokens, the
+    local routing decision).
 
     Args:
         router: any sparse moekit router over all E experts (replicated on every rank).
@@ -73,35 +139,15 @@ class ExpertParallelMoE(nn.Module):
     A balancer on the router without a ``count_reducer`` gets one that sums over all ranks.
     """
 
+    combines = ()
+
     def __init__(self, router: Router, experts: ExpertBank, groups: ExpertParallelGroups, *,
                  check_config: bool = True) -> None:
-        super().__init__()
-        if not isinstance(router, Router):
-            raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
-        if not isinstance(experts, ExpertBank):
-            raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
         if not isinstance(groups, ExpertParallelGroups):
             raise TypeError(f"groups must be ExpertParallelGroups (make_groups()), got {type(groups).__name__}")
-        if not router.is_sparse:
-            raise ValueError(f"expert parallelism needs a sparse router (is_sparse=True), got {type(router).__name__}")
-        E, R = router.num_experts, groups.ep_size
-        if E % R:
-            raise ValueError(
-                f"num_experts={E} is not divisible by the expert-parallel size ep_size={R}; "
-                f"choose an ep_size dividing {E} or a multiple of {R} experts"
-            )
-        if experts.num_experts != E // R:
-            raise ValueError(
-                f"the local expert shard has num_experts={experts.num_experts}; with num_experts={E} over "
-                f"ep_size={R} ranks it must hold {E // R}"
-            )
-        if router.dim != experts.dim:
-            raise ValueError(f"router has dim={router.dim} but experts has dim={experts.dim}")
-        self.router = router
-        self.experts = experts
+        super().__init__(router, experts, combine=AllToAllDispatch(groups))
         self.groups = groups
-        self.num_experts = E
-        self.num_local_experts = E // R
+        self.num_local_experts = experts.num_experts
         self.expert_offset = groups.ep_rank * self.num_local_experts
         balancer = router.balancer
         if balancer is not None and balancer.count_reducer is None:
@@ -111,6 +157,11 @@ class ExpertParallelMoE(nn.Module):
             check_same_config(self.config_description(), groups.world_group, device=groups.device,
                               what="ExpertParallelMoE", timeout_s=groups.timeout_s)
 
+    @property
+    def num_experts(self) -> int:
+        """All E experts (the router's outputs), not the local shard."""
+        return self.router.num_experts
+
     @classmethod
     def from_moe(cls, moe: MoE, groups: ExpertParallelGroups, *, check_config: bool = True) -> "ExpertParallelMoE":
         """The expert-parallel twin of a single-process ``moekit.MoE`` (router copied, this rank's
@@ -119,13 +170,7 @@ class ExpertParallelMoE(nn.Module):
             raise TypeError(f"moe must be a moekit.MoE, got {type(moe).__name__}")
         if moe.combine != "sparse":
             raise ValueError(f"expert parallelism needs combine='sparse', got combine={moe.combine!r}")
-        E, R = moe.num_experts, groups.ep_size
-        if E % R:
-            raise ValueError(
-                f"num_experts={E} is not divisible by the expert-parallel size ep_size={R}; "
-                f"choose an ep_size dividing {E} or a multiple of {R} experts"
-            )
-        E_l = E // R
+        E_l = AllToAllDispatch(groups).local_experts(moe.router)
         shard = shard_experts(moe.experts, groups.ep_rank * E_l, (groups.ep_rank + 1) * E_l)
         return cls(copy.deepcopy(moe.router), shard, groups, check_config=check_config)
 
@@ -137,37 +182,13 @@ class ExpertParallelMoE(nn.Module):
                 f"experts={type(self.experts).__name__}({self.experts.extra_repr()}) "
                 f"num_experts={self.num_experts} ep_size={self.groups.ep_size} params=[{shapes}]")
 
-    def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
-        if x.device.type != self.groups.device.type:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, meta: Mapping[str, Any] | None = None) -> MoEOutput:
+        if isinstance(x, Tensor) and x.device.type != self.groups.device.type:
             raise ValueError(
                 f"input is on {x.device} but the {self.groups.backend} process group exchanges "
                 f"{self.groups.device.type} tensors; use NCCL for CUDA tensors and gloo for CPU tensors"
             )
-        check_layer_input(x, self.experts)
-        x_T = self.experts.as_tokens(x)
-        lead = x.shape[:-1] if self.experts.token_input else x.shape[:1]
-        decision = self.router(self.experts.router_features(x_T), meta=flatten_meta(meta, lead))
-        plan = plan_dispatch(decision)
-        y_N = self._run_remote_experts(x_T[plan.token_N], plan.sizes_E)
-        y_T = _scatter_weighted(y_N, plan, x_T.shape[0])
-        return MoEOutput(y=self.experts.restore(y_T, x), aux=dict(decision.aux), decision=decision)
-
-    def _run_remote_experts(self, x_N: Tensor, sizes_E: Tensor) -> Tensor:
-        """Rows ``x_N`` sorted by global expert (``sizes_E`` per expert) -> their experts' outputs."""
-        R, E_l, g = self.groups.ep_size, self.num_local_experts, self.groups
-        needs_grad = torch.is_grad_enabled() and (x_N.requires_grad or any(p.requires_grad for p in self.experts.parameters()))
-        send_RC = torch.cat([sizes_E.reshape(R, E_l), torch.full((R, 1), int(needs_grad), device=sizes_E.device)], 1)
-        recv_RC = exchange_counts(send_RC.to(g.device), g.ep_group, timeout_s=g.timeout_s).to(sizes_E.device)
-        recv_RE = recv_RC[:, :E_l]
-        keep_graph = bool(recv_RC[:, E_l].any())
-        in_splits, out_splits = send_RC[:, :E_l].sum(1).tolist(), recv_RE.sum(1).tolist()
-        x_recv = all_to_all(x_N, out_splits, in_splits, g.ep_group, keep_graph=keep_graph,
-                            what="all_to_all of tokens to experts", timeout_s=g.timeout_s)
-        order = _expert_major_order(recv_RE)
-        y_sorted = self.experts.grouped_forward(x_recv[order], self.experts.stacked_parameters(), recv_RE.sum(0))
-        y_recv = y_sorted[torch.argsort(order)]
-        return all_to_all(y_recv, in_splits, out_splits, g.ep_group, keep_graph=keep_graph,
-                          what="all_to_all of expert outputs", timeout_s=g.timeout_s)
+        return super().forward(x, mask=mask, meta=meta)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local=[{self.expert_offset}, "

@@ -1,4 +1,5 @@
-"""Expert-parallel training of a small MoE classifier on scikit-learn's digits, under torchrun.
+"""Expert-parallel training of a small MoE classifier on scikit-learn's digits, under torchrun (the one
+loop of ``moekit.training``, with the expert-gradient sync as its ``after_backward`` hook).
 
     torchrun --nproc_per_node 2 -m moekit.distributed.train --steps 20
     python -m moekit.distributed.train --steps 20        # the same run in one process, no torch.distributed
@@ -13,35 +14,27 @@ stdout from rank 0 only. gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int, check_positive
 from ..data.digits import DigitsSplit, load_digits_split
-from ..cli._help import HelpParser, one_line
-from ..cli._options import at_least, positive_float
-from ..reporting import check_output_dir, check_writable_parent, environment, write_json
-from ..training import aux_loss
-from .checkpoint import save_distributed_checkpoint
-from .comm import ExpertParallelError, all_reduce_sum
+from ..training import aux_loss, training_steps
+from .comm import all_reduce_sum
 from .data_parallel import sync_expert_grads, wrap_ddp
-from .groups import DEFAULT_TIMEOUT_S, ExpertParallelGroups, init_distributed, make_groups
+from .groups import ExpertParallelGroups
 from .layer import expert_parallel
 from .model import ep_moe_classifier
 
-__all__ = ["EPTrainConfig", "EPTrainResult", "train_expert_parallel", "global_batches", "main"]
+__all__ = ["EPTrainConfig", "EPTrainResult", "train_expert_parallel", "global_batches", "ROUTER_CHOICES", "OPTIMIZERS"]
 
-PROG = "python -m moekit.distributed.train"
 ROUTER_CHOICES = ("topk", "switch")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -157,15 +150,14 @@ def train_expert_parallel(
     bar = tqdm(total=config.steps, desc="train", disable=rank != 0 or quiet or None, leave=False)
     losses: list[float] = []
     start = time.perf_counter()
-    for step, batch in enumerate(global_batches(data.x_train.shape[0], config.batch_size, config.steps, config.seed)):
+    def step_loss(batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         idx = batch.tensor_split(world)[rank]
         logits, outputs = net(data.x_train[idx].to(device))
-        loss = F.cross_entropy(logits, data.y_train[idx].to(device)) + aux_loss(outputs, aux_weights).to(device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if groups is not None:
-            sync_expert_grads(model, groups)
-        opt.step()
+        return F.cross_entropy(logits, data.y_train[idx].to(device)) + aux_loss(outputs, aux_weights).to(device), {}
+
+    sync = None if groups is None else (lambda _: sync_expert_grads(model, groups))
+    batches = global_batches(data.x_train.shape[0], config.batch_size, config.steps, config.seed)
+    for step, loss, _ in training_steps(batches, step_loss, opt, after_backward=sync):
         losses.append(_sum_over_ranks(loss, groups) / world)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -180,79 +172,7 @@ def train_expert_parallel(
     return EPTrainResult(losses, accuracy, seconds, config.steps * config.batch_size / seconds, model)
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = EPTrainConfig()
-    p = HelpParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=at_least(1), default=d.steps)
-    p.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=positive_float, default=d.lr)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--dim", type=at_least(1), default=d.dim)
-    p.add_argument("--depth", type=at_least(1), default=d.depth)
-    p.add_argument("--experts", type=at_least(1), default=d.num_experts, help="experts per layer (divisible by --ep)")
-    p.add_argument("--k", type=at_least(1), default=d.k)
-    p.add_argument("--router", choices=ROUTER_CHOICES, default=d.router)
-    p.add_argument("--noisy", action="store_true", help="noisy top-k gating")
-    p.add_argument("--capacity-factor", type=positive_float, default=None,
-                   help="per-rank expert capacity (default: dropless)")  # fmt: skip
-    p.add_argument("--aux-free-rate", type=positive_float, default=None,
-                   help="aux-loss-free bias balancing with this rate")  # fmt: skip
-    p.add_argument("--z-loss", type=float, default=d.z_loss)
-    p.add_argument("--log-every", type=at_least(1), default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--ep", type=at_least(1), default=None, help="expert-parallel size (default: world size, i.e. dp=1)")
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
-    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
-    p.add_argument("--save", default=None, help="save an expert-parallel checkpoint to this directory")
-    p.add_argument("--out", default=None, help="write a JSON summary here (rank 0)")
-    p.add_argument("--quiet", action="store_true")
-    return p
+if __name__ == "__main__":  # the command line lives in cli/ (argument parsing only there)
+    from moekit.cli.distributed_train import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as done:  # --help, or a refused argument (already printed)
-        return int(done.code or 0)
-    distributed = "RANK" in os.environ  # set by torchrun
-    try:
-        config = EPTrainConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, dim=args.dim,
-            depth=args.depth, num_experts=args.experts, k=args.k, router=args.router, noisy=args.noisy,
-            capacity_factor=args.capacity_factor, aux_free_rate=args.aux_free_rate, z_loss=args.z_loss,
-            log_every=args.log_every, seed=args.seed)
-        if args.save:  # every rank sees the same filesystem: all refuse a bad --save before any work
-            check_output_dir(args.save, name="--save")
-        if args.out:
-            check_writable_parent(args.out, name="--out")
-        groups = None
-        if distributed:
-            init_distributed(backend=args.backend, timeout_s=args.timeout)
-            groups = make_groups(args.ep, timeout_s=args.timeout)
-            if groups.rank == 0 and not args.quiet:
-                print(f"expert parallel: world={groups.world_size} ep={groups.ep_size} dp={groups.dp_size} "
-                      f"backend={groups.backend}", flush=True)
-        result = train_expert_parallel(config, groups, quiet=args.quiet)
-        if args.save:
-            data = load_digits_split(seed=config.seed)
-            save_distributed_checkpoint(result.model, args.save, groups, name="ep_moe_classifier",
-                                        config=config.model_config(data.num_features, int(data.y_train.max()) + 1))
-        if args.out and (groups is None or groups.rank == 0):
-            write_json(args.out, {"config": asdict(config), "world_size": 1 if groups is None else groups.world_size,
-                                   "ep_size": 1 if groups is None else groups.ep_size, "losses": result.losses,
-                                   "accuracy": result.accuracy, "seconds": result.seconds,
-                                   "examples_per_s": result.examples_per_s, "environment": environment()})
-    except (ValueError, TypeError, OSError) as err:
-        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except ExpertParallelError as err:
-        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -213,7 +213,7 @@ def _load_hf(path: Path, device: str | torch.device, progress: bool) -> tuple[nn
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from ..cli._calib import find_tokenizer
+    from ..data.calibration import find_tokenizer
     from ..integrations.hf import family_for, load_hf_model
     from ..integrations.hf.checks import check_loaded_model, quiet_transformers, require_safetensors
 

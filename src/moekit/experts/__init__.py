@@ -6,7 +6,10 @@ from .conv import ConvExperts
 from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
 from .grouped import grouped_linear, grouped_linear_reference
 from .inference import dispatch_inference, pack_for_inference
+from .lowrank import LowRankSparseExperts
 from .mlp import GLUExperts, MLPExperts
+from .packed import PackedLowRankSparseExperts
+from .resstage import ResStageExperts
 
 __all__ = [
     "ExpertBank",
@@ -14,6 +17,9 @@ __all__ = [
     "GLUExperts",
     "AdapterExperts",
     "ConvExperts",
+    "ResStageExperts",
+    "LowRankSparseExperts",
+    "PackedLowRankSparseExperts",
     "dispatch",
     "dispatch_reference",
     "combine_dense",

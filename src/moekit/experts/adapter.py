@@ -13,6 +13,7 @@ from .._checks import check_int
 from ..registry import EXPERTS
 from .base import ExpertBank, activation_fn, init_stacked_linear
 from .grouped import grouped_linear
+from .merged_linear import merged_linear
 
 __all__ = ["AdapterExperts"]
 
@@ -65,8 +66,6 @@ class AdapterExperts(ExpertBank):
         return F.linear(h, self.up_proj[e], self.up_bias[e])
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
-        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
-
         h = self.activate(merged_linear(x_GSI, probs_GE, self.down_proj, self.down_bias, chunk_bytes=chunk_bytes))
         return merged_linear(h, probs_GE, self.up_proj, self.up_bias, chunk_bytes=chunk_bytes)
 

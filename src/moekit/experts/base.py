@@ -113,7 +113,7 @@ class ExpertBank(nn.Module):
         return {}
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor | None:
-        """SMEAR's merge-then-run fused into the bank's matmuls (``moekit.layers.merged_linear``): group g's
+        """SMEAR's merge-then-run fused into the bank's matmuls (``moekit.experts.merged_linear``): group g's
         ``S`` rows ``x_GSI[g]`` through the expert with parameters ``sum_e probs_GE[g, e] * theta_e``, at
         most ``chunk_bytes`` of merged weights alive at once. ``[G, S, dim] -> [G, S, out_dim]``, or
         ``None`` for banks without a fused path (``merge_parameters`` + ``grouped_forward`` serve them)."""

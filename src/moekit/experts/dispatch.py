@@ -17,7 +17,7 @@ from ..types import RoutingDecision
 from .base import ExpertBank
 from .inference import dispatch_inference, inference_applies
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch", "dispatch_reference", "combine_dense"]
+__all__ = ["DispatchPlan", "plan_dispatch", "scatter_weighted", "dispatch", "dispatch_reference", "combine_dense"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _rows(w_N: Tensor, like: Tensor) -> Tensor:
     return w_N.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _scatter_weighted(y_N: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+def scatter_weighted(y_N: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Weighted sum of the sorted expert outputs back onto their tokens: ``[N, ...] -> [T, ...]``."""
     return _WeightedScatter.apply(y_N, plan.weight_N, plan.token_N, num_tokens)
 
@@ -104,7 +104,7 @@ def dispatch(experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Ten
     plan = plan_dispatch(decision)
     x_N = x_T.index_select(0, plan.token_N)  # backward: one index_add, not index_put(accumulate)
     y_N = experts.grouped_forward(x_N, experts.stacked_parameters(), plan.sizes_E)
-    return _scatter_weighted(y_N, plan, x_T.shape[0])
+    return scatter_weighted(y_N, plan, x_T.shape[0])
 
 
 def dispatch_reference(experts: ExpertBank, x_T: Tensor, decision: RoutingDecision) -> Tensor:

@@ -19,6 +19,7 @@ from ..registry import EXPERTS
 from .base import ExpertBank, activation_fn, init_stacked_linear
 from .grouped import grouped_linear
 from .inference import expert_linear
+from .merged_linear import merged_linear
 
 __all__ = ["MLPExperts", "GLUExperts", "swiglu"]
 
@@ -76,8 +77,6 @@ class MLPExperts(ExpertBank):
         return {"up_proj": list(self.up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
-        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
-
         h = self.activate(merged_linear(x_GSI, probs_GE, self.up_proj, self.up_bias, chunk_bytes=chunk_bytes))
         return merged_linear(h, probs_GE, self.down_proj, self.down_bias, chunk_bytes=chunk_bytes)
 
@@ -169,8 +168,6 @@ class GLUExperts(ExpertBank):
         return {"gate_up_proj": list(self.gate_up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
-        from ..layers.merged_linear import merged_linear  # lazy: layers import the banks
-
         h = self.activate(merged_linear(x_GSI, probs_GE, self.gate_up_proj, chunk_bytes=chunk_bytes))
         return merged_linear(h, probs_GE, self.down_proj, chunk_bytes=chunk_bytes)
 

@@ -8,18 +8,28 @@ from .adapters import (
     remove_adapters,
     save_adapters,
 )
+from .dispatchers import DenseMix, Dispatcher, SparseDispatch
+from .features import ExampleFeatures, Features, RoutedInput, TokenFeatures
 from .baselines import ROUTED_METHODS, OutputEnsemble, SingleExpert, build_routed_block
 from .example_routed import ExampleRoutedMoE
 from .moe import MoE, flatten_meta
 from .pooling import masked_mean
 from .segments import causal_segment_groups
-from .smear import SMEAR, merged_forward, merged_forward_chunked
+from .smear import SMEAR, MergeDispatch, merged_forward, merged_forward_chunked
 from .remap import RemappedMoE, remap_decision
 from .cnn_moe import ConvMoE, ImageMoE, ResBlockMoE, ResStageExperts
 
 __all__ = [
     "MoE",
     "flatten_meta",
+    "Features",
+    "TokenFeatures",
+    "ExampleFeatures",
+    "RoutedInput",
+    "Dispatcher",
+    "SparseDispatch",
+    "DenseMix",
+    "MergeDispatch",
     "ExampleRoutedMoE",
     "SMEAR",
     "merged_forward",

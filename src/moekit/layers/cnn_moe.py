@@ -9,14 +9,16 @@ pooling, the paper's GAP-FC gate together with the router's linear map; ``ConvGA
 conv3x3 -> ReLU -> GAP), a moekit router (default: Shazeer's noisy top-k, learned noise in training)
 picks experts per image, and ``dispatch`` runs each expert only on the images routed to it.
 
-The E narrow stages of ``ResStageExperts`` keep stacked parameters ``[E, ...]`` and per-expert
-BatchNorm statistics ``[E, C]``; grouped execution runs one expert's convolutions on its images only.
+The E narrow stages of ``ResStageExperts`` (``moekit.experts.resstage``) keep stacked parameters
+``[E, ...]`` and per-expert BatchNorm statistics ``[E, C]``; grouped execution runs one expert's
+convolutions on its images only. Both layers are ``moekit.MoE`` with a gate and, for ResBlock-MoE's
+residual variant, a shortcut.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +27,15 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int, check_k
 from ..balancing import Balancer
 from ..experts.base import ExpertBank
-from ..experts.conv import ConvExperts, ImageExpertBank
-from ..experts.dispatch import combine_dense, dispatch
+from ..experts.conv import ConvExperts
+from ..experts.resstage import ResStageExperts, stage_macs
 from ..routers.base import Router
 from ..routers.topk import TopKRouter
-from ..types import MoEOutput
-from .checks import check_layer_input
-from .moe import COMBINES, flatten_meta
+from .moe import MoE
 
 __all__ = ["GAPGate", "ConvGAPGate", "ResStageExperts", "ImageMoE", "ResBlockMoE", "ConvMoE", "stage_macs", "GATES"]
 
 GATES = ("gap", "conv")
-_BN_EPS, _BN_MOMENTUM = 1e-5, 0.1
 
 
 class GAPGate(nn.Module):
@@ -65,114 +64,9 @@ class ConvGAPGate(nn.Module):
         return F.relu(self.conv(x_NCHW)).mean(dim=(2, 3))
 
 
-def _conv_specs(in_ch: int, hidden: int, out_ch: int, stride: int) -> list[tuple[str, int, int, int, int]]:
-    """``(name, in, out, kernel, stride)`` of every conv of a narrow stage: two BasicBlocks
-    ``in -> hidden`` (stride) and ``hidden -> out``, each with a 1x1 shortcut when its shape changes."""
-    specs = [("b0_conv1", in_ch, hidden, 3, stride), ("b0_conv2", hidden, hidden, 3, 1)]
-    if stride != 1 or in_ch != hidden:
-        specs.append(("b0_short", in_ch, hidden, 1, stride))
-    specs += [("b1_conv1", hidden, hidden, 3, 1), ("b1_conv2", hidden, out_ch, 3, 1)]
-    if hidden != out_ch:
-        specs.append(("b1_short", hidden, out_ch, 1, 1))
-    return specs
-
-
-def stage_macs(in_channels: int, hidden_channels: int, out_channels: int, stride: int, height: int, width: int) -> int:
-    """Multiply-accumulates of one narrow stage (``ResStageExperts`` expert) on one ``H x W`` image
-    (convolutions only; BatchNorm and ReLU are negligible)."""
-    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    specs = _conv_specs(in_channels, hidden_channels, out_channels, stride)
-    return sum(cin * cout * k * k * out_h * out_w for _, cin, cout, k, _ in specs)  # every conv outputs H/s x W/s
-
-
-class ResStageExperts(ImageExpertBank):
-    """E narrow ResNet stages: ``BasicBlock(in -> hidden, stride) -> BasicBlock(hidden -> out)``; the
-    second block's last conv projects back to the stage width (its 1x1 shortcut too), so every other
-    conv stays ``hidden`` wide.
-
-    Parameters are stacked: ``<conv>_weight [E, out, in, k, k]``, ``<conv>_bn_weight/_bn_bias [E, out]``;
-    BatchNorm running statistics are buffers ``<conv>_bn_mean/_bn_var [E, out]``, so each expert
-    normalises with the statistics of the images it received. Tokens are whole images ``[C, H, W]``.
-    """
-
-    token_input = False
-
-    def __init__(
-        self,
-        num_experts: int,
-        in_channels: int,
-        out_channels: int,
-        hidden_channels: int,
-        *,
-        stride: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_experts, in_channels, out_channels)
-        self.hidden_channels = check_int("hidden_channels", hidden_channels, low=1)
-        self.stride = check_int("stride", stride, low=1)
-        self.specs = _conv_specs(in_channels, hidden_channels, out_channels, stride)
-        E, kw = self.num_experts, {"device": device, "dtype": dtype}
-        for name, cin, cout, k, _ in self.specs:
-            weight = nn.Parameter(torch.empty(E, cout, cin, k, k, **kw))
-            for e in range(E):
-                nn.init.kaiming_normal_(weight.data[e], mode="fan_out", nonlinearity="relu")
-            setattr(self, f"{name}_weight", weight)
-            setattr(self, f"{name}_bn_weight", nn.Parameter(torch.ones(E, cout, **kw)))
-            setattr(self, f"{name}_bn_bias", nn.Parameter(torch.zeros(E, cout, **kw)))
-            self.register_buffer(f"{name}_bn_mean", torch.zeros(E, cout, **kw))
-            self.register_buffer(f"{name}_bn_var", torch.ones(E, cout, **kw))
-
-    def _conv_bn(self, x: Tensor, params: Mapping[str, Tensor], name: str, e: int, k: int, s: int) -> Tensor:
-        y = F.conv2d(x, params[f"{name}_weight"][e], stride=s, padding=k // 2)
-        # batch statistics need more than one value per channel: an expert that got a single 1x1
-        # feature map in a training step normalises it with its running statistics instead
-        batch_stats = self.training and y.shape[0] * y.shape[2] * y.shape[3] > 1
-        return F.batch_norm(
-            y,
-            getattr(self, f"{name}_bn_mean")[e],
-            getattr(self, f"{name}_bn_var")[e],
-            params[f"{name}_bn_weight"][e],
-            params[f"{name}_bn_bias"][e],
-            training=batch_stats,
-            momentum=_BN_MOMENTUM,
-            eps=_BN_EPS,
-        )
-
-    def _run(self, x: Tensor, params: Mapping[str, Tensor], e: int) -> Tensor:
-        spec = {name: (k, s) for name, _, _, k, s in self.specs}
-        for block in ("b0", "b1"):
-            h = F.relu(self._conv_bn(x, params, f"{block}_conv1", e, *spec[f"{block}_conv1"]))
-            h = self._conv_bn(h, params, f"{block}_conv2", e, *spec[f"{block}_conv2"])
-            short = f"{block}_short"
-            x = F.relu(h + (self._conv_bn(x, params, short, e, *spec[short]) if short in spec else x))
-        return x
-
-    def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:
-        """Expert g on its ``sizes_G[g]`` consecutive images (groups must be the E experts: each
-        expert's BatchNorm statistics belong to it)."""
-        if sizes_G.shape[0] != self.num_experts:
-            raise ValueError(
-                f"ResStageExperts runs groups = its {self.num_experts} experts (per-expert BatchNorm), "
-                f"got {sizes_G.shape[0]} groups"
-            )
-        outs = [
-            self._run(chunk, params, e) for e, chunk in enumerate(torch.split(x_N, sizes_G.tolist())) if chunk.shape[0]
-        ]
-        if outs:
-            return torch.cat(outs)
-        h, w = ((n - 1) // self.stride + 1 for n in x_N.shape[-2:])
-        return x_N.new_zeros(0, self.out_dim, h, w)
-
-    def expert_forward(self, x_N: Tensor, e: int) -> Tensor:
-        return self._run(x_N, self.stacked_parameters(), e)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, hidden_channels={self.hidden_channels}, stride={self.stride}"
-
-
-class ImageMoE(nn.Module):
-    """Per-image MoE over an image expert bank: ``y = sum_k w_k expert_k(x) [+ shortcut(x)]``.
+class ImageMoE(MoE):
+    """Per-image MoE over an image expert bank: ``y = sum_k w_k expert_k(x) [+ shortcut(x)]`` -- ``MoE``
+    with a gate (the bank's rows -> router input) and an optional shortcut.
 
     Args:
         router: a moekit router over ``gate.out_dim`` features.
@@ -191,33 +85,15 @@ class ImageMoE(nn.Module):
         shortcut: nn.Module | None = None,
         combine: str = "sparse",
     ) -> None:
-        super().__init__()
         if experts.token_input:
             raise TypeError(f"ImageMoE needs an image expert bank, got {type(experts).__name__}")
-        self.gate = gate if gate is not None else GAPGate(experts.dim)
-        if router.dim != self.gate.out_dim or router.num_experts != experts.num_experts:
+        gate = gate if gate is not None else GAPGate(experts.dim)
+        if router.dim != gate.out_dim or router.num_experts != experts.num_experts:
             raise ValueError(
-                f"router has dim={router.dim}, num_experts={router.num_experts}; gate gives {self.gate.out_dim} "
+                f"router has dim={router.dim}, num_experts={router.num_experts}; gate gives {gate.out_dim} "
                 f"features and the bank has {experts.num_experts} experts"
             )
-        self.router, self.experts, self.shortcut = router, experts, shortcut
-        self.combine = check_choice("combine", combine, COMBINES)
-
-    @property
-    def num_experts(self) -> int:
-        return self.experts.num_experts
-
-    def forward(self, x: Tensor, *, meta: Mapping[str, Any] | None = None) -> MoEOutput:
-        check_layer_input(x, self.experts)
-        x_N = self.experts.as_tokens(x)
-        decision = self.router(self.gate(x_N), meta=flatten_meta(meta, x.shape[:1]))
-        if self.combine == "sparse":
-            y = dispatch(self.experts, x_N, decision)
-        else:
-            y = combine_dense(self.experts, x_N, decision.gates_TE())
-        if self.shortcut is not None:
-            y = y + self.shortcut(x_N)
-        return MoEOutput(y=y, aux=dict(decision.aux), decision=decision)
+        super().__init__(router, experts, combine=combine, gate=gate, shortcut=shortcut)
 
 
 def _make_gate(gate: str, channels: int, gate_channels: int, kw: dict[str, Any]) -> nn.Module:

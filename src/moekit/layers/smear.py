@@ -36,13 +36,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..experts.base import ExpertBank
+from ..experts.merged_linear import DEFAULT_CHUNK_BYTES
+from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
 from ..types import RoutingDecision
+from .dispatchers import Dispatcher
 from .example_routed import ExampleRoutedMoE
-from .merged_linear import DEFAULT_CHUNK_BYTES
 
-__all__ = ["SMEAR", "merged_forward", "merged_forward_chunked", "merged_forward_fused", "merged_bytes_per_group"]
+__all__ = ["SMEAR", "MergeDispatch", "PlainMergeDispatch", "merged_forward", "merged_forward_chunked", "merged_forward_fused", "merged_bytes_per_group"]
 
 DEFAULT_MERGE_CHUNK_BYTES = 256 * 2**20
 
@@ -108,8 +110,50 @@ def merged_forward_fused(
     return None if y is None else y.reshape(N, y.shape[-1])
 
 
+@DISPATCHERS.register("merge", paper="https://arxiv.org/abs/2306.03745")
+class MergeDispatch(Dispatcher):
+    """SMEAR's dispatcher: group g runs one expert whose parameters are ``sum_e p[g, e] * theta_e``.
+
+    ``max_bytes`` bounds the merged parameters alive at once (``merge_chunk_bytes``). Groups large
+    enough to pay for it take the fused path (``merged_forward_fused``); the others, and banks or
+    groups it does not serve, take ``merged_forward_chunked`` (plain ``merged_forward`` within budget).
+    """
+
+    name = "merge"
+
+    def __init__(self, max_bytes: int = DEFAULT_MERGE_CHUNK_BYTES) -> None:
+        self.max_bytes = check_int("merge_chunk_bytes", max_bytes, low=1)
+
+    def __call__(self, experts: ExpertBank, x_N: Tensor, decision: RoutingDecision, sizes_G: Tensor | None) -> Tensor:
+        probs_GE = decision.gates_TE()
+        if sizes_G is None:  # one row per group: merge per row
+            sizes_G = torch.ones(x_N.shape[0], dtype=torch.long, device=x_N.device)
+        budget = min(self.max_bytes, DEFAULT_CHUNK_BYTES)
+        y = None
+        if probs_GE.shape[0] * merged_bytes_per_group(experts) > budget:  # small merges: plain path is as fast
+            y = merged_forward_fused(experts, x_N, probs_GE, sizes_G, max_bytes=budget)
+        if y is None:
+            y = merged_forward_chunked(experts, x_N, probs_GE, sizes_G, max_bytes=self.max_bytes)
+        return y
+
+    def __repr__(self) -> str:
+        return f"MergeDispatch(max_bytes={self.max_bytes})"
+
+
+class PlainMergeDispatch(Dispatcher):
+    """The reference of ``MergeDispatch``: every group's merged expert built at once (``merged_forward``)."""
+
+    name = "merge"
+
+    def __call__(self, experts: ExpertBank, x_N: Tensor, decision: RoutingDecision, sizes_G: Tensor | None) -> Tensor:
+        if sizes_G is None:
+            sizes_G = torch.ones(x_N.shape[0], dtype=torch.long, device=x_N.device)
+        return merged_forward(experts, x_N, decision.gates_TE(), sizes_G)
+
+
 class SMEAR(ExampleRoutedMoE):
-    """SMEAR layer: per-example routing, one merged expert per example.
+    """SMEAR layer: per-example routing, one merged expert per example (``MoE`` with ``ExampleFeatures``
+    and ``MergeDispatch``).
 
     Args:
         experts: any expert bank (adapter, mlp, glu, conv).
@@ -122,8 +166,6 @@ class SMEAR(ExampleRoutedMoE):
     ``forward(x, *, mask=None, meta=None) -> MoEOutput``; inputs as in ``ExampleRoutedMoE``. The
     decision has K = E (every expert, weighted by the merge weights).
     """
-
-    combines = ("merge",)
 
     def __init__(
         self,
@@ -145,16 +187,14 @@ class SMEAR(ExampleRoutedMoE):
             raise ValueError(
                 f"SMEAR merges with the router's full distribution; got sparse router {type(router).__name__}"
             )
-        super().__init__(router, experts, combine="merge", segment_len=segment_len, first_segment=first_segment,
-                         device=device, dtype=dtype)  # fmt: skip
-        self.merge_chunk_bytes = check_int("merge_chunk_bytes", merge_chunk_bytes, low=1)
+        super().__init__(router, experts, combine=MergeDispatch(merge_chunk_bytes), segment_len=segment_len,
+                         first_segment=first_segment, device=device, dtype=dtype)  # fmt: skip
 
-    def _combine(self, x_N: Tensor, decision: RoutingDecision, sizes_G: Tensor) -> Tensor:
-        probs_GE = decision.gates_TE()
-        budget = min(self.merge_chunk_bytes, DEFAULT_CHUNK_BYTES)
-        y = None
-        if probs_GE.shape[0] * merged_bytes_per_group(self.experts) > budget:  # small merges: plain path is as fast
-            y = merged_forward_fused(self.experts, x_N, probs_GE, sizes_G, max_bytes=budget)
-        if y is None:
-            y = merged_forward_chunked(self.experts, x_N, probs_GE, sizes_G, max_bytes=self.merge_chunk_bytes)
-        return y
+    @property
+    def merge_chunk_bytes(self) -> int:
+        """The memory budget for merged parameters (see the module docstring)."""
+        return self.dispatcher.max_bytes
+
+    @merge_chunk_bytes.setter
+    def merge_chunk_bytes(self, value: int) -> None:
+        self.dispatcher = MergeDispatch(value)

@@ -7,7 +7,7 @@ adapter says
 * which modules are sparse MoE blocks (``blocks``; dense layers are not), their expert count and how
   they route (``routing``: score function, top-k, routing biases, group-limited routing);
 * which of a block's tensors are never touched (``shared_tensors``: shared experts and their gates);
-* how to read a block into ``ExpertLayerWeights`` (``read``) and write a ``LayerMergeResult`` back
+* how to read a block into ``ExpertLayerWeights`` (``read``; its bank alone: ``read_bank``) and write a ``LayerMergeResult`` back
   in the plain or exact form (``write``), or a compressed bank (``write_compressed``);
 * how to watch a block run (``observe``): hooks that report each call as a ``BlockCall`` -- the
   block's input tokens and the routing the experts really received (after biases, group limits and
@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from .weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from .weights import BankWeights, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
 __all__ = ["BlockAdapter", "FORMS"]
 
@@ -36,6 +36,8 @@ class BlockAdapter(abc.ABC):
     """Reads, writes and observes the MoE blocks of one model family (stateless)."""
 
     name: ClassVar[str]
+    #: whether ``write_compressed`` can put a moekit low-rank + sparse bank into this family's blocks
+    compressible: ClassVar[bool] = True
 
     # ----- structure
     @abc.abstractmethod
@@ -62,6 +64,11 @@ class BlockAdapter(abc.ABC):
     @abc.abstractmethod
     def read(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         """The block's routed experts and router (detached; may share storage with the block)."""
+
+    @abc.abstractmethod
+    def read_bank(self, block: nn.Module, config: Any) -> BankWeights:
+        """The block's expert bank alone (also of a reduced block in the exact form, whose router
+        keeps E outputs): what the low-rank step compresses."""
 
     @abc.abstractmethod
     def write(self, block: nn.Module, result: LayerMergeResult, form: str, config: Any) -> nn.Module:

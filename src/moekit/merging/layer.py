@@ -60,6 +60,13 @@ def list_merge_methods() -> list[str]:
     return MERGE_METHODS.names()
 
 
+def first_members(groups_E: Tensor, num_groups: int) -> Tensor:
+    """The lowest expert id of each group: ``groups_E [E]`` (group of each expert) -> ``[G]``."""
+    E = groups_E.shape[0]
+    ids = torch.arange(E, dtype=torch.long)
+    return torch.full((num_groups,), E, dtype=torch.long).scatter_reduce(0, groups_E.long(), ids, "amin")
+
+
 def merge_layer(
     weights: ExpertLayerWeights,
     frequency_E: Tensor,
@@ -91,8 +98,9 @@ def merge_layer(
         grouping: override: ``"router_logits"``, ``"expert_output"`` (needs ``calib_inputs_TD``), ``"random"``.
         merge: override: ``"frequency"``, ``"uniform"`` or ``"dominant"`` (keep the dominant expert only).
         align: override: permutation-align group members before averaging.
-        anchor: ``"dominant"`` aligns each expert to its group's dominant expert; an int aligns every
-            expert to that expert id (the paper uses expert 0).
+        anchor: ``"dominant"`` aligns each expert to its group's dominant expert; ``"first"`` to its
+            group's lowest-id member (the official MC-SMoE code: ``expert_indices[0]`` of each group); an
+            int aligns every expert to that expert id.
         calib_inputs_TD: the layer's inputs on calibration tokens ``[T, D]`` (expert-output grouping).
         fold: plain-form router fold, ``"lse"`` or ``"dominant"`` (see ``moekit.merging.merge``).
         seed: seed of random grouping.
@@ -128,10 +136,12 @@ def merge_layer(
     if align and merge != "dominant":
         if anchor == "dominant":
             weights = align_experts(weights, dominant_G[groups_E])
+        elif anchor == "first":
+            weights = align_experts(weights, first_members(groups_E, num_groups)[groups_E])
         elif isinstance(anchor, int) and not isinstance(anchor, bool):
             weights = align_experts(weights, anchor)
         else:
-            raise ValueError(f"anchor must be 'dominant' or an expert id in [0, {E}), got {anchor!r}")
+            raise ValueError(f"anchor must be 'dominant', 'first' or an expert id in [0, {E}), got {anchor!r}")
 
     if merge == "dominant":
         params = {name: p.detach()[dominant_G].clone() for name, p in weights.params.items()}

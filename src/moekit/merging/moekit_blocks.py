@@ -16,12 +16,12 @@ from torch import nn
 
 from .._checks import check_choice
 from ..experts.mlp import GLUExperts, MLPExperts
-from ..layers.moe import MoE
+from ..layers.moe import MoE, is_token_moe
 from ..layers.remap import RemappedMoE
 from ..routers.topk import TopKRouter
 from .adapter import FORMS, BlockAdapter
 from .observer import BlockCall
-from .weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from .weights import BankWeights, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 
 __all__ = ["MoekitBlocks", "MOEKIT_BLOCKS", "moe_layers", "read_moe_layer", "build_merged_layer"]
 
@@ -31,8 +31,8 @@ def read_moe_layer(moe: nn.Module) -> ExpertLayerWeights:
     ``ExpertLayerWeights``."""
     if isinstance(moe, RemappedMoE):
         raise ValueError("this layer is already merged (RemappedMoE); merge the original model instead")
-    if not isinstance(moe, MoE):
-        raise TypeError(f"expected a moekit MoE layer, got {type(moe).__name__}")
+    if not is_token_moe(moe):
+        raise TypeError(f"expected a per-token moekit MoE layer, got {type(moe).__name__}")
     if not isinstance(moe.router, TopKRouter):
         raise ValueError(f"merging needs a linear-gate router (topk, switch), got {type(moe.router).__name__}")
     bank = moe.experts
@@ -81,7 +81,7 @@ class MoekitBlocks(BlockAdapter):
     name = "moekit"
 
     def blocks(self, module: nn.Module) -> dict[str, nn.Module]:
-        return {name: m for name, m in module.named_modules() if isinstance(m, (MoE, RemappedMoE))}
+        return {name: m for name, m in module.named_modules() if is_token_moe(m)}
 
     def num_experts(self, block: nn.Module) -> int:
         return int(block.experts.num_experts)
@@ -94,6 +94,13 @@ class MoekitBlocks(BlockAdapter):
 
     def read(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         return read_moe_layer(block)
+
+    def read_bank(self, block: nn.Module, config: Any) -> BankWeights:
+        bank = block.experts
+        if not isinstance(bank, (GLUExperts, MLPExperts)):
+            raise ValueError(f"low-rank compression needs an 'mlp' or 'glu' bank, got {type(bank).__name__}")
+        kind = "glu" if isinstance(bank, GLUExperts) else "mlp"
+        return BankWeights(kind, {n: p.detach() for n, p in bank.stacked_parameters().items()}, bank.activation)
 
     def write(self, block: nn.Module, result: LayerMergeResult, form: str, config: Any) -> nn.Module:
         return build_merged_layer(block, result, form)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, read_config_json
+from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_config_sizes, header_shapes, read_config_json
 from ..models.lm import MoELM
 from ..registry import MODELS
 from .memory import release_memory
@@ -46,11 +46,16 @@ def moekit_skeleton(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = read_config_json(directory)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{str(directory)!r} is not a moekit checkpoint (config.json without format 'moekit')")
+    weights = Path(directory) / WEIGHTS_NAME
+    if weights.is_file():  # a missing file is reported by the weight source
+        check_config_sizes(meta.get("config"), header_shapes(weights), where=str(Path(directory) / CONFIG_NAME))
     try:
         with _SkipRandomInit():
             model = MODELS.create(meta["model"], **meta.get("config", {}), device="meta")
     except TypeError as err:
         raise ValueError(f"{str(directory)!r}: config.json does not build a {meta['model']!r}: {err}") from None
+    except (RuntimeError, OverflowError) as err:
+        raise ValueError(f"{str(directory)!r}: config.json cannot be built: {err}") from None
     return model.eval(), meta
 
 
@@ -119,9 +124,13 @@ class MoekitWriter:
 
     def finish(self, model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
         parts = [self._part(i) for i in range(len(self.units) + 1)]
-        concat_safetensors(parts, self.directory / WEIGHTS_NAME)
+        weights = self.directory / WEIGHTS_NAME
+        # the weights appear (by a rename) before any part is removed: a part missing on a resume means
+        # a killed earlier finish had already written them whole
+        if all(p.is_file() for p in parts) or not weights.is_file():
+            concat_safetensors(parts, weights)
         for part in parts:
-            part.unlink()
+            part.unlink(missing_ok=True)
         config = dict(self.meta.get("config", {}))
         if callable(getattr(model, "config", None)):
             config.update(model.config())

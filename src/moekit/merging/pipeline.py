@@ -10,7 +10,9 @@
    equal counts per group and ``top_k`` reachable experts).
 3. **compress**, unit by unit: statistics (from step 1, or observed now on the inputs that reach the
    unit), ``method.reduce`` per block (merge / prune), the block written back in the plain or exact
-   form; optionally the low-rank + sparse step; the unit's outputs become the next unit's inputs --
+   form; optionally the low-rank + sparse step (``moekit.merging.lowrank``: every block not excluded,
+   with layer-wise recovery against the original block's outputs on the inputs that reach it); the
+   unit's outputs become the next unit's inputs --
    the outputs of the *compressed* unit with ``propagate="compressed"`` (GPTQ-style, the default of
    ``compress``), of the original unit with ``propagate="original"`` (what M-SMoE and REAP do, the
    default of the merge fronts).
@@ -35,6 +37,7 @@ from .._checks import check_choice, check_int
 from ..models.lm import MoELM
 from .adapter import FORMS
 from .dominant import allocate_experts
+from .lowrank import LowRankOptions, Recovery, compress_block
 from .methods import ExpertMethod, create_method
 from .methods.base import reduce_block
 from .moekit_blocks import MOEKIT_BLOCKS
@@ -50,6 +53,7 @@ __all__ = [
     "BUDGETS",
     "WeightSource",
     "run_pipeline",
+    "check_request",
     "calibrate",
     "merge_moekit_model",
     "moekit_stack",
@@ -77,6 +81,8 @@ class CompressionSpec:
             pad every block to the largest count with experts the router can never choose (needs a
             router or selection bias); otherwise such a request is refused.
         propagate: ``"compressed"`` or ``"original"`` (see the module docstring).
+        lowrank: the low-rank + sparse step (``LowRankOptions``) applied to every block not excluded,
+            after merging; None = no such step. Its recovery needs ``propagate="compressed"``.
     """
 
     method: str = "m-smoe"
@@ -87,6 +93,7 @@ class CompressionSpec:
     exclude: tuple[str, ...] = ()
     pad: bool = False
     propagate: str = "compressed"
+    lowrank: LowRankOptions | None = None
 
     def __post_init__(self) -> None:
         check_choice("form", self.form, FORMS)
@@ -94,10 +101,18 @@ class CompressionSpec:
         check_choice("propagate", self.propagate, PROPAGATIONS)
         if self.experts is not None:
             check_int("experts", self.experts, low=1)
+        if self.lowrank is not None and not isinstance(self.lowrank, LowRankOptions):
+            raise TypeError(f"lowrank must be LowRankOptions or None, got {type(self.lowrank).__name__}")
+        if self.lowrank is not None and self.lowrank.recover_steps and self.propagate != "compressed":
+            raise ValueError(
+                "layer-wise recovery (recover_steps > 0) matches each block on the inputs the compressed model "
+                f"gives it; it needs propagate='compressed', got propagate={self.propagate!r}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["method_options"] = dict(self.method_options)
+        out["lowrank"] = None if self.lowrank is None else asdict(self.lowrank)
         out["exclude"] = list(self.exclude)
         return out
 
@@ -185,6 +200,17 @@ def _fit_to_routing(counts: dict[str, int], routing: dict[str, RoutingSpec], exp
             )
         out[name] = fitted
     return out
+
+
+def check_request(stack: LayerStack, spec: CompressionSpec) -> list[str]:
+    """Errors of a request that cannot be met on ``stack``, before any work (blocks, expert counts,
+    forms, method options, whether the family can hold compressed experts); returns the reduced blocks."""
+    create_method(spec.method, **dict(spec.method_options))
+    blocks = _find_blocks(stack)
+    if spec.lowrank is not None and not stack.adapter.compressible:
+        raise ValueError(f"{stack.adapter.name}: compressed experts (--rank) are not supported for this family; "
+                         "merge or prune only")  # fmt: skip
+    return _check_request(spec, blocks, stack)
 
 
 class _Run:
@@ -334,12 +360,17 @@ class _Run:
                 name, last = self.units[i], i == len(self.units) - 1
                 inputs = self.work.hidden("input" if i == 0 else f"compress/{i}") if carry else None
                 to_reduce = [n for n in self.blocks.by_unit[i] if n in self.reduced and counts[n] < self.blocks.experts[n]]
+                low = [n for n in self.blocks.by_unit[i] if n not in set(spec.exclude)] if spec.lowrank else []
                 self.source.load(self.stack, [name])
+                recover = spec.lowrank is not None and spec.lowrank.recover_steps > 0 and low
+                targets = self._capture(i, inputs, low) if recover else {}
                 unit_stats = stats
                 if carry and to_reduce:
                     unit_stats = self._pass(i, inputs, self.method.statistics(), None, to_reduce)
                 for block_name in to_reduce:
                     self._reduce(block_name, unit_stats[block_name], counts[block_name])
+                for block_name in low:
+                    self._low_rank(block_name, targets.get(block_name))
                 if carry and not last:
                     self._pass(i, inputs, None, self.work.hidden(f"compress/{i + 1}"))
                 if self.verify is not None:
@@ -366,6 +397,75 @@ class _Run:
         if new is not block:
             stack.replace(name, new)
         self.layers[name] = {"experts": G, "router_outputs": E if self.spec.form == "exact" else G}
+
+    def _capture(self, index: int, inputs: Any, names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Inputs and outputs ``([T, D], [T, D])`` of the original blocks ``names`` of unit ``index`` on
+        the unit's calibration inputs (real tokens only, at most ``LowRankOptions.recover_pool``)."""
+        assert self.spec.lowrank is not None
+        pool = self.spec.lowrank.recover_pool
+        unit = self.stack.unit(self.units[index])
+        seen: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in names}
+        valid: list[Tensor | None] = [None]
+
+        def hook(name: str) -> Callable[..., None]:
+            def on_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+                x = (args[0] if args else next(iter(kwargs.values()))).detach()
+                y = (output[0] if isinstance(output, tuple) else output).detach()
+                x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                if valid[0] is not None and valid[0].numel() == x.shape[0]:
+                    x, y = x[valid[0]], y[valid[0]]
+                xs, ys = seen[name]
+                room = pool - sum(t.shape[0] for t in xs)
+                if room > 0:
+                    xs.append(x[:room].clone())
+                    ys.append(y[:room].clone())
+
+            return on_block
+
+        handles = [unit.get_submodule(self.blocks.relative[n]).register_forward_hook(hook(n), with_kwargs=True)
+                   if self.blocks.relative[n] else unit.register_forward_hook(hook(n), with_kwargs=True) for n in names]  # fmt: skip
+        try:
+            with torch.no_grad():
+                for b in range(self.num_batches):
+                    valid[0] = self.valid[b]
+                    self.stack.run(index, inputs.get(b), self.contexts[b])
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: (torch.cat(xs), torch.cat(ys)) for n, (xs, ys) in seen.items() if xs}
+
+    def _low_rank(self, name: str, target: tuple[Tensor, Tensor] | None) -> None:
+        """The low-rank + sparse step on block ``name`` (its current, possibly reduced, experts)."""
+        assert self.spec.lowrank is not None
+        stack, adapter = self.stack, self.stack.adapter
+        block = stack.unit(name)
+        weights = adapter.read_bank(block, stack.config)
+        recovery = None
+        if target is not None:
+            frozen = [p for p in block.parameters() if p.requires_grad]
+
+            def forward(bank: nn.Module, x_ND: Tensor) -> Tensor:
+                module = adapter.write_compressed(block, bank, stack.config)
+                out = module(x_ND.unsqueeze(0))
+                out = out[0] if isinstance(out, tuple) else out
+                return out.reshape(-1, out.shape[-1])
+
+            recovery = Recovery(target[0], target[1], forward)
+            for p in frozen:
+                p.requires_grad_(False)
+        try:
+            bank = compress_block(weights, self.spec.lowrank, recovery)
+        finally:
+            if recovery is not None:
+                for p in frozen:
+                    p.requires_grad_(True)
+        new = adapter.write_compressed(block, bank, stack.config)
+        if new is not block:
+            stack.replace(name, new)
+        E = self.blocks.experts[name]
+        record = self.layers.setdefault(name, {"experts": E, "router_outputs": E})
+        record["compression"] = {"kind": weights.kind, "dim": bank.dim, "hidden": bank.hidden, "activation": bank.activation,
+                                 "bias": getattr(bank, "up_bias", None) is not None, **bank.compression_layout()}  # fmt: skip
 
     def _record(self, counts: dict[str, int]) -> dict[str, Any]:
         return {

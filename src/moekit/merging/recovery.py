@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from ..models.lm_train import train_lm
+from ..training import train_lm
 
 __all__ = ["recover"]
 

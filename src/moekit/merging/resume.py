@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..reporting import atomic_write_text, check_output_dir, publish_dir
+from ..reporting import as_staging, atomic_write_text, check_output_dir, publish_dir
 from .shards import save_tensors
 from .work import BlockStats, HiddenStore, Work
 
@@ -84,10 +84,13 @@ class RunDirectory:
         self.work = self.path / "work"
 
     def publish(self, overwrite: bool) -> Path:
-        """Drop the work files and the marker, then rename the finished directory to ``out``."""
-        shutil.rmtree(self.work, ignore_errors=True)
-        (self.path / MARKER).unlink(missing_ok=True)
-        return publish_dir(self.path, self.out, overwrite=overwrite)
+        """Make the finished directory an ordinary staging directory of ``out`` (a kill from then on
+        leaves debris the next run removes; before, the run directory with its marker), drop the work
+        files and the run marker, then rename it to ``out``."""
+        stage = as_staging(self.path, self.out, writer="compress_checkpoint")
+        shutil.rmtree(stage / "work", ignore_errors=True)
+        (stage / MARKER).unlink(missing_ok=True)
+        return publish_dir(stage, self.out, overwrite=overwrite)
 
 
 def _load(path: Path) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ..stats import default_forward
 from .adapter import BlockAdapter
 
 __all__ = ["LayerStack", "WholeModelStack", "MoELMStack", "set_module"]
@@ -93,7 +94,7 @@ class WholeModelStack(LayerStack):
         forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(model, adapter, config)
-        self.forward = forward or _default_forward
+        self.forward = forward or default_forward
 
     def units(self) -> list[str]:
         return [""]
@@ -103,10 +104,6 @@ class WholeModelStack(LayerStack):
 
     def run(self, index: int, hidden: Any, context: Any) -> Any:
         return self.forward(self.model, hidden)
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
 
 
 class MoELMStack(LayerStack):

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..checkpoint import read_config_json
 from ..reporting import check_output_dir, write_json
 from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
-from .pipeline import CompressionSpec, WeightSource, run_pipeline
+from .pipeline import CompressionSpec, WeightSource, check_request, run_pipeline
 from .resume import DiskWork, RunDirectory, tensor_digest
 from .shards import tensor_sizes
 from .stack import LayerStack
@@ -210,6 +210,7 @@ def compress_checkpoint(
     if not batches:
         raise ValueError("no calibration batches given")
     opened = open_checkpoint(src)
+    check_request(opened.stack, spec)
     memory = plan_memory(opened, max_memory)
     tensors = [t for batch in batches for t in (batch.values() if isinstance(batch, dict) else [batch])]
     run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}

@@ -23,7 +23,7 @@ from torch import Tensor
 from .._checks import check_choice
 from ..experts.base import activation_fn
 
-__all__ = ["ExpertLayerWeights", "LayerMergeResult", "RoutingSpec", "EXPERT_KINDS", "SCORES", "glu_hidden"]
+__all__ = ["ExpertLayerWeights", "BankWeights", "LayerMergeResult", "RoutingSpec", "EXPERT_KINDS", "SCORES", "glu_hidden"]
 
 EXPERT_KINDS = ("mlp", "glu")
 #: router score functions: softmax over all E logits, softmax over the top-k logits only, sigmoid
@@ -147,6 +147,16 @@ class ExpertLayerWeights:
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert ``e`` on tokens ``[N, D]``: ``[N, D]`` fp32 (plain ops, the reference)."""
         return self.down(self.hidden(x_ND, e), e)
+
+
+@dataclass(frozen=True)
+class BankWeights:
+    """A block's expert bank alone (no router): ``kind`` (``"glu"``/``"mlp"``), moekit-layout tensors
+    ``params`` (``[G, ...]``, see ``moekit.merging.weights``) and the activation's moekit name."""
+
+    kind: str
+    params: dict[str, Tensor]
+    activation: str
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..experts.lowrank import LowRankSparseExperts
+from ..experts.packed import PackedLowRankSparseExperts
 from ..layers.moe import MoE
 from ..layers.remap import RemappedMoE
 from ..registry import EXPERTS, MODELS, ROUTERS
+from ..training import lm_loss
 from ..types import MoEOutput
 
 __all__ = ["MoELM", "CausalSelfAttention", "lm_loss"]
@@ -189,16 +192,9 @@ def _bank(experts: str, bank_kw: dict[str, Any], layout: Mapping[str, Any] | Non
         raise ValueError(f"{where} must be None or {{'rank': int, 'kept_rows': ...}}, got {layout!r}")
     if experts not in ("glu", "mlp"):
         raise ValueError(f"{where}: compressed layers need experts 'glu' or 'mlp', got {experts!r}")
-    from ..merging.packed import LowRankSparseExperts, PackedLowRankSparseExperts  # lazy: merging imports lm_train
-
     try:
         if layout["kept_rows"] is None:
             return LowRankSparseExperts(EXPERTS.create(experts, **bank_kw), layout["rank"])
         return PackedLowRankSparseExperts(kind=experts, rank=layout["rank"], kept_rows=layout["kept_rows"], **bank_kw)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
-
-
-def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats (divide by ln 2 for bits per byte)."""
-    return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), targets_BS.reshape(-1))

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
-from ..experts.dispatch import combine_dense, dispatch
-from ..layers.moe import flatten_meta
+from ..layers.moe import MoE
 from ..registry import EXPERTS, MODELS, ROUTERS
 from ..routers.base import Router
 from ..types import MoEOutput
@@ -63,7 +62,7 @@ def _as_task(task: TaskSpec | Mapping[str, Any]) -> TaskSpec:
 
 
 @MODELS.register("mmoe", summary="multi-gate multi-task MoE: shared experts, one gate and tower per task")
-class MultiGateMoE(nn.Module):
+class MultiGateMoE(MoE):
     """``y_t = tower_t(sum_e g_t(x)_e expert_e(x))`` for every task t.
 
     Args:
@@ -95,20 +94,22 @@ class MultiGateMoE(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.tasks = [_as_task(t) for t in tasks]
-        if not self.tasks:
+        task_specs = [_as_task(t) for t in tasks]
+        if not task_specs:
             raise ValueError("tasks must name at least one task, got none")
-        self.in_dim = check_int("in_dim", in_dim, low=1)
-        self.combine = check_choice("combine", combine, ("sparse", "dense"))
+        check_int("in_dim", in_dim, low=1)
+        check_choice("combine", combine, self.combines)
         kw = {"device": device, "dtype": dtype}
-        self.experts = EXPERTS.create(
+        bank = EXPERTS.create(
             experts,
             num_experts=num_experts,
             dim=in_dim,
             **{"hidden": expert_hidden, "out_dim": expert_dim, "activation": "relu", **(expert_kwargs or {})},
             **kw,
         )
+        super().__init__(None, bank, combine=combine)  # routed per call: one gate per task
+        self.tasks = task_specs
+        self.in_dim = in_dim
         by_name = gates is None
         if gates is None:
             gates = [
@@ -164,17 +165,8 @@ class MultiGateMoE(nn.Module):
     def forward(self, x: Tensor, meta: Mapping[str, Any] | None = None) -> MultiTaskOutput:
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"input must be [B, in_dim={self.in_dim}], got shape {tuple(x.shape)}")
-        meta = flatten_meta(meta, x.shape[:1])
-        outputs, moe = [], []
-        for gate, tower in zip(self.gates, self.towers):
-            decision = gate(x, meta=meta)
-            if self.combine == "sparse":
-                h = dispatch(self.experts, x, decision)
-            else:
-                h = combine_dense(self.experts, x, decision.gates_TE())
-            outputs.append(tower(h))
-            moe.append(MoEOutput(y=h, aux=dict(decision.aux), decision=decision))
-        return MultiTaskOutput(outputs, moe)
+        moe = [self.forward_with(gate, x, meta=meta) for gate in self.gates]
+        return MultiTaskOutput([tower(out.y) for tower, out in zip(self.towers, moe)], moe)
 
     def _check_targets(self, targets: Sequence[Tensor]) -> None:
         if len(targets) != len(self.tasks):

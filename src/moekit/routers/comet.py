@@ -123,7 +123,7 @@ class COMETRouter(Router):
         scores = (leaf_scores + log_P).flatten(1)  # one softmax over all k*n leaves
         ghat = torch.softmax(scores, dim=-1).reshape_as(P)
         gates = ghat.sum(1)  # leaf j of every tree -> expert j
-        aux = {"entropy_reg": selector_entropy(P).sum(-1).mean()}
+        aux = {"entropy_reg": selector_entropy(P).sum() / max(x_TD.shape[0], 1)}  # 0 on no token
         return sparse_decision(gates, self.k, probs_TE=gates, aux=aux)
 
     def extra_repr(self) -> str:

@@ -116,9 +116,9 @@ class DSelectKRouter(Router):
             check_finite(z, self.layer_name)
         r = self.selector_outputs(z)
         gates = (torch.softmax(alpha, dim=-1).unsqueeze(-1) * r).sum(1)  # [T, n]
-        aux = {"entropy_reg": selector_entropy(r).sum(-1).mean()}
+        aux = {"entropy_reg": selector_entropy(r).sum() / max(x_TD.shape[0], 1)}  # 0 on no token
         if self.num_experts != 2**self.num_bits:
-            aux["unreachable"] = (1.0 / (r.sum(-1) + 1e-6)).sum(-1).mean()
+            aux["unreachable"] = (1.0 / (r.sum(-1) + 1e-6)).sum() / max(x_TD.shape[0], 1)
         return sparse_decision(gates, self.k, probs_TE=gates, aux=aux)
 
     def extra_repr(self) -> str:

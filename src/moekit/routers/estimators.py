@@ -102,7 +102,7 @@ class ReinforceRouter(Router):
             ids = torch.multinomial(probs.detach(), 1)
             extras = {
                 "log_prob": torch.log_softmax(logits, -1).gather(1, ids).squeeze(1),
-                "baseline": self.baseline(x_TD.detach().float()).squeeze(1),
+                "baseline": self.baseline(x_TD.detach().to(self.baseline[0].weight.dtype)).squeeze(1).float(),
                 "entropy": -(probs * torch.log_softmax(logits, -1)).sum(-1),
             }
         else:

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from ...merging.adapter import FORMS, BlockAdapter
 from ...merging.observer import BlockCall
-from ...merging.weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from ...merging.weights import BankWeights, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 from ...types import RoutingDecision
+from .compressed import CompressedExperts
 
 __all__ = [
     "MoEFamily",
@@ -178,6 +179,17 @@ class MoEFamily(BlockAdapter):
             self.kind, self.read_experts(block), weight, bias, self.activation(config), self.activation_params(config),
             self.read_router_extras(block),
         )  # fmt: skip
+
+    def read_bank(self, block: nn.Module, config: Any) -> BankWeights:
+        experts = getattr(block, self.experts_attr)
+        if isinstance(experts, CompressedExperts):
+            raise ValueError("this block's experts are already compressed (low-rank + sparse); use the original model")
+        return BankWeights(self.kind, self.read_experts(block), self.activation(config))
+
+    def write_compressed(self, block: nn.Module, bank: nn.Module, config: Any) -> nn.Module:
+        """The block's experts module replaced by ``CompressedExperts(bank)`` (same call signature)."""
+        setattr(block, self.experts_attr, CompressedExperts(bank))
+        return block
 
     def read_layer(self, block: nn.Module, config: Any) -> ExpertLayerWeights:
         """``read`` (kept name)."""

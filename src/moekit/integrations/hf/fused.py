@@ -30,8 +30,10 @@ class RemappedTopKRouter(RemappedRouter):
         return logits, weights, self.expert_map[ids]
 
 
-def topk_decision(output: Any) -> RoutingDecision:
-    """A top-k router's ``(logits [T, E], weights [T, K], ids [T, K])`` as a ``RoutingDecision``."""
+def topk_decision(output: Any, score: str = "softmax") -> RoutingDecision:
+    """A top-k router's ``(logits [T, E], weights [T, K], ids [T, K])`` as a ``RoutingDecision``;
+    ``probs_TE`` are the router's per-expert scores (``score``: softmax, or sigmoid for DeepSeek-V3-style
+    routers)."""
     logits, weights, ids = output
     logits_TE = logits.detach().reshape(-1, logits.shape[-1]).float()
     return RoutingDecision(
@@ -39,7 +41,7 @@ def topk_decision(output: Any) -> RoutingDecision:
         weights_TK=weights.detach().reshape(logits_TE.shape[0], -1).float(),
         num_experts=logits_TE.shape[1],
         logits_TE=logits_TE,
-        probs_TE=torch.softmax(logits_TE, dim=-1),
+        probs_TE=torch.sigmoid(logits_TE) if score == "sigmoid" else torch.softmax(logits_TE, dim=-1),
     )
 
 
@@ -66,8 +68,12 @@ class FusedTopKFamily(MoEFamily):
         experts = self._experts(block)
         return {n: getattr(experts, n).detach() for n in FUSED}
 
+    def router_linear(self, router: nn.Module) -> nn.Module:
+        """The module holding the router's ``weight [E, D]`` (the router itself; HunYuan: ``router.wg``)."""
+        return router
+
     def read_router(self, block: nn.Module) -> tuple[Tensor, Tensor | None]:
-        return self.router(block).weight.detach(), None
+        return self.router_linear(self.router(block)).weight.detach(), None
 
     def activation(self, config: Any) -> str:
         return moekit_activation(config.hidden_act)
@@ -91,13 +97,17 @@ class FusedTopKFamily(MoEFamily):
         if isinstance(router, RemappedRouter):
             raise ValueError("cannot write a plain router into an exact-form (remapped) block")
         G = weight_GD.shape[0]
-        old = router.weight
+        linear = self.router_linear(router)
+        old = linear.weight
         new = weight_GD.detach().to(old.device, old.dtype).clone()
-        router.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+        linear.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+        if isinstance(linear, nn.Linear):
+            linear.out_features = G
         router.num_experts = G
         router.top_k = min(router.top_k, G)
-        if hasattr(block, "top_k"):
-            block.top_k = min(block.top_k, G)
+        for name in ("top_k", "num_experts"):  # blocks that keep their own copies (Phi-MoE, ERNIE)
+            if isinstance(getattr(block, name, None), int):
+                setattr(block, name, min(getattr(block, name), G))
 
     def remapped_router(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> RemappedRouter:
         return RemappedTopKRouter(router, expert_map, num_experts)

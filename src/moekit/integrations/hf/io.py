@@ -71,24 +71,30 @@ def save_hf_model(
 
 
 def layout_class(cls: type) -> type:
-    """A subclass of the architecture ``cls`` (same name) that builds the exact merged layout recorded
-    in ``config.moekit_merge``, or the moekit routers in ``config.moekit_routers``, before weights are loaded."""
+    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in
+    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``)
+    and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows); or the moekit
+    routers recorded in ``config.moekit_routers`` (``replace_routers``)."""
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        from .compressed import compressed_bank
+
         cls.__init__(self, config, *args, **kwargs)
         routers = getattr(config, ROUTERS_CONFIG_KEY, None)
         if isinstance(routers, dict):
             apply_router_record(self, routers)
         family = family_for(config)
         blocks = family.blocks(self)
-        merge = getattr(config, MERGE_CONFIG_KEY, None)
-        exact = isinstance(merge, dict) and merge.get("form") == "exact"
-        for name, layer in (merge["layers"] if exact else {}).items():
+        record = getattr(config, MERGE_CONFIG_KEY, None)
+        for name, layer in (record["layers"] if isinstance(record, dict) else {}).items():
             if name not in blocks:
                 raise ValueError(f"config.{MERGE_CONFIG_KEY} names block {name!r}, which this model does not have")
             G, E = int(layer["experts"]), int(layer["router_outputs"])
-            family.resize_experts(blocks[name], G)
-            family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+            if record.get("form") == "exact" and G < E:
+                family.resize_experts(blocks[name], G)
+                family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+            if "compression" in layer:
+                family.write_compressed(blocks[name], compressed_bank(G, layer["compression"]), config)
             # every tensor of the block comes from the checkpoint (load_hf_model checks that strictly):
             # skip the family's own weight init, which assumes E experts and a stock router
             blocks[name]._is_hf_initialized = True
@@ -109,10 +115,15 @@ def architecture(config: Any) -> type:
 
 
 def needs_moekit_layout(config: Any) -> bool:
-    """Whether the checkpoint's blocks differ from what its stock config builds (exact form, moekit routers)."""
+    """Whether the checkpoint's blocks differ from what its stock config builds (exact form,
+    compressed experts, or moekit routers)."""
+    if isinstance(getattr(config, ROUTERS_CONFIG_KEY, None), dict):
+        return True
     merge = getattr(config, MERGE_CONFIG_KEY, None)
-    routers = getattr(config, ROUTERS_CONFIG_KEY, None)
-    return (isinstance(merge, dict) and merge.get("form") == "exact") or isinstance(routers, dict)
+    if not isinstance(merge, dict):
+        return False
+    layers = merge.get("layers") or {}
+    return merge.get("form") == "exact" or any("compression" in layer for layer in layers.values())
 
 
 def load_hf_model(

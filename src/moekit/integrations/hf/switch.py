@@ -37,6 +37,7 @@ class RemappedSwitchRouter(RemappedRouter):
 @register_family
 class SwitchFamily(MoEFamily):
     name = "switch_transformers"
+    compressible = False  # a ModuleDict of experts with per-expert capacity: no moekit bank in its place
     model_types = ("switch_transformers",)
     kind = "mlp"
     experts_key = "num_experts"
@@ -138,6 +139,18 @@ class SwitchFamily(MoEFamily):
         for block in self.blocks(model).values():
             self.router(block).expert_capacity = capacity
 
-    def forward_tokens(self, model: nn.Module, ids_BS: Tensor) -> Any:
-        """Encoder input = the ids; decoder input = the ids shifted right (as for ``labels``)."""
-        return model(input_ids=ids_BS, labels=ids_BS)
+    def write_compressed(self, block: nn.Module, bank: nn.Module, config: Any) -> nn.Module:
+        raise ValueError(
+            "switch_transformers: compressed experts (--rank) are not supported (its block runs a ModuleDict of "
+            "experts with per-expert capacity, which a moekit bank does not replace); merge or prune only"
+        )
+
+    def forward_tokens(self, model: nn.Module, batch: Any) -> Any:
+        """Encoder input = the ids; decoder input = ``decoder_input_ids`` when the batch has them, else the
+        ids shifted right (as for ``labels``). ``batch``: ids ``[B, S]`` or a dict of token-id tensors."""
+        if isinstance(batch, Tensor):
+            return model(input_ids=batch, labels=batch)
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "decoder_input_ids")}
+        if "decoder_input_ids" not in inputs:
+            inputs["labels"] = inputs["input_ids"]
+        return model(**inputs)

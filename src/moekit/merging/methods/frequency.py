@@ -25,6 +25,8 @@ class FrequencyPruning(ExpertMethod):
     """Options: ``max_tokens`` (router logits kept per block for the exact form's redirect)."""
 
     name = "frequency"
+    #: help of each option on the command line (``moekit compress``)
+    option_help = {"max_tokens": "router logits kept per block for the exact form's redirect"}
 
     def __init__(self, *, max_tokens: int = 8192) -> None:
         self.max_tokens = max_tokens

@@ -24,11 +24,22 @@ __all__ = ["MSMoE"]
                          summary="M-SMoE: frequency-chosen dominant experts, router-logit grouping, aligned frequency-weighted merge")  # fmt: skip
 class MSMoE(ExpertMethod):
     """Options: ``recipe`` (MERGE_METHODS name, default ``"mcsmoe"``), ``grouping``, ``merge``,
-    ``align``, ``anchor`` (``"dominant"`` or an expert id; the paper uses 0), ``fold`` (plain-form
-    router: ``"lse"`` or ``"dominant"``), ``seed`` (random grouping), ``max_tokens`` (router logits
-    and inputs kept per block)."""
+    ``align``, ``anchor`` (``"dominant"``; ``"first"``: each group's lowest id, as the official code; or
+    an expert id), ``fold`` (plain-form router: ``"lse"`` or ``"dominant"``), ``seed`` (random grouping),
+    ``max_tokens`` (router logits and inputs kept per block)."""
 
     name = "m-smoe"
+    #: help of each option on the command line (``moekit compress``)
+    option_help = {
+        "recipe": "merge recipe (moekit.registry.MERGE_METHODS): mcsmoe = the paper, prune / uniform / random = its ablations",
+        "grouping": "how non-dominant experts join a group (default: the recipe's; router-logits in the paper)",
+        "merge": "how a group's experts are averaged (default: the recipe's; activation-frequency weights in the paper)",
+        "align": "permutation-align experts to the anchor before averaging (default: the recipe's; on in the paper)",
+        "anchor": "expert the others are aligned to: 'dominant' or an expert id (the official code uses 0)",
+        "fold": "plain-form router rows of a group: lse or dominant (default: lse for softmax routers, dominant for sigmoid)",
+        "seed": "seed of random grouping",
+        "max_tokens": "router logits and inputs kept per block for grouping",
+    }
 
     def __init__(
         self, *, recipe: str = "mcsmoe", grouping: str | None = None, merge: str | None = None,
