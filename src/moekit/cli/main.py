@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import importlib.util
 import pkgutil
 import sys
 from pathlib import Path
@@ -34,8 +33,9 @@ def commands() -> dict[str, str]:
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name in ("main", "__main__") or info.name.startswith("_"):
             continue
-        spec = importlib.util.find_spec(f"moekit.cli.{info.name}")
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        base = Path(package.__path__[0])
+        source = base / info.name / "__init__.py" if info.ispkg else base / f"{info.name}.py"
+        tree = ast.parse(source.read_text(encoding="utf-8"))
         if any(isinstance(node, ast.FunctionDef) and node.name == "register" for node in tree.body):
             found[info.name] = command_summary(ast.get_docstring(tree) or info.name)
     return found
