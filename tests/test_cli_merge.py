@@ -157,7 +157,7 @@ def _break(kind: str, tmp_path: Path, calib: Path) -> tuple[list[object], str]:
         src = _hf_dir(tmp_path)
         data = (src / "model.safetensors").read_bytes()
         (src / "model.safetensors").write_bytes(data[: len(data) // 2])
-        return [src, "--experts", 2, "--calib", calib], "cannot load the Hugging Face model"
+        return [src, "--experts", 2, "--calib", calib], "cannot read the safetensors files of"
     if kind == "missing_weights":
         src = _hf_dir(tmp_path)
         (src / "model.safetensors").unlink()

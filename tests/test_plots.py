@@ -22,7 +22,6 @@ matplotlib.use("Agg")
 from matplotlib.collections import Collection, QuadMesh  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage, imread  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 QUICK_RUNS = {

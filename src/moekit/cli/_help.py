@@ -14,13 +14,22 @@ import argparse
 import textwrap
 from typing import Any
 
-__all__ = ["DefaultsFormatter", "HelpParser", "is_empty_default", "one_line"]
+__all__ = ["DefaultsFormatter", "HelpParser", "command_summary", "is_empty_default", "one_line"]
 
 
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (a KeyError's message without its quotes)."""
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
     return " ".join(str(message).split()) or type(err).__name__
+
+
+def command_summary(doc: str) -> str:
+    """A command module's one-line summary: the first paragraph of its docstring without the leading
+    ``moekit <command>``: (``moekit --help`` lists it; the module's ``register`` may use it as ``help``)."""
+    first = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    if first.startswith("``") and "``:" in first:
+        first = first.split("``:", 1)[1].strip()
+    return first.rstrip(".")
 
 
 def is_empty_default(value: Any) -> bool:

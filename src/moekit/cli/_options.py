@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 __all__ = [
     "RUNS_ROOT",
     "default_out",
+    "out_for_input",
     "add_out",
     "checked_out",
     "at_least",
@@ -59,6 +60,14 @@ RUNS_ROOT = "moekit-runs"
 def default_out(*command: str) -> str:
     """``moekit-runs/<command words>``, the default output directory of a command."""
     return "/".join((RUNS_ROOT, *command))
+
+
+def out_for_input(args: argparse.Namespace, *command: str) -> str:
+    """``args.out``, set first (when not given) to ``moekit-runs/<command>/<name of args.input>``, the
+    default of commands that write one output per input (merge, compress)."""
+    if args.out is None:
+        args.out = default_out(*command, Path(args.input).resolve().name)
+    return args.out
 
 
 OVERWRITE_HELP = ("replace an earlier output of moekit at --out (a directory moekit did not write, or one holding "

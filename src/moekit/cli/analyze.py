@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._options import add_out, checked_out
+from ._help import command_summary
 
 DEFAULT_ROOT = Path("moekit-runs/analyze")
-SUMMARY = "routing analysis report of a checkpoint, an experiment run or a Hugging Face MoE"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 
 def register(subparsers: Any) -> None:

@@ -24,9 +24,10 @@ from typing import Any
 
 from . import _calib
 from ._methods import add_method_options, method_options
-from ._options import add_out, add_quiet, at_least, checked_out, default_out, experts_count, positive_float
+from ._help import command_summary
+from ._options import add_out, add_quiet, at_least, checked_out, experts_count, out_for_input, positive_float
 
-SUMMARY = "merge / prune / low-rank-compress a MoE checkpoint, streamed layer by layer"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 DESCRIPTION = """Merge, prune and low-rank-compress a MoE checkpoint, streamed one decoder layer at a time
 within --max-memory; resumable (--resume), the output appears only when complete and checked.
@@ -158,8 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..registry import EXPERT_METHODS
 
     src = Path(args.input)
-    if args.out is None:
-        args.out = default_out("compress", src.resolve().name)
+    out_for_input(args, "compress")
     EXPERT_METHODS.entry(args.method)
     options = method_options(args, args.method)
     create_method(args.method, **options)  # a bad option value fails now, before any work

@@ -7,6 +7,7 @@ from typing import Any
 
 from ._options import FLOAT, INT, SEEDS, THREADS, WORDS, ConfigOption, add_config_options, add_out, add_quiet
 from ._options import checked_out, command_line, config_from_args, progress_from
+from ._help import command_summary
 
 OPTIONS = (
     ConfigOption("--routers", WORDS, "router names to run, comma-separated, e.g. topk,hash (empty: every "
@@ -19,7 +20,7 @@ OPTIONS = (
 )
 
 
-SUMMARY = "train MoE classifiers with several routers and balancing losses on embedded digits"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 
 def register(subparsers: Any) -> None:

@@ -18,9 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ._help import command_summary
 from ._options import add_out, at_least, checked_out, device_name
 
-SUMMARY = "evaluate a (compressed) MoE LM: perplexity, choice/cloze, generation"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 
 def register(subparsers: Any) -> None:

@@ -10,46 +10,50 @@ unreadable files, unwritable outputs (``USER_ERRORS``, raised by the command) --
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import pkgutil
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Sequence
 
 from .. import __version__
-from ._help import HelpParser, one_line
+from ._help import HelpParser, command_summary, one_line
 
 #: ``OSError`` covers missing, unreadable and unwritable files (FileNotFoundError, PermissionError, ...)
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, KeyError)
 
 
-def commands() -> dict[str, Any]:
-    """``{command: module}`` of every subcommand module (cheap to import: heavy imports live in its
-    ``register`` and its run function)."""
+def commands() -> dict[str, str]:
+    """``{command: one-line summary}`` of every subcommand module (those defining ``register``), read
+    from the module's source without importing it: the first paragraph of its docstring, without the
+    leading ``moekit <command>``."""
     package = importlib.import_module("moekit.cli")
     found = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name in ("main", "__main__") or info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"moekit.cli.{info.name}")
-        if hasattr(module, "register"):
-            found[info.name] = module
+        base = Path(package.__path__[0])
+        source = base / info.name / "__init__.py" if info.ispkg else base / f"{info.name}.py"
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        if any(isinstance(node, ast.FunctionDef) and node.name == "register" for node in tree.body):
+            found[info.name] = command_summary(ast.get_docstring(tree) or info.name)
     return found
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The ``moekit`` parser. With ``argv``, only the command it names is built in full (the others
-    appear with their one-line ``SUMMARY``), so ``moekit --help`` imports no torch; without, all are."""
+    """The ``moekit`` parser. With ``argv``, only the command it names is built (imported) in full and
+    the others appear with their summary, so ``moekit --help`` imports no torch; without, all are."""
     parser = HelpParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HelpParser)
-    modules = commands()
     wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
-    for name, module in modules.items():
+    for name, summary in commands().items():
         if wanted is None or wanted == name:
-            module.register(subparsers)
+            importlib.import_module(f"moekit.cli.{name}").register(subparsers)
         else:
-            subparsers.add_parser(name, help=module.SUMMARY)
+            subparsers.add_parser(name, help=summary)
     return parser
 
 

@@ -20,26 +20,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from typing import TYPE_CHECKING
+from torch import nn
+from tqdm.auto import tqdm
 
+from ..merging.grouping import GROUPINGS
+from ..merging import BUDGETS, FORMS
+from ..registry import MERGE_METHODS
+from ..reporting import atomic_directory
 from . import _calib
-from ._options import add_out, at_least, checked_out, default_out
+from ._options import add_out, out_for_input, at_least, checked_out
 
-if TYPE_CHECKING:  # torch and the merging code load when a merge runs, not for --help
-    from torch import nn
-
-    Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
-
-SUMMARY = "merge a trained MoE's experts (M-SMoE) into a smaller checkpoint"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+Merged = tuple[nn.Module, Callable[[Path], Any], dict[str, Any]]
 
 
 def register(subparsers: Any) -> None:
-    from ..merging import BUDGETS, FORMS
-    from ..merging.grouping import GROUPINGS
-    from ..registry import MERGE_METHODS
-
-    p = subparsers.add_parser("merge", help=SUMMARY)
+    p = subparsers.add_parser("merge", help="merge a trained MoE's experts (M-SMoE) into a smaller checkpoint")
     p.add_argument("input", help="moekit checkpoint directory or Hugging Face model directory (only read)")
     p.add_argument("--experts", type=at_least(1), required=True,
                    help="experts kept per MoE layer (average if budget global)")
@@ -117,8 +113,6 @@ def _merge_moekit(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> 
     batches, calibration = _calib.calibration_batches(args, vocab_size=cfg["vocab_size"], context=cfg["max_seq_len"],
                                                       byte_level=True)  # fmt: skip
     bar = not args.quiet and sys.stderr.isatty()
-    from tqdm.auto import tqdm
-
     batches = tqdm(batches, desc="calibrate", disable=not bar, leave=False)
     before = _params(model)
     merged = merge_moekit_model(model, batches, quiet=args.quiet, **_merge_kwargs(args))
@@ -165,13 +159,7 @@ def _merge_hf(args: argparse.Namespace, src: Path, meta: dict[str, Any]) -> Merg
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..registry import MERGE_METHODS
-    from ..reporting import atomic_directory
-
-    src = Path(args.input)
-    if args.out is None:
-        args.out = default_out("merge", src.resolve().name)
-    out = Path(args.out)
+    src, out = Path(args.input), Path(out_for_input(args, "merge"))
     MERGE_METHODS.entry(args.method)
     inputs = [src, *_calib.calib_inputs(args.calib)]
     checked_out(args, inputs=inputs)

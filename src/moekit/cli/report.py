@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ._options import RUNS_ROOT, add_out, add_quiet, checked_out
+from ._help import command_summary
 
 
-SUMMARY = "rebuild a report, or a document's generated blocks, from a results JSON"
+SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
 
 def register(subparsers: Any) -> None:

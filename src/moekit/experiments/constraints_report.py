@@ -5,6 +5,7 @@ and ``docs/constraints.md``'s generated blocks; every number comes from the resu
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -237,7 +238,7 @@ def _plot_claims(results: Mapping[str, Any], path: Path) -> None:
         ax.set_yticks(range(len(seeds)), [f"seed {s}" for s in seeds], fontsize=8)
         unit = " (points)" if scale == 100 else ""
         ax.set_xlabel(f"{METRICS[metric][0]}{unit}: {a} - {b}")
-        ax.set_title(f"claim: {statement.split(' (')[0]}", fontsize=9)
+        ax.set_title(textwrap.fill(f"claim: {statement.split(' (')[0]}", 60), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(plot_title(results, "the paper's claims: differences paired by seed"))

@@ -67,7 +67,7 @@ def _results(results: Mapping[str, Any], **_: str) -> str:
     headers = ["configuration", "test accuracy % [95% CI]", f"minus {REFERENCE}, points [95% CI]", "CV importance",
                "CV counts", "living experts", "train s"]  # fmt: skip
     text = markdown_table(headers, rows) + (
-        f"\nMeans over seeds with 95% t-intervals; the accuracy difference is paired by seed. CV = std/mean over "
+        "\nMeans over seeds with 95% t-intervals; the accuracy difference is paired by seed. CV = std/mean over "
         "experts of the test-set gate mass (importance) or of the routed slots (counts); 0 is perfectly balanced "
         "(CV of counts is 0 by construction for the dense gate and for expert choice). Living experts received at "
         "least one test example (mean over seeds). Train seconds are wall-clock on the machine named above.\n"
@@ -128,7 +128,7 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
                                      f"{len(results['config']['seeds'])} seed(s); uniform = 1/{E} = {1 / E:.3f})"))
     for i in range(shares.shape[0]):
         for j in range(E):
-            ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, f"{abs(shares[i, j]):.2f}", ha="center", va="center", fontsize=8,
                     color="black" if shares[i, j] > 0.6 * shares.max() else "white")  # fmt: skip
     fig.colorbar(image, ax=ax, label="share of routing slots")
     save_figure(fig, Path(directory) / "utilisation.png")

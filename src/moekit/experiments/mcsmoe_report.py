@@ -282,7 +282,7 @@ def _plot_size(results: Mapping[str, Any], path: Path) -> None:
             err = [[diff.estimate - diff.low], [diff.high - diff.estimate]] if diff.defined else None
             ax.errorbar([_mean(results, name, key) / scale], [diff.estimate], yerr=err, capsize=3, label=lab[name],
                         fmt=markers[i % len(markers)], color=plt.get_cmap("tab20")(i % 20))  # fmt: skip
-        ax.axhline(0, color="black", lw=1, ls="--")
+        ax.axhline(0, color="black", lw=1, ls="--", label="as good as the no-merge control")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("bits/byte minus the no-merge control\n(paired over seeds, 95% CI)")
         ax.grid(alpha=0.3)

@@ -38,7 +38,7 @@ from ..checkpoint import read_config_json
 from ..reporting import check_output_dir, write_json
 from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
 from .observer import unwrap_batch
-from .pipeline import CompressionSpec, WeightSource, check_request, run_pipeline
+from .pipeline import CompressionSpec, check_request, run_pipeline
 from .resume import DiskWork, RunDirectory, tensor_digest
 from .shards import tensor_sizes
 from .stack import LayerStack

@@ -1,7 +1,7 @@
 """``moekit reproduce <experiment>``: run one of the papers' comparisons and write a report.
 
 Each module of this package defines ``register(experiments)`` and adds one experiment (one file per
-subcommand); it imports its experiment only when built or run, so ``moekit --help`` stays fast.
+subcommand); it imports its experiment only when run, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import pkgutil
 from typing import Any
 
 
-SUMMARY = "reproduce a paper's comparison (writes a report)"
-
-
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("reproduce", help=SUMMARY,
+    parser = subparsers.add_parser("reproduce", help="reproduce a paper's comparison (writes a report)",
                                    description="Run one paper's comparison at CPU scale and write report.md, "
                                    "results.json and PNGs (default under moekit-runs/reproduce/<experiment>).")
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")

@@ -71,10 +71,10 @@ def save_hf_model(
 
 
 def layout_class(cls: type) -> type:
-    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in the config
-    before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``) and compressed experts
-    (``CompressedExperts`` with the recorded ranks and kept rows) from ``config.moekit_merge``, and the
-    moekit routers of ``config.moekit_routers``."""
+    """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in
+    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``)
+    and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows); or the moekit
+    routers recorded in ``config.moekit_routers`` (``replace_routers``)."""
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
         from .compressed import compressed_bank

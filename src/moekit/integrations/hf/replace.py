@@ -119,7 +119,7 @@ def _plain_json(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must hold JSON values (it is saved in config.json), got {value!r}") from None
 
 
-def _build_router(record: Mapping[str, Any], stock: nn.Module, hf_config: Any, family: FusedTopKFamily) -> Router:
+def _build_router(record: Mapping[str, Any], stock: nn.Module) -> Router:
     """The moekit router of ``record`` for a block whose stock router is ``stock``."""
     from ...registry import create_router
 
@@ -172,7 +172,7 @@ def apply_router_record(model: nn.Module, record: Mapping[str, Any]) -> nn.Modul
             raise ValueError(f"config.{ROUTERS_CONFIG_KEY} names block {name!r}, which this model does not have")
         block = blocks[name]
         stock = _stock_router(name, block, family)
-        gate = MoekitGate(_build_router(record, stock, model.config, family))
+        gate = MoekitGate(_build_router(record, stock))
         gate._is_hf_initialized = True  # transformers' weight init must not redraw it (weights come from here or the file)
         setattr(block, family.router_attr, gate)
         if hasattr(block, "top_k"):
@@ -253,7 +253,7 @@ def replace_routers(
         "aux_weights": weights,
     }  # fmt: skip
     stock = [_stock_router(name, block, family) for name, block in blocks.items()]
-    probe = _build_router(record, stock[0], model.config, family)
+    probe = _build_router(record, stock[0])
     known = set(LOSSES.names()) | set(probe.eval()(torch.zeros(2, probe.dim, device=_device(probe))).aux)
     unknown = sorted(set(weights) - known)
     if unknown:
