@@ -20,12 +20,7 @@ CORE = ("routers", "experts", "layers")
 UPPER = ("merging", "analysis", "experiments", "cli")
 
 #: arrows that still close a cycle between subpackages: (importer, imported) -> why it is still there
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("integrations", "merging"): "the Hugging Face block adapters implement merging's BlockAdapter protocol "
-    "(merging/adapter.py) and read its observer/weights types",
-    ("merging", "integrations"): "merging/pipeline.py and merging/streaming.py pick the Hugging Face adapters and "
-    "stream HF shards directly; the fix is a registry of block adapters that integrations/ fills (pipeline owns it)",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 def _unit(module: str) -> str | None:

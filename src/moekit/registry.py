@@ -104,6 +104,10 @@ STATISTICS: Registry[Callable[..., Any]] = Registry("statistic", ["moekit.mergin
 DISPATCHERS: Registry[Callable[..., Any]] = Registry(
     "dispatcher", ["moekit.layers.dispatchers", "moekit.layers.smear", "moekit.distributed.layer"]
 )
+#: model kinds outside moekit that the compression pipeline can stack in memory or stream from disk
+#: (``moekit.merging.streaming.ModelKind``); the Hugging Face kind is registered by ``integrations/hf``,
+#: so ``merging/`` never imports ``integrations/``
+MODEL_KINDS: Registry[Any] = Registry("model kind", ["moekit.integrations.hf.kind"])
 #: model builders by name; a checkpoint's JSON config names its builder and keyword arguments
 MODELS: Registry[Callable[..., Any]] = Registry(
     "model",

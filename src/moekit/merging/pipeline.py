@@ -607,9 +607,9 @@ def calibrate(
 def _default_stack(model: nn.Module, forward: Callable[[nn.Module, Any], Any] | None) -> LayerStack:
     if MOEKIT_BLOCKS.blocks(model):
         return moekit_stack(model, forward)
-    from ..integrations.hf.stack import hf_stack
+    from ..registry import MODEL_KINDS
 
-    return hf_stack(model, forward)
+    return MODEL_KINDS.get("huggingface").stack(model, forward)
 
 
 def merge_moekit_model(

@@ -29,10 +29,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checkpoint import read_config_json
 from ..reporting import check_output_dir, write_json
@@ -43,7 +43,7 @@ from .resume import DiskWork, RunDirectory, tensor_digest
 from .shards import tensor_sizes
 from .stack import LayerStack
 
-__all__ = ["compress_checkpoint", "open_checkpoint", "Opened", "stream_logits", "check_output", "MEMORY_FACTOR",
+__all__ = ["compress_checkpoint", "open_checkpoint", "Opened", "ModelKind", "opened", "stream_logits", "check_output", "MEMORY_FACTOR",
            "REPORT_NAME"]  # fmt: skip
 
 #: resident bytes per byte of the largest unit while it is reduced (tensors, reduced copy, fp64 merge
@@ -71,9 +71,7 @@ class Opened:
             from .moekit_checkpoint import MoekitWriter
 
             return MoekitWriter(directory, self.source, self.stack.units(), self.meta)
-        from ..integrations.hf.checkpoint import HFShardWriter
-
-        return HFShardWriter(directory, self.source, self.stack.units())
+        return _kind(self.kind).writer(directory, self.source, self.stack.units())
 
     def finish(self, writer: Any, report: dict[str, Any]) -> None:
         if self.kind == "moekit":
@@ -90,7 +88,24 @@ def open_checkpoint(directory: str | Path) -> Opened:
         raise ValueError(f"{str(directory / 'config.json')!r} is neither a moekit checkpoint config nor a Hugging Face model config")
     if meta.get("format") == "moekit":
         return _open_moekit(directory)
-    return _open_hf(directory, meta)
+    return _kind("huggingface").open(directory, meta)
+
+
+class ModelKind(Protocol):
+    """A kind of model outside moekit's own (registered in ``moekit.registry.MODEL_KINDS``): how to
+    stack one in memory, open one for streaming and write its output shards."""
+
+    def stack(self, model: nn.Module, forward: Any = None) -> LayerStack: ...
+
+    def open(self, directory: Path, meta: dict[str, Any]) -> Opened: ...
+
+    def writer(self, directory: Path, source: Any, units: Sequence[str]) -> Any: ...
+
+
+def _kind(name: str) -> ModelKind:
+    from ..registry import MODEL_KINDS
+
+    return MODEL_KINDS.get(name)
 
 
 def _open_moekit(directory: Path) -> Opened:
@@ -99,20 +114,11 @@ def _open_moekit(directory: Path) -> Opened:
 
     model, meta = moekit_skeleton(directory)
     source = MoekitCheckpointSource(directory, model, against=f"its config ({meta.get('model')!r})")
-    return _opened("moekit", directory, moekit_stack(model), source, tensor_sizes(source.path), meta)
+    return opened("moekit", directory, moekit_stack(model), source, tensor_sizes(source.path), meta)
 
 
-def _open_hf(directory: Path, meta: dict[str, Any]) -> Opened:
-    from ..integrations.hf.checkpoint import HFCheckpoint, HFCheckpointSource
-    from ..integrations.hf.stack import hf_stack
-
-    checkpoint = HFCheckpoint(directory)
-    model = checkpoint.skeleton()
-    stack = hf_stack(model)
-    return _opened("huggingface", directory, stack, HFCheckpointSource(checkpoint, model), checkpoint.tensor_bytes(), meta)
-
-
-def _opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: dict[str, int], meta: dict[str, Any]) -> Opened:
+def opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: dict[str, int], meta: dict[str, Any]) -> Opened:
+    """An ``Opened`` checkpoint; ``sizes``: bytes of every tensor on disk, split into units and the rest."""
     units = stack.units()
     unit_bytes = [sum(sizes[k] for k in source.disk_keys(u)) for u in units]
     return Opened(kind, directory, stack, source, unit_bytes, sum(sizes.values()) - sum(unit_bytes), meta)

@@ -23,6 +23,7 @@ from . import (  # noqa: F401  (registers the families)
     gpt_oss,
     granitemoe,
     hunyuan_v1_moe,
+    kind,
     minimax,
     mixtral,
     olmoe,
