@@ -40,7 +40,7 @@ from ..models.lm import MoELM
 from ..models.lm_train import train_lm
 from ..progress import Progress
 from ..reporting import atomic_directory, check_output_dir, write_json
-from .common import TIMING_KEY, pinned_threads, results_header
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
 
 __all__ = ["Variant", "VARIANTS", "CONTROLS", "McSmoeConfig", "SeedData", "heldout_split", "run_seed", "run_mcsmoe"]
 
@@ -214,9 +214,10 @@ def _score(model: nn.Module, data: EvalData) -> tuple[list[float], list[int], fl
     return [float(u["bits"]) for u in units], [int(u["bytes"]) for u in units], float(result["seconds"])
 
 
-def run_seed(cfg: McSmoeConfig, seed: int,
-             advance: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """One seed: train, merge every variant, recover, score. Returns ``(record, timing)``."""
+def run_seed(cfg: McSmoeConfig, seed: int, advance: Callable[[str], None] | None = None,
+             keep: dict[str, nn.Module] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """One seed: train, merge every variant, recover, score. Returns ``(record, timing)``; into ``keep``,
+    every scored model except the compressed ones goes by name (saved for ``moekit analyze``)."""
     advance = advance or (lambda note: None)
     data = heldout_split(cfg, seed)
     timing: dict[str, Any] = {}
@@ -242,6 +243,8 @@ def run_seed(cfg: McSmoeConfig, seed: int,
             raise RuntimeError(f"{name} was scored on other bytes than the full model")
         scored_bytes[:] = nbytes
         models[name] = {"bits": bits, **_sizes(net, cfg)}
+        if keep is not None and not (name in VARIANTS and VARIANTS[name].compress):
+            keep[name] = net
         timing[f"{name}/eval_s"] = seconds
         advance(f"seed {seed}: {name} {sum(bits) / sum(nbytes):.4f} bpb")
 
@@ -300,13 +303,14 @@ def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, progress
     progress = progress or Progress.off()
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
-    seeds, timing = [], {"seeds": {}}
+    seeds, timing, saved = [], {"seeds": {}}, {}
     start = time.perf_counter()
     per_seed = 1 + len(model_names(cfg))
     with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * per_seed, "mcsmoe steps") as task:
         header = results_header("mcsmoe", PAPER, cfg, command=command, smoke_run=smoke_run)
         for seed in cfg.seeds:
-            record, seed_timing = run_seed(cfg, seed, lambda note: task.advance(note=note))
+            keep = saved if seed == cfg.seeds[0] and out_dir is not None else None
+            record, seed_timing = run_seed(cfg, seed, lambda note: task.advance(note=note), keep=keep)
             seeds.append(record)
             timing["seeds"][str(seed)] = seed_timing
             progress.echo(f"seed {seed}: " + ", ".join(
@@ -318,12 +322,34 @@ def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, progress
         "controls": dict(CONTROLS),
         "models": model_names(cfg),
         "seeds": seeds,
+        "eval_set": EVAL_SET,
+        "runs": [{"name": run, "model": name, "checkpoint": checkpoint_entry(run)}
+                 for name, run in ((n, f"{n}-s{cfg.seeds[0]}") for n in saved)],
         TIMING_KEY: timing,
-    }
+    }  # fmt: skip
     if out_dir is not None:
         from .mcsmoe_report import write_report
 
         with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", writer="run_mcsmoe") as out:
+            save_run_models(out, {f"{n}-s{cfg.seeds[0]}": m for n, m in saved.items()},
+                            {EVAL_SET: _heldout_eval_set(cfg, cfg.seeds[0])})  # fmt: skip
             write_json(out / "results.json", results)
             write_report(results, out)
     return results
+
+
+#: the first seed's held-out documents as byte windows, for ``moekit analyze`` of its saved models
+EVAL_SET = "eval_set.safetensors"
+
+
+def _heldout_eval_set(cfg: McSmoeConfig, seed: int) -> Any:
+    """Windows of ``cfg.seq_len`` bytes over the seed's held-out documents (never trained on)."""
+    from ..analysis.target import byte_eval_set
+
+    data = heldout_split(cfg, seed)
+    text = b"".join(d.text or b"" for d in data.heldout.documents)
+    windows = max(1, len(text) // cfg.seq_len)
+    return byte_eval_set(torch.frombuffer(bytearray(text), dtype=torch.uint8), seq_len=cfg.seq_len, samples=windows,
+                         name="held-out stdlib files",
+                         description=f"windows of {cfg.seq_len} bytes of the {len(data.heldout.documents)} held-out "
+                         f"documents of seed {seed} (files the models never trained on)")  # fmt: skip
