@@ -130,7 +130,7 @@ def _results(results: Mapping[str, Any], **_: str) -> str:
     for (constraint, pos, E), rs in groups.items():
         if constraint == "dense":
             rows.append(["dense", "dense", "—", "—", mean_cell([r["accuracy"] for r in rs], scale=100)]
-                        + ["—"] * (6 + len(meta)))  # fmt: skip
+                        + ["—"] * (5 + len(meta)))  # fmt: skip
             continue
         rows.append([
             constraint, rs[0]["kind"], pos, E, mean_cell([r["accuracy"] for r in rs], scale=100),
