@@ -10,15 +10,17 @@ router-logit column is most cosine-similar on the calibration tokens (M-SMoE's r
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..grouping import group_by_router_logits
-from ..weights import ExpertLayerWeights, LayerMergeResult
-from .base import Stats
+from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
+from .base import ExpertMethod, Stats
 from .protection import protected_mask
 
-__all__ = ["prune_by_score", "ranked", "keep_rows", "redirect"]
+__all__ = ["prune_by_score", "ranked", "keep_rows", "redirect", "OutputNormPruning"]
 
 
 def ranked(score_E: Tensor, num_experts: int, protected_E: Tensor | None = None) -> Tensor:
@@ -65,3 +67,30 @@ def prune_by_score(weights: ExpertLayerWeights, score_E: Tensor, num_experts: in
         raise ValueError(f"expert scores must be [E={E}], got {tuple(score_E.shape)}")
     kept = ranked(score_E, num_experts, protected_mask(stats, E))
     return LayerMergeResult(weights=keep_rows(weights, kept), expert_map=redirect(stats, kept, E), dominant=kept)
+
+
+class OutputNormPruning(ExpertMethod):
+    """Base of the pruning methods scored from the ``expert_output_norms`` statistic (EAN, REAP): they
+    observe routed counts, output norms and sampled router logits (``max_tokens``, ``seed``: for the
+    exact form's redirect), rank the global budget by the same score, and keep the best-scored experts.
+    Subclasses set ``max_tokens`` / ``seed`` and define ``scores``."""
+
+    max_tokens: int
+    seed: int
+
+    def scores(self, stats: Stats) -> Tensor:
+        """``[E]`` the score of every expert of a block (higher is kept)."""
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        return {"counts": {}, "expert_output_norms": {},
+                "router_logits": {"max_tokens": self.max_tokens, "seed": self.seed}}  # fmt: skip
+
+    def budget_statistics(self) -> dict[str, dict[str, Any]]:
+        return {"expert_output_norms": {}}
+
+    def budget_score(self, stats: Stats) -> Tensor:
+        return self.scores(stats)
+
+    def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
+        return prune_by_score(weights, self.scores(stats), num_experts, stats)

@@ -7,16 +7,14 @@ routed count, 0 for never-routed experts). Pruning as ``moekit.merging.methods._
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..._checks import check_choice
 from ...registry import EXPERT_METHODS
-from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
-from ._prune import prune_by_score
-from .base import ExpertMethod, Stats
+from ._prune import OutputNormPruning
+from .base import Stats
 
 __all__ = ["EANPruning", "REDUCTIONS"]
 
@@ -25,7 +23,7 @@ REDUCTIONS = ("sum", "mean")
 
 @EXPERT_METHODS.register("ean", paper="https://arxiv.org/abs/2510.13999",
                          summary="prune the experts with the smallest summed output norm on their routed tokens")  # fmt: skip
-class EANPruning(ExpertMethod):
+class EANPruning(OutputNormPruning):
     """EAN pruning (see the module docstring)."""
 
     name = "ean"
@@ -38,21 +36,8 @@ class EANPruning(ExpertMethod):
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.max_tokens, self.seed = max_tokens, seed
 
-    def statistics(self) -> dict[str, dict[str, Any]]:
-        return {"counts": {}, "expert_output_norms": {},
-                "router_logits": {"max_tokens": self.max_tokens, "seed": self.seed}}  # fmt: skip
-
-    def budget_statistics(self) -> dict[str, dict[str, Any]]:
-        return {"expert_output_norms": {}}
-
     def scores(self, stats: Stats) -> Tensor:
         s = stats["expert_output_norms"]
         if self.reduction == "sum":
             return s["norm_sums"].double()
         return torch.where(s["counts"] > 0, s["norm_sums"] / s["counts"].clamp_min(1e-300), torch.zeros_like(s["counts"]))
-
-    def budget_score(self, stats: Stats) -> Tensor:
-        return self.scores(stats)
-
-    def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
-        return prune_by_score(weights, self.scores(stats), num_experts, stats)

@@ -17,16 +17,14 @@ logits, which is the same for softmax routers without a selection bias.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..._checks import check_choice
 from ...registry import EXPERT_METHODS
-from ..weights import ExpertLayerWeights, LayerMergeResult, RoutingSpec
-from ._prune import prune_by_score
-from .base import ExpertMethod, Stats
+from ._prune import OutputNormPruning
+from .base import Stats
 
 __all__ = ["REAP", "GATES", "reap_scores"]
 
@@ -42,7 +40,7 @@ def reap_scores(norms: dict[str, Tensor], gate: str = "renormalized") -> Tensor:
 
 @EXPERT_METHODS.register("reap", paper="https://arxiv.org/abs/2510.13999",
                          summary="prune the experts with the smallest mean gate x output norm on their routed tokens")  # fmt: skip
-class REAP(ExpertMethod):
+class REAP(OutputNormPruning):
     """REAP pruning (see the module docstring)."""
 
     name = "reap"
@@ -56,15 +54,5 @@ class REAP(ExpertMethod):
         self.gate = check_choice("gate", gate, tuple(GATES))
         self.max_tokens, self.seed = max_tokens, seed
 
-    def statistics(self) -> dict[str, dict[str, Any]]:
-        return {"counts": {}, "expert_output_norms": {},
-                "router_logits": {"max_tokens": self.max_tokens, "seed": self.seed}}  # fmt: skip
-
-    def budget_statistics(self) -> dict[str, dict[str, Any]]:
-        return {"expert_output_norms": {}}
-
-    def budget_score(self, stats: Stats) -> Tensor:
+    def scores(self, stats: Stats) -> Tensor:
         return reap_scores(dict(stats["expert_output_norms"]), self.gate)
-
-    def reduce(self, weights: ExpertLayerWeights, stats: Stats, num_experts: int, routing: RoutingSpec) -> LayerMergeResult:
-        return prune_by_score(weights, reap_scores(dict(stats["expert_output_norms"]), self.gate), num_experts, stats)
