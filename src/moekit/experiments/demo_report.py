@@ -11,6 +11,7 @@ from ..confidence import paired_difference
 from ..reporting import markdown_table, save_figure
 from .demo import REFERENCE
 from .report_common import (
+    runs_by,
     cell,
     command_block,
     runtime_line,
@@ -27,11 +28,7 @@ __all__ = ["SECTIONS", "runs_by_label", "write_figures", "write_report"]
 
 def runs_by_label(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
     """Runs per configuration, in the config's seed order."""
-    order = {s: i for i, s in enumerate(results["config"]["seeds"])}
-    out: dict[str, list[Mapping[str, Any]]] = {}
-    for run in results["runs"]:
-        out.setdefault(run["label"], []).append(run)
-    return {k: sorted(v, key=lambda r: order[r["seed"]]) for k, v in out.items()}
+    return runs_by(results, "label")
 
 
 def _vs_reference(results: Mapping[str, Any], label: str) -> str:

@@ -17,6 +17,7 @@ from ..reporting import atomic_write_text, markdown_table
 
 __all__ = [
     "SMOKE_BANNER",
+    "runs_by",
     "is_smoke",
     "smoke_banner",
     "plot_title",
@@ -173,3 +174,13 @@ def write_markdown_report(results: Mapping[str, Any], out: str | Path, *, title:
     parts += [f"## {name}\n\n![{name}]({file})\n" for file, name in figures]
     parts.append(footer)
     return atomic_write_text(Path(out) / "report.md", "\n".join(p for p in parts if p))
+
+
+def runs_by(results: Mapping[str, Any], key: str) -> dict[str, list[Mapping[str, Any]]]:
+    """The runs of ``results["runs"]`` grouped by ``run[key]`` (in first-seen order), each group in the
+    order of ``results["config"]["seeds"]``."""
+    order = {s: i for i, s in enumerate(results["config"]["seeds"])}
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for run in results["runs"]:
+        out.setdefault(run[key], []).append(run)
+    return {k: sorted(v, key=lambda r: order[r["seed"]]) for k, v in out.items()}

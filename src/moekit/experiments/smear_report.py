@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..confidence import Interval, mean_interval, paired_difference
 from ..reporting import markdown_table, save_figure
 from .report_common import (
+    runs_by,
     Claim,
     cell,
     claims_table,
@@ -41,11 +42,7 @@ CLAIMED_BASELINES = {
 
 def runs_by_method(results: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
     """Runs per method, in the order of the config's seeds."""
-    order = {s: i for i, s in enumerate(results["config"]["seeds"])}
-    out: dict[str, list[Mapping[str, Any]]] = {}
-    for run in results["runs"]:
-        out.setdefault(run["method"], []).append(run)
-    return {m: sorted(rs, key=lambda r: order[r["seed"]]) for m, rs in out.items()}
+    return runs_by(results, "method")
 
 
 def _mean_mi(run: Mapping[str, Any]) -> float:
