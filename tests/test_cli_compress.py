@@ -18,14 +18,6 @@ from moekit.integrations.hf import load_hf_model  # noqa: E402
 from moekit.merging.shards import tensor_sizes  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def src(tmp_path) -> Path:
     directory = tmp_path / "src"

@@ -18,15 +18,6 @@ from moekit.cli.main import main  # noqa: E402
 from moekit.integrations.hf import load_hf_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~1000x slower with 2 contending OpenMP threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def calib(tmp_path) -> Path:
     path = tmp_path / "calib.txt"

@@ -18,15 +18,6 @@ from moekit.experts.mlp import GLUExperts, MLPExperts  # noqa: E402
 from moekit.integrations.hf import family_for, list_families, routing_sources  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~1000x slower with 2 contending OpenMP threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_families_registered():
     assert set(FAMILY_NAMES) <= set(list_families())
 

@@ -23,15 +23,6 @@ from moekit.integrations.hf import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~1000x slower with 2 contending OpenMP threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params(model):
     return sum(p.numel() for p in model.parameters())
 

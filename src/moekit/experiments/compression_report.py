@@ -147,8 +147,7 @@ def _ranking(results: Mapping[str, Any], **_: str) -> str:
     cfg, parts = results["config"], []
     for removed in cfg["removed"]:
         for recovery in (False, True):
-            means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
-            order = sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+            means, order = _ranked(results, removed, recovery)
             if not order:
                 continue
             best = order[0]
@@ -163,14 +162,19 @@ def _ranking(results: Mapping[str, Any], **_: str) -> str:
     return "\n".join(parts)
 
 
+def _ranked(results: Mapping[str, Any], removed: float, recovery: bool) -> tuple[dict[str, float], list[str]]:
+    """Mean held-out bits/byte of every method at one setting, and the methods that have one, best first."""
+    means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
+    return means, sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+
+
 def _summary(results: Mapping[str, Any], **_: str) -> str:
     """Plain sentences: per setting the best method on bits/byte, which are within noise of it, and
     where M-SMoE stands against REAP and HC-SMoE; then whether choice accuracy moved at all."""
     cfg, lines = results["config"], []
     for removed in cfg["removed"]:
         for recovery in (False, True):
-            means = {m: _mean(results, m, removed, recovery) for m in _methods(results)}
-            order = sorted((m for m in means if not math.isnan(means[m])), key=lambda m: means[m])
+            means, order = _ranked(results, removed, recovery)
             if not order:
                 continue
             best, tied, worse = order[0], [], []
