@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
 from ..models.lm import MoELM
+from ..registry import EXPERT_METHODS
 from .adapter import FORMS
 from .dominant import allocate_experts
 from .lowrank import LowRankOptions, Recovery, compress_block
@@ -186,6 +187,8 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
     if unknown:
         raise ValueError(f"exclude names {unknown}, which are not MoE blocks; MoE blocks: {blocks.names}")
     reduced = [n for n in blocks.names if n not in set(spec.exclude)]
+    if EXPERT_METHODS.get(spec.method).novices:
+        _check_novices(spec, stack)
     if spec.experts is not None and reduced and not isinstance(spec.experts, float):
         check_int("experts", spec.experts, low=1, high=min(blocks.experts[n] for n in reduced))
     if spec.pad and spec.form == "plain" and spec.experts is not None:
@@ -202,6 +205,20 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
                 "per-block counts, or pad=True (--pad) to pad every block to the largest count"
             )
     return reduced
+
+
+def _check_novices(spec: CompressionSpec, stack: LayerStack) -> None:
+    """Methods that replace experts by novices (MoNE) keep the router: the exact form of an adapter
+    that can hold novices, and no low-rank step after them."""
+    if not getattr(stack.adapter, "supports_novices", False):
+        raise ValueError(f"method {spec.method!r} replaces pruned experts by novices, which the {stack.adapter.name} "
+                         "family cannot hold; use another method")  # fmt: skip
+    if spec.form != "exact":
+        raise ValueError(f"method {spec.method!r} keeps the router (novices answer for pruned experts): it needs "
+                         f"form='exact' (--form exact), got form={spec.form!r}")  # fmt: skip
+    if spec.lowrank is not None:
+        raise ValueError(f"method {spec.method!r} keeps novices beside the real experts; the low-rank step "
+                         "(--rank) is not offered after it")  # fmt: skip
 
 
 def _fit_to_routing(counts: dict[str, int], routing: dict[str, RoutingSpec], experts: dict[str, int]) -> dict[str, int]:
@@ -448,14 +465,10 @@ class _Run:
             mask[self.protected[name]] = True
             stats = {**stats, "protected": {"mask": mask}}
         result = reduce_block(self.method, weights, stats, G, self.blocks.routing[name])
-        if result.novices is not None and not getattr(adapter, "supports_novices", False):
-            raise ValueError(f"method {self.spec.method!r} replaces experts by novices, which the {adapter.name} "
-                             "adapter cannot write; use a moekit model")
-        if result.novices is not None and self.spec.form != "exact":
-            raise ValueError(f"method {self.spec.method!r} keeps the router (novices answer for pruned experts); "
-                             "use form='exact'")
         kept = result.dominant.tolist()
         record: dict[str, Any] = {}
+        if result.novice_mask is not None:  # router outputs answered by novices (slot G + j for the j-th)
+            record["novices"] = result.novice_mask.nonzero().flatten().tolist()
         if self.pad_to is not None and G < self.pad_to:
             result, cost = pad_result(result, self.pad_to, self.blocks.routing[name])
             record = {"kept_experts": G, "padding": self.pad_to - G, "padding_bytes": cost}

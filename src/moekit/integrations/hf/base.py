@@ -32,6 +32,7 @@ from ...merging.observer import BlockCall
 from ...merging.weights import BankWeights, ExpertLayerWeights, LayerMergeResult, RoutingSpec
 from ...types import RoutingDecision
 from .compressed import CompressedExperts
+from .novice import has_novices, with_novices
 
 __all__ = [
     "MoEFamily",
@@ -116,6 +117,8 @@ class MoEFamily(BlockAdapter):
     router_attr: ClassVar[str] = "gate"
     experts_attr: ClassVar[str] = "experts"
     decoder_only: ClassVar[bool] = True
+    #: the exact form can hold MoNE novices (``novice.py``): the experts module takes ``(x, ids, gates)``
+    supports_novices: ClassVar[bool] = True
 
     # ----- structure
     @abc.abstractmethod
@@ -184,6 +187,9 @@ class MoEFamily(BlockAdapter):
         experts = getattr(block, self.experts_attr)
         if isinstance(experts, CompressedExperts):
             raise ValueError("this block's experts are already compressed (low-rank + sparse); use the original model")
+        if has_novices(experts):
+            raise ValueError("this block holds MoNE novices beside its experts; the low-rank step (--rank) is not "
+                             "offered after method 'mone'")  # fmt: skip
         return BankWeights(self.kind, self.read_experts(block), self.activation(config))
 
     def write_compressed(self, block: nn.Module, bank: nn.Module, config: Any) -> nn.Module:
@@ -231,13 +237,35 @@ class MoEFamily(BlockAdapter):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         G = int(result.dominant.shape[0])
+        novices = result.novices is not None and result.novice_mask is not None
+        if novices and (form != "exact" or not self.supports_novices):
+            raise ValueError(f"{self.name}: MoNE novices need the exact form of a family that can hold them")
         self.write_experts(block, result.weights.params)
         if form == "plain":
             self.write_router(block, result.weights.router_weight, result.weights.router_bias)
             self.write_router_extras(block, dict(result.weights.router_extras))
+        elif novices:  # MoNE: the pruned router outputs go to novice slots G .. G+N-1
+            mask = result.novice_mask.cpu()
+            N = int(mask.sum())
+            expert_map = result.expert_map.clone()
+            expert_map[mask] = G + torch.arange(N)
+            self.wrap_router(block, expert_map, G + N)
+            experts = getattr(block, self.experts_attr)
+            like = next(experts.parameters())
+            with_novices(experts, result.novices[mask].to(like.device, like.dtype))
         else:
             self.wrap_router(block, result.expert_map, G)
         return block
+
+    def add_novices(self, block: nn.Module, router_ids: list[int], config: Any) -> None:
+        """Loader: an exact-form block (G experts, E router outputs) whose router outputs ``router_ids``
+        are novices (slots ``G + j``); tensors are left empty for the checkpoint to fill."""
+        experts = getattr(block, self.experts_attr)
+        like = next(experts.parameters())
+        G, N = self.num_experts(block), len(router_ids)
+        self.wrap_router(block, torch.zeros(self.router_outputs(block), dtype=torch.long), G + N)
+        D = int(config.get_text_config().hidden_size)
+        with_novices(experts, torch.zeros(N, D, dtype=like.dtype, device=like.device))
 
     # ----- routing and observation
     @abc.abstractmethod

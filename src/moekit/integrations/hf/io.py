@@ -72,8 +72,8 @@ def save_hf_model(
 
 def layout_class(cls: type) -> type:
     """A subclass of the architecture ``cls`` (same name) that builds the layout recorded in
-    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``)
-    and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows); or the moekit
+    ``config.moekit_merge`` before weights are loaded: exact-form blocks (G experts, ``RemappedRouter``,
+    MoNE novices where the record lists them) and compressed experts (``CompressedExperts`` with the recorded ranks and kept rows); or the moekit
     routers recorded in ``config.moekit_routers`` (``replace_routers``)."""
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -92,7 +92,10 @@ def layout_class(cls: type) -> type:
             G, E = int(layer["experts"]), int(layer["router_outputs"])
             if record.get("form") == "exact" and G < E:
                 family.resize_experts(blocks[name], G)
-                family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
+                if layer.get("novices"):
+                    family.add_novices(blocks[name], [int(e) for e in layer["novices"]], config)
+                else:
+                    family.wrap_router(blocks[name], torch.zeros(E, dtype=torch.long), G)
             if "compression" in layer:
                 family.write_compressed(blocks[name], compressed_bank(G, layer["compression"]), config)
             # every tensor of the block comes from the checkpoint (load_hf_model checks that strictly):

@@ -44,6 +44,7 @@ class SwitchFamily(MoEFamily):
     top_k_key = None
     router_attr = "router"
     decoder_only = False
+    supports_novices = False  # its experts take a one-hot over G and run a ModuleDict: no novice slots
 
     def block_types(self) -> tuple[type, ...]:
         from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP

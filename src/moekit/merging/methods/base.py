@@ -29,6 +29,8 @@ class ExpertMethod(abc.ABC):
     name: ClassVar[str]
     #: whether the method honours ``--protect-super-experts`` (``stats["protected"]["mask"]``)
     protects: ClassVar[bool] = False
+    #: whether ``reduce`` replaces pruned experts by novices (``LayerMergeResult.novices``; exact form only)
+    novices: ClassVar[bool] = False
 
     @abc.abstractmethod
     def statistics(self) -> dict[str, dict[str, Any]]:
@@ -102,8 +104,6 @@ def reduce_block(
             router_extras={k: v[idx] for k, v in weights.router_extras.items()},
         )  # fmt: skip
         parts.append(method.reduce(sub, method.slice_statistics(stats, idx), keep, RoutingSpec(routing.score, routing.top_k)))
-        if parts[-1].novices is not None:
-            raise ValueError(f"method {method.name!r} (novices) does not support group-limited routing")
     cat = lambda ts: torch.cat(ts)  # noqa: E731
     first = parts[0].weights
     merged = first.replace(
@@ -114,4 +114,8 @@ def reduce_block(
     )  # fmt: skip
     expert_map = cat([p.expert_map + g * keep for g, p in enumerate(parts)])
     dominant = cat([p.dominant + g * size for g, p in enumerate(parts)])
-    return LayerMergeResult(weights=merged, expert_map=expert_map, dominant=dominant)
+    if parts[0].novices is None:
+        return LayerMergeResult(weights=merged, expert_map=expert_map, dominant=dominant)
+    novices = cat([p.novices for p in parts])  # type: ignore[misc]
+    mask = cat([p.novice_mask for p in parts])  # type: ignore[misc]
+    return LayerMergeResult(weights=merged, expert_map=expert_map, dominant=dominant, novices=novices, novice_mask=mask)

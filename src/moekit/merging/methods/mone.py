@@ -46,6 +46,7 @@ class MoNE(ExpertMethod):
 
     name = "mone"
     protects = True
+    novices = True
 
     def statistics(self) -> dict[str, dict[str, Any]]:
         return {"counts": {}, "expert_output_moments": {}, "gate_sums": {}}
