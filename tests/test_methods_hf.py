@@ -1,7 +1,7 @@
 """Every expert method on tiny Qwen3-MoE and Mixtral models built from configs: the plain form
 reloads with stock transformers and computes the same logits, the exact form reloads with
 ``moekit.load_hf_model``, ``moekit eval`` runs on a compressed model, and MoNE (novices) is refused
-clearly on families that cannot hold novices."""
+clearly on families that cannot hold novices (MoNE on the others: tests/test_hf_mone.py)."""
 
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def test_exact_form_reloads_with_moekit(tmp_path, method):
         assert torch.allclose(back(x).logits, out(x).logits, atol=1e-5)
 
 
-def test_mone_is_refused_clearly_on_hugging_face_models():
-    with pytest.raises(ValueError, match="novices, which the qwen3_moe adapter cannot write; use a moekit model"):
-        merge_hf_model(tiny_model("qwen3_moe"), [torch.randint(3, 256, (2, 8))], experts=4, method="mone",
+def test_mone_is_refused_clearly_on_families_that_cannot_hold_novices():
+    with pytest.raises(ValueError, match="novices, which the switch_transformers family cannot hold"):
+        merge_hf_model(tiny_model("switch_transformers"), [torch.randint(3, 256, (2, 8))], experts=4, method="mone",
                        form="exact", quiet=True)  # fmt: skip
 
 
