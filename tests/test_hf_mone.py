@@ -199,7 +199,7 @@ def test_cli_compress_with_mone_then_moekit_eval(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("family", "changes", "match"),
     [
-        ("qwen3_moe", {"form": "plain"}, r"method 'mone' keeps the router .* needs form='exact' \(--form exact\), got form='plain'"),
+        ("qwen3_moe", {"form": "plain"}, r"method 'mone' keeps the router .* use form='exact' \(--form exact\), got form='plain'"),
         ("qwen3_moe", {"lowrank": LowRankOptions(rank=2)}, r"method 'mone' keeps novices .* \(--rank\) is not offered"),
         ("switch_transformers", {}, "novices, which the switch_transformers family cannot hold"),
     ],

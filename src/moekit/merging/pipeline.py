@@ -214,7 +214,7 @@ def _check_novices(spec: CompressionSpec, stack: LayerStack) -> None:
         raise ValueError(f"method {spec.method!r} replaces pruned experts by novices, which the {stack.adapter.name} "
                          "family cannot hold; use another method")  # fmt: skip
     if spec.form != "exact":
-        raise ValueError(f"method {spec.method!r} keeps the router (novices answer for pruned experts): it needs "
+        raise ValueError(f"method {spec.method!r} keeps the router (novices answer for pruned experts); use "
                          f"form='exact' (--form exact), got form={spec.form!r}")  # fmt: skip
     if spec.lowrank is not None:
         raise ValueError(f"method {spec.method!r} keeps novices beside the real experts; the low-rank step "
