@@ -220,3 +220,18 @@ def test_a_mone_block_is_not_compressed_again():
     block = next(iter(family_for(out).blocks(out).values()))
     with pytest.raises(ValueError, match="MoNE novices beside its experts"):
         family_for(out).read_bank(block, out.config)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm", "moekit"])
+def test_novices_give_the_same_logits_under_every_experts_implementation(tmp_path, implementation):
+    import moekit.integrations.hf  # noqa: F401  (registers the moekit implementations)
+
+    out = tiny_model("qwen3_moe")
+    run_pipeline(hf_stack(out), token_batches(), SPEC)
+    ids = token_batches(1, batch=2, seq=10, seed=7)[0]
+    with torch.no_grad():
+        out.set_experts_implementation("eager")
+        eager = out(ids).logits
+        out.set_experts_implementation(implementation)
+        other = out(ids).logits
+    assert torch.allclose(other, eager, atol=1e-5), (other - eager).abs().max()

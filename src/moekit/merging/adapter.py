@@ -38,6 +38,8 @@ class BlockAdapter(abc.ABC):
     name: ClassVar[str]
     #: whether ``write_compressed`` can put a moekit low-rank + sparse bank into this family's blocks
     compressible: ClassVar[bool] = True
+    #: whether the exact form can hold MoNE novices (pruned router outputs answered by a constant vector)
+    supports_novices: ClassVar[bool] = False
 
     # ----- structure
     @abc.abstractmethod

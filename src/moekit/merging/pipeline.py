@@ -210,7 +210,7 @@ def _check_request(spec: CompressionSpec, blocks: _Blocks, stack: LayerStack) ->
 def _check_novices(spec: CompressionSpec, stack: LayerStack) -> None:
     """Methods that replace experts by novices (MoNE) keep the router: the exact form of an adapter
     that can hold novices, and no low-rank step after them."""
-    if not getattr(stack.adapter, "supports_novices", False):
+    if not stack.adapter.supports_novices:
         raise ValueError(f"method {spec.method!r} replaces pruned experts by novices, which the {stack.adapter.name} "
                          "family cannot hold; use another method")  # fmt: skip
     if spec.form != "exact":
