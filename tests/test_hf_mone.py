@@ -15,14 +15,14 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from hf_tiny import DECODER_FAMILIES, generate, model_class, tiny_model, token_batches  # noqa: E402
+from hf_tiny import DECODER_FAMILIES, generate, model_class, tiny_model, token_batches
 
-from moekit.cli.main import main  # noqa: E402
-from moekit.integrations.hf import family_for, hf_stack, load_hf_model, save_hf_model  # noqa: E402
-from moekit.integrations.hf.checks import quiet_transformers  # noqa: E402
-from moekit.merging.lowrank import LowRankOptions  # noqa: E402
-from moekit.merging.pipeline import CompressionSpec, run_pipeline  # noqa: E402
-from moekit.merging.streaming import compress_checkpoint  # noqa: E402
+from moekit.cli.main import main
+from moekit.integrations.hf import family_for, hf_stack, load_hf_model, save_hf_model
+from moekit.integrations.hf.checks import quiet_transformers
+from moekit.merging.lowrank import LowRankOptions
+from moekit.merging.pipeline import CompressionSpec, run_pipeline
+from moekit.merging.streaming import compress_checkpoint
 
 SPEC = CompressionSpec(method="mone", experts=4, budget="uniform", form="exact", propagate="original")
 
@@ -73,24 +73,29 @@ def _mean_outputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, to
             model(input_ids=b)
     for h in handles:
         h.remove()
-    return {n: torch.where(counts[n][:, None] > 0, sums[n] / counts[n].clamp_min(1)[:, None], 0.0).float() for n in sums}
+    return {
+        n: torch.where(counts[n][:, None] > 0, sums[n] / counts[n].clamp_min(1)[:, None], 0.0).float() for n in sums
+    }
 
 
 def _reference(model: nn.Module, novices: dict[str, list[int]], mu: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` whose experts answer router choice e of a pruned expert with ``gate * mu[e]``."""
-    ref = copy.deepcopy(model)
-    for name, experts in _experts_modules(ref).items():
 
-        def forward(self, x_TD, ids_TK, gates_TK, _pruned=set(novices[name]), _mu=mu[name]):
+    def naive(pruned: set[int], mu_ED: torch.Tensor):
+        def forward(self, x_TD, ids_TK, gates_TK):
             out = torch.zeros_like(x_TD)
             for t in range(x_TD.shape[0]):
                 for k in range(ids_TK.shape[1]):
                     e = int(ids_TK[t, k])
-                    y = _mu[e] if e in _pruned else _expert(self, e, x_TD[t : t + 1])[0]
+                    y = mu_ED[e] if e in pruned else _expert(self, e, x_TD[t : t + 1])[0]
                     out[t] += gates_TK[t, k] * y
             return out
 
-        experts.forward = types.MethodType(forward, experts)
+        return forward
+
+    ref = copy.deepcopy(model)
+    for name, experts in _experts_modules(ref).items():
+        experts.forward = types.MethodType(naive(set(novices[name]), mu[name]), experts)
     return ref
 
 

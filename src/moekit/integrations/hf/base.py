@@ -239,7 +239,8 @@ class MoEFamily(BlockAdapter):
         G = int(result.dominant.shape[0])
         novices = result.novices is not None and result.novice_mask is not None
         if novices and (form != "exact" or not self.supports_novices):
-            raise ValueError(f"{self.name}: MoNE novices need the exact form of a family that can hold them")
+            raise ValueError(f"{self.name}: MoNE novices need form='exact' on a family that can hold them, got "
+                             f"form={form!r} (supports_novices={self.supports_novices})")  # fmt: skip
         self.write_experts(block, result.weights.params)
         if form == "plain":
             self.write_router(block, result.weights.router_weight, result.weights.router_bias)

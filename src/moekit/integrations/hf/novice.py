@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoviceMixin", "with_novices", "has_novices"]
+__all__ = ["NoviceMixin", "has_novices", "with_novices"]
 
 _CLASSES: dict[type, type] = {}
 
