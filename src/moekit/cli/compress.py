@@ -79,8 +79,9 @@ def register(subparsers: Any) -> None:
                    help="global: MC-SMoE's adaptive per-block counts from the method's scores (activation frequency); "
                    "uniform: --experts in every block (default: global for --form exact, uniform for plain)")  # fmt: skip
     p.add_argument("--form", choices=FORMS, default="exact",
-                   help="exact: router unchanged + index map (moekit.load_hf_model); plain: standard smaller "
-                   "model, router folded (stock from_pretrained when not --rank)")  # fmt: skip
+                   help="exact: router unchanged + index map (moekit.load_hf_model; --method mone needs it: "
+                   "novices answer for the pruned experts); plain: standard smaller model, router folded (stock "
+                   "from_pretrained when not --rank)")  # fmt: skip
     p.add_argument("--pad", action="store_true",
                    help="--form plain with different counts per block: pad every block to the largest count with "
                    "experts the router never chooses (costs their zero tensors on disk; needs a router or selection "
