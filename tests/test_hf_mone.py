@@ -240,3 +240,19 @@ def test_novices_give_the_same_logits_under_every_experts_implementation(tmp_pat
         out.set_experts_implementation(implementation)
         other = out(ids).logits
     assert torch.allclose(other, eager, atol=1e-5), (other - eager).abs().max()
+
+
+def test_a_mone_model_pickles_and_deep_copies():
+    import io
+
+    out = tiny_model("qwen3_moe")
+    run_pipeline(hf_stack(out), token_batches(), SPEC)
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    ids = token_batches(1, batch=2, seq=10, seed=7)[0]
+    with torch.no_grad():
+        want = out(ids).logits
+        for back in (torch.load(buffer, weights_only=False), copy.deepcopy(out)):
+            assert type(back.model.layers[0].mlp.experts) is type(out.model.layers[0].mlp.experts)
+            assert torch.equal(back(ids).logits, want)

@@ -57,8 +57,23 @@ class NoviceMixin:
             out = out.index_add(0, t, add.to(out.dtype))
         return out
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle (``torch.save``, ``copy.deepcopy``) by the stock class: the subclass is rebuilt on load."""
+        reduced = list(super().__reduce_ex__(protocol))
+        reduced[0], reduced[1] = _new_novice, (_stock_class(type(self)),)
+        return tuple(reduced)
+
     def extra_repr(self) -> str:
         return f"real_experts={self.num_experts}, novices={self.novices.shape[0]}"
+
+
+def _stock_class(cls: type) -> type:
+    return next(c for c in cls.__mro__[1:] if c is not NoviceMixin and not issubclass(c, NoviceMixin))
+
+
+def _new_novice(stock: type) -> Any:
+    """An empty ``Novice<stock>`` instance (unpickling fills its state)."""
+    return object.__new__(_novice_class(stock))
 
 
 def _novice_class(cls: type) -> type:
