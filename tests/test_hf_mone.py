@@ -256,3 +256,14 @@ def test_a_mone_model_pickles_and_deep_copies():
         for back in (torch.load(buffer, weights_only=False), copy.deepcopy(out)):
             assert type(back.model.layers[0].mlp.experts) is type(out.model.layers[0].mlp.experts)
             assert torch.equal(back(ids).logits, want)
+
+
+def test_with_novices_refuses_bad_novices_and_a_second_call():
+    from moekit.integrations.hf.novice import with_novices
+
+    experts = tiny_model("qwen3_moe").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"novices must be \[N >= 1, D\], got \(0, 32\)"):
+        with_novices(experts, torch.zeros(0, 32))
+    with_novices(experts, torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="already holds novices"):
+        with_novices(experts, torch.zeros(2, 32))

@@ -69,8 +69,9 @@ class RemappedRouter(nn.Module):
     Wraps the original router (``router``, E outputs, unchanged) and maps each of its decisions
     through ``expert_map [E]`` to one of G merged experts (M-SMoE's "redirect",
     https://arxiv.org/abs/2310.01334, App. A3). Tokens whose chosen experts share a merged expert
-    run it once per slot, so their gates add up. ``num_experts`` is G (what the block's experts see);
-    ``router_outputs`` is E. Subclasses implement ``remap`` for their router's output format.
+    run it once per slot, so their gates add up. ``num_experts`` is G (what the block's experts see;
+    G + N with N MoNE novices, ``novice.py``); ``router_outputs`` is E. Subclasses implement ``remap``
+    for their router's output format.
     """
 
     def __init__(self, router: nn.Module, expert_map: Tensor, num_experts: int) -> None:
