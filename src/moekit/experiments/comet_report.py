@@ -239,14 +239,27 @@ def _scores_cell(scores: Sequence[float | None], scale: float, spec: str) -> str
     return cell(mean_interval(vals), scale=scale, spec=spec) + note
 
 
+def _not_run(gates: Sequence[str]) -> str:
+    """A note naming the claims' gates this run left out (nothing when every one ran)."""
+    if "comet+" not in gates:
+        return "\nCOMET+ not run here, so none of its claims is compared.\n"
+    missing = [label for base, label in CLAIMED_BASELINES.items() if base not in gates]
+    return f"\nBaselines of the claims not run here, so not compared: {', '.join(missing)}.\n" if missing else ""
+
+
 def _comparisons(results: Mapping[str, Any], **_: str) -> str:
     checked = claims(results)
     text = ("The paper's claims, each from differences paired by replicate (same data, same hyperparameter "
             "draws):\n\n")  # fmt: skip
-    text += claims_table(checked, smoke=is_smoke(results)) if checked else "(this run lacks the claims' gates)\n"
+    none = "(no claim checked: this run lacks their gates, or k-sparse selections of them)\n"
+    text += claims_table(checked, smoke=is_smoke(results)) if checked else none
+    text += _not_run(results["config"]["gates"])
     rows = []
     for name, d in results["datasets"].items():
+        gates = d["replicates"][0]["trials"]
         for base in ("topk", "hash", "dselect", "comet"):
+            if base not in gates or f"{base}+" not in gates:
+                continue
             band_plain, band_plus = curve_band(d, base), curve_band(d, f"{base}+")
             if band_plain is None or band_plus is None:
                 continue
