@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..confidence import Interval, mean_interval, paired_difference
 from ..reporting import markdown_table, save_figure
 from .report_common import (
-    Claim,
-    cell,
-    claims_table,
-    command_block,
-    runtime_line,
-    figure_links,
-    is_smoke,
-    plot_title,
-    verdict_list,
-    pyplot,
-    write_markdown_report,
+    cell, Claim, claims_table, is_smoke, plot_title, pyplot, report_sections, write_markdown_report
 )
 
 __all__ = [
@@ -316,21 +306,8 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     return figures
 
 
-def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    return figure_links(_figure_list(results), images)
-
-
-SECTIONS: dict[str, Callable[..., str]] = {
-    "setup": _setup,
-    "command": command_block,
-    "runtime": runtime_line,
-    "results": _results,
-    "comparisons": _comparisons,
-    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
-    "utilisation": _utilisation,
-    "timing": _timing,
-    "figures": _figures,
-}
+SECTIONS = report_sections(setup=_setup, results=_results, comparisons=_comparisons, utilisation=_utilisation,
+                           timing=_timing, claims=claims, figures=_figure_list)  # fmt: skip
 
 
 # ---------------------------------------------------------------- figures
@@ -401,12 +378,6 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
-    out = Path(out)
-    write_figures(results, out)
-    return write_markdown_report(
-        results, out, title="COMET: sparse gates and permutation local search on multi-task data",
-        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
-                  ("Against the paper's claims", _comparisons), ("Expert utilisation", _utilisation),
-                  ("Time", _timing)],
-        figures=_figure_list(results),
-    )  # fmt: skip
+    return write_markdown_report(results, out, SECTIONS, write_figures, figures=_figure_list(results),
+                                 title="COMET: sparse gates and permutation local search on multi-task data",
+                                 order=("setup", "command", "results", "comparisons", "utilisation", "timing"))

@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 from ..confidence import Interval, mean_interval, paired_difference
 from ..reporting import markdown_table, save_figure
 from .report_common import (
-    Claim,
-    claims_table,
-    command_block,
-    figure_links,
-    is_smoke,
-    mean_cell,
-    plot_title,
-    pyplot,
-    runtime_line,
-    verdict_list,
-    write_markdown_report,
+    Claim, claims_table, is_smoke, mean_cell, plot_title, pyplot, report_sections, write_markdown_report
 )
 
 __all__ = ["SECTIONS", "value", "paired", "claims", "write_figures", "write_report"]
@@ -234,23 +224,9 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("compression_generation.png", "next-token KL to the original model on held-out prompts")]  # fmt: skip
 
 
-def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    return figure_links(_figure_list(results), images)
-
-
-SECTIONS: dict[str, Callable[..., str]] = {
-    "setup": _setup,
-    "command": command_block,
-    "runtime": runtime_line,
-    "results": _results,
-    "ranking": _ranking,
-    "summary": _summary,
-    "comparisons": lambda results, **_: claims_table(claims(results), smoke=is_smoke(results)),
-    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
-    "protected": _protected,
-    "timing": _timing,
-    "figures": _figures,
-}
+SECTIONS = report_sections(setup=_setup, results=_results, ranking=_ranking, summary=_summary,
+                           comparisons=lambda results, **_: claims_table(claims(results), smoke=is_smoke(results)),
+                           protected=_protected, timing=_timing, claims=claims, figures=_figure_list)  # fmt: skip
 
 
 # ---------------------------------------------------------------- figures
@@ -293,10 +269,10 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
-    write_figures(results, out)
-    sections: Sequence[tuple[str, Callable[..., str]]] = [
-        ("Setup", _setup), ("Command", command_block), ("Summary", _summary), ("Results", _results), ("Ranking", _ranking),
-        ("Claims", SECTIONS["comparisons"]), ("Protected super experts", _protected), ("Timing", _timing),
-    ]  # fmt: skip
-    return write_markdown_report(results, out, title="Expert compression methods compared", sections=sections,
-                                 figures=[(name, title) for name, title in _figure_list(results)])  # fmt: skip
+    """``report.md`` and the figures in ``out``."""
+    return write_markdown_report(
+        results, out, SECTIONS, write_figures, title="Expert compression methods compared", figures=_figure_list(results),
+        order=("setup", "command", "summary", "results", "ranking", "comparisons", "protected", "timing"),
+        headings={"summary": "Summary", "ranking": "Ranking", "comparisons": "Claims",
+                  "protected": "Protected super experts", "timing": "Timing"},
+    )  # fmt: skip

@@ -13,18 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..confidence import Interval, mean_interval, paired_difference
 from ..reporting import markdown_table, save_figure
 from .report_common import (
-    Claim,
-    cell,
-    claims_table,
-    command_block,
-    runtime_line,
-    figure_links,
-    is_smoke,
-    mean_cell,
-    plot_title,
-    verdict_list,
-    pyplot,
-    write_markdown_report,
+    cell, Claim, claims_table, is_smoke, mean_cell, plot_title, pyplot, report_sections, write_markdown_report
 )
 
 __all__ = ["SECTIONS", "group_runs", "kind_means", "claims", "write_figures", "write_report"]
@@ -182,10 +171,6 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     return figures
 
 
-def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    return figure_links(_figure_list(results), images)
-
-
 def _timing(results: Mapping[str, Any], **_: str) -> str:
     train = results["timing"]["runs"]
     groups = group_runs(results["runs"])
@@ -196,16 +181,8 @@ def _timing(results: Mapping[str, Any], **_: str) -> str:
     )
 
 
-SECTIONS: dict[str, Callable[..., str]] = {
-    "setup": _setup,
-    "command": command_block,
-    "runtime": runtime_line,
-    "results": _results,
-    "comparisons": _comparisons,
-    "verdicts": lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)),
-    "timing": _timing,
-    "figures": _figures,
-}
+SECTIONS = report_sections(setup=_setup, results=_results, comparisons=_comparisons, timing=_timing,
+                           claims=claims, figures=_figure_list)  # fmt: skip
 
 
 # ---------------------------------------------------------------- figures
@@ -385,13 +362,10 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
-    out = Path(out)
-    write_figures(results, out)
     return write_markdown_report(
-        results, out, title="Soft vs hard balancing constraints for MoE layers in CNNs",
-        sections=[("Setup", _setup), ("Command", command_block), ("Results per configuration", _results),
-                  ("Against the paper's claims", _comparisons), ("Time", _timing)],
-        figures=_figure_list(results),
+        results, out, SECTIONS, write_figures, figures=_figure_list(results),
+        title="Soft vs hard balancing constraints for MoE layers in CNNs",
+        headings={"results": "Results per configuration"},
         footer="Saved models: `checkpoints/<run>` (first seed); `moekit analyze <this directory> --run <run>` "
         "analyses one.\n",
     )  # fmt: skip

@@ -5,22 +5,13 @@ against the dense softmax gate) and the expert-utilisation plot. ``SECTIONS`` re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..confidence import paired_difference
 from ..reporting import markdown_table, save_figure
 from .demo import REFERENCE
 from .report_common import (
-    runs_by,
-    cell,
-    command_block,
-    runtime_line,
-    figure_links,
-    is_smoke,
-    mean_cell,
-    plot_title,
-    pyplot,
-    write_markdown_report,
+    cell, is_smoke, mean_cell, plot_title, pyplot, report_sections, runs_by, write_markdown_report
 )
 
 __all__ = ["SECTIONS", "runs_by_label", "write_figures", "write_report"]
@@ -88,18 +79,8 @@ def _configurations(results: Mapping[str, Any], **_: str) -> str:
     return "\n".join(f"- **{c['label']}** -- {c['note']}." for c in results["configurations"]) + "\n"
 
 
-def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    return figure_links([("utilisation.png", "expert utilisation")], images)
-
-
-SECTIONS: dict[str, Callable[..., str]] = {
-    "setup": _setup,
-    "command": command_block,
-    "runtime": runtime_line,
-    "results": _results,
-    "configurations": _configurations,
-    "figures": _figures,
-}
+SECTIONS = report_sections(setup=_setup, results=_results, configurations=_configurations,
+                           figures=lambda results: [("utilisation.png", "expert utilisation")])
 
 
 def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
@@ -132,11 +113,9 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
-    out = Path(out)
-    write_figures(results, out)
-    return write_markdown_report(
-        results, out, title="moekit demo: routers and balancing losses on scikit-learn digits",
-        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
-                  ("Configurations", _configurations)],
-        figures=[("utilisation.png", "Expert utilisation")],
-    )  # fmt: skip
+    """``report.md`` and ``utilisation.png`` in ``out``."""
+    return write_markdown_report(results, out, SECTIONS, write_figures,
+                                 order=("setup", "command", "results", "configurations"),
+                                 title="moekit demo: routers and balancing losses on scikit-learn digits",
+                                 headings={"configurations": "Configurations"},
+                                 figures=[("utilisation.png", "Expert utilisation")])  # fmt: skip

@@ -6,25 +6,14 @@ comparisons paired by seed, and per seed a BCa bootstrap over documents of the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..confidence import Interval, bootstrap_interval, mean_interval, paired_difference
 from ..reporting import markdown_table, save_figure
 from .report_common import (
-    Claim,
-    cell,
-    claims_table,
-    command_block,
-    figure_links,
-    is_smoke,
-    mean_cell,
-    plot_title,
-    pyplot,
-    runtime_line,
-    verdict_list,
-    write_markdown_report,
+    cell, Claim, claims_table, is_smoke, mean_cell, plot_title, pyplot, report_sections, write_markdown_report
 )
 
 __all__ = ["SECTIONS", "labels", "bpb", "paired", "per_seed_difference", "claims", "costs", "write_figures",
@@ -210,24 +199,10 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("size_quality.png", "Expert parameters and checkpoint size against held-out bits per byte, relative to the no-merge control")]  # fmt: skip
 
 
-def _figures(results: Mapping[str, Any], *, images: str = ".", **_: str) -> str:
-    return figure_links(_figure_list(results), images)
 
 
-def _verdicts(results: Mapping[str, Any], **_: str) -> str:
-    return verdict_list(claims(results) + costs(results), smoke=is_smoke(results))
-
-
-SECTIONS: dict[str, Callable[..., str]] = {
-    "setup": _setup,
-    "command": command_block,
-    "runtime": runtime_line,
-    "results": _results,
-    "comparisons": _comparisons,
-    "verdicts": _verdicts,
-    "timing": _timing,
-    "figures": _figures,
-}
+SECTIONS = report_sections(setup=_setup, results=_results, comparisons=_comparisons, timing=_timing,
+                           claims=lambda results: claims(results) + costs(results), figures=_figure_list)
 
 
 # ---------------------------------------------------------------- figures
@@ -301,11 +276,5 @@ def write_figures(results: Mapping[str, Any], directory: str | Path) -> None:
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
-    out = Path(out)
-    write_figures(results, out)
-    return write_markdown_report(
-        results, out, title="MC-SMoE: merging and compressing a byte-level MoE language model",
-        sections=[("Setup", _setup), ("Command", command_block), ("Results", _results),
-                  ("Against the paper's claims", _comparisons), ("Time", _timing)],
-        figures=_figure_list(results),
-    )  # fmt: skip
+    return write_markdown_report(results, out, SECTIONS, write_figures, figures=_figure_list(results),
+                                 title="MC-SMoE: merging and compressing a byte-level MoE language model")

@@ -30,6 +30,8 @@ __all__ = [
     "runtime_line",
     "figure_links",
     "pyplot",
+    "report_sections",
+    "HEADINGS",
     "write_markdown_report",
 ]
 
@@ -161,19 +163,43 @@ def pyplot() -> Any:
     return plt
 
 
-def write_markdown_report(results: Mapping[str, Any], out: str | Path, *, title: str,
-                          sections: Sequence[tuple[str, Callable[..., str]]], figures: Sequence[tuple[str, str]],
-                          footer: str = "") -> Path:  # fmt: skip
-    """A run's ``report.md``: the title, the smoke-run label, the paper, one ``## heading`` per
-    ``(heading, section)``, one per figure ``(file name, title)``, and ``footer``."""
+def report_sections(*, figures: Callable[[Mapping[str, Any]], Sequence[tuple[str, str]]],
+                    claims: Callable[[Mapping[str, Any]], Sequence[Claim]] | None = None,
+                    **sections: Callable[..., str]) -> dict[str, Callable[..., str]]:  # fmt: skip
+    """An experiment's ``SECTIONS``: its own ``sections`` (``setup``, ``results``, ...), the shared ``command``
+    and ``runtime``, ``verdicts`` (a bullet per claim of ``claims(results)``, when given) and ``figures`` (links
+    to the ``(file name, title)`` pairs of ``figures(results)``, below the ``images=`` folder)."""
+    out = {"command": command_block, "runtime": runtime_line, **sections}
+    if claims is not None:
+        out.setdefault("verdicts", lambda results, **_: verdict_list(claims(results), smoke=is_smoke(results)))
+    out["figures"] = lambda results, *, images=".", **_: figure_links(figures(results), images)
+    return out
+
+
+#: ``report.md``'s heading of a section, by its ``SECTIONS`` key (a report may rename one)
+HEADINGS = {"setup": "Setup", "command": "Command", "results": "Results", "comparisons": "Against the paper's claims",
+            "utilisation": "Expert utilisation", "timing": "Time"}  # fmt: skip
+
+
+def write_markdown_report(results: Mapping[str, Any], out: str | Path, sections: Mapping[str, Callable[..., str]],
+                          write_figures: Callable[[Mapping[str, Any], Path], None], *, title: str,
+                          figures: Sequence[tuple[str, str]],
+                          order: Sequence[str] = ("setup", "command", "results", "comparisons", "timing"),
+                          headings: Mapping[str, str] | None = None, footer: str = "") -> Path:  # fmt: skip
+    """A run's ``report.md`` and its figures (``write_figures(results, out)``) in ``out``: the title, the
+    smoke-run label, the paper, one ``## heading`` per key of ``order`` (``sections[key]``, headed by
+    ``headings`` or ``HEADINGS``), one per figure ``(file name, title)``, and ``footer``."""
+    out = Path(out)
+    write_figures(results, out)
+    names = {**HEADINGS, **(headings or {})}
     parts = [f"# {title}\n", smoke_banner(results)]
     if results.get("paper"):
         parts.append(f"Paper: {results['paper']}.\n")
-    for heading, render in sections:
-        parts += [f"## {heading}\n", render(results)]
+    for key in order:
+        parts += [f"## {names[key]}\n", sections[key](results)]
     parts += [f"## {name}\n\n![{name}]({file})\n" for file, name in figures]
     parts.append(footer)
-    return atomic_write_text(Path(out) / "report.md", "\n".join(p for p in parts if p))
+    return atomic_write_text(out / "report.md", "\n".join(p for p in parts if p))
 
 
 def runs_by(results: Mapping[str, Any], key: str) -> dict[str, list[Mapping[str, Any]]]:
