@@ -34,9 +34,9 @@ from ..data.multidigits import make_multidigits, overlay_split
 from ..data.synthetic_multitask import MultiTaskSplit, make_synthetic_multitask
 from ..models.multitask import MultiGateMoE, MultiTaskOutput
 from ..progress import Progress
-from ..reporting import atomic_directory, check_output_dir, write_json
+from ..reporting import atomic_directory, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
-from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models, start_run
 
 __all__ = ["CometConfig", "DatasetSpec", "DATASETS", "GATES", "draw_hparams", "gate_hparams", "build_gate",
            "gate_spec", "load_dataset", "run_trial", "run_comet"]  # fmt: skip
@@ -300,10 +300,7 @@ def run_comet(cfg: CometConfig, out_dir: str | Path | None = None, *, progress: 
               command: str | None = None, smoke_run: bool = False,
               overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every data set, replicate, gate and trial; write the report when ``out_dir`` is set."""
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     datasets: dict[str, Any] = {}
     runs: list[dict[str, Any]] = []  # the best trial of each gate and data set in the first replicate
     models: dict[str, Any] = {}

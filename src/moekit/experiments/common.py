@@ -30,15 +30,25 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .._checks import check_int
-from ..reporting import environment
+from ..progress import Progress
+from ..reporting import check_output_dir, environment
 
-__all__ = ["TIMING_KEY", "versions", "results_header", "without_timing", "pinned_threads", "config_dict", "run_slug",
-           "checkpoint_entry", "save_run_models"]  # fmt: skip
+__all__ = ["TIMING_KEY", "start_run", "versions", "results_header", "without_timing", "pinned_threads", "config_dict",
+           "run_slug", "checkpoint_entry", "save_run_models"]  # fmt: skip
 
 #: the one key of a results JSON that holds wall-clock measurements (excluded from rerun comparisons)
 TIMING_KEY = "timing"
 
 _PACKAGES = ("moekit", "torch", "numpy", "scipy", "scikit-learn", "matplotlib")
+
+
+def start_run(cfg: Any, out_dir: str | Path | None, *, overwrite: bool, progress: Progress | None) -> Progress:
+    """The checks before any work (``cfg.check()``, and ``out_dir`` is free unless ``overwrite``); returns
+    the progress to report to (``Progress.off()`` when none is given)."""
+    cfg.check()
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    return progress or Progress.off()
 
 
 def versions() -> dict[str, str | None]:

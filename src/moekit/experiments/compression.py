@@ -37,8 +37,8 @@ from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import train_lm
 from ..progress import Progress
-from ..reporting import atomic_directory, check_output_dir, write_json
-from .common import TIMING_KEY, pinned_threads, results_header
+from ..reporting import atomic_directory, write_json
+from .common import TIMING_KEY, pinned_threads, results_header, start_run
 
 __all__ = ["METHODS", "FORMS", "CompressionConfig", "compress", "run_compression"]
 
@@ -215,10 +215,7 @@ def run_compression(cfg: CompressionConfig, out_dir: str | Path | None = None, *
     """Every seed, method and fraction; writes ``results.json``, ``report.md`` and PNGs when ``out_dir`` is set."""
     from ..evaluation import stdlib_heldout
 
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"seeds": {}}

@@ -38,9 +38,9 @@ from ..data.images import ImageSplit, load_digit_images
 from ..models.resnet_moe import ResNetMoE
 from ..progress import Progress
 from ..registry import LOSSES
-from ..reporting import atomic_directory, check_output_dir, write_json
+from ..reporting import atomic_directory, write_json
 from ..training import TrainConfig, train_classifier
-from .common import TIMING_KEY, pinned_threads, results_header
+from .common import TIMING_KEY, pinned_threads, results_header, start_run
 
 __all__ = ["ConstraintsConfig", "constraint_kind", "load_images", "build_model", "run_one", "run_name",
            "run_constraints"]  # fmt: skip
@@ -208,10 +208,7 @@ def run_constraints(cfg: ConstraintsConfig, out_dir: str | Path | None = None, *
                     overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run the grid for every seed; with ``out_dir``, write ``results.json``, ``report.md``, PNGs and the
     first seed's checkpoints there (built aside and renamed into place)."""
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     grid: list[tuple[str | None, int | None, int]] = [(None, None, 0)]
     grid += [(c, p, E) for p in cfg.positions for E in cfg.num_experts for c in cfg.constraints]
     runs, models, timing = [], {}, {"runs": {}}

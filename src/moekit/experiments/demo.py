@@ -20,10 +20,11 @@ import torch
 from ..data.digits import DigitsSplit, load_digits_split
 from ..models.classifier import MoEClassifier
 from ..progress import Progress
-from ..reporting import atomic_directory, check_output_dir, write_json
+from ..reporting import atomic_directory, write_json
 from ..stats import RoutingRecorder
 from ..training import TrainConfig, evaluate_classifier, train_classifier
-from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, run_slug, save_run_models
+from .common import (TIMING_KEY, checkpoint_entry, pinned_threads, results_header, run_slug, save_run_models,
+                     start_run)
 
 __all__ = ["DemoRun", "DEMO_RUNS", "DemoConfig", "select_runs", "run_demo"]
 
@@ -117,10 +118,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, *, progress: Pr
              command: str | None = None, smoke_run: bool = False,
              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train every selected configuration for every seed; write the report files when ``out_dir`` is set."""
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     configurations = select_runs(cfg.routers)
     runs, models, timing = [], {}, {"runs": {}}
     start = time.perf_counter()

@@ -39,8 +39,8 @@ from ..merging.recovery import recover
 from ..models.lm import MoELM
 from ..models.lm_train import train_lm
 from ..progress import Progress
-from ..reporting import atomic_directory, check_output_dir, write_json
-from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
+from ..reporting import atomic_directory, write_json
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models, start_run
 
 __all__ = ["Variant", "VARIANTS", "CONTROLS", "McSmoeConfig", "SeedData", "heldout_split", "run_seed", "run_mcsmoe"]
 
@@ -299,10 +299,7 @@ def model_names(cfg: McSmoeConfig | Mapping[str, Any]) -> list[str]:
 def run_mcsmoe(cfg: McSmoeConfig, out_dir: str | Path | None = None, *, progress: Progress | None = None,
                command: str | None = None, smoke_run: bool = False, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every seed; write ``results.json``, ``report.md`` and PNGs when ``out_dir`` is set."""
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     seeds, timing, saved = [], {"seeds": {}}, {}
     start = time.perf_counter()
     per_seed = 1 + len(model_names(cfg))

@@ -34,10 +34,10 @@ from ..layers.adapters import adapter_context, adapter_sites, insert_routed_adap
 from ..layers.baselines import ROUTED_METHODS
 from ..models.resnet_moe import BasicBlock, ResNetMoE
 from ..progress import Progress
-from ..reporting import atomic_directory, check_output_dir, write_json
+from ..reporting import atomic_directory, write_json
 from ..routers.base import Router
 from ..routers.estimators import reinforce_terms
-from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models
+from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models, start_run
 
 __all__ = ["METHODS", "SmearConfig", "load_seed_data", "pretrain_backbone", "run_method", "run_smear"]
 
@@ -283,10 +283,7 @@ def run_smear(cfg: SmearConfig, out_dir: str | Path | None = None, *, progress: 
 
     Routing tables are kept for the first seed only (for the heatmaps); every run keeps its mutual information.
     """
-    cfg.check()
-    progress = progress or Progress.off()
-    if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+    progress = start_run(cfg, out_dir, overwrite=overwrite, progress=progress)
     runs, seeds, models, timing = [], [], {}, {"pretrain_s": {}, "runs": {}}
     start = time.perf_counter()
     with pinned_threads(cfg.threads), progress.task(len(cfg.seeds) * len(cfg.methods), "smear runs") as task:
