@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._options import FLOAT, INT, SEEDS, THREADS, WORDS, ConfigOption, add_config_options, add_out, add_quiet
-from ._options import checked_out, command_line, config_from_args, progress_from
+from ._experiment import add_experiment_parser, run_experiment
 from ._help import command_summary
+from ._options import FLOAT, INT, SEEDS, THREADS, WORDS, ConfigOption
+
+WORDS_ = ("moekit", "demo")
 
 OPTIONS = (
     ConfigOption("--routers", WORDS, "router names to run, comma-separated, e.g. topk,hash (empty: every "
@@ -26,31 +28,18 @@ SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 def register(subparsers: Any) -> None:
     from ..experiments.demo import DemoConfig
 
-    p = subparsers.add_parser(
-        "demo", help=SUMMARY,
+    add_experiment_parser(
+        subparsers, WORDS_, DemoConfig(), OPTIONS, _run, help=SUMMARY,
         description="Train one small MoE classifier per router/balancing configuration and seed on scikit-learn's "
         "digits, print the table (accuracy with 95%% intervals, CV, living experts, time) and write report.md, "
         "results.json and utilisation.png into --out.",
+        quick_help="a smoke run (2 epochs, one seed; the other options apply on top); its report is labelled as such",
     )  # fmt: skip
-    add_out(p, "demo")
-    p.add_argument("--quick", action="store_true", help="a smoke run (2 epochs, one seed; the other options apply on "
-                   "top); its report is labelled as such")  # fmt: skip
-    add_quiet(p)
-    add_config_options(p, OPTIONS, DemoConfig())
-    p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..experiments.demo import DemoConfig, run_demo
     from ..experiments.demo_report import SECTIONS
 
-    base = DemoConfig.quick() if args.quick else DemoConfig()
-    cfg = config_from_args(args, OPTIONS, base)
-    checked_out(args)
-    command = command_line(("moekit", "demo"), cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    progress = progress_from(args)
-    results = run_demo(cfg, args.out, overwrite=args.overwrite, progress=progress, command=command,
-                       smoke_run=args.quick)
-    progress.echo("\n" + SECTIONS["results"](results))
-    print(f"report written to {args.out}/report.md")
-    return 0
+    return run_experiment(args, WORDS_, DemoConfig, OPTIONS, run_demo,
+                          summary=lambda results: "\n" + SECTIONS["results"](results))  # fmt: skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._options import FLOAT, INT, INTS, TEXT, THREADS, WORDS, ConfigOption, add_config_options, add_out
-from .._options import add_quiet, checked_out, command_line, config_from_args, progress_from
+from .._experiment import add_experiment_parser, run_experiment
+from .._options import FLOAT, INT, INTS, TEXT, THREADS, WORDS, ConfigOption
 
 WORDS_ = ("moekit", "reproduce", "comet")
 
@@ -27,28 +27,16 @@ OPTIONS = (
 def register(experiments: Any) -> None:
     from ...experiments.comet import CometConfig
 
-    p = experiments.add_parser(
-        "comet", help="COMET: tree gate, DSelect-k, top-k, hash (+ local search) on multi-task data",
+    add_experiment_parser(
+        experiments, WORDS_, CometConfig(), OPTIONS, run,
+        help="COMET: tree gate, DSelect-k, top-k, hash (+ local search) on multi-task data",
         description="Random search per gate with shared hyperparameter draws, several replicates, the paper's "
         "best-by-validation statistic, k-sparsity decided on validation, paired 95% intervals, tuning curves with "
         "bootstrap bands.",
     )  # fmt: skip
-    add_out(p, "reproduce", "comet")
-    p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny data; the other options apply "
-                   "on top); its report is labelled as such and gives no verdicts")  # fmt: skip
-    add_quiet(p)
-    add_config_options(p, OPTIONS, CometConfig())
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...experiments.comet import CometConfig, run_comet
 
-    base = CometConfig.quick() if args.quick else CometConfig()
-    cfg = config_from_args(args, OPTIONS, base)
-    checked_out(args, inputs=[cfg.idx_dir])
-    command = command_line(WORDS_, cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    run_comet(cfg, args.out, overwrite=args.overwrite, progress=progress_from(args), command=command,
-              smoke_run=args.quick)
-    print(f"report written to {args.out}/report.md")
-    return 0
+    return run_experiment(args, WORDS_, CometConfig, OPTIONS, run_comet, inputs=("idx_dir",))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._options import INT, INTS, OPTIONAL_INT, SEEDS, TEXT, THREADS, WORDS, ConfigOption, add_config_options
-from .._options import add_out, add_quiet, checked_out, command_line, config_from_args, progress_from
+from .._experiment import add_experiment_parser, run_experiment
+from .._options import INT, INTS, OPTIONAL_INT, SEEDS, TEXT, THREADS, WORDS, ConfigOption
 
 WORDS_ = ("moekit", "reproduce", "constraints")
 
@@ -31,28 +31,17 @@ OPTIONS = (
 def register(experiments: Any) -> None:
     from ...experiments.constraints import ConstraintsConfig
 
-    p = experiments.add_parser(
-        "constraints", help="soft vs hard balancing constraints for MoE layers in CNNs (Pavlitska et al.)",
+    add_experiment_parser(
+        experiments, WORDS_, ConstraintsConfig(), OPTIONS, run,
+        help="soft vs hard balancing constraints for MoE layers in CNNs (Pavlitska et al.)",
         description="ResNet-18 with one stage replaced by an MoE, trained with each soft (loss) and hard (masking) "
         "constraint over several seeds (new split each); paired 95% intervals for soft vs hard on accuracy, "
         "balance, specialisation and the drop at k = 1; specialisation plots and checkpoints of the first seed.",
+        what="report.md, results.json, PNGs and checkpoints",
     )  # fmt: skip
-    add_out(p, "reproduce", "constraints", what="report.md, results.json, PNGs and checkpoints")
-    p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny data; the other options apply "
-                   "on top); its report is labelled as such and gives no verdicts")  # fmt: skip
-    add_quiet(p)
-    add_config_options(p, OPTIONS, ConstraintsConfig())
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...experiments.constraints import ConstraintsConfig, run_constraints
 
-    base = ConstraintsConfig.quick() if args.quick else ConstraintsConfig()
-    cfg = config_from_args(args, OPTIONS, base)
-    checked_out(args, inputs=[cfg.data_dir])
-    command = command_line(WORDS_, cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    run_constraints(cfg, args.out, overwrite=args.overwrite, progress=progress_from(args), command=command,
-                    smoke_run=args.quick)
-    print(f"report written to {args.out}/report.md")
-    return 0
+    return run_experiment(args, WORDS_, ConstraintsConfig, OPTIONS, run_constraints, inputs=("data_dir",))

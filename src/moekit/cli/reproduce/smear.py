@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._options import FLOAT, INT, OPTIONAL_INT, SEEDS, THREADS, WORDS, ConfigOption, add_config_options, add_out
-from .._options import add_quiet, checked_out, command_line, config_from_args, progress_from
+from .._experiment import add_experiment_parser, run_experiment
+from .._options import FLOAT, INT, OPTIONAL_INT, SEEDS, THREADS, WORDS, ConfigOption
 
 WORDS_ = ("moekit", "reproduce", "smear")
 
@@ -25,28 +25,16 @@ OPTIONS = (
 def register(experiments: Any) -> None:
     from ...experiments.smear import METHODS, SmearConfig
 
-    p = experiments.add_parser(
-        "smear", help="SMEAR: merged-expert adapters vs tag, hash, top-1, estimators, merging and ensembles",
+    add_experiment_parser(
+        experiments, WORDS_, SmearConfig(), OPTIONS, run,
+        help="SMEAR: merged-expert adapters vs tag, hash, top-1, estimators, merging and ensembles",
         description="Adapters on a frozen CNN, routed per image, one expert per domain; every method of the SMEAR "
         "paper, several seeds (new split and backbone each), validation-based early stopping, paired 95% intervals "
         "against SMEAR. Methods: " + "; ".join(f"{m}: {d}" for m, d in METHODS.items()) + ".",
     )  # fmt: skip
-    add_out(p, "reproduce", "smear")
-    p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny data; the other options apply "
-                   "on top); its report is labelled as such and gives no verdicts")  # fmt: skip
-    add_quiet(p)
-    add_config_options(p, OPTIONS, SmearConfig())
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...experiments.smear import SmearConfig, run_smear
 
-    base = SmearConfig.quick() if args.quick else SmearConfig()
-    cfg = config_from_args(args, OPTIONS, base)
-    checked_out(args)
-    command = command_line(WORDS_, cfg, OPTIONS, base, flags=["--quick"] if args.quick else [])
-    run_smear(cfg, args.out, overwrite=args.overwrite, progress=progress_from(args), command=command,
-              smoke_run=args.quick)
-    print(f"report written to {args.out}/report.md")
-    return 0
+    return run_experiment(args, WORDS_, SmearConfig, OPTIONS, run_smear)
