@@ -6,7 +6,9 @@
   ``experiments/``, ``cli/``;
 * nothing but ``cli/`` imports ``experiments/``; nothing outside ``cli/`` imports ``cli/``;
 * there is no import cycle between subpackages, apart from the arrows listed in ``KNOWN_CYCLE_EDGES``
-  (each with the reason it is still there); that list may only shrink.
+  (each with the reason it is still there); that list may only shrink;
+* there is one training loop: no module but ``training.py`` calls ``.backward()`` (the others drive
+  ``training.training_steps``).
 """
 
 from __future__ import annotations
@@ -121,6 +123,19 @@ def test_no_import_cycle_between_subpackages() -> None:
         f"{a} -> {b}: {'; '.join(edges[(a, b)][:3])}" for a, b in new)
     gone = sorted(set(KNOWN_CYCLE_EDGES) - on_cycle)
     assert not gone, f"no longer on a cycle, remove from KNOWN_CYCLE_EDGES: {gone}"
+
+
+def _backward_calls(path: Path) -> list[int]:
+    """Lines of ``path`` that call ``<something>.backward(...)`` (not ``def backward`` of an autograd Function)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward"]
+
+
+def test_one_training_loop() -> None:
+    found = {str(p.relative_to(PACKAGE)): lines for p in sorted(PACKAGE.rglob("*.py")) if (lines := _backward_calls(p))}
+    assert "training.py" in found, "the scan no longer sees the loop of training.training_steps"
+    others = {p: lines for p, lines in found.items() if p != "training.py"}
+    assert not others, f"training loops outside training.training_steps (calls of .backward()): {others}"
 
 
 def test_cycle_detection_finds_a_cycle() -> None:
