@@ -68,6 +68,7 @@ def _build_inputs(root: Path) -> None:
     tiny_model("mixtral").save_pretrained(root / "hf")
     (root / "calib.txt").write_text("def f(x):\n    return x + 1\n" * 50)
     (root / "empty.txt").write_text("")
+    (root / "latin1.json").write_bytes(b'{"experiment": "caf\xe9"}')
     (root / "a_file").write_text("not a directory")
     (root / "no_config").mkdir()
     (root / "no_config" / "model.safetensors").write_bytes(b"")
@@ -357,6 +358,7 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     # report: faulty results files
     ("report:missing-results", "report {I}/nope.json --out {O}", "results file '{I}/nope.json' does not exist"),
     ("report:not-json", "report {I}/calib.txt --out {O}", "'{I}/calib.txt' is not valid JSON"),
+    ("report:not-utf8", "report {I}/latin1.json --out {O}", "'{I}/latin1.json' is not valid JSON"),
     ("report:not-an-experiment", "report {I}/lm/config.json --out {O}", "is not a moekit results file"),
     ("report:nothing-given", "report --out {O}", "give a RESULTS.json, a --doc DOC.md, or both"),
     ("report:missing-doc", "report --doc {I}/nope.md", "--doc '{I}/nope.md' does not exist"),

@@ -113,7 +113,7 @@ def load_results(path: str | Path, *, experiment: bool = True) -> dict[str, Any]
         raise FileNotFoundError(f"results file {str(path)!r} does not exist")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(results, dict) or (experiment and "experiment" not in results):
         raise ValueError(f"{str(path)!r} is not a moekit results file (no 'experiment' key)")
