@@ -69,6 +69,7 @@ def _build_inputs(root: Path) -> None:
     (root / "calib.txt").write_text("def f(x):\n    return x + 1\n" * 50)
     (root / "empty.txt").write_text("")
     (root / "latin1.json").write_bytes(b'{"experiment": "caf\xe9"}')
+    (root / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     (root / "a_file").write_text("not a directory")
     (root / "no_config").mkdir()
     (root / "no_config" / "model.safetensors").write_bytes(b"")
@@ -348,6 +349,10 @@ FAULTS.update({case: Fault(argv, match) for case, argv, match in [
     ("eval:unknown-device", f"{_E} {{I}}/lm --device quantum", "argument --device: must be a torch device"),
     ("eval:stdlib-bytes-0", f"{_E} {{I}}/lm --stdlib-bytes 0", "argument --stdlib-bytes: must be >= 1024, got 0"),
     ("eval:max-doc-bytes-0", f"{_E} {{I}}/lm --max-doc-bytes 0", "max_doc_bytes must be >= 1, got 0"),
+    ("eval:data-not-utf8", "eval {I}/lm --data {I}/latin1.jsonl --tasks perplexity --quiet --out {O}",
+     "'{I}/latin1.jsonl' is not UTF-8 text"),
+    ("merge:calib-not-utf8", "merge {I}/lm --experts 2 --calib {I}/latin1.jsonl --quiet --out {O}",
+     "--calib '{I}/latin1.jsonl' is not UTF-8 text"),
     ("eval:stride-0", f"{_E} {{I}}/lm --stride 0", "stride must be >= 1, got 0"),
     ("eval:context-1", f"{_E} {{I}}/lm --context 1", "context must be >= 2, got 1"),
     ("eval:distractors-0", f"{_E} {{I}}/lm --distractors 0", "distractors must be >= 1, got 0"),

@@ -21,6 +21,7 @@ from moekit.reporting import (
     mean_std,
     read_json,
     read_marker,
+    read_utf8,
     remove_stale_staging,
     staging_dir,
 )
@@ -96,6 +97,16 @@ def test_read_json_names_the_file_and_what_it_is(tmp_path):
     (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
     with pytest.raises(ValueError, match=r"^corrupt test results '.*latin1\.json': 'utf-8' codec"):
         read_json(tmp_path / "latin1.json", what="test results")
+
+
+def test_read_utf8_names_the_argument_and_the_file(tmp_path):
+    (tmp_path / "ok.txt").write_bytes("caf\u00e9\n".encode("utf-8"))
+    assert read_utf8(tmp_path / "ok.txt") == "caf\u00e9\n"
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match=r"^--data '.*latin1\.txt' is not UTF-8 text: 'utf-8' codec"):
+        read_utf8(tmp_path / "latin1.txt", name="--data")
+    with pytest.raises(ValueError, match=r"^'.*latin1\.txt' is not UTF-8 text"):
+        read_utf8(tmp_path / "latin1.txt")
 
 
 def test_an_empty_directory_may_be_used_without_overwrite(tmp_path):

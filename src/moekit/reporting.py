@@ -35,6 +35,7 @@ __all__ = [
     "MARKER_NAME",
     "write_json",
     "read_json",
+    "read_utf8",
     "environment",
     "markdown_table",
     "save_figure",
@@ -448,6 +449,16 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON (atomically); NaN/inf become null."""
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_utf8(path: str | os.PathLike[str], *, name: str = "") -> str:
+    """The text of ``path``; a file that is not UTF-8 raises ``ValueError("<name> '<path>' is not UTF-8
+    text: <reason>")`` (``name``: the argument that gave the file, e.g. ``"--calib"``)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name + ' ' if name else ''}{str(path)!r} is not UTF-8 text: {err}") from None
 
 
 def read_json(path: str | os.PathLike[str], *, what: str) -> Any:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
+from ..reporting import read_utf8
 
 __all__ = [
     "STDLIB",
@@ -130,23 +131,22 @@ def is_token_file(source: str) -> bool:
 
 def _rows_from_jsonl(path: Path) -> dict[str, Tensor]:
     rows: dict[str, list[list[int]]] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--calib {str(path)!r} line {number} is not JSON: {err.msg}") from None
-            if not isinstance(obj, dict) or "input_ids" not in obj:
-                raise ValueError(f"--calib {str(path)!r} line {number} must be an object with 'input_ids', got {line.strip()[:60]!r}")
-            unknown = sorted(set(obj) - set(TOKEN_KEYS))
-            if unknown:
-                raise ValueError(f"--calib {str(path)!r} line {number} has keys {unknown}; allowed: {list(TOKEN_KEYS)}")
-            for key, value in obj.items():
-                if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ValueError(f"--calib {str(path)!r} line {number}: {key!r} must be a list of integers")
-                rows.setdefault(key, []).append(value)
+    for number, line in enumerate(read_utf8(path, name="--calib").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--calib {str(path)!r} line {number} is not JSON: {err.msg}") from None
+        if not isinstance(obj, dict) or "input_ids" not in obj:
+            raise ValueError(f"--calib {str(path)!r} line {number} must be an object with 'input_ids', got {line.strip()[:60]!r}")
+        unknown = sorted(set(obj) - set(TOKEN_KEYS))
+        if unknown:
+            raise ValueError(f"--calib {str(path)!r} line {number} has keys {unknown}; allowed: {list(TOKEN_KEYS)}")
+        for key, value in obj.items():
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"--calib {str(path)!r} line {number}: {key!r} must be a list of integers")
+            rows.setdefault(key, []).append(value)
     if "input_ids" not in rows:
         raise ValueError(f"--calib {str(path)!r} holds no rows")
     out = {}

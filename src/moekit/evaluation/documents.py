@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from ..reporting import read_utf8
+
 __all__ = ["Document", "EvalData", "STDLIB", "stdlib_heldout", "load_files", "load_data", "round_robin", "char_start"]
 
 STDLIB = "stdlib"
@@ -145,7 +147,7 @@ def _safetensors_documents(path: Path) -> list[Document]:
 
 def _jsonl_documents(path: Path) -> list[Document]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{str(path)!r} line {n}"
