@@ -48,10 +48,14 @@ def _rows(results: Mapping[str, Any], method: str, removed: float, recovery: boo
 
 
 def paired(results: Mapping[str, Any], a: tuple[str, float, bool], b: tuple[str, float, bool], metric: str) -> Interval:
-    """Interval of ``metric(a) - metric(b)`` paired by seed; ``a``/``b`` = (method, removed, recovery)."""
+    """Interval of ``metric(a) - metric(b)`` paired by seed; ``a``/``b`` = (method, removed, recovery); seeds
+    without the metric (choice on token-id data) are left out."""
     ra, rb = _rows(results, *a), _rows(results, *b)
-    seeds = [s for s in ra if s in rb]
-    return paired_difference([value(ra[s], metric) for s in seeds], [value(rb[s], metric) for s in seeds])
+    pairs = [(value(ra[s], metric), value(rb[s], metric)) for s in ra if s in rb]
+    pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
+    if not pairs:
+        return Interval(math.nan, math.nan, math.nan, 0, 0.95, "none")
+    return paired_difference([x for x, _ in pairs], [y for _, y in pairs])
 
 
 def _methods(results: Mapping[str, Any]) -> list[str]:
@@ -72,8 +76,10 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
                 if metric == "ppl":
                     statement, metric = statement.replace("bits/byte", ppl_unit(results)), ppl(results)
                 text, source = statement.rsplit(" (", 1)
-                out.append(Claim(f"{text} ({source.rstrip(')')}; {pct})", paired(results, (a, r, False), (b, r, False), metric),
-                                 claimed=claimed, scale=scale, spec=spec, unit=unit))  # fmt: skip
+                difference = paired(results, (a, r, False), (b, r, False), metric)
+                if difference.n:  # choice accuracy on token-id data: none
+                    out.append(Claim(f"{text} ({source.rstrip(')')}; {pct})", difference, claimed=claimed, scale=scale,
+                                     spec=spec, unit=unit))  # fmt: skip
 
         add("REAP beats M-SMoE on held-out bits/byte (REAP)", "reap", "m-smoe", "ppl", "negative", unit=unit)
         add("REAP's next-token predictions stay closer to the original's than M-SMoE's, KL (REAP)", "reap", "m-smoe",
