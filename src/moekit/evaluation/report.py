@@ -117,5 +117,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"corrupt evaluation results {str(path)!r}: {err}") from None
     if not isinstance(result, dict) or result.get("format") != FORMAT or not result.get("runs"):
-        raise ValueError(f"{str(path)!r} is not a moekit eval results.json")
+        what = (f"the results of moekit reproduce {result['experiment']}" if isinstance(result, dict) and
+                isinstance(result.get("experiment"), str) else f"no format {FORMAT!r} with runs")  # fmt: skip
+        raise ValueError(f"{str(path)!r} is not a results.json of moekit eval ({what})")
     return result
