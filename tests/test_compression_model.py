@@ -54,7 +54,7 @@ def test_model_run_covers_every_method_and_fraction_and_keeps_reloadable_models(
         assert load_model(kept).info["parameters"] == row["params"]
         assert json.loads((kept / "compress_report.json").read_text())["method"] == method
     report = (out / "report.md").read_text()
-    assert f"Model `{src}` ({family}" in report and "No recovery" in report and "| reap | 50% | no | 3/3 |" in report
+    assert f"Model `{src}` ({family}" in report and "No recovery (Hugging Face models get none" in report and "| reap | 50% | no | 3/3 |" in report
     assert (out / "compression_bpb.png").stat().st_size > 1000
 
 
@@ -99,7 +99,7 @@ def test_bad_model_runs_are_refused_before_any_work(tmp_path, capsys):
     src = _model(tmp_path / "qwen", "qwen3_moe")
     files = text_files(tmp_path / "text", count=2, size=600)
     cases = [
-        (["--recovery-steps", "5"], "must be 0 with model (--model)"),
+        (["--recovery-steps", "5"], "must be 0 for the Hugging Face model"),
         (["--calib", str(files[0]), "--data", f"{files[0]},{files[1]}"], "need disjoint data"),
         (["--removed", "0.1"], "must remove at least one of 6 experts"),
         (["--out", str(src)], "--out"),
@@ -112,3 +112,24 @@ def test_bad_model_runs_are_refused_before_any_work(tmp_path, capsys):
         assert not (tmp_path / "never").exists()
     assert main([*QUICK, "--keep-models", "--out", str(tmp_path / "never")]) == 2  # no --model
     assert "needs model" in capsys.readouterr().err
+
+
+def test_moekit_checkpoint_gets_step_matched_recovery_when_asked(tmp_path):
+    from eval_tiny import tiny_lm
+
+    from moekit import save_checkpoint
+
+    src = save_checkpoint(tiny_lm(), tmp_path / "lm")  # 2 experts per block
+    out = tmp_path / "run"
+    assert main([*QUICK, "--methods", "reap,m-smoe", "--removed", "0.5", "--recovery-steps", "2", "--model", str(src),
+                 "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads((out / "results.json").read_text())
+    seen = {(row["method"], row["recovery"]): row for row in r["rows"]}
+    assert set(seen) == {(m, rec) for m in ("none", "reap", "m-smoe") for rec in (False, True)}
+    assert {row["recovery_steps"] for row in r["rows"] if row["recovery"]} == {2}  # step-matched, control too
+    for method in ("none", "reap", "m-smoe"):  # recovery changed every model
+        one_shot, after = seen[method, False]["metrics"], seen[method, True]["metrics"]
+        assert one_shot["bits_per_byte"]["estimate"] != after["bits_per_byte"]["estimate"], method
+    assert seen["reap", False]["experts_per_layer"] == [1]
+    report = (out / "report.md").read_text()
+    assert "Recovery: 2 steps of KD" in report and "| reap | 50% | yes | 1 |" in report

@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -198,6 +198,25 @@ def _row(seed: int, method: str, removed: float, steps: int, model: nn.Module, m
     return result_row(seed, method, removed, steps, counts, count_parameters(model), metrics, info)
 
 
+def recovery_batches(data_N: Tensor, cfg: CompressionConfig, seed: int) -> list[Tensor]:
+    """Seed ``seed``'s recovery batches: ``cfg.recovery_steps`` batches of random byte windows ``[B, S+1]``."""
+    if not cfg.recovery_steps:
+        return []
+    windows = random_windows(data_N, cfg.recovery_steps * cfg.batch_size, cfg.seq_len,
+                             torch.Generator().manual_seed(20_000 + seed))  # fmt: skip
+    return list(windows.split(cfg.batch_size))
+
+
+def recovered(model: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], cfg: CompressionConfig,
+              label: str) -> nn.Module:  # fmt: skip
+    """A copy of ``model`` after ``cfg.recovery_steps`` steps of KD from ``teacher`` on ``batches`` (byte windows
+    ``[B, S+1]``, one per step; routers frozen), the recovery every variant of a seed gets."""
+    student = copy.deepcopy(model)
+    recover(student, teacher, lambda step: batches[step], steps=cfg.recovery_steps, lr=cfg.recovery_lr, alpha=cfg.alpha,
+            temperature=cfg.temperature, quiet=True, desc=label)  # fmt: skip
+    return student
+
+
 def run_seed(cfg: CompressionConfig, seed: int, corpus: Any, data: Any, task: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train one LM, compress it every way, recover, evaluate; ``(rows, timing)``."""
     from ..evaluation import wrap_model
@@ -214,8 +233,7 @@ def run_seed(cfg: CompressionConfig, seed: int, corpus: Any, data: Any, task: An
     model.eval()
     calib_gen = torch.Generator().manual_seed(10_000 + seed)
     calib = [w[:, :-1] for w in random_windows(corpus.train, cfg.calib_sequences, cfg.seq_len, calib_gen).split(cfg.batch_size)]
-    recovery = random_windows(corpus.train, cfg.recovery_steps * cfg.batch_size, cfg.seq_len,
-                              torch.Generator().manual_seed(20_000 + seed)).split(cfg.batch_size)  # fmt: skip
+    recovery = recovery_batches(corpus.train, cfg, seed)
     reference = wrap_model(copy.deepcopy(model), name="original")
     settings = eval_settings(cfg, seed)
     rows: list[dict[str, Any]] = []
@@ -227,9 +245,7 @@ def run_seed(cfg: CompressionConfig, seed: int, corpus: Any, data: Any, task: An
         if not cfg.recovery_steps:
             task.advance(note=f"seed {seed} {label}: {rows[-1]['metrics']['bits_per_byte']['estimate']:.3f} bits/byte")
             return
-        student = copy.deepcopy(compressed)
-        recover(student, model, lambda step: recovery[step], steps=cfg.recovery_steps, lr=cfg.recovery_lr,
-                alpha=cfg.alpha, temperature=cfg.temperature, quiet=True, desc=label)  # fmt: skip
+        student = recovered(compressed, model, recovery, cfg, label)
         rows.append(_row(seed, method, removed, cfg.recovery_steps, student,
                          evaluate_variant(student, reference, data, settings), info))  # fmt: skip
         timing[label] = {**timing.get(label, {}), "recover_and_eval_s": time.perf_counter() - t}

@@ -12,8 +12,10 @@ Calibration: the ``calib`` sources read as ``moekit compress --calib`` reads the
 standard library's training files), ``4 * calib_sequences`` windows of ``seq_len`` tokens of which each
 seed draws ``calib_sequences`` at random (token-id files: their rows). Evaluation: the ``data`` sources
 read as ``moekit eval --data`` reads them (``stdlib``: the held-out files); a file may not be in both.
-No recovery: KD recovery (``moekit.merging.recovery``) trains moekit modules in memory, not compressed
-checkpoints, so ``recovery_steps`` must be 0 here.
+Recovery (``recovery_steps > 0``, moekit checkpoints only): every variant, the uncompressed control
+included, reloaded and then trained by the same KD steps from the original as in the trained-LM comparison
+(``compression.recovered``), on random byte windows of the calibration text. Hugging Face models get no
+recovery (``moekit.merging.recovery`` trains moekit modules), so ``recovery_steps`` must be 0 for them.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data.calibration import is_token_file, read_calibration_bytes
 from ..progress import Progress
 from .compression import NONE, STDLIB, CompressionConfig, describe_data, evaluate_variant, perplexity_metric
-from .compression import eval_settings, result_row, spec_for
+from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for
 
 __all__ = ["POOL", "check_model_config", "model_info", "calibration", "run_model"]
 
@@ -39,9 +42,6 @@ POOL = 4
 
 def check_model_config(cfg: CompressionConfig) -> None:
     """The checks of a ``model`` run that need no model: no recovery, calibration and evaluation disjoint."""
-    if cfg.recovery_steps:
-        raise ValueError(f"recovery_steps (--recovery-steps) must be 0 with model (--model), got {cfg.recovery_steps}: "
-                         "KD recovery trains moekit modules in memory, not compressed checkpoints")  # fmt: skip
     if not cfg.calib or not cfg.data:
         raise ValueError("calib and data (--calib, --data) must each name at least one source")
     files = lambda sources: {str(Path(s).resolve()) for s in sources if s != STDLIB}  # noqa: E731
@@ -58,6 +58,12 @@ def model_info(cfg: CompressionConfig) -> SimpleNamespace:
     info = _model_info(Path(str(cfg.model)))
     if info.decoder:
         raise ValueError(f"model (--model) {cfg.model!r} is encoder-decoder; the comparison evaluates causal LMs")
+    if cfg.recovery_steps and info.kind != "moekit":
+        raise ValueError(f"recovery_steps (--recovery-steps) must be 0 for the Hugging Face model {cfg.model!r}, got "
+                         f"{cfg.recovery_steps}: KD recovery trains moekit models (give a moekit checkpoint)")  # fmt: skip
+    if cfg.recovery_steps and any(is_token_file(s) for s in cfg.calib):
+        raise ValueError("recovery_steps (--recovery-steps) > 0 trains on the calibration text; give text --calib "
+                         f"sources, not token-id files ({list(cfg.calib)})")  # fmt: skip
     fewest = min(info.counts.values())
     bad = [r for r in cfg.removed if not 0 < r < 1 or int(fewest * r) < 1]
     if bad:
@@ -109,54 +115,56 @@ def run_model(cfg: CompressionConfig, progress: Progress,
     """Every seed, method and fraction on ``cfg.model``: ``(rows, timing, data description)``. The
     compressed models are written to ``models_dir`` (kept), or to a temporary directory removed after
     each variant is evaluated."""
-    from ..evaluation import load_data, load_model
+    from ..evaluation import load_data, load_model, wrap_model
     from ..merging.streaming import compress_checkpoint
 
     info = model_info(cfg)
     data = load_data(list(cfg.data), max_bytes=cfg.corpus_bytes).head(cfg.eval_documents)
     reference = load_model(str(cfg.model))
-    counts = list(info.counts.values())
+    text = torch.frombuffer(bytearray(read_calibration_bytes(list(cfg.calib))), dtype=torch.uint8) if cfg.recovery_steps else None
+    ppl = perplexity_metric(data)
     rows: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"seeds": {}}
     calibrations: dict[str, Any] = {}
+    per_seed = 1 + len(cfg.methods) * len(cfg.removed)
     with tempfile.TemporaryDirectory(prefix="moekit-compression-") as scratch, \
-            progress.task(len(cfg.seeds) * (1 + len(cfg.methods) * len(cfg.removed)), "compression variants") as task:  # fmt: skip
+            progress.task(len(cfg.seeds) * per_seed, "compression variants") as task:  # fmt: skip
         for seed in cfg.seeds:
             settings = eval_settings(cfg, seed)
             calib, calibrations[str(seed)] = calibration(cfg, info, seed)
+            recovery = recovery_batches(text, cfg, seed) if text is not None else []
             seed_timing: dict[str, Any] = {}
-            t = time.perf_counter()
-            metrics = evaluate_variant(reference, reference, data, settings)
-            rows.append(result_row(seed, NONE, 0.0, 0, counts, reference.info["parameters"], metrics,
-                                   {"form": "-", "budget": "-", "kept": {}, "protected": None}))  # fmt: skip
-            seed_timing[NONE] = {"eval_s": time.perf_counter() - t}
-            task.advance(note=f"seed {seed} original evaluated")
+
+            def finish(label: str, method: str, removed: float, model: Any, counts: list[int], details: dict[str, Any]) -> None:
+                """Evaluate ``model`` one-shot and, with recovery, after the seed's recovery steps."""
+                t = time.perf_counter()
+                metrics = evaluate_variant(model, reference, data, settings)
+                rows.append(result_row(seed, method, removed, 0, counts, model.info["parameters"], metrics, details))
+                if recovery:
+                    student = wrap_model(recovered(model.module, reference.module, recovery, cfg, label), name="recovered")
+                    rows.append(result_row(seed, method, removed, cfg.recovery_steps, counts, model.info["parameters"],
+                                           evaluate_variant(student, reference, data, settings), details))  # fmt: skip
+                seed_timing.setdefault(label, {})["eval_s"] = time.perf_counter() - t
+                task.advance(note=f"seed {seed} {label}: {metrics[ppl]['estimate']:.3f} {ppl}")
+
+            finish(NONE, NONE, 0.0, reference, list(info.counts.values()), {"form": "-", "budget": "-", "kept": {},
+                                                                            "protected": None})  # fmt: skip
             for removed in cfg.removed:
                 for method in cfg.methods:
-                    label = f"{method}@{removed:g}"
-                    name = f"seed{seed}-{method}-{removed:g}"
+                    label, name = f"{method}@{removed:g}", f"seed{seed}-{method}-{removed:g}"
                     where = (models_dir or Path(scratch)) / name
                     t = time.perf_counter()
                     report = compress_checkpoint(cfg.model, where, calib, spec_for(method, 1.0 - removed, seed), quiet=True,
                                                  settings={"calibration_sources": calibrations[str(seed)]})  # fmt: skip
                     seed_timing[label] = {"compress_s": time.perf_counter() - t}
-                    t = time.perf_counter()
-                    compressed = load_model(where)
-                    metrics = evaluate_variant(compressed, reference, data, settings)
-                    seed_timing[label]["eval_s"] = time.perf_counter() - t
                     kept = {"model_dir": f"models/{name}"} if models_dir is not None else {}
-                    rows.append(result_row(seed, method, removed, 0, list(report["experts_per_block"].values()),
-                                           compressed.info["parameters"], metrics,
-                                           {"form": report["form"], "budget": report["budget"], "kept": report["kept"],
-                                            "protected": report["protected_super_experts"], **kept}))  # fmt: skip
-                    del compressed
+                    finish(label, method, removed, load_model(where), list(report["experts_per_block"].values()),
+                           {"form": report["form"], "budget": report["budget"], "kept": report["kept"],
+                            "protected": report["protected_super_experts"], **kept})  # fmt: skip
                     if models_dir is None:
                         shutil.rmtree(where)
-                    ppl = perplexity_metric(data)
-                    task.advance(note=f"seed {seed} {label}: {metrics[ppl]['estimate']:.3f} {ppl}")
             timing["seeds"][str(seed)] = seed_timing
     described = {"model": {"path": str(cfg.model), "kind": info.kind, "experts_per_block": info.counts,
                            **{k: reference.info.get(k) for k in ("model_type", "parameters", "tokenizer")}},
-                 "calibration": calibrations, "evaluation": describe_data(data),
-                 "perplexity_metric": perplexity_metric(data)}  # fmt: skip
+                 "calibration": calibrations, "evaluation": describe_data(data), "perplexity_metric": ppl}  # fmt: skip
     return rows, timing, described

@@ -133,6 +133,10 @@ def _setup_model(results: Mapping[str, Any]) -> str:
     first = next(iter(calib.values()))
     text = ev["documents"][0]["bytes"] is not None
     cut = f"; at most {cfg['max_doc_bytes']} bytes each" if text and cfg["max_doc_bytes"] else ""
+    recovery = (f"Recovery: {cfg['recovery_steps']} steps of KD from the original model (alpha {cfg['alpha']}, T "
+                f"{cfg['temperature']}, lr {cfg['recovery_lr']}, routers frozen) on the same random windows of the "
+                "calibration text for every variant, the no-compression control included." if cfg["recovery_steps"] else
+                "No recovery (Hugging Face models get none: KD recovery trains moekit models).")  # fmt: skip
     return (
         f"Model `{model['path']}` ({model.get('model_type') or model['kind']}, {model.get('parameters') or 0:,} "
         f"parameters, {len(model['experts_per_block'])} MoE blocks of {'/'.join(map(str, counts))} experts), not "
@@ -145,9 +149,8 @@ def _setup_model(results: Mapping[str, Any]) -> str:
         + f", {cfg['prompts']} prompts continued greedily for {cfg['new_tokens']} tokens and compared with the "
         f"original model. Each method removes {' and '.join(f'{r:.0%}' for r in cfg['removed'])} of every MoE "
         f"block's experts (M-SMoE: the same total, its global budget) through `moekit compress`'s streamed "
-        f"pipeline; every compressed model is reloaded from its directory for evaluation. No recovery: KD recovery "
-        f"trains moekit modules in memory, not compressed checkpoints. Super experts protected for every method "
-        f"but M-SMoE.\n"
+        f"pipeline; every compressed model is reloaded from its directory for evaluation. {recovery} Super experts "
+        f"protected for every method but M-SMoE.\n"
     )
 
 

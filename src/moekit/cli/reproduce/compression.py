@@ -22,8 +22,8 @@ OPTIONS = (
     SEEDS,
     ConfigOption("--train-steps", INT, "training steps of each seed's MoE LM", low=1),
     ConfigOption("--recovery-steps", INT, "recovery steps of every variant (the control too; 0: no recovery, the "
-                 "default with --model, which allows only 0: KD recovery trains moekit modules in memory, not "
-                 "compressed checkpoints)", low=0),  # fmt: skip
+                 "default with --model; a Hugging Face --model allows only 0: KD recovery trains moekit models)",
+                 low=0),  # fmt: skip
     ConfigOption("--items", INT, "multiple-choice items", low=1),
     THREADS,
     ConfigOption("--model", DIRECTORY, "compare on this Hugging Face model directory (a supported family) or moekit "
@@ -46,7 +46,8 @@ def register(experiments: Any) -> None:
         description="Trains a byte-level MoE LM per seed, removes 25% and 50% of each layer's experts with every "
         "method, with and without the same recovery steps (a no-compression control gets them too), and evaluates "
         "held-out bits/byte, multiple choice and generation with paired 95% intervals. With --model DIR nothing is "
-        "trained: every method compresses that model as moekit compress does (no recovery), and each result is "
+        "trained: every method compresses that model as moekit compress does (recovery only for moekit checkpoints, "
+        "on request), and each result is "
         "evaluated paired against the original, calibrated on --calib and evaluated on --data. Methods: "
         + "; ".join(f"{m}: {d}" for m, d in METHODS.items()) + ".",
         quick_help=smoke_help("tiny model and data; with --model: tiny calibration and evaluation"),
@@ -60,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from ...experiments.compression import CompressionConfig, run_compression
 
     if args.cfg_model is not None and args.cfg_recovery_steps is None:
-        args.cfg_recovery_steps = "0"  # no KD recovery of checkpoints (see --recovery-steps)
+        args.cfg_recovery_steps = "0"  # KD recovery of Hugging Face models is not offered (see --recovery-steps)
     return run_experiment(args, WORDS_, CompressionConfig, OPTIONS, partial(run_compression, keep_models=args.keep_models),
                           inputs=("model",))  # fmt: skip
