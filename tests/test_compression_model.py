@@ -112,6 +112,8 @@ def test_bad_model_runs_are_refused_before_any_work(tmp_path, capsys):
         assert not (tmp_path / "never").exists()
     assert main([*QUICK, "--keep-models", "--out", str(tmp_path / "never")]) == 2  # no --model
     assert "needs model" in capsys.readouterr().err
+    assert main([*QUICK, "--data", str(files[0]), "--out", str(tmp_path / "never")]) == 2
+    assert "choose the data of a model (--model) run" in capsys.readouterr().err
 
 
 def test_moekit_checkpoint_gets_step_matched_recovery_when_asked(tmp_path):

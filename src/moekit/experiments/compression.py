@@ -120,6 +120,10 @@ class CompressionConfig:
             from .compression_model import check_model_config
 
             return check_model_config(self)
+        if self.calib != (STDLIB,) or self.data != (STDLIB,):
+            raise ValueError(f"calib and data (--calib, --data) choose the data of a model (--model) run; the trained LM "
+                             f"calibrates and is evaluated on the stdlib split, got calib={list(self.calib)}, "
+                             f"data={list(self.data)}")  # fmt: skip
         bad = [r for r in self.removed if not 0 < r < 1 or int(self.num_experts * r) < 1]
         if bad:
             raise ValueError(f"removed fractions (--removed) must remove at least one of {self.num_experts} experts and keep "
