@@ -296,6 +296,72 @@ def crossover(args) -> dict:
     return out
 
 
+# ----- kernels: the read rate of each matrix-vector kernel on expert matrices -------------------------
+KERNEL_ROWS = [1, 2, 4, 8, 16]
+KERNEL_BYTES = 128 * 2**20  # per measured set of matrices: 4x this machine's L3, so every pass reads memory
+
+
+def kernel_rates(args) -> dict:
+    """Read rate (GB/s) of one decode-sized product per expert matrix, over a set of ``KERNEL_BYTES`` of
+    copies of each expert matrix shape (gate/up and down of every layer), by kernel: the native GEMV,
+    ``F.linear``, oneDNN packed; and ``torch.sum`` over the same bytes (the plain read). The profile of
+    where decode time goes, and the measurements behind ``native_gemv.MAX_ROWS``."""
+    from moekit.experts import native_gemv
+
+    lp = torch.ops.mkldnn._linear_pointwise
+    shapes = QUICK if args.quick else SHAPES
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    budget = KERNEL_BYTES // (16 if args.quick else 1)
+    rows_list = [1, 4] if args.quick else KERNEL_ROWS
+    out = {"build": native_gemv.build_info(), "rows": []}
+    with torch.inference_mode():
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            for layer, s in shapes.items():
+                for matrix, (O, I) in {"gate_up": (2 * s["F"], s["D"]), "down": (s["D"], s["F"])}.items():
+                    n = max(2, budget // (O * I * dtype.itemsize))
+                    ws = [torch.randn(O, I).to(dtype) for _ in range(n)]
+                    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in ws]
+                    flat = torch.cat([w.reshape(-1) for w in ws]).float() if dtype == torch.float32 else None
+                    nbytes = n * O * I * dtype.itemsize
+                    for M in rows_list:
+                        x = torch.randn(M, I).to(dtype)
+                        fns = {"native": lambda: [native_gemv.linear(x, w) for w in ws] if native_gemv.available() else None,
+                               "F.linear": lambda: [F.linear(x, w) for w in ws],
+                               "packed": lambda: [lp(x, w, None, "none", [], "") for w in packed]}  # fmt: skip
+                        if flat is not None:
+                            fns["torch.sum"] = lambda: flat.sum()
+                        stats, _ = time_interleaved(fns, args.reps, clock)
+                        row = {"dtype": dtype_name, "layer": layer, "matrix": matrix, "O": O, "I": I, "M": M,
+                               **{f"{k}_GBps": nbytes / v["best_s"] / 1e9 for k, v in stats.items()}}  # fmt: skip
+                        out["rows"].append(row)
+                        print(f"kernels {dtype_name} {layer} {matrix} [{O}, {I}] M={M}: "
+                              + ", ".join(f"{k} {v['best_s'] and nbytes / v['best_s'] / 1e9:.1f}" for k, v in stats.items())
+                              + " GB/s", file=sys.stderr, flush=True)  # fmt: skip
+                    del ws, packed, flat
+                    gc.collect()
+    return out
+
+
+def kernels_markdown(res: dict, args) -> str:
+    """The read-rate table, with each kernel's rate relative to ``torch.sum`` (fp32) and the winner."""
+    build = res["build"]
+    lines = [f"Read rate of one product per expert matrix (GB/s, best of {args.reps}), {args.threads} thread(s); "
+             f"native GEMV: {build['isa'] or 'not built: ' + str(build['reason'])}. `x sum`: rate / torch.sum's "
+             "rate over the same fp32 bytes (bf16 rows: over the fp32 read of the same layer and matrix).", "",
+             "| dtype | layer | matrix [O, I] | rows | native | F.linear | packed | torch.sum | native x sum | "
+             "F.linear x sum | packed x sum | fastest |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    sums = {(r["layer"], r["matrix"], r["M"]): r["torch.sum_GBps"] for r in res["rows"] if "torch.sum_GBps" in r}
+    for r in res["rows"]:
+        ref = sums.get((r["layer"], r["matrix"], r["M"]))
+        rates = {k: r.get(f"{k}_GBps") for k in ("native", "F.linear", "packed")}
+        fastest = max((k for k in rates if rates[k]), key=lambda k: rates[k])
+        cells = [f"{v:.1f}" if v else "-" for v in rates.values()] + [f"{ref:.1f}" if ref else "-"]
+        cells += [f"{v / ref:.2f}" if v and ref else "-" for v in rates.values()] + [fastest]
+        lines.append(f"| {r['dtype']} | {r['layer']} | {r['matrix']} [{r['O']}, {r['I']}] | {r['M']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----- end to end: generate -----------------------------------------------------------------------------
 GEN_CONFIGS = {
     "qwen3_moe": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -462,6 +528,7 @@ def main() -> None:
     ap.add_argument("--max-gather-gb", type=float, default=2.5, help="skip hf batched_mm above this weight copy")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
     ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
+    ap.add_argument("--kernels", action="store_true", help="only measure the read rate of the GEMV kernels (native, F.linear, packed, torch.sum)")
     ap.add_argument("--profile", action="store_true", help="profile moekit's call where it misses its goal")
     ap.add_argument("--assemble", nargs="+", metavar="JSON", help="combine the JSON of separate runs (pieces) into one")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -474,11 +541,18 @@ def main() -> None:
     import transformers
 
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv)}
-    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "")
+    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "") + ("_kernels" if args.kernels else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
     out = Path(args.out)
     if args.assemble:
         assemble(args, out, tag)
+        return
+    if args.kernels:
+        res = {"environment": env, "load_average": os.getloadavg(), **kernel_rates(args)}
+        write_json(out / f"{tag}.json", res)
+        text = kernels_markdown(res, args)
+        atomic_write_text(out / f"{tag}.md", text)
+        print(text)
         return
     if args.crossover:
         res = {"environment": env, **crossover(args)}

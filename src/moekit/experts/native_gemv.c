@@ -136,7 +136,61 @@ DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
         }                                                                                               \
     }
 DEFINE_BLOCK(block_f32, float, tile_f32)
-DEFINE_BLOCK(block_bf16, uint16_t, tile_bf16)
+#if defined(__AVX512BF16__)
+/* bf16 weights with AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs of W and x (x kept in bf16, exact)
+ * and adds each pair's sum into 16 fp32 lanes -- half the instructions of widening W first. xb: x in
+ * bf16, xf: the same in fp32 (the scalar tail). */
+static inline __attribute__((always_inline)) void tile_dp(const uint16_t *w, long ldw, const uint16_t *xb,
+                                                          const float *xf, long ldx, long I, const int NR,
+                                                          const int NM, const int U, float acc[ROWS][MCHUNK]) {
+    __m512 a[ROWS][MCHUNK][UNROLL];
+    long iv = I - I % (32 * U);
+    for (int r = 0; r < NR; r++)
+        for (int m = 0; m < NM; m++)
+            for (int u = 0; u < U; u++) a[r][m][u] = _mm512_setzero_ps();
+    for (long i = 0; i < iv; i += 32 * U)
+        for (int u = 0; u < U; u++) {
+            __m512bh xv[MCHUNK];
+            for (int m = 0; m < NM; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * ldx + i + u * 32);
+            for (int r = 0; r < NR; r++) {
+                __m512bh wr = (__m512bh)_mm512_loadu_si512(w + r * ldw + i + u * 32);
+                for (int m = 0; m < NM; m++) a[r][m][u] = _mm512_dpbf16_ps(a[r][m][u], wr, xv[m]);
+            }
+        }
+    for (int r = 0; r < NR; r++)
+        for (int m = 0; m < NM; m++) {
+            for (int u = 1; u < U; u++) a[r][m][0] = _mm512_add_ps(a[r][m][0], a[r][m][u]);
+            float s = _mm512_reduce_add_ps(a[r][m][0]);
+            for (long i = iv; i < I; i++) s += bf16_to_f32(w[r * ldw + i]) * xf[m * ldx + i];
+            acc[r][m] = s;
+        }
+}
+
+static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
+                       long I, float acc[ROWS][MCHUNK]) {
+    if (nr == ROWS && nm > 1) {
+        switch (nm) {
+        case 2: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 2, 1, acc); return;
+        case 3: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 3, 1, acc); return;
+        default: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 4, 1, acc); return;
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float one[ROWS][MCHUNK];
+        for (int m = 0; m < nm; m++) {
+            tile_dp(w + r * ldw, ldw, xb + m * ldx, x + m * ldx, ldx, I, 1, 1, 2, one);
+            acc[r][m] = one[0][0];
+        }
+    }
+}
+#else
+DEFINE_BLOCK(block_bf16_widen, uint16_t, tile_bf16)
+static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
+                       long I, float acc[ROWS][MCHUNK]) {
+    (void)xb;
+    block_bf16_widen(w, ldw, nr, x, ldx, nm, I, acc);
+}
+#endif
 
 /* ---- activations of the fused GLU: 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 relu ---- */
 static inline float activate(float g, int act) {
@@ -150,7 +204,8 @@ static inline float activate(float g, int act) {
 
 /* Rows [r0, r1) of W for all M rows of x (fp32 copy xf, M x I dense). GLU (glu_rows > 0): output
  * column o < glu_rows is act(x . W[o]) * (x . W[o + glu_rows]), so the caller passes r in [0, glu_rows). */
-static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, long M, long I,
+static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                       long M, long I,
                        const void *bias, long glu_rows, int act, void *y, long ldy) {
     float acc[ROWS][MCHUNK], up[ROWS][MCHUNK];
     for (long r = r0; r < r1; r += ROWS) {
@@ -160,8 +215,8 @@ static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, cons
             const float *xm = xf + m * I;
             if (bf16) {
                 const uint16_t *w = (const uint16_t *)W + r * ldw;
-                block_bf16(w, ldw, nr, xm, I, nm, I, acc);
-                if (glu_rows) block_bf16(w + glu_rows * ldw, ldw, nr, xm, I, nm, I, up);
+                block_bf16(w, ldw, nr, xb + m * I, xm, I, nm, I, acc);
+                if (glu_rows) block_bf16(w + glu_rows * ldw, ldw, nr, xb + m * I, xm, I, nm, I, up);
             } else {
                 const float *w = (const float *)W + r * ldw;
                 block_f32(w, ldw, nr, xm, I, nm, I, acc);
@@ -190,11 +245,15 @@ static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, cons
  * with O = out. Returns 0, or -1 when the fp32 copy of x could not be allocated. */
 int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
                 void *y, long ldy, int dtype, int glu, int act, int threads) {
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * I > 0 ? M * I : 1));
+    size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
+    float *xf = (float *)malloc((sizeof(float) + sizeof(uint16_t)) * n_x); /* x in fp32, then (bf16) a dense copy */
     if (!xf) return -1;
+    uint16_t *xb = (uint16_t *)(xf + n_x);
     for (long m = 0; m < M; m++)
-        for (long i = 0; i < I; i++)
+        for (long i = 0; i < I; i++) {
+            if (dtype) xb[m * I + i] = ((const uint16_t *)x)[m * ldx + i];
             xf[m * I + i] = dtype ? bf16_to_f32(((const uint16_t *)x)[m * ldx + i]) : ((const float *)x)[m * ldx + i];
+        }
     long blocks = (O + ROWS - 1) / ROWS;
     int n = threads < 1 ? 1 : threads;
     if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
@@ -208,7 +267,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 #endif
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
-        if (r1 > r0) rows_range(W, dtype, ldw, r0, r1, xf, M, I, bias, glu ? O : 0, act, y, ldy);
+        if (r1 > r0) rows_range(W, dtype, ldw, r0, r1, xf, xb, M, I, bias, glu ? O : 0, act, y, ldy);
     }
     free(xf);
     return 0;
@@ -216,7 +275,9 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 
 /* What this build vectorises with, for the cache key's sanity and the benchmark's report. */
 const char *moekit_gemv_isa(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    return "avx512f+bf16";
+#elif defined(__AVX512F__)
     return "avx512f";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";

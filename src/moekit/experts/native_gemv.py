@@ -72,33 +72,32 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     ``[gate; up]`` (``[2F, I]``) and the result ``act(x Wg^T + bg) * (x Wu^T + bu)``, ``[M, F]``.
 
     CPU tensors, fp32 or bf16 (all alike); ``weight_OI`` with unit column stride (rows may be strided).
-    ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread. Raises ``RuntimeError``
-    when the kernel is not ``available()``.
+    ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread. Runs whether or not
+    ``MOEKIT_NATIVE_GEMV`` turns the routing off (``serves``); raises ``RuntimeError`` when the kernel
+    could not be built.
     """
-    lib = _library() if os.environ.get("MOEKIT_NATIVE_GEMV", "1") != "0" else None
+    lib = _library()
     if lib is None:
-        raise RuntimeError("the native GEMV kernel is not available (MOEKIT_NATIVE_GEMV=0, no compiler, or the build failed)")
-    dtype = weight_OI.dtype
-    if dtype not in _DTYPES or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
+        raise RuntimeError(f"the native GEMV kernel is not available: {_built()[1]}")
+    dtype, (M, I), (O2, I2) = weight_OI.dtype, x_MI.shape, weight_OI.shape
+    code = _DTYPES.get(dtype)
+    if code is None or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
         raise ValueError(f"x, weight and bias must all be float32 or bfloat16, got {x_MI.dtype}, {dtype}, "
                          f"{None if bias_O is None else bias_O.dtype}")  # fmt: skip
-    if x_MI.dim() != 2 or weight_OI.dim() != 2 or x_MI.shape[1] != weight_OI.shape[1]:
-        raise ValueError(f"x [M, I] and weight [O, I] must agree on I, got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}")
-    if weight_OI.stride(1) != 1 or weight_OI.device.type != "cpu":
-        raise ValueError(f"weight must be a CPU tensor with unit column stride, got strides {weight_OI.stride()} on {weight_OI.device}")
-    if glu is not None and (glu not in GLU_ACTIVATIONS or weight_OI.shape[0] % 2):
+    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.is_cuda or x_MI.is_cuda:
+        raise ValueError(f"x [M, I] and weight [O, I] must be CPU tensors that agree on I, the weight with unit "
+                         f"column stride; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}, strides {weight_OI.stride()}")  # fmt: skip
+    act = 0 if glu is None else GLU_ACTIVATIONS.get(glu, -1)
+    if act < 0 or (glu is not None and O2 % 2):
         raise ValueError(f"glu must be one of {list(GLU_ACTIVATIONS)} with an even number of weight rows, "
-                         f"got {glu!r} and {weight_OI.shape[0]} rows")  # fmt: skip
+                         f"got {glu!r} and {O2} rows")  # fmt: skip
     x = x_MI if x_MI.stride(1) == 1 else x_MI.contiguous()
-    bias = None if bias_O is None else bias_O.contiguous()
-    M, I = x.shape
-    O = weight_OI.shape[0] // 2 if glu else weight_OI.shape[0]
+    bias = None if bias_O is None else bias_O.contiguous().data_ptr()
+    O = O2 // 2 if glu else O2
     y = torch.empty(M, O, dtype=dtype)
-    rc = lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0),
-                         None if bias is None else bias.data_ptr(), y.data_ptr(), O, _DTYPES[dtype],
-                         int(glu is not None), GLU_ACTIVATIONS.get(glu or "silu", 0),
-                         torch.get_num_threads() if threads is None else threads)  # fmt: skip
-    if rc != 0:
+    threads = torch.get_num_threads() if threads is None else threads
+    if lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
+                       y.data_ptr(), O, code, glu is not None, act, threads):  # fmt: skip
         raise MemoryError(f"native GEMV could not allocate {M * I * 4} bytes for x")
     return y
 
@@ -167,6 +166,7 @@ def _built() -> tuple[Path | None, str | None]:
         return target, None
     errors = []
     for flags in attempts:
+        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".native_gemv-", suffix=".so", dir=target.parent)
@@ -175,8 +175,10 @@ def _built() -> tuple[Path | None, str | None]:
             if done.returncode == 0:
                 os.replace(tmp, target)  # atomic: a parallel build of the same key writes the same bytes
                 return target, None
-            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-            os.unlink(tmp)
+            errors.append((done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
         except (OSError, subprocess.SubprocessError) as err:
-            errors.append([str(err)])
-    return None, f"{cc} failed: {errors[-1][0]}"
+            errors.append(str(err))
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    return None, f"{cc} failed: {errors[-1]}"
