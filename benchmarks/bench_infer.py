@@ -8,15 +8,16 @@ and 256, 1024, 4096 (prefill); fp32 and bf16. Every implementation runs the *exp
 weights (one copy in memory, shared) and identical routing (moekit's top-k router, run once per T), under
 ``torch.inference_mode``; the router is the same small product for all and is left out.
 
-* **moekit**: ``moekit.experts.dispatch`` (its forward-only path: the touched experts in a loop, the
-  sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on);
+* **moekit**: ``moekit.experts.dispatch`` (its forward-only path: the touched experts in a loop, their
+  decode-sized products on the native GEMV where ``native_gemv.serves`` them, the sorted grouped GEMM
+  above that);
 * **moekit_packed**: the same after ``moekit.experts.pack_for_inference`` (oneDNN-blocked copies of the
   expert weights);
 * **hf_eager / hf_grouped_mm / hf_batched_mm**: transformers' ``MixtralExperts`` with each CPU experts
   implementation (``batched_mm`` copies the weights per routed token; skipped above ``--max-gather-gb``);
 * **bandwidth bound**: bytes of the experts the routing touches / read bandwidth, the bandwidth being the
-  fastest of three reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
-  one dense GEMV over a matrix of that size, plain and oneDNN-packed, in the tested dtype);
+  fastest of four reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
+  one dense GEMV over a matrix of that size, plain, oneDNN-packed and native, in the tested dtype);
 * **dense-GEMM bound**: one expert's gate/up, SwiGLU and down over all T*K routed rows (the MoE's FLOPs
   with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights;
 * **bound** = the larger of the two; "x bound" = time / bound.
@@ -32,6 +33,7 @@ An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwe
     python benchmarks/bench_infer.py                 # -> results/bench_infer.{json,md}, 1 thread
     python benchmarks/bench_infer.py --threads 2     # -> results/bench_infer_2threads.{json,md}
     python benchmarks/bench_infer.py --crossover     # loop vs sorted grouped GEMM (plain) -> results/bench_infer_crossover.*
+    python benchmarks/bench_infer.py --kernels       # read rate: native GEMV, F.linear, packed, torch.sum -> results/bench_infer_kernels.*
     python benchmarks/bench_infer.py --quick         # tiny shapes (smoke test) -> results/bench_infer_quick.*
 
 On a shared machine, run it in pieces (``--shapes``, ``--dtypes``, ``--no-generate``, each into its own
@@ -63,7 +65,7 @@ TOKENS = [1, 4, 16, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4, 64]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ["moekit", "moekit_packed", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
-BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "dense", "dense_packed"]
+BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "dense_packed"]
 DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 BW_BYTES = 256 * 2**20
@@ -128,7 +130,7 @@ class Layer:
 
     def contenders(self, T: int, max_gather_gb: float, seed: int = 1) -> tuple[dict[str, Callable], dict]:
         """``{name: fn}`` for one T (fn returns the experts' output or None) and the routing facts."""
-        from moekit.experts import dispatch
+        from moekit.experts import dispatch, native_gemv
 
         s = self.shape
         g = torch.Generator().manual_seed(seed + T)
@@ -154,6 +156,8 @@ class Layer:
         fns["bw_sum"] = lambda: _none(self.bw_fp32.sum())
         fns["bw_gemv"] = lambda: _none(F.linear(self.bw_x, self.bw_matrix))
         fns["bw_gemv_packed"] = lambda: _none(lp(self.bw_x, self.bw_matrix_packed, None, "none", [], ""))
+        if native_gemv.available():
+            fns["bw_gemv_native"] = lambda: _none(native_gemv.linear(self.bw_x, self.bw_matrix))
         return fns, facts
 
 
@@ -208,7 +212,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
             fns, facts = layer.contenders(T, args.max_gather_gb)
             reps = args.reps if T <= 16 else max(2, args.reps // 5) if T < 4096 else 2
             stats, outputs = time_interleaved(fns, reps, clock)
-            bw = max(BW_BYTES / stats[k]["best_s"] for k in ("bw_sum", "bw_gemv", "bw_gemv_packed"))
+            bw = max(BW_BYTES / stats[k]["best_s"] for k in BOUNDS if k.startswith("bw_") and k in stats)
             bw_bound = facts["touched_bytes"] / bw
             dense = min(stats["dense"]["best_s"], stats["dense_packed"]["best_s"])
             bound = max(bw_bound, dense)
@@ -223,7 +227,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
                 diff = _agree(outputs[impl], ref, TOL[dtype_name])
                 row["impls"][impl] = {**stats[impl], "x_bound": stats[impl]["best_s"] / bound, "max_rel_diff": diff,
                                       "matches_moekit": diff is None or diff <= TOL[dtype_name]}  # fmt: skip
-            row["bounds"] = {k: stats[k] for k in BOUNDS}
+            row["bounds"] = {k: stats[k] for k in BOUNDS if k in stats}
             row["load_average"] = os.getloadavg()
             best = min(("moekit", "moekit_packed"), key=lambda k: row["impls"][k]["best_s"])
             goal = DECODE_GOAL if T <= 16 else PREFILL_GOAL
@@ -495,9 +499,9 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def gemv_bound(row: dict) -> float:
-    """The bound with the bandwidth one GEMV reaches (plain or packed, 256 MB matrix, same rounds) in place
+    """The bound with the bandwidth one GEMV reaches (plain, packed or native, 256 MB matrix, same rounds) in place
     of the plain read's: what a matrix-vector kernel on one core can stream here, the decode limit."""
-    gemv = min(row["bounds"]["bw_gemv"]["best_s"], row["bounds"]["bw_gemv_packed"]["best_s"])
+    gemv = min(v["best_s"] for k, v in row["bounds"].items() if k.startswith("bw_gemv"))
     return max(row["touched_bytes"] / (BW_BYTES / gemv), row["dense_bound_s"])
 
 
@@ -521,11 +525,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--reps", type=int, default=15, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
+    ap.add_argument("--reps", type=int, default=7, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
-    ap.add_argument("--max-gather-gb", type=float, default=2.5, help="skip hf batched_mm above this weight copy")
+    ap.add_argument("--max-gather-gb", type=float, default=1.0, help="skip hf batched_mm above this weight copy (GB)")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
     ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
     ap.add_argument("--kernels", action="store_true", help="only measure the read rate of the GEMV kernels (native, F.linear, packed, torch.sum)")
