@@ -202,47 +202,60 @@ static inline float activate(float g, int act) {
     }
 }
 
-/* Rows [r0, r1) of W for all M rows of x (fp32 copy xf, M x I dense). GLU (glu_rows > 0): output
- * column o < glu_rows is act(x . W[o]) * (x . W[o + glu_rows]), so the caller passes r in [0, glu_rows). */
-static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                       long M, long I,
-                       const void *bias, long glu_rows, int act, void *y, long ldy) {
-    float acc[ROWS][MCHUNK], up[ROWS][MCHUNK];
+/* out[m * CHUNK + (r - r0)] = x_m . W_r for rows r in [r0, r1) (r1 - r0 <= CHUNK) and all M rows of x:
+ * blocks of ROWS weight rows, each read from memory once for every chunk of MCHUNK rows of x. */
+#define CHUNK 64
+static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                     long M, long I, float *out) {
+    float acc[ROWS][MCHUNK];
     for (long r = r0; r < r1; r += ROWS) {
         int nr = (int)(r1 - r < ROWS ? r1 - r : ROWS);
         for (long m = 0; m < M; m += MCHUNK) {
             int nm = (int)(M - m < MCHUNK ? M - m : MCHUNK);
-            const float *xm = xf + m * I;
-            if (bf16) {
-                const uint16_t *w = (const uint16_t *)W + r * ldw;
-                block_bf16(w, ldw, nr, xb + m * I, xm, I, nm, I, acc);
-                if (glu_rows) block_bf16(w + glu_rows * ldw, ldw, nr, xb + m * I, xm, I, nm, I, up);
-            } else {
-                const float *w = (const float *)W + r * ldw;
-                block_f32(w, ldw, nr, xm, I, nm, I, acc);
-                if (glu_rows) block_f32(w + glu_rows * ldw, ldw, nr, xm, I, nm, I, up);
-            }
+            if (bf16) block_bf16((const uint16_t *)W + r * ldw, ldw, nr, xb + m * I, xf + m * I, I, nm, I, acc);
+            else block_f32((const float *)W + r * ldw, ldw, nr, xf + m * I, I, nm, I, acc);
             for (int q = 0; q < nr; q++)
-                for (int k = 0; k < nm; k++) {
-                    float v = acc[q][k], u = 0.0f;
-                    if (bias) {
-                        v += bf16 ? bf16_to_f32(((const uint16_t *)bias)[r + q]) : ((const float *)bias)[r + q];
-                        if (glu_rows)
-                            u = bf16 ? bf16_to_f32(((const uint16_t *)bias)[r + q + glu_rows])
-                                     : ((const float *)bias)[r + q + glu_rows];
-                    }
-                    if (glu_rows) v = activate(v, act) * (up[q][k] + u);
-                    long at = (m + k) * ldy + r + q;
-                    if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v);
-                    else ((float *)y)[at] = v;
-                }
+                for (int k = 0; k < nm; k++) out[(m + k) * CHUNK + (r - r0) + q] = acc[q][k];
         }
     }
 }
 
+static inline float load_value(const void *p, long at, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+}
+
+/* Output columns [r0, r1) for all M rows of x (fp32 copy xf, bf16 copy xb, M x I dense), CHUNK rows
+ * of W at a time. GLU (glu_rows > 0): column o is act(x . W[o] + b[o]) * (x . W[o + glu_rows] +
+ * b[o + glu_rows]); the gate chunk and then the up chunk are each read as one run of memory. */
+static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                      long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
+    float *gate = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * M));
+    if (!gate) return -1;
+    float *up = gate + CHUNK * M;
+    for (long c = r0; c < r1; c += CHUNK) {
+        long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
+        dot_rows(W, bf16, ldw, c, c1, xf, xb, M, I, gate);
+        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, M, I, up);
+        for (long m = 0; m < M; m++)
+            for (long o = c; o < c1; o++) {
+                float v = gate[m * CHUNK + (o - c)];
+                if (bias) v += load_value(bias, o, bf16);
+                if (glu_rows) {
+                    float u = up[m * CHUNK + (o - c)];
+                    if (bias) u += load_value(bias, o + glu_rows, bf16);
+                    v = activate(v, act) * u;
+                }
+                if (bf16) ((uint16_t *)y)[m * ldy + o] = f32_to_bf16(v);
+                else ((float *)y)[m * ldy + o] = v;
+            }
+    }
+    free(gate);
+    return 0;
+}
+
 /* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
  * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
- * with O = out. Returns 0, or -1 when the fp32 copy of x could not be allocated. */
+ * with O = out. Returns 0, or -1 when a buffer (the copies of x, a thread's chunk) could not be allocated. */
 int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
                 void *y, long ldy, int dtype, int glu, int act, int threads) {
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
@@ -255,6 +268,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
             xf[m * I + i] = dtype ? bf16_to_f32(((const uint16_t *)x)[m * ldx + i]) : ((const float *)x)[m * ldx + i];
         }
     long blocks = (O + ROWS - 1) / ROWS;
+    int failed = 0;
     int n = threads < 1 ? 1 : threads;
     if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
 #ifdef _OPENMP
@@ -267,10 +281,10 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 #endif
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
-        if (r1 > r0) rows_range(W, dtype, ldw, r0, r1, xf, xb, M, I, bias, glu ? O : 0, act, y, ldy);
+        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
     }
     free(xf);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* What this build vectorises with, for the cache key's sanity and the benchmark's report. */

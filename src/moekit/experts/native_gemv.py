@@ -101,7 +101,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     threads = torch.get_num_threads() if threads is None else threads
     if lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
                        y.data_ptr(), O, code, glu is not None, act, threads):  # fmt: skip
-        raise MemoryError(f"native GEMV could not allocate {M * I * 4} bytes for x")
+        raise MemoryError(f"native GEMV could not allocate its buffers (x: {M * I * 6} bytes)")
     return y
 
 
