@@ -42,6 +42,12 @@ def qwen_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path_factory, monkeypatch):
+    """Runs without --out write under ./moekit-runs: keep them in a directory of their own."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def _eval(*args: object) -> int:
     return main(["eval", *map(str, args)])
 
@@ -76,9 +82,10 @@ def test_eval_moekit_checkpoint_with_reference_writes_a_comparable_report(lm_dir
     assert [s["task"] for s in r["not_compared"]] == ["generate"] and "reference differ" in r["not_compared"][0]["reason"]
     assert {c["task"] for c in r["comparisons"]} == {"perplexity", "choice", "cloze"}
     assert "Not compared: generate" in (paired / "report.md").read_text()
-    assert _eval(lm_dir, "--data", *files, "--compare", out, "--seed", "1", *SMALL) == 2  # before any work
+    again = ("--out", tmp_path / "again")
+    assert _eval(lm_dir, "--data", *files, "--compare", out, "--seed", "1", *again, *SMALL) == 2  # before any work
     assert "used other settings (seed=0 there, 1 here)" in capsys.readouterr().err
-    assert _eval(lm_dir, "--data", *files[:2], "--compare", out, *SMALL) == 2
+    assert _eval(lm_dir, "--data", *files[:2], "--compare", out, *again, *SMALL) == 2
     assert "evaluated other data" in capsys.readouterr().err
 
 
@@ -150,19 +157,25 @@ def test_bad_inputs_are_one_line_errors(lm_dir, qwen_dir, files, tmp_path, capsy
     tiny_model("mixtral").save_pretrained(mixtral)
     a_file = tmp_path / "out.txt"
     a_file.write_text("not a directory")
+    experiment = tmp_path / "experiment.json"
+    experiment.write_text(json.dumps({"experiment": "smear", "runs": [{}]}))
     cases = [
         ([tmp_path / "missing"], "does not exist"),
-        ([lm_dir, "--tasks", "perplexity,mmlu"], "unknown task(s) ['mmlu']"),
+        ([tmp_path / "missing", "--tasks", "perplexity,mmlu"],  # before loading anything
+         "--tasks entry 'mmlu' is not a task; allowed: perplexity, choice, cloze, generate, or 'none' alone"),
         ([lm_dir, "--tasks", "none"], "nothing to do"),
         ([lm_dir, "--items", "0"], "items must be >= 1"),
-        ([lm_dir, "--data", tmp_path / "nope.txt"], "data file"),
+        ([lm_dir, "--data", tmp_path / "nope.txt"], f"--data: data file '{tmp_path / 'nope.txt'}' does not exist"),
         ([lm_dir, "--data", files[0], "--tasks", "choice"], "at least 2 documents"),
         ([lm_dir, "--out", a_file], "is not a directory"),
         ([tmp_path / "classifier"], "'moe_classifier' model; moekit eval needs a language model"),
         ([switch], "encoder-decoder"),
         ([mixtral, "--data", *files], "has no tokenizer"),
         ([lm_dir, "--reference", qwen_dir, "--data", *files, "--tasks", "generate"], "do not share a vocabulary"),
-        ([lm_dir, "--compare", tmp_path / "missing"], "do not exist"),
+        ([lm_dir, "--compare", tmp_path / "missing"], "--compare: evaluation results"),
+        ([lm_dir, "--compare", lm_dir / "config.json"], f"--compare: '{lm_dir / 'config.json'}' is not a results.json of "
+                                                         "moekit eval (no format 'moekit-eval' with runs)"),
+        ([lm_dir, "--compare", experiment], "is not a results.json of moekit eval (the results of moekit reproduce smear)"),
     ]
     capsys.readouterr()  # transformers' save bars
     for argv, message in cases:
@@ -183,3 +196,19 @@ def test_lm_eval_pass_through_refuses_clearly(lm_dir, qwen_dir, tmp_path, capsys
     assert "is not a directory of lm-eval task configs" in _one_line_error(capsys)
     assert _eval(lm_dir, "--tasks", "none", "--lm-eval", "arc_easy", "--lm-eval-include", tmp_path, "--quiet") == 2
     assert "needs a Hugging Face model with a tokenizer" in _one_line_error(capsys)
+
+
+def test_without_out_results_go_to_moekit_runs_eval_and_are_never_overwritten_silently(lm_dir, files, tmp_path, capsys):
+    out = Path.cwd() / "moekit-runs" / "eval" / lm_dir.name  # the test runs in a directory of its own
+    assert _eval(lm_dir, "--data", *files, "--tasks", "perplexity", "--items", "4") == 0
+    printed = capsys.readouterr().out
+    assert "| perplexity bits/byte" in printed and f"wrote {Path('moekit-runs/eval') / lm_dir.name / 'results.json'}" in printed
+    assert _results(out)["runs"][0]["tasks"]["perplexity"]["metrics"]["bits_per_byte"]["n"] == 3
+    assert (out / "report.md").read_text().startswith("# moekit eval") and (out / "items.jsonl").is_file()
+    assert _eval(lm_dir, "--data", *files, "--tasks", "perplexity", "--quiet") == 2  # an earlier run is there
+    assert "already exists and is not empty" in _one_line_error(capsys)
+    assert _eval(lm_dir, "--data", *files, "--tasks", "perplexity", "--overwrite", "--quiet") == 0
+    (out / "notes.txt").write_text("mine")  # a file moekit did not write: never replaced
+    assert _eval(lm_dir, "--data", *files, "--tasks", "perplexity", "--overwrite", "--quiet") == 2
+    assert "holds files moekit did not write (notes.txt)" in _one_line_error(capsys)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -4,10 +4,10 @@
     moekit eval my-hf-model/ --data corpus.jsonl --tasks perplexity,generate
     moekit eval merged/ --compare moekit-runs/eval/other   # paired against an earlier run
 
-MODEL is a moekit checkpoint or a Hugging Face model directory (only read). Without ``--out`` the
-markdown report is printed; with it, ``results.json``, ``items.jsonl`` and ``report.md`` are written
-there (absent or empty, or with ``--overwrite`` an earlier output of moekit; checked before any work,
-and never one of the inputs).
+MODEL is a moekit checkpoint or a Hugging Face model directory (only read). ``results.json``,
+``items.jsonl`` and ``report.md`` are written to ``--out`` (default ``moekit-runs/eval/<name of MODEL>``;
+absent or empty, or with ``--overwrite`` an earlier output of moekit; checked before any work, and never
+one of the inputs), and the report is printed with the path it was written to.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._help import command_summary
-from ._options import add_out, at_least, checked_out, device_name
+from ._options import add_out, at_least, checked_out, default_out, device_name
 
 SUMMARY = command_summary(__doc__ or "")  # what moekit --help lists
 
@@ -39,9 +39,9 @@ def register(subparsers: Any) -> None:
                    help="the original (uncompressed) model: generation is compared with it, and it is evaluated too "
                    "(default: none)")  # fmt: skip
     p.add_argument("--compare", nargs="+", default=[], metavar="RESULTS",
-                   help="earlier results.json (or report directories) to compare with, paired on the same items "
-                   "(default: none)")  # fmt: skip
-    add_out(p, what="results.json, items.jsonl and report.md", default_help="print the report")
+                   help="earlier results.json of moekit eval (or their directories) to compare with, paired on the "
+                   "same items (default: none)")  # fmt: skip
+    add_out(p, what="results.json, items.jsonl and report.md", default_help=f"{default_out('eval')}/<name of MODEL>")
     p.add_argument("--seed", type=int, default=d.seed, help="item, prompt and bootstrap seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", type=device_name, default="cpu", help="device to run the models on (default: %(default)s)")
@@ -74,6 +74,27 @@ def _tasks(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
+def _eval_tasks(spec: str) -> list[str]:
+    """The ``--tasks`` list, every entry checked before any work."""
+    from ..evaluation.harness import TASKS
+
+    tasks = _tasks(spec)
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"--tasks entry {task!r} is not a task; allowed: {', '.join(TASKS)}, or 'none' alone")
+    return tasks
+
+
+def _earlier(path: str) -> dict[str, Any]:
+    """The ``--compare`` results, or an error naming the option."""
+    from ..evaluation import load_results
+
+    try:
+        return load_results(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--compare: {err}") from None
+
+
 #: settings that do not change what is measured (an earlier run may differ in them)
 FREE_SETTINGS = ("batch_size", "level", "n_resamples")
 
@@ -93,11 +114,11 @@ def _check_comparable(path: str, other: dict[str, Any], digest: str, settings: d
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..evaluation import EvalSettings, compare_runs, evaluate, load_data, load_model, load_results
+    from ..evaluation import EvalSettings, compare_runs, evaluate, load_data, load_model
     from ..evaluation.lm_eval_bridge import check_lm_eval, run_lm_eval
     from ..evaluation.report import markdown_report, write_report
 
-    tasks = _tasks(args.tasks)
+    tasks = _eval_tasks(args.tasks)
     lm_tasks = _tasks(args.lm_eval) if args.lm_eval is not None else []
     if not tasks and not lm_tasks:
         raise ValueError("nothing to do: --tasks is 'none' and no --lm-eval tasks were given")
@@ -111,12 +132,16 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     inputs = [args.model, args.reference, *args.data, *args.compare, args.lm_eval_include]
-    if args.out is not None:
-        checked_out(args, inputs=inputs)
+    if args.out is None:
+        args.out = default_out("eval", Path(args.model).resolve().name)
+    checked_out(args, inputs=inputs)
     if args.lm_eval is not None:
         check_lm_eval(lm_tasks, args.lm_eval_include)
-    earlier = [load_results(path) for path in args.compare]
-    data = load_data(args.data, max_bytes=args.stdlib_bytes).head(settings.documents)
+    earlier = [_earlier(path) for path in args.compare]
+    try:
+        data = load_data(args.data, max_bytes=args.stdlib_bytes).head(settings.documents)
+    except FileNotFoundError as err:
+        raise ValueError(f"--data: {err}") from None
     for path, other in zip(args.compare, earlier):
         _check_comparable(path, other, data.digest, asdict(settings))
     show = not args.quiet and sys.stderr.isatty()
@@ -136,10 +161,8 @@ def _run(args: argparse.Namespace) -> int:
     if lm_tasks:
         result["lm_eval"] = run_lm_eval(model, lm_tasks, args.lm_eval_include, batch_size=args.batch_size,
                                         limit=args.lm_eval_limit)  # fmt: skip
-    if args.out is not None:
-        write_report(result, args.out, overwrite=args.overwrite, inputs=[i for i in inputs if i], name="--out")
+    write_report(result, args.out, overwrite=args.overwrite, inputs=[i for i in inputs if i], name="--out")
     if not args.quiet:
         print(markdown_report(result), end="")
-        if args.out is not None:
-            print(f"wrote {Path(args.out) / 'report.md'}")
+        print(f"wrote {Path(args.out) / 'results.json'}, items.jsonl and report.md")
     return 0

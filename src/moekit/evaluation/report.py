@@ -114,5 +114,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"evaluation results {str(path)!r} do not exist")
     result = read_json(path, what="evaluation results")
     if not isinstance(result, dict) or result.get("format") != FORMAT or not result.get("runs"):
-        raise ValueError(f"{str(path)!r} is not a moekit eval results.json")
+        what = (f"the results of moekit reproduce {result['experiment']}" if isinstance(result, dict) and
+                isinstance(result.get("experiment"), str) else f"no format {FORMAT!r} with runs")  # fmt: skip
+        raise ValueError(f"{str(path)!r} is not a results.json of moekit eval ({what})")
     return result

@@ -25,7 +25,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -42,12 +42,13 @@ TIMING_KEY = "timing"
 _PACKAGES = ("moekit", "torch", "numpy", "scipy", "scikit-learn", "matplotlib")
 
 
-def start_run(cfg: Any, out_dir: str | Path | None, *, overwrite: bool, progress: Progress | None) -> Progress:
-    """The checks before any work (``cfg.check()``, and ``out_dir`` is free unless ``overwrite``); returns
-    the progress to report to (``Progress.off()`` when none is given)."""
+def start_run(cfg: Any, out_dir: str | Path | None, *, overwrite: bool, progress: Progress | None,
+              inputs: Iterable[str | Path] = ()) -> Progress:  # fmt: skip
+    """The checks before any work (``cfg.check()``, and ``out_dir`` is free unless ``overwrite`` and overlaps
+    none of the ``inputs``); returns the progress to report to (``Progress.off()`` when none is given)."""
     cfg.check()
     if out_dir is not None:
-        check_output_dir(out_dir, overwrite=overwrite, name="out_dir")
+        check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, name="out_dir")
     return progress or Progress.off()
 
 
