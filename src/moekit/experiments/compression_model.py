@@ -31,8 +31,8 @@ import torch
 
 from ..data.calibration import is_token_file, read_calibration_bytes
 from ..progress import Progress
-from .compression import NONE, STDLIB, CompressionConfig, describe_data, evaluate_variant, perplexity_metric
-from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for
+from .compression import NONE, STDLIB, CompressionConfig, describe_data, perplexity_metric, variant_metrics
+from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for, variant_tasks
 
 __all__ = ["POOL", "check_model_config", "model_info", "calibration", "run_model"]
 
@@ -110,6 +110,18 @@ def calibration(cfg: CompressionConfig, info: SimpleNamespace, seed: int) -> tup
                                            "tokens": sum(int(t.numel()) for t in ids), "draw_seed": 10_000 + seed}  # fmt: skip
 
 
+def against_original(tasks: dict[str, Any], original: dict[str, Any], data: Any, settings: Any) -> dict[str, Any]:
+    """Perplexity and choice accuracy of a variant minus the original's on the same documents and items
+    (``moekit.evaluation.compare_runs``: paired BCa bootstrap over them): ``{metric: {difference, verdict}}``."""
+    from ..evaluation import compare_runs
+
+    keep = (perplexity_metric(data), "acc")
+    scored = [t for t in ("perplexity", "choice") if t in tasks]
+    rows = compare_runs({"name": "variant", "tasks": {t: tasks[t] for t in scored}},
+                        {"name": "original", "tasks": {t: original[t] for t in scored}}, **settings.stats())  # fmt: skip
+    return {r["metric"]: {"difference": r["difference"], "verdict": r["verdict"]} for r in rows if r["metric"] in keep}
+
+
 def run_model(cfg: CompressionConfig, progress: Progress,
               models_dir: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Every seed, method and fraction on ``cfg.model``: ``(rows, timing, data description)``. The
@@ -135,17 +147,23 @@ def run_model(cfg: CompressionConfig, progress: Progress,
             recovery = recovery_batches(text, cfg, seed) if text is not None else []
             seed_timing: dict[str, Any] = {}
 
+            original = variant_tasks(reference, reference, data, settings)
+
             def finish(label: str, method: str, removed: float, model: Any, counts: list[int], details: dict[str, Any]) -> None:
-                """Evaluate ``model`` one-shot and, with recovery, after the seed's recovery steps."""
+                """Evaluate ``model`` one-shot and, with recovery, after the seed's recovery steps; each paired
+                against the original (but the original itself)."""
                 t = time.perf_counter()
-                metrics = evaluate_variant(model, reference, data, settings)
-                rows.append(result_row(seed, method, removed, 0, counts, model.info["parameters"], metrics, details))
+                variants = [(0, model)]
                 if recovery:
-                    student = wrap_model(recovered(model.module, reference.module, recovery, cfg, label), name="recovered")
-                    rows.append(result_row(seed, method, removed, cfg.recovery_steps, counts, model.info["parameters"],
-                                           evaluate_variant(student, reference, data, settings), details))  # fmt: skip
+                    student = recovered(model.module, reference.module, recovery, cfg, label)
+                    variants.append((cfg.recovery_steps, wrap_model(student, name="recovered")))
+                for steps, variant in variants:
+                    tasks = original if variant is reference else variant_tasks(variant, reference, data, settings)
+                    paired = {} if variant is reference else {"vs_original": against_original(tasks, original, data, settings)}
+                    rows.append(result_row(seed, method, removed, steps, counts, model.info["parameters"],
+                                           variant_metrics(tasks, data), {**details, **paired}))  # fmt: skip
                 seed_timing.setdefault(label, {})["eval_s"] = time.perf_counter() - t
-                task.advance(note=f"seed {seed} {label}: {metrics[ppl]['estimate']:.3f} {ppl}")
+                task.advance(note=f"seed {seed} {label}: {rows[-len(variants)]['metrics'][ppl]['estimate']:.3f} {ppl}")
 
             finish(NONE, NONE, 0.0, reference, list(info.counts.values()), {"form": "-", "budget": "-", "kept": {},
                                                                             "protected": None})  # fmt: skip
