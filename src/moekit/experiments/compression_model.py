@@ -53,9 +53,9 @@ def check_model_config(cfg: CompressionConfig) -> None:
 def model_info(cfg: CompressionConfig) -> SimpleNamespace:
     """What ``moekit compress`` knows of the model before a run (expert counts, vocabulary, context,
     tokenizer), checked against the removed fractions."""
-    from ..cli.compress import _model_info
+    from ..merging.inputs import checkpoint_info
 
-    info = _model_info(Path(str(cfg.model)))
+    info = checkpoint_info(Path(str(cfg.model)))
     if info.decoder:
         raise ValueError(f"model (--model) {cfg.model!r} is encoder-decoder; the comparison evaluates causal LMs")
     if cfg.recovery_steps and info.kind != "moekit":
@@ -97,11 +97,10 @@ def rebatch(rows: Sequence[Any], batch_size: int) -> list[Any]:
 def calibration(cfg: CompressionConfig, info: SimpleNamespace, seed: int) -> tuple[list[Any], dict[str, Any]]:
     """Seed ``seed``'s calibration batches (``moekit compress``'s reading of ``cfg.calib``, then a seeded
     draw of ``cfg.calib_sequences`` rows) and what they are."""
-    from ..cli._calib import calibration_batches
+    from ..merging.inputs import calibration_batches
 
-    args = SimpleNamespace(calib=list(cfg.calib), calib_samples=POOL * cfg.calib_sequences, seq_len=cfg.seq_len,
-                           batch_size=1, calib_weights=None)  # fmt: skip
-    pool, described = calibration_batches(args, vocab_size=info.vocab, context=info.context, tokenizer=info.tokenizer,
+    pool, described = calibration_batches(cfg.calib, samples=POOL * cfg.calib_sequences, seq_len=cfg.seq_len, batch_size=1,
+                                          vocab_size=info.vocab, context=info.context, tokenizer=info.tokenizer,
                                           decoder=info.decoder, byte_level=info.kind == "moekit")  # fmt: skip
     draw = torch.randperm(len(pool), generator=torch.Generator().manual_seed(10_000 + seed))[: cfg.calib_sequences]
     rows = [pool[i] for i in sorted(draw.tolist())]
