@@ -8,15 +8,16 @@ and 256, 1024, 4096 (prefill); fp32 and bf16. Every implementation runs the *exp
 weights (one copy in memory, shared) and identical routing (moekit's top-k router, run once per T), under
 ``torch.inference_mode``; the router is the same small product for all and is left out.
 
-* **moekit**: ``moekit.experts.dispatch`` (its forward-only path: the touched experts in a loop, the
-  sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on);
+* **moekit**: ``moekit.experts.dispatch`` (its forward-only path: the touched experts in a loop, their
+  decode-sized products on the native GEMV where ``native_gemv.serves`` them, the sorted grouped GEMM
+  above that);
 * **moekit_packed**: the same after ``moekit.experts.pack_for_inference`` (oneDNN-blocked copies of the
   expert weights);
 * **hf_eager / hf_grouped_mm / hf_batched_mm**: transformers' ``MixtralExperts`` with each CPU experts
   implementation (``batched_mm`` copies the weights per routed token; skipped above ``--max-gather-gb``);
 * **bandwidth bound**: bytes of the experts the routing touches / read bandwidth, the bandwidth being the
-  fastest of three reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
-  one dense GEMV over a matrix of that size, plain and oneDNN-packed, in the tested dtype);
+  fastest of four reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
+  one dense GEMV over a matrix of that size, plain, oneDNN-packed and native, in the tested dtype);
 * **dense-GEMM bound**: one expert's gate/up, SwiGLU and down over all T*K routed rows (the MoE's FLOPs
   with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights;
 * **bound** = the larger of the two; "x bound" = time / bound.
@@ -32,6 +33,7 @@ An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwe
     python benchmarks/bench_infer.py                 # -> results/bench_infer.{json,md}, 1 thread
     python benchmarks/bench_infer.py --threads 2     # -> results/bench_infer_2threads.{json,md}
     python benchmarks/bench_infer.py --crossover     # loop vs sorted grouped GEMM (plain) -> results/bench_infer_crossover.*
+    python benchmarks/bench_infer.py --kernels       # read rate: native GEMV, F.linear, packed, torch.sum -> results/bench_infer_kernels.*
     python benchmarks/bench_infer.py --quick         # tiny shapes (smoke test) -> results/bench_infer_quick.*
 
 On a shared machine, run it in pieces (``--shapes``, ``--dtypes``, ``--no-generate``, each into its own
@@ -63,7 +65,7 @@ TOKENS = [1, 4, 16, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4, 64]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ["moekit", "moekit_packed", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
-BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "dense", "dense_packed"]
+BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "dense_packed"]
 DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 BW_BYTES = 256 * 2**20
@@ -128,7 +130,7 @@ class Layer:
 
     def contenders(self, T: int, max_gather_gb: float, seed: int = 1) -> tuple[dict[str, Callable], dict]:
         """``{name: fn}`` for one T (fn returns the experts' output or None) and the routing facts."""
-        from moekit.experts import dispatch
+        from moekit.experts import dispatch, native_gemv
 
         s = self.shape
         g = torch.Generator().manual_seed(seed + T)
@@ -154,6 +156,8 @@ class Layer:
         fns["bw_sum"] = lambda: _none(self.bw_fp32.sum())
         fns["bw_gemv"] = lambda: _none(F.linear(self.bw_x, self.bw_matrix))
         fns["bw_gemv_packed"] = lambda: _none(lp(self.bw_x, self.bw_matrix_packed, None, "none", [], ""))
+        if native_gemv.available():
+            fns["bw_gemv_native"] = lambda: _none(native_gemv.linear(self.bw_x, self.bw_matrix))
         return fns, facts
 
 
@@ -208,7 +212,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
             fns, facts = layer.contenders(T, args.max_gather_gb)
             reps = args.reps if T <= 16 else max(2, args.reps // 5) if T < 4096 else 2
             stats, outputs = time_interleaved(fns, reps, clock)
-            bw = max(BW_BYTES / stats[k]["best_s"] for k in ("bw_sum", "bw_gemv", "bw_gemv_packed"))
+            bw = max(BW_BYTES / stats[k]["best_s"] for k in BOUNDS if k.startswith("bw_") and k in stats)
             bw_bound = facts["touched_bytes"] / bw
             dense = min(stats["dense"]["best_s"], stats["dense_packed"]["best_s"])
             bound = max(bw_bound, dense)
@@ -223,7 +227,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
                 diff = _agree(outputs[impl], ref, TOL[dtype_name])
                 row["impls"][impl] = {**stats[impl], "x_bound": stats[impl]["best_s"] / bound, "max_rel_diff": diff,
                                       "matches_moekit": diff is None or diff <= TOL[dtype_name]}  # fmt: skip
-            row["bounds"] = {k: stats[k] for k in BOUNDS}
+            row["bounds"] = {k: stats[k] for k in BOUNDS if k in stats}
             row["load_average"] = os.getloadavg()
             best = min(("moekit", "moekit_packed"), key=lambda k: row["impls"][k]["best_s"])
             goal = DECODE_GOAL if T <= 16 else PREFILL_GOAL
@@ -294,6 +298,72 @@ def crossover(args) -> dict:
         del layer
         gc.collect()
     return out
+
+
+# ----- kernels: the read rate of each matrix-vector kernel on expert matrices -------------------------
+KERNEL_ROWS = [1, 2, 4, 8, 16]
+KERNEL_BYTES = 128 * 2**20  # per measured set of matrices: 4x this machine's L3, so every pass reads memory
+
+
+def kernel_rates(args) -> dict:
+    """Read rate (GB/s) of one decode-sized product per expert matrix, over a set of ``KERNEL_BYTES`` of
+    copies of each expert matrix shape (gate/up and down of every layer), by kernel: the native GEMV,
+    ``F.linear``, oneDNN packed; and ``torch.sum`` over the same bytes (the plain read). The profile of
+    where decode time goes, and the measurements behind ``native_gemv.MAX_ROWS``."""
+    from moekit.experts import native_gemv
+
+    lp = torch.ops.mkldnn._linear_pointwise
+    shapes = QUICK if args.quick else SHAPES
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    budget = KERNEL_BYTES // (16 if args.quick else 1)
+    rows_list = [1, 4] if args.quick else KERNEL_ROWS
+    out = {"build": native_gemv.build_info(), "rows": []}
+    with torch.inference_mode():
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            for layer, s in shapes.items():
+                for matrix, (O, I) in {"gate_up": (2 * s["F"], s["D"]), "down": (s["D"], s["F"])}.items():
+                    n = max(2, budget // (O * I * dtype.itemsize))
+                    ws = [torch.randn(O, I).to(dtype) for _ in range(n)]
+                    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in ws]
+                    flat = torch.cat([w.reshape(-1) for w in ws]).float() if dtype == torch.float32 else None
+                    nbytes = n * O * I * dtype.itemsize
+                    for M in rows_list:
+                        x = torch.randn(M, I).to(dtype)
+                        fns = {"native": lambda: [native_gemv.linear(x, w) for w in ws] if native_gemv.available() else None,
+                               "F.linear": lambda: [F.linear(x, w) for w in ws],
+                               "packed": lambda: [lp(x, w, None, "none", [], "") for w in packed]}  # fmt: skip
+                        if flat is not None:
+                            fns["torch.sum"] = lambda: flat.sum()
+                        stats, _ = time_interleaved(fns, args.reps, clock)
+                        row = {"dtype": dtype_name, "layer": layer, "matrix": matrix, "O": O, "I": I, "M": M,
+                               **{f"{k}_GBps": nbytes / v["best_s"] / 1e9 for k, v in stats.items()}}  # fmt: skip
+                        out["rows"].append(row)
+                        print(f"kernels {dtype_name} {layer} {matrix} [{O}, {I}] M={M}: "
+                              + ", ".join(f"{k} {v['best_s'] and nbytes / v['best_s'] / 1e9:.1f}" for k, v in stats.items())
+                              + " GB/s", file=sys.stderr, flush=True)  # fmt: skip
+                    del ws, packed, flat
+                    gc.collect()
+    return out
+
+
+def kernels_markdown(res: dict, args) -> str:
+    """The read-rate table, with each kernel's rate relative to ``torch.sum`` (fp32) and the winner."""
+    build = res["build"]
+    lines = [f"Read rate of one product per expert matrix (GB/s, best of {args.reps}), {args.threads} thread(s); "
+             f"native GEMV: {build['isa'] or 'not built: ' + str(build['reason'])}. `x sum`: rate / torch.sum's "
+             "rate over the same fp32 bytes (bf16 rows: over the fp32 read of the same layer and matrix).", "",
+             "| dtype | layer | matrix [O, I] | rows | native | F.linear | packed | torch.sum | native x sum | "
+             "F.linear x sum | packed x sum | fastest |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    sums = {(r["layer"], r["matrix"], r["M"]): r["torch.sum_GBps"] for r in res["rows"] if "torch.sum_GBps" in r}
+    for r in res["rows"]:
+        ref = sums.get((r["layer"], r["matrix"], r["M"]))
+        rates = {k: r.get(f"{k}_GBps") for k in ("native", "F.linear", "packed")}
+        fastest = max((k for k in rates if rates[k]), key=lambda k: rates[k])
+        cells = [f"{v:.1f}" if v else "-" for v in rates.values()] + [f"{ref:.1f}" if ref else "-"]
+        cells += [f"{v / ref:.2f}" if v and ref else "-" for v in rates.values()] + [fastest]
+        lines.append(f"| {r['dtype']} | {r['layer']} | {r['matrix']} [{r['O']}, {r['I']}] | {r['M']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ----- end to end: generate -----------------------------------------------------------------------------
@@ -429,9 +499,9 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def gemv_bound(row: dict) -> float:
-    """The bound with the bandwidth one GEMV reaches (plain or packed, 256 MB matrix, same rounds) in place
+    """The bound with the bandwidth one GEMV reaches (plain, packed or native, 256 MB matrix, same rounds) in place
     of the plain read's: what a matrix-vector kernel on one core can stream here, the decode limit."""
-    gemv = min(row["bounds"]["bw_gemv"]["best_s"], row["bounds"]["bw_gemv_packed"]["best_s"])
+    gemv = min(v["best_s"] for k, v in row["bounds"].items() if k.startswith("bw_gemv"))
     return max(row["touched_bytes"] / (BW_BYTES / gemv), row["dense_bound_s"])
 
 
@@ -455,13 +525,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--reps", type=int, default=15, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
+    ap.add_argument("--reps", type=int, default=7, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
-    ap.add_argument("--max-gather-gb", type=float, default=2.5, help="skip hf batched_mm above this weight copy")
+    ap.add_argument("--max-gather-gb", type=float, default=1.0, help="skip hf batched_mm above this weight copy (GB)")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
     ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
+    ap.add_argument("--kernels", action="store_true", help="only measure the read rate of the GEMV kernels (native, F.linear, packed, torch.sum)")
     ap.add_argument("--profile", action="store_true", help="profile moekit's call where it misses its goal")
     ap.add_argument("--assemble", nargs="+", metavar="JSON", help="combine the JSON of separate runs (pieces) into one")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -474,11 +545,18 @@ def main() -> None:
     import transformers
 
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv)}
-    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "")
+    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "") + ("_kernels" if args.kernels else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
     out = Path(args.out)
     if args.assemble:
         assemble(args, out, tag)
+        return
+    if args.kernels:
+        res = {"environment": env, "load_average": os.getloadavg(), **kernel_rates(args)}
+        write_json(out / f"{tag}.json", res)
+        text = kernels_markdown(res, args)
+        atomic_write_text(out / f"{tag}.md", text)
+        print(text)
         return
     if args.crossover:
         res = {"environment": env, **crossover(args)}

@@ -2,11 +2,15 @@
 ``import`` / ``from ... import``, at top level or inside a function; not the entry point of a script,
 ``if __name__ == "__main__":``, which belongs to the command line):
 
+* every subpackage and top-level module stands on one line of the layout in docs/design.md, and
+  imports only from its own line or the lines above it;
 * the core (``routers/``, ``experts/``, ``layers/``) imports none of ``merging/``, ``analysis/``,
   ``experiments/``, ``cli/``;
 * nothing but ``cli/`` imports ``experiments/``; nothing outside ``cli/`` imports ``cli/``;
 * there is no import cycle between subpackages, apart from the arrows listed in ``KNOWN_CYCLE_EDGES``
-  (each with the reason it is still there); that list may only shrink.
+  (each with the reason it is still there); that list may only shrink;
+* there is one training loop: no module but ``training.py`` calls ``.backward()`` (the others drive
+  ``training.training_steps``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moekit"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "moekit"
 CORE = ("routers", "experts", "layers")
 UPPER = ("merging", "analysis", "experiments", "cli")
 
@@ -102,6 +107,30 @@ def test_the_scan_sees_the_known_arrows() -> None:
     assert ("layers", "experts") in edges and ("layers", "routers") in edges and ("cli", "experiments") in edges
 
 
+def _design_layout() -> list[set[str]]:
+    """The lines of the layout block in docs/design.md (under "Layout and the layering rule"), top first,
+    each as the set of units it names (``routers/`` -> ``routers``, ``stats.py`` -> ``stats``)."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    block = text.split("### Layout and the layering rule", 1)[1].split("```", 2)[1]
+    lines = [line.split() for line in block.strip().splitlines()[1:]]  # the first line is "src/moekit/"
+    return [{w.removesuffix("/").removesuffix(".py") for w in words if w.endswith(("/", ".py"))} for words in lines]
+
+
+def test_every_unit_stands_on_one_line_of_the_design_layout() -> None:
+    layout = _design_layout()
+    named = [u for line in layout for u in line]
+    assert len(named) == len(set(named)), f"a unit is on two lines of the layout: {named}"
+    units = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    units |= {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert units == set(named), f"not in the layout: {sorted(units - set(named))}; gone: {sorted(set(named) - units)}"
+
+
+def test_imports_point_only_to_the_same_line_or_above() -> None:
+    line_of = {u: i for i, line in enumerate(_design_layout()) for u in line}
+    bad = [w for (a, b), where in _edges().items() if line_of[b] > line_of[a] for w in where]
+    assert not bad, "imports of a unit that stands lower in the layout of docs/design.md:\n" + "\n".join(bad)
+
+
 def test_core_does_not_import_upper_layers() -> None:
     bad = [w for (a, b), where in _edges().items() if a in CORE and b in UPPER for w in where]
     assert not bad, "the core (routers/, experts/, layers/) imports an upper layer:\n" + "\n".join(bad)
@@ -121,6 +150,19 @@ def test_no_import_cycle_between_subpackages() -> None:
         f"{a} -> {b}: {'; '.join(edges[(a, b)][:3])}" for a, b in new)
     gone = sorted(set(KNOWN_CYCLE_EDGES) - on_cycle)
     assert not gone, f"no longer on a cycle, remove from KNOWN_CYCLE_EDGES: {gone}"
+
+
+def _backward_calls(path: Path) -> list[int]:
+    """Lines of ``path`` that call ``<something>.backward(...)`` (not ``def backward`` of an autograd Function)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward"]
+
+
+def test_one_training_loop() -> None:
+    found = {str(p.relative_to(PACKAGE)): lines for p in sorted(PACKAGE.rglob("*.py")) if (lines := _backward_calls(p))}
+    assert "training.py" in found, "the scan no longer sees the loop of training.training_steps"
+    others = {p: lines for p, lines in found.items() if p != "training.py"}
+    assert not others, f"training loops outside training.training_steps (calls of .backward()): {others}"
 
 
 def test_cycle_detection_finds_a_cycle() -> None:

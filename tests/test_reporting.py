@@ -19,6 +19,7 @@ from moekit.reporting import (
     check_output_dir,
     markdown_table,
     mean_std,
+    read_json,
     read_marker,
     remove_stale_staging,
     staging_dir,
@@ -83,6 +84,18 @@ def test_markdown_table_and_mean_std():
     table = markdown_table(["a", "b"], [[1, 2.5], ["x|y", float("nan")]])
     assert table == "| a | b |\n|---|---|\n| 1 | 2.5 |\n| x\\|y | nan |\n"
     assert mean_std([1.0, 2.0, 3.0]) == "2 ± 0.82"
+
+
+def test_read_json_names_the_file_and_what_it_is(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}', encoding="utf-8")
+    assert read_json(good, what="test results") == {"a": [1, 2]}
+    (tmp_path / "bad.json").write_text("{oops", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^corrupt test results '.*bad\.json': Expecting"):
+        read_json(tmp_path / "bad.json", what="test results")
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
+    with pytest.raises(ValueError, match=r"^corrupt test results '.*latin1\.json': 'utf-8' codec"):
+        read_json(tmp_path / "latin1.json", what="test results")
 
 
 def test_an_empty_directory_may_be_used_without_overwrite(tmp_path):

@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from .reporting import read_json
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "ADAPTERS_DIR", "FORMAT", "DISTRIBUTED_FORMAT", "VERSION",
            "check_config_sizes", "check_format_version", "read_config_json"]
@@ -40,10 +41,7 @@ def read_config_json(directory: str | os.PathLike[str], *, what: str = "checkpoi
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(directory)!r} has no {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} config {str(path)!r}: {err}") from None
+    return read_json(path, what=f"{what} config")
 
 
 SIZE_KEYS = frozenset({

@@ -34,6 +34,7 @@ __all__ = [
     "remove_stale_staging",
     "MARKER_NAME",
     "write_json",
+    "read_json",
     "environment",
     "markdown_table",
     "save_figure",
@@ -447,6 +448,17 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON (atomically); NaN/inf become null."""
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], *, what: str) -> Any:
+    """The parsed JSON file ``path`` (a ``what``: "checkpoint config", "experiment results", ...); a file
+    that is not UTF-8 JSON raises ``ValueError("corrupt <what> '<path>': <reason>")``. The caller checks
+    that the file exists (its message says what the missing file means)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt {what} {str(path)!r}: {err}") from None
 
 
 def environment() -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
+from ..reporting import read_json
 from .evalset import EvalSet
 
 __all__ = [
@@ -102,10 +103,7 @@ def read_runs(path: str | os.PathLike[str]) -> dict[str, RunSpec]:
     results = path / RESULTS_NAME
     if not results.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no {RESULTS_NAME}: not an experiment output directory")
-    try:
-        info = json.loads(results.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt experiment results {str(results)!r}: {err}") from None
+    info = read_json(results, what="experiment results")
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     data = {k: config.get(k) for k in ("data", "data_dir", "image_size", "num_train", "num_test")}
     shared = info.get("eval_set")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..confidence import Interval
-from ..reporting import atomic_directory, atomic_write_text, markdown_table, write_json
+from ..reporting import atomic_directory, atomic_write_text, markdown_table, read_json, write_json
 from .metrics import METRICS
 
 __all__ = ["markdown_report", "write_report", "load_results", "format_interval"]
@@ -112,10 +112,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"evaluation results {str(path)!r} do not exist")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt evaluation results {str(path)!r}: {err}") from None
+    result = read_json(path, what="evaluation results")
     if not isinstance(result, dict) or result.get("format") != FORMAT or not result.get("runs"):
         what = (f"the results of moekit reproduce {result['experiment']}" if isinstance(result, dict) and
                 isinstance(result.get("experiment"), str) else f"no format {FORMAT!r} with runs")  # fmt: skip

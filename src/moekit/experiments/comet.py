@@ -36,6 +36,7 @@ from ..models.multitask import MultiGateMoE, MultiTaskOutput
 from ..progress import Progress
 from ..reporting import atomic_directory, write_json
 from ..routers import COMETRouter, DSelectKRouter, HashRouter, PermutationLocalSearch, Router, SoftmaxRouter, TopKRouter
+from ..training import training_steps
 from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models, start_run
 
 __all__ = ["CometConfig", "DatasetSpec", "DATASETS", "GATES", "draw_hparams", "gate_hparams", "build_gate",
@@ -269,15 +270,16 @@ def run_trial(data: MultiTaskSplit, gate: str, hp: dict[str, float], spec: Datas
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, int, dict[str, Tensor]] | None = None
+
+    def step_loss(idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        out = model(data.x_train[idx], meta={"example_id": ids["train"][idx]})
+        return _loss(model, out, [y[idx] for y in data.ys_train], hp, cfg), {}
+
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        for idx in _batches(data.x_train.shape[0], cfg.batch_size, gen):
-            out = model(data.x_train[idx], meta={"example_id": ids["train"][idx]})
-            loss = _loss(model, out, [y[idx] for y in data.ys_train], hp, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        for _ in training_steps(_batches(data.x_train.shape[0], cfg.batch_size, gen), step_loss, opt):
+            pass
         val_loss = sum(evaluate(model, data.x_val, data.ys_val, ids["val"], k)["loss"])
         if math.isfinite(val_loss) and (best is None or val_loss < best[0]):
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))

@@ -37,6 +37,7 @@ from ..progress import Progress
 from ..reporting import atomic_directory, write_json
 from ..routers.base import Router
 from ..routers.estimators import reinforce_terms
+from ..training import training_steps
 from .common import TIMING_KEY, checkpoint_entry, pinned_threads, results_header, save_run_models, start_run
 
 __all__ = ["METHODS", "SmearConfig", "load_seed_data", "pretrain_backbone", "run_method", "run_smear"]
@@ -143,13 +144,14 @@ def pretrain_backbone(cfg: SmearConfig, data: ImageSplit, seed: int) -> ResNetMo
     x, y = data.x_train[pick], data.y_train[pick]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
+
+    def step_loss(idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return F.cross_entropy(model(x[idx])[0], y[idx]), {}
+
     model.train()
-    for _ in range(cfg.pretrain_epochs):
-        for idx in _batches(x.shape[0], cfg.batch_size, gen):
-            loss = F.cross_entropy(model(x[idx])[0], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    batches = (idx for _ in range(cfg.pretrain_epochs) for idx in _batches(x.shape[0], cfg.batch_size, gen))
+    for _ in training_steps(batches, step_loss, opt):
+        pass
     return model.eval()
 
 
@@ -246,19 +248,23 @@ def run_method(method: str, seed: int, backbone: ResNetMoE, data: SeedData,
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, int, dict[str, Tensor]] | None = None
     val_curve: list[float] = []
+
+    def step_loss(idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with adapter_context(model, meta=_meta(fit, "train", idx)) as outs:
+            logits = model(fit.x_train[idx])[0]
+        ce = F.cross_entropy(logits, fit.y_train[idx], reduction="none")
+        return ce.mean() + _aux_loss(method, outs, ce.detach(), cfg.aux_weights), {}
+
+    def clip(step: int) -> None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.eval()  # the frozen backbone's BatchNorm statistics stay as pretrained
         model.moekit_adapters.train()
-        for idx in _batches(fit.x_train.shape[0], cfg.batch_size, gen):
-            with adapter_context(model, meta=_meta(fit, "train", idx)) as outs:
-                logits = model(fit.x_train[idx])[0]
-            ce = F.cross_entropy(logits, fit.y_train[idx], reduction="none")
-            loss = ce.mean() + _aux_loss(method, outs, ce.detach(), cfg.aux_weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+        for _ in training_steps(_batches(fit.x_train.shape[0], cfg.batch_size, gen), step_loss, opt,
+                                after_backward=clip):  # fmt: skip
+            pass
         val_curve.append(evaluate(model, fit, D, routing=False)["accuracy"])
         if best is None or val_curve[-1] > best[0]:
             best = (val_curve[-1], epoch, copy.deepcopy(model.state_dict()))

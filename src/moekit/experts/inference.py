@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_grouped
+from . import cpu_grouped, native_gemv
 from ..types import RoutingDecision
 
 if TYPE_CHECKING:
@@ -139,11 +139,15 @@ def plan_inference(decision: RoutingDecision, *, with_groups: bool = True) -> In
 def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> Tensor:
     """``sum_k w_tk * expert_{id_tk}(x_t)`` over live slots, forward only: ``[T, D] -> [T, out_dim]``.
 
-    Packed banks run the expert loop at every size; unpacked ones run it for one token and the sorted
-    grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same kernels, one call per matrix)."""
+    Packed banks run the expert loop at every size; unpacked ones run it for one token, and for more while
+    the mean rows per expert are a size the native GEMV serves (``native_gemv.serves``), and the sorted
+    grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on otherwise (same kernels, one call per matrix)."""
     T = x_T.shape[0]
     packed = inference_pack(bank)
     sorted_gemm = packed is None and bank.inference_sorted_gemm and T >= SORTED_GROUPED_MIN_TOKENS
+    if sorted_gemm and x_T.device.type == "cpu":  # decode sizes: the loop, its experts on the native GEMV
+        slots = decision.ids_TK.numel()
+        sorted_gemm = not native_gemv.serves(-(-slots // min(decision.num_experts, slots)), x_T.dtype, bank.dim)
     plan = plan_inference(decision, with_groups=not sorted_gemm)
     N = plan.token_N.shape[0]
     out = x_T.new_zeros(T, bank.out_dim)
@@ -262,24 +266,41 @@ def expert_linear(
     packed: Tensor | None = None,
     activation: str | None = None,
     act_fn: Callable[[Tensor], Tensor] | None = None,
+    glu: bool = False,
 ) -> Tensor:
-    """``act(x @ W^T + b)`` for one expert: ``[M, I] -> [M, O]``.
+    """``act(x @ W^T + b)`` for one expert: ``[M, I] -> [M, O]`` -- the one kernel seam of every bank's
+    ``expert_inference`` (mlp, glu, compressed, transformers experts).
 
-    With ``packed`` (``weight_OI`` in oneDNN layout) the product runs in tiles of ``PACK_TILE_ROWS``
-    rows, with the activation fused as a post-op when oneDNN has it (``activation`` names it);
-    otherwise ``F.linear`` then ``act_fn``.
+    ``glu``: ``W`` is ``[gate; up]`` (``[2F, I]``) and ``act_fn`` maps the ``[M, 2F]`` product to
+    ``[M, F]``; ``activation`` names the gate activation where it is one of the standard ones (None: the
+    caller's own ``act_fn`` only). Kernels, in order:
+
+    * the native GEMV (``native_gemv``) where ``native_gemv.serves`` the size (decode rows), with a GLU's
+      gate activation fused into it when ``activation`` is one it has;
+    * with ``packed`` (``weight_OI`` in oneDNN layout) oneDNN in tiles of ``PACK_TILE_ROWS`` rows, the
+      activation fused as a post-op when oneDNN has it;
+    * otherwise ``F.linear`` then ``act_fn``.
     """
+    M, I = x_MI.shape
+    if (
+        x_MI.device.type == "cpu"
+        and weight_OI.stride(-1) == 1
+        and native_gemv.serves(M, weight_OI.dtype, I, packed=packed is not None)
+        and x_MI.dtype == weight_OI.dtype
+    ):
+        fuse = glu and activation in native_gemv.GLU_ACTIVATIONS
+        y = native_gemv.linear(x_MI, weight_OI, bias_O, glu=activation if fuse else None)
+        return y if fuse or act_fn is None else act_fn(y)
     if packed is None:
         y = F.linear(x_MI, weight_OI, bias_O)
         return y if act_fn is None else act_fn(y)
-    attr, algorithm = _POST_OPS.get(activation or "identity", ("none", ""))
-    fused = activation is None or activation in _POST_OPS
+    fused = not glu and (act_fn is None or activation in _POST_OPS)
+    attr, algorithm = _POST_OPS[activation if fused and act_fn is not None else "identity"]
 
     def run(x: Tensor) -> Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias_O, attr if fused else "none", [], algorithm if fused else "")
-        return y if fused or act_fn is None else act_fn(y)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias_O, attr, [], algorithm)
+        return y if fused else act_fn(y)
 
-    M = x_MI.shape[0]
     if M <= PACK_TILE_ROWS:
         return run(x_MI)
     return torch.cat([run(x_MI[r : r + PACK_TILE_ROWS]) for r in range(0, M, PACK_TILE_ROWS)])

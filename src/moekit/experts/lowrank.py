@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from .base import ExpertBank, activation_fn
 from .grouped import grouped_linear
+from .inference import expert_linear
 from .mlp import GLUExperts, MLPExperts
 
 __all__ = ["LowRankSparseExperts", "two_matrix_forward"]
@@ -97,8 +98,8 @@ class LowRankSparseExperts(ExpertBank):
 
     def _expert_linear(self, x_MI: Tensor, m: str, e: int) -> Tensor:
         """``x (U_e V_e + S_e * mask_e)^T`` reading ``S_e`` once: ``[M, I] -> [M, O]``."""
-        low = F.linear(F.linear(x_MI, getattr(self, f"{m}_v")[e]), getattr(self, f"{m}_u")[e])
-        return torch.addcmul(low, F.linear(x_MI, getattr(self, f"{m}_s")[e]), getattr(self, f"{m}_mask")[e])
+        low = expert_linear(expert_linear(x_MI, getattr(self, f"{m}_v")[e]), getattr(self, f"{m}_u")[e])
+        return torch.addcmul(low, expert_linear(x_MI, getattr(self, f"{m}_s")[e]), getattr(self, f"{m}_mask")[e])
 
     def compression_layout(self) -> dict[str, Any]:
         """``{"rank": r, "kept_rows": None}``: what a model config stores for this dense-masked form

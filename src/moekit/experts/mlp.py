@@ -166,7 +166,7 @@ class GLUExperts(ExpertBank):
 
     def expert_inference(self, x_N: Tensor, e: int, packed: Mapping[str, Sequence[Tensor]] | None = None) -> Tensor:
         gate_up, down = (None, None) if packed is None else (packed["gate_up_proj"][e], packed["down_proj"][e])
-        h = self.activate(expert_linear(x_N, self.gate_up_proj[e], packed=gate_up))
+        h = expert_linear(x_N, self.gate_up_proj[e], packed=gate_up, activation=self.activation, act_fn=self.activate, glu=True)
         return expert_linear(h, self.down_proj[e], packed=down)
 
     def inference_matrices(self) -> dict[str, list[Tensor]]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int
 from .base import ExpertBank, activation_fn
 from .grouped import grouped_linear
+from .inference import expert_linear
 from .lowrank import LowRankSparseExperts, two_matrix_expert, two_matrix_forward
 from .mlp import swiglu
 
@@ -168,11 +169,11 @@ class PackedLowRankSparseExperts(ExpertBank):
     def _expert_linear(self, x_MI: Tensor, m: str, e: int) -> Tensor:
         """``x (U_e V_e)^T`` with expert e's kept rows of ``S`` added into their columns: ``[M, I] -> [M, O]``."""
         u = getattr(self, f"{m}_u")
-        y = F.linear(F.linear(x_MI, getattr(self, f"{m}_v")[e]), u[e])
+        y = expert_linear(expert_linear(x_MI, getattr(self, f"{m}_v")[e]), u[e])
         start, end = self._kept_slices[m][e]
         if end > start:
             rows = getattr(self, f"{m}_index")[start:end].long() - e * u.shape[1]
-            y.index_add_(1, rows, F.linear(x_MI, getattr(self, f"{m}_s")[start:end]))
+            y.index_add_(1, rows, expert_linear(x_MI, getattr(self, f"{m}_s")[start:end]))
         return y
 
     def grouped_forward(self, x_N: Tensor, params: Mapping[str, Tensor], sizes_G: Tensor) -> Tensor:

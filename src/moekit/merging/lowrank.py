@@ -33,6 +33,7 @@ from .._checks import check_int
 from ..experts.lowrank import LowRankSparseExperts
 from ..experts.mlp import GLUExperts, MLPExperts
 from ..experts.packed import PackedLowRankSparseExperts
+from ..training import training_steps
 from .compress import StructuredPruner
 from .weights import BankWeights
 
@@ -137,14 +138,14 @@ def _recover(low: LowRankSparseExperts, options: LowRankOptions, recovery: Recov
     optimizer = torch.optim.Adam(low.parameters(), lr=options.recover_lr)
     T = recovery.inputs_TD.shape[0]
     generator = torch.Generator().manual_seed(0)
+    batches = (torch.randperm(T, generator=generator)[: options.recover_tokens] for _ in range(steps))
+
+    def step_loss(rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        out = recovery.forward(low, recovery.inputs_TD[rows])
+        return (out.float() - recovery.targets_TD[rows].float()).pow(2).mean(), {}
+
     with torch.enable_grad():
-        for step in range(steps):
-            rows = torch.randperm(T, generator=generator)[: options.recover_tokens]
-            optimizer.zero_grad(set_to_none=True)
-            out = recovery.forward(low, recovery.inputs_TD[rows])
-            loss = (out.float() - recovery.targets_TD[rows].float()).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            pruner.step(step)
+        for _ in training_steps(batches, step_loss, optimizer, after_step=pruner.step):
+            pass
     if options.keep_residual == 0.0 or pruner.ratio(steps) > options.keep_residual:
         prune_by_magnitude(low, options.keep_residual)

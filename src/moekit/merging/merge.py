@@ -24,6 +24,10 @@ from .._checks import check_choice
 __all__ = ["merge_groups", "fold_router", "FOLDS"]
 
 FOLDS = ("lse", "dominant")
+#: float64 bytes of the expert columns ``merge_groups`` sums at a time (8 MiB): whole float64 copies of
+#: a bank are 2x its fp32 bytes and were the merge's memory peak; the split depends only on the shape,
+#: so a run and its resume sum the same way
+MERGE_CHUNK_BYTES = 8 << 20
 
 
 def merge_groups(params: dict[str, Tensor], groups_E: Tensor, num_groups: int, alpha_E: Tensor) -> dict[str, Tensor]:
@@ -33,6 +37,8 @@ def merge_groups(params: dict[str, Tensor], groups_E: Tensor, num_groups: int, a
         params: stacked expert tensors ``[E, ...]``.
         groups_E: int64 group of each expert, values in ``[0, num_groups)``.
         alpha_E: non-negative merge weight of each expert.
+
+    The sums are float64, over ``MERGE_CHUNK_BYTES`` of columns at a time, rounded to each tensor's dtype.
     """
     groups_E = groups_E.cpu().long()
     alpha = alpha_E.detach().to("cpu", torch.float64).clamp_min(0)
@@ -45,8 +51,12 @@ def merge_groups(params: dict[str, Tensor], groups_E: Tensor, num_groups: int, a
     out = {}
     for name, p in params.items():
         flat = p.detach().reshape(p.shape[0], -1)
-        merged = mix_GE.to(flat.device) @ flat.double()
-        out[name] = merged.to(p.dtype).reshape(num_groups, *p.shape[1:])
+        merged = torch.empty(num_groups, flat.shape[1], dtype=p.dtype, device=flat.device)
+        mix = mix_GE.to(flat.device)
+        step = max(1, MERGE_CHUNK_BYTES // (8 * max(1, flat.shape[0])))
+        for c in range(0, flat.shape[1], step):  # float64 over a few columns at a time
+            merged[:, c : c + step] = mix @ flat[:, c : c + step].double()
+        out[name] = merged.reshape(num_groups, *p.shape[1:])
     return out
 
 

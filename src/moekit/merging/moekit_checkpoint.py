@@ -1,7 +1,7 @@
 """moekit checkpoints (``save_checkpoint`` directories) read and written one module at a time.
 
 ``MoekitCheckpointSource`` builds the model from its ``config.json`` on the meta device and loads a
-module's tensors from ``model.safetensors`` (``safe_open``, strict: every tensor of the module,
+module's tensors from ``model.safetensors`` (``moekit.merging.shards.read_tensors``, strict: every tensor of the module,
 nothing else under its name). ``MoekitWriter`` writes each finished unit to its own file and at the
 end joins them, with the untouched tensors, into one ``model.safetensors`` by copying bytes
 (``moekit.merging.shards.concat_safetensors``, bounded memory), next to a ``config.json`` that describes the compressed
@@ -23,7 +23,7 @@ from ..checkpoint import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, check_confi
 from ..models.lm import MoELM
 from .memory import release_memory
 from .pipeline import WeightSource
-from .shards import concat_safetensors, save_tensors
+from .shards import concat_safetensors, read_tensors, save_tensors
 from .stack import LayerStack
 
 __all__ = ["MoekitCheckpointSource", "MoekitWriter", "moekit_skeleton"]
@@ -82,13 +82,10 @@ class MoekitCheckpointSource(WeightSource):
         return sorted(set(self.keys) - self.loaded)
 
     def load(self, stack: LayerStack, names: Sequence[str]) -> None:
-        from safetensors import safe_open
-
         for name in names:
             keys = self.disk_keys(name)
             prefix = len(name) + 1 if name else 0
-            with safe_open(str(self.path), "pt") as f:
-                full = {k: f.get_tensor(k) for k in keys}
+            full = read_tensors(self.path, keys)
             check_tensor_dtypes(full, self.expected, where=str(self.path))
             check_finite_tensors(full.items(), where=str(self.path))
             state = {k[prefix:]: t for k, t in full.items()}
@@ -116,11 +113,8 @@ class MoekitWriter:
         return self.directory / f".part-{index:05d}.safetensors"
 
     def write_trunk(self) -> None:
-        from safetensors import safe_open
-
         inside = {k for u in self.units for k in self.source.disk_keys(u)}
-        with safe_open(str(self.source.path), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in self.source.keys if k not in inside}
+        tensors = read_tensors(self.source.path, [k for k in self.source.keys if k not in inside])
         save_tensors(tensors, self._part(len(self.units)))
 
     def write_unit(self, index: int, name: str, module: nn.Module) -> None:

@@ -39,6 +39,7 @@ from ..registry import EXPERT_METHODS
 from .adapter import FORMS
 from .dominant import allocate_experts
 from .lowrank import LowRankOptions, Recovery, compress_block
+from .memory import release_memory
 from .methods import ExpertMethod, create_method
 from .methods.base import reduce_block
 from .moekit_blocks import MOEKIT_BLOCKS
@@ -436,6 +437,7 @@ class _Run:
                     unit_stats = self._pass(i, inputs, self.method.statistics(), None, to_reduce)
                 for block_name in to_reduce:
                     self._reduce(block_name, unit_stats[block_name], counts[block_name])
+                release_memory()  # the original experts and the merge's temporaries are freed
                 for block_name in low:
                     self._low_rank(block_name, targets.get(block_name))
                 if carry and not last:

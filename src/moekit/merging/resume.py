@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..reporting import as_staging, atomic_write_text, check_output_dir, publish_dir
-from .shards import save_tensors
+from .shards import read_tensors, save_tensors
 from .work import BlockStats, HiddenStore, Work
 
 __all__ = ["RunDirectory", "DiskWork", "settings_digest"]
@@ -98,12 +98,6 @@ class RunDirectory:
         return publish_dir(stage, self.out, overwrite=overwrite)
 
 
-def _load(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 class _DiskHidden(HiddenStore):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -117,7 +111,7 @@ class _DiskHidden(HiddenStore):
         path = self.directory / f"{batch:05d}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"run directory lacks {str(path)!r}; it was changed outside moekit -- delete the run")
-        return _load(path)["hidden"]
+        return read_tensors(path, ["hidden"])["hidden"]
 
 
 class DiskWork(Work):
@@ -148,7 +142,7 @@ class DiskWork(Work):
 
     def load_stats(self, unit: int) -> BlockStats:
         out: BlockStats = {}
-        for key, t in _load(self._stats_path(unit)).items():
+        for key, t in read_tensors(self._stats_path(unit)).items():
             block, stat, name = key.split(SEP)
             out.setdefault(block, {}).setdefault(stat, {})[name] = t
         return out

@@ -11,10 +11,10 @@ meta device, and runs ``moekit.merging.pipeline`` with
   resident at a time; the page cache, not the process, holds the rest);
 * a writer that puts each finished unit into the output shards at once.
 
-Memory model: resident memory ~ the process's start (Python, torch, transformers) + the largest
-unit being processed (its tensors, the reduced copy, float64 merge temporaries: about
-``MEMORY_FACTOR`` x its bytes) + one batch of activations; ``max_memory`` is checked against that
-estimate before anything runs (default: half of the memory the kernel reports as available).
+Memory: ``max_memory`` (default: half of the memory the kernel reports as available) is checked
+against a plan (``moekit.merging.budget``): before anything is read, from the memory now and the
+largest unit's bytes; after the input check, with the activations measured on the first unit and the
+largest calibration batch; and before every unit, from what the units before it took.
 
 The run directory (``moekit.merging.resume.RunDirectory``) becomes ``out`` only when everything is
 written and checked: the writer's output is opened again like a loader would (every tensor of the
@@ -36,20 +36,17 @@ from torch import Tensor, nn
 
 from ..checkpoint import read_config_json
 from ..reporting import check_output_dir, write_json
-from .memory import available_bytes, format_size, peak_rss_bytes, rss_bytes
+from .budget import BudgetedSource, LiveTensorBytes, MemoryPlan, storage_bytes
+from .memory import available_bytes, peak_rss_bytes, release_memory
 from .observer import unwrap_batch
 from .pipeline import CompressionSpec, check_request, run_pipeline
 from .resume import DiskWork, RunDirectory, tensor_digest
 from .shards import tensor_sizes
 from .stack import LayerStack
 
-__all__ = ["compress_checkpoint", "open_checkpoint", "Opened", "ModelKind", "opened", "stream_logits", "check_output", "MEMORY_FACTOR",
+__all__ = ["compress_checkpoint", "open_checkpoint", "Opened", "ModelKind", "opened", "stream_logits", "check_output",
            "REPORT_NAME"]  # fmt: skip
 
-#: resident bytes per byte of the largest unit while it is reduced (tensors, reduced copy, fp64 merge
-#: temporaries, allocator slack); measured 7.2 on a 64-expert Qwen3-MoE layer with m-smoe
-#: (benchmarks/bench_compress.py: peak RSS minus the RSS at the check, over the unit's bytes)
-MEMORY_FACTOR = 7.5
 REPORT_NAME = "compress_report.json"
 
 
@@ -124,34 +121,52 @@ def opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: di
     return Opened(kind, directory, stack, source, unit_bytes, sum(sizes.values()) - sum(unit_bytes), meta)
 
 
-def check_input(opened: Opened) -> None:
+def check_input(opened: Opened, probe: Any = None) -> tuple[int, int]:
     """Read the whole input once, one module at a time (within the memory bound), through the loader
     the run uses: missing, mismatched, unexpected, wrongly typed and NaN/inf tensors are errors before
-    any output exists."""
+    any output exists. With a ``probe`` batch, the first unit runs on it: returns ``(peak bytes of its
+    activations, bytes of the batch's context)`` (``LiveTensorBytes``, ``storage_bytes``), else (0, 0)."""
     from .._checks import raise_for_tensor_problems
 
     stack, source = opened.stack, opened.source
-    names = list(dict.fromkeys([*stack.context_modules(), *stack.units(), *stack.head_modules()]))
+    context_names = stack.context_modules()
+    names = [n for n in dict.fromkeys([*stack.units(), *stack.head_modules()]) if n not in set(context_names)]
+    activations = contexts = 0
+    source.load(stack, context_names)
+    with torch.no_grad():
+        hidden, context = stack.prepare(probe) if probe is not None else (None, None)
+    source.release(stack, context_names)
     for name in names:
         source.load(stack, [name])
+        if probe is not None and name == stack.units()[0]:
+            with torch.no_grad(), LiveTensorBytes() as meter:
+                out = stack.run(0, hidden, context)
+            activations = meter.peak + storage_bytes([hidden, out])
+            contexts = storage_bytes([context, probe]) - storage_bytes([probe])
+            del out
         source.release(stack, [name])
     raise_for_tensor_problems(unexpected=source.unused_keys(), where=str(opened.directory))
     source.loaded.clear()
+    release_memory()
+    return activations, max(0, contexts)
 
 
-def plan_memory(opened: Opened, max_memory: int | None) -> dict[str, int]:
-    """The memory budget and the estimate of what the run needs; ValueError if it cannot fit."""
-    now = rss_bytes() or peak_rss_bytes()
+def memory_plan(opened: Opened, max_memory: int | None) -> MemoryPlan:
+    """The run's memory plan (``moekit.merging.budget``), checked on the weights alone."""
     budget = max_memory if max_memory is not None else int(0.5 * (available_bytes() or 8 * 2**30))
-    largest = max(opened.unit_bytes + [opened.other_bytes])
-    need = now + int(MEMORY_FACTOR * largest)
-    if need > budget:
-        raise ValueError(
-            f"--max-memory {format_size(budget)} is too small: this process uses {format_size(now)} and the largest "
-            f"unit of {str(opened.directory)!r} ({format_size(largest)} of tensors) needs about "
-            f"{format_size(MEMORY_FACTOR * largest)} while it is compressed; give at least {format_size(need)}"
-        )
-    return {"max_memory": budget, "estimate": need, "start_rss": now, "largest_unit": largest}
+    sizes = dict(zip(opened.stack.units(), opened.unit_bytes))
+    plan = MemoryPlan(budget, {**sizes, "(other modules)": opened.other_bytes}, str(opened.directory))
+    plan.check()
+    return plan
+
+
+def _largest_batch(batches: Sequence[Any]) -> Any:
+    """The batch with the most token ids (the first of equal ones)."""
+    def tokens(batch: Any) -> int:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        return ids.numel() if isinstance(ids, Tensor) else 0
+
+    return max(batches, key=tokens)
 
 
 def _first_rows(batch: Any, rows: int) -> Any:
@@ -235,9 +250,10 @@ def compress_checkpoint(
         raise ValueError("no calibration batches given")
     opened = open_checkpoint(src)
     check_request(opened.stack, spec)
-    memory = plan_memory(opened, max_memory)
-    check_input(opened)
+    plan = memory_plan(opened, max_memory)
     plain = [unwrap_batch(b) for b in batches]
+    activations, context = check_input(opened, _largest_batch([b for b, _ in plain]))
+    plan.add_activations(activations, context * len(plain))
     tensors = [t for batch, _ in plain for t in (batch.values() if isinstance(batch, dict) else [batch])]
     tensors += [torch.tensor([w for _, w in plain], dtype=torch.float64)] if any(w != 1.0 for _, w in plain) else []
     run_settings = {"input": str(src.resolve()), "spec": spec.as_dict(), "calibration": tensor_digest(tensors), **(settings or {})}
@@ -245,7 +261,8 @@ def compress_checkpoint(
     try:
         writer = opened.writer(run_dir.path)
         verify = _first_rows(plain[0][0], verify_rows)
-        report = run_pipeline(opened.stack, batches, spec, source=opened.source, work=DiskWork(run_dir.work),
+        source = BudgetedSource(opened.source, plan, opened.stack.units())
+        report = run_pipeline(opened.stack, batches, spec, source=source, work=DiskWork(run_dir.work),
                               writer=writer, verify=verify, quiet=quiet)  # fmt: skip
         opened.finish(writer, report)
         check = check_output(run_dir.path, verify, report.pop("expected_logits"))
@@ -255,7 +272,7 @@ def compress_checkpoint(
             "unit_seconds": report["unit_seconds"], "kept": report["kept"], "protected_super_experts": report["protected"],
             "resumed": run_dir.resumed,
             "weights_bytes_before": _weights_bytes(src), "weights_bytes_after": _weights_bytes(run_dir.path),
-            "verification": check, "memory": {**memory, "peak_rss": peak_rss_bytes()},
+            "verification": check, "memory": {**plan.as_dict(), "peak_rss": peak_rss_bytes()},
             "seconds": round(time.perf_counter() - start, 3), **(settings or {}),
         }  # fmt: skip
         write_json(run_dir.path / REPORT_NAME, result)

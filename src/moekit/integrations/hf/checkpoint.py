@@ -7,7 +7,7 @@ plan), and the key conversions transformers applies between the on-disk names (e
 per-expert ``block_sparse_moe.experts.{i}.w1``) and the in-memory fused tensors.
 
 ``HFCheckpointSource`` (a ``WeightSource``) materialises one module -- a decoder layer, the
-embeddings -- by reading only that module's tensors (``safe_open``) and loading them through
+embeddings -- by reading only that module's tensors (``moekit.merging.shards.read_tensors``) and loading them through
 transformers' own ``convert_and_load_state_dict_in_model`` with the same conversions; it refuses
 missing, unexpected-for-the-module or mismatched tensors and NaN/Inf values, initialises
 non-persistent buffers (rotary ``inv_freq``) with the model's ``_init_weights``, and frees the module
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ...merging.memory import release_memory
 from ...merging.pipeline import WeightSource
-from ...merging.shards import save_tensors, tensor_sizes
+from ...merging.shards import read_tensors, save_tensors, tensor_sizes
 from ...merging.stack import LayerStack
 from .base import MoEFamily, family_for
 from .checks import INDEX_NAME, SINGLE_NAME, check_loaded_tensors, require_safetensors
@@ -185,7 +185,6 @@ class HFCheckpointSource(WeightSource):
             self._load(name)
 
     def _load(self, name: str) -> None:
-        from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -195,9 +194,7 @@ class HFCheckpointSource(WeightSource):
         for key in keys:
             by_file.setdefault(self.checkpoint.files[key], []).append(key)
         for path, file_keys in by_file.items():
-            with safe_open(str(path), "pt") as f:
-                for key in file_keys:
-                    state[key] = f.get_tensor(key)
+            state.update(read_tensors(path, file_keys))
         where = str(self.checkpoint.directory)
         check_loaded_tensors(where=where, tensors=state.items())
         config = LoadStateDictConfig(
@@ -206,6 +203,7 @@ class HFCheckpointSource(WeightSource):
         with _sequential_quiet_load():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         del state
+        release_memory()  # the read tensors were copied into the module's own (fused) tensors
         self.loaded.update(keys)
         module = self.model.get_submodule(name) if name else self.model
         prefix = f"{name}." if name else ""
@@ -256,16 +254,16 @@ class HFShardWriter:
 
     def write_trunk(self) -> None:
         """Everything outside the units, as it is on disk."""
-        from safetensors import safe_open
-
         if self._path(len(self.units)).is_file():
             return
         inside = set().union(*(self.source.disk_keys(u) for u in self.units)) if self.units else set()
-        tensors: dict[str, Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
         for key, path in self.source.checkpoint.files.items():
             if key not in inside:
-                with safe_open(str(path), "pt") as f:
-                    tensors[key] = f.get_tensor(key)
+                by_file.setdefault(path, []).append(key)
+        tensors: dict[str, Tensor] = {}
+        for path, keys in by_file.items():
+            tensors.update(read_tensors(path, keys))
         save_tensors(tensors, self._path(len(self.units)))
 
     def write_unit(self, index: int, name: str, module: nn.Module) -> None:

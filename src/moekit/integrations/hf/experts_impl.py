@@ -85,8 +85,9 @@ class TransformersExperts(ExpertBank):
         p = self.stacked_parameters()
         b1, b2 = p.get(f"{self.first}_bias"), p.get("down_proj_bias")
         w1, w2 = (None, None) if packed is None else (packed[self.first][e], packed["down_proj"][e])
-        h = expert_linear(x_N, p[self.first][e], None if b1 is None else b1[e], packed=w1)
-        return self._finish(expert_linear(self.activate(h), p["down_proj"][e], None if b2 is None else b2[e], packed=w2))
+        h = expert_linear(x_N, p[self.first][e], None if b1 is None else b1[e], packed=w1, act_fn=self.activate,
+                          glu=self.module.has_gate)  # fmt: skip
+        return self._finish(expert_linear(h, p["down_proj"][e], None if b2 is None else b2[e], packed=w2))
 
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         return {name: list(self._matrix(name).unbind(0)) for name in (self.first, "down_proj")}

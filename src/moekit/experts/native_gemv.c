@@ -1,0 +1,301 @@
+/* Matrix-vector products for MoE decode on CPU: y = x W^T (+ b) for a few rows of x, W streamed once.
+ *
+ * Built by moekit/experts/native_gemv.py with the system compiler (cc -O3 -march=native -fopenmp) and
+ * called through ctypes. Weights W [O, I] row-major (rows ldw apart), fp32 or bf16; x [M, I] and
+ * y [M, O] in the weight's dtype; fp32 accumulation. bf16 -> fp32 is a 16-bit shift (exact); fp32 ->
+ * bf16 rounds to nearest even, as torch does.
+ *
+ * Loop order: blocks of ROWS weight rows; inside a block, chunks of MCHUNK rows of x, each chunk
+ * reading the block again (from L1/L2: ROWS * I values), so W is read from memory once whatever M is.
+ * Every thread (OpenMP, `threads` of them) takes a contiguous range of row blocks: distinct memory.
+ * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4
+#define MCHUNK 4
+#define UNROLL 4
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---- one block: acc[r][m] = sum_i w[r][i] * x[m][i] for r < nr (<= ROWS), m < nm (<= MCHUNK) ---- */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vec;
+static inline vec vload_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec _add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vec;
+static inline vec vload_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec _add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* One tile: acc[r][m] = sum_i w[r][i] * x[m][i], r < NR, m < NM. NR and NM are constants at every call
+ * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers. */
+#define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
+    static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
+                                                           long I, const int NR, const int NM, const int U, \
+                                                           float acc[ROWS][MCHUNK]) {                  \
+        long iv = 0;                                                                                    \
+        VECTOR_PART(LOAD_W)                                                                             \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int m = 0; m < NM; m++) {                                                              \
+                float s = iv ? acc[r][m] : 0.0f;                                                        \
+                for (long i = iv; i < I; i++) s += SCALAR_##WT(w[r * ldw + i]) * x[m * ldx + i];         \
+                acc[r][m] = s;                                                                          \
+            }                                                                                           \
+    }
+#ifdef VW
+#define VECTOR_PART(LOAD_W)                                                                             \
+    vec a[ROWS][MCHUNK][UNROLL];                                                                        \
+    iv = I - I % (VW * U);                                                                              \
+    for (int r = 0; r < NR; r++)                                                                        \
+        for (int m = 0; m < NM; m++)                                                                    \
+            for (int u = 0; u < U; u++) a[r][m][u] = vzero();                                      \
+    for (long i = 0; i < iv; i += VW * U)                                                          \
+        for (int u = 0; u < U; u++) {                                                              \
+            vec xv[MCHUNK]; /* in registers: one load of x per NR weight vectors */                     \
+            for (int m = 0; m < NM; m++) xv[m] = vload_f32(x + m * ldx + i + u * VW);                   \
+            for (int r = 0; r < NR; r++) {                                                              \
+                vec wr = LOAD_W(w + r * ldw + i + u * VW);                                              \
+                for (int m = 0; m < NM; m++) a[r][m][u] = vfma(wr, xv[m], a[r][m][u]);                  \
+            }                                                                                           \
+        }                                                                                               \
+    for (int r = 0; r < NR; r++)                                                                        \
+        for (int m = 0; m < NM; m++) {                                                                  \
+            for (int u = 1; u < U; u++) a[r][m][0] = _add(a[r][m][0], a[r][m][u]);                 \
+            acc[r][m] = vsum(a[r][m][0]);                                                               \
+        }
+#else
+#define VECTOR_PART(LOAD_W)
+#endif
+#define SCALAR_float(v) (v)
+#define SCALAR_uint16_t(v) bf16_to_f32(v)
+DEFINE_TILE(tile_f32, float, vload_f32)
+DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
+
+/* A block of nr <= ROWS weight rows against nm <= MCHUNK rows of x. One row of x: row by row, four
+ * vectors per step (one sequential stream, which the prefetcher follows best); more rows: a ROWS x nm
+ * tile (each x vector loaded once for ROWS weight vectors, the FMA units busy); a partial block row by row. */
+#define DEFINE_BLOCK(NAME, WT, TILE)                                                                    \
+    static void NAME(const WT *w, long ldw, int nr, const float *x, long ldx, int nm, long I,          \
+                     float acc[ROWS][MCHUNK]) {                                                        \
+        if (nr == ROWS && nm > 1) {                                                                     \
+            switch (nm) {                                                                               \
+            case 2: TILE(w, ldw, x, ldx, I, ROWS, 2, 1, acc); return;                                   \
+            case 3: TILE(w, ldw, x, ldx, I, ROWS, 3, 1, acc); return;                                   \
+            default: TILE(w, ldw, x, ldx, I, ROWS, 4, 1, acc); return;                                  \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < nr; r++) {                                                                  \
+            float one[ROWS][MCHUNK];                                                                    \
+            for (int m = 0; m < nm; m++) {                                                              \
+                TILE(w + r * ldw, ldw, x + m * ldx, ldx, I, 1, 1, UNROLL, one);                         \
+                acc[r][m] = one[0][0];                                                                  \
+            }                                                                                           \
+        }                                                                                               \
+    }
+DEFINE_BLOCK(block_f32, float, tile_f32)
+#if defined(__AVX512BF16__)
+/* bf16 weights with AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs of W and x (x kept in bf16, exact)
+ * and adds each pair's sum into 16 fp32 lanes -- half the instructions of widening W first. xb: x in
+ * bf16, xf: the same in fp32 (the scalar tail). */
+static inline __attribute__((always_inline)) void tile_dp(const uint16_t *w, long ldw, const uint16_t *xb,
+                                                          const float *xf, long ldx, long I, const int NR,
+                                                          const int NM, const int U, float acc[ROWS][MCHUNK]) {
+    __m512 a[ROWS][MCHUNK][UNROLL];
+    long iv = I - I % (32 * U);
+    for (int r = 0; r < NR; r++)
+        for (int m = 0; m < NM; m++)
+            for (int u = 0; u < U; u++) a[r][m][u] = _mm512_setzero_ps();
+    for (long i = 0; i < iv; i += 32 * U)
+        for (int u = 0; u < U; u++) {
+            __m512bh xv[MCHUNK];
+            for (int m = 0; m < NM; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * ldx + i + u * 32);
+            for (int r = 0; r < NR; r++) {
+                __m512bh wr = (__m512bh)_mm512_loadu_si512(w + r * ldw + i + u * 32);
+                for (int m = 0; m < NM; m++) a[r][m][u] = _mm512_dpbf16_ps(a[r][m][u], wr, xv[m]);
+            }
+        }
+    for (int r = 0; r < NR; r++)
+        for (int m = 0; m < NM; m++) {
+            for (int u = 1; u < U; u++) a[r][m][0] = _mm512_add_ps(a[r][m][0], a[r][m][u]);
+            float s = _mm512_reduce_add_ps(a[r][m][0]);
+            for (long i = iv; i < I; i++) s += bf16_to_f32(w[r * ldw + i]) * xf[m * ldx + i];
+            acc[r][m] = s;
+        }
+}
+
+static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
+                       long I, float acc[ROWS][MCHUNK]) {
+    if (nr == ROWS && nm > 1) {
+        switch (nm) {
+        case 2: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 2, 1, acc); return;
+        case 3: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 3, 1, acc); return;
+        default: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 4, 1, acc); return;
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float one[ROWS][MCHUNK];
+        for (int m = 0; m < nm; m++) {
+            tile_dp(w + r * ldw, ldw, xb + m * ldx, x + m * ldx, ldx, I, 1, 1, 2, one);
+            acc[r][m] = one[0][0];
+        }
+    }
+}
+#else
+DEFINE_BLOCK(block_bf16_widen, uint16_t, tile_bf16)
+static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
+                       long I, float acc[ROWS][MCHUNK]) {
+    (void)xb;
+    block_bf16_widen(w, ldw, nr, x, ldx, nm, I, acc);
+}
+#endif
+
+/* ---- activations of the fused GLU: 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 relu ---- */
+static inline float activate(float g, int act) {
+    switch (act) {
+    case 0: return g / (1.0f + expf(-g));
+    case 1: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    case 2: return 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)));
+    default: return g > 0.0f ? g : 0.0f;
+    }
+}
+
+/* out[m * CHUNK + (r - r0)] = x_m . W_r for rows r in [r0, r1) (r1 - r0 <= CHUNK) and all M rows of x:
+ * blocks of ROWS weight rows, each read from memory once for every chunk of MCHUNK rows of x. */
+#define CHUNK 64
+static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                     long M, long I, float *out) {
+    float acc[ROWS][MCHUNK];
+    for (long r = r0; r < r1; r += ROWS) {
+        int nr = (int)(r1 - r < ROWS ? r1 - r : ROWS);
+        for (long m = 0; m < M; m += MCHUNK) {
+            int nm = (int)(M - m < MCHUNK ? M - m : MCHUNK);
+            if (bf16) block_bf16((const uint16_t *)W + r * ldw, ldw, nr, xb + m * I, xf + m * I, I, nm, I, acc);
+            else block_f32((const float *)W + r * ldw, ldw, nr, xf + m * I, I, nm, I, acc);
+            for (int q = 0; q < nr; q++)
+                for (int k = 0; k < nm; k++) out[(m + k) * CHUNK + (r - r0) + q] = acc[q][k];
+        }
+    }
+}
+
+static inline float load_value(const void *p, long at, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+}
+
+/* Output columns [r0, r1) for all M rows of x (fp32 copy xf, bf16 copy xb, M x I dense), CHUNK rows
+ * of W at a time. GLU (glu_rows > 0): column o is act(x . W[o] + b[o]) * (x . W[o + glu_rows] +
+ * b[o + glu_rows]); the gate chunk and then the up chunk are each read as one run of memory. */
+static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                      long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
+    float *gate = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * M));
+    if (!gate) return -1;
+    float *up = gate + CHUNK * M;
+    for (long c = r0; c < r1; c += CHUNK) {
+        long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
+        dot_rows(W, bf16, ldw, c, c1, xf, xb, M, I, gate);
+        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, M, I, up);
+        for (long m = 0; m < M; m++)
+            for (long o = c; o < c1; o++) {
+                float v = gate[m * CHUNK + (o - c)];
+                if (bias) v += load_value(bias, o, bf16);
+                if (glu_rows) {
+                    float u = up[m * CHUNK + (o - c)];
+                    if (bias) u += load_value(bias, o + glu_rows, bf16);
+                    v = activate(v, act) * u;
+                }
+                if (bf16) ((uint16_t *)y)[m * ldy + o] = f32_to_bf16(v);
+                else ((float *)y)[m * ldy + o] = v;
+            }
+    }
+    free(gate);
+    return 0;
+}
+
+/* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
+ * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
+ * with O = out. Returns 0, or -1 when a buffer (the copies of x, a thread's chunk) could not be allocated. */
+int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
+                void *y, long ldy, int dtype, int glu, int act, int threads) {
+    size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
+    float *xf = (float *)malloc((sizeof(float) + sizeof(uint16_t)) * n_x); /* x in fp32, then (bf16) a dense copy */
+    if (!xf) return -1;
+    uint16_t *xb = (uint16_t *)(xf + n_x);
+    for (long m = 0; m < M; m++)
+        for (long i = 0; i < I; i++) {
+            if (dtype) xb[m * I + i] = ((const uint16_t *)x)[m * ldx + i];
+            xf[m * I + i] = dtype ? bf16_to_f32(((const uint16_t *)x)[m * ldx + i]) : ((const float *)x)[m * ldx + i];
+        }
+    long blocks = (O + ROWS - 1) / ROWS;
+    int failed = 0;
+    int n = threads < 1 ? 1 : threads;
+    if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n) if (n > 1)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    {
+        int t = 0, nt = 1;
+#endif
+        long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+        long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
+        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
+    }
+    free(xf);
+    return failed ? -1 : 0;
+}
+
+/* What this build vectorises with, for the cache key's sanity and the benchmark's report. */
+const char *moekit_gemv_isa(void) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    return "avx512f+bf16";
+#elif defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}

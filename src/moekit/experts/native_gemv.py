@@ -1,0 +1,187 @@
+"""A native matrix-vector kernel for MoE decode on CPU: ``y = x W^T (+ b)`` for a few rows of ``x``.
+
+Why: at decode each touched expert's weights are read once for one or a few rows, so the product runs at
+the rate the kernel streams memory. On AMD EPYC (this project's machine) torch's fp32 GEMV (MKL) streams
+at ~0.55x the rate ``torch.sum`` reads the same bytes, and its bf16 GEMV (oneDNN) at ~0.4x
+(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row once in one
+sequential stream (one row of ``x``) or in tiles of 4 weight rows x up to 4 rows of ``x`` (more rows),
+accumulates in fp32 (bf16 weights widened by a 16-bit shift), optionally fuses a GLU (``act(gate) *
+up`` of ``[gate; up]`` rows), and splits the weight rows over ``threads`` OpenMP threads (each thread a
+contiguous range: distinct memory).
+
+Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
+a second) into ``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), named by a hash of the source, the
+compiler's version, the command and the CPU's flags; compiled to a temporary file and renamed into place,
+so parallel processes never load a partial library. Loaded with ``ctypes`` (the call releases the GIL).
+
+Fallback: with ``MOEKIT_NATIVE_GEMV=0``, no compiler, or a failed build, ``available()`` is False and the
+callers (``inference.expert_linear``) keep torch's kernels; a failed build or missing compiler says why
+once (a ``RuntimeWarning``). Where the kernel is faster than torch's is ``serves`` (measured rule).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "linear", "serves"]
+
+SOURCE = Path(__file__).with_name("native_gemv.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+#: gate activations the kernel fuses into a GLU (index = the C code's ``act``)
+GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+#: rows of x up to which the kernel beats torch, by (dtype, whether torch's alternative is oneDNN-packed).
+#: Measured with ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert
+#: matrices (AMD EPYC, AVX-512, 1 thread, loaded machine), read rate native / F.linear / packed in GB/s:
+#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19 (packed
+#: ahead from 4 rows, F.linear level from 8); bf16 1 row 12-18 / 5-9 / 10-14, 2 rows 7-12 / 7-11 / 8-11.
+MAX_ROWS = {
+    (torch.float32, False): 4,
+    (torch.float32, True): 2,
+    (torch.bfloat16, False): 2,
+    (torch.bfloat16, True): 1,
+}
+
+
+def available() -> bool:
+    """Whether the kernel can run here: not turned off (``MOEKIT_NATIVE_GEMV=0``) and built (once)."""
+    return os.environ.get("MOEKIT_NATIVE_GEMV", "1") != "0" and _library() is not None
+
+
+def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False) -> bool:
+    """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
+    rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
+    measured crossover (``MAX_ROWS``)."""
+    limit = MAX_ROWS.get((dtype, packed))
+    return limit is not None and 1 <= rows <= limit and features >= 1 and available()
+
+
+def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu: str | None = None,
+           threads: int | None = None) -> Tensor:  # fmt: skip
+    """``x W^T + b``: ``[M, I] x [O, I] -> [M, O]``; with ``glu`` (a ``GLU_ACTIVATIONS`` name) ``W`` is
+    ``[gate; up]`` (``[2F, I]``) and the result ``act(x Wg^T + bg) * (x Wu^T + bu)``, ``[M, F]``.
+
+    CPU tensors, fp32 or bf16 (all alike); ``weight_OI`` with unit column stride (rows may be strided).
+    ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread. Runs whether or not
+    ``MOEKIT_NATIVE_GEMV`` turns the routing off (``serves``); raises ``RuntimeError`` when the kernel
+    could not be built.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native GEMV kernel is not available: {_built()[1]}")
+    dtype, (M, I), (O2, I2) = weight_OI.dtype, x_MI.shape, weight_OI.shape
+    code = _DTYPES.get(dtype)
+    if code is None or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
+        raise ValueError(f"x, weight and bias must all be float32 or bfloat16, got {x_MI.dtype}, {dtype}, "
+                         f"{None if bias_O is None else bias_O.dtype}")  # fmt: skip
+    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.is_cuda or x_MI.is_cuda:
+        raise ValueError(f"x [M, I] and weight [O, I] must be CPU tensors that agree on I, the weight with unit "
+                         f"column stride; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}, strides {weight_OI.stride()}")  # fmt: skip
+    act = 0 if glu is None else GLU_ACTIVATIONS.get(glu, -1)
+    if act < 0 or (glu is not None and O2 % 2):
+        raise ValueError(f"glu must be one of {list(GLU_ACTIVATIONS)} with an even number of weight rows, "
+                         f"got {glu!r} and {O2} rows")  # fmt: skip
+    x = x_MI if x_MI.stride(1) == 1 else x_MI.contiguous()
+    bias = None if bias_O is None else bias_O.contiguous().data_ptr()
+    O = O2 // 2 if glu else O2
+    y = torch.empty(M, O, dtype=dtype)
+    threads = torch.get_num_threads() if threads is None else threads
+    if lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
+                       y.data_ptr(), O, code, glu is not None, act, threads):  # fmt: skip
+        raise MemoryError(f"native GEMV could not allocate its buffers (x: {M * I * 6} bytes)")
+    return y
+
+
+def build_info() -> dict[str, str | None]:
+    """What was built: ``{"library": path or None, "isa": "avx512f" | "avx2" | "portable" | None,
+    "reason": why not built or None}`` (for the benchmark's report)."""
+    lib = _library()
+    return {"library": None if lib is None else lib._name, "isa": None if lib is None else lib.moekit_gemv_isa().decode(),
+            "reason": _built()[1]}  # fmt: skip
+
+
+# ----- build and load ---------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE") or Path.home() / ".cache" / "moekit")
+
+
+def _compiler() -> str | None:
+    """The C compiler: ``$CC`` or ``cc`` on the PATH, or None."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo``; elsewhere the processor name): part of the cache key,
+    since ``-march=native`` builds for this CPU only."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; None (with one warning) when it cannot be built."""
+    path, reason = _built()
+    if path is None:
+        warnings.warn(f"moekit's native GEMV kernel is unavailable ({reason}); decode uses torch's "
+                      "kernels (set MOEKIT_NATIVE_GEMV=0 to skip the build)", RuntimeWarning, stacklevel=3)  # fmt: skip
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.moekit_gemv.restype = ctypes.c_int
+    L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+    lib.moekit_gemv.argtypes = [P, L, L, L, P, L, L, P, P, L, I, I, I, I]
+    lib.moekit_gemv_isa.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def _built() -> tuple[Path | None, str | None]:
+    """``(path of the cached library, None)``, compiling it if absent, or ``(None, why not)``."""
+    cc = _compiler()
+    if cc is None:
+        return None, f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on the PATH)"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"{cc} --version failed: {err}"
+    source = SOURCE.read_bytes()
+    attempts = [(*FLAGS, "-fopenmp"), FLAGS]  # without OpenMP the kernel runs on one thread
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(attempts[0]).encode(), _cpu_flags().encode()]))
+    target = _cache_dir() / f"native_gemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target, None
+    errors = []
+    for flags in attempts:
+        tmp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".native_gemv-", suffix=".so", dir=target.parent)
+            os.close(fd)
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)  # atomic: a parallel build of the same key writes the same bytes
+                return target, None
+            errors.append((done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(str(err))
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    return None, f"{cc} failed: {errors[-1]}"

@@ -1,0 +1,257 @@
+"""The native GEMV kernel (``moekit.experts.native_gemv``) against a float64 reference, the banks' inference
+path through it against the training path, and the fallback to torch's kernels (switched off, no compiler).
+
+One build per session: the library lands in the cache (``$MOEKIT_CACHE`` or ``~/.cache/moekit``) and later
+sessions load it; only ``test_build_*`` compiles, into a temporary cache."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit.experts import LowRankSparseExperts, PackedLowRankSparseExperts, dispatch, dispatch_reference, native_gemv
+from moekit.experts.inference import expert_linear
+from moekit.types import RoutingDecision
+
+needs_kernel = pytest.mark.skipif(not native_gemv.available(), reason="no native GEMV kernel here (no compiler?)")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# relative to the output's largest entry: fp32 sums differ from float64 by rounding only; bf16 also rounds the output
+TOL = {"fp32": 2e-6, "bf16": 8e-3}
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _with_threads(n: int, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (9, 17, 129)])
+def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
+    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 9 rows (tiles
+    of 4 rows of x and the remainder), with and without bias, on 1 and 2 threads."""
+    dt = DTYPES[dtype]
+    W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
+    ref = x.double() @ W.double().T
+    y = _with_threads(threads, lambda: native_gemv.linear(x, W))
+    yb = native_gemv.linear(x, W, b, threads=threads)
+    assert y.dtype == dt and y.shape == (M, O)
+    assert _rel_err(y, ref) <= TOL[dtype]
+    assert _rel_err(yb, ref + b.double()) <= TOL[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("act", list(native_gemv.GLU_ACTIVATIONS))
+def test_fused_glu_matches_reference(act, dtype, threads) -> None:
+    dt = DTYPES[dtype]
+    F_, I = 11, 37
+    W, x, b = torch.randn(2 * F_, I).to(dt), torch.randn(3, I).to(dt), torch.randn(2 * F_).to(dt)
+    gate, up = (x.double() @ W.double().T + b.double()).chunk(2, -1)
+    fn = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"), "relu": F.relu}[act]
+    y = native_gemv.linear(x, W, b, glu=act, threads=threads)
+    assert y.shape == (3, F_)
+    assert _rel_err(y, fn(gate) * up) <= 2 * TOL[dtype]
+
+
+@needs_kernel
+def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
+    W = torch.randn(3, 10, 20)[1]  # an expert slice of a stacked bank
+    x = torch.randn(5, 40)[:, ::2]  # non-unit column stride: copied
+    torch.testing.assert_close(native_gemv.linear(x, W), x @ W.T, rtol=1e-5, atol=1e-5)
+    rows = torch.randn(8, 20)[::2]  # rows 2 apart
+    torch.testing.assert_close(native_gemv.linear(x, rows), x @ rows.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_gemv.linear(x.double(), W.double())
+    with pytest.raises(ValueError, match="agree on I"):
+        native_gemv.linear(x, W.T)
+    with pytest.raises(ValueError, match="glu must be one of"):
+        native_gemv.linear(x, W, glu="swish")
+
+
+def test_serves_the_measured_decode_sizes() -> None:
+    for (dtype, packed), limit in native_gemv.MAX_ROWS.items():
+        assert native_gemv.serves(limit, dtype, 64, packed=packed) == native_gemv.available()
+        assert not native_gemv.serves(limit + 1, dtype, 64, packed=packed)
+    assert not native_gemv.serves(0, torch.float32, 64)
+    assert not native_gemv.serves(1, torch.float16, 64)
+
+
+# ----- banks through the seam ------------------------------------------------------------------------
+D = 19  # not a multiple of the vector width
+
+
+def _compressed(kind: str, packed: bool, E: int) -> moekit.ExpertBank:
+    dense = moekit.GLUExperts(E, D, 24) if kind == "glu" else moekit.MLPExperts(E, D, 24, out_dim=8)
+    bank = LowRankSparseExperts.from_bank(dense, 3)
+    with torch.no_grad():
+        for m in bank.matrices:
+            mask = getattr(bank, f"{m}_mask")
+            mask.copy_((torch.rand_like(mask) < 0.5).to(mask))
+    return PackedLowRankSparseExperts.from_masked(bank) if packed else bank
+
+
+BANKS = {
+    "mlp": lambda E: moekit.MLPExperts(E, D, 24),
+    "mlp_relu_out_dim": lambda E: moekit.MLPExperts(E, D, 24, out_dim=8, activation="relu", bias=False),
+    "glu": lambda E: moekit.GLUExperts(E, D, 24),
+    "glu_gelu_tanh": lambda E: moekit.GLUExperts(E, D, 24, activation="gelu_tanh"),
+    "lowrank_glu": lambda E: _compressed("glu", False, E),
+    "packed_glu": lambda E: _compressed("glu", True, E),
+    "packed_mlp": lambda E: _compressed("mlp", True, E),
+}
+# (T, E, ids): one token, experts repeated within a token, a single expert, more tokens than the kernel serves
+ROUTINGS = {
+    "one_token": (1, 6, [[4, 1]]),
+    "repeated_experts": (2, 6, [[3, 3], [3, 0]]),
+    "single_expert": (3, 1, [[0], [0], [0]]),
+    "over_the_crossover": (24, 2, [[0, 1]] * 24),
+}
+
+
+def _spy(monkeypatch) -> list:
+    calls = []
+    original = native_gemv.linear
+    monkeypatch.setattr(native_gemv, "linear", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
+    return calls
+
+
+def _training_path(bank, x, decision):
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        y = dispatch(bank, x, decision)
+    assert y.requires_grad
+    return y.detach()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("bank", list(BANKS))
+def test_bank_inference_on_the_kernel_equals_training_path(bank, routing, dtype, threads, monkeypatch) -> None:
+    T, E, ids = ROUTINGS[routing]
+    dt = DTYPES[dtype]
+    experts = BANKS[bank](E).to(dt)
+    x = torch.randn(T, D).to(dt)
+    decision = RoutingDecision(torch.tensor(ids), torch.softmax(torch.randn(T, len(ids[0])), -1).to(dt), E)
+    calls = _spy(monkeypatch)
+    with torch.inference_mode():
+        y = _with_threads(threads, lambda: dispatch(experts, x, decision))
+    rows = max(int((decision.ids_TK == e).sum()) for e in range(E))
+    if native_gemv.serves(rows, dt, D):
+        assert calls, "the inference path did not run the native kernel"
+    assert all(native_gemv.serves(m, dt, D) for m in calls)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y, _training_path(experts, x, decision), **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(y, dispatch_reference(experts, x, decision), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_hf_experts_implementation_runs_the_kernel(dtype, monkeypatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    import moekit.integrations.hf  # noqa: F401  (registers "moekit")
+
+    dt = DTYPES[dtype]
+    cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    module = MixtralExperts(cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+    module = module.to(dt)
+    x, ids = torch.randn(3, D).to(dt), torch.tensor([[0, 2], [2, 3], [1, 0]])
+    w = torch.softmax(torch.randn(3, 2), -1).to(dt)
+    with torch.no_grad():
+        eager = type(module).forward.__wrapped__(module, x, ids, w)
+        calls = _spy(monkeypatch)
+        y = moekit.integrations.hf.experts_impl.moekit_experts_forward(module, x, ids, w)
+    assert calls
+    torch.testing.assert_close(y, eager, **(dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=3e-2, atol=3e-2)))
+
+
+# ----- fallback ----------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_library():
+    native_gemv._built.cache_clear()
+    native_gemv._library.cache_clear()
+    yield
+    native_gemv._built.cache_clear()
+    native_gemv._library.cache_clear()
+
+
+def _glu_output():
+    experts = moekit.GLUExperts(4, D, 24)
+    torch.manual_seed(1)
+    x, decision = torch.randn(1, D), RoutingDecision(torch.tensor([[1, 3]]), torch.tensor([[0.7, 0.3]]), 4)
+    with torch.inference_mode():
+        return experts, x, decision, dispatch(experts, x, decision)
+
+
+@needs_kernel
+def test_switched_off_uses_torch_with_the_same_output(monkeypatch) -> None:
+    torch.manual_seed(0)
+    experts, x, decision, on = _glu_output()
+    monkeypatch.setenv("MOEKIT_NATIVE_GEMV", "0")
+    calls = _spy(monkeypatch)
+    assert not native_gemv.available() and not native_gemv.serves(1, torch.float32, D)
+    with torch.inference_mode():
+        off = dispatch(experts, x, decision)
+    assert not calls
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-6)
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch, fresh_library) -> None:
+    monkeypatch.setattr(native_gemv, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert not native_gemv.available()
+    assert not native_gemv.available()  # cached: no second warning (pytest.warns above took the only one)
+    x, W = torch.randn(1, D), torch.randn(5, D)
+    torch.testing.assert_close(expert_linear(x, W), F.linear(x, W))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native_gemv.linear(x, W)
+    assert native_gemv.build_info()["reason"].startswith("no C compiler")
+
+
+def test_failed_build_falls_back(monkeypatch, tmp_path, fresh_library) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native_gemv, "SOURCE", broken)
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="failed"):
+        assert not native_gemv.available()
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cache").iterdir())  # temporary files removed
+
+
+@pytest.mark.skipif(native_gemv._compiler() is None, reason="no C compiler")
+def test_build_into_a_fresh_cache_is_atomic_and_keyed(monkeypatch, tmp_path, fresh_library) -> None:
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    assert native_gemv.available()
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("native_gemv-") and built[0].suffix == ".so"
+    native_gemv._built.cache_clear()
+    run = native_gemv.subprocess.run
+    monkeypatch.setattr(native_gemv.subprocess, "run", lambda cmd, **k: pytest.fail(f"rebuilt: {cmd}") if "-o" in cmd else run(cmd, **k))
+    assert native_gemv._built()[0] == built[0]  # the cached library is found, not rebuilt
+    monkeypatch.setattr(native_gemv, "_cpu_flags", lambda: "another cpu")
+    native_gemv._built.cache_clear()
+    with pytest.raises(pytest.fail.Exception, match="rebuilt"):
+        native_gemv._built()  # another CPU is another key
+    assert os.listdir(tmp_path) == [built[0].name]
