@@ -5,8 +5,9 @@ directory of a supported family, or a moekit checkpoint; only read) goes through
 ``moekit.merging.streaming.compress_checkpoint`` -- the streamed pipeline of ``moekit compress`` -- with
 the comparison's spec of that method (``compression.spec_for``: REAP's rounding of the removed count,
 M-SMoE's global budget), is reloaded from its directory with ``moekit.evaluation.load_model`` and is
-evaluated paired against the original (``compression.evaluate_variant``: bits per byte on text data, nats
-per token on token-id data; choice accuracy on text; generation agreement).
+evaluated (``compression.variant_tasks``: bits per byte on text data, nats per token on token-id data;
+choice accuracy on text; generation agreement and KL to the original), and paired against the original
+on the same documents and items (``against_original``).
 
 Calibration: the ``calib`` sources read as ``moekit compress --calib`` reads them (``stdlib``: the
 standard library's training files), ``4 * calib_sequences`` windows of ``seq_len`` tokens of which each
@@ -34,14 +35,14 @@ from ..progress import Progress
 from .compression import NONE, STDLIB, CompressionConfig, describe_data, perplexity_metric, variant_metrics
 from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for, variant_tasks
 
-__all__ = ["POOL", "check_model_config", "model_info", "calibration", "run_model"]
+__all__ = ["POOL", "check_model_config", "model_info", "rebatch", "calibration", "against_original", "run_model"]
 
 #: calibration windows cut from text per window a seed draws
 POOL = 4
 
 
 def check_model_config(cfg: CompressionConfig) -> None:
-    """The checks of a ``model`` run that need no model: no recovery, calibration and evaluation disjoint."""
+    """The checks of a ``model`` run that need no model: calibration and evaluation data given and disjoint."""
     if not cfg.calib or not cfg.data:
         raise ValueError("calib and data (--calib, --data) must each name at least one source")
     files = lambda sources: {str(Path(s).resolve()) for s in sources if s != STDLIB}  # noqa: E731
