@@ -48,6 +48,10 @@ def test_model_run_covers_every_method_and_fraction_and_keeps_reloadable_models(
             continue
         assert set(row["experts_per_layer"]) == {6 - int(6 * removed)} and row["form"] == "plain"
         assert row["params"] < control["params"]
+        paired = row["vs_original"]  # on the same documents and items as the original
+        assert set(paired) == {"bits_per_byte", "acc"} and paired["bits_per_byte"]["difference"]["n"] == 2
+        diff = row["metrics"]["bits_per_byte"]["estimate"] - control["metrics"]["bits_per_byte"]["estimate"]
+        assert paired["bits_per_byte"]["difference"]["estimate"] == pytest.approx(diff, abs=1e-9)
         kept = out / row["model_dir"]
         reloaded = model_class(family).from_pretrained(kept)  # plain form: stock transformers
         assert reloaded.config.to_dict()["num_local_experts"] == 6 - int(6 * removed)
@@ -55,6 +59,8 @@ def test_model_run_covers_every_method_and_fraction_and_keeps_reloadable_models(
         assert json.loads((kept / "compress_report.json").read_text())["method"] == method
     report = (out / "report.md").read_text()
     assert f"Model `{src}` ({family}" in report and "No recovery (Hugging Face models get none" in report and "| reap | 50% | no | 3/3 |" in report
+    assert "## Against the original, per seed" in report and "| frequency | 25% | no | 0 |" in report
+    assert "vs_original" not in control
     assert (out / "compression_bpb.png").stat().st_size > 1000
 
 

@@ -108,6 +108,8 @@ def _shrunk(words: list[str]) -> list[str]:
 @pytest.mark.parametrize("page", COMMAND_PAGES)
 def test_commands_run(page: str, tmp_path, monkeypatch) -> None:
     pytest.importorskip("transformers")
+    import torch
+
     from moekit.cli.main import main
 
     commands = moekit_commands((DOCS / page).read_text(encoding="utf-8"))
@@ -116,5 +118,9 @@ def test_commands_run(page: str, tmp_path, monkeypatch) -> None:
     for name, kind in STAND_INS.items():
         if any(w.rstrip("/") == name for words in commands for w in words):
             _stand_in(kind, tmp_path / name)
-    for words in commands:
-        assert main(_shrunk(words)) == 0, f"{page}: moekit {shlex.join(words)}"
+    threads = torch.get_num_threads()
+    try:
+        for words in commands:
+            assert main(_shrunk(words)) == 0, f"{page}: moekit {shlex.join(words)}"
+    finally:
+        torch.set_num_threads(threads)  # ``moekit eval --threads 2`` sets this process's count

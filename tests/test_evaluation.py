@@ -251,7 +251,7 @@ def test_report_round_trip_compares_with_the_saved_run(data, tmp_path) -> None:
     with pytest.raises(ValueError, match="corrupt evaluation results"):
         load_results(tmp_path / "foreign" / "notes.txt")
     (tmp_path / "foreign" / "results.json").write_text('{"format": "moekit"}')
-    with pytest.raises(ValueError, match="not a results.json of moekit eval"):
+    with pytest.raises(ValueError, match="is not a results.json of moekit eval"):
         load_results(tmp_path / "foreign")
 
 

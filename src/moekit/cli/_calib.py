@@ -1,5 +1,5 @@
 """The calibration options of ``moekit merge`` / ``moekit compress`` (``--calib`` and friends); the data
-itself is read by ``moekit.data.calibration``."""
+itself is read by ``moekit.data.calibration`` and batched by ``moekit.merging.inputs``."""
 
 from __future__ import annotations
 
@@ -60,56 +60,10 @@ def calib_inputs(sources: Sequence[str]) -> list[str]:
     return [s for s in sources if s != STDLIB]
 
 
-def calibration_batches(
-    args: argparse.Namespace, *, vocab_size: int, context: int | None, tokenizer: Any = None,
-    decoder: bool = False, byte_level: bool = False,
-) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
-    """The batches of ``--calib`` (with ``--calib-samples``, ``--seq-len``, ``--batch-size``) and what
-    they are (``sources``, ``rows``, ``tokens``, ``tokenizer``). Text: windows of the ``tokenizer``'s ids,
-    else of bytes (``% vocab_size``; ``byte_level``: the model's own tokens are bytes); token-id files:
-    their rows as they are. With ``--calib-weights`` every source gives its own batches, mixed with
-    ``moekit.merging.observer.mix_calibration``."""
-    from ..data.calibration import (
-        byte_windows, is_token_file, read_calibration_bytes, to_batches, token_file_batches, token_windows,
-    )  # fmt: skip
+def calibration_batches(args: argparse.Namespace, **model: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The batches of ``--calib`` (with ``--calib-samples``, ``--seq-len``, ``--batch-size``, ``--calib-weights``)
+    for the model described by ``model`` (``vocab_size``, ``context``, ...): ``moekit.merging.inputs.calibration_batches``."""
+    from ..merging.inputs import calibration_batches as batches
 
-    sources = list(args.calib)
-    weights = getattr(args, "calib_weights", None)
-    if weights is not None:
-        return _weighted_batches(args, sources, weights, vocab_size=vocab_size, context=context, tokenizer=tokenizer,
-                                 decoder=decoder, byte_level=byte_level)  # fmt: skip
-    files = [s for s in sources if is_token_file(s)]
-    if files:
-        if len(files) != len(sources):
-            raise ValueError("--calib takes either text (files or 'stdlib') or token-id files (.safetensors/.jsonl), not both")
-        batches = token_file_batches(files, vocab_size=vocab_size, batch_size=args.batch_size, decoder=decoder)
-        ids = [b["input_ids"] if isinstance(b, dict) else b for b in batches]
-        return batches, {"sources": sources, "rows": sum(int(t.shape[0]) for t in ids),
-                         "tokens": sum(t.numel() for t in ids), "tokenizer": "token-id files"}  # fmt: skip
-    data = read_calibration_bytes(sources)
-    seq_len = min(args.seq_len, context or args.seq_len)
-    if tokenizer is not None:
-        windows = token_windows(data, tokenizer, samples=args.calib_samples, seq_len=seq_len)
-        tokens = "model"
-    else:
-        windows = byte_windows(data, samples=args.calib_samples, seq_len=seq_len, vocab_size=vocab_size)
-        tokens = "bytes" if byte_level else "bytes % vocab_size"
-    info = {"sources": sources, "rows": int(windows.shape[0]), "tokens": windows.numel(), "tokenizer": tokens}
-    return to_batches(windows, args.batch_size), info
-
-
-def _weighted_batches(args: argparse.Namespace, sources: list[str], weights: Sequence[float],
-                      **kwargs: Any) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
-    from ..merging.observer import mix_calibration
-
-    if len(weights) != len(sources):
-        raise ValueError(f"--calib-weights needs one weight per --calib source ({len(sources)}), got {len(weights)}")
-    parts, infos = [], []
-    for source, weight in zip(sources, weights):
-        one = argparse.Namespace(**{**vars(args), "calib": [source], "calib_weights": None})
-        batches, info = calibration_batches(one, **kwargs)
-        parts.append((batches, weight))
-        infos.append(info)
-    info = {"sources": sources, "weights": list(weights), "rows": sum(i["rows"] for i in infos),
-            "tokens": sum(i["tokens"] for i in infos), "tokenizer": infos[0]["tokenizer"]}  # fmt: skip
-    return mix_calibration(parts), info
+    return batches(args.calib, samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                   weights=getattr(args, "calib_weights", None), **model)  # fmt: skip

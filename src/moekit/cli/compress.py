@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from . import _calib
@@ -112,30 +111,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run)
 
 
-def _model_info(src: Path) -> SimpleNamespace:
-    """What the command needs to know about the input before the run: its MoE blocks' expert
-    counts, vocabulary, context length, tokenizer and whether it is encoder-decoder."""
-    from ..merging.streaming import open_checkpoint
-
-    if src.exists() and not src.is_dir():
-        raise ValueError(f"input {str(src)!r} is not a directory (give a Hugging Face model directory or moekit checkpoint)")
-    opened = open_checkpoint(src)
-    stack = opened.stack
-    counts = {name: stack.adapter.num_experts(b) for name, b in stack.adapter.blocks(stack.model).items()}
-    if opened.kind == "moekit":
-        cfg = opened.meta.get("config", {})
-        if "vocab_size" not in cfg or "max_seq_len" not in cfg:
-            raise ValueError(f"{str(src)!r} holds a {opened.meta.get('model')!r} model; calibration needs a language model")
-        return SimpleNamespace(kind="moekit", counts=counts, vocab=cfg["vocab_size"], context=cfg["max_seq_len"],
-                               tokenizer=None, decoder=False)  # fmt: skip
-    config = stack.config.get_text_config() if hasattr(stack.config, "get_text_config") else stack.config
-    return SimpleNamespace(
-        kind="huggingface", counts=counts, vocab=int(config.vocab_size),
-        context=getattr(config, "max_position_embeddings", None), tokenizer=_calib.find_tokenizer(src),
-        decoder=bool(getattr(stack.config, "is_encoder_decoder", False)),
-    )  # fmt: skip
-
-
 def _spec(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     from ..merging.lowrank import LowRankOptions
     from ..merging.pipeline import CompressionSpec
@@ -155,6 +130,7 @@ def _spec(args: argparse.Namespace, options: dict[str, Any]) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..merging.inputs import checkpoint_info
     from ..merging.methods import create_method
     from ..merging.streaming import compress_checkpoint
     from ..registry import EXPERT_METHODS
@@ -165,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     options = method_options(args, args.method)
     create_method(args.method, **options)  # a bad option value fails now, before any work
     checked_out(args, inputs=[src, *_calib.calib_inputs(args.calib)])
-    info = _model_info(src)
+    info = checkpoint_info(src)
     unknown = sorted(set(args.exclude) - set(info.counts))
     if unknown:
         raise ValueError(f"--exclude names {unknown}, which are not MoE blocks of {str(src)!r}; MoE blocks: {list(info.counts)}")

@@ -171,18 +171,29 @@ def perplexity_metric(data: Any) -> str:
     return "bits_per_byte" if data.has_text else "nll_per_token"
 
 
-def evaluate_variant(model: Any, reference: Any, data: Any, settings: Any) -> dict[str, Any]:
-    """Held-out metrics of ``model`` (a module or ``EvalModel``; intervals as dicts): perplexity
-    (``perplexity_metric``), choice accuracy (text data only) and generation against ``reference``."""
+def variant_tasks(model: Any, reference: Any, data: Any, settings: Any) -> dict[str, Any]:
+    """The harness's task results of ``model`` (a module or ``EvalModel``): perplexity, choice (text data
+    only) and generation against ``reference`` (``moekit.evaluation.evaluate``'s ``runs[0]["tasks"]``)."""
     from ..evaluation import as_eval_model, evaluate
 
     m = as_eval_model(model, name="model")
     own = evaluate(m, data, tasks=("perplexity", "choice") if data.has_text else ("perplexity",),
                    settings=settings)["runs"][0]["tasks"]  # fmt: skip
     gen = evaluate(m, data, tasks=("generate",), reference=reference, settings=settings)["runs"][0]["tasks"]["generate"]
-    pick = {perplexity_metric(data): own["perplexity"], "acc": own.get("choice"), "acc_norm": own.get("choice"),
-            "continuation_agreement": gen, "top1_agreement": gen, "kl": gen, "repetition": gen}  # fmt: skip
+    return {**own, "generate": gen}
+
+
+def variant_metrics(tasks: Mapping[str, Any], data: Any) -> dict[str, Any]:
+    """The metrics a row keeps of ``variant_tasks`` (intervals as dicts)."""
+    pick = {perplexity_metric(data): tasks["perplexity"], "acc": tasks.get("choice"), "acc_norm": tasks.get("choice"),
+            **{m: tasks["generate"] for m in ("continuation_agreement", "top1_agreement", "kl", "repetition")}}  # fmt: skip
     return {name: task["metrics"][name] for name, task in pick.items() if task is not None}
+
+
+def evaluate_variant(model: Any, reference: Any, data: Any, settings: Any) -> dict[str, Any]:
+    """Held-out metrics of ``model`` (a module or ``EvalModel``; intervals as dicts): perplexity
+    (``perplexity_metric``), choice accuracy (text data only) and generation against ``reference``."""
+    return variant_metrics(variant_tasks(model, reference, data, settings), data)
 
 
 def result_row(seed: int, method: str, removed: float, steps: int, experts_per_layer: list[int], params: int,
@@ -191,7 +202,7 @@ def result_row(seed: int, method: str, removed: float, steps: int, experts_per_l
     return {
         "seed": seed, "method": method, "removed": removed, "recovery": steps > 0, "recovery_steps": steps,
         "experts_per_layer": list(experts_per_layer), "params": params,
-        **{k: info[k] for k in ("form", "budget", "kept", "protected", "model_dir") if k in info},
+        **{k: info[k] for k in ("form", "budget", "kept", "protected", "model_dir", "vs_original") if k in info},
         "metrics": dict(metrics),
     }  # fmt: skip
 

@@ -5,8 +5,9 @@ directory of a supported family, or a moekit checkpoint; only read) goes through
 ``moekit.merging.streaming.compress_checkpoint`` -- the streamed pipeline of ``moekit compress`` -- with
 the comparison's spec of that method (``compression.spec_for``: REAP's rounding of the removed count,
 M-SMoE's global budget), is reloaded from its directory with ``moekit.evaluation.load_model`` and is
-evaluated paired against the original (``compression.evaluate_variant``: bits per byte on text data, nats
-per token on token-id data; choice accuracy on text; generation agreement).
+evaluated (``compression.variant_tasks``: bits per byte on text data, nats per token on token-id data;
+choice accuracy on text; generation agreement and KL to the original), and paired against the original
+on the same documents and items (``against_original``).
 
 Calibration: the ``calib`` sources read as ``moekit compress --calib`` reads them (``stdlib``: the
 standard library's training files), ``4 * calib_sequences`` windows of ``seq_len`` tokens of which each
@@ -31,17 +32,17 @@ import torch
 
 from ..data.calibration import is_token_file, read_calibration_bytes
 from ..progress import Progress
-from .compression import NONE, STDLIB, CompressionConfig, describe_data, evaluate_variant, perplexity_metric
-from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for
+from .compression import NONE, STDLIB, CompressionConfig, describe_data, perplexity_metric, variant_metrics
+from .compression import eval_settings, recovered, recovery_batches, result_row, spec_for, variant_tasks
 
-__all__ = ["POOL", "check_model_config", "model_info", "calibration", "run_model"]
+__all__ = ["POOL", "check_model_config", "model_info", "rebatch", "calibration", "against_original", "run_model"]
 
 #: calibration windows cut from text per window a seed draws
 POOL = 4
 
 
 def check_model_config(cfg: CompressionConfig) -> None:
-    """The checks of a ``model`` run that need no model: no recovery, calibration and evaluation disjoint."""
+    """The checks of a ``model`` run that need no model: calibration and evaluation data given and disjoint."""
     if not cfg.calib or not cfg.data:
         raise ValueError("calib and data (--calib, --data) must each name at least one source")
     files = lambda sources: {str(Path(s).resolve()) for s in sources if s != STDLIB}  # noqa: E731
@@ -53,9 +54,9 @@ def check_model_config(cfg: CompressionConfig) -> None:
 def model_info(cfg: CompressionConfig) -> SimpleNamespace:
     """What ``moekit compress`` knows of the model before a run (expert counts, vocabulary, context,
     tokenizer), checked against the removed fractions."""
-    from ..cli.compress import _model_info
+    from ..merging.inputs import checkpoint_info
 
-    info = _model_info(Path(str(cfg.model)))
+    info = checkpoint_info(Path(str(cfg.model)))
     if info.decoder:
         raise ValueError(f"model (--model) {cfg.model!r} is encoder-decoder; the comparison evaluates causal LMs")
     if cfg.recovery_steps and info.kind != "moekit":
@@ -97,17 +98,28 @@ def rebatch(rows: Sequence[Any], batch_size: int) -> list[Any]:
 def calibration(cfg: CompressionConfig, info: SimpleNamespace, seed: int) -> tuple[list[Any], dict[str, Any]]:
     """Seed ``seed``'s calibration batches (``moekit compress``'s reading of ``cfg.calib``, then a seeded
     draw of ``cfg.calib_sequences`` rows) and what they are."""
-    from ..cli._calib import calibration_batches
+    from ..merging.inputs import calibration_batches
 
-    args = SimpleNamespace(calib=list(cfg.calib), calib_samples=POOL * cfg.calib_sequences, seq_len=cfg.seq_len,
-                           batch_size=1, calib_weights=None)  # fmt: skip
-    pool, described = calibration_batches(args, vocab_size=info.vocab, context=info.context, tokenizer=info.tokenizer,
+    pool, described = calibration_batches(cfg.calib, samples=POOL * cfg.calib_sequences, seq_len=cfg.seq_len, batch_size=1,
+                                          vocab_size=info.vocab, context=info.context, tokenizer=info.tokenizer,
                                           decoder=info.decoder, byte_level=info.kind == "moekit")  # fmt: skip
     draw = torch.randperm(len(pool), generator=torch.Generator().manual_seed(10_000 + seed))[: cfg.calib_sequences]
     rows = [pool[i] for i in sorted(draw.tolist())]
     ids = [r["input_ids"] if isinstance(r, dict) else r for r in rows]
     return rebatch(rows, cfg.batch_size), {**described, "pool_rows": len(pool), "rows": len(rows),
                                            "tokens": sum(int(t.numel()) for t in ids), "draw_seed": 10_000 + seed}  # fmt: skip
+
+
+def against_original(tasks: dict[str, Any], original: dict[str, Any], data: Any, settings: Any) -> dict[str, Any]:
+    """Perplexity and choice accuracy of a variant minus the original's on the same documents and items
+    (``moekit.evaluation.compare_runs``: paired BCa bootstrap over them): ``{metric: {difference, verdict}}``."""
+    from ..evaluation import compare_runs
+
+    keep = (perplexity_metric(data), "acc")
+    scored = [t for t in ("perplexity", "choice") if t in tasks]
+    rows = compare_runs({"name": "variant", "tasks": {t: tasks[t] for t in scored}},
+                        {"name": "original", "tasks": {t: original[t] for t in scored}}, **settings.stats())  # fmt: skip
+    return {r["metric"]: {"difference": r["difference"], "verdict": r["verdict"]} for r in rows if r["metric"] in keep}
 
 
 def run_model(cfg: CompressionConfig, progress: Progress,
@@ -135,17 +147,23 @@ def run_model(cfg: CompressionConfig, progress: Progress,
             recovery = recovery_batches(text, cfg, seed) if text is not None else []
             seed_timing: dict[str, Any] = {}
 
+            original = variant_tasks(reference, reference, data, settings)
+
             def finish(label: str, method: str, removed: float, model: Any, counts: list[int], details: dict[str, Any]) -> None:
-                """Evaluate ``model`` one-shot and, with recovery, after the seed's recovery steps."""
+                """Evaluate ``model`` one-shot and, with recovery, after the seed's recovery steps; each paired
+                against the original (but the original itself)."""
                 t = time.perf_counter()
-                metrics = evaluate_variant(model, reference, data, settings)
-                rows.append(result_row(seed, method, removed, 0, counts, model.info["parameters"], metrics, details))
+                variants = [(0, model)]
                 if recovery:
-                    student = wrap_model(recovered(model.module, reference.module, recovery, cfg, label), name="recovered")
-                    rows.append(result_row(seed, method, removed, cfg.recovery_steps, counts, model.info["parameters"],
-                                           evaluate_variant(student, reference, data, settings), details))  # fmt: skip
+                    student = recovered(model.module, reference.module, recovery, cfg, label)
+                    variants.append((cfg.recovery_steps, wrap_model(student, name="recovered")))
+                for steps, variant in variants:
+                    tasks = original if variant is reference else variant_tasks(variant, reference, data, settings)
+                    paired = {} if variant is reference else {"vs_original": against_original(tasks, original, data, settings)}
+                    rows.append(result_row(seed, method, removed, steps, counts, model.info["parameters"],
+                                           variant_metrics(tasks, data), {**details, **paired}))  # fmt: skip
                 seed_timing.setdefault(label, {})["eval_s"] = time.perf_counter() - t
-                task.advance(note=f"seed {seed} {label}: {metrics[ppl]['estimate']:.3f} {ppl}")
+                task.advance(note=f"seed {seed} {label}: {rows[-len(variants)]['metrics'][ppl]['estimate']:.3f} {ppl}")
 
             finish(NONE, NONE, 0.0, reference, list(info.counts.values()), {"form": "-", "budget": "-", "kept": {},
                                                                             "protected": None})  # fmt: skip

@@ -185,6 +185,30 @@ def _results(results: Mapping[str, Any], **_: str) -> str:
     return markdown_table(headers, table) + note
 
 
+def _against_original(results: Mapping[str, Any], **_: str) -> str:
+    """Per seed, each variant minus the original on the same documents and items (``--model`` runs: the
+    harness's paired bootstrap, so even one seed has intervals)."""
+    from ..evaluation.report import format_interval
+
+    metric, table = ppl(results), []
+    for r in results["rows"]:
+        paired_ = r.get("vs_original")
+        if paired_ is None:
+            continue
+        cells = []
+        for task, name in (("perplexity", metric), ("choice", "acc")):
+            d = paired_.get(name)
+            cells += [format_interval(task, name, d["difference"]), d["verdict"]] if d else ["—", "—"]
+        table.append([r["method"] if r["method"] != NONE else "no compression (control)", f"{r['removed']:.0%}",
+                      "yes" if r["recovery"] else "no", str(r["seed"]), *cells])  # fmt: skip
+    headers = ["method", "removed", "recovery", "seed", f"Δ {ppl_unit(results)} [95% CI]", "verdict",
+               "Δ choice acc [95% CI]", "verdict"]  # fmt: skip
+    return markdown_table(headers, table) + (
+        "\nModel minus the original on the same held-out documents (perplexity) and items (choice), BCa bootstrap "
+        "intervals over them (`moekit.evaluation.compare_runs`); the verdict names the better of the two when the "
+        "interval excludes 0.\n")  # fmt: skip
+
+
 def _diff(interval: Interval, *, scale: float = 1.0, spec: str = ".2f") -> str:
     from .report_common import cell
 
@@ -291,7 +315,8 @@ def _figure_list(results: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 SECTIONS = report_sections(setup=_setup, results=_results, ranking=_ranking, summary=_summary,
                            comparisons=lambda results, **_: claims_table(claims(results), smoke=is_smoke(results)),
-                           protected=_protected, timing=_timing, claims=claims, figures=_figure_list)  # fmt: skip
+                           protected=_protected, timing=_timing, claims=claims, figures=_figure_list,
+                           against_original=_against_original)  # fmt: skip
 
 
 # ---------------------------------------------------------------- figures
@@ -342,7 +367,10 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
     """``report.md`` and the figures in ``out``."""
     return write_markdown_report(
         results, out, SECTIONS, write_figures, title="Expert compression methods compared", figures=_figure_list(results),
-        order=("setup", "command", "summary", "results", "ranking", "comparisons", "protected", "timing"),
+        order=("setup", "command", "summary", "results",
+               *(("against_original",) if any("vs_original" in r for r in results["rows"]) else ()),
+               "ranking", "comparisons", "protected", "timing"),
         headings={"summary": "Summary", "ranking": "Ranking", "comparisons": "Claims",
-                  "protected": "Protected super experts", "timing": "Timing"},
+                  "protected": "Protected super experts", "timing": "Timing",
+                  "against_original": "Against the original, per seed"},
     )  # fmt: skip
