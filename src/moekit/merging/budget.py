@@ -27,12 +27,16 @@ from torch.utils._pytree import tree_leaves
 
 from .memory import format_size, peak_rss_bytes, rss_bytes
 
-__all__ = ["UNIT_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes", "BudgetedSource", "storage_bytes"]
+__all__ = ["UNIT_FACTOR", "ACTIVATION_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes", "BudgetedSource", "storage_bytes"]
 
 #: resident bytes per tensor byte of the largest unit before any unit ran: measured 3.2 (peak minus the
 #: memory before the unit was loaded, over its bytes) on a 64-expert Qwen3-MoE layer with m-smoe
 #: (benchmarks/bench_compress.py); 4.0 leaves 25% headroom
 UNIT_FACTOR = 4.0
+#: resident bytes per measured activation byte: the pipeline's passes add the observer's copies and
+#: the allocator's slack to the plain forward the meter sees (measured 1.65 on a small Qwen3-MoE whose
+#: activations are 16x its layers: tests/test_memory_cap.py)
+ACTIVATION_FACTOR = 2.0
 #: fixed headroom: allocator slack, statistics, progress files (bytes)
 SLACK = 48 * 10**6
 #: smallest budgets in messages are rounded up to this (bytes)
@@ -76,13 +80,7 @@ class LiveTensorBytes(TorchDispatchMode):
                 if key not in self.live and key not in self.outside:
                     self.outside[key] = self._ref(t.untyped_storage())
         out = func(*args, **(kwargs or {}))
-        for key, (ref, size) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.now -= size
-        for key, ref in list(self.outside.items()):  # a freed address may come back for a new tensor
-            if ref.expired():
-                del self.outside[key]
+        self.sweep()
         for t in tree_leaves(out):
             if not isinstance(t, Tensor) or t.device.type != "cpu":
                 continue
@@ -93,6 +91,20 @@ class LiveTensorBytes(TorchDispatchMode):
                 self.now += storage.nbytes()
         self.peak = max(self.peak, self.now)
         return out
+
+    def sweep(self) -> None:
+        """Forget tensors that were freed (``now`` then counts the live ones only)."""
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.now -= size
+        for key, ref in list(self.outside.items()):  # a freed address may come back for a new tensor
+            if ref.expired():
+                del self.outside[key]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.sweep()
 
 
 class MemoryPlan:
@@ -115,7 +127,8 @@ class MemoryPlan:
 
     def need(self) -> int:
         """Predicted peak of the run before any unit ran."""
-        return self.start_rss + int(UNIT_FACTOR * self.largest) + self.activations + self.contexts + SLACK
+        activations = int(ACTIVATION_FACTOR * self.activations)
+        return self.start_rss + int(UNIT_FACTOR * self.largest) + activations + self.contexts + SLACK
 
     def check(self) -> None:
         """ValueError if ``need()`` exceeds the budget (naming the smallest budget that fits)."""
@@ -125,7 +138,8 @@ class MemoryPlan:
                      f"the largest unit of {self.where!r} ({format_size(self.largest)} of tensors) needs about "
                      f"{format_size(UNIT_FACTOR * self.largest)} while it is compressed"]  # fmt: skip
             if self.activations or self.contexts:
-                parts.append(f"the largest calibration batch {format_size(self.activations)} of activations and "
+                parts.append(f"the largest calibration batch {format_size(ACTIVATION_FACTOR * self.activations)} with "
+                             f"its activations ({format_size(self.activations)} measured) and "
                              f"the batches' contexts {format_size(self.contexts)}")  # fmt: skip
             else:
                 parts.append("the calibration activations (measured next) more")
