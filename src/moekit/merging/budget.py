@@ -163,6 +163,15 @@ class MemoryPlan:
         now = rss_bytes() or peak_rss_bytes()
         return now + max(int(inc * max(1.0, size / max(b, 1))) for inc, b in self.measured)
 
+    def check_peak(self, during: str) -> None:
+        """MemoryBudgetError if the process's peak so far exceeds the budget."""
+        peak = peak_rss_bytes()
+        if peak > self.budget:
+            raise MemoryBudgetError(
+                f"--max-memory {format_size(self.budget)} was exceeded: the peak resident memory reached "
+                f"{format_size(peak)} while {during}; rerun with --resume and a larger --max-memory"
+            )
+
     def as_dict(self) -> dict[str, int]:
         worst = max((inc for inc, _ in self.measured), default=0)
         return {"max_memory": self.budget, "estimate": self.need(), "start_rss": self.start_rss,
@@ -203,8 +212,4 @@ class BudgetedSource:
             before = self._before.pop(name, None)
             if before is not None:
                 self.plan.measured.append((max(0, peak - before), self.plan.module_bytes.get(name, 0)))
-        if peak > self.plan.budget:
-            raise MemoryBudgetError(
-                f"--max-memory {format_size(self.plan.budget)} was exceeded: the peak resident memory reached "
-                f"{format_size(peak)} while {list(names)} ran; rerun with --resume and a larger --max-memory"
-            )
+        self.plan.check_peak(f"{list(names)} ran")

@@ -243,7 +243,7 @@ def compress_checkpoint(
             of moekit), never overlapping ``src`` (``moekit.reporting.check_output_dir``).
         batches: calibration batches (token ids ``[B, S]``, or dicts with ``input_ids`` / ``attention_mask``).
         spec: what to do (``CompressionSpec``).
-        max_memory: bound on the process's resident memory in bytes (checked before the run).
+        max_memory: bound on the process's resident memory in bytes (``moekit.merging.budget``).
         resume: continue an interrupted run of the same command.
         verify_rows: calibration rows whose logits check the written output.
         settings: other settings that determine the result (recorded, and compared on resume).
@@ -274,6 +274,7 @@ def compress_checkpoint(
                               writer=writer, verify=verify, quiet=quiet)  # fmt: skip
         opened.finish(writer, report)
         check = check_output(run_dir.path, verify, report.pop("expected_logits"))
+        plan.check_peak("the output was checked")  # a result appears only if the whole run kept the bound
         result = {
             "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
             "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
