@@ -130,7 +130,7 @@ def test_budgeted_source_stops_before_a_unit_that_would_not_fit() -> None:
     source = BudgetedSource(_Source(), plan, ["a", "b", "c"])
     source.load(None, ["a"])  # nothing measured yet: the plan before the run decides
     source.release(None, ["a"])
-    assert plan.measured and plan.measured[0][1] == 10**6
+    assert plan.measured == []  # the process's peak is from before the plan: no increment is known
     plan.measured = [(5 * 10**6, 10**6)]  # a unit of 1 MB took 5 MB
     source.load(None, ["b"])
     source.release(None, ["b"])
@@ -139,6 +139,16 @@ def test_budgeted_source_stops_before_a_unit_that_would_not_fit() -> None:
     with pytest.raises(MemoryBudgetError, match=r"--max-memory .* would be exceeded by unit 'c'.*--resume"):
         source.load(None, ["c"])
     assert source.loaded == ["a", "b"] and rss_bytes() is not None
+
+
+def test_a_peak_from_before_the_run_is_not_the_runs() -> None:
+    """A library caller whose process peaked before (a test session, a loaded model) is not refused
+    for it; a peak the run reaches over the budget is."""
+    plan = MemoryPlan(1, {"a": 1}, "ckpt")
+    plan.check_peak("nothing ran")
+    plan.start_peak = 0  # as if the whole peak was reached during the run
+    with pytest.raises(MemoryBudgetError, match=r"--max-memory 1 B was exceeded: the peak resident memory reached"):
+        plan.check_peak("unit a ran")
 
 
 # ----- the bound, end to end, in a fresh process

@@ -1,18 +1,20 @@
 """The memory bound of a streamed compression (``--max-memory``): a plan from measurements, checked
-before the run and again before every unit.
+before the run and again around every unit.
 
 Before anything is read (``MemoryPlan.check``): the process's resident memory now (imports, the meta
 skeleton) + ``UNIT_FACTOR`` x the largest unit's tensor bytes (the unit, its reduced copy, alignment
 and merge temporaries, the load's conversion copies) + ``SLACK`` (allocator and statistics) must fit.
-After the input check has run the first unit on the largest calibration batch
-(``MemoryPlan.add_activations``), the activation bytes measured there (``LiveTensorBytes``: the peak
-bytes of tensors that the forward created and still held) and the per-batch context that the pipeline
-keeps for every batch (masks, position embeddings) are added, and the plan is checked again.
+After the input check has run the first unit on one row of the largest calibration batch
+(``MemoryPlan.add_activations``), ``ACTIVATION_FACTOR`` x the activation bytes measured there
+(``LiveTensorBytes``: the peak bytes of tensors the forward created and still held, times the rows)
+and the per-batch context that the pipeline keeps for every batch (masks, position embeddings) are
+added, and the plan is checked again.
 
-During the run (``BudgetedSource``, around the run's weight source): a unit's increment is measured
-as the process's peak (``VmHWM``) after the unit minus its resident memory before the unit was loaded
-(an upper bound of what the unit took); before each unit is loaded the memory now + the largest
-increment measured so far (scaled up for a larger unit) must fit, else ``MemoryBudgetError`` stops
+During the run (``BudgetedSource``, around the run's weight source): a unit's increment is the
+process's peak (``VmHWM``) after the unit minus its resident memory before the unit was loaded (an
+upper bound of what the unit took; not measured while the peak is still one from before the run).
+Before each unit is loaded, the memory now + the largest increment so far (scaled up for a larger
+unit) must fit, and after it the peak must be within the budget, else ``MemoryBudgetError`` stops
 the run at that unit boundary, resumable with a larger budget. The budget is a bound moekit keeps by
 refusing, not a limit the kernel enforces.
 """
@@ -119,6 +121,8 @@ class MemoryPlan:
     def __init__(self, budget: int, module_bytes: dict[str, int], where: str) -> None:
         self.budget, self.module_bytes, self.where = budget, dict(module_bytes), where
         self.start_rss = rss_bytes() or peak_rss_bytes()
+        #: the process's peak before the run (a library caller's earlier work is not the run's)
+        self.start_peak = peak_rss_bytes()
         self.largest = max(self.module_bytes.values(), default=0)
         self.activations = 0
         self.contexts = 0
@@ -164,9 +168,9 @@ class MemoryPlan:
         return now + max(int(inc * max(1.0, size / max(b, 1))) for inc, b in self.measured)
 
     def check_peak(self, during: str) -> None:
-        """MemoryBudgetError if the process's peak so far exceeds the budget."""
+        """MemoryBudgetError if the process's peak exceeds the budget (and was reached during the run)."""
         peak = peak_rss_bytes()
-        if peak > self.budget:
+        if peak > self.budget and peak > self.start_peak:
             raise MemoryBudgetError(
                 f"--max-memory {format_size(self.budget)} was exceeded: the peak resident memory reached "
                 f"{format_size(peak)} while {during}; rerun with --resume and a larger --max-memory"
@@ -210,6 +214,6 @@ class BudgetedSource:
         peak = peak_rss_bytes()
         for name in names:
             before = self._before.pop(name, None)
-            if before is not None:
+            if before is not None and peak > self.plan.start_peak:  # else the peak predates the run: unknown
                 self.plan.measured.append((max(0, peak - before), self.plan.module_bytes.get(name, 0)))
         self.plan.check_peak(f"{list(names)} ran")
