@@ -29,11 +29,12 @@ from torch.utils._pytree import tree_leaves
 
 from .memory import format_size, peak_rss_bytes, rss_bytes
 
-__all__ = ["UNIT_FACTOR", "ACTIVATION_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes", "BudgetedSource", "storage_bytes"]
+__all__ = ["UNIT_FACTOR", "ACTIVATION_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes",
+           "BudgetedSource", "storage_bytes"]  # fmt: skip
 
-#: resident bytes per tensor byte of the largest unit before any unit ran: measured 3.2 (peak minus the
-#: memory before the unit was loaded, over its bytes) on a 64-expert Qwen3-MoE layer with m-smoe
-#: (benchmarks/bench_compress.py); 4.0 leaves 25% headroom
+#: resident bytes per tensor byte of the largest unit before any unit ran: measured 3.1-3.7 (peak minus
+#: the memory before the unit was loaded, over its bytes; an upper bound that includes the activations)
+#: on 64-expert Qwen3-MoE layers with m-smoe (benchmarks/bench_compress.py)
 UNIT_FACTOR = 4.0
 #: resident bytes per measured activation byte: the pipeline's passes add the observer's copies and
 #: the allocator's slack to the plain forward the meter sees (measured 1.65 on a small Qwen3-MoE whose
