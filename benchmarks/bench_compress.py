@@ -5,7 +5,9 @@ of decoder layers changes between sizes) in a temporary directory, then compress
 ``moekit compress --max-memory M`` where M is a third of the largest checkpoint's size, one fresh
 process per run (its peak resident memory, ``VmHWM``, is what is measured), and records per run: the
 checkpoint size, peak resident memory, wall time, the compress time of every layer and the resident
-memory of the process right after its imports. The largest checkpoint is also merged by the
+memory of the process right after its imports. The largest checkpoint is compressed once more at the
+smallest ``--max-memory`` the plan accepts (found by asking with 1MB and taking the budget each
+refusal names), to show that the bound holds at its tightest. The largest checkpoint is also merged by the
 whole-model path (``moekit merge``, which loads the model into memory) for comparison, when it fits.
 Random weights say nothing about quality; only memory and time are measured here.
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -73,14 +76,44 @@ def _env() -> dict[str, str]:
 def run_cli(args: list[str]) -> dict:
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], env=_env(), capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        return {"rc": done.returncode, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(lines[-1][len("RESULT "):])
+    error = (done.stderr.strip().splitlines() or ["?"])[-1]
+    if not lines:
+        return {"rc": done.returncode, "error": error}
+    result = json.loads(lines[-1][len("RESULT "):])
+    return result if result["rc"] == 0 else {**result, "error": error}
 
 
 def calib_args(shape: dict) -> list[str]:
     return ["--calib", "stdlib", "--calib-samples", str(shape["samples"]), "--seq-len", str(shape["seq"]),
             "--batch-size", "8", "--quiet"]  # fmt: skip
+
+
+def streamed(work: Path, shape: dict, layers: int, size: int, budget: int, path: str = "streamed") -> dict:
+    """One ``moekit compress --max-memory budget`` run of the ``layers`` checkpoint, as a result row."""
+    out = work / f"out{layers}"
+    cmd = ["compress", str(work / f"L{layers}"), "--experts", str(shape["keep"]), "--max-memory", str(budget),
+           "--out", str(out), *calib_args(shape)]  # fmt: skip
+    result = run_cli(cmd)
+    row = {"path": path, "layers": layers, "checkpoint_bytes": size, "max_memory": budget,
+           "command": "moekit " + " ".join(cmd), **result}  # fmt: skip
+    if result.get("rc") == 0:
+        report = json.loads((out / "compress_report.json").read_text())
+        row.update(per_layer_seconds=list(report["unit_seconds"].values()), output_bytes=report["weights_bytes_after"],
+                   estimate=report["memory"]["estimate"], plan=report["memory"])  # fmt: skip
+        shutil.rmtree(out)
+    return row
+
+
+def tightest(work: Path, shape: dict, layers: int, size: int) -> dict:
+    """The run at the smallest budget the plan accepts: ask with 1 MB, rerun with what each refusal names."""
+    budget = 10**6
+    for _ in range(4):
+        row = streamed(work, shape, layers, size, budget, path="streamed, smallest accepted budget")
+        enough = re.search(r"give at least (\d+\.\d+) (MB|GB)", row.get("error", ""))
+        if row.get("rc") == 0 or enough is None:
+            return row
+        budget = round(float(enough.group(1)) * (1e6 if enough.group(2) == "MB" else 1e9))
+    return row
 
 
 def main() -> None:
@@ -102,21 +135,11 @@ def main() -> None:
         # a third of the largest checkpoint (tiny --quick checkpoints: a third is below the imports' own memory)
         budget = int(1.5e9) if args.quick else max(sizes.values()) // 3
         for layers in shape["layers"]:
-            out = work / f"out{layers}"
-            cmd = ["compress", str(work / f"L{layers}"), "--experts", str(shape["keep"]), "--max-memory", str(budget),
-                   "--out", str(out), *calib_args(shape)]  # fmt: skip
-            result = run_cli(cmd)
-            row = {"path": "streamed", "layers": layers, "checkpoint_bytes": sizes[layers], "max_memory": budget,
-                   "command": "moekit " + " ".join(cmd), **result}  # fmt: skip
-            if result.get("rc") == 0:
-                report = json.loads((out / "compress_report.json").read_text())
-                per_layer = list(report["unit_seconds"].values())
-                row.update(per_layer_seconds=per_layer, output_bytes=report["weights_bytes_after"],
-                           estimate=report["memory"]["estimate"])  # fmt: skip
-                shutil.rmtree(out)
-            runs.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "per_layer_seconds"}), flush=True)
+            runs.append(streamed(work, shape, layers, sizes[layers], budget))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "per_layer_seconds"}), flush=True)
         largest = max(shape["layers"])
+        runs.append(tightest(work, shape, largest, sizes[largest]))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "per_layer_seconds"}), flush=True)
         cmd = ["merge", str(work / f"L{largest}"), "--experts", str(shape["keep"]), "--form", "exact",
                "--out", str(work / "merged"), *calib_args(shape)]  # fmt: skip
         result = run_cli(cmd)

@@ -100,8 +100,9 @@ def register(subparsers: Any) -> None:
                      "on its calibration inputs (0: residual rows pruned by magnitude)")  # fmt: skip
     low.add_argument("--recover-lr", type=positive_float, default=1e-4, help="Adam learning rate of the recovery")
     p.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
-                   help="bound on the process's resident memory, e.g. 2GB, checked before the run "
-                   "(default: half of the memory the kernel reports available)")  # fmt: skip
+                   help="bound on the process's resident memory, e.g. 2GB: a plan from measurements, checked "
+                   "before the run and before every layer (default: half of the memory the kernel reports "
+                   "available)")  # fmt: skip
     _calib.add_calib_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command (bit-identical result)")  # fmt: skip

@@ -1,18 +1,20 @@
 """The memory bound of a streamed compression (``--max-memory``): a plan from measurements, checked
-before the run and again before every unit.
+before the run and again around every unit.
 
 Before anything is read (``MemoryPlan.check``): the process's resident memory now (imports, the meta
 skeleton) + ``UNIT_FACTOR`` x the largest unit's tensor bytes (the unit, its reduced copy, alignment
 and merge temporaries, the load's conversion copies) + ``SLACK`` (allocator and statistics) must fit.
-After the input check has run the first unit on the largest calibration batch
-(``MemoryPlan.add_activations``), the activation bytes measured there (``LiveTensorBytes``: the peak
-bytes of tensors that the forward created and still held) and the per-batch context that the pipeline
-keeps for every batch (masks, position embeddings) are added, and the plan is checked again.
+After the input check has run the first unit on one row of the largest calibration batch
+(``MemoryPlan.add_activations``), ``ACTIVATION_FACTOR`` x the activation bytes measured there
+(``LiveTensorBytes``: the peak bytes of tensors the forward created and still held, times the rows)
+and the per-batch context that the pipeline keeps for every batch (masks, position embeddings) are
+added, and the plan is checked again.
 
-During the run (``BudgetedSource``, around the run's weight source): a unit's increment is measured
-as the process's peak (``VmHWM``) after the unit minus its resident memory before the unit was loaded
-(an upper bound of what the unit took); before each unit is loaded the memory now + the largest
-increment measured so far (scaled up for a larger unit) must fit, else ``MemoryBudgetError`` stops
+During the run (``BudgetedSource``, around the run's weight source): a unit's increment is the
+process's peak (``VmHWM``) after the unit minus its resident memory before the unit was loaded (an
+upper bound of what the unit took; not measured while the peak is still one from before the run).
+Before each unit is loaded, the memory now + the largest increment so far (scaled up for a larger
+unit) must fit, and after it the peak must be within the budget, else ``MemoryBudgetError`` stops
 the run at that unit boundary, resumable with a larger budget. The budget is a bound moekit keeps by
 refusing, not a limit the kernel enforces.
 """
@@ -27,12 +29,17 @@ from torch.utils._pytree import tree_leaves
 
 from .memory import format_size, peak_rss_bytes, rss_bytes
 
-__all__ = ["UNIT_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes", "BudgetedSource", "storage_bytes"]
+__all__ = ["UNIT_FACTOR", "ACTIVATION_FACTOR", "SLACK", "MemoryBudgetError", "MemoryPlan", "LiveTensorBytes",
+           "BudgetedSource", "storage_bytes"]  # fmt: skip
 
-#: resident bytes per tensor byte of the largest unit before any unit ran: measured 3.2 (peak minus the
-#: memory before the unit was loaded, over its bytes) on a 64-expert Qwen3-MoE layer with m-smoe
-#: (benchmarks/bench_compress.py); 4.0 leaves 25% headroom
+#: resident bytes per tensor byte of the largest unit before any unit ran: measured 3.1-3.7 (peak minus
+#: the memory before the unit was loaded, over its bytes; an upper bound that includes the activations)
+#: on 64-expert Qwen3-MoE layers with m-smoe (benchmarks/bench_compress.py)
 UNIT_FACTOR = 4.0
+#: resident bytes per measured activation byte: the pipeline's passes add the observer's copies and
+#: the allocator's slack to the plain forward the meter sees (measured 1.65 on a small Qwen3-MoE whose
+#: activations are 16x its layers: tests/test_memory_cap.py)
+ACTIVATION_FACTOR = 2.0
 #: fixed headroom: allocator slack, statistics, progress files (bytes)
 SLACK = 48 * 10**6
 #: smallest budgets in messages are rounded up to this (bytes)
@@ -76,13 +83,7 @@ class LiveTensorBytes(TorchDispatchMode):
                 if key not in self.live and key not in self.outside:
                     self.outside[key] = self._ref(t.untyped_storage())
         out = func(*args, **(kwargs or {}))
-        for key, (ref, size) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.now -= size
-        for key, ref in list(self.outside.items()):  # a freed address may come back for a new tensor
-            if ref.expired():
-                del self.outside[key]
+        self.sweep()
         for t in tree_leaves(out):
             if not isinstance(t, Tensor) or t.device.type != "cpu":
                 continue
@@ -93,6 +94,20 @@ class LiveTensorBytes(TorchDispatchMode):
                 self.now += storage.nbytes()
         self.peak = max(self.peak, self.now)
         return out
+
+    def sweep(self) -> None:
+        """Forget tensors that were freed (``now`` then counts the live ones only)."""
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.now -= size
+        for key, ref in list(self.outside.items()):  # a freed address may come back for a new tensor
+            if ref.expired():
+                del self.outside[key]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.sweep()
 
 
 class MemoryPlan:
@@ -107,6 +122,8 @@ class MemoryPlan:
     def __init__(self, budget: int, module_bytes: dict[str, int], where: str) -> None:
         self.budget, self.module_bytes, self.where = budget, dict(module_bytes), where
         self.start_rss = rss_bytes() or peak_rss_bytes()
+        #: the process's peak before the run (a library caller's earlier work is not the run's)
+        self.start_peak = peak_rss_bytes()
         self.largest = max(self.module_bytes.values(), default=0)
         self.activations = 0
         self.contexts = 0
@@ -115,7 +132,8 @@ class MemoryPlan:
 
     def need(self) -> int:
         """Predicted peak of the run before any unit ran."""
-        return self.start_rss + int(UNIT_FACTOR * self.largest) + self.activations + self.contexts + SLACK
+        activations = int(ACTIVATION_FACTOR * self.activations)
+        return self.start_rss + int(UNIT_FACTOR * self.largest) + activations + self.contexts + SLACK
 
     def check(self) -> None:
         """ValueError if ``need()`` exceeds the budget (naming the smallest budget that fits)."""
@@ -125,7 +143,8 @@ class MemoryPlan:
                      f"the largest unit of {self.where!r} ({format_size(self.largest)} of tensors) needs about "
                      f"{format_size(UNIT_FACTOR * self.largest)} while it is compressed"]  # fmt: skip
             if self.activations or self.contexts:
-                parts.append(f"the largest calibration batch {format_size(self.activations)} of activations and "
+                parts.append(f"the largest calibration batch {format_size(ACTIVATION_FACTOR * self.activations)} with "
+                             f"its activations ({format_size(self.activations)} measured) and "
                              f"the batches' contexts {format_size(self.contexts)}")  # fmt: skip
             else:
                 parts.append("the calibration activations (measured next) more")
@@ -148,6 +167,15 @@ class MemoryPlan:
             return None
         now = rss_bytes() or peak_rss_bytes()
         return now + max(int(inc * max(1.0, size / max(b, 1))) for inc, b in self.measured)
+
+    def check_peak(self, during: str) -> None:
+        """MemoryBudgetError if the process's peak exceeds the budget (and was reached during the run)."""
+        peak = peak_rss_bytes()
+        if peak > self.budget and peak > self.start_peak:
+            raise MemoryBudgetError(
+                f"--max-memory {format_size(self.budget)} was exceeded: the peak resident memory reached "
+                f"{format_size(peak)} while {during}; rerun with --resume and a larger --max-memory"
+            )
 
     def as_dict(self) -> dict[str, int]:
         worst = max((inc for inc, _ in self.measured), default=0)
@@ -187,10 +215,6 @@ class BudgetedSource:
         peak = peak_rss_bytes()
         for name in names:
             before = self._before.pop(name, None)
-            if before is not None:
+            if before is not None and peak > self.plan.start_peak:  # else the peak predates the run: unknown
                 self.plan.measured.append((max(0, peak - before), self.plan.module_bytes.get(name, 0)))
-        if peak > self.plan.budget:
-            raise MemoryBudgetError(
-                f"--max-memory {format_size(self.plan.budget)} was exceeded: the peak resident memory reached "
-                f"{format_size(peak)} while {list(names)} ran; rerun with --resume and a larger --max-memory"
-            )
+        self.plan.check_peak(f"{list(names)} ran")

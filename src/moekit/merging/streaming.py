@@ -124,14 +124,17 @@ def opened(kind: str, directory: Path, stack: LayerStack, source: Any, sizes: di
 def check_input(opened: Opened, probe: Any = None) -> tuple[int, int]:
     """Read the whole input once, one module at a time (within the memory bound), through the loader
     the run uses: missing, mismatched, unexpected, wrongly typed and NaN/inf tensors are errors before
-    any output exists. With a ``probe`` batch, the first unit runs on it: returns ``(peak bytes of its
-    activations, bytes of the batch's context)`` (``LiveTensorBytes``, ``storage_bytes``), else (0, 0)."""
+    any output exists. With a ``probe`` batch, the first unit runs on its first row: returns ``(peak
+    bytes of the activations, bytes of the context)`` for the whole batch (``LiveTensorBytes``,
+    ``storage_bytes``, times the rows: both grow linearly with them), else (0, 0)."""
     from .._checks import raise_for_tensor_problems
 
     stack, source = opened.stack, opened.source
     context_names = stack.context_modules()
     names = [n for n in dict.fromkeys([*stack.units(), *stack.head_modules()]) if n not in set(context_names)]
     activations = contexts = 0
+    rows = _rows(probe) if probe is not None else 0
+    probe = _first_rows(probe, 1) if probe is not None else None  # one row: the measurement stays small
     source.load(stack, context_names)
     with torch.no_grad():
         hidden, context = stack.prepare(probe) if probe is not None else (None, None)
@@ -148,7 +151,12 @@ def check_input(opened: Opened, probe: Any = None) -> tuple[int, int]:
     raise_for_tensor_problems(unexpected=source.unused_keys(), where=str(opened.directory))
     source.loaded.clear()
     release_memory()
-    return activations, max(0, contexts)
+    return activations * rows, max(0, contexts) * rows
+
+
+def _rows(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return int(ids.shape[0]) if isinstance(ids, Tensor) and ids.dim() > 0 else 1
 
 
 def memory_plan(opened: Opened, max_memory: int | None) -> MemoryPlan:
@@ -235,7 +243,7 @@ def compress_checkpoint(
             of moekit), never overlapping ``src`` (``moekit.reporting.check_output_dir``).
         batches: calibration batches (token ids ``[B, S]``, or dicts with ``input_ids`` / ``attention_mask``).
         spec: what to do (``CompressionSpec``).
-        max_memory: bound on the process's resident memory in bytes (checked before the run).
+        max_memory: bound on the process's resident memory in bytes (``moekit.merging.budget``).
         resume: continue an interrupted run of the same command.
         verify_rows: calibration rows whose logits check the written output.
         settings: other settings that determine the result (recorded, and compared on resume).
@@ -266,6 +274,7 @@ def compress_checkpoint(
                               writer=writer, verify=verify, quiet=quiet)  # fmt: skip
         opened.finish(writer, report)
         check = check_output(run_dir.path, verify, report.pop("expected_logits"))
+        plan.check_peak("the output was checked")  # a result appears only if the whole run kept the bound
         result = {
             "input": str(src), "output": str(out), "kind": opened.kind, **spec.as_dict(),
             "layers": report["layers"], "experts_per_block": report["counts"], "padding_bytes": report["padding_bytes"],
