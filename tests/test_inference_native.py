@@ -82,11 +82,15 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
 
 
 def test_serves_the_measured_decode_sizes() -> None:
-    for (dtype, packed), limit in native_gemv.MAX_ROWS.items():
-        assert native_gemv.serves(limit, dtype, 64, packed=packed) == native_gemv.available()
-        assert not native_gemv.serves(limit + 1, dtype, 64, packed=packed)
+    for (dtype, packed), rules in native_gemv.MAX_ROWS.items():
+        for min_features, limit in rules:
+            assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
+            assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
+    assert native_gemv.serves(16, torch.float32, 4096) == native_gemv.available()  # wide matrices: more rows
+    assert not native_gemv.serves(16, torch.float32, 768)
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
+    assert not native_gemv.serves(1, torch.float32, 0)
 
 
 # ----- banks through the seam ------------------------------------------------------------------------

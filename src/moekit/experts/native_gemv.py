@@ -43,16 +43,18 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-#: rows of x up to which the kernel beats torch, by (dtype, whether torch's alternative is oneDNN-packed).
-#: Measured with ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert
-#: matrices (AMD EPYC, AVX-512, 1 thread, loaded machine), read rate native / F.linear / packed in GB/s:
-#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19 (packed
-#: ahead from 4 rows, F.linear level from 8); bf16 1 row 12-18 / 5-9 / 10-14, 2 rows 7-12 / 7-11 / 8-11.
+#: where the kernel beats torch: ``(dtype, torch's alternative is oneDNN-packed) -> ((min features, max
+#: rows), ...)``, the first entry whose min features the matrix reaches gives its row limit. Measured with
+#: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices (AMD
+#: EPYC, AVX-512 + BF16, 1 thread, loaded machine); read rates native / F.linear / packed, GB/s:
+#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19, 8-16 rows
+#: ahead of F.linear from 2048 features (5-10 / 5-8), behind below; bf16 1 row 12-18 / 5-9 / 10-14,
+#: 2 rows 7-12 / 7-11 / 8-11, 4-8 rows ahead of F.linear from 3584 features (9-11 / 8-10), level below.
 MAX_ROWS = {
-    (torch.float32, False): 4,
-    (torch.float32, True): 2,
-    (torch.bfloat16, False): 2,
-    (torch.bfloat16, True): 1,
+    (torch.float32, False): ((2048, 16), (1, 4)),
+    (torch.float32, True): ((1, 2),),
+    (torch.bfloat16, False): ((3584, 8), (1, 2)),
+    (torch.bfloat16, True): ((1, 1),),
 }
 
 
@@ -65,8 +67,10 @@ def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False
     """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
     rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
     measured crossover (``MAX_ROWS``)."""
-    limit = MAX_ROWS.get((dtype, packed))
-    return limit is not None and 1 <= rows <= limit and features >= 1 and available()
+    for min_features, limit in MAX_ROWS.get((dtype, packed), ()):
+        if features >= min_features:
+            return 1 <= rows <= limit and available()
+    return False
 
 
 def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu: str | None = None,
