@@ -3,10 +3,12 @@
 Why: at decode each touched expert's weights are read once for one or a few rows, so the product runs at
 the rate the kernel streams memory. On AMD EPYC (this project's machine) torch's fp32 GEMV (MKL) streams
 at ~0.55x the rate ``torch.sum`` reads the same bytes, and its bf16 GEMV (oneDNN) at ~0.4x
-(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row once in one
-sequential stream (one row of ``x``) or in tiles of 4 weight rows x up to 4 rows of ``x`` (more rows),
-accumulates in fp32 (bf16 weights widened by a 16-bit shift), optionally fuses a GLU (``act(gate) *
-up`` of ``[gate; up]`` rows), and splits the weight rows over ``threads`` OpenMP threads (each thread a
+(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row from memory once --
+row by row in one sequential stream for one row of ``x``, in tiles of 4 weight rows x up to 4 rows of
+``x`` for more -- and accumulates in fp32 (bf16 weights: ``vdpbf16ps`` where the CPU has AVX512_BF16,
+else widened by a 16-bit shift; AVX-512, AVX2 and portable C paths). It optionally fuses a GLU
+(``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory)
+and splits the weight rows over ``threads`` OpenMP threads (torch's own runtime; each thread a
 contiguous range: distinct memory).
 
 Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
@@ -91,7 +93,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     if code is None or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
         raise ValueError(f"x, weight and bias must all be float32 or bfloat16, got {x_MI.dtype}, {dtype}, "
                          f"{None if bias_O is None else bias_O.dtype}")  # fmt: skip
-    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.is_cuda or x_MI.is_cuda:
+    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.device.type != "cpu" or x_MI.device.type != "cpu":
         raise ValueError(f"x [M, I] and weight [O, I] must be CPU tensors that agree on I, the weight with unit "
                          f"column stride; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}, strides {weight_OI.stride()}")  # fmt: skip
     act = 0 if glu is None else GLU_ACTIVATIONS.get(glu, -1)
@@ -110,7 +112,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
 
 
 def build_info() -> dict[str, str | None]:
-    """What was built: ``{"library": path or None, "isa": "avx512f" | "avx2" | "portable" | None,
+    """What was built: ``{"library": path or None, "isa": "avx512f+bf16" | "avx512f" | "avx2" | "portable" | None,
     "reason": why not built or None}`` (for the benchmark's report)."""
     lib = _library()
     return {"library": None if lib is None else lib._name, "isa": None if lib is None else lib.moekit_gemv_isa().decode(),
