@@ -312,7 +312,6 @@ def kernel_rates(args) -> dict:
     where decode time goes, and the measurements behind ``native_gemv.MAX_ROWS``."""
     from moekit.experts import native_gemv
 
-    lp = torch.ops.mkldnn._linear_pointwise
     shapes = QUICK if args.quick else SHAPES
     clock = time.process_time if args.threads == 1 else time.perf_counter
     budget = KERNEL_BYTES // (16 if args.quick else 1)
@@ -330,11 +329,7 @@ def kernel_rates(args) -> dict:
                     nbytes = n * O * I * dtype.itemsize
                     for M in rows_list:
                         x = torch.randn(M, I).to(dtype)
-                        fns = {"native": lambda: [native_gemv.linear(x, w) for w in ws] if native_gemv.available() else None,
-                               "F.linear": lambda: [F.linear(x, w) for w in ws],
-                               "packed": lambda: [lp(x, w, None, "none", [], "") for w in packed]}  # fmt: skip
-                        if flat is not None:
-                            fns["torch.sum"] = lambda: flat.sum()
+                        fns = _kernel_contenders(x, ws, packed, flat)
                         stats, _ = time_interleaved(fns, args.reps, clock)
                         row = {"dtype": dtype_name, "layer": layer, "matrix": matrix, "O": O, "I": I, "M": M,
                                **{f"{k}_GBps": nbytes / v["best_s"] / 1e9 for k, v in stats.items()}}  # fmt: skip
@@ -342,9 +337,24 @@ def kernel_rates(args) -> dict:
                         print(f"kernels {dtype_name} {layer} {matrix} [{O}, {I}] M={M}: "
                               + ", ".join(f"{k} {v['best_s'] and nbytes / v['best_s'] / 1e9:.1f}" for k, v in stats.items())
                               + " GB/s", file=sys.stderr, flush=True)  # fmt: skip
-                    del ws, packed, flat
+                    ws = packed = flat = None  # free before the next shape's copies
                     gc.collect()
     return out
+
+
+def _kernel_contenders(x: torch.Tensor, ws: list, packed: list, flat: torch.Tensor | None) -> dict[str, Callable]:
+    """One product of ``x`` with every matrix of ``ws`` per kernel (``packed``: the same, oneDNN-blocked),
+    and ``torch.sum`` over the same fp32 bytes (``flat``; None for bf16)."""
+    from moekit.experts import native_gemv
+
+    lp = torch.ops.mkldnn._linear_pointwise
+    fns: dict[str, Callable] = {"F.linear": lambda: [F.linear(x, w) for w in ws],
+                                "packed": lambda: [lp(x, w, None, "none", [], "") for w in packed]}  # fmt: skip
+    if native_gemv.available():
+        fns["native"] = lambda: [native_gemv.linear(x, w) for w in ws]
+    if flat is not None:
+        fns["torch.sum"] = lambda: flat.sum()
+    return fns
 
 
 def kernels_markdown(res: dict, args) -> str:

@@ -82,11 +82,15 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
 
 
 def test_serves_the_measured_decode_sizes() -> None:
-    for (dtype, packed), limit in native_gemv.MAX_ROWS.items():
-        assert native_gemv.serves(limit, dtype, 64, packed=packed) == native_gemv.available()
-        assert not native_gemv.serves(limit + 1, dtype, 64, packed=packed)
+    for (dtype, packed), rules in native_gemv.MAX_ROWS.items():
+        for min_features, limit in rules:
+            assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
+            assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
+    assert native_gemv.serves(16, torch.float32, 4096) == native_gemv.available()  # wide matrices: more rows
+    assert not native_gemv.serves(16, torch.float32, 768)
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
+    assert not native_gemv.serves(1, torch.float32, 0)
 
 
 # ----- banks through the seam ------------------------------------------------------------------------
@@ -185,6 +189,27 @@ def test_hf_experts_implementation_runs_the_kernel(dtype, monkeypatch) -> None:
         y = moekit.integrations.hf.experts_impl.moekit_experts_forward(module, x, ids, w)
     assert calls
     torch.testing.assert_close(y, eager, **(dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=3e-2, atol=3e-2)))
+
+
+@needs_kernel
+def test_decode_keeps_the_expert_loop_on_the_kernel_and_prefill_the_sorted_gemm(monkeypatch) -> None:
+    """Unpacked banks: a few rows per expert run the loop (on the kernel) instead of the sorted grouped
+    GEMM; many rows per expert, or the kernel switched off, the sorted grouped GEMM."""
+    experts = moekit.GLUExperts(8, D, 24)
+    grouped = []
+    original = moekit.GLUExperts.grouped_forward
+    monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
+    calls = _spy(monkeypatch)
+    decode = RoutingDecision(torch.stack([torch.randperm(8)[:2] for _ in range(4)]), torch.full((4, 2), 0.5), 8)
+    prefill = RoutingDecision(torch.randint(0, 8, (64, 2)), torch.full((64, 2), 0.5), 8)
+    with torch.inference_mode():
+        dispatch(experts, torch.randn(4, D), decode)
+        assert calls and not grouped
+        dispatch(experts, torch.randn(64, D), prefill)
+        assert grouped == [1]
+        monkeypatch.setenv("MOEKIT_NATIVE_GEMV", "0")
+        dispatch(experts, torch.randn(4, D), decode)
+        assert grouped == [1, 1]
 
 
 # ----- fallback ----------------------------------------------------------------------------------------

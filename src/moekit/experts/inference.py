@@ -9,10 +9,10 @@ It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_t
   microseconds at decode sizes and cheaper than any grouping in Python.
 * **experts**: every touched expert runs on its rows with ``expert_inference``, so its weight matrices
   are read once whatever the number of rows (decode: a GEMV per matrix at the memory-bandwidth limit;
-  prefill: a GEMM per expert). For one token, or when the bank is packed, this is a loop over the
-  touched experts; from ``SORTED_GROUPED_MIN_TOKENS`` tokens on, unpacked banks run their sorted grouped
-  GEMM (``grouped_forward``: the same kernels in one call per matrix; its CPU path splits experts over
-  threads, ``cpu_grouped``).
+  prefill: a GEMM per expert). For one token, for decode sizes the native GEMV serves, or when the bank
+  is packed, this is a loop over the touched experts; otherwise, from ``SORTED_GROUPED_MIN_TOKENS``
+  tokens on, unpacked banks run their sorted grouped GEMM (``grouped_forward``: the same kernels in one
+  call per matrix; its CPU path splits experts over threads, ``cpu_grouped``).
 * **combine**: one weighted ``index_add`` of the expert outputs onto their tokens.
 
 Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
@@ -20,6 +20,12 @@ split over the pool of ``cpu_grouped`` in runs of about equal cost (each worker 
 intra-op thread, so every thread streams distinct weights); with fewer experts than threads (a decoding
 token on an E=8, K=2 layer), each expert's matrices are split by rows over the intra-op threads of the
 kernel itself.
+
+Kernels: every bank's ``expert_inference`` applies its matrices through ``expert_linear``, the one seam
+that picks the kernel -- the native GEMV (``native_gemv``: C, built on first use; fp32/bf16 weights with
+fp32 accumulation, a GLU's gate activation fused) where ``native_gemv.serves`` the number of rows (decode;
+the measured crossover ``native_gemv.MAX_ROWS``; ``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on
+packed weights, else ``F.linear``.
 
 Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
 matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with

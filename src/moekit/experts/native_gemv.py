@@ -3,10 +3,12 @@
 Why: at decode each touched expert's weights are read once for one or a few rows, so the product runs at
 the rate the kernel streams memory. On AMD EPYC (this project's machine) torch's fp32 GEMV (MKL) streams
 at ~0.55x the rate ``torch.sum`` reads the same bytes, and its bf16 GEMV (oneDNN) at ~0.4x
-(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row once in one
-sequential stream (one row of ``x``) or in tiles of 4 weight rows x up to 4 rows of ``x`` (more rows),
-accumulates in fp32 (bf16 weights widened by a 16-bit shift), optionally fuses a GLU (``act(gate) *
-up`` of ``[gate; up]`` rows), and splits the weight rows over ``threads`` OpenMP threads (each thread a
+(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row from memory once --
+row by row in one sequential stream for one row of ``x``, in tiles of 4 weight rows x up to 4 rows of
+``x`` for more -- and accumulates in fp32 (bf16 weights: ``vdpbf16ps`` where the CPU has AVX512_BF16,
+else widened by a 16-bit shift; AVX-512, AVX2 and portable C paths). It optionally fuses a GLU
+(``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory)
+and splits the weight rows over ``threads`` OpenMP threads (torch's own runtime; each thread a
 contiguous range: distinct memory).
 
 Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
@@ -43,16 +45,18 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-#: rows of x up to which the kernel beats torch, by (dtype, whether torch's alternative is oneDNN-packed).
-#: Measured with ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert
-#: matrices (AMD EPYC, AVX-512, 1 thread, loaded machine), read rate native / F.linear / packed in GB/s:
-#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19 (packed
-#: ahead from 4 rows, F.linear level from 8); bf16 1 row 12-18 / 5-9 / 10-14, 2 rows 7-12 / 7-11 / 8-11.
+#: where the kernel beats torch: ``(dtype, torch's alternative is oneDNN-packed) -> ((min features, max
+#: rows), ...)``, the first entry whose min features the matrix reaches gives its row limit. Measured with
+#: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices (AMD
+#: EPYC, AVX-512 + BF16, 1 thread, loaded machine); read rates native / F.linear / packed, GB/s:
+#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19, 8-16 rows
+#: ahead of F.linear from 2048 features (5-10 / 5-8), behind below; bf16 1 row 12-18 / 5-9 / 10-14,
+#: 2 rows 7-12 / 7-11 / 8-11, 4-8 rows ahead of F.linear from 3584 features (9-11 / 8-10), level below.
 MAX_ROWS = {
-    (torch.float32, False): 4,
-    (torch.float32, True): 2,
-    (torch.bfloat16, False): 2,
-    (torch.bfloat16, True): 1,
+    (torch.float32, False): ((2048, 16), (1, 4)),
+    (torch.float32, True): ((1, 2),),
+    (torch.bfloat16, False): ((3584, 8), (1, 2)),
+    (torch.bfloat16, True): ((1, 1),),
 }
 
 
@@ -65,8 +69,10 @@ def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False
     """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
     rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
     measured crossover (``MAX_ROWS``)."""
-    limit = MAX_ROWS.get((dtype, packed))
-    return limit is not None and 1 <= rows <= limit and features >= 1 and available()
+    for min_features, limit in MAX_ROWS.get((dtype, packed), ()):
+        if features >= min_features:
+            return 1 <= rows <= limit and available()
+    return False
 
 
 def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu: str | None = None,
@@ -87,7 +93,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     if code is None or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
         raise ValueError(f"x, weight and bias must all be float32 or bfloat16, got {x_MI.dtype}, {dtype}, "
                          f"{None if bias_O is None else bias_O.dtype}")  # fmt: skip
-    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.is_cuda or x_MI.is_cuda:
+    if I != I2 or weight_OI.stride(1) != 1 or weight_OI.device.type != "cpu" or x_MI.device.type != "cpu":
         raise ValueError(f"x [M, I] and weight [O, I] must be CPU tensors that agree on I, the weight with unit "
                          f"column stride; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}, strides {weight_OI.stride()}")  # fmt: skip
     act = 0 if glu is None else GLU_ACTIVATIONS.get(glu, -1)
@@ -106,7 +112,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
 
 
 def build_info() -> dict[str, str | None]:
-    """What was built: ``{"library": path or None, "isa": "avx512f" | "avx2" | "portable" | None,
+    """What was built: ``{"library": path or None, "isa": "avx512f+bf16" | "avx512f" | "avx2" | "portable" | None,
     "reason": why not built or None}`` (for the benchmark's report)."""
     lib = _library()
     return {"library": None if lib is None else lib._name, "isa": None if lib is None else lib.moekit_gemv_isa().decode(),
