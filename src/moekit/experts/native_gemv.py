@@ -48,14 +48,15 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: where the kernel beats torch: ``(dtype, torch's alternative is oneDNN-packed) -> ((min features, max
 #: rows), ...)``, the first entry whose min features the matrix reaches gives its row limit. Measured with
 #: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices (AMD
-#: EPYC, AVX-512 + BF16, 1 thread, loaded machine); read rates native / F.linear / packed, GB/s:
-#: fp32 1 row 21-24 / 11-18 / 12-15, 2 rows 12-17 / 6-9 / 11-12, 4 rows 9-14 / 7-10 / 13-19, 8-16 rows
-#: ahead of F.linear from 2048 features (5-10 / 5-8), behind below; bf16 1 row 12-18 / 5-9 / 10-14,
-#: 2 rows 7-12 / 7-11 / 8-11, 4-8 rows ahead of F.linear from 3584 features (9-11 / 8-10), level below.
+#: EPYC, AVX-512 + BF16, 1 thread, shared machine); read rates native / F.linear / packed, GB/s:
+#: fp32 1 row 11-24 / 9-18 / 10-15, 2 rows 10-17 / 5-9 / 9-12, 4 rows 9-14 / 6-10 / 11-19; 8 rows ahead
+#: of F.linear from 2048 features (7-10 / 5-7), 16 rows from 3584 (4.5-5.3 / 3.8-4.1), level below;
+#: bf16 1 row 12-20 / 5-9 / 9-14, 2 rows 7-12 / 6-11 / 8-11, 4 rows ahead of F.linear from 2048
+#: features (10-11 / 8-9), 8 rows from 3584 (8.5-9 / 7.4-8.3).
 MAX_ROWS = {
-    (torch.float32, False): ((2048, 16), (1, 4)),
+    (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
     (torch.float32, True): ((1, 2),),
-    (torch.bfloat16, False): ((3584, 8), (1, 2)),
+    (torch.bfloat16, False): ((3584, 8), (2048, 4), (1, 2)),
     (torch.bfloat16, True): ((1, 1),),
 }
 
