@@ -280,13 +280,3 @@ def test_build_into_a_fresh_cache_is_atomic_and_keyed(monkeypatch, tmp_path, fre
     with pytest.raises(pytest.fail.Exception, match="rebuilt"):
         native_gemv._built()  # another CPU is another key
     assert os.listdir(tmp_path) == [built[0].name]
-
-
-def test_small_weights_run_on_one_thread_by_default() -> None:
-    """Splitting a tiny matrix over threads costs more than it saves: by default each thread gets at
-    least MIN_BYTES_PER_THREAD of weights; an explicit ``threads`` is honoured."""
-    tiny = torch.zeros(64, 128)
-    large = torch.zeros(4 * native_gemv.MIN_BYTES_PER_THREAD // 4, 1)
-    assert _with_threads(2, lambda: native_gemv.default_threads(tiny)) == 1
-    assert _with_threads(2, lambda: native_gemv.default_threads(large)) == 2
-    assert _with_threads(1, lambda: native_gemv.default_threads(large)) == 1

@@ -60,10 +60,6 @@ MAX_ROWS = {
     (torch.bfloat16, True): ((1, 1),),
 }
 
-#: with ``threads=None``, each OpenMP thread gets at least this many weight bytes: below it the fork/join
-#: costs more than a second memory stream saves (tiny models ran ``generate`` 1.4x slower at 2 threads).
-MIN_BYTES_PER_THREAD = 1 << 20
-
 
 def available() -> bool:
     """Whether the kernel can run here: not turned off (``MOEKIT_NATIVE_GEMV=0``) and built (once)."""
@@ -86,8 +82,7 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     ``[gate; up]`` (``[2F, I]``) and the result ``act(x Wg^T + bg) * (x Wu^T + bu)``, ``[M, F]``.
 
     CPU tensors, fp32 or bf16 (all alike); ``weight_OI`` with unit column stride (rows may be strided).
-    ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread, at most one thread per
-    ``MIN_BYTES_PER_THREAD`` of weights; an explicit ``threads`` is used as given. Runs whether or not
+    ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread. Runs whether or not
     ``MOEKIT_NATIVE_GEMV`` turns the routing off (``serves``); raises ``RuntimeError`` when the kernel
     could not be built.
     """
@@ -110,17 +105,11 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     bias = None if bias_O is None else bias_O.contiguous().data_ptr()
     O = O2 // 2 if glu else O2
     y = torch.empty(M, O, dtype=dtype)
-    threads = default_threads(weight_OI) if threads is None else threads
+    threads = torch.get_num_threads() if threads is None else threads
     if lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
                        y.data_ptr(), O, code, glu is not None, act, threads):  # fmt: skip
         raise MemoryError(f"native GEMV could not allocate its buffers (x: {M * I * 6} bytes)")
     return y
-
-
-def default_threads(weight_OI: Tensor) -> int:
-    """Threads ``linear`` splits ``weight_OI``'s rows over by default: ``torch.get_num_threads()``, at
-    most one per ``MIN_BYTES_PER_THREAD`` of weights."""
-    return min(torch.get_num_threads(), max(1, weight_OI.nbytes // MIN_BYTES_PER_THREAD))
 
 
 def build_info() -> dict[str, str | None]:
