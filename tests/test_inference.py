@@ -12,8 +12,6 @@ import torch
 
 import moekit
 from moekit.experts import (
-    LowRankSparseExperts,
-    PackedLowRankSparseExperts,
     dispatch,
     dispatch_reference,
     inference,
@@ -21,6 +19,8 @@ from moekit.experts import (
 )
 from moekit.experts.inference import packing_available, plan_inference
 from moekit.types import RoutingDecision
+
+from bank_cases import compressed_bank
 
 D = 16
 dispatch_module = importlib.import_module("moekit.experts.dispatch")
@@ -215,19 +215,6 @@ def test_moe_layer_in_eval_uses_the_inference_path(monkeypatch) -> None:
     torch.testing.assert_close(y, train, rtol=1e-5, atol=1e-6)
 
 
-def _compressed(kind: str, packed: bool, E: int, dtype: torch.dtype) -> moekit.ExpertBank:
-    """A pruned low-rank + sparse bank: about half the residual rows kept, expert 0 with none."""
-    dense = moekit.GLUExperts(E, D, 24) if kind == "glu" else moekit.MLPExperts(E, D, 24, out_dim=8)
-    bank = LowRankSparseExperts.from_bank(dense, 3)
-    with torch.no_grad():
-        for m in bank.matrices:
-            mask = getattr(bank, f"{m}_mask")
-            mask.copy_((torch.rand_like(mask) < 0.5).to(mask))
-            mask[0] = 0
-    bank = PackedLowRankSparseExperts.from_masked(bank) if packed else bank
-    return bank.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("packed", [False, True], ids=["masked", "packed"])
 @pytest.mark.parametrize("kind", ["glu", "mlp"])
@@ -236,7 +223,7 @@ def test_compressed_inference_equals_training_path(case, kind, packed, dtype, mo
     """Compressed banks run one expert at a time on the inference path (their factors and kept rows
     read once), equal to the training path and to the dense reference (``dense_weight``)."""
     T, E, K, kept = CASES[case]
-    experts = _compressed(kind, packed, E, dtype)
+    experts = compressed_bank(kind, packed, E, D, dtype)
     x = torch.randn(T, D, dtype=dtype)
     decision = _decision(T, E, K, kept=kept, dtype=dtype)
     calls = []

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.experts import LowRankSparseExperts, PackedLowRankSparseExperts, dispatch, dispatch_reference, native_gemv
+from moekit.experts import dispatch, dispatch_reference, native_gemv
 from moekit.experts.inference import expert_linear
 from moekit.types import RoutingDecision
+
+from bank_cases import compressed_bank
 
 needs_kernel = pytest.mark.skipif(not native_gemv.available(), reason="no native GEMV kernel here (no compiler?)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,24 +99,14 @@ def test_serves_the_measured_decode_sizes() -> None:
 D = 19  # not a multiple of the vector width
 
 
-def _compressed(kind: str, packed: bool, E: int) -> moekit.ExpertBank:
-    dense = moekit.GLUExperts(E, D, 24) if kind == "glu" else moekit.MLPExperts(E, D, 24, out_dim=8)
-    bank = LowRankSparseExperts.from_bank(dense, 3)
-    with torch.no_grad():
-        for m in bank.matrices:
-            mask = getattr(bank, f"{m}_mask")
-            mask.copy_((torch.rand_like(mask) < 0.5).to(mask))
-    return PackedLowRankSparseExperts.from_masked(bank) if packed else bank
-
-
 BANKS = {
     "mlp": lambda E: moekit.MLPExperts(E, D, 24),
     "mlp_relu_out_dim": lambda E: moekit.MLPExperts(E, D, 24, out_dim=8, activation="relu", bias=False),
     "glu": lambda E: moekit.GLUExperts(E, D, 24),
     "glu_gelu_tanh": lambda E: moekit.GLUExperts(E, D, 24, activation="gelu_tanh"),
-    "lowrank_glu": lambda E: _compressed("glu", False, E),
-    "packed_glu": lambda E: _compressed("glu", True, E),
-    "packed_mlp": lambda E: _compressed("mlp", True, E),
+    "lowrank_glu": lambda E: compressed_bank("glu", False, E, D),
+    "packed_glu": lambda E: compressed_bank("glu", True, E, D),
+    "packed_mlp": lambda E: compressed_bank("mlp", True, E, D),
 }
 # (T, E, ids): one token, experts repeated within a token, a single expert, more tokens than the kernel serves
 ROUTINGS = {
