@@ -11,6 +11,7 @@ killed at any point leaves either the old file or the whole new one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -45,9 +46,7 @@ def read_tensors(path: Path, keys: Sequence[str] | None = None) -> dict[str, Ten
                 raise ValueError(f"tensor {name!r} of {str(path)!r} has dtype {info['dtype']!r}; readable: {sorted(DTYPES)}")
             start, end = info["data_offsets"]
             shape = [int(n) for n in info["shape"]]
-            numel = 1
-            for n in shape:
-                numel *= n
+            numel = math.prod(shape)
             if end - start != numel * dtype.itemsize:
                 raise ValueError(f"tensor {name!r} of {str(path)!r}: shape {shape} of {info['dtype']} needs "
                                  f"{numel * dtype.itemsize} bytes, its offsets give {end - start}")  # fmt: skip

@@ -154,8 +154,13 @@ def check_input(opened: Opened, probe: Any = None) -> tuple[int, int]:
     return activations * rows, max(0, contexts) * rows
 
 
+def _input_ids(batch: Any) -> Any:
+    """A calibration batch's token ids (the tensor itself, or a dict's ``input_ids``)."""
+    return batch.get("input_ids") if isinstance(batch, dict) else batch
+
+
 def _rows(batch: Any) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    ids = _input_ids(batch)
     return int(ids.shape[0]) if isinstance(ids, Tensor) and ids.dim() > 0 else 1
 
 
@@ -171,7 +176,7 @@ def memory_plan(opened: Opened, max_memory: int | None) -> MemoryPlan:
 def _largest_batch(batches: Sequence[Any]) -> Any:
     """The batch with the most token ids (the first of equal ones)."""
     def tokens(batch: Any) -> int:
-        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        ids = _input_ids(batch)
         return ids.numel() if isinstance(ids, Tensor) else 0
 
     return max(batches, key=tokens)
