@@ -109,3 +109,27 @@ def test_registration_is_idempotent_and_lazy() -> None:
     assert set(IMPLEMENTATIONS) <= set(ALL_EXPERTS_FUNCTIONS.keys())
     code = "import sys, moekit; assert 'transformers' not in sys.modules, 'import moekit imported transformers'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_equals_eager_on_the_one_call_layer(family: str) -> None:
+    """One token through each experts module (the decode step): plain two-matrix families run the one-call
+    native layer (``ffn_weights`` is their matrices); GPT-OSS's clamped, interleaved gate has no such form and
+    keeps the expert loop. Both equal eager."""
+    from moekit.experts import native_gemv
+    from moekit.integrations.hf.experts_impl import _bank, moekit_experts_forward
+
+    model = _model(family)
+    experts = [m for m in model.modules() if hasattr(m, "_apply_gate") and hasattr(m, "down_proj")]
+    assert experts
+    for module in experts:
+        ffn = _bank(module, packed=False).ffn_weights()
+        assert (ffn is None) == (family == "gpt_oss")
+        x = torch.randn(1, module.down_proj.shape[-1] if module.is_transposed else module.down_proj.shape[1])
+        E = _bank(module, packed=False).num_experts
+        ids, w = torch.randperm(E)[:2].unsqueeze(0), torch.softmax(torch.randn(1, 2), -1)
+        with torch.no_grad():
+            eager = type(module).forward.__wrapped__(module, x, ids, w)
+            got = moekit_experts_forward(module, x, ids, w)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert ffn is None or native_gemv.FFN_ACTIVATIONS.get(ffn.activation) is not None

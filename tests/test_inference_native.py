@@ -95,6 +95,89 @@ def test_serves_the_measured_decode_sizes() -> None:
     assert not native_gemv.serves(1, torch.float32, 0)
 
 
+# ----- one MoE layer in one call ------------------------------------------------------------------------
+_ACT64 = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu,
+          "identity": lambda v: v}  # fmt: skip
+
+
+def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept):
+    """Slot by slot in float64: ``sum_k w_tk * (W2 h + b2)``, ``h = act(gate) * up`` or ``act(W1 x + b1)``."""
+    T, K = ids.shape
+    y = torch.zeros(T, second.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            if kept is not None and not kept[t, k]:
+                continue
+            e = int(ids[t, k])
+            h = first[e].double() @ x[t].double() + (0 if b1 is None else b1[e].double())
+            h = _ACT64[act](h.chunk(2)[0]) * h.chunk(2)[1] if glu else _ACT64[act](h)
+            y[t] += float(w[t, k]) * (second[e].double() @ h + (0 if b2 is None else b2[e].double()))
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("glu, act", [(True, "silu"), (True, "gelu_tanh"), (False, "gelu"), (False, "identity"), (False, "relu")])
+@pytest.mark.parametrize("T, K, E, I, F_, O", [(1, 2, 8, 64, 96, 64), (3, 3, 5, 19, 70, 33), (16, 8, 128, 130, 24, 65)])
+def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype, threads) -> None:
+    """Odd sizes (tails, partial chunks of hidden features and output rows), repeated and dropped slots,
+    biases, all activations, on 1 and 2 threads (both phases split; big enough that 2 threads run)."""
+    dt = DTYPES[dtype]
+    torch.manual_seed(T * 100 + E)
+    x = torch.randn(T, I).to(dt)
+    first = (torch.randn(E, 2 * F_ if glu else F_, I) / I**0.5).to(dt)
+    second = (torch.randn(E, O, F_) / F_**0.5).to(dt)
+    b1, b2 = torch.randn(E, first.shape[1]).to(dt), torch.randn(E, O).to(dt)
+    ids = torch.randint(0, E, (T, K))  # repeats allowed: one expert twice in a token
+    w = torch.rand(T, K)
+    kept = torch.rand(T, K) > 0.3
+    for biases, mask in (((None, None), None), ((b1, b2), kept)):
+        y = native_gemv.moe_ffn(x, ids, w, first, second, *biases, kept_TK=mask, glu=glu, activation=act, threads=threads)
+        ref = _layer_reference(x, ids, w, first, second, *biases, glu, act, mask)
+        assert y.dtype == dt and y.shape == (T, O)
+        assert _rel_err(y, ref) <= (1e-5 if dt == torch.float32 else 2e-2)
+
+
+@needs_kernel
+def test_moe_layer_reads_strided_experts_and_rejects_bad_arguments() -> None:
+    E, D, F_ = 4, 16, 8
+    first, second = torch.randn(E, 2 * F_, 2 * D)[:, :, :D], torch.randn(E, D, F_)  # rows 2D apart
+    x, ids, w = torch.randn(2, D), torch.tensor([[0, 3], [1, 1]]), torch.rand(2, 2)
+    ref = _layer_reference(x, ids, w, first, second, None, None, True, "silu", None)
+    assert _rel_err(native_gemv.moe_ffn(x, ids, w, first, second, glu=True, activation="silu"), ref) <= 1e-5
+    with pytest.raises(ValueError, match=r"ids_TK must lie in \[0, 4\)"):
+        native_gemv.moe_ffn(x, ids + 3, w, first, second, glu=True, activation="silu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        native_gemv.moe_ffn(x, ids, w, first, second, glu=True, activation="swish")
+    with pytest.raises(ValueError, match="must agree"):
+        native_gemv.moe_ffn(x, ids, w, first, second, glu=False, activation="silu")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_gemv.moe_ffn(x.double(), ids, w, first.double(), second.double(), glu=True, activation="silu")
+    with pytest.raises(ValueError, match="first_bias_ER"):
+        native_gemv.moe_ffn(x, ids, w, first, second, torch.randn(E, F_), glu=True, activation="silu")
+    with pytest.raises(ValueError, match="unit column stride"):
+        native_gemv.moe_ffn(x, ids, w, first.transpose(1, 2).contiguous().transpose(1, 2), second, glu=True, activation="silu")
+
+
+@needs_kernel
+def test_decode_runs_the_whole_layer_in_one_native_call(monkeypatch) -> None:
+    """Two-matrix banks at decode sizes take ``moe_ffn`` (no per-expert ``linear``); compressed banks,
+    which have no two-matrix form, keep the expert loop on ``linear``."""
+    layers, linears = [], []
+    layer, linear = native_gemv.moe_ffn, native_gemv.linear
+    monkeypatch.setattr(native_gemv, "moe_ffn", lambda *a, **k: layers.append(1) or layer(*a, **k))
+    monkeypatch.setattr(native_gemv, "linear", lambda *a, **k: linears.append(1) or linear(*a, **k))
+    decision = RoutingDecision(torch.tensor([[4, 1]]), torch.tensor([[0.6, 0.4]]), 6)
+    with torch.inference_mode():
+        for name in ("mlp", "glu", "glu_gelu_tanh", "mlp_relu_out_dim"):
+            dispatch(BANKS[name](6), torch.randn(1, D), decision)
+        assert len(layers) == 4 and not linears
+        dispatch(BANKS["packed_glu"](6), torch.randn(1, D), decision)
+        assert len(layers) == 4 and linears
+    assert moekit.MLPExperts(2, D, 4, activation="tanh").ffn_weights().activation not in native_gemv.FFN_ACTIVATIONS
+
+
 # ----- banks through the seam ------------------------------------------------------------------------
 D = 19  # not a multiple of the vector width
 
@@ -118,9 +201,16 @@ ROUTINGS = {
 
 
 def _spy(monkeypatch) -> list:
+    """Calls of the native kernels: rows of x per ``linear`` call, mean rows per touched expert per
+    ``moe_ffn`` call (what ``native_layer`` decides on)."""
     calls = []
-    original = native_gemv.linear
-    monkeypatch.setattr(native_gemv, "linear", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
+    linear, layer = native_gemv.linear, native_gemv.moe_ffn
+
+    def mean_rows(ids: torch.Tensor, E: int) -> int:
+        return -(-ids.numel() // min(E, ids.numel()))
+
+    monkeypatch.setattr(native_gemv, "linear", lambda *a, **k: calls.append(a[0].shape[0]) or linear(*a, **k))
+    monkeypatch.setattr(native_gemv, "moe_ffn", lambda *a, **k: calls.append(mean_rows(a[1], a[3].shape[0])) or layer(*a, **k))
     return calls
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
-from .inference import InferencePack
+from .inference import FFNWeights, InferencePack
 
 __all__ = ["ExpertBank", "ACTIVATIONS", "activation_fn", "init_stacked_linear"]
 
@@ -115,6 +115,11 @@ class ExpertBank(nn.Module):
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         """The matrices ``expert_inference`` can run packed: ``{name: [[O, I] per expert]}`` (none here)."""
         return {}
+
+    def ffn_weights(self) -> FFNWeights | None:
+        """The bank as two stacked matrices around one activation (``FFNWeights``), the form the one-call
+        native decode layer runs (``native_gemv.moe_ffn``); None for banks of another form (here)."""
+        return None
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor | None:
         """SMEAR's merge-then-run fused into the bank's matmuls (``moekit.experts.merged_linear``): group g's

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .base import ExpertBank
 
 __all__ = [
+    "FFNWeights",
     "InferencePlan",
     "InferencePack",
     "PACKED_MIN_EXPERT_BYTES",
@@ -95,6 +96,27 @@ def inference_applies(bank: nn.Module, x_T: Tensor, decision: RoutingDecision) -
         return True
     params = bank.stacked_parameters().values()
     return not (x_T.requires_grad or decision.weights_TK.requires_grad or any(p.requires_grad for p in params))
+
+
+@dataclass(frozen=True)
+class FFNWeights:
+    """A bank whose experts are ``second(act(first x))`` (``ExpertBank.ffn_weights``): what the one-call
+    native decode layer (``native_gemv.moe_ffn``) runs.
+
+    Attributes:
+        first: ``[E, R, D]`` (``[gate; up]`` with ``glu``, R = 2F; else R = F), nn.Linear layout.
+        second: ``[E, O, F]``.
+        first_bias / second_bias: ``[E, R]`` / ``[E, O]`` or None.
+        glu: the hidden layer is ``act(gate) * up``.
+        activation: the activation's name (served when it is one of ``native_gemv.FFN_ACTIVATIONS``).
+    """
+
+    first: Tensor
+    second: Tensor
+    first_bias: Tensor | None = None
+    second_bias: Tensor | None = None
+    glu: bool = False
+    activation: str = "identity"
 
 
 # ----- plan -------------------------------------------------------------------------------------
@@ -150,6 +172,10 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
     grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on otherwise (same kernels, one call per matrix)."""
     T = x_T.shape[0]
     packed = inference_pack(bank)
+    layer = native_layer(bank, x_T, decision, packed=packed is not None)
+    if layer is not None:
+        return native_gemv.moe_ffn(x_T, decision.ids_TK, decision.weights_TK, layer.first, layer.second, layer.first_bias,
+                                   layer.second_bias, kept_TK=decision.kept_TK, glu=layer.glu, activation=layer.activation)  # fmt: skip
     sorted_gemm = packed is None and bank.inference_sorted_gemm and T >= SORTED_GROUPED_MIN_TOKENS
     if sorted_gemm and x_T.device.type == "cpu":  # decode sizes: the loop, its experts on the native GEMV
         slots = decision.ids_TK.numel()
@@ -166,6 +192,26 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
         y_N = x_T.new_empty(N, bank.out_dim)
         run_experts(plan.groups, lambda e, rows: y_N[rows].copy_(bank.expert_inference(x_N[rows], e, packed)), x_T.device)
     return out.index_add_(0, plan.token_N, y_N * plan.weight_N.to(y_N.dtype).unsqueeze(1))
+
+
+def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, packed: bool) -> FFNWeights | None:
+    """The bank's ``FFNWeights`` when the one-call native layer serves this call, else None: a CPU call in
+    the weights' dtype, an activation the kernel has, weights with unit column stride, and a mean number
+    of rows per touched expert that ``native_gemv.serves`` for both matrices (``packed``: against the
+    bank's oneDNN-packed kernels)."""
+    if x_T.device.type != "cpu" or x_T.dim() != 2:
+        return None
+    ffn = bank.ffn_weights()
+    if ffn is None or ffn.activation not in native_gemv.FFN_ACTIVATIONS or x_T.dtype != ffn.first.dtype:
+        return None
+    if any(t is not None and t.stride(-1) != 1 for t in (ffn.first, ffn.second, ffn.first_bias, ffn.second_bias)):
+        return None
+    slots = max(1, decision.ids_TK.numel())
+    rows = -(-slots // min(decision.num_experts, slots))
+    dtype = ffn.first.dtype
+    served = native_gemv.serves(rows, dtype, ffn.first.shape[2], packed=packed) and native_gemv.serves(
+        rows, dtype, ffn.second.shape[2], packed=packed)
+    return ffn if served else None
 
 
 def run_experts(groups: Sequence[tuple[int, int, int]], fn: Callable[[int, slice], object], device: torch.device) -> None:

@@ -18,7 +18,7 @@ from .._checks import check_int
 from ..registry import EXPERTS
 from .base import ExpertBank, activation_fn, init_stacked_linear
 from .grouped import grouped_linear
-from .inference import expert_linear
+from .inference import FFNWeights, expert_linear
 from .merged_linear import merged_linear
 
 __all__ = ["MLPExperts", "GLUExperts", "swiglu"]
@@ -75,6 +75,9 @@ class MLPExperts(ExpertBank):
 
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         return {"up_proj": list(self.up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
+
+    def ffn_weights(self) -> FFNWeights:
+        return FFNWeights(self.up_proj, self.down_proj, self.up_bias, self.down_bias, glu=False, activation=self.activation)
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
         h = self.activate(merged_linear(x_GSI, probs_GE, self.up_proj, self.up_bias, chunk_bytes=chunk_bytes))
@@ -171,6 +174,9 @@ class GLUExperts(ExpertBank):
 
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         return {"gate_up_proj": list(self.gate_up_proj.unbind(0)), "down_proj": list(self.down_proj.unbind(0))}
+
+    def ffn_weights(self) -> FFNWeights:
+        return FFNWeights(self.gate_up_proj, self.down_proj, glu=True, activation=self.activation)
 
     def forward_merged(self, x_GSI: Tensor, probs_GE: Tensor, *, chunk_bytes: int) -> Tensor:
         h = self.activate(merged_linear(x_GSI, probs_GE, self.gate_up_proj, chunk_bytes=chunk_bytes))

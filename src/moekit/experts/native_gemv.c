@@ -287,6 +287,152 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     return failed ? -1 : 0;
 }
 
+/* ---- one MoE layer of two-matrix experts for a few tokens, in one call ------------------------------
+ *
+ * y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t]) over kept slots, expert_e(x) = W2_e h + b2_e with
+ * h = act(W1g_e x + b1g_e) * (W1u_e x + b1u_e) (glu; W1_e = [gate; up], 2 * F rows) or act(W1_e x + b1_e).
+ * W1 [E, R1, I] (experts s1 values apart, rows ld1 apart), W2 [E, O, F] (s2, ld2); biases [E, R1] / [E, O]
+ * (sb1 / sb2 apart) or NULL; x [T, I] (rows ldx apart), ids int64 [T, K], w fp32 [T, K], kept uint8
+ * [T, K] or NULL; y [T, O] dense, written. One dtype for W, b, x, y (0 fp32, 1 bf16); act 0-3 as in
+ * `activate`, 4 identity.
+ *
+ * Slots are grouped by expert (a counting sort, experts ascending); each group's rows of x are gathered
+ * once. Phase 1 splits the (expert, chunk of CHUNK hidden features) units over the threads, contiguously
+ * (each thread streams distinct W1 memory), into h [N, F]; after one barrier phase 2 splits the output
+ * rows of every touched W2 over the threads, so each thread accumulates its own columns of y (fp32) and
+ * no two threads write the same value. bf16: h is rounded to bf16, as the expert-by-expert path does.
+ * Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, E). */
+/* below this many weight bytes per thread, waking another thread costs more than it saves */
+#define MIN_BYTES_PER_THREAD (1 << 20)
+
+static inline float finish_hidden(float g, float u, int glu, int act) {
+    if (glu) return activate(g, act) * u;
+    return act == 4 ? g : activate(g, act);
+}
+
+int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, const void *W2, long s2, long ld2,
+                   const void *B2, long sb2, long F, long I, long O, long E, const void *x, long T, long ldx,
+                   const int64_t *ids, const float *w, const uint8_t *kept, long K, void *y, int dtype, int glu,
+                   int act, int threads) {
+    const int bf16 = dtype == 1;
+    const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
+    long *count = (long *)calloc((size_t)(E + 1), sizeof(long));
+    if (!count) return -1;
+    long N = 0;
+    for (long s = 0; s < T * K; s++) {
+        if (kept && !kept[s]) continue;
+        if (ids[s] < 0 || ids[s] >= E) { free(count); return -2; }
+        count[ids[s] + 1]++;
+        N++;
+    }
+    long G = 0;
+    for (long e = 0; e < E; e++) { G += count[e + 1] > 0; count[e + 1] += count[e]; } /* count[e]: first slot of e */
+    long *group = (long *)malloc(sizeof(long) * (size_t)(3 * (G > 0 ? G : 1)));  /* expert, first, end slot */
+    long *token = (long *)malloc(sizeof(long) * (size_t)(N > 0 ? N : 1));
+    float *weight = (float *)malloc(sizeof(float) * (size_t)(N > 0 ? N : 1));
+    size_t nx = (size_t)(N * I > 0 ? N * I : 1), nh = (size_t)(N * F > 0 ? N * F : 1), ny = (size_t)(T * O > 0 ? T * O : 1);
+    float *xf = (float *)malloc(sizeof(float) * nx), *hf = (float *)malloc(sizeof(float) * nh);
+    uint16_t *xb = (uint16_t *)malloc(sizeof(uint16_t) * nx), *hb = (uint16_t *)malloc(sizeof(uint16_t) * nh);
+    float *acc = (float *)calloc(ny, sizeof(float));
+    int failed = !group || !token || !weight || !xf || !hf || !xb || !hb || !acc;
+    long max_rows = 1;
+    if (!failed) {
+        for (long s = 0; s < T * K; s++) { /* stable: slots of one expert in token order */
+            if (kept && !kept[s]) continue;
+            long at = count[ids[s]]++;
+            token[at] = s / K, weight[at] = w[s];
+        }
+        for (long e = E - 1; e >= 0; e--) count[e + 1] = count[e]; /* back to first slots */
+        count[0] = 0;
+        for (long e = 0, g = 0; e < E; e++)
+            if (count[e + 1] > count[e]) {
+                group[3 * g] = e, group[3 * g + 1] = count[e], group[3 * g + 2] = count[e + 1];
+                if (count[e + 1] - count[e] > max_rows) max_rows = count[e + 1] - count[e];
+                g++;
+            }
+        for (long n = 0; n < N; n++)
+            for (long i = 0; i < I; i++) {
+                uint16_t hv = bf16 ? ((const uint16_t *)x)[token[n] * ldx + i] : 0;
+                xb[n * I + i] = hv;
+                xf[n * I + i] = bf16 ? bf16_to_f32(hv) : ((const float *)x)[token[n] * ldx + i];
+            }
+    }
+    const long chunks = (F + CHUNK - 1) / CHUNK, units = G * chunks, blocks = (O + ROWS - 1) / ROWS;
+    const double bytes = (double)G * (double)((glu ? 2 : 1) * F * I + O * F) * (double)es;
+    int n = threads < 1 ? 1 : threads;
+    if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
+    if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
+    if (!failed && N > 0) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n) if (n > 1)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        {
+            int t = 0, nt = 1;
+#endif
+            float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
+            if (!buf) failed = 1;
+            /* phase 1: h = hidden(W1 x) per group, units (group, chunk) split contiguously */
+            long u0 = units * t / nt, u1 = units * (t + 1) / nt;
+            for (long u = u0; buf && u < u1; u++) {
+                long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
+                long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
+                const char *We = (const char *)W1 + (size_t)(e * s1) * es;
+                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, m, I, buf);
+                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, m, I, buf + CHUNK * m);
+                const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
+                for (long r = 0; r < m; r++)
+                    for (long o = c; o < c1; o++) {
+                        float gv = buf[r * CHUNK + (o - c)], uv = glu ? buf[CHUNK * m + r * CHUNK + (o - c)] : 0.0f;
+                        if (Be) {
+                            gv += load_value(Be, o, bf16);
+                            if (glu) uv += load_value(Be, o + F, bf16);
+                        }
+                        float h = finish_hidden(gv, uv, glu, act);
+                        long at = (first + r) * F + o;
+                        if (bf16) { hb[at] = f32_to_bf16(h); h = bf16_to_f32(hb[at]); }
+                        hf[at] = h;
+                    }
+            }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+            /* phase 2: this thread's output rows [r0, r1) of every group, accumulated into acc */
+            long r0 = blocks * t / nt * ROWS, r1 = blocks * (t + 1) / nt * ROWS;
+            if (r1 > O) r1 = O;
+            for (long g = 0; buf && g < G; g++) {
+                long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
+                const char *We = (const char *)W2 + (size_t)(e * s2) * es;
+                const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
+                for (long c = r0; c < r1; c += CHUNK) {
+                    long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
+                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, m, F, buf);
+                    for (long r = 0; r < m; r++) {
+                        float *row = acc + token[first + r] * O, wr = weight[first + r];
+                        for (long o = c; o < c1; o++) {
+                            float v = buf[r * CHUNK + (o - c)];
+                            if (Be) v += load_value(Be, o, bf16);
+                            row[o] += wr * v;
+                        }
+                    }
+                }
+            }
+            for (long tt = 0; tt < T; tt++)
+                for (long o = r0; o < r1; o++) {
+                    if (bf16) ((uint16_t *)y)[tt * O + o] = f32_to_bf16(acc[tt * O + o]);
+                    else ((float *)y)[tt * O + o] = acc[tt * O + o];
+                }
+            free(buf);
+        }
+    } else if (!failed) {
+        memset(y, 0, ny * es);
+    }
+    free(count); free(group); free(token); free(weight);
+    free(xf); free(hf); free(xb); free(hb); free(acc);
+    return failed ? -1 : 0;
+}
+
 /* What this build vectorises with, for the cache key's sanity and the benchmark's report. */
 const char *moekit_gemv_isa(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)

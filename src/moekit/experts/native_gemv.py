@@ -37,12 +37,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "linear", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "linear", "moe_ffn", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 #: gate activations the kernel fuses into a GLU (index = the C code's ``act``)
 GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+#: hidden activations of ``moe_ffn`` (index = the C code's ``act``)
+FFN_ACTIVATIONS = {**GLU_ACTIVATIONS, "identity": 4}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 #: where the kernel beats torch: ``(dtype, torch's alternative is oneDNN-packed) -> ((min features, max
@@ -112,6 +114,70 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     return y
 
 
+def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor, second_EOF: Tensor,
+            first_bias_ER: Tensor | None = None, second_bias_EO: Tensor | None = None, *, kept_TK: Tensor | None = None,
+            glu: bool, activation: str, threads: int | None = None) -> Tensor:  # fmt: skip
+    """One MoE layer of two-matrix experts for a few tokens, in one native call: ``[T, I] -> [T, O]``,
+    ``y_t = sum_k w_tk * (W2_e h + b2_e)`` with ``e = ids[t, k]`` over kept slots and ``h = act(Wg_e x_t +
+    bg_e) * (Wu_e x_t + bu_e)`` (``glu``: ``first`` is ``[gate; up]``, ``R = 2F``) or ``act(W1_e x_t + b1_e)``
+    (``R = F``).
+
+    Every touched expert's matrices are read from memory once, split over ``threads`` OpenMP threads
+    (default ``torch.get_num_threads()``; fewer for small layers): the hidden features, then the output
+    rows, each thread a contiguous range. ``first_ERI [E, R, I]`` and ``second_EOF [E, O, F]`` (any expert
+    and row strides, unit column stride), biases ``[E, R]`` / ``[E, O]``, ``x_TI`` in one dtype (fp32 or
+    bf16); ``ids_TK`` integer ids in ``[0, E)``, ``weights_TK`` any float dtype (used in fp32), ``kept_TK``
+    an optional bool mask of live slots. ``activation``: a ``FFN_ACTIVATIONS`` name. Sums in fp32; bf16
+    rounds ``h`` (as the expert-by-expert path does) and ``y``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native GEMV kernel is not available: {_built()[1]}")
+    dtype, code = first_ERI.dtype, _DTYPES.get(first_ERI.dtype)
+    biases = [b for b in (first_bias_ER, second_bias_EO) if b is not None]
+    if code is None or any(t.dtype != dtype for t in (x_TI, second_EOF, *biases)):
+        raise ValueError(f"x, weights and biases must all be float32 or bfloat16, got x {x_TI.dtype}, first {dtype}, "
+                         f"second {second_EOF.dtype}, biases {[b.dtype for b in biases]}")  # fmt: skip
+    (T, I), (E, R, I1), (E2, O, F) = x_TI.shape, first_ERI.shape, second_EOF.shape
+    if I1 != I or E2 != E or R != (2 * F if glu else F):
+        raise ValueError(f"first [E, {'2F' if glu else 'F'}, I] and second [E, O, F] must agree with x [T, I]; got x "
+                         f"{tuple(x_TI.shape)}, first {tuple(first_ERI.shape)}, second {tuple(second_EOF.shape)}")  # fmt: skip
+    for name, t, shape in (("first_bias_ER", first_bias_ER, (E, R)), ("second_bias_EO", second_bias_EO, (E, O))):
+        if t is not None and (tuple(t.shape) != shape or t.stride(-1) != 1):
+            raise ValueError(f"{name} must be {list(shape)} with unit column stride, got {tuple(t.shape)}, strides {t.stride()}")
+    tensors = (x_TI, first_ERI, second_EOF, *biases)
+    if any(t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors[1:]) or x_TI.device.type != "cpu":
+        raise ValueError("moe_ffn runs CPU tensors whose weights have unit column stride")
+    if ids_TK.shape != (T, ids_TK.shape[1]) or weights_TK.shape != ids_TK.shape or ids_TK.is_floating_point():
+        raise ValueError(f"ids_TK must be integer [T, K] and weights_TK [T, K] with T = {T}; got "
+                         f"{tuple(ids_TK.shape)} ({ids_TK.dtype}) and {tuple(weights_TK.shape)}")  # fmt: skip
+    act = FFN_ACTIVATIONS.get(activation)
+    if act is None:
+        raise ValueError(f"activation must be one of {list(FFN_ACTIVATIONS)}, got {activation!r}")
+    K = ids_TK.shape[1]
+    x = x_TI if x_TI.stride(1) == 1 else x_TI.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    weights = weights_TK.to(torch.float32).contiguous()
+    kept = None if kept_TK is None else kept_TK.to(torch.uint8).contiguous()
+    y = torch.empty(T, O, dtype=dtype)
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    b1_stride = 0 if first_bias_ER is None else first_bias_ER.stride(0)
+    b2_stride = 0 if second_bias_EO is None else second_bias_EO.stride(0)
+    threads = torch.get_num_threads() if threads is None else threads
+    status = lib.moekit_moe_ffn(first_ERI.data_ptr(), first_ERI.stride(0), first_ERI.stride(1), ptr(first_bias_ER), b1_stride,
+                                second_EOF.data_ptr(), second_EOF.stride(0), second_EOF.stride(1), ptr(second_bias_EO), b2_stride,
+                                F, I, O, E, x.data_ptr(), T, x.stride(0), ids.data_ptr(), weights.data_ptr(), ptr(kept), K,
+                                y.data_ptr(), code, glu, act, threads)  # fmt: skip
+    if status == -2:
+        raise ValueError(f"ids_TK must lie in [0, {E}), got values from {int(ids.min())} to {int(ids.max())}")
+    if status:
+        raise MemoryError(f"native MoE layer could not allocate its buffers ({T * K} slots of {I} + {F} values)")
+    return y
+
+
 def build_info() -> dict[str, str | None]:
     """What was built: ``{"library": path or None, "isa": "avx512f+bf16" | "avx512f" | "avx2" | "portable" | None,
     "reason": why not built or None}`` (for the benchmark's report)."""
@@ -154,6 +220,8 @@ def _library() -> ctypes.CDLL | None:
     lib.moekit_gemv.restype = ctypes.c_int
     L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     lib.moekit_gemv.argtypes = [P, L, L, L, P, L, L, P, P, L, I, I, I, I]
+    lib.moekit_moe_ffn.restype = ctypes.c_int
+    lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
     lib.moekit_gemv_isa.restype = ctypes.c_char_p
     return lib
 

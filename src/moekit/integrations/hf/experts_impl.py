@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ...experts.base import ExpertBank
 from ...experts.dispatch import dispatch
 from ...experts.grouped import grouped_linear
-from ...experts.inference import InferencePack, expert_linear
+from ...experts.inference import FFNWeights, InferencePack, expert_linear
 from ...types import RoutingDecision
 
 __all__ = ["IMPLEMENTATIONS", "TransformersExperts", "moekit_experts_forward", "register_experts_implementation"]
@@ -91,6 +91,43 @@ class TransformersExperts(ExpertBank):
 
     def inference_matrices(self) -> dict[str, list[Tensor]]:
         return {name: list(self._matrix(name).unbind(0)) for name in (self.first, "down_proj")}
+
+    def ffn_weights(self) -> FFNWeights | None:
+        """The module's matrices when its experts are a plain two-matrix FFN: concatenated ``[gate; up]``
+        with transformers' default gate (or no gate), a standard activation, no post-expert norm; None
+        otherwise (e.g. GPT-OSS's interleaved, clamped SwiGLU)."""
+        from transformers.integrations import moe
+
+        module = self.module
+        default_gate = type(module)._apply_gate is moe._default_apply_gate and getattr(module, "is_concatenated", True)
+        if module.has_post_expert_norm or (module.has_gate and not default_gate):
+            return None
+        activation = _activation_name(getattr(module, "act_fn", None))
+        if activation is None:
+            return None
+        p = self.stacked_parameters()
+        return FFNWeights(p[self.first], p["down_proj"], p.get(f"{self.first}_bias"), p.get("down_proj_bias"),
+                          glu=module.has_gate, activation=activation)  # fmt: skip
+
+
+def _activation_name(act: nn.Module | None) -> str | None:
+    """moekit's name of a transformers activation module (``ACT2FN``) where it is one of the exact
+    standard ones (silu, gelu with erf or tanh, relu), else None."""
+    from transformers import activations
+
+    if isinstance(act, (nn.SiLU, activations.SiLUActivation)):
+        return "silu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, (activations.GELUActivation, activations.GELUTanh)):
+        fn = getattr(act, "act", None)
+        if fn is torch.nn.functional.gelu:
+            return "gelu"
+        if getattr(fn, "func", None) is torch.nn.functional.gelu and getattr(fn, "keywords", {}) == {"approximate": "tanh"}:
+            return "gelu_tanh"
+    return None
 
 
 def _bank(module: nn.Module, packed: bool) -> TransformersExperts:
