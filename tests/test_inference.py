@@ -63,7 +63,10 @@ def _training_path(bank, x, decision):
 
 
 def _use(path: str, experts, monkeypatch) -> None:
-    """Force one of the inference path's three ways: the expert loop, the sorted grouped GEMM, or packed."""
+    """Force one of the inference path's three ways: the expert loop, the sorted grouped GEMM, or packed
+    (the one-call native layer, which serves decode sizes of the plain banks, is tested in
+    test_inference_native.py; here it is off)."""
+    monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)
     if path == "loop":
         monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 10**9)
     if path == "sorted":
@@ -124,18 +127,27 @@ def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
 
 
-def test_large_products_take_the_sorted_grouped_gemm(monkeypatch) -> None:
-    experts = moekit.GLUExperts(4, D, 24)
-    x = torch.randn(30, D)
-    decision = _decision(30, 4, 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_products_take_onednn_or_the_sorted_grouped_gemm(dtype, monkeypatch) -> None:
+    """Past decode sizes: fp32 on CPU runs the expert loop on oneDNN over the plain weights (faster than
+    MKL's GEMM that F.linear and the grouped GEMM use); bf16 (F.linear is oneDNN already) the sorted
+    grouped GEMM, in one call."""
+    experts = moekit.GLUExperts(4, D, 24, dtype=dtype)
+    x = torch.randn(30, D, dtype=dtype)
+    decision = _decision(30, 4, 2, dtype=dtype)
     monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 10)  # T = 30 tokens
-    grouped = []
+    monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)
+    grouped, onednn = [], []
     original = moekit.GLUExperts.grouped_forward
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
+    lp = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
     with torch.no_grad():
         y = dispatch(experts, x, decision)
-    assert grouped
-    torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach())
+    plain = inference.reads_plain_weights(dtype)
+    assert plain == (dtype == torch.float32 and packing_available(dtype, "cpu"))
+    assert bool(grouped) != plain and bool(onednn) == plain
+    torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), **TOL[dtype])
 
 
 def test_grouped_split_under_inference_mode(monkeypatch) -> None:
@@ -158,9 +170,9 @@ def test_small_experts_keep_the_plain_kernels() -> None:
 
 def test_one_token_needs_no_sort(monkeypatch) -> None:
     monkeypatch.setattr(torch, "argsort", lambda *a, **k: pytest.fail("sorted a single token's slots"))
-    plan = plan_inference(RoutingDecision(torch.tensor([[4, 1, 3]]), torch.ones(1, 3), 6))
-    assert plan.groups == ((4, 0, 1), (1, 1, 2), (3, 2, 3))
-    assert plan.sizes_E.tolist() == [0, 1, 0, 1, 1, 0]
+    plan = plan_inference(RoutingDecision(torch.tensor([[4, 1, 3]]), torch.tensor([[2.0, 1.0, 3.0]]), 6))
+    assert plan.groups == ((1, 0, 1), (3, 1, 2), (4, 2, 3))
+    assert plan.weight_N.tolist() == [1.0, 3.0, 2.0]
 
 
 def test_training_keeps_the_training_path(monkeypatch) -> None:
@@ -238,3 +250,35 @@ def test_compressed_inference_equals_training_path(case, kind, packed, dtype, mo
         ref = dispatch_reference(experts, x, decision)
     torch.testing.assert_close(y, _training_path(experts, x, decision), **TOL[dtype])
     torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+def test_expert_runs_cut_groups_at_the_row_limit() -> None:
+    groups = [(0, 0, 3), (2, 3, 4), (5, 4, 11), (7, 11, 12)]
+    runs = inference.expert_runs(groups, 4)
+    assert runs == [[(0, 0, 3), (2, 3, 4)], [(5, 4, 8)], [(5, 8, 11), (7, 11, 12)]]
+    assert all(sum(b - a for _, a, b in run) <= 4 for run in runs)
+    assert inference.expert_runs(groups, 100) == [groups]
+    assert inference.expert_runs([], 4) == []
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bank", ["mlp", "glu"])
+def test_prefill_in_bounded_runs_equals_reference(bank, packed, monkeypatch) -> None:
+    """Runs of a few rows (groups cut mid-expert), on the sorted grouped GEMM and on the expert loop,
+    give the reference's output; without the cap, everything is one run."""
+    torch.manual_seed(0)
+    experts = BANKS[bank](4, torch.float32)
+    if packed:
+        pack_for_inference(experts)
+        monkeypatch.setattr(inference, "PACKED_MIN_EXPERT_BYTES", 0)
+    decision = _decision(40, 4, 2, kept=True)
+    x = torch.randn(40, D)
+    seen = []
+    runs = inference.expert_runs
+    monkeypatch.setattr(inference, "expert_runs", lambda g, m: seen.append(runs(g, m)) or seen[-1])
+    widest = 2 * 24 if bank == "glu" else 24  # [gate; up] outputs 2F values per row, the MLP's up F
+    monkeypatch.setattr(inference, "RUN_BYTES", 7 * widest * 4)  # 7 rows of fp32
+    with torch.inference_mode():
+        y = dispatch(experts, x, decision)
+    assert len(seen[-1]) > 4 and max(sum(b - a for _, a, b in run) for run in seen[-1]) <= 7
+    torch.testing.assert_close(y, dispatch_reference(experts, x, decision), rtol=1e-5, atol=1e-5)

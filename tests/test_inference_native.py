@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import moekit
 from moekit.experts import dispatch, dispatch_reference, native_gemv
+from moekit.experts import inference
 from moekit.experts.inference import expert_linear
 from moekit.types import RoutingDecision
 
@@ -276,21 +277,24 @@ def test_hf_experts_implementation_runs_the_kernel(dtype, monkeypatch) -> None:
 @needs_kernel
 def test_decode_keeps_the_expert_loop_on_the_kernel_and_prefill_the_sorted_gemm(monkeypatch) -> None:
     """Unpacked banks: a few rows per expert run the loop (on the kernel) instead of the sorted grouped
-    GEMM; many rows per expert, or the kernel switched off, the sorted grouped GEMM."""
-    experts = moekit.GLUExperts(8, D, 24)
+    GEMM; many rows per expert, or the kernel switched off, the sorted grouped GEMM (here in bf16: fp32
+    prefers the loop on oneDNN, ``test_inference.py``)."""
+    experts = moekit.GLUExperts(8, D, 24).to(torch.bfloat16)
+    monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)  # the expert loop, on linear
     grouped = []
     original = moekit.GLUExperts.grouped_forward
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
     calls = _spy(monkeypatch)
     decode = RoutingDecision(torch.stack([torch.randperm(8)[:2] for _ in range(4)]), torch.full((4, 2), 0.5), 8)
     prefill = RoutingDecision(torch.randint(0, 8, (64, 2)), torch.full((64, 2), 0.5), 8)
+    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(64, D).bfloat16()
     with torch.inference_mode():
-        dispatch(experts, torch.randn(4, D), decode)
+        dispatch(experts, x4, decode)
         assert calls and not grouped
-        dispatch(experts, torch.randn(64, D), prefill)
+        dispatch(experts, x64, prefill)
         assert grouped == [1]
         monkeypatch.setenv("MOEKIT_NATIVE_GEMV", "0")
-        dispatch(experts, torch.randn(4, D), decode)
+        dispatch(experts, x4, decode)
         assert grouped == [1, 1]
 
 
