@@ -105,7 +105,7 @@ class _MergedLinear(torch.autograd.Function):
         grad_m = _scratch("grad_merged", G * rows * I, p.dtype, p.device) if (need_p or need_w) else None
         for o0 in range(0, O, rows):
             n = min(rows, O - o0)
-            g_GSn = grad_GSO[:, :, o0 : o0 + n].contiguous()  # batched (not per-group) matmuls need it
+            g_GSn = grad_GSO[:, :, o0 : o0 + n]  # a strided view: bmm reads it in place (row stride O)
             w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
             if need_x:
                 m_GnI = torch.mm(p, w_chunk, out=merged[: G * n * I].view(G, n * I)).view(G, n, I)
