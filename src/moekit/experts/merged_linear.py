@@ -5,20 +5,30 @@ rows, ``x_g @ W_g^T + b_g`` with the merged parameters ``W_g = sum_e probs[g, e]
 alike). ``merged_linear_reference`` is the plain autograd version (one merge matmul + one batched matmul).
 
 Why a fused kernel: the plain version materialises the merged weights of the whole batch (G * O * I
-values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward. On CPU,
-fresh allocations that large are served by ``mmap`` and page-faulted in on every step, which costs more
-than the merge itself (measured in ``benchmarks/bench_smear.py``). Here the output features are processed
-in chunks of rows of ``W``: each chunk's merged weights live in one small reused buffer (at most
-``chunk_bytes``); backward recomputes them chunk by chunk instead of keeping them (autograd keeps
-only ``x``, ``probs`` and references to the stacked parameters) and accumulates, per chunk:
+values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward, and keeps
+the merged weights for backward. Here the output features are processed in chunks of rows of ``W``: each
+chunk's merged weights live in one small reused buffer (at most ``chunk_bytes``; fresh buffers that large
+come from ``mmap`` on CPU and are page-faulted in on every call); backward recomputes them chunk by chunk
+instead of keeping them (autograd keeps only ``x``, ``probs`` and references to the stacked parameters)
+and accumulates, per chunk (``grad_y_g[:, chunk]`` is read in place, a strided view, not copied):
 
 * ``grad_x_g += grad_y_g[:, chunk] @ W_g[chunk]``
 * ``grad_W_g[chunk] = grad_y_g[:, chunk]^T @ x_g`` (into a reused buffer, never for the whole layer)
 * ``grad_probs[g, e] += <grad_W_g[chunk], w_e[chunk]>``  (one ``[E, n] @ [n, G]`` matmul)
 * ``grad_w[:, chunk] = probs^T @ grad_W[chunk]``  (one ``[E, G] @ [G, n]`` matmul, written in place)
 
-Compute is that of the plain version plus one more merge in backward (E multiply-adds per weight and
-group, E/S of the expert's own work).
+Compute is that of the plain version plus one more merge in backward: four merge-sized products (merge,
+re-merge, the two gradients above), each E multiply-adds per weight and group, 4E/(3S) of the expert's
+own work (~8% at E=8, S=128). Where the time goes instead (``benchmarks/bench_smear.py --profile``, FFN
+case, 1 CPU thread; x = fraction of one expert's step): the four merge-sized products run at ~12 GMAC/s
+(short-K GEMMs whose G * O * I output is streamed through memory: copy-like traffic, not flops) and cost
+~0.27x; the per-example products (S=128-row GEMMs, each reading its own merged weights) ~0.13x more than
+one expert's batch-wide GEMMs; first-touch page faults of the stacked-weight gradient (E times one
+expert's, a fresh ``mmap`` per step under glibc's allocator) ~0.1x. Measured and not kept: merge chunks
+sized for L2/L3 (1-4 MB: the per-example GEMMs shrink to tens of columns and re-read ``x`` per chunk,
+slower overall, merges no faster), merging a few groups at a time right before their GEMM, the merge as
+a batched matmul or a 1x1 convolution, a bias added after a plain bmm: none faster than this loop. Going
+lower needs the merge fused into the GEMM's own weight packing (a native kernel), not more torch ops.
 """
 
 from __future__ import annotations
