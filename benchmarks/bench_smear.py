@@ -290,24 +290,9 @@ def breakdown_ffn(case: dict, reps: int) -> dict:
     for O, I in ((W, D), (D, W)):
         for k, v in _best_ms(_linear_products(G, S, O, I, E, DEFAULT_CHUNK_BYTES), reps).items():
             parts[k] = parts.get(k, 0.0) + v
-    torch.manual_seed(0)
-    layers = {impl: _build(impl, case, "cpu") for impl in ("one_expert", "smear")}
-    for c in SWEEP_CHUNK_BYTES:  # smaller merge chunks: merged blocks that stay in L2 / L3, narrower products
-        layers[f"smear_chunk_{c}"] = _build("smear", case, "cpu")
-        layers[f"smear_chunk_{c}"].merge_chunk_bytes = c
-    x = torch.randn(G, S, D, requires_grad=True)
-    steps: dict[str, list[float]] = {impl: [] for impl in layers}
-    faults: dict[str, list[int]] = {impl: [] for impl in layers}
-    for rep in range(reps + 1):
-        for impl, layer in layers.items():
-            f0, t = _minor_faults(), time.perf_counter()
-            _step(layer, x)
-            if rep:
-                steps[impl].append(1e3 * (time.perf_counter() - t))
-                faults[impl].append(_minor_faults() - f0)
+    steps, faults = _steps_and_faults(case, reps)
     fault_us = _fault_us()
-    out: dict = {"step_ms": {k: statistics.median(v) for k, v in steps.items()},
-                 "faults_per_step": {k: statistics.median(v) for k, v in faults.items()}, "us_per_fault": fault_us}  # fmt: skip
+    out: dict = {"step_ms": steps, "faults_per_step": faults, "us_per_fault": fault_us}
     fault_ms = {k: v * fault_us / 1e3 for k, v in out["faults_per_step"].items()}
     one = out["step_ms"]["one_expert"]
     rows: dict[str, float] = {}
@@ -317,9 +302,32 @@ def breakdown_ffn(case: dict, reps: int) -> dict:
         rows[f"{who}: rest"] = out["step_ms"][impl] - sum(v for k, v in rows.items() if k.startswith(who + ":"))
     out["rows"] = [{"part": k, "ms": v, "x_one": v / one} for k, v in rows.items()]
     out["smear_x_one"] = out["step_ms"]["smear"] / one
-    out["x_one_by_chunk_bytes"] = {DEFAULT_CHUNK_BYTES: out["smear_x_one"],
-                                   **{c: out["step_ms"][f"smear_chunk_{c}"] / one for c in SWEEP_CHUNK_BYTES}}  # fmt: skip
+    by_chunk, _ = _steps_and_faults(case, reps, chunks=[DEFAULT_CHUNK_BYTES, *SWEEP_CHUNK_BYTES])
+    out["x_one_by_chunk_bytes"] = {c: by_chunk[f"smear_{c}"] / by_chunk["one_expert"] for c in [DEFAULT_CHUNK_BYTES, *SWEEP_CHUNK_BYTES]}
     return out
+
+
+def _steps_and_faults(case: dict, reps: int, chunks: list[int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step ms and minor page faults per step of one expert and SMEAR (with each merge chunk size
+    of ``chunks``: ``smear_<bytes>``), interleaved rep by rep in one process as ``timings`` runs them."""
+    torch.manual_seed(0)
+    layers = {"one_expert": _build("one_expert", case, "cpu")}
+    for c in chunks or [None]:
+        layer = _build("smear", case, "cpu")
+        if c is not None:
+            layer.merge_chunk_bytes = c
+        layers["smear" if c is None else f"smear_{c}"] = layer
+    x = torch.randn(case["B"], case["S"], case["D"], requires_grad=True)
+    steps: dict[str, list[float]] = {impl: [] for impl in layers}
+    faults: dict[str, list[int]] = {impl: [] for impl in layers}
+    for rep in range(reps + 1):
+        for impl, layer in layers.items():
+            f0, t = _minor_faults(), time.perf_counter()
+            _step(layer, x)
+            if rep:  # rep 0 is warm-up
+                steps[impl].append(1e3 * (time.perf_counter() - t))
+                faults[impl].append(_minor_faults() - f0)
+    return {k: statistics.median(v) for k, v in steps.items()}, {k: statistics.median(v) for k, v in faults.items()}
 
 
 def main() -> None:
