@@ -227,6 +227,33 @@ def test_merged_linear_backward_reads_any_output_gradient_layout(layout: str, bi
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("between", ["nothing", "same_shape", "larger", "backward_twice"])
+def test_merged_linear_reuses_the_last_merged_chunk_only_while_the_buffer_holds_it(between: str) -> None:
+    """Backward starts with the chunk forward merged last and skips its re-merge when the scratch buffer
+    still holds it; any other merged_linear call in between (same or larger buffer) forces the re-merge."""
+    G, S, I, O, E = 3, 4, 5, 7, 4
+    torch.manual_seed(0)
+
+    def case() -> list[torch.Tensor]:
+        return [torch.randn(G, S, I, dtype=torch.float64, requires_grad=True),
+                torch.randn(G, E, dtype=torch.float64).softmax(-1).requires_grad_(),
+                torch.randn(E, O, I, dtype=torch.float64, requires_grad=True)]  # fmt: skip
+
+    inputs = case()
+    y = merged_linear(*inputs, chunk_bytes=3 * G * I * 8)  # chunks of 3, 3 and 1 rows: the last one is partial
+    x2, p2, w2 = case()
+    if between == "same_shape":
+        merged_linear(x2, p2, w2, chunk_bytes=3 * G * I * 8)
+    elif between == "larger":  # twice the groups: a larger buffer replaces the one forward wrote
+        merged_linear(torch.cat([x2, x2]), torch.cat([p2, p2]), w2, chunk_bytes=3 * 2 * G * I * 8)
+    g = torch.randn(G, S, O, dtype=torch.float64)
+    expected = torch.autograd.grad(merged_linear_reference(*inputs), inputs, g)
+    if between == "backward_twice":
+        torch.autograd.grad(y, inputs, g, retain_graph=True)
+    for a, r in zip(torch.autograd.grad(y, inputs, g), expected):
+        torch.testing.assert_close(a, r)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_linear_matches_a_float64_reference_in_low_precision(dtype: torch.dtype) -> None:
     """fp32 and bf16 outputs and gradients within the dtype's rounding of a float64 reference on the same
