@@ -32,9 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import moekit
 from moekit.layers.smear import merged_forward
@@ -58,6 +60,7 @@ class _ReferenceSMEAR(moekit.SMEAR):
 
 IMPLS = ["one_expert", "smear", "smear_reference", "smear_chunked", "ensemble"]
 SWEEP_S = [1, 4, 16, 32, 64, 128, 512]
+SWEEP_CHUNK_BYTES = [4 * 2**20, 2**20]
 
 
 def _build(impl: str, case: dict, device: str):
@@ -188,70 +191,143 @@ def _analytic(case: dict) -> dict:
             "memory_crossover_S": P / act_per_pos, "compute_crossover_S_1.3x": E / 0.3}  # fmt: skip
 
 
-def profile_ffn(case: dict, reps: int) -> dict:
-    """Where SMEAR's FFN time goes: each product of ``merged_linear`` for one chunk of output rows (the
-    default chunk of the first matrix), timed alone (best of ``reps``, CPU time), against the same
-    products of one expert; and the whole layer with smaller merge chunks (cache-sized blocks)."""
-    import torch.nn.functional as F
-
-    from moekit.experts.merged_linear import DEFAULT_CHUNK_BYTES, _rows_per_chunk, merged_linear
-
-    G, S, D, W, E = case["B"], case["S"], case["D"], case["W"], case["E"]
-    O, I = W, D
-    n = _rows_per_chunk(G, O, I, 4, DEFAULT_CHUNK_BYTES)
-    g = torch.Generator().manual_seed(0)
-    p, w = torch.rand(G, E, generator=g), torch.randn(E, n * I, generator=g)
-    x, grad_y, grad_m = torch.randn(G, S, I, generator=g), torch.randn(G, S, n, generator=g), torch.randn(G, n * I, generator=g)
-    merged, grad_pT, grad_w = torch.empty(G, n * I), torch.zeros(E, G), torch.empty(E, n * I)
-    m = merged.view(G, n, I)
-    one_w, x2 = torch.randn(n, I, generator=g), x.reshape(G * S, I)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
+def _best_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Best-of-``reps`` CPU milliseconds of each function, the functions interleaved rep by rep."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 1):
+        for k, fn in fns.items():
             t = time.process_time()
             fn()
-            times.append(time.process_time() - t)
-        return 1e3 * min(times)
+            if rep:  # rep 0 is warm-up
+                times[k].append(1e3 * (time.process_time() - t))
+    return {k: min(v) for k, v in times.items()}
 
-    ops = {
-        "merge p @ w (forward; again in backward)": best(lambda: torch.mm(p, w, out=merged)),
-        "forward bmm x_g @ W_g^T": best(lambda: torch.bmm(x, m.transpose(1, 2))),
-        "grad_x bmm": best(lambda: torch.bmm(grad_y, m)),
-        "grad_W_g bmm": best(lambda: torch.bmm(grad_y.transpose(1, 2), x)),
-        "grad_probs w @ grad_W^T": best(lambda: grad_pT.addmm_(w, grad_m.t())),
-        "grad_w p^T @ grad_W": best(lambda: torch.mm(p.t(), grad_m, out=grad_w)),
-        "one expert: forward mm": best(lambda: F.linear(x2, one_w)),
-        "one expert: grad_x mm": best(lambda: torch.mm(grad_y.reshape(G * S, n), one_w)),
-        "one expert: grad_W mm": best(lambda: torch.mm(grad_y.reshape(G * S, n).t(), x2)),
-    }
-    main = sum(v for k, v in ops.items() if "bmm" in k)
-    merge = 2 * ops["merge p @ w (forward; again in backward)"] + ops["grad_probs w @ grad_W^T"] + ops["grad_w p^T @ grad_W"]
-    one = sum(v for k, v in ops.items() if k.startswith("one expert"))
-    merged_gb = G * n * I * 4 / 1e9
-    out = {"chunk_rows": n, "ops_ms": ops, "main_products_ms": main, "merge_ms": merge, "one_expert_ms": one,
-           "predicted_x_one": (main + merge) / one, "merge_write_GBps": merged_gb / (ops["merge p @ w (forward; again in backward)"] / 1e3)}  # fmt: skip
-    # the whole FFN with smaller merge chunks (merged blocks that stay in cache)
-    w1, w2 = torch.randn(E, W, D, requires_grad=True), torch.randn(E, D, W, requires_grad=True)
-    xs, logits = torch.randn(G, S, D, requires_grad=True), torch.randn(G, E, requires_grad=True)
 
-    def layer(chunk: int):
-        def run():
-            probs = torch.softmax(logits, -1)
-            h = F.gelu(merged_linear(xs, probs, w1, chunk_bytes=chunk))
-            merged_linear(h, probs, w2, chunk_bytes=chunk).sum().backward()
+def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -> dict[str, Callable[[], object]]:
+    """Each product ``merged_linear`` runs for one ``[E, O, I]`` layer with bias, over all its chunks
+    (same calls, shapes and buffers as the kernel), and the products one expert runs for the same layer."""
+    import torch.nn.functional as F
+
+    from moekit.experts.merged_linear import _rows_per_chunk
+
+    n = _rows_per_chunk(G, O, I, 4, chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    p, w, b = torch.rand(G, E, generator=g), torch.randn(E, O * I, generator=g), torch.randn(E, O, generator=g)
+    x, grad_y = torch.randn(G, S, I, generator=g), torch.randn(G, S, O, generator=g)
+    merged, grad_m = torch.empty(G * n * I), torch.empty(G * n * I)
+    y, grad_x, grad_pT, grad_w = torch.empty(G, S, O), torch.empty(G, S, I), torch.zeros(E, G), torch.empty(E, O * I)
+    b_GO = p @ b
+    chunks = [(o0, min(n, O - o0)) for o0 in range(0, O, n)]
+
+    def merge() -> None:
+        for o0, k in chunks:
+            torch.mm(p, w[:, o0 * I : (o0 + k) * I], out=merged[: G * k * I].view(G, k * I))
+
+    def each_chunk(op: Callable[[int, int, Tensor, Tensor], object]) -> Callable[[], None]:
+        def run() -> None:
+            for o0, k in chunks:
+                op(o0, k, merged[: G * k * I].view(G, k, I), grad_m[: G * k * I].view(G, k, I))
         return run
 
-    e1, e2 = w1[0].detach().clone().requires_grad_(), w2[0].detach().clone().requires_grad_()
+    def forward(o0: int, k: int, m: Tensor, _: Tensor) -> None:
+        torch.baddbmm(b_GO[:, o0 : o0 + k].unsqueeze(1), x, m.transpose(1, 2), out=y[:, :, o0 : o0 + k])
 
-    def one_expert() -> None:
-        F.linear(F.gelu(F.linear(xs, e1)), e2).sum().backward()
+    def input_grad(o0: int, k: int, m: Tensor, _: Tensor) -> None:
+        if o0 == 0:
+            torch.bmm(grad_y[:, :, :k], m, out=grad_x)
+        else:
+            grad_x.baddbmm_(grad_y[:, :, o0 : o0 + k], m)
 
-    out["whole_layer_one_expert_ms"] = best(one_expert)
-    out["whole_layer_ms_by_chunk_bytes"] = {str(c): best(layer(c)) for c in (DEFAULT_CHUNK_BYTES, 2**20, 2**18)}
-    out["whole_layer_x_one"] = out["whole_layer_ms_by_chunk_bytes"][str(DEFAULT_CHUNK_BYTES)] / out["whole_layer_one_expert_ms"]
+    one_w, one_b, x2, gy2 = w[:, : O * I].reshape(E, O, I)[0], b[0], x.reshape(G * S, I), grad_y.reshape(G * S, O)
+    return {
+        "smear: forward x_g @ W_g^T (per example)": each_chunk(forward),
+        "smear: grad_x (per example)": each_chunk(input_grad),
+        "smear: grad W_g = grad_y_g^T x_g (per example)": each_chunk(lambda o0, k, _, gm: torch.bmm(
+            grad_y[:, :, o0 : o0 + k].transpose(1, 2), x, out=gm)),
+        "smear: merge W_g = sum_e p_ge w_e (forward)": merge,
+        "smear: merge again (backward)": merge,
+        "smear: grad probs <grad W_g, w_e>": each_chunk(lambda o0, k, _, gm: grad_pT.addmm_(
+            w[:, o0 * I : (o0 + k) * I], gm.view(G, k * I).t())),
+        "smear: grad w = probs^T grad W": each_chunk(lambda o0, k, _, gm: torch.mm(
+            p.t(), gm.view(G, k * I), out=grad_w[:, o0 * I : (o0 + k) * I])),
+        "one expert: forward": lambda: F.linear(x2, one_w, one_b),
+        "one expert: grad_x": lambda: torch.mm(gy2, one_w),
+        "one expert: grad W": lambda: torch.mm(gy2.t(), x2),
+    }
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _fault_us(mb: int = 16, n: int = 4) -> float:
+    """Microseconds per first-touch page fault: writing ``n`` fresh ``mb`` MB tensors (kept alive, so each
+    is new memory) against rewriting a reused one, per fault."""
+    numel = mb * 2**18
+    reused = torch.empty(numel)
+    reused.fill_(0)
+    t = time.perf_counter()
+    reused.fill_(1)
+    write_ms = 1e3 * (time.perf_counter() - t)
+    kept, f0, t = [], _minor_faults(), time.perf_counter()
+    for _ in range(n):
+        kept.append(torch.empty(numel).fill_(1))
+    fresh_ms, faults = 1e3 * (time.perf_counter() - t) / n, (_minor_faults() - f0) / n
+    return 1e3 * max(0.0, fresh_ms - write_ms) / max(1.0, faults)
+
+
+def breakdown_ffn(case: dict, reps: int) -> dict:
+    """Where SMEAR's FFN step goes against one expert's: every product ``merged_linear`` runs in one
+    forward+backward (both layers, all chunks at the default chunk size), each timed alone (best of
+    ``reps``, interleaved), next to one expert's products; the first-touch page faults of each step
+    (counted in the bench's own interleaved loop, priced per fault); and the whole steps. "rest" is the
+    step minus the parts: activation, router, loss, bias sums, and the products' slowdown when they share
+    the cache with each other instead of running alone."""
+    from moekit.experts.merged_linear import DEFAULT_CHUNK_BYTES
+
+    G, S, D, W, E = case["B"], case["S"], case["D"], case["W"], case["E"]
+    parts: dict[str, float] = {}
+    for O, I in ((W, D), (D, W)):
+        for k, v in _best_ms(_linear_products(G, S, O, I, E, DEFAULT_CHUNK_BYTES), reps).items():
+            parts[k] = parts.get(k, 0.0) + v
+    steps, faults = _steps_and_faults(case, reps)
+    fault_us = _fault_us()
+    out: dict = {"step_ms": steps, "faults_per_step": faults, "us_per_fault": fault_us}
+    fault_ms = {k: v * fault_us / 1e3 for k, v in out["faults_per_step"].items()}
+    one = out["step_ms"]["one_expert"]
+    rows: dict[str, float] = {}
+    for impl, who in (("one_expert", "one expert"), ("smear", "smear")):
+        rows.update({k: v for k, v in parts.items() if k.startswith(who + ":")})
+        rows[f"{who}: first-touch page faults"] = fault_ms[impl]
+        rows[f"{who}: rest"] = out["step_ms"][impl] - sum(v for k, v in rows.items() if k.startswith(who + ":"))
+    out["rows"] = [{"part": k, "ms": v, "x_one": v / one} for k, v in rows.items()]
+    out["smear_x_one"] = out["step_ms"]["smear"] / one
+    by_chunk, _ = _steps_and_faults(case, reps, chunks=[DEFAULT_CHUNK_BYTES, *SWEEP_CHUNK_BYTES])
+    out["x_one_by_chunk_bytes"] = {c: by_chunk[f"smear_{c}"] / by_chunk["one_expert"] for c in [DEFAULT_CHUNK_BYTES, *SWEEP_CHUNK_BYTES]}
     return out
+
+
+def _steps_and_faults(case: dict, reps: int, chunks: list[int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step ms and minor page faults per step of one expert and SMEAR (with each merge chunk size
+    of ``chunks``: ``smear_<bytes>``), interleaved rep by rep in one process as ``timings`` runs them."""
+    torch.manual_seed(0)
+    layers = {"one_expert": _build("one_expert", case, "cpu")}
+    for c in chunks or [None]:
+        layer = _build("smear", case, "cpu")
+        if c is not None:
+            layer.merge_chunk_bytes = c
+        layers["smear" if c is None else f"smear_{c}"] = layer
+    x = torch.randn(case["B"], case["S"], case["D"], requires_grad=True)
+    steps: dict[str, list[float]] = {impl: [] for impl in layers}
+    faults: dict[str, list[int]] = {impl: [] for impl in layers}
+    for rep in range(reps + 1):
+        for impl, layer in layers.items():
+            f0, t = _minor_faults(), time.perf_counter()
+            _step(layer, x)
+            if rep:  # rep 0 is warm-up
+                steps[impl].append(1e3 * (time.perf_counter() - t))
+                faults[impl].append(_minor_faults() - f0)
+    return {k: statistics.median(v) for k, v in steps.items()}, {k: statistics.median(v) for k, v in faults.items()}
 
 
 def main() -> None:
@@ -268,14 +344,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return _child(args)
-    if args.profile:
-        prof = {"case": CASES["ffn"], "threads": args.threads, "torch": torch.__version__, "load_average": os.getloadavg(),
-                "command": " ".join(sys.argv), **profile_ffn(CASES["ffn"], args.reps)}  # fmt: skip
-        write_json(Path(args.out) / "bench_smear_profile.json", prof)
-        print(json.dumps(prof, indent=1))
-        return
     cases = QUICK if args.quick else CASES
-    results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, "torch": torch.__version__, "cases": {}}
+    if args.profile:
+        prof = {"case": cases["ffn"], "threads": args.threads, "torch": torch.__version__, "load_average": os.getloadavg(),
+                "command": " ".join(sys.argv), **breakdown_ffn(cases["ffn"], args.reps)}  # fmt: skip
+        write_json(Path(args.out) / ("bench_smear_profile_quick.json" if args.quick else "bench_smear_profile.json"), prof)
+        print("\n".join(_breakdown_markdown(prof)))
+        return
+    results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, "torch": torch.__version__,
+                     "load_average_start": os.getloadavg(), "cases": {}}  # fmt: skip
     for name, case in cases.items():
         speed = timings(case, IMPLS, args.device, args.reps)
         rows = [{**_run_child(case, impl, args.device, args.threads), **speed[impl]} for impl in IMPLS]
@@ -291,6 +368,9 @@ def main() -> None:
                       "one_saved_mb": one["saved_mb"], "smear_saved_mb": smear["saved_mb"]})  # fmt: skip
         print("sweep", json.dumps(sweep[-1]))
     results["sweep_ffn"] = sweep
+    if args.device == "cpu":  # CPU time and page faults: a CPU split
+        results["breakdown_ffn"] = breakdown_ffn(ffn, args.reps)
+    results["load_average_end"] = os.getloadavg()
     stem = "bench_smear_quick" if args.quick else "bench_smear"
     out = Path(args.out)
     write_json(out / f"{stem}.json", results)
@@ -323,7 +403,30 @@ def _markdown(results: dict) -> str:
               "| S | one expert ms | SMEAR ms | SMEAR / one | one saved MB | SMEAR saved MB |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["sweep_ffn"]:
         lines.append(f"| {r['S']} | {r['one_ms']:.1f} | {r['smear_ms']:.1f} | {r['ratio']:.2f} | {r['one_saved_mb']:.1f} | {r['smear_saved_mb']:.1f} |")
+    if "breakdown_ffn" in results:
+        lines += ["", *_breakdown_markdown(results["breakdown_ffn"])]
+    if "load_average_start" in results:
+        lines += ["", f"Load average (1, 5, 15 min) at start {_load(results['load_average_start'])}, "
+                  f"at end {_load(results['load_average_end'])}."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _load(avg: list[float]) -> str:
+    return ", ".join(f"{a:.2f}" for a in avg)
+
+
+def _breakdown_markdown(b: dict) -> list[str]:
+    """The FFN step split (``breakdown_ffn``) as a table."""
+    lines = ["**Where the FFN step goes** (`breakdown_ffn`: each product of one step timed alone, best of the reps; "
+             f"page faults counted per step at {b['us_per_fault']:.2f} us each; x one expert = ms / one expert's step)", "",
+             "| part | ms | x one expert |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['part']} | {r['ms']:.1f} | {r['x_one']:.3f} |" for r in b["rows"]]
+    steps, faults = b["step_ms"], b["faults_per_step"]
+    lines += ["", f"Steps (median): one expert {steps['one_expert']:.1f} ms, SMEAR {steps['smear']:.1f} ms = "
+              f"{b['smear_x_one']:.2f}x; minor page faults per step: one expert {faults['one_expert']:.0f}, "
+              f"SMEAR {faults['smear']:.0f}. SMEAR / one expert by merge chunk size: "
+              + ", ".join(f"{int(c) / 2**20:g} MiB {r:.2f}x" for c, r in b["x_one_by_chunk_bytes"].items()) + "."]  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

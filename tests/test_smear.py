@@ -200,6 +200,81 @@ def test_merged_linear_matches_reference_in_outputs_and_gradients(shape, chunk_r
             torch.testing.assert_close(a, r)
 
 
+GRAD_LAYOUTS = {
+    "contiguous": lambda G, S, O: torch.randn(G, S, O, dtype=torch.float64),
+    "broadcast": lambda G, S, O: torch.randn(1, 1, O, dtype=torch.float64).expand(G, S, O),  # e.g. from y.sum(0)
+    "permuted": lambda G, S, O: torch.randn(S, O, G, dtype=torch.float64).permute(2, 0, 1),
+    "every_other_feature": lambda G, S, O: torch.randn(G, S, 2 * O, dtype=torch.float64)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", list(GRAD_LAYOUTS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_linear_backward_reads_any_output_gradient_layout(layout: str, bias: bool) -> None:
+    """Backward slices the output gradient per chunk without copying it: strided, broadcast and
+    non-BLAS layouts give the reference's gradients."""
+    G, S, I, O, E = 3, 5, 6, 7, 4
+    torch.manual_seed(0)
+    x = torch.randn(G, S, I, dtype=torch.float64, requires_grad=True)
+    probs = torch.randn(G, E, dtype=torch.float64).softmax(-1).requires_grad_()
+    w = torch.randn(E, O, I, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, O, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [t for t in (x, probs, w, b) if t is not None]
+    g = GRAD_LAYOUTS[layout](G, S, O)
+    y = merged_linear(x, probs, w, b, chunk_bytes=3 * G * I * 8)  # chunks of 3, 3 and 1 rows of W
+    ref = merged_linear_reference(x, probs, w, b)
+    for a, r in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("between", ["nothing", "same_shape", "larger", "backward_twice"])
+def test_merged_linear_reuses_the_last_merged_chunk_only_while_the_buffer_holds_it(between: str) -> None:
+    """Backward starts with the chunk forward merged last and skips its re-merge when the scratch buffer
+    still holds it; any other merged_linear call in between (same or larger buffer) forces the re-merge."""
+    G, S, I, O, E = 3, 4, 5, 7, 4
+    torch.manual_seed(0)
+
+    def case() -> list[torch.Tensor]:
+        return [torch.randn(G, S, I, dtype=torch.float64, requires_grad=True),
+                torch.randn(G, E, dtype=torch.float64).softmax(-1).requires_grad_(),
+                torch.randn(E, O, I, dtype=torch.float64, requires_grad=True)]  # fmt: skip
+
+    inputs = case()
+    y = merged_linear(*inputs, chunk_bytes=3 * G * I * 8)  # chunks of 3, 3 and 1 rows: the last one is partial
+    x2, p2, w2 = case()
+    if between == "same_shape":
+        merged_linear(x2, p2, w2, chunk_bytes=3 * G * I * 8)
+    elif between == "larger":  # twice the groups: a larger buffer replaces the one forward wrote
+        merged_linear(torch.cat([x2, x2]), torch.cat([p2, p2]), w2, chunk_bytes=3 * 2 * G * I * 8)
+    g = torch.randn(G, S, O, dtype=torch.float64)
+    expected = torch.autograd.grad(merged_linear_reference(*inputs), inputs, g)
+    if between == "backward_twice":
+        torch.autograd.grad(y, inputs, g, retain_graph=True)
+    for a, r in zip(torch.autograd.grad(y, inputs, g), expected):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_linear_matches_a_float64_reference_in_low_precision(dtype: torch.dtype) -> None:
+    """fp32 and bf16 outputs and gradients within the dtype's rounding of a float64 reference on the same
+    values, relative to the largest reference value (long bf16 sums round at that scale, not per element)."""
+    G, S, I, O, E = 4, 8, 16, 24, 3
+    torch.manual_seed(0)
+    values = [torch.randn(G, S, I), torch.randn(G, E).softmax(-1), torch.randn(E, O, I), torch.randn(E, O)]
+    fast = [v.to(dtype).requires_grad_() for v in values]
+    fast[1] = values[1].clone().requires_grad_()  # fp32 router output, cast to the weights' dtype inside
+    exact = [v.detach().double().requires_grad_() for v in fast]
+    g = torch.randn(G, S, O)
+    y = merged_linear(*fast, chunk_bytes=5 * G * I * fast[0].element_size())  # chunks of 5 rows of W
+    ref = merged_linear_reference(*exact)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    results = [y, *torch.autograd.grad(y, fast, g.to(dtype))]
+    references = [ref, *torch.autograd.grad(ref, exact, g.double())]
+    for a, r in zip(results, references):
+        a, r = a.detach().double(), r.detach()
+        assert float((a - r).abs().max()) <= rtol * float(r.abs().max())
+
+
 @pytest.mark.parametrize("bank", ["adapter", "mlp", "glu"])
 def test_fused_smear_path_matches_the_plain_merge(bank: str) -> None:
     torch.manual_seed(0)

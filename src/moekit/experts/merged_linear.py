@@ -5,20 +5,32 @@ rows, ``x_g @ W_g^T + b_g`` with the merged parameters ``W_g = sum_e probs[g, e]
 alike). ``merged_linear_reference`` is the plain autograd version (one merge matmul + one batched matmul).
 
 Why a fused kernel: the plain version materialises the merged weights of the whole batch (G * O * I
-values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward. On CPU,
-fresh allocations that large are served by ``mmap`` and page-faulted in on every step, which costs more
-than the merge itself (measured in ``benchmarks/bench_smear.py``). Here the output features are processed
-in chunks of rows of ``W``: each chunk's merged weights live in one small reused buffer (at most
-``chunk_bytes``); backward recomputes them chunk by chunk instead of keeping them (autograd keeps
-only ``x``, ``probs`` and references to the stacked parameters) and accumulates, per chunk:
+values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward, and keeps
+the merged weights for backward. Here the output features are processed in chunks of rows of ``W``: each
+chunk's merged weights live in one small reused buffer (at most ``chunk_bytes``; fresh buffers that large
+come from ``mmap`` on CPU and are page-faulted in on every call); backward recomputes them chunk by chunk
+instead of keeping them (autograd keeps only ``x``, ``probs`` and references to the stacked parameters),
+last chunk first: when no other call fetched the buffer since this forward (the layer right before the
+loss), it still holds that chunk merged and its re-merge is skipped. Per chunk (``grad_y_g[:, chunk]`` is
+read in place, a strided view, not copied) backward accumulates:
 
 * ``grad_x_g += grad_y_g[:, chunk] @ W_g[chunk]``
 * ``grad_W_g[chunk] = grad_y_g[:, chunk]^T @ x_g`` (into a reused buffer, never for the whole layer)
 * ``grad_probs[g, e] += <grad_W_g[chunk], w_e[chunk]>``  (one ``[E, n] @ [n, G]`` matmul)
 * ``grad_w[:, chunk] = probs^T @ grad_W[chunk]``  (one ``[E, G] @ [G, n]`` matmul, written in place)
 
-Compute is that of the plain version plus one more merge in backward (E multiply-adds per weight and
-group, E/S of the expert's own work).
+Compute is that of the plain version plus one more merge in backward: four merge-sized products (merge,
+re-merge, the two gradients above), each E multiply-adds per weight and group, 4E/(3S) of the expert's
+own work (~8% at E=8, S=128). Where the time goes instead (``benchmarks/bench_smear.py --profile``, FFN
+case, 1 CPU thread; x = fraction of one expert's step): the four merge-sized products run at ~12 GMAC/s
+(short-K GEMMs whose G * O * I output is streamed through memory: copy-like traffic, not flops) and cost
+~0.27x; the per-example products (S=128-row GEMMs, each reading its own merged weights) ~0.13x more than
+one expert's batch-wide GEMMs; first-touch page faults of the stacked-weight gradient (E times one
+expert's, a fresh ``mmap`` per step under glibc's allocator) ~0.1x. Measured and not kept: merge chunks
+sized for L2/L3 (1-4 MB: the per-example GEMMs shrink to tens of columns and re-read ``x`` per chunk,
+slower overall, merges no faster), merging a few groups at a time right before their GEMM, the merge as
+a batched matmul or a 1x1 convolution, a bias added after a plain bmm: none faster than this loop. Going
+lower needs the merge fused into the GEMM's own weight packing (a native kernel), not more torch ops.
 """
 
 from __future__ import annotations
@@ -52,13 +64,27 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     """A reused buffer of at least ``numel`` values for ``name`` (per thread, dtype and device): the merged
     weights of one chunk and their gradient. Fresh buffers of this size (megabytes) come from ``mmap`` on
     CPU and are page-faulted in on every call -- measured 20-25% of SMEAR's FFN step (bench_smear.py
-    --profile); kept, they cost ``2 * chunk_bytes`` per thread that ran SMEAR."""
+    --profile); kept, they cost ``2 * chunk_bytes`` per thread that ran SMEAR. The caller is its new writer:
+    whatever ``_claim`` said the buffer held no longer holds."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (name, dtype, device)
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    _SCRATCH.__dict__.setdefault("holders", {})[key] = None
     return buf[:numel]
+
+
+def _claim(name: str, dtype: torch.dtype, device: torch.device) -> object:
+    """Say that scratch buffer ``name`` holds what its last ``_scratch`` caller wrote; returns the token
+    ``_holds`` checks (void once anyone fetches that buffer again)."""
+    token = object()
+    _SCRATCH.__dict__.setdefault("holders", {})[(name, dtype, device)] = token
+    return token
+
+
+def _holds(name: str, dtype: torch.dtype, device: torch.device, token: object) -> bool:
+    return _SCRATCH.__dict__.get("holders", {}).get((name, dtype, device)) is token
 
 
 def _rows_per_chunk(G: int, O: int, I: int, element_size: int, chunk_bytes: int) -> int:
@@ -86,6 +112,7 @@ class _MergedLinear(torch.autograd.Function):
                 torch.baddbmm(b_GO[:, o0 : o0 + n].unsqueeze(1), x_GSI, m_GnI.transpose(1, 2), out=out)
         ctx.rows = rows
         ctx.has_bias = b_EO is not None
+        ctx.merged_token = _claim("merged", w_EOI.dtype, w_EOI.device)  # the last chunk's merged weights
         ctx.save_for_backward(x_GSI, p, w_EOI, b_EO)
         return y
 
@@ -101,15 +128,19 @@ class _MergedLinear(torch.autograd.Function):
         grad_x = torch.empty(G, S, I, dtype=x_GSI.dtype, device=x_GSI.device) if need_x else None
         grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
         grad_w = torch.empty_like(w_EOI) if need_w else None
+        # last chunk first: when no other call used the buffer since forward, it still holds that chunk merged
+        merged_kept = need_x and _holds("merged", p.dtype, p.device, ctx.merged_token)
         merged = _scratch("merged", G * rows * I, p.dtype, p.device) if need_x else None
         grad_m = _scratch("grad_merged", G * rows * I, p.dtype, p.device) if (need_p or need_w) else None
-        for o0 in range(0, O, rows):
+        for i, o0 in enumerate(reversed(range(0, O, rows))):
             n = min(rows, O - o0)
-            g_GSn = grad_GSO[:, :, o0 : o0 + n].contiguous()  # batched (not per-group) matmuls need it
+            g_GSn = grad_GSO[:, :, o0 : o0 + n]  # a strided view: bmm reads it in place (row stride O)
             w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
             if need_x:
-                m_GnI = torch.mm(p, w_chunk, out=merged[: G * n * I].view(G, n * I)).view(G, n, I)
-                if o0 == 0:
+                m_GnI = merged[: G * n * I].view(G, n, I)
+                if not (i == 0 and merged_kept):
+                    torch.mm(p, w_chunk, out=m_GnI.view(G, n * I))
+                if i == 0:
                     torch.bmm(g_GSn, m_GnI, out=grad_x)
                 else:
                     grad_x.baddbmm_(g_GSn, m_GnI)
