@@ -176,7 +176,8 @@ def test_decode_runs_the_whole_layer_in_one_native_call(monkeypatch) -> None:
         assert len(layers) == 4 and not linears
         dispatch(BANKS["packed_glu"](6), torch.randn(1, D), decision)
         assert len(layers) == 4 and linears
-    assert moekit.MLPExperts(2, D, 4, activation="tanh").ffn_weights().activation not in native_gemv.FFN_ACTIVATIONS
+        dispatch(moekit.MLPExperts(6, D, 24, activation="tanh"), torch.randn(1, D), decision)  # no fused tanh
+        assert len(layers) == 4
 
 
 # ----- banks through the seam ------------------------------------------------------------------------

@@ -4,16 +4,18 @@
 nothing involved requires grad) and the bank runs one expert at a time (``ExpertBank.expert_inference``).
 It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_tk}(x_t)`` -- in three steps:
 
-* **plan** (``plan_inference``): the live slots grouped by expert. One token needs no sort (its K
-  experts are distinct: slot k is group k); more tokens take one stable argsort of the T*K ids, a few
-  microseconds at decode sizes and cheaper than any grouping in Python.
-* **experts**: every touched expert runs on its rows with ``expert_inference``, so its weight matrices
-  are read once whatever the number of rows (decode: a GEMV per matrix at the memory-bandwidth limit;
-  prefill: a GEMM per expert). For one token, for decode sizes the native GEMV serves, or when the bank
-  is packed, this is a loop over the touched experts; otherwise, from ``SORTED_GROUPED_MIN_TOKENS``
-  tokens on, unpacked banks run their sorted grouped GEMM (``grouped_forward``: the same kernels in one
-  call per matrix; its CPU path splits experts over threads, ``cpu_grouped``).
-* **combine**: one weighted ``index_add`` of the expert outputs onto their tokens.
+* **one call** (decode): banks whose experts are two matrices around one activation (``ffn_weights``:
+  mlp, glu, plain transformers experts) run the whole layer in one native call (``native_gemv.moe_ffn``)
+  while the mean rows per touched expert are a size the native GEMV serves; no Python per expert.
+* **plan** (``plan_inference``): otherwise the live slots grouped by expert, experts ascending (one token
+  with distinct experts: ordered in Python, no sort; more tokens: one stable argsort of the T*K ids).
+* **experts**, in runs of consecutive experts (``expert_runs``; on CPU at most ``RUN_BYTES`` of
+  temporaries per run, reused from the heap instead of page-faulted in on every call): every touched
+  expert's weights are read once per run. Packed banks, decode sizes and CPU fp32 (oneDNN on the plain
+  weights, ``reads_plain_weights``) run a loop over the touched experts (``expert_inference``); otherwise,
+  from ``SORTED_GROUPED_MIN_TOKENS`` tokens on, the sorted grouped GEMM (``grouped_forward``: the same
+  kernels in one call per matrix; its CPU path splits experts over threads, ``cpu_grouped``).
+* **combine**: one weighted ``index_add`` per run of its outputs onto their tokens.
 
 Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
 split over the pool of ``cpu_grouped`` in runs of about equal cost (each worker runs its experts on one
@@ -25,7 +27,7 @@ Kernels: every bank's ``expert_inference`` applies its matrices through ``expert
 that picks the kernel -- the native GEMV (``native_gemv``: C, built on first use; fp32/bf16 weights with
 fp32 accumulation, a GLU's gate activation fused) where ``native_gemv.serves`` the number of rows (decode;
 the measured crossover ``native_gemv.MAX_ROWS``; ``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on
-packed weights, else ``F.linear``.
+packed weights (or, fp32, on the plain ones), else ``F.linear``.
 
 Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
 matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with
@@ -168,9 +170,11 @@ def plan_inference(decision: RoutingDecision) -> InferencePlan:
 def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> Tensor:
     """``sum_k w_tk * expert_{id_tk}(x_t)`` over live slots, forward only: ``[T, D] -> [T, out_dim]``.
 
-    Packed banks run the expert loop at every size; unpacked ones run it for one token, and for more while
-    the mean rows per expert are a size the native GEMV serves (``native_gemv.serves``), and the sorted
-    grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on otherwise (same kernels, one call per matrix)."""
+    Two-matrix banks at decode sizes (``native_layer``) run the whole layer in one native call
+    (``native_gemv.moe_ffn``). Otherwise the slots go in runs of experts (``expert_runs``, at most
+    ``RUN_BYTES`` of temporaries on CPU): packed banks, decode sizes and CPU fp32 (oneDNN on the plain
+    weights, ``reads_plain_weights``) run the expert loop; the rest the sorted grouped GEMM from
+    ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same kernels, one call per matrix)."""
     T = x_T.shape[0]
     packed = inference_pack(bank)
     layer = native_layer(bank, x_T, decision, packed=packed is not None)

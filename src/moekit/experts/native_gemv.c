@@ -263,6 +263,28 @@ static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const
     return 0;
 }
 
+/* The working copies of rows of x: xf [n, I] in fp32 and (bf16) xb [n, I] the bf16 values, row r taken
+ * from x row index[r] (rows ldx apart; index NULL: row r). */
+static void working_rows(const void *x, long ldx, const long *index, long n, long I, int bf16, float *xf, uint16_t *xb) {
+    for (long r = 0; r < n; r++) {
+        long src = (index ? index[r] : r) * ldx;
+        for (long i = 0; i < I; i++) {
+            if (bf16) {
+                xb[r * I + i] = ((const uint16_t *)x)[src + i];
+                xf[r * I + i] = bf16_to_f32(xb[r * I + i]);
+            } else {
+                xf[r * I + i] = ((const float *)x)[src + i];
+            }
+        }
+    }
+}
+
+/* Threads for `blocks` row blocks: at least 1, at most `threads` and `blocks`. */
+static int thread_count(int threads, long blocks) {
+    int n = threads < 1 ? 1 : threads;
+    return n > blocks ? (int)(blocks > 0 ? blocks : 1) : n;
+}
+
 /* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
  * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
  * with O = out. Returns 0, or -1 when a buffer (the copies of x, a thread's chunk) could not be allocated. */
@@ -272,15 +294,10 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     float *xf = (float *)malloc((sizeof(float) + sizeof(uint16_t)) * n_x); /* x in fp32, then (bf16) a dense copy */
     if (!xf) return -1;
     uint16_t *xb = (uint16_t *)(xf + n_x);
-    for (long m = 0; m < M; m++)
-        for (long i = 0; i < I; i++) {
-            if (dtype) xb[m * I + i] = ((const uint16_t *)x)[m * ldx + i];
-            xf[m * I + i] = dtype ? bf16_to_f32(((const uint16_t *)x)[m * ldx + i]) : ((const float *)x)[m * ldx + i];
-        }
+    working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
     long blocks = (O + ROWS - 1) / ROWS;
     int failed = 0;
-    int n = threads < 1 ? 1 : threads;
-    if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
+    int n = thread_count(threads, blocks);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n) if (n > 1)
     {
@@ -360,17 +377,11 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 if (count[e + 1] - count[e] > max_rows) max_rows = count[e + 1] - count[e];
                 g++;
             }
-        for (long n = 0; n < N; n++)
-            for (long i = 0; i < I; i++) {
-                uint16_t hv = bf16 ? ((const uint16_t *)x)[token[n] * ldx + i] : 0;
-                xb[n * I + i] = hv;
-                xf[n * I + i] = bf16 ? bf16_to_f32(hv) : ((const float *)x)[token[n] * ldx + i];
-            }
+        working_rows(x, ldx, token, N, I, bf16, xf, xb);
     }
     const long chunks = (F + CHUNK - 1) / CHUNK, units = G * chunks, blocks = (O + ROWS - 1) / ROWS;
     const double bytes = (double)G * (double)((glu ? 2 : 1) * F * I + O * F) * (double)es;
-    int n = threads < 1 ? 1 : threads;
-    if (n > blocks) n = (int)(blocks > 0 ? blocks : 1);
+    int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
     if (!failed && N > 0) {
 #ifdef _OPENMP
