@@ -209,6 +209,20 @@ def test_pack_follows_weight_updates_and_leaves_state_untouched(monkeypatch) -> 
     assert experts._inference_pack is None
 
 
+@pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
+def test_pack_of_a_bank_built_under_inference_mode(monkeypatch) -> None:
+    """Weights made under ``inference_mode`` are inference tensors (no version counter): packing still
+    works, and a new weight tensor (a re-assigned parameter) is packed afresh."""
+    monkeypatch.setattr(inference, "PACKED_MIN_EXPERT_BYTES", 0)
+    x, decision = torch.randn(5, D), _decision(5, 4, 2)
+    with torch.inference_mode():
+        experts = pack_for_inference(moekit.GLUExperts(4, D, 24))
+        packed = dispatch(experts, x, decision)
+        torch.testing.assert_close(packed, dispatch_reference(experts, x, decision), rtol=1e-5, atol=1e-6)
+        experts.down_proj = torch.nn.Parameter(experts.down_proj * 2, requires_grad=False)
+        torch.testing.assert_close(dispatch(experts, x, decision), 2 * packed, rtol=1e-5, atol=1e-6)
+
+
 def test_pack_for_inference_needs_a_packable_bank() -> None:
     with pytest.raises(ValueError, match="no expert bank with packable matrices"):
         pack_for_inference(moekit.AdapterExperts(4, D, 8))

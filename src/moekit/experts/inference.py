@@ -326,8 +326,11 @@ class InferencePack:
 
 
 def _stamp(bank: "ExpertBank") -> tuple:
+    """What identifies the bank's weights: storage, shape, dtype and in-place version of every tensor. Tensors
+    made under ``inference_mode`` keep no version counter: theirs is None, so an in-place change of one
+    inside ``inference_mode`` is not seen (assigning a new tensor is)."""
     tensors = [*bank.stacked_parameters().values(), *bank.buffers()]
-    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, tuple(t.shape)) for t in tensors)
 
 
 def inference_pack(bank: "ExpertBank") -> dict[str, list[Tensor]] | None:
