@@ -32,7 +32,6 @@ An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwe
 
     python benchmarks/bench_infer.py                 # -> results/bench_infer.{json,md}, 1 thread
     python benchmarks/bench_infer.py --threads 2     # -> results/bench_infer_2threads.{json,md}
-    python benchmarks/bench_infer.py --crossover     # loop vs sorted grouped GEMM (plain) -> results/bench_infer_crossover.*
     python benchmarks/bench_infer.py --kernels       # read rate: native GEMV, F.linear, packed, torch.sum -> results/bench_infer_kernels.*
     python benchmarks/bench_infer.py --quick         # tiny shapes (smoke test) -> results/bench_infer_quick.*
 
@@ -259,45 +258,6 @@ def _line(row: dict) -> str:
     cells = " ".join(f"{k}={v['x_bound']:.2f}" for k, v in row["impls"].items() if "x_bound" in v)
     return (f"{row['layer']} {row['dtype']} T={row['T']}: bound {row['bound_s'] * 1e3:.2f} ms ({row['bound_kind']}, "
             f"{row['bandwidth_GBps']:.1f} GB/s), x bound: {cells}")
-
-
-# ----- crossover: the plain path's expert loop vs its sorted grouped GEMM ------------------------------
-def crossover(args) -> dict:
-    """Time the unpacked inference path with the loop and with the sorted grouped GEMM forced, over T."""
-    from moekit.experts import dispatch, inference
-
-    shape = SHAPES["olmoe_1b_7b"] if not args.quick else QUICK["tiny"]
-    clock = time.process_time if args.threads == 1 else time.perf_counter
-    out = {"shape": shape, "rows": []}
-    for dtype_name, dtype in DTYPES.items():
-        layer = Layer(shape, dtype)
-        bank = layer.banks["moekit"]
-        with torch.inference_mode():
-            for T in ([4, 16, 32, 64, 128, 256] if not args.quick else [4, 32]):
-                x = torch.randn(T, shape["D"]).to(dtype)
-                d = layer.router(x.float())
-                from moekit.types import RoutingDecision
-
-                run = RoutingDecision(d.ids_TK, d.weights_TK.to(dtype), shape["E"])
-
-                def forced(limit: float) -> Callable:
-                    def fn():
-                        saved, inference.SORTED_GROUPED_MIN_TOKENS = inference.SORTED_GROUPED_MIN_TOKENS, limit
-                        try:
-                            return dispatch(bank, x, run)
-                        finally:
-                            inference.SORTED_GROUPED_MIN_TOKENS = saved
-                    return fn
-
-                stats, _ = time_interleaved({"loop": forced(float("inf")), "sorted": forced(0)}, args.reps, clock)
-                row = {"dtype": dtype_name, "T": T, "slots": T * shape["K"], "loop_s": stats["loop"]["best_s"],
-                       "sorted_s": stats["sorted"]["best_s"]}  # fmt: skip
-                row["sorted_over_loop"] = row["sorted_s"] / row["loop_s"]
-                out["rows"].append(row)
-                print(f"crossover {dtype_name} T={T}: sorted/loop = {row['sorted_over_loop']:.2f}", file=sys.stderr)
-        del layer
-        gc.collect()
-    return out
 
 
 # ----- kernels: the read rate of each matrix-vector kernel on expert matrices -------------------------
@@ -541,7 +501,6 @@ def main() -> None:
     ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
     ap.add_argument("--max-gather-gb", type=float, default=1.0, help="skip hf batched_mm above this weight copy (GB)")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
-    ap.add_argument("--crossover", action="store_true", help="only measure the loop / sorted-GEMM crossover")
     ap.add_argument("--kernels", action="store_true", help="only measure the read rate of the GEMV kernels (native, F.linear, packed, torch.sum)")
     ap.add_argument("--profile", action="store_true", help="profile moekit's call where it misses its goal")
     ap.add_argument("--assemble", nargs="+", metavar="JSON", help="combine the JSON of separate runs (pieces) into one")
@@ -555,7 +514,7 @@ def main() -> None:
     import transformers
 
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv)}
-    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_crossover" if args.crossover else "") + ("_kernels" if args.kernels else "")
+    tag = "bench_infer" + ("_quick" if args.quick else "") + ("_kernels" if args.kernels else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
     out = Path(args.out)
     if args.assemble:
@@ -567,15 +526,6 @@ def main() -> None:
         text = kernels_markdown(res, args)
         atomic_write_text(out / f"{tag}.md", text)
         print(text)
-        return
-    if args.crossover:
-        res = {"environment": env, **crossover(args)}
-        write_json(out / f"{tag}.json", res)
-        lines = ["| dtype | T | slots | loop ms | sorted ms | sorted / loop |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['dtype']} | {r['T']} | {r['slots']} | {r['loop_s'] * 1e3:.2f} | {r['sorted_s'] * 1e3:.2f} | "
-                  f"{r['sorted_over_loop']:.2f} |" for r in res["rows"]]  # fmt: skip
-        atomic_write_text(out / f"{tag}.md", f"Unpacked inference path, {res['shape']}\n\n" + "\n".join(lines) + "\n")
-        print("\n".join(lines))
         return
     shapes = QUICK if args.quick else SHAPES
     if args.shapes:

@@ -127,26 +127,32 @@ def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_large_products_take_onednn_or_the_sorted_grouped_gemm(dtype, monkeypatch) -> None:
-    """Past decode sizes: fp32 on CPU runs the expert loop on oneDNN over the plain weights (faster than
-    MKL's GEMM that F.linear and the grouped GEMM use); bf16 (F.linear is oneDNN already) the sorted
-    grouped GEMM, in one call."""
+def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch) -> None:
+    """Past decode sizes on CPU the experts run one by one, never the sorted grouped GEMM (F.grouped_mm's
+    CPU kernel copies the weights on every call); fp32 on oneDNN over the plain weights (faster than the
+    MKL GEMM of F.linear). One thread adds each expert's output onto its tokens directly, two split the
+    experts over the pool: both equal the reference."""
     experts = moekit.GLUExperts(4, D, 24, dtype=dtype)
     x = torch.randn(30, D, dtype=dtype)
     decision = _decision(30, 4, 2, dtype=dtype)
-    monkeypatch.setattr(inference, "SORTED_GROUPED_MIN_TOKENS", 10)  # T = 30 tokens
     monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)
     grouped, onednn = [], []
     original = moekit.GLUExperts.grouped_forward
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
     lp = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
-    with torch.no_grad():
-        y = dispatch(experts, x, decision)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = dispatch(experts, x, decision)
+    finally:
+        torch.set_num_threads(before)
     plain = inference.reads_plain_weights(dtype)
     assert plain == (dtype == torch.float32 and packing_available(dtype, "cpu"))
-    assert bool(grouped) != plain and bool(onednn) == plain
+    assert not grouped and bool(onednn) == plain
     torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), **TOL[dtype])
 
 

@@ -11,11 +11,12 @@ It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_t
   with distinct experts: ordered in Python, no sort; more tokens: one stable argsort of the T*K ids).
 * **experts**, in runs of consecutive experts (``expert_runs``; on CPU at most ``RUN_BYTES`` of
   temporaries per run, reused from the heap instead of page-faulted in on every call): every touched
-  expert's weights are read once per run. Packed banks, decode sizes and CPU fp32 (oneDNN on the plain
-  weights, ``reads_plain_weights``) run a loop over the touched experts (``expert_inference``); otherwise,
+  expert's weights are read once per run. On CPU, and for packed banks, a loop over the touched experts
+  (``expert_inference``; CPU fp32 on oneDNN over the plain weights, ``reads_plain_weights``); elsewhere,
   from ``SORTED_GROUPED_MIN_TOKENS`` tokens on, the sorted grouped GEMM (``grouped_forward``: the same
-  kernels in one call per matrix; its CPU path splits experts over threads, ``cpu_grouped``).
-* **combine**: one weighted ``index_add`` per run of its outputs onto their tokens.
+  kernels in one call per matrix).
+* **combine**: a weighted ``index_add`` of the outputs onto their tokens (per expert in the calling thread,
+  per run when the pool ran the experts).
 
 Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
 split over the pool of ``cpu_grouped`` in runs of about equal cost (each worker runs its experts on one
@@ -70,8 +71,8 @@ __all__ = [
     "reads_plain_weights",
 ]
 
-#: unpacked banks run the sorted grouped GEMM from this many tokens on (below: the expert loop); measured
-#: with ``benchmarks/bench_infer.py --crossover``: equal kernels, the single call wins from 2 tokens on
+#: unpacked banks off the CPU run the sorted grouped GEMM from this many tokens on (below: the expert loop;
+#: equal kernels, the single call wins from 2 tokens on); on CPU the expert loop serves every size
 SORTED_GROUPED_MIN_TOKENS = 2
 #: packed kernels serve experts of at least this many weight bytes (smaller ones stay in cache, where the
 #: per-call cost of oneDNN, ~10 us, outweighs its faster streaming)
@@ -172,27 +173,27 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
 
     Two-matrix banks at decode sizes (``native_layer``) run the whole layer in one native call
     (``native_gemv.moe_ffn``). Otherwise the slots go in runs of experts (``expert_runs``, at most
-    ``RUN_BYTES`` of temporaries on CPU): packed banks, decode sizes and CPU fp32 (oneDNN on the plain
-    weights, ``reads_plain_weights``) run the expert loop; the rest the sorted grouped GEMM from
-    ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same kernels, one call per matrix)."""
+    ``RUN_BYTES`` of temporaries on CPU): on CPU and for packed banks the expert loop (in the calling
+    thread each expert's output is added onto its tokens directly; split over the pool, into one buffer
+    per run), elsewhere the sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same
+    kernels, one call per matrix); combined by a weighted ``index_add``."""
     T = x_T.shape[0]
     packed = inference_pack(bank)
     layer = native_layer(bank, x_T, decision, packed=packed is not None)
     if layer is not None:
         return native_gemv.moe_ffn(x_T, decision.ids_TK, decision.weights_TK, layer.first, layer.second, layer.first_bias,
                                    layer.second_bias, kept_TK=decision.kept_TK, glu=layer.glu, activation=layer.activation)  # fmt: skip
-    sorted_gemm = packed is None and bank.inference_sorted_gemm and T >= SORTED_GROUPED_MIN_TOKENS
-    if sorted_gemm and x_T.device.type == "cpu":  # the loop at decode sizes (native GEMV) and where it gets oneDNN
-        slots = decision.ids_TK.numel()
-        decode = native_gemv.serves(-(-slots // min(decision.num_experts, slots)), x_T.dtype, bank.dim)
-        sorted_gemm = not (decode or reads_plain_weights(x_T.dtype))
+    # CPU: always the expert loop (F.grouped_mm's CPU kernel copies every expert's weights on each call:
+    # 1.1-1.7x the loop's time at 256-1024 rows per expert, bench_infer.py)
+    cpu = x_T.device.type == "cpu"
+    sorted_gemm = not cpu and packed is None and bank.inference_sorted_gemm and T >= SORTED_GROUPED_MIN_TOKENS
     plan = plan_inference(decision)
     out = x_T.new_zeros(T, bank.out_dim)
     params = bank.stacked_parameters() if sorted_gemm else {}
-    max_rows = run_rows(bank, x_T) if x_T.device.type == "cpu" else plan.token_N.shape[0]
+    max_rows = run_rows(bank, x_T) if cpu else plan.token_N.shape[0]
     for run in expert_runs(plan.groups, max_rows):
         first, end = run[0][1], run[-1][2]
-        token = plan.token_N[first:end]
+        token, weight = plan.token_N[first:end], plan.weight_N[first:end].to(x_T.dtype).unsqueeze(1)
         x_run = x_T.index_select(0, token)  # plain rows (oneDNN runs a slow kernel on stride-0 views)
         if sorted_gemm:  # the run's experts are ascending in [e0, e1): their stacked parameters are a view
             e0, e1 = run[0][0], run[-1][0] + 1
@@ -201,11 +202,18 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
                 counts[e - e0] += stop - start
             sizes = torch.tensor(counts, device=x_T.device)
             y = bank.grouped_forward(x_run, {name: p[e0:e1] for name, p in params.items()}, sizes)
-        else:
-            y = x_run.new_empty(end - first, bank.out_dim)
-            pieces = [(e, start - first, stop - first) for e, start, stop in run]
-            run_experts(pieces, lambda e, rows: y[rows].copy_(bank.expert_inference(x_run[rows], e, packed)), x_T.device)
-        out.index_add_(0, token, y.mul_(plan.weight_N[first:end].to(y.dtype).unsqueeze(1)))
+            out.index_add_(0, token, y.mul_(weight))
+            continue
+        pieces = [(e, start - first, stop - first) for e, start, stop in run]
+        split = expert_split(pieces, x_T.device)
+        if split is None:  # in this thread: each expert's output straight onto its tokens, no copy
+            for e, start, stop in pieces:
+                y_e = bank.expert_inference(x_run[start:stop], e, packed)
+                out.index_add_(0, token[start:stop], y_e * weight[start:stop])
+            continue
+        y = x_run.new_empty(end - first, bank.out_dim)  # pool workers: their own rows, added once after
+        cpu_grouped.run_split(split, lambda g, rows: y[rows].copy_(bank.expert_inference(x_run[rows], pieces[g][0], packed)))
+        out.index_add_(0, token, y.mul_(weight))
     return out
 
 
@@ -253,19 +261,15 @@ def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, 
     return ffn if served else None
 
 
-def run_experts(groups: Sequence[tuple[int, int, int]], fn: Callable[[int, slice], object], device: torch.device) -> None:
-    """Call ``fn(expert, slot_rows)`` for every group: split over the CPU pool when there are at least as
-    many touched experts as intra-op threads, else in this thread (the kernels split rows over threads)."""
+def expert_split(groups: Sequence[tuple[int, int, int]], device: torch.device) -> cpu_grouped.RowSplit | None:
+    """How the experts of ``(expert, first slot, end slot)`` groups go over the CPU pool: runs of about
+    equal cost when there are at least as many touched experts as intra-op threads; None: all in the
+    calling thread (the kernels split each product's rows over the threads)."""
     threads = torch.get_num_threads()
-    split = None
-    if device.type == "cpu" and len(groups) >= threads:
-        costs = [1.0 + (end - start) / ROWS_PER_WEIGHT_PASS for _, start, end in groups]
-        split = cpu_grouped.split_by_cost(costs, (*(s for _, s, _ in groups), groups[-1][2]), threads)
-    if split is None:
-        for e, start, end in groups:
-            fn(e, slice(start, end))
-    else:
-        cpu_grouped.run_split(split, lambda g, rows: fn(groups[g][0], rows))
+    if device.type != "cpu" or len(groups) < threads:
+        return None
+    costs = [1.0 + (end - start) / ROWS_PER_WEIGHT_PASS for _, start, end in groups]
+    return cpu_grouped.split_by_cost(costs, (*(s for _, s, _ in groups), groups[-1][2]), threads)
 
 
 # ----- kernels ----------------------------------------------------------------------------------
