@@ -84,16 +84,24 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
         native_gemv.linear(x, W, glu="swish")
 
 
-def test_serves_the_measured_decode_sizes() -> None:
-    for (dtype, packed), rules in native_gemv.MAX_ROWS.items():
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_serves_the_measured_decode_sizes(vendor, monkeypatch) -> None:
+    monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
+    for (dtype, packed), rules in native_gemv.MAX_ROWS[vendor].items():
         for min_features, limit in rules:
             assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
             assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
-    assert native_gemv.serves(16, torch.float32, 4096) == native_gemv.available()  # wide matrices: more rows
-    assert not native_gemv.serves(16, torch.float32, 768)
+    wide, narrow = native_gemv.serves(16, torch.float32, 4096), native_gemv.serves(16, torch.float32, 768)
+    assert (wide, narrow) == ((native_gemv.available(), False) if vendor == "AuthenticAMD" else (False, False))
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
     assert not native_gemv.serves(1, torch.float32, 0)
+
+
+def test_an_unmeasured_cpu_keeps_torchs_kernels(monkeypatch) -> None:
+    monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: "SomeOtherVendor")
+    assert not native_gemv.serves(1, torch.float32, 4096)
+    assert not native_gemv.serves(1, torch.bfloat16, 4096)
 
 
 # ----- one MoE layer in one call ------------------------------------------------------------------------

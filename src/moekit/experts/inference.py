@@ -80,11 +80,11 @@ PACKED_MIN_EXPERT_BYTES = 2**20
 #: batch-size hint for oneDNN's weight layout (measured: 64 and 256 stream best for 1-16 rows)
 PACK_HINT = 64
 #: rows per oneDNN call: bounds the distinct problem shapes, so its primitive cache stays warm
-PACK_TILE_ROWS = 256
+PACK_TILE_ROWS = 1024
 #: bytes of the widest temporary of one run of experts on CPU (prefill): under glibc's largest mmap threshold
 #: (32 MiB), so a run's buffers are reused from the heap; larger ones are mapped afresh and page-faulted in
 #: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32)
-RUN_BYTES = 8 * 2**20
+RUN_BYTES = 24 * 2**20
 #: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
 ROWS_PER_WEIGHT_PASS = 16
 

@@ -49,6 +49,7 @@ static inline vec vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec _add(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
@@ -60,6 +61,7 @@ static inline vec vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec _add(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline float vsum(vec a) {
@@ -71,10 +73,11 @@ static inline float vsum(vec a) {
 #endif
 
 /* One tile: acc[r][m] = sum_i w[r][i] * x[m][i], r < NR, m < NM. NR and NM are constants at every call
- * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers. */
+ * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers.
+ * pf (elements, 0: none): with each weight vector, prefetch the one pf values further into L2. */
 #define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
     static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
-                                                           long I, const int NR, const int NM, const int U, \
+                                                           long I, long pf, const int NR, const int NM, const int U, \
                                                            float acc[ROWS][MCHUNK]) {                  \
         long iv = 0;                                                                                    \
         VECTOR_PART(LOAD_W)                                                                             \
@@ -98,6 +101,7 @@ static inline float vsum(vec a) {
             for (int m = 0; m < NM; m++) xv[m] = vload_f32(x + m * ldx + i + u * VW);                   \
             for (int r = 0; r < NR; r++) {                                                              \
                 vec wr = LOAD_W(w + r * ldw + i + u * VW);                                              \
+                if (pf) PREFETCH(w + r * ldw + i + u * VW + pf);                                        \
                 for (int m = 0; m < NM; m++) a[r][m][u] = vfma(wr, xv[m], a[r][m][u]);                  \
             }                                                                                           \
         }                                                                                               \
@@ -118,20 +122,20 @@ DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
  * vectors per step (one sequential stream, which the prefetcher follows best); more rows: a ROWS x nm
  * tile (each x vector loaded once for ROWS weight vectors, the FMA units busy); a partial block row by row. */
 #define DEFINE_BLOCK(NAME, WT, TILE)                                                                    \
-    static void NAME(const WT *w, long ldw, int nr, const float *x, long ldx, int nm, long I,          \
+    static void NAME(const WT *w, long ldw, int nr, const float *x, long ldx, int nm, long I, long pf, \
                      float acc[ROWS][MCHUNK]) {                                                        \
         if (nr == ROWS) {                                                                               \
             switch (nm) {                                                                               \
-            case 1: TILE(w, ldw, x, ldx, I, ROWS, 1, 1, acc); return;                                   \
-            case 2: TILE(w, ldw, x, ldx, I, ROWS, 2, 1, acc); return;                                   \
-            case 3: TILE(w, ldw, x, ldx, I, ROWS, 3, 1, acc); return;                                   \
-            default: TILE(w, ldw, x, ldx, I, ROWS, 4, 1, acc); return;                                  \
+            case 1: TILE(w, ldw, x, ldx, I, pf, ROWS, 1, 1, acc); return;                                   \
+            case 2: TILE(w, ldw, x, ldx, I, pf, ROWS, 2, 1, acc); return;                                   \
+            case 3: TILE(w, ldw, x, ldx, I, pf, ROWS, 3, 1, acc); return;                                   \
+            default: TILE(w, ldw, x, ldx, I, pf, ROWS, 4, 1, acc); return;                                  \
             }                                                                                           \
         }                                                                                               \
         for (int r = 0; r < nr; r++) {                                                                  \
             float one[ROWS][MCHUNK];                                                                    \
             for (int m = 0; m < nm; m++) {                                                              \
-                TILE(w + r * ldw, ldw, x + m * ldx, ldx, I, 1, 1, UNROLL, one);                         \
+                TILE(w + r * ldw, ldw, x + m * ldx, ldx, I, pf, 1, 1, UNROLL, one);                         \
                 acc[r][m] = one[0][0];                                                                  \
             }                                                                                           \
         }                                                                                               \
@@ -142,7 +146,7 @@ DEFINE_BLOCK(block_f32, float, tile_f32)
  * and adds each pair's sum into 16 fp32 lanes -- half the instructions of widening W first. xb: x in
  * bf16, xf: the same in fp32 (the scalar tail). */
 static inline __attribute__((always_inline)) void tile_dp(const uint16_t *w, long ldw, const uint16_t *xb,
-                                                          const float *xf, long ldx, long I, const int NR,
+                                                          const float *xf, long ldx, long I, long pf, const int NR,
                                                           const int NM, const int U, float acc[ROWS][MCHUNK]) {
     __m512 a[ROWS][MCHUNK][UNROLL];
     long iv = I - I % (32 * U);
@@ -155,6 +159,7 @@ static inline __attribute__((always_inline)) void tile_dp(const uint16_t *w, lon
             for (int m = 0; m < NM; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * ldx + i + u * 32);
             for (int r = 0; r < NR; r++) {
                 __m512bh wr = (__m512bh)_mm512_loadu_si512(w + r * ldw + i + u * 32);
+                if (pf) PREFETCH(w + r * ldw + i + u * 32 + pf);
                 for (int m = 0; m < NM; m++) a[r][m][u] = _mm512_dpbf16_ps(a[r][m][u], wr, xv[m]);
             }
         }
@@ -168,19 +173,19 @@ static inline __attribute__((always_inline)) void tile_dp(const uint16_t *w, lon
 }
 
 static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
-                       long I, float acc[ROWS][MCHUNK]) {
+                       long I, long pf, float acc[ROWS][MCHUNK]) {
     if (nr == ROWS) {
         switch (nm) {
-        case 1: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 1, 1, acc); return;
-        case 2: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 2, 1, acc); return;
-        case 3: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 3, 1, acc); return;
-        default: tile_dp(w, ldw, xb, x, ldx, I, ROWS, 4, 1, acc); return;
+        case 1: tile_dp(w, ldw, xb, x, ldx, I, pf, ROWS, 1, 1, acc); return;
+        case 2: tile_dp(w, ldw, xb, x, ldx, I, pf, ROWS, 2, 1, acc); return;
+        case 3: tile_dp(w, ldw, xb, x, ldx, I, pf, ROWS, 3, 1, acc); return;
+        default: tile_dp(w, ldw, xb, x, ldx, I, pf, ROWS, 4, 1, acc); return;
         }
     }
     for (int r = 0; r < nr; r++) {
         float one[ROWS][MCHUNK];
         for (int m = 0; m < nm; m++) {
-            tile_dp(w + r * ldw, ldw, xb + m * ldx, x + m * ldx, ldx, I, 1, 1, 2, one);
+            tile_dp(w + r * ldw, ldw, xb + m * ldx, x + m * ldx, ldx, I, pf, 1, 1, 2, one);
             acc[r][m] = one[0][0];
         }
     }
@@ -188,9 +193,9 @@ static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, 
 #else
 DEFINE_BLOCK(block_bf16_widen, uint16_t, tile_bf16)
 static void block_bf16(const uint16_t *w, long ldw, int nr, const uint16_t *xb, const float *x, long ldx, int nm,
-                       long I, float acc[ROWS][MCHUNK]) {
+                       long I, long pf, float acc[ROWS][MCHUNK]) {
     (void)xb;
-    block_bf16_widen(w, ldw, nr, x, ldx, nm, I, acc);
+    block_bf16_widen(w, ldw, nr, x, ldx, nm, I, pf, acc);
 }
 #endif
 
@@ -209,14 +214,17 @@ static inline float activate(float g, int act) {
  * apart), so ROWS streams run through distant pages at once -- on 4 KiB pages a single stream waits on
  * its TLB misses one at a time (measured on AMD EPYC: 4 distant streams read at the rate of torch.sum, one
  * at ~0.75x of it). The rows left over (fewer than ROWS) go one block after. Each block is read from
- * memory once for every chunk of MCHUNK rows of x. */
+ * memory once for every chunk of MCHUNK rows of x; while the first chunk reads it, it prefetches the next
+ * block (the row after each of its rows) into L2, so the next block's memory reads overlap the other
+ * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8). */
 #define CHUNK 64
 static void dot_block(const void *W, int bf16, long ldw, long r, long stride, int nr, const float *xf,
                       const uint16_t *xb, long M, long I, float acc[ROWS][MCHUNK], float *out, long at, long step) {
     for (long m = 0; m < M; m += MCHUNK) {
         int nm = (int)(M - m < MCHUNK ? M - m : MCHUNK);
-        if (bf16) block_bf16((const uint16_t *)W + r * ldw, stride, nr, xb + m * I, xf + m * I, I, nm, I, acc);
-        else block_f32((const float *)W + r * ldw, stride, nr, xf + m * I, I, nm, I, acc);
+        long pf = m == 0 && stride != ldw ? ldw : 0; /* the first chunk prefetches the next block into L2 */
+        if (bf16) block_bf16((const uint16_t *)W + r * ldw, stride, nr, xb + m * I, xf + m * I, I, nm, I, pf, acc);
+        else block_f32((const float *)W + r * ldw, stride, nr, xf + m * I, I, nm, I, pf, acc);
         for (int q = 0; q < nr; q++)
             for (int k = 0; k < nm; k++) out[(m + k) * CHUNK + at + q * step] = acc[q][k];
     }

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "linear", "moe_ffn", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_vendor", "linear", "moe_ffn", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -47,19 +47,33 @@ GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 FFN_ACTIVATIONS = {**GLU_ACTIVATIONS, "identity": 4}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-#: where the kernel beats torch: ``(dtype, torch's alternative is oneDNN-packed) -> ((min features, max
-#: rows), ...)``, the first entry whose min features the matrix reaches gives its row limit. Measured with
-#: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices (AMD
-#: EPYC, AVX-512 + BF16, 1 thread, shared machine); read rates native / F.linear / packed, GB/s:
-#: fp32 1 row 11-24 / 9-18 / 10-15, 2 rows 10-17 / 5-9 / 9-12, 4 rows 9-14 / 6-10 / 11-19; 8 rows ahead
-#: of F.linear from 2048 features (7-10 / 5-7), 16 rows from 3584 (4.5-5.3 / 3.8-4.1), level below;
-#: bf16 1 row 12-20 / 5-9 / 9-14, 2 rows 7-12 / 6-11 / 8-11, 4 rows ahead of F.linear from 2048
-#: features (10-11 / 8-9), 8 rows from 3584 (8.5-9 / 7.4-8.3).
+#: where the kernel beats torch, per CPU vendor (``cpu_vendor``: the crossover moves with the cores and
+#: with oneDNN's kernels, AMX tiles for bf16 on recent Xeons): ``(dtype, torch's alternative is
+#: oneDNN-packed) -> ((min features, max rows), ...)``, the first entry whose min features the matrix
+#: reaches gives its row limit. A vendor not in the table keeps torch's kernels. Measured with
+#: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices, 1 thread;
+#: read rates in GB/s.
+#:
+#: * AMD EPYC (AVX-512 + BF16), native / F.linear / packed: fp32 1 row 11-24 / 9-18 / 10-15, 2 rows
+#:   10-17 / 5-9 / 9-12, 4 rows 9-14 / 6-10 / 11-19; 8 rows ahead of F.linear from 2048 features (7-10 /
+#:   5-7), 16 rows from 3584 (4.5-5.3 / 3.8-4.1); bf16 1 row 12-20 / 5-9 / 9-14, 2 rows 7-12 / 6-11 /
+#:   8-11, 4 rows ahead of F.linear from 2048 features (10-11 / 8-9), 8 rows from 3584 (8.5-9 / 7.4-8.3).
+#: * Intel Xeon (AVX-512 + BF16 + AMX), native / oneDNN (fp32: packed, the plain layout reads alike;
+#:   bf16: F.linear / packed): fp32 4 rows 10.6-14.5 / 9.9-12.3, 8 rows 8.9-10.8 / 7.9-10.5, 16 rows
+#:   6.2-7.3 / 7.0-8.4; bf16 4 rows 11.2-14.5 / 7.6-11.3 / 10.5-12.9, 8 rows 7.8-9.6 / 7.4-10.9 / 10.4-12.5.
 MAX_ROWS = {
-    (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
-    (torch.float32, True): ((1, 2),),
-    (torch.bfloat16, False): ((3584, 8), (2048, 4), (1, 2)),
-    (torch.bfloat16, True): ((1, 1),),
+    "AuthenticAMD": {
+        (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
+        (torch.float32, True): ((1, 2),),
+        (torch.bfloat16, False): ((3584, 8), (2048, 4), (1, 2)),
+        (torch.bfloat16, True): ((1, 1),),
+    },
+    "GenuineIntel": {
+        (torch.float32, False): ((1, 8),),
+        (torch.float32, True): ((1, 8),),
+        (torch.bfloat16, False): ((1, 4),),
+        (torch.bfloat16, True): ((1, 4),),
+    },
 }
 
 
@@ -71,8 +85,8 @@ def available() -> bool:
 def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False) -> bool:
     """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
     rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
-    measured crossover (``MAX_ROWS``)."""
-    for min_features, limit in MAX_ROWS.get((dtype, packed), ()):
+    measured crossover (``MAX_ROWS`` of this CPU's vendor)."""
+    for min_features, limit in MAX_ROWS.get(cpu_vendor(), {}).get((dtype, packed), ()):
         if features >= min_features:
             return 1 <= rows <= limit and available()
     return False
@@ -194,6 +208,19 @@ def _cache_dir() -> Path:
 def _compiler() -> str | None:
     """The C compiler: ``$CC`` or ``cc`` on the PATH, or None."""
     return shutil.which(os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``/proc/cpuinfo``, e.g. ``GenuineIntel``, ``AuthenticAMD``; elsewhere
+    ``platform.processor()``): which row of ``MAX_ROWS`` applies."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _cpu_flags() -> str:
