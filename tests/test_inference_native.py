@@ -40,9 +40,10 @@ def _with_threads(n: int, fn):
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (9, 17, 129)])
+@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
+                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
-    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 9 rows (tiles
+    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 17 rows (tiles
     of 4 rows of x and the remainder), with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
