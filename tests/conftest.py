@@ -17,13 +17,13 @@ def _seed() -> None:
 
 @pytest.fixture(autouse=True)
 def _measured_cpu(monkeypatch) -> None:
-    """The native kernel's routing (``native_gemv.MAX_ROWS``) is measured per CPU vendor and leaves
-    unmeasured CPUs on torch's kernels; tests that check which kernel runs use this CPU's table, or the
+    """The native kernel's routing (``native_gemv.MAX_ROWS``) is measured per CPU (vendor, AMX) and
+    leaves unmeasured CPUs on torch's kernels; tests that check which kernel runs use this CPU's table, or the
     Intel one where this CPU has none, so what they check does not depend on the machine CI runs on."""
     from moekit.experts import native_gemv
 
-    if native_gemv.cpu_vendor() not in native_gemv.MAX_ROWS:
-        monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: "GenuineIntel")
+    if native_gemv.cpu_profile() not in native_gemv.MAX_ROWS:
+        monkeypatch.setattr(native_gemv, "cpu_profile", lambda: "GenuineIntel+AMX")
 
 
 def _assert_pngs_readable(directory, *, expected=()) -> list:

@@ -41,10 +41,12 @@ def _with_threads(n: int, fn):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
-                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64)])  # fmt: skip
+                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
+                                     (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
-    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 17 rows (tiles
-    of 4 rows of x and the remainder), with and without bias, on 1 and 2 threads."""
+    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 64 rows (tiles
+    of 4 rows of x and the remainder; bf16 with a multiple of 32 features and 5 or more rows: the AMX tiles
+    where the CPU has them, 16-row blocks of W, 32 rows of x at a time, and the rows left over), with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T
@@ -85,22 +87,22 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
         native_gemv.linear(x, W, glu="swish")
 
 
-@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
-def test_serves_the_measured_decode_sizes(vendor, monkeypatch) -> None:
-    monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
-    for (dtype, packed), rules in native_gemv.MAX_ROWS[vendor].items():
+@pytest.mark.parametrize("profile", ["AuthenticAMD", "GenuineIntel+AMX"])
+def test_serves_the_measured_decode_sizes(profile, monkeypatch) -> None:
+    monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
+    for (dtype, packed), rules in native_gemv.MAX_ROWS[profile].items():
         for min_features, limit in rules:
             assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
             assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
     wide, narrow = native_gemv.serves(16, torch.float32, 4096), native_gemv.serves(16, torch.float32, 768)
-    assert (wide, narrow) == ((native_gemv.available(), False) if vendor == "AuthenticAMD" else (False, False))
+    assert (wide, narrow) == ((native_gemv.available(), False) if profile == "AuthenticAMD" else (False, False))
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
     assert not native_gemv.serves(1, torch.float32, 0)
 
 
 def test_an_unmeasured_cpu_keeps_torchs_kernels(monkeypatch) -> None:
-    monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: "SomeOtherVendor")
+    monkeypatch.setattr(native_gemv, "cpu_profile", lambda: "SomeOtherVendor")
     assert not native_gemv.serves(1, torch.float32, 4096)
     assert not native_gemv.serves(1, torch.bfloat16, 4096)
 
@@ -129,10 +131,12 @@ def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("glu, act", [(True, "silu"), (True, "gelu_tanh"), (False, "gelu"), (False, "identity"), (False, "relu")])
-@pytest.mark.parametrize("T, K, E, I, F_, O", [(1, 2, 8, 64, 96, 64), (3, 3, 5, 19, 70, 33), (16, 8, 128, 130, 24, 65)])
+@pytest.mark.parametrize("T, K, E, I, F_, O", [(1, 2, 8, 64, 96, 64), (3, 3, 5, 19, 70, 33), (16, 8, 128, 130, 24, 65),
+                                               (40, 2, 4, 64, 96, 72), (80, 2, 3, 64, 96, 72)])  # fmt: skip
 def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype, threads) -> None:
     """Odd sizes (tails, partial chunks of hidden features and output rows), repeated and dropped slots,
-    biases, all activations, on 1 and 2 threads (both phases split; big enough that 2 threads run)."""
+    biases, all activations, on 1 and 2 threads (both phases split; big enough that 2 threads run); the
+    last two give each expert about 20 and 50 rows of multiples of 32 features (bf16: the AMX tiles, if any)."""
     dt = DTYPES[dtype]
     torch.manual_seed(T * 100 + E)
     x = torch.randn(T, I).to(dt)
@@ -295,8 +299,8 @@ def test_the_expert_loop_takes_the_kernel_for_decode_rows_only(monkeypatch) -> N
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
     calls = _spy(monkeypatch)
     decode = RoutingDecision(torch.stack([torch.randperm(8)[:2] for _ in range(4)]), torch.full((4, 2), 0.5), 8)
-    prefill = RoutingDecision(torch.randint(0, 8, (64, 2)), torch.full((64, 2), 0.5), 8)
-    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(64, D).bfloat16()
+    prefill = RoutingDecision(torch.randint(0, 8, (256, 2)), torch.full((256, 2), 0.5), 8)  # ~64 rows per expert
+    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(256, D).bfloat16()
     with torch.inference_mode():
         dispatch(experts, x4, decode)
         assert calls and not grouped

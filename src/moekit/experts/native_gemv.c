@@ -230,8 +230,114 @@ static void dot_block(const void *W, int bf16, long ldw, long r, long stride, in
     }
 }
 
+/* ---- AMX (Intel Xeon from Sapphire Rapids): bf16 products of AMX_MIN_ROWS or more rows of x on the tile unit ----
+ * y^T = W x^T in 16 x 16 tiles: A = 16 weight rows x 32 inputs, loaded straight from W (16 rows, each
+ * read once); B = 32 inputs x 16 rows of x in the pair-interleaved layout TDPBF16PS takes, packed once per
+ * product (amx_pack, zero rows past M); C = two fp32 accumulator tiles (16 rows of x each). The
+ * vector tiles run out of FMA throughput at these sizes (bf16, 8 rows: 0.55-0.75x the read rate of one
+ * row); the tile unit keeps streaming. Used when the build has AMX, the kernel granted the tile state
+ * (arch_prctl, asked once per process) and the inputs are a multiple of 32. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_MIN_ROWS 5
+int moekit_amx_usable(void) {
+    static int state = -1; /* unknown, then 0 refused / 1 granted */
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return state;
+}
+
+static int amx_applies(int bf16, long M, long I) {
+    return bf16 && M >= AMX_MIN_ROWS && I % 32 == 0 && moekit_amx_usable();
+}
+
+/* Elements of x packed for amx_rows: one 16 x 32 block per 32 inputs and 16 rows of x. */
+static size_t amx_packed_size(long M, long I) { return (size_t)(I / 32) * (size_t)((M + 15) / 16) * 512; }
+
+/* A buffer for amx_pack of up to max_rows rows of `widest` inputs, or NULL when the tile unit serves none
+ * of them (or the allocation failed: the vector tiles then do all). */
+static uint16_t *amx_buffer(int bf16, long max_rows, long widest) {
+    if (!bf16 || max_rows < AMX_MIN_ROWS || !moekit_amx_usable()) return NULL;
+    return (uint16_t *)malloc(sizeof(uint16_t) * amx_packed_size(max_rows, widest));
+}
+
+static void amx_pack(const uint16_t *xb, long M, long I, uint16_t *xp) {
+    long parts = (M + 15) / 16;
+    for (long s = 0; s < I / 32; s++)
+        for (long p = 0; p < parts; p++) {
+            uint16_t *block = xp + (s * parts + p) * 512;
+            for (long kp = 0; kp < 16; kp++)
+                for (long c = 0; c < 16; c++) {
+                    long m = 16 * p + c;
+                    const uint16_t *src = xb + m * I + 32 * s + 2 * kp;
+                    block[kp * 32 + 2 * c] = m < M ? src[0] : 0;
+                    block[kp * 32 + 2 * c + 1] = m < M ? src[1] : 0;
+                }
+        }
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* out[m * CHUNK + (r - r0)] for rows r in [r0, r0 + 16 * nb) of bf16 W and M rows of x (packed: xp). Each
+ * 16-row block of W takes the rows of x 32 at a time (two accumulator tiles); past the first 32 the
+ * block comes from L2. */
+static void amx_rows(const uint16_t *W, long ldw, long r0, long nb, const uint16_t *xp, long M, long I, float *out) {
+    amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64; /* C0, C1, A, B0, B1 */
+    _tile_loadconfig(&cfg);
+    const long parts = (M + 15) / 16;
+    float c[2][16][16];
+    for (long b = 0; b < nb; b++) {
+        const uint16_t *w = W + (r0 + 16 * b) * ldw;
+        for (long p = 0; p < parts; p += 2) {
+            const int two = p + 1 < parts;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (long s = 0; s < I / 32; s++) {
+                _tile_loadd(2, w + 32 * s, ldw * 2);
+                _tile_loadd(3, xp + (s * parts + p) * 512, 64);
+                _tile_dpbf16ps(0, 2, 3);
+                if (two) {
+                    _tile_loadd(4, xp + (s * parts + p + 1) * 512, 64);
+                    _tile_dpbf16ps(1, 2, 4);
+                }
+            }
+            _tile_stored(0, c[0], 64);
+            if (two) _tile_stored(1, c[1], 64);
+            long m1 = 16 * p + 32 < M ? 16 * p + 32 : M;
+            for (long m = 16 * p; m < m1; m++)
+                for (int i = 0; i < 16; i++) out[m * CHUNK + 16 * b + i] = c[(m / 16) - p][i][m % 16];
+        }
+    }
+    _tile_release();
+}
+#else
+int moekit_amx_usable(void) { return 0; }
+static int amx_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static size_t amx_packed_size(long M, long I) { (void)M, (void)I; return 0; }
+static void amx_pack(const uint16_t *xb, long M, long I, uint16_t *xp) { (void)xb, (void)M, (void)I, (void)xp; }
+static uint16_t *amx_buffer(int bf16, long max_rows, long widest) { (void)bf16, (void)max_rows, (void)widest; return NULL; }
+#endif
+
+/* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; xp: x packed
+ * for the tile unit (amx_pack; NULL: vector tiles only), which then takes the whole 16-row blocks. */
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                     long M, long I, float *out) {
+                     const uint16_t *xp, long M, long I, float *out) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (xp) {
+        long nb = (r1 - r0) / 16;
+        amx_rows((const uint16_t *)W, ldw, r0, nb, xp, M, I, out);
+        r0 += 16 * nb, out += 16 * nb;
+    }
+#else
+    (void)xp;
+#endif
     float acc[ROWS][MCHUNK];
     long sub = (r1 - r0) / ROWS, tail = r0 + ROWS * sub;
     for (long j = 0; j < sub; j++) dot_block(W, bf16, ldw, r0 + j, sub * ldw, ROWS, xf, xb, M, I, acc, out, j, sub);
@@ -246,14 +352,14 @@ static inline float load_value(const void *p, long at, int bf16) {
  * of W at a time. GLU (glu_rows > 0): column o is act(x . W[o] + b[o]) * (x . W[o + glu_rows] +
  * b[o + glu_rows]); the gate chunk and then the up chunk are each read as one run of memory. */
 static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                      long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
+                      const uint16_t *xp, long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
     float *gate = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * M));
     if (!gate) return -1;
     float *up = gate + CHUNK * M;
     for (long c = r0; c < r1; c += CHUNK) {
         long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
-        dot_rows(W, bf16, ldw, c, c1, xf, xb, M, I, gate);
-        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, M, I, up);
+        dot_rows(W, bf16, ldw, c, c1, xf, xb, xp, M, I, gate);
+        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, xp, M, I, up);
         for (long m = 0; m < M; m++)
             for (long o = c; o < c1; o++) {
                 float v = gate[m * CHUNK + (o - c)];
@@ -303,6 +409,8 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     if (!xf) return -1;
     uint16_t *xb = (uint16_t *)(xf + n_x);
     working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
+    uint16_t *xp = amx_applies(dtype == 1, M, I) ? (uint16_t *)malloc(sizeof(uint16_t) * amx_packed_size(M, I)) : NULL;
+    if (xp) amx_pack(xb, M, I, xp);
     long blocks = (O + ROWS - 1) / ROWS;
     int failed = 0;
     int n = thread_count(threads, blocks);
@@ -316,9 +424,10 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 #endif
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
-        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
+        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
     }
     free(xf);
+    free(xp);
     return failed ? -1 : 0;
 }
 
@@ -401,6 +510,9 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             int t = 0, nt = 1;
 #endif
             float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
+            /* a group's rows of x (phase 1) or h (phase 2) packed for the tile unit, where it applies */
+            uint16_t *packed = amx_buffer(bf16, max_rows, I > F ? I : F);
+            long packed_group = -1;
             if (!buf) failed = 1;
             /* phase 1: h = hidden(W1 x) per group, units (group, chunk) split contiguously */
             long u0 = units * t / nt, u1 = units * (t + 1) / nt;
@@ -408,8 +520,13 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W1 + (size_t)(e * s1) * es;
-                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, m, I, buf);
-                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, m, I, buf + CHUNK * m);
+                const uint16_t *xp = NULL;
+                if (packed && amx_applies(bf16, m, I)) {
+                    if (packed_group != g) amx_pack(xb + first * I, m, I, packed), packed_group = g;
+                    xp = packed;
+                }
+                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, xp, m, I, buf);
+                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, xp, m, I, buf + CHUNK * m);
                 const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
                 for (long r = 0; r < m; r++)
                     for (long o = c; o < c1; o++) {
@@ -434,9 +551,11 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W2 + (size_t)(e * s2) * es;
                 const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
+                const uint16_t *hp = NULL;
+                if (packed && r1 > r0 && amx_applies(bf16, m, F)) amx_pack(hb + first * F, m, F, packed), hp = packed;
                 for (long c = r0; c < r1; c += CHUNK) {
                     long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
-                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, m, F, buf);
+                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, hp, m, F, buf);
                     for (long r = 0; r < m; r++) {
                         float *row = acc + token[first + r] * O, wr = weight[first + r];
                         for (long o = c; o < c1; o++) {
@@ -453,6 +572,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                     else ((float *)y)[tt * O + o] = acc[tt * O + o];
                 }
             free(buf);
+            free(packed);
         }
     } else if (!failed) {
         memset(y, 0, ny * es);

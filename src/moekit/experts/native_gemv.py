@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_vendor", "linear", "moe_ffn", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "linear", "moe_ffn", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -47,10 +47,10 @@ GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 FFN_ACTIVATIONS = {**GLU_ACTIVATIONS, "identity": 4}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-#: where the kernel beats torch, per CPU vendor (``cpu_vendor``: the crossover moves with the cores and
-#: with oneDNN's kernels, AMX tiles for bf16 on recent Xeons): ``(dtype, torch's alternative is
-#: oneDNN-packed) -> ((min features, max rows), ...)``, the first entry whose min features the matrix
-#: reaches gives its row limit. A vendor not in the table keeps torch's kernels. Measured with
+#: where the kernel beats torch, per CPU (``cpu_profile``: the vendor, and whether the kernel runs bf16 on
+#: AMX tiles; the crossover moves with the cores and with oneDNN's kernels): ``(dtype, torch's alternative
+#: is oneDNN-packed) -> ((min features, max rows), ...)``, the first entry whose min features the matrix
+#: reaches gives its row limit. A CPU not in the table keeps torch's kernels. Measured with
 #: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices, 1 thread;
 #: read rates in GB/s.
 #:
@@ -60,7 +60,9 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #:   8-11, 4 rows ahead of F.linear from 2048 features (10-11 / 8-9), 8 rows from 3584 (8.5-9 / 7.4-8.3).
 #: * Intel Xeon (AVX-512 + BF16 + AMX), native / oneDNN (fp32: packed, the plain layout reads alike;
 #:   bf16: F.linear / packed): fp32 4 rows 10.6-14.5 / 9.9-12.3, 8 rows 8.9-10.8 / 7.9-10.5, 16 rows
-#:   6.2-7.3 / 7.0-8.4; bf16 4 rows 11.2-14.5 / 7.6-11.3 / 10.5-12.9, 8 rows 7.8-9.6 / 7.4-10.9 / 10.4-12.5.
+#:   6.2-7.3 / 7.0-8.4; bf16 (5 rows on: AMX) 4 rows 11.1-15.1 / 7.3-11.1 / 10.3-12.8, 16 rows 8.5-13.4 /
+#:   7.1-10.6 / 10.1-12.4 (native ahead of packed from 3584 features), 32 rows from 3584 features 10.7-11.2
+#:   / 9.6-9.8 / 10.3, below that 6.2-8.5 / 6.4-8.6.
 MAX_ROWS = {
     "AuthenticAMD": {
         (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
@@ -68,11 +70,11 @@ MAX_ROWS = {
         (torch.bfloat16, False): ((3584, 8), (2048, 4), (1, 2)),
         (torch.bfloat16, True): ((1, 1),),
     },
-    "GenuineIntel": {
+    "GenuineIntel+AMX": {
         (torch.float32, False): ((1, 8),),
         (torch.float32, True): ((1, 8),),
-        (torch.bfloat16, False): ((1, 4),),
-        (torch.bfloat16, True): ((1, 4),),
+        (torch.bfloat16, False): ((3584, 32), (1, 16)),
+        (torch.bfloat16, True): ((3584, 32), (1, 4)),
     },
 }
 
@@ -85,10 +87,12 @@ def available() -> bool:
 def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False) -> bool:
     """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
     rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
-    measured crossover (``MAX_ROWS`` of this CPU's vendor)."""
-    for min_features, limit in MAX_ROWS.get(cpu_vendor(), {}).get((dtype, packed), ()):
+    measured crossover (``MAX_ROWS`` of this CPU's profile)."""
+    if not available():
+        return False
+    for min_features, limit in MAX_ROWS.get(cpu_profile(), {}).get((dtype, packed), ()):
         if features >= min_features:
-            return 1 <= rows <= limit and available()
+            return 1 <= rows <= limit
     return False
 
 
@@ -192,12 +196,13 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     return y
 
 
-def build_info() -> dict[str, str | None]:
+def build_info() -> dict[str, str | bool | None]:
     """What was built: ``{"library": path or None, "isa": "avx512f+bf16" | "avx512f" | "avx2" | "portable" | None,
-    "reason": why not built or None}`` (for the benchmark's report)."""
+    "amx": whether bf16 products of 5-32 rows run on the AMX tile unit, "reason": why not built or None}``
+    (for the benchmark's report)."""
     lib = _library()
     return {"library": None if lib is None else lib._name, "isa": None if lib is None else lib.moekit_gemv_isa().decode(),
-            "reason": _built()[1]}  # fmt: skip
+            "amx": lib is not None and bool(lib.moekit_amx_usable()), "reason": _built()[1]}  # fmt: skip
 
 
 # ----- build and load ---------------------------------------------------------------------------------
@@ -211,16 +216,19 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``/proc/cpuinfo``, e.g. ``GenuineIntel``, ``AuthenticAMD``; elsewhere
-    ``platform.processor()``): which row of ``MAX_ROWS`` applies."""
+def cpu_profile() -> str:
+    """Which row of ``MAX_ROWS`` applies: the CPU's vendor id (``/proc/cpuinfo``, e.g. ``AuthenticAMD``;
+    elsewhere ``platform.processor()``), with ``+AMX`` where the built kernel runs bf16 on AMX tiles."""
+    vendor = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+                vendor = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor()
+    lib = _library()
+    return vendor + ("+AMX" if lib is not None and lib.moekit_amx_usable() else "")
 
 
 def _cpu_flags() -> str:
@@ -250,6 +258,7 @@ def _library() -> ctypes.CDLL | None:
     lib.moekit_moe_ffn.restype = ctypes.c_int
     lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
     lib.moekit_gemv_isa.restype = ctypes.c_char_p
+    lib.moekit_amx_usable.restype = ctypes.c_int
     return lib
 
 
