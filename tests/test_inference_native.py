@@ -42,11 +42,11 @@ def _with_threads(n: int, fn):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
                                      (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
-                                     (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128)])  # fmt: skip
+                                     (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128), (80, 20, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
-    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 64 rows (tiles
+    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows (tiles
     of 4 rows of x and the remainder; bf16 with a multiple of 32 features and 5 or more rows: the AMX tiles
-    where the CPU has them, 16-row blocks of W, 32 rows of x at a time, and the rows left over), with and without bias, on 1 and 2 threads."""
+    where the CPU has them, 16-row blocks of W, 64 rows of x at a time, and the rows left over), with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T

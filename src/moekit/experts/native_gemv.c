@@ -233,7 +233,7 @@ static void dot_block(const void *W, int bf16, long ldw, long r, long stride, in
 /* ---- AMX (Intel Xeon from Sapphire Rapids): bf16 products of AMX_MIN_ROWS or more rows of x on the tile unit ----
  * y^T = W x^T in 16 x 16 tiles: A = 16 weight rows x 32 inputs, loaded straight from W (16 rows, each
  * read once); B = 32 inputs x 16 rows of x in the pair-interleaved layout TDPBF16PS takes, packed once per
- * product (amx_pack, zero rows past M); C = two fp32 accumulator tiles (16 rows of x each). The
+ * product (amx_pack, zero rows past M); C = up to four fp32 accumulator tiles (16 rows of x each). The
  * vector tiles run out of FMA throughput at these sizes (bf16, 8 rows: 0.55-0.75x the read rate of one
  * row); the tile unit keeps streaming. Used when the build has AMX, the kernel granted the tile state
  * (arch_prctl, asked once per process) and the inputs are a multiple of 32. */
@@ -283,36 +283,50 @@ typedef struct {
 } amx_config;
 
 /* out[m * CHUNK + (r - r0)] for rows r in [r0, r0 + 16 * nb) of bf16 W and M rows of x (packed: xp). Each
- * 16-row block of W takes the rows of x 32 at a time (two accumulator tiles); past the first 32 the
- * block comes from L2. */
+ * 16-row block of W takes the rows of x 64 at a time: tiles 0-3 accumulate 16 rows of x each, tile 4 is the
+ * block's A, tiles 5 and 6 take turns with B (so a load does not wait on the product before it); past the
+ * first 64 rows the block comes from L2. */
 static void amx_rows(const uint16_t *W, long ldw, long r0, long nb, const uint16_t *xp, long M, long I, float *out) {
     amx_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 5; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64; /* C0, C1, A, B0, B1 */
+    for (int t = 0; t < 7; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
     const long parts = (M + 15) / 16;
-    float c[2][16][16];
+    float c[4][16][16];
     for (long b = 0; b < nb; b++) {
         const uint16_t *w = W + (r0 + 16 * b) * ldw;
-        for (long p = 0; p < parts; p += 2) {
-            const int two = p + 1 < parts;
+        for (long p = 0; p < parts; p += 4) {
+            const long n = parts - p < 4 ? parts - p : 4; /* accumulator tiles in this pass */
             _tile_zero(0);
             _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             for (long s = 0; s < I / 32; s++) {
-                _tile_loadd(2, w + 32 * s, ldw * 2);
-                _tile_loadd(3, xp + (s * parts + p) * 512, 64);
-                _tile_dpbf16ps(0, 2, 3);
-                if (two) {
-                    _tile_loadd(4, xp + (s * parts + p + 1) * 512, 64);
-                    _tile_dpbf16ps(1, 2, 4);
+                const uint16_t *xs = xp + (s * parts + p) * 512;
+                _tile_loadd(4, w + 32 * s, ldw * 2);
+                _tile_loadd(5, xs, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (n > 1) {
+                    _tile_loadd(6, xs + 512, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+                if (n > 2) {
+                    _tile_loadd(5, xs + 1024, 64);
+                    _tile_dpbf16ps(2, 4, 5);
+                }
+                if (n > 3) {
+                    _tile_loadd(6, xs + 1536, 64);
+                    _tile_dpbf16ps(3, 4, 6);
                 }
             }
             _tile_stored(0, c[0], 64);
-            if (two) _tile_stored(1, c[1], 64);
-            long m1 = 16 * p + 32 < M ? 16 * p + 32 : M;
+            if (n > 1) _tile_stored(1, c[1], 64);
+            if (n > 2) _tile_stored(2, c[2], 64);
+            if (n > 3) _tile_stored(3, c[3], 64);
+            long m1 = 16 * (p + n) < M ? 16 * (p + n) : M;
             for (long m = 16 * p; m < m1; m++)
-                for (int i = 0; i < 16; i++) out[m * CHUNK + 16 * b + i] = c[(m / 16) - p][i][m % 16];
+                for (int i = 0; i < 16; i++) out[m * CHUNK + 16 * b + i] = c[m / 16 - p][i][m % 16];
         }
     }
     _tile_release();

@@ -61,8 +61,8 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: * Intel Xeon (AVX-512 + BF16 + AMX), native / oneDNN (fp32: packed, the plain layout reads alike;
 #:   bf16: F.linear / packed): fp32 4 rows 10.6-14.5 / 9.9-12.3, 8 rows 8.9-10.8 / 7.9-10.5, 16 rows
 #:   6.2-7.3 / 7.0-8.4; bf16 (5 rows on: AMX) 4 rows 11.1-15.1 / 7.3-11.1 / 10.3-12.8, 16 rows 8.5-13.4 /
-#:   7.1-10.6 / 10.1-12.4 (native ahead of packed from 3584 features), 32 rows from 3584 features 10.7-11.2
-#:   / 9.6-9.8 / 10.3, below that 6.2-8.5 / 6.4-8.6.
+#:   7.1-10.6 / 10.1-12.4 (native ahead of packed from 3584 features), 64 rows from 3584 features 8.8-9.3
+#:   / 6.5-6.6 / 7.9-8.2; below 3584 features 32 rows 5.9-8.3 / 6.7-8.1 / 8.5-9.3.
 MAX_ROWS = {
     "AuthenticAMD": {
         (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
@@ -73,8 +73,8 @@ MAX_ROWS = {
     "GenuineIntel+AMX": {
         (torch.float32, False): ((1, 8),),
         (torch.float32, True): ((1, 8),),
-        (torch.bfloat16, False): ((3584, 32), (1, 16)),
-        (torch.bfloat16, True): ((3584, 32), (1, 4)),
+        (torch.bfloat16, False): ((3584, 64), (1, 16)),
+        (torch.bfloat16, True): ((3584, 64), (1, 4)),
     },
 }
 
