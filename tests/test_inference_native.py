@@ -357,12 +357,13 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, fresh_library) -> 
 
 def test_failed_build_falls_back(monkeypatch, tmp_path, fresh_library) -> None:
     broken = tmp_path / "broken.c"
-    broken.write_text("this is not C\n")
+    broken.write_text("int f(void) { return x + 1; }\n")  # gcc's last stderr lines: a caret, a note
     monkeypatch.setattr(native_gemv, "SOURCE", broken)
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="failed"):
         assert not native_gemv.available()
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache").iterdir())  # temporary files removed
+    assert "error" in native_gemv.build_info()["reason"]  # the compiler's first error, not its last line (a caret)
 
 
 @pytest.mark.skipif(native_gemv._compiler() is None, reason="no C compiler")

@@ -1,15 +1,16 @@
 """A native matrix-vector kernel for MoE decode on CPU: ``y = x W^T (+ b)`` for a few rows of ``x``.
 
 Why: at decode each touched expert's weights are read once for one or a few rows, so the product runs at
-the rate the kernel streams memory. On AMD EPYC (this project's machine) torch's fp32 GEMV (MKL) streams
-at ~0.55x the rate ``torch.sum`` reads the same bytes, and its bf16 GEMV (oneDNN) at ~0.4x
-(``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row from memory once --
-row by row in one sequential stream for one row of ``x``, in tiles of 4 weight rows x up to 4 rows of
-``x`` for more -- and accumulates in fp32 (bf16 weights: ``vdpbf16ps`` where the CPU has AVX512_BF16,
-else widened by a 16-bit shift; AVX-512, AVX2 and portable C paths). It optionally fuses a GLU
-(``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory)
-and splits the weight rows over ``threads`` OpenMP threads (torch's own runtime; each thread a
-contiguous range: distinct memory).
+the rate the kernel streams memory. torch's GEMVs stream well below that rate (AMD EPYC: MKL's fp32 GEMV
+at ~0.55x of ``torch.sum`` over the same bytes, oneDNN's bf16 at ~0.4x; Intel Xeon: 0.5-0.9x,
+``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row from memory once -- in
+tiles of 4 weight rows (far apart, 4 streams through distinct pages, the next block prefetched into L2) x
+up to 4 rows of ``x`` -- and accumulates in fp32 (bf16 weights: ``vdpbf16ps`` where the CPU has
+AVX512_BF16, else widened by a 16-bit shift; AVX-512, AVX2 and portable C paths). bf16 products of 5 or
+more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids; the vector tiles run
+out of FMA throughput there). It optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64
+gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
+OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
 
 Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
 a second) into ``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), named by a hash of the source, the
@@ -263,6 +264,12 @@ def _library() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def _first_error(stderr: str) -> str | None:
+    """The compiler's first error line (its last lines are often a caret or a note), else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if "error" in line), lines[-1] if lines else None)
+
+
 def _built() -> tuple[Path | None, str | None]:
     """``(path of the cached library, None)``, compiling it if absent, or ``(None, why not)``."""
     cc = _compiler()
@@ -289,7 +296,7 @@ def _built() -> tuple[Path | None, str | None]:
             if done.returncode == 0:
                 os.replace(tmp, target)  # atomic: a parallel build of the same key writes the same bytes
                 return target, None
-            errors.append((done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
+            errors.append(_first_error(done.stderr) or f"exit status {done.returncode}")
         except (OSError, subprocess.SubprocessError) as err:
             errors.append(str(err))
         finally:
