@@ -315,11 +315,11 @@ def test_the_expert_loop_takes_the_kernel_for_decode_rows_only(monkeypatch) -> N
 # ----- fallback ----------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_library():
-    native_gemv._built.cache_clear()
-    native_gemv._library.cache_clear()
+    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile):
+        cached.cache_clear()
     yield
-    native_gemv._built.cache_clear()
-    native_gemv._library.cache_clear()
+    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile):
+        cached.cache_clear()
 
 
 def _glu_output():

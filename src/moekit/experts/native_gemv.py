@@ -263,13 +263,13 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
 def _first_error(stderr: str) -> str | None:
     """The compiler's first error line (its last lines are often a caret or a note), else its last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return next((line for line in lines if "error" in line), lines[-1] if lines else None)
 
 
+@functools.cache
 def _built() -> tuple[Path | None, str | None]:
     """``(path of the cached library, None)``, compiling it if absent, or ``(None, why not)``."""
     cc = _compiler()
