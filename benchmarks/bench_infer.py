@@ -404,7 +404,8 @@ def _markdown(results: dict, args) -> str:
         lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['bound_s'] * 1e3:.2f} | {r['bound_kind']} | "
                      f"{r['bandwidth_GBps']:.1f} | " + " | ".join(cells) + f" | {min(hf) / ours:.2f} | "
                      f"{'yes' if agree else 'NO'} |")  # fmt: skip
-    lines += ["", _goals(results["rows"])]
+    lines += ["", _goals(results["rows"]), "", "**Summary grid (the README's table): best moekit path / best transformers "
+              "implementation, each x bound**", "", readme_grid(results["rows"])]  # fmt: skip
     if results.get("generate"):
         lines += ["", "**End to end: greedy `generate`, tokens/s (tiny-config models, random weights)**", "",
                   "| model | " + " | ".join(GEN_IMPLS) + " |", "|---|" + "---|" * len(GEN_IMPLS)]  # fmt: skip
@@ -417,17 +418,38 @@ def _markdown(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_grid(rows: list[dict]) -> str:
+    """Rows layer x dtype, columns T: "best moekit path x bound / best transformers implementation x bound"."""
+    tokens = sorted({r["T"] for r in rows})
+    lines = ["| layer | dtype | " + " | ".join(f"T={t}" for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
+    keys = list(dict.fromkeys((r["layer"], r["dtype"]) for r in rows))
+    by = {(r["layer"], r["dtype"], r["T"]): r for r in rows}
+    for layer, dtype in keys:
+        cells = []
+        for t in tokens:
+            r = by.get((layer, dtype, t))
+            if r is None:
+                cells.append("")
+                continue
+            ours = min(r["impls"]["moekit"]["x_bound"], r["impls"]["moekit_packed"]["x_bound"])
+            hf = min(v["x_bound"] for k, v in r["impls"].items() if k.startswith("hf_") and "x_bound" in v)
+            cells.append(f"{ours:.2f}x / {hf:.2f}x")
+        lines.append(f"| {layer} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _goals(rows: list[dict]) -> str:
-    decode = [r["impls"]["moekit_packed"]["x_bound"] for r in rows if r["T"] <= 16]
-    prefill = [r["impls"]["moekit_packed"]["x_bound"] for r in rows if r["T"] > 16]
+    parts = []
+    for impl, label in (("moekit", "default"), ("moekit_packed", "packed")):
+        decode = [r["impls"][impl]["x_bound"] for r in rows if r["T"] <= 16]
+        prefill = [r["impls"][impl]["x_bound"] for r in rows if r["T"] > 16]
+        if decode:
+            parts.append(f"{label} decode: worst {max(decode):.2f}x, median {statistics.median(decode):.2f}x of the bound")
+        if prefill:
+            parts.append(f"{label} prefill: worst {max(prefill):.2f}x, median {statistics.median(prefill):.2f}x")
     behind = [f"{r['layer']} {r['dtype']} T={r['T']}" for r in rows
               if min(r["impls"]["moekit"]["best_s"], r["impls"]["moekit_packed"]["best_s"])
               > min(v["best_s"] for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v)]  # fmt: skip
-    parts = []
-    if decode:
-        parts.append(f"packed decode: worst {max(decode):.2f}x, median {statistics.median(decode):.2f}x of the bound")
-    if prefill:
-        parts.append(f"packed prefill: worst {max(prefill):.2f}x, median {statistics.median(prefill):.2f}x")
     parts.append("moekit behind the best transformers implementation at: " + (", ".join(behind) if behind else "none"))
     return "; ".join(parts) + "."
 
