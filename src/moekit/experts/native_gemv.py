@@ -78,6 +78,10 @@ MAX_ROWS = {
         (torch.bfloat16, True): ((3584, 64), (1, 4)),
     },
 }
+#: Intel without AMX tiles for the kernel (an older Xeon, or a kernel that refused the tile state): fp32 as
+#: measured on the Xeon above, bf16 up to the 4 rows where its vector tiles led there (11.2-14.5 GB/s against
+#: 7.6-11.3 for F.linear and 10.5-12.9 packed; a CPU without AMX has slower oneDNN bf16, not faster)
+MAX_ROWS["GenuineIntel"] = {**MAX_ROWS["GenuineIntel+AMX"], (torch.bfloat16, False): ((1, 4),), (torch.bfloat16, True): ((1, 4),)}
 
 
 def available() -> bool:
