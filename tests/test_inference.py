@@ -9,15 +9,17 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moekit
 from moekit.experts import (
     dispatch,
     dispatch_reference,
     inference,
+    native_gemv,
     pack_for_inference,
 )
-from moekit.experts.inference import packing_available, plan_inference
+from moekit.experts.inference import expert_linear, packing_available, plan_inference
 from moekit.types import RoutingDecision
 
 from bank_cases import compressed_bank
@@ -154,6 +156,25 @@ def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch)
     assert plain == (dtype == torch.float32 and packing_available(dtype, "cpu"))
     assert not grouped and bool(onednn) == plain
     torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), **TOL[dtype])
+
+
+@pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("profile", ["GenuineIntel+AMX", "AuthenticAMD"])
+def test_large_fp32_products_take_mkl_on_intel(profile, packed, monkeypatch) -> None:
+    """fp32 products of MKL_MIN_ROWS rows or more run F.linear (MKL) on Intel, packed or not, and oneDNN
+    on AMD; fewer rows take oneDNN on both; all equal F.linear."""
+    monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
+    lp = torch.ops.mkldnn._linear_pointwise
+    onednn = []
+    monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
+    W = torch.randn(24, D)
+    P = torch.ops.mkldnn._reorder_linear_weight(W, inference.PACK_HINT) if packed else None
+    for rows in (64, inference.MKL_MIN_ROWS):
+        onednn.clear()
+        x = torch.randn(rows, D)
+        torch.testing.assert_close(expert_linear(x, W, packed=P), F.linear(x, W), rtol=1e-5, atol=1e-5)
+        assert bool(onednn) == (rows < inference.MKL_MIN_ROWS or profile == "AuthenticAMD")
 
 
 def test_grouped_split_under_inference_mode(monkeypatch) -> None:

@@ -85,6 +85,8 @@ PACK_TILE_ROWS = 1024
 #: (32 MiB), so a run's buffers are reused from the heap; larger ones are mapped afresh and page-faulted in
 #: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32)
 RUN_BYTES = 24 * 2**20
+#: fp32 products from this many rows run MKL's GEMM on Intel CPUs (``mkl_leads``)
+MKL_MIN_ROWS = 512
 #: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
 ROWS_PER_WEIGHT_PASS = 16
 
@@ -279,11 +281,19 @@ def packing_available(dtype: torch.dtype, device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and _packs_on_cpu(dtype)
 
 
-def reads_plain_weights(dtype: torch.dtype) -> bool:
-    """Whether ``expert_linear`` runs unpacked CPU weights of ``dtype`` on oneDNN rather than ``F.linear``:
-    fp32, where torch's ``F.linear`` is MKL and oneDNN reading the plain layout is 1.1-1.8x faster at every
-    measured size (1-1024 rows of 768-4096 features, AMD EPYC); bf16's ``F.linear`` is oneDNN already."""
-    return dtype == torch.float32 and _packs_on_cpu(dtype)
+def reads_plain_weights(dtype: torch.dtype, rows: int = 1) -> bool:
+    """Whether ``expert_linear`` runs unpacked CPU weights of ``dtype`` on oneDNN rather than ``F.linear``
+    for ``rows`` rows: fp32, where torch's ``F.linear`` is MKL and oneDNN reading the plain layout is
+    1.1-1.8x faster at every measured size on AMD EPYC (1-1024 rows of 768-4096 features) and on Intel up
+    to ``MKL_MIN_ROWS`` (``mkl_leads``); bf16's ``F.linear`` is oneDNN already."""
+    return dtype == torch.float32 and _packs_on_cpu(dtype) and not mkl_leads(dtype, rows)
+
+
+def mkl_leads(dtype: torch.dtype, rows: int) -> bool:
+    """Whether MKL's GEMM (``F.linear`` in fp32) beats oneDNN, packed or plain, for a CPU product of ``rows``
+    rows: on Intel from ``MKL_MIN_ROWS`` rows (1024 rows of Mixtral's and Qwen3's expert matrices: MKL
+    1.05-1.07x faster; 256 rows: level; 16-64: oneDNN 1.05-1.2x faster)."""
+    return dtype == torch.float32 and rows >= MKL_MIN_ROWS and native_gemv.cpu_profile().startswith("GenuineIntel")
 
 
 @functools.cache
@@ -384,7 +394,7 @@ def expert_linear(
       gate activation fused into it when ``activation`` is one it has;
     * with ``packed`` (``weight_OI`` in oneDNN layout) oneDNN in tiles of ``PACK_TILE_ROWS`` rows, the
       activation fused as a post-op when oneDNN has it; the same on the plain contiguous weight in fp32 on
-      CPU (``reads_plain_weights``);
+      CPU (``reads_plain_weights``); large fp32 products on Intel MKL's ``F.linear`` (``mkl_leads``);
     * otherwise ``F.linear`` then ``act_fn``.
     """
     M, I = x_MI.shape
@@ -397,8 +407,11 @@ def expert_linear(
         fuse = glu and activation in native_gemv.GLU_ACTIVATIONS
         y = native_gemv.linear(x_MI, weight_OI, bias_O, glu=activation if fuse else None)
         return y if fuse or act_fn is None else act_fn(y)
-    if packed is None and x_MI.device.type == "cpu" and reads_plain_weights(weight_OI.dtype) and weight_OI.is_contiguous():
-        packed = weight_OI  # oneDNN takes the plain layout too: 1.1-1.8x the speed of F.linear (MKL) in fp32
+    if x_MI.device.type == "cpu":
+        if packed is not None and mkl_leads(weight_OI.dtype, M):
+            packed = None  # large fp32 products on Intel: MKL (F.linear) on the plain weights
+        elif packed is None and reads_plain_weights(weight_OI.dtype, M) and weight_OI.is_contiguous():
+            packed = weight_OI  # oneDNN takes the plain layout too: 1.1-1.8x the speed of F.linear (MKL) in fp32
     if packed is None:
         y = F.linear(x_MI, weight_OI, bias_O)
         return y if act_fn is None else act_fn(y)
