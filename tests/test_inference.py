@@ -129,6 +129,26 @@ def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
 
 
+def test_experts_with_many_rows_keep_the_kernels_threads(monkeypatch) -> None:
+    """At MAX_SPLIT_ROWS rows per expert or more the experts run one after the other, each product on
+    all intra-op threads (as the training path's grouped GEMM does), not split over the pool."""
+    monkeypatch.setattr(inference.cpu_grouped, "MAX_SPLIT_ROWS", 8)
+    splits = []
+    run_split = inference.cpu_grouped.run_split
+    monkeypatch.setattr(inference.cpu_grouped, "run_split", lambda s, fn: splits.append(s) or run_split(s, fn))
+    experts = moekit.GLUExperts(4, D, 24)
+    x, decision = torch.randn(40, D), _decision(40, 4, 2)  # ~20 rows per expert
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = dispatch(experts, x, decision)
+    finally:
+        torch.set_num_threads(threads)
+    assert not splits
+    torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch) -> None:

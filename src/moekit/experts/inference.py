@@ -265,10 +265,13 @@ def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, 
 
 def expert_split(groups: Sequence[tuple[int, int, int]], device: torch.device) -> cpu_grouped.RowSplit | None:
     """How the experts of ``(expert, first slot, end slot)`` groups go over the CPU pool: runs of about
-    equal cost when there are at least as many touched experts as intra-op threads; None: all in the
-    calling thread (the kernels split each product's rows over the threads)."""
+    equal cost when there are at least as many touched experts as intra-op threads and fewer than
+    ``cpu_grouped.MAX_SPLIT_ROWS`` rows per expert on average (larger products parallelise well inside the
+    kernel, as in training); None: all in the calling thread (the kernels split each product's rows)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or len(groups) < threads:
+        return None
+    if groups[-1][2] - groups[0][1] >= cpu_grouped.MAX_SPLIT_ROWS * len(groups):
         return None
     costs = [1.0 + (end - start) / ROWS_PER_WEIGHT_PASS for _, start, end in groups]
     return cpu_grouped.split_by_cost(costs, (*(s for _, s, _ in groups), groups[-1][2]), threads)
