@@ -59,6 +59,8 @@ SHAPES = {
     "mixtral_8x7b_quarter_f": dict(D=4096, F=3584, E=8, K=2),
     "olmoe_1b_7b": dict(D=2048, F=1024, E=64, K=8),
 }
+#: the models the shapes come from, for the README's grid
+LAYER_NAMES = {"qwen3_30b_a3b": "Qwen3-30B-A3B", "mixtral_8x7b_quarter_f": "Mixtral-8x7B (F/4)", "olmoe_1b_7b": "OLMoE-1B-7B"}
 QUICK = {"tiny": dict(D=64, F=128, E=8, K=2)}
 TOKENS = [1, 4, 16, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4, 64]
@@ -434,7 +436,7 @@ def readme_grid(rows: list[dict]) -> str:
             ours = min(r["impls"]["moekit"]["x_bound"], r["impls"]["moekit_packed"]["x_bound"])
             hf = min(v["x_bound"] for k, v in r["impls"].items() if k.startswith("hf_") and "x_bound" in v)
             cells.append(f"{ours:.2f}x / {hf:.2f}x")
-        lines.append(f"| {layer} | {dtype} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LAYER_NAMES.get(layer, layer)} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
