@@ -9,7 +9,7 @@ from torch import nn
 import moekit
 from moekit.layers.baselines import ROUTED_METHODS, OutputEnsemble, SingleExpert, build_routed_block
 from moekit.layers.example_routed import ExampleRoutedMoE
-from moekit.experts.merged_linear import merged_linear, merged_linear_reference
+from moekit.experts.merged_linear import long_dots, merged_linear, merged_linear_reference
 from moekit.layers.pooling import masked_mean
 from moekit.layers.smear import SMEAR, PlainMergeDispatch, merged_forward, merged_forward_chunked, merged_forward_fused
 from moekit.routers.base import Router
@@ -198,6 +198,27 @@ def test_merged_linear_matches_reference_in_outputs_and_gradients(shape, chunk_r
         g = torch.randn_like(ref)
         for a, r in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
             torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("K", [4096, 3 * 1024, 1000, 7])
+def test_long_dots_equal_the_matmul(K: int) -> None:
+    """The blocked form (K with at least 64 blocks) and the plain GEMM (K = 1000, 7) give ``a @ b^T``; ``a``
+    may be a column slice, as the backward's weight chunks are."""
+    a = torch.randn(8, 2 * K, dtype=torch.float64)[:, K:]
+    b = torch.randn(5, K, dtype=torch.float64)
+    torch.testing.assert_close(long_dots(a, b), a @ b.T)
+
+
+def test_merged_linear_gradient_of_probs_through_long_chunks() -> None:
+    """Chunks whose n * I inner dimension takes the blocked dot products (I = 128: 1024 blocks)."""
+    G, S, I, O, E = 3, 4, 128, 16, 4
+    x = torch.randn(G, S, I, dtype=torch.float64)
+    probs = torch.randn(G, E, dtype=torch.float64).softmax(-1).requires_grad_()
+    w = torch.randn(E, O, I, dtype=torch.float64, requires_grad=True)
+    y, ref = merged_linear(x, probs, w, chunk_bytes=8 * G * I * 8), merged_linear_reference(x, probs, w)
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(y, (probs, w), g), torch.autograd.grad(ref, (probs, w), g)):
+        torch.testing.assert_close(a, r)
 
 
 GRAD_LAYOUTS = {
