@@ -208,7 +208,7 @@ def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -
     (same calls, shapes and buffers as the kernel), and the products one expert runs for the same layer."""
     import torch.nn.functional as F
 
-    from moekit.experts.merged_linear import _rows_per_chunk
+    from moekit.experts.merged_linear import _rows_per_chunk, long_dots
 
     n = _rows_per_chunk(G, O, I, 4, chunk_bytes)
     g = torch.Generator().manual_seed(0)
@@ -246,8 +246,8 @@ def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -
             grad_y[:, :, o0 : o0 + k].transpose(1, 2), x, out=gm)),
         "smear: merge W_g = sum_e p_ge w_e (forward)": merge,
         "smear: merge again (backward)": merge,
-        "smear: grad probs <grad W_g, w_e>": each_chunk(lambda o0, k, _, gm: grad_pT.addmm_(
-            w[:, o0 * I : (o0 + k) * I], gm.view(G, k * I).t())),
+        "smear: grad probs <grad W_g, w_e>": each_chunk(lambda o0, k, _, gm: grad_pT.add_(
+            long_dots(w[:, o0 * I : (o0 + k) * I], gm.view(G, k * I)))),
         "smear: grad w = probs^T grad W": each_chunk(lambda o0, k, _, gm: torch.mm(
             p.t(), gm.view(G, k * I), out=grad_w[:, o0 * I : (o0 + k) * I])),
         "one expert: forward": lambda: F.linear(x2, one_w, one_b),
