@@ -1,4 +1,4 @@
-"""Expert banks shared by the inference tests."""
+"""Expert banks (and a thread-count helper) shared by the inference tests."""
 
 from __future__ import annotations
 
@@ -20,3 +20,13 @@ def compressed_bank(kind: str, packed: bool, E: int, dim: int, dtype: torch.dtyp
             mask[0] = 0
     bank = PackedLowRankSparseExperts.from_masked(bank) if packed else bank
     return bank.to(dtype)
+
+
+def with_threads(n: int, fn):
+    """``fn()`` with ``n`` intra-op threads, the caller's count restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)

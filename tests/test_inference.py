@@ -22,7 +22,7 @@ from moekit.experts import (
 from moekit.experts.inference import expert_linear, packing_available, plan_inference
 from moekit.types import RoutingDecision
 
-from bank_cases import compressed_bank
+from bank_cases import compressed_bank, with_threads
 
 D = 16
 dispatch_module = importlib.import_module("moekit.experts.dispatch")
@@ -107,6 +107,19 @@ def test_inference_path_equals_training_path(bank, case, path, dtype, monkeypatc
     torch.testing.assert_close(y, ref, **TOL[dtype])
 
 
+def _infer(experts, x, decision) -> torch.Tensor:
+    with torch.inference_mode():
+        return dispatch(experts, x, decision)
+
+
+def _spy_splits(monkeypatch) -> list:
+    """The splits of touched experts that the expert loop hands to the CPU pool."""
+    splits = []
+    run_split = inference.cpu_grouped.run_split
+    monkeypatch.setattr(inference.cpu_grouped, "run_split", lambda s, fn: splits.append(s) or run_split(s, fn))
+    return splits
+
+
 @pytest.mark.parametrize("path", ["loop", "packed"])
 def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     experts = moekit.GLUExperts(12, D, 24)
@@ -115,16 +128,8 @@ def test_experts_split_over_threads_equal_one_thread(path, monkeypatch) -> None:
     decision = _decision(7, 12, 3)
     with torch.inference_mode():
         one = dispatch(experts, x, decision)
-    splits = []
-    run_split = inference.cpu_grouped.run_split
-    monkeypatch.setattr(inference.cpu_grouped, "run_split", lambda s, fn: splits.append(s) or run_split(s, fn))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            two = dispatch(experts, x, decision)
-    finally:
-        torch.set_num_threads(threads)
+    splits = _spy_splits(monkeypatch)
+    two = with_threads(2, lambda: _infer(experts, x, decision))
     assert splits and len(splits[0].runs) == 2, "the touched experts were not split over the two threads"
     torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
 
@@ -133,18 +138,10 @@ def test_experts_with_many_rows_keep_the_kernels_threads(monkeypatch) -> None:
     """At MAX_SPLIT_ROWS rows per expert or more the experts run one after the other, each product on
     all intra-op threads (as the training path's grouped GEMM does), not split over the pool."""
     monkeypatch.setattr(inference.cpu_grouped, "MAX_SPLIT_ROWS", 8)
-    splits = []
-    run_split = inference.cpu_grouped.run_split
-    monkeypatch.setattr(inference.cpu_grouped, "run_split", lambda s, fn: splits.append(s) or run_split(s, fn))
+    splits = _spy_splits(monkeypatch)
     experts = moekit.GLUExperts(4, D, 24)
     x, decision = torch.randn(40, D), _decision(40, 4, 2)  # ~20 rows per expert
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            y = dispatch(experts, x, decision)
-    finally:
-        torch.set_num_threads(threads)
+    y = with_threads(2, lambda: _infer(experts, x, decision))
     assert not splits
     torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), rtol=1e-5, atol=1e-5)
 
@@ -165,13 +162,7 @@ def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch)
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
     lp = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            y = dispatch(experts, x, decision)
-    finally:
-        torch.set_num_threads(before)
+    y = with_threads(threads, lambda: _infer(experts, x, decision))
     plain = inference.reads_plain_weights(dtype)
     assert plain == (dtype == torch.float32 and packing_available(dtype, "cpu"))
     assert not grouped and bool(onednn) == plain

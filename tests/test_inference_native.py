@@ -16,7 +16,7 @@ from moekit.experts import inference
 from moekit.experts.inference import expert_linear
 from moekit.types import RoutingDecision
 
-from bank_cases import compressed_bank
+from bank_cases import compressed_bank, with_threads
 
 needs_kernel = pytest.mark.skipif(not native_gemv.available(), reason="no native GEMV kernel here (no compiler?)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -26,15 +26,6 @@ TOL = {"fp32": 2e-6, "bf16": 8e-3}
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def _with_threads(n: int, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
 
 
 @needs_kernel
@@ -50,7 +41,7 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T
-    y = _with_threads(threads, lambda: native_gemv.linear(x, W))
+    y = with_threads(threads, lambda: native_gemv.linear(x, W))
     yb = native_gemv.linear(x, W, b, threads=threads)
     assert y.dtype == dt and y.shape == (M, O)
     assert _rel_err(y, ref) <= TOL[dtype]
@@ -251,7 +242,7 @@ def test_bank_inference_on_the_kernel_equals_training_path(bank, routing, dtype,
     decision = RoutingDecision(torch.tensor(ids), torch.softmax(torch.randn(T, len(ids[0])), -1).to(dt), E)
     calls = _spy(monkeypatch)
     with torch.inference_mode():
-        y = _with_threads(threads, lambda: dispatch(experts, x, decision))
+        y = with_threads(threads, lambda: dispatch(experts, x, decision))
     rows = max(int((decision.ids_TK == e).sum()) for e in range(E))
     if native_gemv.serves(rows, dt, D):
         assert calls, "the inference path did not run the native kernel"
