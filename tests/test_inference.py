@@ -311,6 +311,8 @@ def test_expert_runs_cut_groups_at_the_row_limit() -> None:
     assert all(sum(b - a for _, a, b in run) <= 4 for run in runs)
     assert inference.expert_runs(groups, 100) == [groups]
     assert inference.expert_runs([], 4) == []
+    # a group that fits a run is not cut across two (each cut costs another pass over its weights)
+    assert inference.expert_runs([(0, 0, 3), (1, 3, 6)], 4) == [[(0, 0, 3)], [(1, 3, 6)]]
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -227,11 +227,14 @@ def run_rows(bank: "ExpertBank", x_T: Tensor) -> int:
 
 
 def expert_runs(groups: Sequence[tuple[int, int, int]], max_rows: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive ``(expert, first slot, end slot)`` groups cut into runs of at most ``max_rows`` slots; a
-    group larger than that is cut into pieces, each piece a run of its own."""
+    """Consecutive ``(expert, first slot, end slot)`` groups cut into runs of at most ``max_rows`` slots. A
+    group that fits a run is never cut across two (it opens the next run instead: a cut costs another pass
+    over the expert's weights and two smaller GEMMs); a larger one is cut into pieces of ``max_rows``."""
     runs: list[list[tuple[int, int, int]]] = []
     rows = max_rows
     for e, start, end in groups:
+        if rows + end - start > max_rows >= end - start:
+            rows = max_rows
         while start < end:
             if rows >= max_rows:
                 runs.append([])
