@@ -457,13 +457,17 @@ def _goals(rows: list[dict]) -> str:
 
 
 def assemble(args, out: Path, tag: str) -> None:
-    """One result from the JSON of runs made in pieces (a shared machine: short runs, each with its load)."""
+    """One result from the JSON of runs made in pieces (a shared machine: short runs, each with its load); a
+    row measured again in a later piece replaces the earlier one."""
     import json
 
     from moekit.reporting import atomic_write_text, write_json
 
     parts = [json.loads(Path(p).read_text()) for p in args.assemble]
-    results = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "shapes": {}, "pieces": []}
+    rows: dict[tuple, dict] = {}  # a later piece's row replaces an earlier one of the same layer, dtype and T
+    for p in parts:
+        rows.update({(r["layer"], r["dtype"], r["T"]): r for r in p["rows"]})
+    results = {**parts[0], "rows": list(rows.values()), "shapes": {}, "pieces": []}
     for p in parts:
         results["shapes"].update(p["shapes"])
         results["pieces"].append({"command": p["environment"]["command"], "load_average": p.get("load_average")})
