@@ -21,14 +21,15 @@ It computes what the training path computes -- ``y_t = sum_k w_tk * expert_{id_t
 Threads (CPU): with several intra-op threads and at least as many touched experts, the experts are
 split over the pool of ``cpu_grouped`` in runs of about equal cost (each worker runs its experts on one
 intra-op thread, so every thread streams distinct weights); with fewer experts than threads (a decoding
-token on an E=8, K=2 layer), each expert's matrices are split by rows over the intra-op threads of the
-kernel itself.
+token on an E=8, K=2 layer) or ``cpu_grouped.MAX_SPLIT_ROWS`` rows per expert or more, each expert's
+matrices are split by rows over the intra-op threads of the kernel itself.
 
 Kernels: every bank's ``expert_inference`` applies its matrices through ``expert_linear``, the one seam
 that picks the kernel -- the native GEMV (``native_gemv``: C, built on first use; fp32/bf16 weights with
-fp32 accumulation, a GLU's gate activation fused) where ``native_gemv.serves`` the number of rows (decode;
-the measured crossover ``native_gemv.MAX_ROWS``; ``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on
-packed weights (or, fp32, on the plain ones), else ``F.linear``.
+fp32 accumulation, a GLU's gate activation fused, bf16 on AMX tiles where the CPU has them) where
+``native_gemv.serves`` the number of rows (the crossover measured per CPU, ``native_gemv.MAX_ROWS``;
+``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on packed weights (or, fp32, on the plain ones; MKL's
+``F.linear`` for large fp32 products on Intel, ``mkl_leads``), else ``F.linear``.
 
 Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
 matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with
