@@ -60,7 +60,7 @@ class _ReferenceSMEAR(moekit.SMEAR):
 
 IMPLS = ["one_expert", "smear", "smear_reference", "smear_chunked", "ensemble"]
 SWEEP_S = [1, 4, 16, 32, 64, 128, 512]
-SWEEP_CHUNK_BYTES = [4 * 2**20, 2**20]
+SWEEP_CHUNK_BYTES = [64 * 2**20, 32 * 2**20, 4 * 2**20, 2**20]
 
 
 def _build(impl: str, case: dict, device: str):
