@@ -8,7 +8,9 @@
  * Loop order: blocks of ROWS weight rows; inside a block, chunks of MCHUNK rows of x, each chunk
  * reading the block again (from L1/L2: ROWS * I values), so W is read from memory once whatever M is.
  * Every thread (OpenMP, `threads` of them) takes a contiguous range of row blocks: distinct memory.
- * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros.
+ * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros; bf16
+ * products of AMX_MIN_ROWS or more rows of x on AMX tiles where the build has them and the kernel
+ * grants the tile state (amx_rows).
  */
 #include <stdint.h>
 #include <string.h>
