@@ -80,11 +80,13 @@ SORTED_GROUPED_MIN_TOKENS = 2
 PACKED_MIN_EXPERT_BYTES = 2**20
 #: batch-size hint for oneDNN's weight layout (measured: 64 and 256 stream best for 1-16 rows)
 PACK_HINT = 64
-#: rows per oneDNN call: bounds the distinct problem shapes, so its primitive cache stays warm
+#: rows per oneDNN call: bounds the distinct problem shapes, so its primitive cache stays warm; large enough
+#: that a prefill expert is one pass over its weights (256 cost Mixtral bf16 T=1024 8-10%, Intel Xeon)
 PACK_TILE_ROWS = 1024
 #: bytes of the widest temporary of one run of experts on CPU (prefill): under glibc's largest mmap threshold
 #: (32 MiB), so a run's buffers are reused from the heap; larger ones are mapped afresh and page-faulted in
-#: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32)
+#: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32, AMD;
+#: ~12 us a page on the Intel VM). 24 MiB holds a 1024-row Mixtral expert in bf16 (8 MiB cut it in two)
 RUN_BYTES = 24 * 2**20
 #: fp32 products from this many rows run MKL's GEMM on Intel CPUs (``mkl_leads``)
 MKL_MIN_ROWS = 512
