@@ -306,10 +306,10 @@ def test_the_expert_loop_takes_the_kernel_for_decode_rows_only(monkeypatch) -> N
 # ----- fallback ----------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_library():
-    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile):
+    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile, native_gemv.cpu_vendor):
         cached.cache_clear()
     yield
-    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile):
+    for cached in (native_gemv._built, native_gemv._library, native_gemv.cpu_profile, native_gemv.cpu_vendor):
         cached.cache_clear()
 
 

@@ -302,7 +302,7 @@ def mkl_leads(dtype: torch.dtype, rows: int) -> bool:
     """Whether MKL's GEMM (``F.linear`` in fp32) beats oneDNN, packed or plain, for a CPU product of ``rows``
     rows: on Intel from ``MKL_MIN_ROWS`` rows (1024 rows of Mixtral's and Qwen3's expert matrices: MKL
     1.05-1.07x faster; 256 rows: level; 16-64: oneDNN 1.05-1.2x faster)."""
-    return dtype == torch.float32 and rows >= MKL_MIN_ROWS and native_gemv.cpu_profile().startswith("GenuineIntel")
+    return dtype == torch.float32 and rows >= MKL_MIN_ROWS and native_gemv.cpu_vendor() == "GenuineIntel"
 
 
 @functools.cache

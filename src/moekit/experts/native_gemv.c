@@ -346,7 +346,7 @@ static uint16_t *amx_buffer(int bf16, long max_rows, long widest) { (void)bf16, 
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      const uint16_t *xp, long M, long I, float *out) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (xp) {
+    if (xp && r1 - r0 >= 16) {
         long nb = (r1 - r0) / 16;
         amx_rows((const uint16_t *)W, ldw, r0, nb, xp, M, I, out);
         r0 += 16 * nb, out += 16 * nb;

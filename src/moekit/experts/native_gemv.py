@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "linear", "moe_ffn", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear", "moe_ffn", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -203,7 +203,7 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
 
 def build_info() -> dict[str, str | bool | None]:
     """What was built: ``{"library": path or None, "isa": "avx512f+bf16" | "avx512f" | "avx2" | "portable" | None,
-    "amx": whether bf16 products of 5-32 rows run on the AMX tile unit, "reason": why not built or None}``
+    "amx": whether bf16 products of 5 or more rows run on the AMX tile unit, "reason": why not built or None}``
     (for the benchmark's report)."""
     lib = _library()
     return {"library": None if lib is None else lib._name, "isa": None if lib is None else lib.moekit_gemv_isa().decode(),
@@ -221,31 +221,35 @@ def _compiler() -> str | None:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``/proc/cpuinfo``, e.g. ``GenuineIntel``, ``AuthenticAMD``; elsewhere
+    ``platform.processor()``). Reads no library: callers that only pick between torch's kernels use it."""
+    return _cpuinfo("vendor_id") or platform.processor()
+
+
+@functools.cache
 def cpu_profile() -> str:
-    """Which row of ``MAX_ROWS`` applies: the CPU's vendor id (``/proc/cpuinfo``, e.g. ``AuthenticAMD``;
-    elsewhere ``platform.processor()``), with ``+AMX`` where the built kernel runs bf16 on AMX tiles."""
-    vendor = platform.processor()
+    """Which row of ``MAX_ROWS`` applies: ``cpu_vendor()``, with ``+AMX`` where the built kernel runs bf16
+    on AMX tiles."""
+    lib = _library()
+    return cpu_vendor() + ("+AMX" if lib is not None and lib.moekit_amx_usable() else "")
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of ``/proc/cpuinfo``, or None (no such file or line)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                vendor = line.split(":", 1)[1].strip()
-                break
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    lib = _library()
-    return vendor + ("+AMX" if lib is not None and lib.moekit_amx_usable() else "")
+    return None
 
 
 def _cpu_flags() -> str:
     """The CPU's feature flags (``/proc/cpuinfo``; elsewhere the processor name): part of the cache key,
     since ``-march=native`` builds for this CPU only."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
+    return _cpuinfo("flags") or f"{platform.machine()} {platform.processor()}"
 
 
 @functools.cache
