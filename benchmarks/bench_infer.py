@@ -263,7 +263,7 @@ def _line(row: dict) -> str:
 
 
 # ----- kernels: the read rate of each matrix-vector kernel on expert matrices -------------------------
-KERNEL_ROWS = [1, 2, 4, 8, 16, 32]
+KERNEL_ROWS = [1, 2, 4, 8, 16, 32, 64]
 KERNEL_BYTES = 128 * 2**20  # per measured set of matrices: 4x this machine's L3, so every pass reads memory
 
 

@@ -32,7 +32,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
-                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
+                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64), (48, 29, 96), (65, 11, 64),
                                      (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128), (80, 20, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows (tiles
@@ -85,8 +85,6 @@ def test_serves_the_measured_decode_sizes(profile, monkeypatch) -> None:
         for min_features, limit in rules:
             assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
             assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
-    wide, narrow = native_gemv.serves(16, torch.float32, 4096), native_gemv.serves(16, torch.float32, 768)
-    assert (wide, narrow) == ((native_gemv.available(), False) if profile == "AuthenticAMD" else (False, False))
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
     assert not native_gemv.serves(1, torch.float32, 0)

@@ -256,13 +256,6 @@ static int amx_applies(int bf16, long M, long I) {
 /* Elements of x packed for amx_rows: one 16 x 32 block per 32 inputs and 16 rows of x. */
 static size_t amx_packed_size(long M, long I) { return (size_t)(I / 32) * (size_t)((M + 15) / 16) * 512; }
 
-/* A buffer for amx_pack of up to max_rows rows of `widest` inputs, or NULL when the tile unit serves none
- * of them (or the allocation failed: the vector tiles then do all). */
-static uint16_t *amx_buffer(int bf16, long max_rows, long widest) {
-    if (!bf16 || max_rows < AMX_MIN_ROWS || !moekit_amx_usable()) return NULL;
-    return (uint16_t *)malloc(sizeof(uint16_t) * amx_packed_size(max_rows, widest));
-}
-
 static void amx_pack(const uint16_t *xb, long M, long I, uint16_t *xp) {
     long parts = (M + 15) / 16;
     for (long s = 0; s < I / 32; s++)
@@ -338,21 +331,182 @@ int moekit_amx_usable(void) { return 0; }
 static int amx_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t amx_packed_size(long M, long I) { (void)M, (void)I; return 0; }
 static void amx_pack(const uint16_t *xb, long M, long I, uint16_t *xp) { (void)xb, (void)M, (void)I, (void)xp; }
-static uint16_t *amx_buffer(int bf16, long max_rows, long widest) { (void)bf16, (void)max_rows, (void)widest; return NULL; }
 #endif
 
-/* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; xp: x packed
- * for the tile unit (amx_pack; NULL: vector tiles only), which then takes the whole 16-row blocks. */
+/* ---- broadcast tiles (AVX-512): products of BC_MIN_ROWS or more rows of x ----
+ * y^T = W x^T with the rows of x across the vector lanes: x^T is packed once per product (bc_pack: input i
+ * holds the M rows, zero-padded to NV vectors of 16), and every weight value is broadcast against those NV
+ * vectors, so each weight row is read once, in order, and each load of x serves BR weight rows. The dot
+ * tiles above load a W vector and an x vector per 16 x MCHUNK products and reduce across lanes at the end;
+ * at these row counts they run out of load slots (AMD EPYC fp32: 16 rows at 4.5-5.3 GB/s) while this
+ * shape keeps the FMA units busy. bf16 with AVX512_BF16: x^T packed in input pairs, a weight pair broadcast
+ * as one 32-bit value, vdpbf16ps (32 products per instruction); fp32 accumulation. */
+#if defined(__AVX512F__)
+#define BC_MIN_ROWS 9
+#if defined(__AVX512BF16__)
+#define BC_BF16 1
+#else
+#define BC_BF16 0
+#endif
+
+static int bc_applies(int bf16, long M, long I) { return M >= BC_MIN_ROWS && (!bf16 || (BC_BF16 && I % 2 == 0)); }
+
+/* Elements of x packed for bc_rows (fp32 values, or bf16 values as 32-bit pairs: the same count). */
+static size_t bc_packed_size(long M, long I) { return (size_t)I * (size_t)(16 * ((M + 15) / 16)); }
+
+static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
+    const long P = 16 * ((M + 15) / 16);
+    if (!bf16) {
+        float *t = (float *)xp;
+        for (long i = 0; i < I; i++)
+            for (long m = 0; m < P; m++) t[i * P + m] = m < M ? xf[m * I + i] : 0.0f;
+        return;
+    }
+    uint16_t *t = (uint16_t *)xp;
+    for (long q = 0; q < I / 2; q++)
+        for (long m = 0; m < P; m++) {
+            t[(q * P + m) * 2] = m < M ? xb[m * I + 2 * q] : 0;
+            t[(q * P + m) * 2 + 1] = m < M ? xb[m * I + 2 * q + 1] : 0;
+        }
+}
+
+/* BR weight rows (rows ldw apart) x NV vectors of 16 rows of x (xt: the first of them in the packed x^T,
+ * P rows of x per input): acc[r][v] lane l = W_r . x_{16 v + l}. */
+static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, long ldw, const float *xt, long P, long I,
+                                                              const int BR, const int NV, __m512 acc[16][4]) {
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (long i = 0; i < I; i++) {
+        if (i % 16 == 0) /* a new cache line of every row: fetch the next tile's into L2 */
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + i);
+        __m512 xv[4];
+        for (int v = 0; v < NV; v++) xv[v] = _mm512_loadu_ps(xt + i * P + 16 * v);
+        for (int r = 0; r < BR; r++) {
+            __m512 wr = _mm512_set1_ps(w[r * ldw + i]);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
+        }
+    }
+}
+
+#if BC_BF16
+static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w, long ldw, const uint16_t *xt, long P,
+                                                               long I, const int BR, const int NV, __m512 acc[16][4]) {
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (long q = 0; q < I / 2; q++) {
+        if (q % 16 == 0)
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 2 * q);
+        __m512bh xv[4];
+        for (int v = 0; v < NV; v++) xv[v] = (__m512bh)_mm512_loadu_si512(xt + 2 * (q * P + 16 * v));
+        for (int r = 0; r < BR; r++) {
+            int32_t pair;
+            memcpy(&pair, w + r * ldw + 2 * q, sizeof pair);
+            __m512bh wr = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wr, xv[v]);
+        }
+    }
+}
+#endif
+
+/* Weight rows per tile for NV vectors of x: BR * NV accumulators, at most 16 of them (the rest of the 32
+ * registers hold x and the broadcast weight). */
+#define BC_BR(NV) ((NV) == 1 ? 8 : (NV) == 2 ? 8 : (NV) == 3 ? 8 : 6)
+
+#define BC_CASE(TILE, WT, NV)                                                                           \
+    for (; r + BC_BR(NV) <= nr; r += BC_BR(NV)) {                                                    \
+        TILE((const WT *)W + (r0 + r) * ldw, ldw, xt, P, I, BC_BR(NV), NV, acc);                        \
+        bc_store(acc, BC_BR(NV), NV, rows, out + r);                                                    \
+    }                                                                                                   \
+    for (; r < nr; r++) {                                                                               \
+        TILE((const WT *)W + (r0 + r) * ldw, ldw, xt, P, I, 1, NV, acc);                                \
+        bc_store(acc, 1, NV, rows, out + r);                                                            \
+    }
+
+/* acc[r][v] lane l into out[(16 v + l) * CHUNK + r] for the first `rows` rows of x. */
+static inline void bc_store(__m512 acc[16][4], int BR, int NV, long rows, float *out) {
+    float lanes[16];
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) {
+            _mm512_storeu_ps(lanes, acc[r][v]);
+            for (int l = 0; l < 16 && 16 * v + l < rows; l++) out[(16 * v + l) * CHUNK + r] = lanes[l];
+        }
+}
+
+/* Rows [r0, r0 + nr) of W against the M rows of x packed in xp into out[m * CHUNK + (r - r0)]: the rows of
+ * x 64 at a time (four vectors: 24 accumulators), each pass reading the block's weight rows again (from L2
+ * past the first). */
+static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    __m512 acc[16][4];
+    const long P = 16 * ((M + 15) / 16);
+    for (long m0 = 0; m0 < M; m0 += 64, out += 64 * CHUNK) {
+        const long rows = M - m0 < 64 ? M - m0 : 64;
+        const int nv = (int)((rows + 15) / 16);
+        long r = 0;
+#if BC_BF16
+        if (bf16) {
+            const uint16_t *xt = (const uint16_t *)xp + 2 * m0;
+            switch (nv) {
+            case 1: BC_CASE(bc_tile_bf16, uint16_t, 1) break;
+            case 2: BC_CASE(bc_tile_bf16, uint16_t, 2) break;
+            case 3: BC_CASE(bc_tile_bf16, uint16_t, 3) break;
+            default: BC_CASE(bc_tile_bf16, uint16_t, 4) break;
+            }
+            continue;
+        }
+#endif
+        (void)bf16;
+        const float *xt = (const float *)xp + m0;
+        switch (nv) {
+        case 1: BC_CASE(bc_tile_f32, float, 1) break;
+        case 2: BC_CASE(bc_tile_f32, float, 2) break;
+        case 3: BC_CASE(bc_tile_f32, float, 3) break;
+        default: BC_CASE(bc_tile_f32, float, 4) break;
+        }
+    }
+}
+#else
+static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
+static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
+static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out;
+}
+#endif
+
+/* How a product of M rows of I inputs runs: on the tile unit, on broadcast tiles, or on dot tiles (no
+ * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing. */
+enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2 };
+
+static int product_path(int bf16, long M, long I) {
+    if (amx_applies(bf16, M, I)) return PATH_AMX;
+    return bc_applies(bf16, M, I) ? PATH_BC : PATH_DOT;
+}
+
+static size_t packed_bytes(int bf16, long M, long I) {
+    size_t amx = amx_applies(bf16, M, I) ? sizeof(uint16_t) * amx_packed_size(M, I) : 0;
+    size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) : 0;
+    return amx > bc ? amx : bc;
+}
+
+static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
+    if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
+    else if (path == PATH_BC) bc_pack(bf16, xf, xb, M, I, xp);
+}
+
+/* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; path and xp:
+ * product_path and x packed for it (pack_x), the dot tiles taking what the tile unit leaves. */
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                     const uint16_t *xp, long M, long I, float *out) {
+                     int path, const void *xp, long M, long I, float *out) {
+    if (path == PATH_BC) {
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
+        return;
+    }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (xp && r1 - r0 >= 16) {
+    if (path == PATH_AMX && r1 - r0 >= 16) {
         long nb = (r1 - r0) / 16;
-        amx_rows((const uint16_t *)W, ldw, r0, nb, xp, M, I, out);
+        amx_rows((const uint16_t *)W, ldw, r0, nb, (const uint16_t *)xp, M, I, out);
         r0 += 16 * nb, out += 16 * nb;
     }
-#else
-    (void)xp;
 #endif
     float acc[ROWS][MCHUNK];
     long sub = (r1 - r0) / ROWS, tail = r0 + ROWS * sub;
@@ -368,14 +522,14 @@ static inline float load_value(const void *p, long at, int bf16) {
  * of W at a time. GLU (glu_rows > 0): column o is act(x . W[o] + b[o]) * (x . W[o + glu_rows] +
  * b[o + glu_rows]); the gate chunk and then the up chunk are each read as one run of memory. */
 static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                      const uint16_t *xp, long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
+                      int path, const void *xp, long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
     float *gate = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * M));
     if (!gate) return -1;
     float *up = gate + CHUNK * M;
     for (long c = r0; c < r1; c += CHUNK) {
         long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
-        dot_rows(W, bf16, ldw, c, c1, xf, xb, xp, M, I, gate);
-        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, xp, M, I, up);
+        dot_rows(W, bf16, ldw, c, c1, xf, xb, path, xp, M, I, gate);
+        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, path, xp, M, I, up);
         for (long m = 0; m < M; m++)
             for (long o = c; o < c1; o++) {
                 float v = gate[m * CHUNK + (o - c)];
@@ -425,8 +579,10 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     if (!xf) return -1;
     uint16_t *xb = (uint16_t *)(xf + n_x);
     working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
-    uint16_t *xp = amx_applies(dtype == 1, M, I) ? (uint16_t *)malloc(sizeof(uint16_t) * amx_packed_size(M, I)) : NULL;
-    if (xp) amx_pack(xb, M, I, xp);
+    int path = product_path(dtype == 1, M, I);
+    void *xp = path != PATH_DOT ? malloc(packed_bytes(dtype == 1, M, I)) : NULL;
+    if (xp) pack_x(path, dtype == 1, xf, xb, M, I, xp);
+    else path = PATH_DOT; /* no buffer: the dot tiles do all */
     long blocks = (O + ROWS - 1) / ROWS;
     int failed = 0;
     int n = thread_count(threads, blocks);
@@ -440,7 +596,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 #endif
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
-        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
+        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, path, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
     }
     free(xf);
     free(xp);
@@ -526,8 +682,9 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             int t = 0, nt = 1;
 #endif
             float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
-            /* a group's rows of x (phase 1) or h (phase 2) packed for the tile unit, where it applies */
-            uint16_t *packed = amx_buffer(bf16, max_rows, I > F ? I : F);
+            /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
+            size_t packed_size = packed_bytes(bf16, max_rows, I > F ? I : F);
+            void *packed = packed_size ? malloc(packed_size) : NULL;
             long packed_group = -1;
             if (!buf) failed = 1;
             /* phase 1: h = hidden(W1 x) per group, units (group, chunk) split contiguously */
@@ -536,13 +693,10 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W1 + (size_t)(e * s1) * es;
-                const uint16_t *xp = NULL;
-                if (packed && amx_applies(bf16, m, I)) {
-                    if (packed_group != g) amx_pack(xb + first * I, m, I, packed), packed_group = g;
-                    xp = packed;
-                }
-                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, xp, m, I, buf);
-                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, xp, m, I, buf + CHUNK * m);
+                int path = packed ? product_path(bf16, m, I) : PATH_DOT;
+                if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
+                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
+                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
                 const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
                 for (long r = 0; r < m; r++)
                     for (long o = c; o < c1; o++) {
@@ -567,11 +721,11 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W2 + (size_t)(e * s2) * es;
                 const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
-                const uint16_t *hp = NULL;
-                if (packed && r1 > r0 && amx_applies(bf16, m, F)) amx_pack(hb + first * F, m, F, packed), hp = packed;
+                int path = packed && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
+                if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
                 for (long c = r0; c < r1; c += CHUNK) {
                     long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
-                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, hp, m, F, buf);
+                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
                     for (long r = 0; r < m; r++) {
                         float *row = acc + token[first + r] * O, wr = weight[first + r];
                         for (long o = c; o < c1; o++) {

@@ -55,10 +55,14 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #: ``benchmarks/bench_infer.py --kernels`` on the Qwen3-30B-A3B, OLMoE and Mixtral expert matrices, 1 thread;
 #: read rates in GB/s.
 #:
-#: * AMD EPYC (AVX-512 + BF16), native / F.linear / packed: fp32 1 row 11-24 / 9-18 / 10-15, 2 rows
-#:   10-17 / 5-9 / 9-12, 4 rows 9-14 / 6-10 / 11-19; 8 rows ahead of F.linear from 2048 features (7-10 /
-#:   5-7), 16 rows from 3584 (4.5-5.3 / 3.8-4.1); bf16 1 row 12-20 / 5-9 / 9-14, 2 rows 7-12 / 6-11 /
-#:   8-11, 4 rows ahead of F.linear from 2048 features (10-11 / 8-9), 8 rows from 3584 (8.5-9 / 7.4-8.3).
+#: * AMD EPYC (AVX-512 + BF16; 9-64 rows on the broadcast tiles), native / F.linear / packed: fp32 1 row
+#:   19-24 / 11-17 / 12-15, 4 rows 17-22 / 6-10 / 14-19, 8 rows 11.5-15 / 5-8 / 12-14, 16 rows 10.6-12.7 /
+#:   3.6-6.0 / 9.1-10.6, 32 rows 5.6-6.4 / 3.0-3.9 / 5.5-6.1, 64 rows 2.7-3.0 / 2.2-2.4 / 3.1-3.3; bf16 1 row
+#:   16.5-21 / 7-10 / 13-15, 4 rows 16-18 / 6-10.5 / 11-18, 8 rows 10.6-13 / 5.6-9 / 8.6-13.4, 16 rows
+#:   7.7-11 / 4.7-6.9 / 6.8-9.9, 32 rows 4.5-6.0 / 3.5-4.7 / 5.0-5.9, 64 rows 2.5-2.9 / 2.5-2.8 / 3.0-3.2.
+#:   Past 8 rows the products are compute-bound (16 rows of fp32 need 16 multiply-adds per weight read);
+#:   from 64 rows oneDNN's packed kernel leads (in fp32 moekit runs oneDNN on the plain weights too,
+#:   ``inference.reads_plain_weights``, at the packed rate), so the native kernel stops at 32 rows.
 #: * Intel Xeon (AVX-512 + BF16 + AMX), native / oneDNN (fp32: packed, the plain layout reads alike;
 #:   bf16: F.linear / packed): fp32 4 rows 10.6-14.5 / 9.9-12.3, 8 rows 8.9-10.8 / 7.9-10.5, 16 rows
 #:   6.2-7.3 / 7.0-8.4; bf16 (5 rows on: AMX) 4 rows 11.1-15.1 / 7.3-11.1 / 10.3-12.8, 16 rows 8.5-13.4 /
@@ -66,10 +70,10 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 #:   / 6.5-6.6 / 7.9-8.2; below 3584 features 32 rows 5.9-8.3 / 6.7-8.1 / 8.5-9.3.
 MAX_ROWS = {
     "AuthenticAMD": {
-        (torch.float32, False): ((3584, 16), (2048, 8), (1, 4)),
-        (torch.float32, True): ((1, 2),),
-        (torch.bfloat16, False): ((3584, 8), (2048, 4), (1, 2)),
-        (torch.bfloat16, True): ((1, 1),),
+        (torch.float32, False): ((1, 32),),
+        (torch.float32, True): ((1, 32),),
+        (torch.bfloat16, False): ((1, 32),),
+        (torch.bfloat16, True): ((1, 16),),
     },
     "GenuineIntel+AMX": {
         (torch.float32, False): ((1, 8),),
