@@ -31,7 +31,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
+@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (1, 70, 130), (2, 64, 96), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
                                      (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64), (48, 29, 96), (65, 11, 64),
                                      (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128), (80, 20, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
