@@ -243,13 +243,14 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
 
 
 def profile_call(fn: Callable, top: int = 8) -> list[dict]:
-    """Where one call's time goes: the ``top`` aten ops by self CPU time (torch.profiler), with their share."""
+    """Where one call's time goes: the ``top`` aten ops and native calls (``moekit::``) by self CPU time
+    (torch.profiler), with their share."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or e.key.startswith("mkldnn::")]
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "moekit::"))]
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}

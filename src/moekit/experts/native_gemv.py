@@ -4,11 +4,13 @@ Why: at decode each touched expert's weights are read once for one or a few rows
 the rate the kernel streams memory. torch's GEMVs stream well below that rate (AMD EPYC: MKL's fp32 GEMV
 at ~0.55x of ``torch.sum`` over the same bytes, oneDNN's bf16 at ~0.4x; Intel Xeon: 0.5-0.9x,
 ``benchmarks/bench_infer.py --kernels``). ``native_gemv.c`` reads each weight row from memory once -- in
-tiles of 4 weight rows (far apart, 4 streams through distinct pages, the next block prefetched into L2) x
-up to 4 rows of ``x`` -- and accumulates in fp32 (bf16 weights: ``vdpbf16ps`` where the CPU has
-AVX512_BF16, else widened by a 16-bit shift; AVX-512, AVX2 and portable C paths). bf16 products of 5 or
-more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids; the vector tiles run
-out of FMA throughput there). It optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64
+tiles of 4 weight rows (far apart, 4 streams through distinct pages, the next block prefetched into L2;
+8 rows for one or two rows of ``x`` on AMD EPYC) x up to 4 rows of ``x`` -- and accumulates in fp32 (bf16
+weights: ``vdpbf16ps`` where the CPU has AVX512_BF16, else widened by a 16-bit shift; AVX-512, AVX2 and
+portable C paths). From 9 rows of ``x`` (AVX-512) the rows of ``x`` go across the vector lanes instead
+(``x^T`` packed once, every weight broadcast against up to 64 rows: "broadcast tiles"), which keeps the
+FMA units busy where the dot-product tiles run out of load slots (prefill: 16-64 rows per expert). bf16
+products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids). It optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64
 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
 OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
 
@@ -24,6 +26,7 @@ once (a ``RuntimeWarning``). Where the kernel is faster than torch's is ``serves
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -137,8 +140,10 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     O = O2 // 2 if glu else O2
     y = torch.empty(M, O, dtype=dtype)
     threads = torch.get_num_threads() if threads is None else threads
-    if lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
-                       y.data_ptr(), O, code, glu is not None, act, threads):  # fmt: skip
+    with _profiled("moekit::native_gemv"):
+        status = lib.moekit_gemv(weight_OI.data_ptr(), O, I, weight_OI.stride(0), x.data_ptr(), M, x.stride(0), bias,
+                                 y.data_ptr(), O, code, glu is not None, act, threads)  # fmt: skip
+    if status:
         raise MemoryError(f"native GEMV could not allocate its buffers (x: {M * I * 6} bytes)")
     return y
 
@@ -196,15 +201,24 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     b1_stride = 0 if first_bias_ER is None else first_bias_ER.stride(0)
     b2_stride = 0 if second_bias_EO is None else second_bias_EO.stride(0)
     threads = torch.get_num_threads() if threads is None else threads
-    status = lib.moekit_moe_ffn(first_ERI.data_ptr(), first_ERI.stride(0), first_ERI.stride(1), ptr(first_bias_ER), b1_stride,
-                                second_EOF.data_ptr(), second_EOF.stride(0), second_EOF.stride(1), ptr(second_bias_EO), b2_stride,
-                                F, I, O, E, x.data_ptr(), T, x.stride(0), ids.data_ptr(), weights.data_ptr(), ptr(kept), K,
-                                y.data_ptr(), code, glu, act, threads)  # fmt: skip
+    with _profiled("moekit::native_moe_ffn"):
+        status = lib.moekit_moe_ffn(first_ERI.data_ptr(), first_ERI.stride(0), first_ERI.stride(1), ptr(first_bias_ER), b1_stride,
+                                    second_EOF.data_ptr(), second_EOF.stride(0), second_EOF.stride(1), ptr(second_bias_EO), b2_stride,
+                                    F, I, O, E, x.data_ptr(), T, x.stride(0), ids.data_ptr(), weights.data_ptr(), ptr(kept), K,
+                                    y.data_ptr(), code, glu, act, threads)  # fmt: skip
     if status == -2:
         raise ValueError(f"ids_TK must lie in [0, {E}), got values from {int(ids.min())} to {int(ids.max())}")
     if status:
         raise MemoryError(f"native MoE layer could not allocate its buffers ({T * K} slots of {I} + {F} values)")
     return y
+
+
+def _profiled(name: str) -> contextlib.AbstractContextManager:
+    """A named range around a native call while a torch profiler runs (its C time is otherwise invisible to
+    the profiler); nothing otherwise (``record_function`` costs ~10 us a call, a fifth of a decode product)."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def build_info() -> dict[str, str | bool | None]:
