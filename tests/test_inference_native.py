@@ -305,8 +305,8 @@ def test_the_expert_loop_takes_the_kernel_for_decode_rows_only(monkeypatch) -> N
     monkeypatch.setattr(moekit.GLUExperts, "grouped_forward", lambda self, *a: grouped.append(1) or original(self, *a))
     calls = _spy(monkeypatch)
     decode = RoutingDecision(torch.stack([torch.randperm(8)[:2] for _ in range(4)]), torch.full((4, 2), 0.5), 8)
-    prefill = RoutingDecision(torch.randint(0, 8, (256, 2)), torch.full((256, 2), 0.5), 8)  # ~64 rows per expert
-    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(256, D).bfloat16()
+    prefill = RoutingDecision(torch.randint(0, 8, (1024, 2)), torch.full((1024, 2), 0.5), 8)  # ~256 rows per expert
+    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(1024, D).bfloat16()
     with torch.inference_mode():
         dispatch(experts, x4, decode)
         assert calls and not grouped
