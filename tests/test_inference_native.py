@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 import moekit
@@ -23,6 +25,8 @@ needs_kernel = pytest.mark.skipif(not native_gemv.available(), reason="no native
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # relative to the output's largest entry: fp32 sums differ from float64 by rounding only; bf16 also rounds the output
 TOL = {"fp32": 2e-6, "bf16": 8e-3}
+#: rows of x at the edges of the tile paths: 8 / 9 (dot / broadcast), 16 a + 1 and + 8 (half vector), 64 + r (passes)
+EDGE_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40, 48, 56, 63, 64, 65, 72, 80, 88, 127, 128, 129]
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,7 +37,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (1, 70, 130), (2, 64, 96), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
-                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64), (48, 29, 96), (65, 11, 64),
+                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64), (48, 29, 96), (65, 11, 64), (24, 19, 64), (40, 13, 96), (56, 10, 128), (72, 9, 64),
                                      (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128), (80, 20, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows (tiles
@@ -47,6 +51,28 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     assert y.dtype == dt and y.shape == (M, O)
     assert _rel_err(y, ref) <= TOL[dtype]
     assert _rel_err(yb, ref + b.double()) <= TOL[dtype]
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(M=st.one_of(st.integers(1, 140), st.sampled_from(EDGE_ROWS)), O=st.integers(1, 150), I=st.integers(1, 300), row_gap=st.integers(0, 5),
+       bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
+def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, bf16, glu, threads, seed) -> None:
+    """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows on AMD), broadcast tiles
+    (9+ rows: 1-4 vectors, a half vector, passes of 64 rows, weight-row tails), AMX where present; strided
+    weight rows, odd inputs (bf16 odd I falls back to the dot tiles), the fused GLU, 1-3 threads."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    rows = 2 * O if glu else O
+    W = torch.randn(rows, I + row_gap, generator=g).to(dt)[:, :I]  # rows I + row_gap apart
+    x, b = torch.randn(M, I, generator=g).to(dt), torch.randn(rows, generator=g).to(dt)
+    ref = x.double() @ W.double().T + b.double()
+    if glu:
+        gate, up = ref.chunk(2, -1)
+        ref = F.silu(gate) * up
+    y = native_gemv.linear(x, W, b, glu="silu" if glu else None, threads=threads)
+    assert y.shape == (M, O) and y.dtype == dt
+    assert _rel_err(y, ref) <= (2 if glu else 1) * TOL["bf16" if bf16 else "fp32"]
 
 
 @needs_kernel
@@ -118,8 +144,10 @@ _ACT64 = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, appro
           "identity": lambda v: v}  # fmt: skip
 
 
-def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept):
-    """Slot by slot in float64: ``sum_k w_tk * (W2 h + b2)``, ``h = act(gate) * up`` or ``act(W1 x + b1)``."""
+def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept, hidden_dtype=None, magnitude=False):
+    """Slot by slot in float64: ``sum_k w_tk * (W2 h + b2)``, ``h = act(gate) * up`` or ``act(W1 x + b1)``;
+    ``hidden_dtype``: ``h`` rounded to it first, as the kernel rounds bf16 hidden values; ``magnitude``: the
+    same sum of absolute terms instead (the scale a rounding error is relative to when the terms cancel)."""
     T, K = ids.shape
     y = torch.zeros(T, second.shape[1], dtype=torch.float64)
     for t in range(T):
@@ -129,7 +157,11 @@ def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept):
             e = int(ids[t, k])
             h = first[e].double() @ x[t].double() + (0 if b1 is None else b1[e].double())
             h = _ACT64[act](h.chunk(2)[0]) * h.chunk(2)[1] if glu else _ACT64[act](h)
-            y[t] += float(w[t, k]) * (second[e].double() @ h + (0 if b2 is None else b2[e].double()))
+            h = h if hidden_dtype is None else h.to(hidden_dtype).double()
+            if magnitude:
+                y[t] += abs(float(w[t, k])) * (second[e].double().abs() @ h.abs() + (0 if b2 is None else b2[e].double().abs()))
+            else:
+                y[t] += float(w[t, k]) * (second[e].double() @ h + (0 if b2 is None else b2[e].double()))
     return y
 
 
@@ -157,6 +189,31 @@ def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype,
         ref = _layer_reference(x, ids, w, first, second, *biases, glu, act, mask)
         assert y.dtype == dt and y.shape == (T, O)
         assert _rel_err(y, ref) <= (1e-5 if dt == torch.float32 else 2e-2)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(T=st.one_of(st.integers(1, 120), st.sampled_from(EDGE_ROWS)), K=st.integers(1, 3), E=st.integers(1, 6), I=st.integers(1, 80), F_=st.integers(1, 70),
+       O=st.integers(1, 70), bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
+def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, bf16, glu, threads, seed) -> None:
+    """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases. Tiny
+    layers cancel, so the error is measured against the sum of absolute terms, and bf16 against a reference
+    that rounds the hidden values as the kernel does."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(T, I, generator=g).to(dt)
+    first = (torch.randn(E, 2 * F_ if glu else F_, I, generator=g) / I**0.5).to(dt)
+    second = (torch.randn(E, O, F_, generator=g) / F_**0.5).to(dt)
+    b1, b2 = torch.randn(E, first.shape[1], generator=g).to(dt), torch.randn(E, O, generator=g).to(dt)
+    ids, w = torch.randint(0, E, (T, K), generator=g), torch.rand(T, K, generator=g)
+    kept = torch.rand(T, K, generator=g) > 0.2
+    y = native_gemv.moe_ffn(x, ids, w, first, second, b1, b2, kept_TK=kept, glu=glu, activation="silu" if glu else "gelu",
+                            threads=threads)  # fmt: skip
+    args = (x, ids, w, first, second, b1, b2, glu, "silu" if glu else "gelu", kept)
+    ref = _layer_reference(*args, hidden_dtype=dt if bf16 else None)
+    scale = _layer_reference(*args, magnitude=True).max().clamp_min(1e-30)
+    assert y.shape == (T, O) and y.dtype == dt
+    assert float((y.double() - ref).abs().max() / scale) <= (1e-2 if bf16 else 1e-6)
 
 
 @needs_kernel
