@@ -727,7 +727,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
 #endif
             float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
             /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
-            size_t packed_size = packed_bytes(bf16, max_rows, I > F ? I : F);
+            size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
+            size_t packed_size = packed_i > packed_f ? packed_i : packed_f; /* every group: m <= max_rows */
             void *packed = packed_size ? malloc(packed_size) : NULL;
             long packed_group = -1;
             if (!buf) failed = 1;
