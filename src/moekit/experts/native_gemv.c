@@ -232,8 +232,8 @@ static inline float activate(float g, int act) {
  * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8). */
 #define CHUNK 64
 /* Whether blocks of one or two rows of x take WIDE_ROWS weight rows (8 streams through distant pages)
- * rather than ROWS: on AMD EPYC with AVX-512 (Zen 4) 1.03-1.14x the read rate (interleaved A/B, fp32 and bf16, Qwen3, OLMoE and
- * Mixtral expert matrices); not measured elsewhere. Set once when the library loads. */
+ * rather than ROWS: on AMD EPYC with AVX-512 (Zen 4) 1.03-1.14x the read rate (interleaved A/B, fp32 and
+ * bf16, Qwen3, OLMoE and Mixtral expert matrices); not measured elsewhere. Set once when the library loads. */
 static int wide_blocks = 0;
 #if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__)) /* AVX2's 16 registers: 8 x 2 would spill */
 __attribute__((constructor)) static void detect_cpu(void) {
