@@ -24,7 +24,7 @@
 #endif
 
 #define ROWS 4
-#define WIDE_ROWS 8 /* blocks of one or two rows of x on AMD EPYC: 8 streams (wide_blocks) */
+#define WIDE_ROWS 8 /* blocks of one or two rows of x on AMD EPYC: 8 streams (amd_tuned) */
 #define MCHUNK 4
 #define UNROLL 4
 
@@ -231,14 +231,17 @@ static inline float activate(float g, int act) {
  * block (the row after each of its rows) into L2, so the next block's memory reads overlap the other
  * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8). */
 #define CHUNK 64
-/* Whether blocks of one or two rows of x take WIDE_ROWS weight rows (8 streams through distant pages)
- * rather than ROWS: on AMD EPYC with AVX-512 (Zen 4) 1.03-1.14x the read rate (interleaved A/B, fp32 and
- * bf16, Qwen3, OLMoE and Mixtral expert matrices); not measured elsewhere. Set once when the library loads. */
-static int wide_blocks = 0;
+#define PAIR_MAX_ROWS 8 /* rows of x the pair tiles take at most (8 lane pairs) */
+/* Whether this is an AMD EPYC with AVX-512 (Zen 4), where two choices were measured (interleaved A/B, fp32
+ * and bf16, Qwen3, OLMoE and Mixtral expert matrices) and are taken: blocks of one or two rows of x take
+ * WIDE_ROWS weight rows (8 streams through distant pages) rather than ROWS, 1.03-1.14x the read rate; and
+ * 5-8 rows run on the pair tiles, 1.01-1.26x (fp32) and 1.16-1.58x (bf16) the dot tiles' rate. Not measured
+ * elsewhere (an Intel Xeon keeps its measured paths). Set once when the library loads. */
+static int amd_tuned = 0;
 #if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__)) /* AVX2's 16 registers: 8 x 2 would spill */
 __attribute__((constructor)) static void detect_cpu(void) {
     __builtin_cpu_init();
-    wide_blocks = __builtin_cpu_is("amd");
+    amd_tuned = __builtin_cpu_is("amd");
 }
 #endif
 static void dot_block(const void *W, int bf16, long ldw, long r, long stride, int nr, const float *xf,
@@ -507,6 +510,107 @@ static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const v
         BC_SHAPES(bc_tile_f32)
     }
 }
+
+/* ---- pair tiles (AVX-512): 5 to 8 rows of x ----
+ * The broadcast tiles with two inputs per vector: lane 2 m + j holds row m of x at input 2 q + j (x^T packed
+ * in input pairs, rows past M zero), and each weight pair (64 bits) is broadcast to all eight lane pairs, so
+ * one FMA does 16 products for up to 8 rows, with no lane left empty; the two lanes of a row are summed at
+ * the end. bf16 (AVX512_BF16): four inputs per lane pair, a weight quad broadcast, vdpbf16ps. The dot tiles
+ * read a 4-row block twice at these sizes (two chunks of x). */
+#define PAIR_MIN_ROWS 5
+#define PAIR_BR 8
+
+static int pair_applies(int bf16, long M, long I) {
+    return amd_tuned && M >= PAIR_MIN_ROWS && M <= PAIR_MAX_ROWS && (bf16 ? BC_BF16 && I % 4 == 0 : I % 2 == 0);
+}
+
+/* Elements of x packed for pair_rows: 8 rows per input (fp32 values or bf16 values). */
+static size_t pair_packed_size(long I) { return (size_t)(8 * I); }
+
+static void pair_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
+    if (!bf16) {
+        float *t = (float *)xp;
+        for (long q = 0; q < I / 2; q++)
+            for (long m = 0; m < 8; m++)
+                for (long j = 0; j < 2; j++) t[16 * q + 2 * m + j] = m < M ? xf[m * I + 2 * q + j] : 0.0f;
+        return;
+    }
+    uint16_t *t = (uint16_t *)xp;
+    for (long q = 0; q < I / 4; q++)
+        for (long m = 0; m < 8; m++)
+            for (long j = 0; j < 4; j++) t[32 * q + 4 * m + j] = m < M ? xb[m * I + 4 * q + j] : 0;
+}
+
+/* BR weight rows against the packed rows of x: acc[r] lanes 2 m and 2 m + 1 sum to W_r . x_m. */
+static inline __attribute__((always_inline)) void pair_tile_f32(const float *w, long ldw, const float *xt, long I,
+                                                               const int BR, __m512 acc[16]) {
+    for (int r = 0; r < BR; r++) acc[r] = _mm512_setzero_ps();
+    for (long q = 0; q < I / 2; q++) {
+        if (q % 8 == 0)
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 2 * q);
+        __m512 xv = _mm512_loadu_ps(xt + 16 * q);
+        for (int r = 0; r < BR; r++) {
+            double pair;
+            memcpy(&pair, w + r * ldw + 2 * q, sizeof pair);
+            acc[r] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(pair)), xv, acc[r]);
+        }
+    }
+}
+
+#if BC_BF16
+static inline __attribute__((always_inline)) void pair_tile_bf16(const uint16_t *w, long ldw, const uint16_t *xt, long I,
+                                                                const int BR, __m512 acc[16]) {
+    for (int r = 0; r < BR; r++) acc[r] = _mm512_setzero_ps();
+    for (long q = 0; q < I / 4; q++) {
+        if (q % 8 == 0)
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 4 * q);
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + 32 * q);
+        for (int r = 0; r < BR; r++) {
+            long long quad;
+            memcpy(&quad, w + r * ldw + 4 * q, sizeof quad);
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi64(quad), xv);
+        }
+    }
+}
+#endif
+
+static inline void pair_store(__m512 acc[16], int BR, long M, float *out) {
+    float lanes[16];
+    for (int r = 0; r < BR; r++) {
+        _mm512_storeu_ps(lanes, acc[r]);
+        for (long m = 0; m < M; m++) out[m * CHUNK + r] = lanes[2 * m] + lanes[2 * m + 1];
+    }
+}
+
+/* Rows [r0, r0 + nr) of W against the M (5-8) rows of x packed in xp into out[m * CHUNK + (r - r0)]. */
+static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    __m512 acc[16];
+    long r = 0;
+#if BC_BF16
+    if (bf16) {
+        const uint16_t *w = (const uint16_t *)W;
+        for (; r + PAIR_BR <= nr; r += PAIR_BR) {
+            pair_tile_bf16(w + (r0 + r) * ldw, ldw, (const uint16_t *)xp, I, PAIR_BR, acc);
+            pair_store(acc, PAIR_BR, M, out + r);
+        }
+        for (; r < nr; r++) {
+            pair_tile_bf16(w + (r0 + r) * ldw, ldw, (const uint16_t *)xp, I, 1, acc);
+            pair_store(acc, 1, M, out + r);
+        }
+        return;
+    }
+#endif
+    (void)bf16;
+    const float *w = (const float *)W;
+    for (; r + PAIR_BR <= nr; r += PAIR_BR) {
+        pair_tile_f32(w + (r0 + r) * ldw, ldw, (const float *)xp, I, PAIR_BR, acc);
+        pair_store(acc, PAIR_BR, M, out + r);
+    }
+    for (; r < nr; r++) {
+        pair_tile_f32(w + (r0 + r) * ldw, ldw, (const float *)xp, I, 1, acc);
+        pair_store(acc, 1, M, out + r);
+    }
+}
 #else
 static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
@@ -514,34 +618,45 @@ static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long 
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
     (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out;
 }
+static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static size_t pair_packed_size(long I) { (void)I; return 0; }
+static void pair_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
+static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out;
+}
 #endif
 
 /* How a product of M rows of I inputs runs: on the tile unit, on broadcast tiles, or on dot tiles (no
  * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing. */
-enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2 };
+enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3 };
 
 static int product_path(int bf16, long M, long I) {
     if (amx_applies(bf16, M, I)) return PATH_AMX;
+    if (pair_applies(bf16, M, I)) return PATH_PAIR;
     return bc_applies(bf16, M, I) ? PATH_BC : PATH_DOT;
 }
 
 static size_t packed_bytes(int bf16, long M, long I) {
     size_t amx = amx_applies(bf16, M, I) ? sizeof(uint16_t) * amx_packed_size(M, I) : 0;
     size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) : 0;
-    return amx > bc ? amx : bc;
+    long pair_rows_max = M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS; /* smaller groups of a layer may take pairs */
+    size_t pair = pair_applies(bf16, pair_rows_max, I) ? sizeof(float) * pair_packed_size(I) : 0;
+    size_t most = amx > bc ? amx : bc;
+    return most > pair ? most : pair;
 }
 
 static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
     if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
     else if (path == PATH_BC) bc_pack(bf16, xf, xb, M, I, xp);
+    else if (path == PATH_PAIR) pair_pack(bf16, xf, xb, M, I, xp);
 }
 
 /* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; path and xp:
  * product_path and x packed for it (pack_x), the dot tiles taking what the tile unit leaves. */
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
-    if (path == PATH_BC) {
-        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
+    if (path == PATH_BC || path == PATH_PAIR) {
+        (path == PATH_BC ? bc_rows : pair_rows)(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
         return;
     }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -552,7 +667,7 @@ static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const 
     }
 #endif
     float acc[WIDE_ROWS][MCHUNK];
-    const int br = wide_blocks && M <= 2 ? WIDE_ROWS : ROWS;
+    const int br = amd_tuned && M <= 2 ? WIDE_ROWS : ROWS;
     long sub = (r1 - r0) / br, tail = r0 + br * sub;
     for (long j = 0; j < sub; j++) dot_block(W, bf16, ldw, r0 + j, sub * ldw, br, xf, xb, M, I, acc, out, j, sub);
     if (tail < r1) dot_block(W, bf16, ldw, tail, ldw, (int)(r1 - tail), xf, xb, M, I, acc, out, tail - r0, 1);
