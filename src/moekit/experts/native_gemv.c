@@ -582,34 +582,28 @@ static inline void pair_store(__m512 acc[16], int BR, long M, float *out) {
     }
 }
 
+/* Whole tiles of PAIR_BR weight rows, then the rows left over one at a time. */
+#define PAIR_TILES(TILE, WT)                                                                            \
+    while (r < nr) {                                                                                    \
+        const int br = r + PAIR_BR <= nr ? PAIR_BR : 1;                                                 \
+        if (br == PAIR_BR) TILE((const WT *)W + (r0 + r) * ldw, ldw, (const WT *)xp, I, PAIR_BR, acc);  \
+        else TILE((const WT *)W + (r0 + r) * ldw, ldw, (const WT *)xp, I, 1, acc);                      \
+        pair_store(acc, br, M, out + r);                                                                \
+        r += br;                                                                                        \
+    }
+
 /* Rows [r0, r0 + nr) of W against the M (5-8) rows of x packed in xp into out[m * CHUNK + (r - r0)]. */
 static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
     __m512 acc[16];
     long r = 0;
 #if BC_BF16
     if (bf16) {
-        const uint16_t *w = (const uint16_t *)W;
-        for (; r + PAIR_BR <= nr; r += PAIR_BR) {
-            pair_tile_bf16(w + (r0 + r) * ldw, ldw, (const uint16_t *)xp, I, PAIR_BR, acc);
-            pair_store(acc, PAIR_BR, M, out + r);
-        }
-        for (; r < nr; r++) {
-            pair_tile_bf16(w + (r0 + r) * ldw, ldw, (const uint16_t *)xp, I, 1, acc);
-            pair_store(acc, 1, M, out + r);
-        }
+        PAIR_TILES(pair_tile_bf16, uint16_t)
         return;
     }
 #endif
     (void)bf16;
-    const float *w = (const float *)W;
-    for (; r + PAIR_BR <= nr; r += PAIR_BR) {
-        pair_tile_f32(w + (r0 + r) * ldw, ldw, (const float *)xp, I, PAIR_BR, acc);
-        pair_store(acc, PAIR_BR, M, out + r);
-    }
-    for (; r < nr; r++) {
-        pair_tile_f32(w + (r0 + r) * ldw, ldw, (const float *)xp, I, 1, acc);
-        pair_store(acc, 1, M, out + r);
-    }
+    PAIR_TILES(pair_tile_f32, float)
 }
 #else
 static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
