@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 
 import moekit
 from moekit.experts import dispatch, dispatch_reference, native_gemv
@@ -36,13 +36,16 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (1, 70, 130), (2, 64, 96), (3, 13, 70), (4, 8, 64), (5, 6, 100), (6, 12, 100),
-                                     (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64), (48, 29, 96), (65, 11, 64), (24, 19, 64), (40, 13, 96), (56, 10, 128), (72, 9, 64),
-                                     (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128), (80, 20, 64)])  # fmt: skip
+@pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (1, 70, 130), (2, 64, 96), (3, 13, 70), (4, 8, 64),
+                                     (5, 6, 100), (6, 12, 100), (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
+                                     (24, 19, 64), (40, 13, 96), (48, 29, 96), (56, 10, 128), (65, 11, 64), (72, 9, 64),
+                                     (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128),
+                                     (80, 20, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
-    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows (tiles
-    of 4 rows of x and the remainder; bf16 with a multiple of 32 features and 5 or more rows: the AMX tiles
-    where the CPU has them, 16-row blocks of W, 64 rows of x at a time, and the rows left over), with and without bias, on 1 and 2 threads."""
+    """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows: dot
+    tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), pair tiles (5-8 rows on AMD), broadcast
+    tiles from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows), bf16 on AMX where the CPU
+    has it; with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T
@@ -55,10 +58,12 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
-@given(M=st.one_of(st.integers(1, 140), st.sampled_from(EDGE_ROWS)), O=st.integers(1, 150), I=st.integers(1, 300), row_gap=st.integers(0, 5),
-       bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
+@given(M=st.one_of(st.integers(1, 140), st.sampled_from(EDGE_ROWS)), O=st.integers(1, 150), I=st.integers(1, 300),
+       row_gap=st.integers(0, 5), bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))  # fmt: skip
 def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, bf16, glu, threads, seed) -> None:
-    """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows on AMD), broadcast tiles
+    """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows and pair tiles for 5-8 on
+    AMD), broadcast tiles
     (9+ rows: 1-4 vectors, a half vector, passes of 64 rows, weight-row tails), AMX where present; strided
     weight rows, odd inputs (bf16 odd I falls back to the dot tiles), the fused GLU, 1-3 threads."""
     g = torch.Generator().manual_seed(seed)
@@ -193,8 +198,9 @@ def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype,
 
 @needs_kernel
 @settings(max_examples=30, deadline=None)
-@given(T=st.one_of(st.integers(1, 120), st.sampled_from(EDGE_ROWS)), K=st.integers(1, 3), E=st.integers(1, 6), I=st.integers(1, 80), F_=st.integers(1, 70),
-       O=st.integers(1, 70), bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
+@given(T=st.one_of(st.integers(1, 120), st.sampled_from(EDGE_ROWS)), K=st.integers(1, 3), E=st.integers(1, 6),
+       I=st.integers(1, 80), F_=st.integers(1, 70), O=st.integers(1, 70), bf16=st.booleans(), glu=st.booleans(),
+       threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
 def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, bf16, glu, threads, seed) -> None:
     """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases. Tiny
     layers cancel, so the error is measured against the sum of absolute terms, and bf16 against a reference
@@ -363,12 +369,12 @@ def test_the_expert_loop_takes_the_kernel_for_decode_rows_only(monkeypatch) -> N
     calls = _spy(monkeypatch)
     decode = RoutingDecision(torch.stack([torch.randperm(8)[:2] for _ in range(4)]), torch.full((4, 2), 0.5), 8)
     prefill = RoutingDecision(torch.randint(0, 8, (1024, 2)), torch.full((1024, 2), 0.5), 8)  # ~256 rows per expert
-    x4, x64 = torch.randn(4, D).bfloat16(), torch.randn(1024, D).bfloat16()
+    x4, x_prefill = torch.randn(4, D).bfloat16(), torch.randn(1024, D).bfloat16()
     with torch.inference_mode():
         dispatch(experts, x4, decode)
         assert calls and not grouped
         calls.clear()
-        dispatch(experts, x64, prefill)
+        dispatch(experts, x_prefill, prefill)
         assert not calls and not grouped
         monkeypatch.setenv("MOEKIT_NATIVE_GEMV", "0")
         dispatch(experts, x4, decode)

@@ -8,9 +8,10 @@
  * Loop order: blocks of ROWS weight rows; inside a block, chunks of MCHUNK rows of x, each chunk
  * reading the block again (from L1/L2: ROWS * I values), so W is read from memory once whatever M is.
  * Every thread (OpenMP, `threads` of them) takes a contiguous range of row blocks: distinct memory.
- * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros; bf16
- * products of AMX_MIN_ROWS or more rows of x on AMX tiles where the build has them and the kernel
- * grants the tile state (amx_rows).
+ * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros; per
+ * product (product_path) the dot tiles above, AMX tiles for bf16 products of AMX_MIN_ROWS or more rows
+ * where the build has them and the kernel grants the tile state (amx_rows), pair tiles for 5-8 rows on
+ * AMD EPYC (pair_rows) and broadcast tiles from BC_MIN_ROWS rows on AVX-512 (bc_rows).
  */
 #include <stdint.h>
 #include <string.h>
@@ -81,25 +82,25 @@ static inline float vsum(vec a) {
 #define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
     static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
                                                            long I, long pf, const int NR, const int NM, const int U, \
-                                                           float acc[WIDE_ROWS][MCHUNK]) {                  \
+                                                           float acc[WIDE_ROWS][MCHUNK]) {              \
         long iv = 0;                                                                                    \
         VECTOR_PART(LOAD_W)                                                                             \
         for (int r = 0; r < NR; r++)                                                                    \
             for (int m = 0; m < NM; m++) {                                                              \
                 float s = iv ? acc[r][m] : 0.0f;                                                        \
-                for (long i = iv; i < I; i++) s += SCALAR_##WT(w[r * ldw + i]) * x[m * ldx + i];         \
+                for (long i = iv; i < I; i++) s += SCALAR_##WT(w[r * ldw + i]) * x[m * ldx + i];        \
                 acc[r][m] = s;                                                                          \
             }                                                                                           \
     }
 #ifdef VW
 #define VECTOR_PART(LOAD_W)                                                                             \
-    vec a[WIDE_ROWS][MCHUNK][UNROLL];                                                                        \
+    vec a[WIDE_ROWS][MCHUNK][UNROLL];                                                                   \
     iv = I - I % (VW * U);                                                                              \
     for (int r = 0; r < NR; r++)                                                                        \
         for (int m = 0; m < NM; m++)                                                                    \
-            for (int u = 0; u < U; u++) a[r][m][u] = vzero();                                      \
-    for (long i = 0; i < iv; i += VW * U)                                                          \
-        for (int u = 0; u < U; u++) {                                                              \
+            for (int u = 0; u < U; u++) a[r][m][u] = vzero();                                           \
+    for (long i = 0; i < iv; i += VW * U)                                                               \
+        for (int u = 0; u < U; u++) {                                                                   \
             vec xv[MCHUNK]; /* in registers: one load of x per NR weight vectors */                     \
             for (int m = 0; m < NM; m++) xv[m] = vload_f32(x + m * ldx + i + u * VW);                   \
             for (int r = 0; r < NR; r++) {                                                              \
@@ -110,7 +111,7 @@ static inline float vsum(vec a) {
         }                                                                                               \
     for (int r = 0; r < NR; r++)                                                                        \
         for (int m = 0; m < NM; m++) {                                                                  \
-            for (int u = 1; u < U; u++) a[r][m][0] = _add(a[r][m][0], a[r][m][u]);                 \
+            for (int u = 1; u < U; u++) a[r][m][0] = _add(a[r][m][0], a[r][m][u]);                      \
             acc[r][m] = vsum(a[r][m][0]);                                                               \
         }
 #else
@@ -125,25 +126,25 @@ DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
  * vectors per step (one sequential stream, which the prefetcher follows best); more rows: a ROWS x nm
  * tile (each x vector loaded once for ROWS weight vectors, the FMA units busy); a partial block row by row. */
 #define DEFINE_BLOCK(NAME, WT, TILE)                                                                    \
-    static void NAME(const WT *w, long ldw, int nr, const float *x, long ldx, int nm, long I, long pf, \
-                     float acc[WIDE_ROWS][MCHUNK]) {                                                        \
+    static void NAME(const WT *w, long ldw, int nr, const float *x, long ldx, int nm, long I, long pf,  \
+                     float acc[WIDE_ROWS][MCHUNK]) {                                                    \
         if (nr == WIDE_ROWS) { /* one or two rows of x only */                                          \
-            if (nm == 1) TILE(w, ldw, x, ldx, I, pf, WIDE_ROWS, 1, 1, acc);                                 \
-            else TILE(w, ldw, x, ldx, I, pf, WIDE_ROWS, 2, 1, acc);                                         \
+            if (nm == 1) TILE(w, ldw, x, ldx, I, pf, WIDE_ROWS, 1, 1, acc);                             \
+            else TILE(w, ldw, x, ldx, I, pf, WIDE_ROWS, 2, 1, acc);                                     \
             return;                                                                                     \
         }                                                                                               \
         if (nr == ROWS) {                                                                               \
             switch (nm) {                                                                               \
-            case 1: TILE(w, ldw, x, ldx, I, pf, ROWS, 1, 1, acc); return;                                   \
-            case 2: TILE(w, ldw, x, ldx, I, pf, ROWS, 2, 1, acc); return;                                   \
-            case 3: TILE(w, ldw, x, ldx, I, pf, ROWS, 3, 1, acc); return;                                   \
-            default: TILE(w, ldw, x, ldx, I, pf, ROWS, 4, 1, acc); return;                                  \
+            case 1: TILE(w, ldw, x, ldx, I, pf, ROWS, 1, 1, acc); return;                               \
+            case 2: TILE(w, ldw, x, ldx, I, pf, ROWS, 2, 1, acc); return;                               \
+            case 3: TILE(w, ldw, x, ldx, I, pf, ROWS, 3, 1, acc); return;                               \
+            default: TILE(w, ldw, x, ldx, I, pf, ROWS, 4, 1, acc); return;                              \
             }                                                                                           \
         }                                                                                               \
         for (int r = 0; r < nr; r++) {                                                                  \
-            float one[WIDE_ROWS][MCHUNK];                                                                    \
+            float one[WIDE_ROWS][MCHUNK];                                                               \
             for (int m = 0; m < nm; m++) {                                                              \
-                TILE(w + r * ldw, ldw, x + m * ldx, ldx, I, pf, 1, 1, UNROLL, one);                         \
+                TILE(w + r * ldw, ldw, x + m * ldx, ldx, I, pf, 1, 1, UNROLL, one);                     \
                 acc[r][m] = one[0][0];                                                                  \
             }                                                                                           \
         }                                                                                               \
@@ -464,8 +465,8 @@ static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, 
 }
 
 #define BC_CASE(TILE, NV, H)                                                                            \
-    for (; r + BC_BR(NV + H) <= nr; r += BC_BR(NV + H)) {                                              \
-        TILE(w + (r0 + r) * ldw, ldw, xt, P, I, BC_BR(NV + H), NV, H, acc, half);                      \
+    for (; r + BC_BR(NV + H) <= nr; r += BC_BR(NV + H)) {                                               \
+        TILE(w + (r0 + r) * ldw, ldw, xt, P, I, BC_BR(NV + H), NV, H, acc, half);                       \
         bc_store(acc, half, BC_BR(NV + H), NV, H, rows, out + r);                                       \
     }                                                                                                   \
     for (; r < nr; r++) {                                                                               \

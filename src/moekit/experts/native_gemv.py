@@ -7,12 +7,12 @@ at ~0.55x of ``torch.sum`` over the same bytes, oneDNN's bf16 at ~0.4x; Intel Xe
 tiles of 4 weight rows (far apart, 4 streams through distinct pages, the next block prefetched into L2;
 8 rows for one or two rows of ``x`` on AMD EPYC) x up to 4 rows of ``x`` -- and accumulates in fp32 (bf16
 weights: ``vdpbf16ps`` where the CPU has AVX512_BF16, else widened by a 16-bit shift; AVX-512, AVX2 and
-portable C paths). 5-8 rows on AMD EPYC take "pair tiles" (two inputs of up to 8 rows per vector, each weight
-pair broadcast). From 9 rows of ``x`` (AVX-512) the rows of ``x`` go across the vector lanes instead
+portable C paths). 5-8 rows on AMD EPYC take "pair tiles" (two inputs of up to 8 rows per vector, each
+weight pair broadcast). From 9 rows of ``x`` (AVX-512) the rows of ``x`` go across the vector lanes instead
 (``x^T`` packed once, every weight broadcast against up to 64 rows: "broadcast tiles"), which keeps the
 FMA units busy where the dot-product tiles run out of load slots (prefill: 16-64 rows per expert). bf16
-products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids). It optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64
-gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
+products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids). It
+optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
 OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
 
 Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
