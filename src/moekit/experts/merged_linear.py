@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "merged_linear", "merged_linear_reference"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "merged_linear", "merged_linear_reference", "runs_native"]
 
 #: merged weights per chunk: small enough to be reused from the allocator's cache (not mmap-ed afresh)
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -109,12 +109,29 @@ def _rows_per_chunk(G: int, O: int, I: int, element_size: int, chunk_bytes: int)
     return max(1, min(O, chunk_bytes // max(1, G * I * element_size)))
 
 
+def runs_native(*operands: Tensor) -> bool:
+    """Whether ``merged_linear`` of these operands takes the native merged products: all fp32 CPU tensors and
+    a kernel built with AVX-512 (``native_gemv.merged_available``; ``MOEKIT_NATIVE_GEMV=0`` turns it off)."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in operands):
+        return False
+    from . import native_gemv
+
+    return native_gemv.merged_available()
+
+
 class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None, chunk_bytes: int) -> Tensor:  # type: ignore[override]
+        p = probs_GE.to(w_EOI.dtype).contiguous()
+        ctx.native = runs_native(x_GSI, p, w_EOI, *([] if b_EO is None else [b_EO]))
+        ctx.has_bias = b_EO is not None
+        ctx.save_for_backward(x_GSI, p, w_EOI, b_EO)
+        if ctx.native:
+            from . import native_gemv
+
+            return native_gemv.merged_forward(x_GSI, p, w_EOI, b_EO)
         G, S, I = x_GSI.shape
         E, O, _ = w_EOI.shape
-        p = probs_GE.to(w_EOI.dtype).contiguous()
         rows = _rows_per_chunk(G, O, I, w_EOI.element_size(), chunk_bytes)
         buf = _scratch("merged", G * rows * I, w_EOI.dtype, w_EOI.device)
         w_E_OI = w_EOI.reshape(E, O * I)
@@ -129,9 +146,7 @@ class _MergedLinear(torch.autograd.Function):
             else:
                 torch.baddbmm(b_GO[:, o0 : o0 + n].unsqueeze(1), x_GSI, m_GnI.transpose(1, 2), out=out)
         ctx.rows = rows
-        ctx.has_bias = b_EO is not None
         ctx.merged_token = _claim("merged", w_EOI.dtype, w_EOI.device)  # the last chunk's merged weights
-        ctx.save_for_backward(x_GSI, p, w_EOI, b_EO)
         return y
 
     @staticmethod
@@ -139,36 +154,15 @@ class _MergedLinear(torch.autograd.Function):
     def backward(ctx, grad_GSO: Tensor):  # type: ignore[override]
         x_GSI, p, w_EOI, b_EO = ctx.saved_tensors
         need_x, need_p, need_w, need_b = ctx.needs_input_grad[:4]
-        G, S, I = x_GSI.shape
-        E, O, _ = w_EOI.shape
-        rows = ctx.rows
-        w_E_OI = w_EOI.reshape(E, O * I)
-        grad_x = torch.empty(G, S, I, dtype=x_GSI.dtype, device=x_GSI.device) if need_x else None
-        grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
-        grad_w = torch.empty_like(w_EOI) if need_w else None
-        # last chunk first: when no other call used the buffer since forward, it still holds that chunk merged
-        merged_kept = need_x and _holds("merged", p.dtype, p.device, ctx.merged_token)
-        merged = _scratch("merged", G * rows * I, p.dtype, p.device) if need_x else None
-        grad_m = _scratch("grad_merged", G * rows * I, p.dtype, p.device) if (need_p or need_w) else None
-        for i, o0 in enumerate(reversed(range(0, O, rows))):
-            n = min(rows, O - o0)
-            g_GSn = grad_GSO[:, :, o0 : o0 + n]  # a strided view: bmm reads it in place (row stride O)
-            w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
-            if need_x:
-                m_GnI = merged[: G * n * I].view(G, n, I)
-                if not (i == 0 and merged_kept):
-                    torch.mm(p, w_chunk, out=m_GnI.view(G, n * I))
-                if i == 0:
-                    torch.bmm(g_GSn, m_GnI, out=grad_x)
-                else:
-                    grad_x.baddbmm_(g_GSn, m_GnI)
-            if grad_m is not None:
-                gm_GnI = torch.bmm(g_GSn.transpose(1, 2), x_GSI, out=grad_m[: G * n * I].view(G, n, I))
-                gm_G_nI = gm_GnI.view(G, n * I)
-                if need_p:
-                    grad_pT += long_dots(w_chunk, gm_G_nI)
-                if need_w:
-                    torch.mm(p.t(), gm_G_nI, out=grad_w.view(E, O * I)[:, o0 * I : (o0 + n) * I])
+        if ctx.native:
+            from . import native_gemv
+
+            grad_x = native_gemv.merged_grad_input(grad_GSO, p, w_EOI) if need_x else None
+            grad_w, grad_p = (native_gemv.merged_grad_weights(x_GSI, grad_GSO, p, w_EOI, want_w=need_w, want_probs=need_p)
+                              if need_w or need_p else (None, None))  # fmt: skip
+            grad_pT = None if grad_p is None else grad_p.t()
+        else:
+            grad_x, grad_pT, grad_w = _chunked_backward(ctx, grad_GSO, x_GSI, p, w_EOI)
         grad_b = None
         if ctx.has_bias and (need_p or need_b):
             gb_GO = grad_GSO.sum(1)
@@ -178,6 +172,42 @@ class _MergedLinear(torch.autograd.Function):
                 grad_b = p.t() @ gb_GO
         grad_p = None if grad_pT is None else grad_pT.t()
         return grad_x, grad_p, grad_w, grad_b, None
+
+
+def _chunked_backward(ctx, grad_GSO: Tensor, x_GSI: Tensor, p: Tensor, w_EOI: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_probs^T, grad_w)`` of the torch path, chunk by chunk as the module docstring says."""
+    need_x, need_p, need_w = ctx.needs_input_grad[:3]
+    G, S, I = x_GSI.shape
+    E, O, _ = w_EOI.shape
+    rows = ctx.rows
+    w_E_OI = w_EOI.reshape(E, O * I)
+    grad_x = torch.empty(G, S, I, dtype=x_GSI.dtype, device=x_GSI.device) if need_x else None
+    grad_pT = torch.zeros(E, G, dtype=p.dtype, device=p.device) if need_p else None
+    grad_w = torch.empty_like(w_EOI) if need_w else None
+    # last chunk first: when no other call used the buffer since forward, it still holds that chunk merged
+    merged_kept = need_x and _holds("merged", p.dtype, p.device, ctx.merged_token)
+    merged = _scratch("merged", G * rows * I, p.dtype, p.device) if need_x else None
+    grad_m = _scratch("grad_merged", G * rows * I, p.dtype, p.device) if (need_p or need_w) else None
+    for i, o0 in enumerate(reversed(range(0, O, rows))):
+        n = min(rows, O - o0)
+        g_GSn = grad_GSO[:, :, o0 : o0 + n]  # a strided view: bmm reads it in place (row stride O)
+        w_chunk = w_E_OI[:, o0 * I : (o0 + n) * I]
+        if need_x:
+            m_GnI = merged[: G * n * I].view(G, n, I)
+            if not (i == 0 and merged_kept):
+                torch.mm(p, w_chunk, out=m_GnI.view(G, n * I))
+            if i == 0:
+                torch.bmm(g_GSn, m_GnI, out=grad_x)
+            else:
+                grad_x.baddbmm_(g_GSn, m_GnI)
+        if grad_m is not None:
+            gm_GnI = torch.bmm(g_GSn.transpose(1, 2), x_GSI, out=grad_m[: G * n * I].view(G, n, I))
+            gm_G_nI = gm_GnI.view(G, n * I)
+            if need_p:
+                grad_pT += long_dots(w_chunk, gm_G_nI)
+            if need_w:
+                torch.mm(p.t(), gm_G_nI, out=grad_w.view(E, O * I)[:, o0 * I : (o0 + n) * I])
+    return grad_x, grad_pT, grad_w
 
 
 def merged_linear(

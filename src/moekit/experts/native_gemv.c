@@ -452,26 +452,43 @@ static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w
  * AMD EPYC: 8 rows x 1 vector 1.1-1.4x faster than 16 x 1, 8 x 3 and 6 x 4 1.1-1.4x faster than 4 x 3 or 4). */
 #define BC_BR(N) ((N) <= 3 ? 8 : 6)
 
-/* acc[r][v] lane l (and half[r] lane l, as vector NV) into out[(16 v + l) * CHUNK + r] for the first `rows`
- * rows of x. */
-static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, int H, long rows, float *out) {
+/* acc[r][v] lane l (and half[r] lane l, as vector NV) -- row 16 v + l of x against weight row r -- into
+ * out[(16 v + l) * ldm + r * ldr] for the first `rows` rows of x, added to what is there with `add`. ldm 1
+ * (the rows of x are the output's columns: the merged products) stores whole vectors. */
+static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, int H, long rows, float *out, long ldm,
+                            long ldr, int add) {
+    if (ldm == 1) {
+        for (int r = 0; r < BR; r++)
+            for (int v = 0; v < NV + H && 16 * v < rows; v++) {
+                long n = rows - 16 * v < 16 ? rows - 16 * v : 16;
+                __mmask16 k = (__mmask16)((1u << n) - 1u);
+                float *o = out + r * ldr + 16 * v;
+                __m512 a = v < NV ? acc[r][v] : _mm512_castps256_ps512(half[r]);
+                if (add) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(k, o));
+                _mm512_mask_storeu_ps(o, k, a);
+            }
+        return;
+    }
     float lanes[16];
     for (int r = 0; r < BR; r++)
         for (int v = 0; v < NV + H; v++) {
             if (v < NV) _mm512_storeu_ps(lanes, acc[r][v]);
             else _mm256_storeu_ps(lanes, half[r]);
-            for (int l = 0; l < (v < NV ? 16 : 8) && 16 * v + l < rows; l++) out[(16 * v + l) * CHUNK + r] = lanes[l];
+            for (int l = 0; l < (v < NV ? 16 : 8) && 16 * v + l < rows; l++) {
+                float *o = out + (16 * v + l) * ldm + r * ldr;
+                *o = add ? *o + lanes[l] : lanes[l];
+            }
         }
 }
 
 #define BC_CASE(TILE, NV, H)                                                                            \
     for (; r + BC_BR(NV + H) <= nr; r += BC_BR(NV + H)) {                                               \
         TILE(w + (r0 + r) * ldw, ldw, xt, P, I, BC_BR(NV + H), NV, H, acc, half);                       \
-        bc_store(acc, half, BC_BR(NV + H), NV, H, rows, out + r);                                       \
+        bc_store(acc, half, BC_BR(NV + H), NV, H, rows, out + r * ldr, ldm, ldr, add);                  \
     }                                                                                                   \
     for (; r < nr; r++) {                                                                               \
         TILE(w + (r0 + r) * ldw, ldw, xt, P, I, 1, NV, H, acc, half);                                   \
-        bc_store(acc, half, 1, NV, H, rows, out + r);                                                   \
+        bc_store(acc, half, 1, NV, H, rows, out + r * ldr, ldm, ldr, add);                              \
     }                                                                                                   \
     break;
 
@@ -488,14 +505,15 @@ static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, 
     default: BC_CASE(TILE, 4, 0)                                                                        \
     }
 
-/* Rows [r0, r0 + nr) of W against the M rows of x packed in xp into out[m * CHUNK + (r - r0)]: the rows of
- * x 64 at a time (up to four vectors, the last one half when it holds 8 rows or fewer), each pass reading
- * the block's weight rows again (from L2 past the first). */
-static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+/* Rows [r0, r0 + nr) of W against the M rows of x packed in xp into out[m * ldm + (r - r0) * ldr] (added
+ * to it with `add`): the rows of x 64 at a time (up to four vectors, the last one half when it holds 8 rows
+ * or fewer), each pass reading the block's weight rows again (from L2 past the first). */
+static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
+                    long ldm, long ldr, int add) {
     __m512 acc[16][4];
     __m256 half[16];
     const long P = 16 * ((M + 15) / 16);
-    for (long m0 = 0; m0 < M; m0 += 64, out += 64 * CHUNK) {
+    for (long m0 = 0; m0 < M; m0 += 64, out += 64 * ldm) {
         const long rows = M - m0 < 64 ? M - m0 : 64;
         const int nv = (int)(rows / 16) + (rows % 16 > 8), h = rows % 16 > 0 && rows % 16 <= 8;
         long r = 0;
@@ -610,8 +628,9 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
 static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
 static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
-static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
-    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out;
+static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
+                    long ldm, long ldr, int add) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add;
 }
 static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t pair_packed_size(long I) { (void)I; return 0; }
@@ -650,8 +669,12 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
  * product_path and x packed for it (pack_x), the dot tiles taking what the tile unit leaves. */
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
-    if (path == PATH_BC || path == PATH_PAIR) {
-        (path == PATH_BC ? bc_rows : pair_rows)(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
+    if (path == PATH_BC) {
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out, CHUNK, 1, 0);
+        return;
+    }
+    if (path == PATH_PAIR) {
+        pair_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
         return;
     }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -906,6 +929,271 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     free(xf); free(hf); free(xb); free(hb); free(acc);
     return failed ? -1 : 0;
 }
+
+/* ---- merged products for SMEAR (https://arxiv.org/abs/2306.03745): W_g = sum_e p[g, e] W_e ----------
+ *
+ * Every group g (example) of S rows runs its own merged weights; the three products of a linear layer's
+ * forward and backward never hold the G merged copies (G * O * I values) in memory: the merge happens
+ * block by block right before the broadcast tiles use it, and the backward's merge-sized sums (grad p,
+ * grad W_e) are taken from the tile's accumulators, in registers. fp32, AVX-512 (moekit_merged_usable).
+ * Layouts: x [G, S, I], W [E, O, I], p [G, E], y and grad y [G, S, O], all dense. */
+#if defined(__AVX512F__)
+#ifndef MERGE_BLOCK_BYTES
+#define MERGE_BLOCK_BYTES (8 << 20) /* merged values of a block of groups (64 columns each) */
+#endif
+#define MERGE_EXPERTS 8 /* experts summed per pass over the merged values (two vectors of each in registers) */
+
+int moekit_merged_usable(void) { return 1; }
+
+/* Lanes [j, j + 16) of a row of n values: the mask of those below n. */
+static inline __mmask16 lanes_below(long n, long j) {
+    const long k = n - j <= 0 ? 0 : n - j < 16 ? n - j : 16;
+    return (__mmask16)((1u << k) - 1u);
+}
+
+/* out[(g * nr + r) * P + j] = sum_e p[g, e] src[e * es + r * ld + j] for j < kb, zero for kb <= j < P: 32
+ * lanes at a time, MERGE_EXPERTS experts' values in registers against every group. */
+static void merge_block(const float *src, long es, long ld, long E, const float *p, long G, long nr, long kb, long P,
+                        float *out) {
+    for (long r = 0; r < nr; r++)
+        for (long j = 0; j < P; j += 32) {
+            const __mmask16 l0 = lanes_below(kb, j), l1 = lanes_below(kb, j + 16);
+            const __mmask16 s0 = lanes_below(P, j), s1 = lanes_below(P, j + 16);
+            for (long e0 = 0; e0 < E; e0 += MERGE_EXPERTS) {
+                const int ne = E - e0 < MERGE_EXPERTS ? (int)(E - e0) : MERGE_EXPERTS;
+                __m512 w0[MERGE_EXPERTS], w1[MERGE_EXPERTS];
+                for (int e = 0; e < ne; e++) {
+                    const float *v = src + (e0 + e) * es + r * ld + j;
+                    w0[e] = _mm512_maskz_loadu_ps(l0, v);
+                    w1[e] = _mm512_maskz_loadu_ps(l1, v + 16);
+                }
+                for (long g = 0; g < G; g++) {
+                    float *o = out + (g * nr + r) * P + j;
+                    const float *pg = p + g * E + e0;
+                    __m512 a0 = e0 ? _mm512_maskz_loadu_ps(s0, o) : _mm512_setzero_ps();
+                    __m512 a1 = e0 ? _mm512_maskz_loadu_ps(s1, o + 16) : _mm512_setzero_ps();
+                    for (int e = 0; e < ne; e++) {
+                        const __m512 pe = _mm512_set1_ps(pg[e]);
+                        a0 = _mm512_fmadd_ps(pe, w0[e], a0);
+                        a1 = _mm512_fmadd_ps(pe, w1[e], a1);
+                    }
+                    _mm512_mask_storeu_ps(o, s0, a0);
+                    _mm512_mask_storeu_ps(o + 16, s1, a1);
+                }
+            }
+        }
+}
+
+/* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: 16 x 16 blocks turned in registers (three
+ * rounds of shuffles), the edges one value at a time. */
+static void turn(const float *src, long lds, long rows, long cols, float *dst, long ldd) {
+    long r0 = 0;
+    for (; r0 + 16 <= rows; r0 += 16) {
+        long c0 = 0;
+        for (; c0 + 16 <= cols; c0 += 16) {
+            __m512 v[16], t[16];
+            for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_ps(src + (r0 + i) * lds + c0);
+            for (int i = 0; i < 16; i += 2) { /* pairs of values of two rows */
+                t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) { /* quads of four rows */
+                v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+                v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+                v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            for (int q = 0; q < 4; q++) { /* v[4 b + q]: quads of rows 4b.. at columns q, q + 4, q + 8, q + 12 */
+                const __m512 lo0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), lo1 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88);
+                const __m512 hi0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD), hi1 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
+                _mm512_storeu_ps(dst + (c0 + q) * ldd + r0, _mm512_shuffle_f32x4(lo0, lo1, 0x88));
+                _mm512_storeu_ps(dst + (c0 + q + 8) * ldd + r0, _mm512_shuffle_f32x4(lo0, lo1, 0xDD));
+                _mm512_storeu_ps(dst + (c0 + q + 4) * ldd + r0, _mm512_shuffle_f32x4(hi0, hi1, 0x88));
+                _mm512_storeu_ps(dst + (c0 + q + 12) * ldd + r0, _mm512_shuffle_f32x4(hi0, hi1, 0xDD));
+            }
+        }
+        for (long r = r0; r < r0 + 16; r++)
+            for (long c = c0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+    }
+    for (long r = r0; r < rows; r++)
+        for (long c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+}
+
+/* out_g = a_g M_g (+ bias_g) with M_g = sum_e p[g, e] M_e, a [G, S, K], out [G, S, N], bias [G, N] or NULL.
+ * M_e = W[e] [K, N], or (transposed) W[e]^T with W [E, N, K]. The lanes are output columns, 64 at a time
+ * (one pass of the broadcast tiles; the blocks split over the threads): the block's K x 64 merged values
+ * are made for a block of groups at once (each expert value read once per group block; transposed: the
+ * experts' block turned first), then each group's rows run against its merged block on the tiles over the
+ * whole of K, so every output is stored once. Returns 0 or -1. */
+static int merged_product(const float *a, long G, long S, long K, const float *p, long E, const float *W, int transposed,
+                          long N, const float *bias, float *out, int threads) {
+    const long lane_blocks = (N + 63) / 64;
+    const long gb_max = MERGE_BLOCK_BYTES / (long)(sizeof(float) * 64 * K);
+    const long GB = gb_max < 1 ? 1 : gb_max > G ? G : gb_max;
+    int failed = 0;
+    const int n = thread_count(threads, lane_blocks);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n) if (n > 1)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    {
+        const int t = 0, nt = 1;
+#endif
+        const size_t merged_size = (size_t)(GB * K * 64);
+        float *merged = (float *)malloc(sizeof(float) * (merged_size + (transposed ? (size_t)(E * K * 64) : 0)));
+        float *turned = merged + merged_size;
+        if (!merged) failed = 1;
+        for (long lb = lane_blocks * t / nt; merged && lb < lane_blocks * (t + 1) / nt; lb++) {
+            const long k0 = lb * 64, kb = N - k0 < 64 ? N - k0 : 64, P = 16 * ((kb + 15) / 16);
+            for (long e = 0; transposed && e < E; e++) turn(W + (e * N + k0) * K, K, kb, K, turned + e * K * kb, kb);
+            const float *src = transposed ? turned : W + k0;
+            const long es = transposed ? K * kb : K * N, ld = transposed ? kb : N;
+            for (long g0 = 0; g0 < G; g0 += GB) {
+                const long ng = G - g0 < GB ? G - g0 : GB;
+                merge_block(src, es, ld, E, p + g0 * E, ng, K, kb, P, merged);
+                for (long g = g0; g < g0 + ng; g++) {
+                    float *og = out + g * S * N + k0;
+                    bc_rows(a + g * S * K, 0, K, 0, S, merged + (g - g0) * K * P, kb, K, og, 1, N, 0);
+                    for (long s = 0; bias && s < S; s++)
+                        for (long j = 0; j < kb; j++) og[s * N + j] += bias[g * N + k0 + j];
+                }
+            }
+        }
+        free(merged);
+    }
+    return failed ? -1 : 0;
+}
+
+/* y_g = x_g W_g^T + b_g, W [E, O, I], b [E, O] or NULL (b_g = sum_e p[g, e] b_e). Returns 0 or -1. */
+int moekit_merged_linear(const float *x, long G, long S, long I, const float *p, long E, const float *W, long O,
+                         const float *b, float *y, int threads) {
+    float *bias = b ? (float *)malloc(sizeof(float) * (size_t)(G * O)) : NULL;
+    if (b && !bias) return -1;
+    for (long g = 0; b && g < G; g++)
+        for (long o = 0; o < O; o++) {
+            float v = 0.0f;
+            for (long e = 0; e < E; e++) v += p[g * E + e] * b[e * O + o];
+            bias[g * O + o] = v;
+        }
+    const int done = merged_product(x, G, S, I, p, E, W, 1, O, bias, y, threads);
+    free(bias);
+    return done;
+}
+
+/* grad_x_g = grad_y_g W_g, grad_y [G, S, O], W [E, O, I]. Returns 0 or -1. */
+int moekit_merged_linear_grad_x(const float *gy, long G, long S, long O, const float *p, long E, const float *W, long I,
+                                float *gx, int threads) {
+    return merged_product(gy, G, S, O, p, E, W, 0, I, NULL, gx, threads);
+}
+
+/* One tile of grad_W_g = grad_y_g^T x_g (BR output rows from o0, NV vectors of input columns from i0; gyT
+ * the group's grad_y transposed, [O, S]; xp its rows' columns i0.. packed, P apart) and what the merge's
+ * gradients take from it, in registers: dots[g * E + e] += <grad_W_g, W_e> over the tile (lane sums, added
+ * up at the end), gw[e] (+)= p[g, e] grad_W_g (stored for g = 0); either NULL: not wanted. */
+static inline __attribute__((always_inline)) void grad_w_tile(const float *gyT, const float *xp, long P, long S, long I,
+                                                              const float *p, long E, const float *W, long O, long g,
+                                                              long o0, long i0, const int BR, const int NV, float *gw,
+                                                              __m512 *dots) {
+    __m512 acc[16][4];
+    __m256 half[16];
+    bc_tile_f32(gyT + o0 * S, S, xp, P, S, BR, NV, 0, acc, half);
+    const __mmask16 last = lanes_below(I - i0, 16 * (NV - 1));
+    for (long e = 0; e < E; e++) {
+        const __m512 pe = _mm512_set1_ps(p[g * E + e]);
+        __m512 dot = _mm512_setzero_ps();
+        for (int r = 0; r < BR; r++)
+            for (int v = 0; v < NV; v++) {
+                const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+                const long at = (e * O + o0 + r) * I + i0 + 16 * v;
+                if (dots) dot = _mm512_fmadd_ps(acc[r][v], _mm512_maskz_loadu_ps(m, W + at), dot);
+                if (gw) {
+                    const __m512 sum = g ? _mm512_maskz_loadu_ps(m, gw + at) : _mm512_setzero_ps();
+                    _mm512_mask_storeu_ps(gw + at, m, _mm512_fmadd_ps(pe, acc[r][v], sum));
+                }
+            }
+        if (dots) dots[g * E + e] = _mm512_add_ps(dots[g * E + e], dot);
+    }
+}
+
+/* Every tile of a block of 64 (or fewer: NV vectors) input columns: tiles of BC_BR(NV) output rows, then
+ * single rows; each tile runs every group in turn (its gw block stays in L1). */
+#define GRAD_W_TILES(NV)                                                                                \
+    for (; o0 + BC_BR(NV) <= O; o0 += BC_BR(NV))                                                        \
+        for (long g = 0; g < G; g++)                                                                    \
+            grad_w_tile(gyT + g * O * S, xp + g * S * P, P, S, I, p, E, W, O, g, o0, i0, BC_BR(NV), NV, gw, dots); \
+    for (; o0 < O; o0++)                                                                                \
+        for (long g = 0; g < G; g++)                                                                    \
+            grad_w_tile(gyT + g * O * S, xp + g * S * P, P, S, I, p, E, W, O, g, o0, i0, 1, NV, gw, dots); \
+    break;
+
+/* The merge's gradients through grad_W_g = grad_y_g^T x_g, which is never stored: gp [G, E] += <grad_W_g,
+ * W_e> and gw [E, O, I] = sum_g p[g, e] grad_W_g (either NULL: not wanted). The lanes are input columns
+ * (blocks of 64 split over the threads, each block's columns of x packed for every group), the tiles'
+ * weight rows grad_y_g's columns (transposed once). Returns 0 or -1 (allocation). */
+int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S, long I, long O, const float *p, long E,
+                                const float *W, float *gw, float *gp, int threads) {
+    float *gyT = (float *)malloc(sizeof(float) * (size_t)(G * O * S));
+    if (!gyT) return -1;
+    for (long g = 0; g < G; g++) turn(gy + g * S * O, O, S, O, gyT + g * O * S, S);
+    const long lane_blocks = (I + 63) / 64;
+    int failed = 0;
+    const int n = thread_count(threads, lane_blocks);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n) if (n > 1)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    {
+        const int t = 0, nt = 1;
+#endif
+        float *xp = (float *)malloc(sizeof(float) * (size_t)(G * S * 64));
+        __m512 *dots = gp ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * E)) : NULL; /* this thread's */
+        if (!xp || (gp && !dots)) failed = 1;
+        for (long k = 0; dots && k < G * E; k++) dots[k] = _mm512_setzero_ps();
+        for (long lb = lane_blocks * t / nt; !failed && lb < lane_blocks * (t + 1) / nt; lb++) {
+            const long i0 = 64 * lb, kb = I - i0 < 64 ? I - i0 : 64, P = 16 * ((kb + 15) / 16);
+            for (long r = 0; r < G * S; r++)
+                for (long j = 0; j < P; j += 16)
+                    _mm512_storeu_ps(xp + r * P + j, _mm512_maskz_loadu_ps(lanes_below(kb, j), x + r * I + i0 + j));
+            long o0 = 0;
+            switch ((int)(P / 16)) {
+            case 1: GRAD_W_TILES(1)
+            case 2: GRAD_W_TILES(2)
+            case 3: GRAD_W_TILES(3)
+            default: GRAD_W_TILES(4)
+            }
+        }
+        if (dots && !failed) {
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+            for (long k = 0; k < G * E; k++) gp[k] += _mm512_reduce_add_ps(dots[k]);
+        }
+        free(xp);
+        free(dots);
+    }
+    free(gyT);
+    return failed ? -1 : 0;
+}
+#else
+int moekit_merged_usable(void) { return 0; }
+int moekit_merged_linear(const float *x, long G, long S, long I, const float *p, long E, const float *W, long O,
+                         const float *b, float *y, int threads) {
+    (void)x, (void)G, (void)S, (void)I, (void)p, (void)E, (void)W, (void)O, (void)b, (void)y, (void)threads;
+    return -3;
+}
+int moekit_merged_linear_grad_x(const float *gy, long G, long S, long O, const float *p, long E, const float *W, long I,
+                                float *gx, int threads) {
+    (void)gy, (void)G, (void)S, (void)O, (void)p, (void)E, (void)W, (void)I, (void)gx, (void)threads;
+    return -3;
+}
+int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S, long I, long O, const float *p, long E,
+                                const float *W, float *gw, float *gp, int threads) {
+    (void)x, (void)gy, (void)G, (void)S, (void)I, (void)O, (void)p, (void)E, (void)W, (void)gw, (void)gp, (void)threads;
+    return -3;
+}
+#endif
 
 /* What this build vectorises with, for the cache key's sanity and the benchmark's report. */
 const char *moekit_gemv_isa(void) {

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear", "moe_ffn", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear",
+           "merged_available", "merged_forward", "merged_grad_input", "merged_grad_weights", "moe_ffn", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -215,6 +216,94 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     return y
 
 
+def merged_available() -> bool:
+    """Whether SMEAR's merged products (``merged_forward``, ``merged_grad_input``, ``merged_grad_weights``)
+    run natively here: the kernel is available and was built with AVX-512 (their broadcast tiles)."""
+    return available() and bool(_library().moekit_merged_usable())
+
+
+def _merged_operands(**tensors: Tensor) -> tuple[ctypes.CDLL, dict[str, Tensor]]:
+    """The library and ``tensors`` as contiguous fp32 CPU tensors (the merged products' layout), or an error
+    that names the offending argument."""
+    if not merged_available():
+        raise RuntimeError(f"the native merged products are not available here (kernel: {_built()[1] or 'built without AVX-512'})")
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return _library(), {name: t.contiguous() for name, t in tensors.items()}
+
+
+def _merged_shapes(x_GS_: Tensor, probs_GE: Tensor, w_EOI: Tensor, what: str, features: int) -> tuple[int, int, int, int]:
+    """``(G, S, E, width)`` after checking ``x`` ``[G, S, features]`` against ``probs [G, E]`` and ``w [E, O, I]``."""
+    if x_GS_.dim() != 3 or probs_GE.dim() != 2 or w_EOI.dim() != 3:
+        raise ValueError(f"{what} [G, S, n], probs [G, E] and w [E, O, I] expected, got {tuple(x_GS_.shape)}, "
+                         f"{tuple(probs_GE.shape)}, {tuple(w_EOI.shape)}")  # fmt: skip
+    G, S, n = x_GS_.shape
+    if probs_GE.shape != (G, w_EOI.shape[0]) or n != features:
+        raise ValueError(f"{what} {tuple(x_GS_.shape)}, probs {tuple(probs_GE.shape)} and w {tuple(w_EOI.shape)} disagree "
+                         f"(want probs [G, E] and {what}'s last dimension {features})")  # fmt: skip
+    return G, S, w_EOI.shape[0], n
+
+
+def merged_forward(x_GSI: Tensor, probs_GE: Tensor, w_EOI: Tensor, b_EO: Tensor | None = None, *, threads: int | None = None) -> Tensor:
+    """SMEAR's merged linear map in one native call: ``y_g = x_g W_g^T + b_g`` with ``W_g = sum_e probs[g, e]
+    w_e`` (``b_g`` alike), ``[G, S, I] -> [G, S, O]``; the G merged copies are never held (blocks of 64
+    output features are merged for every group, then run on the broadcast tiles). fp32 CPU tensors."""
+    lib, t = _merged_operands(x=x_GSI, probs=probs_GE, w=w_EOI, **({} if b_EO is None else {"b": b_EO}))
+    E, O, I = w_EOI.shape
+    G, S, _, _ = _merged_shapes(x_GSI, probs_GE, w_EOI, "x", I)
+    if b_EO is not None and b_EO.shape != (E, O):
+        raise ValueError(f"b must be [E, O] = [{E}, {O}], got {tuple(b_EO.shape)}")
+    y = torch.empty(G, S, O)
+    with _profiled("moekit::native_merged"):
+        status = lib.moekit_merged_linear(t["x"].data_ptr(), G, S, I, t["probs"].data_ptr(), E, t["w"].data_ptr(), O,
+                                          None if b_EO is None else t["b"].data_ptr(), y.data_ptr(), _threads(threads))  # fmt: skip
+    _check_status(status, "merged_forward")
+    return y
+
+
+def merged_grad_input(grad_GSO: Tensor, probs_GE: Tensor, w_EOI: Tensor, *, threads: int | None = None) -> Tensor:
+    """The gradient of ``merged_forward`` with respect to ``x``: ``grad_y_g W_g``, ``[G, S, O] -> [G, S, I]``."""
+    lib, t = _merged_operands(grad=grad_GSO, probs=probs_GE, w=w_EOI)
+    E, O, I = w_EOI.shape
+    G, S, _, _ = _merged_shapes(grad_GSO, probs_GE, w_EOI, "grad", O)
+    gx = torch.empty(G, S, I)
+    with _profiled("moekit::native_merged"):
+        status = lib.moekit_merged_linear_grad_x(t["grad"].data_ptr(), G, S, O, t["probs"].data_ptr(), E, t["w"].data_ptr(),
+                                                 I, gx.data_ptr(), _threads(threads))  # fmt: skip
+    _check_status(status, "merged_grad_input")
+    return gx
+
+
+def merged_grad_weights(x_GSI: Tensor, grad_GSO: Tensor, probs_GE: Tensor, w_EOI: Tensor, *, want_w: bool = True,
+                        want_probs: bool = True, threads: int | None = None) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """The gradients of ``merged_forward`` with respect to ``w`` (``[E, O, I]``, ``sum_g probs[g, e] grad_W_g``)
+    and ``probs`` (``[G, E]``, ``<grad_W_g, w_e>``; without the bias's part) through ``grad_W_g = grad_y_g^T x_g``,
+    which is never stored: both come from each tile's accumulators. ``(grad_w, grad_probs)``, None where not wanted."""
+    lib, t = _merged_operands(x=x_GSI, grad=grad_GSO, probs=probs_GE, w=w_EOI)
+    E, O, I = w_EOI.shape
+    G, S, _, _ = _merged_shapes(x_GSI, probs_GE, w_EOI, "x", I)
+    if grad_GSO.shape != (G, S, O):
+        raise ValueError(f"grad must be [G, S, O] = [{G}, {S}, {O}], got {tuple(grad_GSO.shape)}")
+    gw = torch.empty(E, O, I) if want_w else None
+    gp = torch.zeros(G, E) if want_probs else None
+    with _profiled("moekit::native_merged"):
+        status = lib.moekit_merged_linear_grad_w(t["x"].data_ptr(), t["grad"].data_ptr(), G, S, I, O, t["probs"].data_ptr(), E,
+                                                 t["w"].data_ptr(), None if gw is None else gw.data_ptr(),
+                                                 None if gp is None else gp.data_ptr(), _threads(threads))  # fmt: skip
+    _check_status(status, "merged_grad_weights")
+    return gw, gp
+
+
+def _threads(threads: int | None) -> int:
+    return torch.get_num_threads() if threads is None else threads
+
+
+def _check_status(status: int, what: str) -> None:
+    if status:
+        raise MemoryError(f"{what}: the native kernel could not allocate its buffers")
+
+
 def _profiled(name: str) -> contextlib.AbstractContextManager:
     """A named range around a native call while a torch profiler runs (its C time is otherwise invisible to
     the profiler); nothing otherwise (``record_function`` costs ~10 us a call, a fifth of a decode product)."""
@@ -288,6 +377,10 @@ def _library() -> ctypes.CDLL | None:
     lib.moekit_gemv.argtypes = [P, L, L, L, P, L, L, P, P, L, I, I, I, I]
     lib.moekit_moe_ffn.restype = ctypes.c_int
     lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
+    lib.moekit_merged_usable.restype = ctypes.c_int
+    lib.moekit_merged_linear.argtypes = [P, L, L, L, P, L, P, L, P, P, I]
+    lib.moekit_merged_linear_grad_x.argtypes = [P, L, L, L, P, L, P, L, P, I]
+    lib.moekit_merged_linear_grad_w.argtypes = [P, P, L, L, L, L, P, L, P, P, P, I]
     lib.moekit_gemv_isa.restype = ctypes.c_char_p
     lib.moekit_amx_usable.restype = ctypes.c_int
     return lib

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..experts.base import ExpertBank
-from ..experts.merged_linear import DEFAULT_CHUNK_BYTES
+from ..experts.merged_linear import DEFAULT_CHUNK_BYTES, runs_native
 from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
@@ -130,7 +130,9 @@ class MergeDispatch(Dispatcher):
             sizes_G = torch.ones(x_N.shape[0], dtype=torch.long, device=x_N.device)
         budget = min(self.max_bytes, DEFAULT_CHUNK_BYTES)
         y = None
-        if probs_GE.shape[0] * merged_bytes_per_group(experts) > budget:  # small merges: plain path is as fast
+        # the native products win at every size; torch's fused loop only past the budget (below it the plain
+        # merge is as fast)
+        if runs_native(x_N, *experts.parameters()) or probs_GE.shape[0] * merged_bytes_per_group(experts) > budget:
             y = merged_forward_fused(experts, x_N, probs_GE, sizes_G, max_bytes=budget)
         if y is None:
             y = merged_forward_chunked(experts, x_N, probs_GE, sizes_G, max_bytes=self.max_bytes)
