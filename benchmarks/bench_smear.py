@@ -14,7 +14,9 @@ of the tensors autograd keeps for backward beyond the layer's own parameters (un
 the layer as shipped (fused merge-and-matmul, ``moekit.experts.merged_linear``); ``smear_reference`` is
 the plain path it replaced (``merged_forward``: all merged copies built at once and kept for backward);
 ``smear_chunked`` is SMEAR with a merge budget of a quarter of the batch's merged parameters
-(``merge_chunk_bytes``). A sweep over positions per example (FFN case) locates the two
+(``merge_chunk_bytes``); ``smear_torch`` is the layer as shipped with the native merged products switched off
+(``MOEKIT_NATIVE_GEMV=0``: torch's chunked loop, the path of CUDA and bf16), next to ``smear``, which takes them
+on a fp32 CPU whose kernel has AVX-512. A sweep over positions per example (FFN case) locates the two
 crossovers: where SMEAR's merge overhead (about E/S of one expert) falls under 1.3x, and where the
 merged parameters per example (P values) stop exceeding the activations saved for backward.
 
@@ -25,6 +27,7 @@ merged parameters per example (P values) stop exceeding the activations saved fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -58,7 +61,7 @@ class _ReferenceSMEAR(moekit.SMEAR):
         return merged_forward(self.experts, x_N, decision.gates_TE(), sizes_G)
 
 
-IMPLS = ["one_expert", "smear", "smear_reference", "smear_chunked", "ensemble"]
+IMPLS = ["one_expert", "smear", "smear_torch", "smear_reference", "smear_chunked", "ensemble"]
 SWEEP_S = [1, 4, 16, 32, 64, 128, 512]
 SWEEP_CHUNK_BYTES = [64 * 2**20, 32 * 2**20, 4 * 2**20, 2**20]
 
@@ -75,8 +78,23 @@ def _build(impl: str, case: dict, device: str):
         return moekit.OutputEnsemble(bank, expert_dropout=0.0, device=device)
     if impl == "smear_reference":
         return _ReferenceSMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=2**40, device=device)
-    budget = 2**40 if impl == "smear" else max(1, case["B"] * merged_bytes_per_group(bank) // 4)
-    return moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=budget, device=device)
+    budget = 2**40 if impl in ("smear", "smear_torch") else max(1, case["B"] * merged_bytes_per_group(bank) // 4)
+    layer = moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=budget, device=device)
+    layer.native_off = impl == "smear_torch"
+    return layer
+
+
+@contextlib.contextmanager
+def _native_off(off: bool):
+    """``MOEKIT_NATIVE_GEMV=0`` while the block runs (``off``): the torch path of ``merged_linear``."""
+    before = os.environ.get("MOEKIT_NATIVE_GEMV")
+    if off:
+        os.environ["MOEKIT_NATIVE_GEMV"] = "0"
+    try:
+        yield
+    finally:
+        if off:
+            os.environ.pop("MOEKIT_NATIVE_GEMV") if before is None else os.environ.__setitem__("MOEKIT_NATIVE_GEMV", before)
 
 
 
@@ -91,16 +109,17 @@ def _saved_bytes(layer, x) -> int:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _native_off(getattr(layer, "native_off", False)):
         y = layer(x).y
-    y.square().mean().backward()
+        y.square().mean().backward()
     return sum(seen.values())
 
 
 def _step(layer, x) -> None:
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    layer(x).y.square().mean().backward()
+    with _native_off(getattr(layer, "native_off", False)):
+        layer(x).y.square().mean().backward()
 
 
 def memory(case: dict, impl: str, device: str) -> dict:
@@ -204,16 +223,32 @@ def _best_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float
 
 
 def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -> dict[str, Callable[[], object]]:
-    """Each product ``merged_linear`` runs for one ``[E, O, I]`` layer with bias, over all its chunks
-    (same calls, shapes and buffers as the kernel), and the products one expert runs for the same layer."""
+    """Each product ``merged_linear`` runs for one ``[E, O, I]`` layer with bias -- the native merged products
+    where they run (``runs_native``), else torch's chunked loop (same calls, shapes and buffers as the
+    kernel) -- and the products one expert runs for the same layer."""
     import torch.nn.functional as F
 
-    from moekit.experts.merged_linear import _rows_per_chunk, long_dots
+    from moekit.experts import native_gemv
+    from moekit.experts.merged_linear import _rows_per_chunk, long_dots, runs_native
 
-    n = _rows_per_chunk(G, O, I, 4, chunk_bytes)
     g = torch.Generator().manual_seed(0)
     p, w, b = torch.rand(G, E, generator=g), torch.randn(E, O * I, generator=g), torch.randn(E, O, generator=g)
     x, grad_y = torch.randn(G, S, I, generator=g), torch.randn(G, S, O, generator=g)
+    one_w, one_b, x2, gy2 = w[:, : O * I].reshape(E, O, I)[0], b[0], x.reshape(G * S, I), grad_y.reshape(G * S, O)
+    one = {
+        "one expert: forward": lambda: F.linear(x2, one_w, one_b),
+        "one expert: grad_x": lambda: torch.mm(gy2, one_w),
+        "one expert: grad W": lambda: torch.mm(gy2.t(), x2),
+    }
+    w_EOI = w.view(E, O, I)
+    if runs_native(x, p, w):
+        return {
+            "smear: forward, merged per 64 columns (native)": lambda: native_gemv.merged_forward(x, p, w_EOI, b),
+            "smear: grad_x, merged again (native)": lambda: native_gemv.merged_grad_input(grad_y, p, w_EOI),
+            "smear: grad W_g -> grad probs, grad w (native)": lambda: native_gemv.merged_grad_weights(x, grad_y, p, w_EOI),
+            **one,
+        }
+    n = _rows_per_chunk(G, O, I, 4, chunk_bytes)
     merged, grad_m = torch.empty(G * n * I), torch.empty(G * n * I)
     y, grad_x, grad_pT, grad_w = torch.empty(G, S, O), torch.empty(G, S, I), torch.zeros(E, G), torch.empty(E, O * I)
     b_GO = p @ b
@@ -238,7 +273,6 @@ def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -
         else:
             grad_x.baddbmm_(grad_y[:, :, o0 : o0 + k], m)
 
-    one_w, one_b, x2, gy2 = w[:, : O * I].reshape(E, O, I)[0], b[0], x.reshape(G * S, I), grad_y.reshape(G * S, O)
     return {
         "smear: forward x_g @ W_g^T (per example)": each_chunk(forward),
         "smear: grad_x (per example)": each_chunk(input_grad),
@@ -250,9 +284,7 @@ def _linear_products(G: int, S: int, O: int, I: int, E: int, chunk_bytes: int) -
             long_dots(w[:, o0 * I : (o0 + k) * I], gm.view(G, k * I)))),
         "smear: grad w = probs^T grad W": each_chunk(lambda o0, k, _, gm: torch.mm(
             p.t(), gm.view(G, k * I), out=grad_w[:, o0 * I : (o0 + k) * I])),
-        "one expert: forward": lambda: F.linear(x2, one_w, one_b),
-        "one expert: grad_x": lambda: torch.mm(gy2, one_w),
-        "one expert: grad W": lambda: torch.mm(gy2.t(), x2),
+        **one,
     }
 
 

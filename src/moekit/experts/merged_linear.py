@@ -4,15 +4,25 @@
 rows, ``x_g @ W_g^T + b_g`` with the merged parameters ``W_g = sum_e probs[g, e] * w_e`` (and ``b_g``
 alike). ``merged_linear_reference`` is the plain autograd version (one merge matmul + one batched matmul).
 
-Why a fused kernel: the plain version materialises the merged weights of the whole batch (G * O * I
-values, 32 MB per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward, and keeps
-the merged weights for backward. Here the output features are processed in chunks of rows of ``W``: each
-chunk's merged weights live in one small reused buffer (at most ``chunk_bytes``; fresh buffers that large
-come from ``mmap`` on CPU and are page-faulted in on every call); backward recomputes them chunk by chunk
-instead of keeping them (autograd keeps only ``x``, ``probs`` and references to the stacked parameters),
-last chunk first: when no other call fetched the buffer since this forward (the layer right before the
-loss), it still holds that chunk merged and its re-merge is skipped. Per chunk (``grad_y_g[:, chunk]`` is
-read in place, a strided view, not copied) backward accumulates:
+Why fused: the plain version materialises the merged weights of the whole batch (G * O * I values, 32 MB
+per FFN layer at G=16, D=512, F=1024) in forward and their gradient in backward, and keeps the merged
+weights for backward. Both paths here keep only ``x``, ``probs`` and references to the stacked parameters
+for backward, and recompute merges there.
+
+**Native path** (fp32 CPU operands, a kernel built with AVX-512: ``runs_native``): the three products of
+forward and backward run in ``native_gemv.merged_forward`` / ``merged_grad_input`` / ``merged_grad_weights``,
+which never hold a merged copy of a layer: 64 output columns at a time are merged for every group (each
+expert value read once) and run on the broadcast tiles over the whole inner dimension; ``grad_probs`` and
+``grad_w`` are taken from the accumulators of each ``grad_W_g`` tile, so no ``[G, O, I]`` tensor exists in
+forward or backward. FFN case of ``benchmarks/bench_smear.py`` (1 CPU thread): the SMEAR step at
+1.19-1.26x one expert's, where the torch path below runs 1.43-1.60x.
+
+**Torch path** (other dtypes, CUDA, no kernel): output features in chunks of rows of ``W``; each chunk's
+merged weights live in one small reused buffer (at most ``chunk_bytes``; fresh buffers that large come
+from ``mmap`` on CPU and are page-faulted in on every call); backward recomputes them chunk by chunk, last
+chunk first: when no other call fetched the buffer since this forward (the layer right before the loss),
+it still holds that chunk merged and its re-merge is skipped. Per chunk (``grad_y_g[:, chunk]`` is read in
+place, a strided view, not copied) backward accumulates:
 
 * ``grad_x_g += grad_y_g[:, chunk] @ W_g[chunk]``
 * ``grad_W_g[chunk] = grad_y_g[:, chunk]^T @ x_g`` (into a reused buffer, never for the whole layer)
@@ -20,18 +30,9 @@ read in place, a strided view, not copied) backward accumulates:
   the chunk, summed)
 * ``grad_w[:, chunk] = probs^T @ grad_W[chunk]``  (one ``[E, G] @ [G, n]`` matmul, written in place)
 
-Compute is that of the plain version plus one more merge in backward: four merge-sized products (merge,
-re-merge, the two gradients above), each E multiply-adds per weight and group, 4E/(3S) of the expert's
-own work (~8% at E=8, S=128). Where the time goes instead (``benchmarks/bench_smear.py --profile``, FFN
-case, 1 CPU thread; x = fraction of one expert's step): the four merge-sized products run at ~12 GMAC/s
-(short-K GEMMs whose G * O * I output is streamed through memory: copy-like traffic, not flops) and cost
-~0.27x; the per-example products (S=128-row GEMMs, each reading its own merged weights) ~0.13x more than
-one expert's batch-wide GEMMs; first-touch page faults of the stacked-weight gradient (E times one
-expert's, a fresh ``mmap`` per step under glibc's allocator) ~0.1x. Measured and not kept: merge chunks
-sized for L2/L3 (1-4 MB: the per-example GEMMs shrink to tens of columns and re-read ``x`` per chunk,
-slower overall, merges no faster), merging a few groups at a time right before their GEMM, the merge as
-a batched matmul or a 1x1 convolution, a bias added after a plain bmm: none faster than this loop. Going
-lower needs the merge fused into the GEMM's own weight packing (a native kernel), not more torch ops.
+Its four merge-sized products (merge, re-merge, the two gradients above), each E multiply-adds per weight
+and group, are short-K GEMMs whose ``G * O * I`` output streams through memory (copy-like traffic, ~0.25x of
+one expert's step on CPU), which is why the native path exists.
 """
 
 from __future__ import annotations

@@ -1087,44 +1087,58 @@ int moekit_merged_linear_grad_x(const float *gy, long G, long S, long O, const f
     return merged_product(gy, G, S, O, p, E, W, 0, I, NULL, gx, threads);
 }
 
-/* One tile of grad_W_g = grad_y_g^T x_g (BR output rows from o0, NV vectors of input columns from i0; gyT
- * the group's grad_y transposed, [O, S]; xp its rows' columns i0.. packed, P apart) and what the merge's
- * gradients take from it, in registers: dots[g * E + e] += <grad_W_g, W_e> over the tile (lane sums, added
- * up at the end), gw[e] (+)= p[g, e] grad_W_g (stored for g = 0); either NULL: not wanted. */
-static inline __attribute__((always_inline)) void grad_w_tile(const float *gyT, const float *xp, long P, long S, long I,
-                                                              const float *p, long E, const float *W, long O, long g,
-                                                              long o0, long i0, const int BR, const int NV, float *gw,
-                                                              __m512 *dots) {
+/* One tile of grad_W_g = grad_y_g^T x_g for every group g (BR output rows from o0, NV vectors of input
+ * columns from i0; gyT [G, O, S]: grad_y transposed per group; xp [G, S, P]: the columns i0.. of x packed)
+ * and what the merge's gradients take from it: the groups' tiles go to `stage` (L1), then gw[e] = sum_g
+ * p[g, e] grad_W_g is stored once per tile and dots[g * E + e] += <grad_W_g, W_e> (lane sums, added up at
+ * the end); either NULL: not wanted. (Summing into gw group by group instead, a load and a store per value
+ * and group, measured the same.) */
+static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT, const float *xp, long P, long G, long S,
+                                                               long I, const float *p, long E, const float *W, long O,
+                                                               long o0, long i0, const int BR, const int NV, float *gw,
+                                                               __m512 *dots, __m512 *stage) {
     __m512 acc[16][4];
     __m256 half[16];
-    bc_tile_f32(gyT + o0 * S, S, xp, P, S, BR, NV, 0, acc, half);
-    const __mmask16 last = lanes_below(I - i0, 16 * (NV - 1));
-    for (long e = 0; e < E; e++) {
-        const __m512 pe = _mm512_set1_ps(p[g * E + e]);
-        __m512 dot = _mm512_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        bc_tile_f32(gyT + (g * O + o0) * S, S, xp + g * S * P, P, S, BR, NV, 0, acc, half);
         for (int r = 0; r < BR; r++)
-            for (int v = 0; v < NV; v++) {
-                const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
-                const long at = (e * O + o0 + r) * I + i0 + 16 * v;
-                if (dots) dot = _mm512_fmadd_ps(acc[r][v], _mm512_maskz_loadu_ps(m, W + at), dot);
-                if (gw) {
-                    const __m512 sum = g ? _mm512_maskz_loadu_ps(m, gw + at) : _mm512_setzero_ps();
-                    _mm512_mask_storeu_ps(gw + at, m, _mm512_fmadd_ps(pe, acc[r][v], sum));
+            for (int v = 0; v < NV; v++) stage[(g * BR + r) * NV + v] = acc[r][v];
+    }
+    const __mmask16 last = lanes_below(I - i0, 16 * (NV - 1));
+    for (int r = 0; gw && r < BR; r++)
+        for (int v = 0; v < NV; v++) {
+            const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+            for (long e0 = 0; e0 < E; e0 += MERGE_EXPERTS) {
+                const int ne = E - e0 < MERGE_EXPERTS ? (int)(E - e0) : MERGE_EXPERTS;
+                __m512 sum[MERGE_EXPERTS];
+                for (int e = 0; e < ne; e++) sum[e] = _mm512_setzero_ps();
+                for (long g = 0; g < G; g++) {
+                    const __m512 t = stage[(g * BR + r) * NV + v];
+                    for (int e = 0; e < ne; e++) sum[e] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * E + e0 + e]), t, sum[e]);
                 }
+                for (int e = 0; e < ne; e++) _mm512_mask_storeu_ps(gw + ((e0 + e) * O + o0 + r) * I + i0 + 16 * v, m, sum[e]);
             }
-        if (dots) dots[g * E + e] = _mm512_add_ps(dots[g * E + e], dot);
+        }
+    for (long e = 0; dots && e < E; e++) {
+        __m512 w[16][4];
+        for (int r = 0; r < BR; r++)
+            for (int v = 0; v < NV; v++)
+                w[r][v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF, W + (e * O + o0 + r) * I + i0 + 16 * v);
+        for (long g = 0; g < G; g++) {
+            __m512 dot = dots[g * E + e];
+            for (int r = 0; r < BR; r++)
+                for (int v = 0; v < NV; v++) dot = _mm512_fmadd_ps(stage[(g * BR + r) * NV + v], w[r][v], dot);
+            dots[g * E + e] = dot;
+        }
     }
 }
 
 /* Every tile of a block of 64 (or fewer: NV vectors) input columns: tiles of BC_BR(NV) output rows, then
- * single rows; each tile runs every group in turn (its gw block stays in L1). */
+ * single rows. */
 #define GRAD_W_TILES(NV)                                                                                \
     for (; o0 + BC_BR(NV) <= O; o0 += BC_BR(NV))                                                        \
-        for (long g = 0; g < G; g++)                                                                    \
-            grad_w_tile(gyT + g * O * S, xp + g * S * P, P, S, I, p, E, W, O, g, o0, i0, BC_BR(NV), NV, gw, dots); \
-    for (; o0 < O; o0++)                                                                                \
-        for (long g = 0; g < G; g++)                                                                    \
-            grad_w_tile(gyT + g * O * S, xp + g * S * P, P, S, I, p, E, W, O, g, o0, i0, 1, NV, gw, dots); \
+        grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, BC_BR(NV), NV, gw, dots, stage);          \
+    for (; o0 < O; o0++) grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, 1, NV, gw, dots, stage); \
     break;
 
 /* The merge's gradients through grad_W_g = grad_y_g^T x_g, which is never stored: gp [G, E] += <grad_W_g,
@@ -1135,10 +1149,13 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
                                 const float *W, float *gw, float *gp, int threads) {
     float *gyT = (float *)malloc(sizeof(float) * (size_t)(G * O * S));
     if (!gyT) return -1;
-    for (long g = 0; g < G; g++) turn(gy + g * S * O, O, S, O, gyT + g * O * S, S);
     const long lane_blocks = (I + 63) / 64;
     int failed = 0;
     const int n = thread_count(threads, lane_blocks);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n) if (n > 1)
+#endif
+    for (long g = 0; g < G; g++) turn(gy + g * S * O, O, S, O, gyT + g * O * S, S);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n) if (n > 1)
     {
@@ -1149,7 +1166,8 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
 #endif
         float *xp = (float *)malloc(sizeof(float) * (size_t)(G * S * 64));
         __m512 *dots = gp ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * E)) : NULL; /* this thread's */
-        if (!xp || (gp && !dots)) failed = 1;
+        __m512 *stage = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * 24)); /* a tile per group */
+        if (!xp || !stage || (gp && !dots)) failed = 1;
         for (long k = 0; dots && k < G * E; k++) dots[k] = _mm512_setzero_ps();
         for (long lb = lane_blocks * t / nt; !failed && lb < lane_blocks * (t + 1) / nt; lb++) {
             const long i0 = 64 * lb, kb = I - i0 < 64 ? I - i0 : 64, P = 16 * ((kb + 15) / 16);
@@ -1172,6 +1190,7 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
         }
         free(xp);
         free(dots);
+        free(stage);
     }
     free(gyT);
     return failed ? -1 : 0;
