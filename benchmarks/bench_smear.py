@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 import moekit
-from moekit.layers.smear import merged_forward
+from moekit.layers.smear import PlainMergeDispatch
 from moekit.reporting import atomic_write_text, write_json
 
 CASES = {
@@ -52,13 +52,6 @@ CASES = {
 }
 QUICK = {"adapter": dict(bank="adapter", D=64, W=8, E=8, B=4, S=16), "ffn": dict(bank="mlp", D=32, W=64, E=8, B=4, S=16),
          "ffn_short": dict(bank="mlp", D=32, W=64, E=8, B=16, S=2)}
-
-
-class _ReferenceSMEAR(moekit.SMEAR):
-    """SMEAR on the plain path (merge every example at once, keep the merged copies for backward)."""
-
-    def _combine(self, x_N, decision, sizes_G):
-        return merged_forward(self.experts, x_N, decision.gates_TE(), sizes_G)
 
 
 IMPLS = ["one_expert", "smear", "smear_torch", "smear_reference", "smear_chunked", "ensemble"]
@@ -77,7 +70,9 @@ def _build(impl: str, case: dict, device: str):
     if impl == "ensemble":
         return moekit.OutputEnsemble(bank, expert_dropout=0.0, device=device)
     if impl == "smear_reference":
-        return _ReferenceSMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=2**40, device=device)
+        layer = moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=2**40, device=device)
+        layer.dispatcher = PlainMergeDispatch()
+        return layer
     budget = 2**40 if impl in ("smear", "smear_torch") else max(1, case["B"] * merged_bytes_per_group(bank) // 4)
     layer = moekit.SMEAR(bank, expert_dropout=0.0, merge_chunk_bytes=budget, device=device)
     layer.native_off = impl == "smear_torch"

@@ -1019,6 +1019,13 @@ static void turn(const float *src, long lds, long rows, long cols, float *dst, l
         for (long c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
 }
 
+/* Parts each of `blocks` column blocks splits into so that `threads` threads have work: 1 when the blocks
+ * suffice, else enough to give every thread one (at most `most`). */
+static long split_parts(int threads, long blocks, long most) {
+    const long want = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
+    return want < most ? want : (most > 0 ? most : 1);
+}
+
 /* out_g = a_g M_g (+ bias_g) with M_g = sum_e p[g, e] M_e, a [G, S, K], out [G, S, N], bias [G, N] or NULL.
  * M_e = W[e] [K, N], or (transposed) W[e]^T with W [E, N, K]. The lanes are output columns, 64 at a time
  * (one pass of the broadcast tiles; the blocks split over the threads): the block's K x 64 merged values
@@ -1030,8 +1037,9 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
     const long lane_blocks = (N + 63) / 64;
     const long gb_max = MERGE_BLOCK_BYTES / (long)(sizeof(float) * 64 * K);
     const long GB = gb_max < 1 ? 1 : gb_max > G ? G : gb_max;
+    const long parts = split_parts(threads, lane_blocks, G); /* narrow products: the groups split too */
     int failed = 0;
-    const int n = thread_count(threads, lane_blocks);
+    const int n = thread_count(threads, lane_blocks * parts);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n) if (n > 1)
     {
@@ -1044,13 +1052,15 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
         float *merged = (float *)malloc(sizeof(float) * (merged_size + (transposed ? (size_t)(E * K * 64) : 0)));
         float *turned = merged + merged_size;
         if (!merged) failed = 1;
-        for (long lb = lane_blocks * t / nt; merged && lb < lane_blocks * (t + 1) / nt; lb++) {
-            const long k0 = lb * 64, kb = N - k0 < 64 ? N - k0 : 64, P = 16 * ((kb + 15) / 16);
+        const long units = lane_blocks * parts;
+        for (long u = units * t / nt; merged && u < units * (t + 1) / nt; u++) {
+            const long lb = u / parts, k0 = lb * 64, kb = N - k0 < 64 ? N - k0 : 64, P = 16 * ((kb + 15) / 16);
+            const long g_lo = G * (u % parts) / parts, g_hi = G * (u % parts + 1) / parts;
             for (long e = 0; transposed && e < E; e++) turn(W + (e * N + k0) * K, K, kb, K, turned + e * K * kb, kb);
             const float *src = transposed ? turned : W + k0;
             const long es = transposed ? K * kb : K * N, ld = transposed ? kb : N;
-            for (long g0 = 0; g0 < G; g0 += GB) {
-                const long ng = G - g0 < GB ? G - g0 : GB;
+            for (long g0 = g_lo; g0 < g_hi; g0 += GB) {
+                const long ng = g_hi - g0 < GB ? g_hi - g0 : GB;
                 merge_block(src, es, ld, E, p + g0 * E, ng, K, kb, P, merged);
                 for (long g = g0; g < g0 + ng; g++) {
                     float *og = out + g * S * N + k0;
@@ -1133,12 +1143,12 @@ static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT,
     }
 }
 
-/* Every tile of a block of 64 (or fewer: NV vectors) input columns: tiles of BC_BR(NV) output rows, then
- * single rows. */
+/* Every tile of a block of 64 (or fewer: NV vectors) input columns and output rows [o0, o_end): tiles of
+ * BC_BR(NV) rows, then single rows. */
 #define GRAD_W_TILES(NV)                                                                                \
-    for (; o0 + BC_BR(NV) <= O; o0 += BC_BR(NV))                                                        \
+    for (; o0 + BC_BR(NV) <= o_end; o0 += BC_BR(NV))                                                    \
         grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, BC_BR(NV), NV, gw, dots, stage);          \
-    for (; o0 < O; o0++) grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, 1, NV, gw, dots, stage); \
+    for (; o0 < o_end; o0++) grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, 1, NV, gw, dots, stage); \
     break;
 
 /* The merge's gradients through grad_W_g = grad_y_g^T x_g, which is never stored: gp [G, E] += <grad_W_g,
@@ -1150,8 +1160,9 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
     float *gyT = (float *)malloc(sizeof(float) * (size_t)(G * O * S));
     if (!gyT) return -1;
     const long lane_blocks = (I + 63) / 64;
+    const long parts = split_parts(threads, lane_blocks, (O + 5) / 6); /* narrow layers: the output rows split too */
     int failed = 0;
-    const int n = thread_count(threads, lane_blocks);
+    const int n = thread_count(threads, lane_blocks * parts);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n) if (n > 1)
 #endif
@@ -1169,12 +1180,14 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
         __m512 *stage = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * 24)); /* a tile per group */
         if (!xp || !stage || (gp && !dots)) failed = 1;
         for (long k = 0; dots && k < G * E; k++) dots[k] = _mm512_setzero_ps();
-        for (long lb = lane_blocks * t / nt; !failed && lb < lane_blocks * (t + 1) / nt; lb++) {
-            const long i0 = 64 * lb, kb = I - i0 < 64 ? I - i0 : 64, P = 16 * ((kb + 15) / 16);
+        const long units = lane_blocks * parts;
+        for (long u = units * t / nt; !failed && u < units * (t + 1) / nt; u++) {
+            const long i0 = 64 * (u / parts), kb = I - i0 < 64 ? I - i0 : 64, P = 16 * ((kb + 15) / 16);
+            const long o_end = O * (u % parts + 1) / parts;
             for (long r = 0; r < G * S; r++)
                 for (long j = 0; j < P; j += 16)
                     _mm512_storeu_ps(xp + r * P + j, _mm512_maskz_loadu_ps(lanes_below(kb, j), x + r * I + i0 + j));
-            long o0 = 0;
+            long o0 = O * (u % parts) / parts;
             switch ((int)(P / 16)) {
             case 1: GRAD_W_TILES(1)
             case 2: GRAD_W_TILES(2)
