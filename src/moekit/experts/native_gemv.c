@@ -12,6 +12,8 @@
  * product (product_path) the dot tiles above, AMX tiles for bf16 products of AMX_MIN_ROWS or more rows
  * where the build has them and the kernel grants the tile state (amx_rows), pair tiles for 5-8 rows on
  * AMD EPYC (pair_rows) and broadcast tiles from BC_MIN_ROWS rows on AVX-512 (bc_rows).
+ * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
+ * merged weights made block by block right before the tiles read them.
  */
 #include <stdint.h>
 #include <string.h>

@@ -15,6 +15,11 @@ products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon f
 optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
 OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
 
+SMEAR's merged products (``merged_forward``, ``merged_grad_input``, ``merged_grad_weights``; fp32, AVX-512) run
+the same broadcast tiles against per-example merged weights ``W_g = sum_e p[g, e] W_e`` that are made 64
+columns at a time for every example and never held for a whole layer; the backward's gradients of the merge
+(``<grad W_g, W_e>`` and ``sum_g p[g, e] grad W_g``) come from each ``grad W_g`` tile, which is never stored.
+
 Build: on first use, with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
 a second) into ``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), named by a hash of the source, the
 compiler's version, the command and the CPU's flags; compiled to a temporary file and renamed into place,

@@ -17,13 +17,15 @@ exceed the budget, examples are merged and run in chunks under activation checkp
 chunk of merged parameters is alive, in forward and in backward (one extra merge + forward per chunk in
 backward). ``segment_len`` routes causal segments instead of examples (Lory, ``segments.py``).
 
-Fast path (``merged_forward_fused``), taken when the batch's merged parameters exceed
-``min(merge_chunk_bytes, 16 MiB)``, for banks with ``forward_merged`` (adapter, MLP, gated MLP) and groups of equal size
-(examples, or segments that divide the sequence): each linear layer runs ``merged_linear``, merge and
-batched matmul fused chunk by chunk of output features, so merged weights never exist for the whole
-layer (at most that budget at once, recomputed in backward instead of kept). ``merged_forward`` is its
-reference and serves small merges (as fast there); other banks and unequal groups take
-``merged_forward_chunked``.
+Fast path (``merged_forward_fused``), for banks with ``forward_merged`` (adapter, MLP, gated MLP) and groups
+of equal size (examples, or segments that divide the sequence): each linear layer runs ``merged_linear``,
+so merged weights never exist for the whole layer (recomputed in backward instead of kept). On fp32 CPU
+tensors with the native kernel (AVX-512) it is always taken: ``merged_linear`` runs the native merged
+products, which hold no merged copy at all and beat the plain merge at every size measured
+(``benchmarks/bench_smear.py``). Elsewhere (CUDA, bf16, no kernel) it is taken when the batch's merged
+parameters exceed ``min(merge_chunk_bytes, 16 MiB)`` (torch's loop over chunks of output features, at most
+that budget merged at once); ``merged_forward`` is its reference and serves smaller merges (as fast there);
+other banks and unequal groups take ``merged_forward_chunked``.
 """
 
 from __future__ import annotations
