@@ -454,6 +454,14 @@ static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w
  * AMD EPYC: 8 rows x 1 vector 1.1-1.4x faster than 16 x 1, 8 x 3 and 6 x 4 1.1-1.4x faster than 4 x 3 or 4). */
 #define BC_BR(N) ((N) <= 3 ? 8 : 6)
 
+/* The lanes of mask m at p, loaded (zero elsewhere) or stored: plain moves when all 16 are wanted (AMD EPYC
+ * runs masked moves to memory several times slower). */
+static inline __m512 load_lanes(__mmask16 m, const float *p) { return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
+static inline void store_lanes(float *p, __mmask16 m, __m512 v) {
+    if (m == 0xFFFF) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, m, v);
+}
+
 /* acc[r][v] lane l (and half[r] lane l, as vector NV) -- row 16 v + l of x against weight row r -- into
  * out[(16 v + l) * ldm + r * ldr] for the first `rows` rows of x, added to what is there with `add`. ldm 1
  * (the rows of x are the output's columns: the merged products) stores whole vectors. */
@@ -466,8 +474,8 @@ static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, 
                 __mmask16 k = (__mmask16)((1u << n) - 1u);
                 float *o = out + r * ldr + 16 * v;
                 __m512 a = v < NV ? acc[r][v] : _mm512_castps256_ps512(half[r]);
-                if (add) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(k, o));
-                _mm512_mask_storeu_ps(o, k, a);
+                if (add) a = _mm512_add_ps(a, load_lanes(k, o));
+                store_lanes(o, k, a);
             }
         return;
     }
@@ -953,6 +961,17 @@ static inline __mmask16 lanes_below(long n, long j) {
     return (__mmask16)((1u << k) - 1u);
 }
 
+/* The merge weights in chunks of MERGE_EXPERTS experts, zero-padded: out[(c * G + g) * MERGE_EXPERTS + e] =
+ * p[g, c * MERGE_EXPERTS + e] (0 past E), so the loops over a chunk's experts have a fixed length. NULL when
+ * it cannot be allocated. */
+static float *padded_probs(const float *p, long G, long E) {
+    const long chunks = (E + MERGE_EXPERTS - 1) / MERGE_EXPERTS;
+    float *out = (float *)calloc((size_t)(chunks * G * MERGE_EXPERTS), sizeof(float));
+    for (long g = 0; out && g < G; g++)
+        for (long e = 0; e < E; e++) out[((e / MERGE_EXPERTS) * G + g) * MERGE_EXPERTS + e % MERGE_EXPERTS] = p[g * E + e];
+    return out;
+}
+
 /* out[(g * nr + r) * P + j] = sum_e p[g, e] src[e * es + r * ld + j] for j < kb, zero for kb <= j < P: 32
  * lanes at a time, MERGE_EXPERTS experts' values in registers against every group. */
 static void merge_block(const float *src, long es, long ld, long E, const float *p, long G, long nr, long kb, long P,
@@ -966,21 +985,21 @@ static void merge_block(const float *src, long es, long ld, long E, const float 
                 __m512 w0[MERGE_EXPERTS], w1[MERGE_EXPERTS];
                 for (int e = 0; e < ne; e++) {
                     const float *v = src + (e0 + e) * es + r * ld + j;
-                    w0[e] = _mm512_maskz_loadu_ps(l0, v);
-                    w1[e] = _mm512_maskz_loadu_ps(l1, v + 16);
+                    w0[e] = load_lanes(l0, v);
+                    w1[e] = load_lanes(l1, v + 16);
                 }
                 for (long g = 0; g < G; g++) {
                     float *o = out + (g * nr + r) * P + j;
                     const float *pg = p + g * E + e0;
-                    __m512 a0 = e0 ? _mm512_maskz_loadu_ps(s0, o) : _mm512_setzero_ps();
-                    __m512 a1 = e0 ? _mm512_maskz_loadu_ps(s1, o + 16) : _mm512_setzero_ps();
+                    __m512 a0 = e0 ? load_lanes(s0, o) : _mm512_setzero_ps();
+                    __m512 a1 = e0 ? load_lanes(s1, o + 16) : _mm512_setzero_ps();
                     for (int e = 0; e < ne; e++) {
                         const __m512 pe = _mm512_set1_ps(pg[e]);
                         a0 = _mm512_fmadd_ps(pe, w0[e], a0);
                         a1 = _mm512_fmadd_ps(pe, w1[e], a1);
                     }
-                    _mm512_mask_storeu_ps(o, s0, a0);
-                    _mm512_mask_storeu_ps(o + 16, s1, a1);
+                    store_lanes(o, s0, a0);
+                    store_lanes(o + 16, s1, a1);
                 }
             }
         }
@@ -1106,7 +1125,7 @@ int moekit_merged_linear_grad_x(const float *gy, long G, long S, long O, const f
  * the end); either NULL: not wanted. (Summing into gw group by group instead, a load and a store per value
  * and group, measured the same.) */
 static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT, const float *xp, long P, long G, long S,
-                                                               long I, const float *p, long E, const float *W, long O,
+                                                               long I, const float *pp, long E, const float *W, long O,
                                                                long o0, long i0, const int BR, const int NV, float *gw,
                                                                __m512 *dots, __m512 *stage) {
     __m512 acc[16][4];
@@ -1117,25 +1136,25 @@ static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT,
             for (int v = 0; v < NV; v++) stage[(g * BR + r) * NV + v] = acc[r][v];
     }
     const __mmask16 last = lanes_below(I - i0, 16 * (NV - 1));
-    for (int r = 0; gw && r < BR; r++)
-        for (int v = 0; v < NV; v++) {
-            const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
-            for (long e0 = 0; e0 < E; e0 += MERGE_EXPERTS) {
-                const int ne = E - e0 < MERGE_EXPERTS ? (int)(E - e0) : MERGE_EXPERTS;
+    for (long e0 = 0; gw && e0 < E; e0 += MERGE_EXPERTS) {
+        const float *pc = pp + (e0 / MERGE_EXPERTS) * G * MERGE_EXPERTS;
+        for (int r = 0; r < BR; r++)
+            for (int v = 0; v < NV; v++) {
                 __m512 sum[MERGE_EXPERTS];
-                for (int e = 0; e < ne; e++) sum[e] = _mm512_setzero_ps();
+                for (int e = 0; e < MERGE_EXPERTS; e++) sum[e] = _mm512_setzero_ps();
                 for (long g = 0; g < G; g++) {
                     const __m512 t = stage[(g * BR + r) * NV + v];
-                    for (int e = 0; e < ne; e++) sum[e] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * E + e0 + e]), t, sum[e]);
+                    for (int e = 0; e < MERGE_EXPERTS; e++) sum[e] = _mm512_fmadd_ps(_mm512_set1_ps(pc[g * MERGE_EXPERTS + e]), t, sum[e]);
                 }
-                for (int e = 0; e < ne; e++) _mm512_mask_storeu_ps(gw + ((e0 + e) * O + o0 + r) * I + i0 + 16 * v, m, sum[e]);
+                const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+                for (int e = 0; e < MERGE_EXPERTS && e0 + e < E; e++) store_lanes(gw + ((e0 + e) * O + o0 + r) * I + i0 + 16 * v, m, sum[e]);
             }
-        }
+    }
     for (long e = 0; dots && e < E; e++) {
         __m512 w[16][4];
         for (int r = 0; r < BR; r++)
             for (int v = 0; v < NV; v++)
-                w[r][v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF, W + (e * O + o0 + r) * I + i0 + 16 * v);
+                w[r][v] = load_lanes(v == NV - 1 ? last : (__mmask16)0xFFFF, W + (e * O + o0 + r) * I + i0 + 16 * v);
         for (long g = 0; g < G; g++) {
             __m512 dot = dots[g * E + e];
             for (int r = 0; r < BR; r++)
@@ -1149,8 +1168,8 @@ static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT,
  * BC_BR(NV) rows, then single rows. */
 #define GRAD_W_TILES(NV)                                                                                \
     for (; o0 + BC_BR(NV) <= o_end; o0 += BC_BR(NV))                                                    \
-        grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, BC_BR(NV), NV, gw, dots, stage);          \
-    for (; o0 < o_end; o0++) grad_w_tiles(gyT, xp, P, G, S, I, p, E, W, O, o0, i0, 1, NV, gw, dots, stage); \
+        grad_w_tiles(gyT, xp, P, G, S, I, pp, E, W, O, o0, i0, BC_BR(NV), NV, gw, dots, stage);          \
+    for (; o0 < o_end; o0++) grad_w_tiles(gyT, xp, P, G, S, I, pp, E, W, O, o0, i0, 1, NV, gw, dots, stage); \
     break;
 
 /* The merge's gradients through grad_W_g = grad_y_g^T x_g, which is never stored: gp [G, E] += <grad_W_g,
@@ -1159,8 +1178,12 @@ static inline __attribute__((always_inline)) void grad_w_tiles(const float *gyT,
  * weight rows grad_y_g's columns (transposed once). Returns 0 or -1 (allocation). */
 int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S, long I, long O, const float *p, long E,
                                 const float *W, float *gw, float *gp, int threads) {
-    float *gyT = (float *)malloc(sizeof(float) * (size_t)(G * O * S));
-    if (!gyT) return -1;
+    float *gyT = (float *)malloc(sizeof(float) * (size_t)(G * O * S)), *pp = padded_probs(p, G, E);
+    if (!gyT || !pp) {
+        free(gyT);
+        free(pp);
+        return -1;
+    }
     const long lane_blocks = (I + 63) / 64;
     const long parts = split_parts(threads, lane_blocks, (O + 5) / 6); /* narrow layers: the output rows split too */
     int failed = 0;
@@ -1188,7 +1211,7 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
             const long o_end = O * (u % parts + 1) / parts;
             for (long r = 0; r < G * S; r++)
                 for (long j = 0; j < P; j += 16)
-                    _mm512_storeu_ps(xp + r * P + j, _mm512_maskz_loadu_ps(lanes_below(kb, j), x + r * I + i0 + j));
+                    _mm512_storeu_ps(xp + r * P + j, load_lanes(lanes_below(kb, j), x + r * I + i0 + j));
             long o0 = O * (u % parts) / parts;
             switch ((int)(P / 16)) {
             case 1: GRAD_W_TILES(1)
@@ -1208,6 +1231,7 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
         free(stage);
     }
     free(gyT);
+    free(pp);
     return failed ? -1 : 0;
 }
 #else
