@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -357,6 +358,17 @@ def _steps_and_faults(case: dict, reps: int, chunks: list[int] | None = None) ->
     return {k: statistics.median(v) for k, v in steps.items()}, {k: statistics.median(v) for k, v in faults.items()}
 
 
+def _environment() -> dict:
+    """What a rerun needs to match: the command, versions, the CPU and the native kernel's build, the seed."""
+    from moekit.experts import native_gemv
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__, "moekit": moekit.__version__,
+            "python": platform.python_version(), "cpu": model, "native_kernel": native_gemv.build_info().get("isa"),
+            "native_merged_products": native_gemv.merged_available(), "seed": 0}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -373,12 +385,12 @@ def main() -> None:
         return _child(args)
     cases = QUICK if args.quick else CASES
     if args.profile:
-        prof = {"case": cases["ffn"], "threads": args.threads, "torch": torch.__version__, "load_average": os.getloadavg(),
-                "command": " ".join(sys.argv), **breakdown_ffn(cases["ffn"], args.reps)}  # fmt: skip
+        prof = {"case": cases["ffn"], "threads": args.threads, **_environment(), "load_average": os.getloadavg(),
+                **breakdown_ffn(cases["ffn"], args.reps)}  # fmt: skip
         write_json(Path(args.out) / ("bench_smear_profile_quick.json" if args.quick else "bench_smear_profile.json"), prof)
         print("\n".join(_breakdown_markdown(prof)))
         return
-    results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, "torch": torch.__version__,
+    results: dict = {"device": args.device, "threads": args.threads, "reps": args.reps, **_environment(),
                      "load_average_start": os.getloadavg(), "cases": {}}  # fmt: skip
     for name, case in cases.items():
         speed = timings(case, IMPLS, args.device, args.reps)
@@ -435,6 +447,9 @@ def _markdown(results: dict) -> str:
     if "load_average_start" in results:
         lines += ["", f"Load average (1, 5, 15 min) at start {_load(results['load_average_start'])}, "
                   f"at end {_load(results['load_average_end'])}."]  # fmt: skip
+    if "command" in results:
+        lines += ["", f"`{results['command']}` on {results['cpu']} (native kernel: {results['native_kernel']}, merged products "
+                  f"{'on' if results['native_merged_products'] else 'off'}), torch {results['torch']}, moekit {results['moekit']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

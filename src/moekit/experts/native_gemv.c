@@ -750,6 +750,18 @@ static void working_rows(const void *x, long ldx, const long *index, long n, lon
     }
 }
 
+/* A block run by n OpenMP threads (one without OpenMP), each knowing its number t of nt. */
+#define PRAGMA(x) _Pragma(#x)
+#ifdef _OPENMP
+#define PARALLEL_THREADS(n) PRAGMA(omp parallel num_threads(n) if ((n) > 1))
+#define THREAD_NUM omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define PARALLEL_THREADS(n) (void)(n);
+#define THREAD_NUM 0
+#define THREAD_COUNT 1
+#endif
+
 /* Threads for `blocks` row blocks: at least 1, at most `threads` and `blocks`. */
 static int thread_count(int threads, long blocks) {
     int n = threads < 1 ? 1 : threads;
@@ -773,14 +785,8 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     long blocks = (O + ROWS - 1) / ROWS;
     int failed = 0;
     int n = thread_count(threads, blocks);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n) if (n > 1)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    {
-        int t = 0, nt = 1;
-#endif
+    PARALLEL_THREADS(n) {
+        const int t = THREAD_NUM, nt = THREAD_COUNT;
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
         if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, path, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
@@ -860,14 +866,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
     if (!failed && N > 0) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n) if (n > 1)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        {
-            int t = 0, nt = 1;
-#endif
+        PARALLEL_THREADS(n) {
+            const int t = THREAD_NUM, nt = THREAD_COUNT;
             float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
             /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
             size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
@@ -1061,14 +1061,8 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
     const long parts = split_parts(threads, lane_blocks, G); /* narrow products: the groups split too */
     int failed = 0;
     const int n = thread_count(threads, lane_blocks * parts);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n) if (n > 1)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    {
-        const int t = 0, nt = 1;
-#endif
+    PARALLEL_THREADS(n) {
+        const int t = THREAD_NUM, nt = THREAD_COUNT;
         const size_t merged_size = (size_t)(GB * K * 64);
         float *merged = (float *)malloc(sizeof(float) * (merged_size + (transposed ? (size_t)(E * K * 64) : 0)));
         float *turned = merged + merged_size;
@@ -1192,14 +1186,8 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
 #pragma omp parallel for num_threads(n) if (n > 1)
 #endif
     for (long g = 0; g < G; g++) turn(gy + g * S * O, O, S, O, gyT + g * O * S, S);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(n) if (n > 1)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    {
-        const int t = 0, nt = 1;
-#endif
+    PARALLEL_THREADS(n) {
+        const int t = THREAD_NUM, nt = THREAD_COUNT;
         float *xp = (float *)malloc(sizeof(float) * (size_t)(G * S * 64));
         __m512 *dots = gp ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * E)) : NULL; /* this thread's */
         __m512 *stage = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * 24)); /* a tile per group */
