@@ -121,7 +121,7 @@ def test_smear_layer_runs_the_native_products_with_the_torch_paths_result(bank, 
     torch.manual_seed(0)
     experts = {"adapter": lambda: moekit.AdapterExperts(4, 24, 8), "mlp": lambda: moekit.MLPExperts(4, 24, 40),
                "glu": lambda: moekit.GLUExperts(4, 24, 40)}[bank]()  # fmt: skip
-    layer = SMEAR(experts, SMEARRouter(24, 4, init_std=1.0, expert_dropout=0.0))
+    layer = SMEAR(experts, SMEARRouter(24, 4, init_std=1.0, expert_dropout=0.0), merge_chunk_bytes=1)  # the fused path
     x = torch.randn(5, 7, 24, requires_grad=True)
     params = [x, *layer.parameters()]
     seen = _calls(monkeypatch)

@@ -17,15 +17,15 @@ exceed the budget, examples are merged and run in chunks under activation checkp
 chunk of merged parameters is alive, in forward and in backward (one extra merge + forward per chunk in
 backward). ``segment_len`` routes causal segments instead of examples (Lory, ``segments.py``).
 
-Fast path (``merged_forward_fused``), for banks with ``forward_merged`` (adapter, MLP, gated MLP) and groups
-of equal size (examples, or segments that divide the sequence): each linear layer runs ``merged_linear``,
-so merged weights never exist for the whole layer (recomputed in backward instead of kept). On fp32 CPU
-tensors with the native kernel (AVX-512) it is always taken: ``merged_linear`` runs the native merged
-products, which hold no merged copy at all and beat the plain merge at every size measured
-(``benchmarks/bench_smear.py``). Elsewhere (CUDA, bf16, no kernel) it is taken when the batch's merged
-parameters exceed ``min(merge_chunk_bytes, 16 MiB)`` (torch's loop over chunks of output features, at most
-that budget merged at once); ``merged_forward`` is its reference and serves smaller merges (as fast there);
-other banks and unequal groups take ``merged_forward_chunked``.
+Fast path (``merged_forward_fused``), taken when the batch's merged parameters exceed
+``min(merge_chunk_bytes, 16 MiB)``, for banks with ``forward_merged`` (adapter, MLP, gated MLP) and groups of
+equal size (examples, or segments that divide the sequence): each linear layer runs ``merged_linear``, so
+merged weights never exist for the whole layer (recomputed in backward instead of kept). On fp32 CPU
+tensors with the native kernel (AVX-512) ``merged_linear`` runs the native merged products, which hold no
+merged copy at all (FFN experts, ``benchmarks/bench_smear.py``: 1.2x one expert where torch's chunked loop
+runs 1.4-1.7x); elsewhere torch's loop over chunks of output features, at most that budget merged at once.
+``merged_forward`` is its reference and serves smaller merges (as fast there: adapters measured within noise
+of the native products); other banks and unequal groups take ``merged_forward_chunked``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..experts.base import ExpertBank
-from ..experts.merged_linear import DEFAULT_CHUNK_BYTES, runs_native
+from ..experts.merged_linear import DEFAULT_CHUNK_BYTES
 from ..registry import DISPATCHERS
 from ..routers.base import Router
 from ..routers.smear import SMEARRouter
@@ -132,9 +132,7 @@ class MergeDispatch(Dispatcher):
             sizes_G = torch.ones(x_N.shape[0], dtype=torch.long, device=x_N.device)
         budget = min(self.max_bytes, DEFAULT_CHUNK_BYTES)
         y = None
-        # the native products win at every size; torch's fused loop only past the budget (below it the plain
-        # merge is as fast)
-        if runs_native(x_N, *experts.parameters()) or probs_GE.shape[0] * merged_bytes_per_group(experts) > budget:
+        if probs_GE.shape[0] * merged_bytes_per_group(experts) > budget:  # small merges: plain path is as fast
             y = merged_forward_fused(experts, x_N, probs_GE, sizes_G, max_bytes=budget)
         if y is None:
             y = merged_forward_chunked(experts, x_N, probs_GE, sizes_G, max_bytes=self.max_bytes)
