@@ -14,8 +14,8 @@ forward and backward run in ``native_gemv.merged_forward`` / ``merged_grad_input
 which never hold a merged copy of a layer: 64 output columns at a time are merged for every group (each
 expert value read once) and run on the broadcast tiles over the whole inner dimension; ``grad_probs`` and
 ``grad_w`` are taken from the accumulators of each ``grad_W_g`` tile, so no ``[G, O, I]`` tensor exists in
-forward or backward. FFN case of ``benchmarks/bench_smear.py`` (1 CPU thread): the SMEAR step at
-1.19-1.26x one expert's, where the torch path below runs 1.43-1.60x.
+forward or backward. FFN case of ``benchmarks/bench_smear.py`` (AMD EPYC, 1 and 2 threads): the SMEAR step
+at 1.18-1.24x one expert's, where the torch path below runs 1.45-1.55x.
 
 **Torch path** (other dtypes, CUDA, no kernel): output features in chunks of rows of ``W``; each chunk's
 merged weights live in one small reused buffer (at most ``chunk_bytes``; fresh buffers that large come
