@@ -945,7 +945,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
  * Every group g (example) of S rows runs its own merged weights; the three products of a linear layer's
  * forward and backward never hold the G merged copies (G * O * I values) in memory: the merge happens
  * block by block right before the broadcast tiles use it, and the backward's merge-sized sums (grad p,
- * grad W_e) are taken from the tile's accumulators, in registers. fp32, AVX-512 (moekit_merged_usable).
+ * grad W_e) are taken from each grad W_g tile while it is in L1 (no grad W_g is stored). fp32, AVX-512
+ * (moekit_merged_usable).
  * Layouts: x [G, S, I], W [E, O, I], p [G, E], y and grad y [G, S, O], all dense. */
 #if defined(__AVX512F__)
 #ifndef MERGE_BLOCK_BYTES
@@ -1065,7 +1066,7 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
         const int t = THREAD_NUM, nt = THREAD_COUNT;
         const size_t merged_size = (size_t)(GB * K * 64);
         float *merged = (float *)malloc(sizeof(float) * (merged_size + (transposed ? (size_t)(E * K * 64) : 0)));
-        float *turned = merged + merged_size;
+        float *turned = merged ? merged + merged_size : NULL;
         if (!merged) failed = 1;
         const long units = lane_blocks * parts;
         for (long u = units * t / nt; merged && u < units * (t + 1) / nt; u++) {
