@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -81,19 +82,9 @@ def _build(impl: str, case: dict, device: str):
     return layer
 
 
-@contextlib.contextmanager
-def _native_off(off: bool):
+def _native_off(off: bool) -> contextlib.AbstractContextManager:
     """``MOEKIT_NATIVE_GEMV=0`` while the block runs (``off``): the torch path of ``merged_linear``."""
-    before = os.environ.get("MOEKIT_NATIVE_GEMV")
-    if off:
-        os.environ["MOEKIT_NATIVE_GEMV"] = "0"
-    try:
-        yield
-    finally:
-        if off:
-            os.environ.pop("MOEKIT_NATIVE_GEMV") if before is None else os.environ.__setitem__("MOEKIT_NATIVE_GEMV", before)
-
-
+    return mock.patch.dict(os.environ, {"MOEKIT_NATIVE_GEMV": "0"}) if off else contextlib.nullcontext()
 
 
 def _saved_bytes(layer, x) -> int:
@@ -364,10 +355,9 @@ def _environment() -> dict:
     """What a rerun needs to match: the command, versions, the CPU and the native kernel's build, the seed."""
     from moekit.experts import native_gemv
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__, "moekit": moekit.__version__,
-            "python": platform.python_version(), "cpu": model, "native_kernel": native_gemv.build_info().get("isa"),
+            "python": platform.python_version(), "cpu": native_gemv._cpuinfo("model name") or platform.processor(),
+            "native_kernel": native_gemv.build_info().get("isa"),
             "native_merged_products": native_gemv.merged_available(), "seed": 0}  # fmt: skip
 
 

@@ -89,9 +89,12 @@ def test_group_blocks_past_the_merge_budget() -> None:
     results = [native_gemv.merged_forward(x, probs, w, b), native_gemv.merged_grad_input(grad_y, probs, w)]
     references = _float64_results(x, probs, w, b, grad_y)
     _assert_close_to(results, references[:2])
-    # grad_x's K is O here; transpose roles so its merged block (I = 1024 rows) also spans several group blocks
-    gx = native_gemv.merged_grad_input(torch.randn(G, S, I), probs, w.transpose(1, 2).contiguous())
-    assert gx.shape == (G, S, O) and torch.isfinite(gx).all()
+    # grad x's inner dimension is O here; with w's roles swapped ([E, I, O], 1024 rows) its merged blocks also
+    # span several group blocks
+    w_T = w.transpose(1, 2).contiguous()
+    grad_T = torch.randn(G, S, I)
+    expected = torch.einsum("gsi,gio->gso", grad_T.double(), torch.einsum("ge,eio->gio", probs.double(), w_T.double()))
+    _assert_close_to([native_gemv.merged_grad_input(grad_T, probs, w_T)], [expected])
 
 
 @needs_native
@@ -146,10 +149,15 @@ def test_backward_reads_a_strided_output_gradient() -> None:
     _assert_close_to(results, _float64_results(x.detach(), probs.detach(), w.detach(), b.detach(), g))
 
 
-def test_merged_linear_keeps_the_torch_path_off_fp32_cpu() -> None:
-    """float64 (and bf16, CUDA) operands never reach the native products."""
-    x, probs, w, b = [t.double() for t in _case(2, 3, 4, 5, 3, True)]
-    torch.testing.assert_close(merged_linear(x, probs, w, b), merged_linear_reference(x, probs, w, b))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_merged_linear_keeps_the_torch_path_off_fp32_cpu(dtype, monkeypatch) -> None:
+    """float64 and bf16 (and CUDA) operands never reach the native products, and keep the torch path's result."""
+    seen = _calls(monkeypatch)
+    x, probs, w, b = [t.to(dtype).requires_grad_() for t in _case(2, 3, 4, 5, 3, True)]
+    y = merged_linear(x, probs, w, b)
+    y.sum().backward()
+    assert not seen
+    torch.testing.assert_close(y, merged_linear_reference(x, probs, w, b))
 
 
 @needs_native

@@ -453,6 +453,7 @@ static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w
  * them (the rest of the 32 registers hold x and the broadcast weight); 8 rows where that fits (measured on
  * AMD EPYC: 8 rows x 1 vector 1.1-1.4x faster than 16 x 1, 8 x 3 and 6 x 4 1.1-1.4x faster than 4 x 3 or 4). */
 #define BC_BR(N) ((N) <= 3 ? 8 : 6)
+#define BC_MAX_ACC 24 /* accumulators of the largest tile, BC_BR(N) * N */
 
 /* The lanes of mask m at p, loaded (zero elsewhere) or stored: plain moves when all 16 are wanted (AMD EPYC
  * runs masked moves to memory several times slower). */
@@ -1180,7 +1181,7 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
         return -1;
     }
     const long lane_blocks = (I + 63) / 64;
-    const long parts = split_parts(threads, lane_blocks, (O + 5) / 6); /* narrow layers: the output rows split too */
+    const long parts = split_parts(threads, lane_blocks, (O + BC_BR(4) - 1) / BC_BR(4)); /* narrow layers: the output rows split too */
     int failed = 0;
     const int n = thread_count(threads, lane_blocks * parts);
 #ifdef _OPENMP
@@ -1191,7 +1192,7 @@ int moekit_merged_linear_grad_w(const float *x, const float *gy, long G, long S,
         const int t = THREAD_NUM, nt = THREAD_COUNT;
         float *xp = (float *)malloc(sizeof(float) * (size_t)(G * S * 64));
         __m512 *dots = gp ? (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * E)) : NULL; /* this thread's */
-        __m512 *stage = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * 24)); /* a tile per group */
+        __m512 *stage = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(G * BC_MAX_ACC)); /* a tile per group */
         if (!xp || !stage || (gp && !dots)) failed = 1;
         for (long k = 0; dots && k < G * E; k++) dots[k] = _mm512_setzero_ps();
         const long units = lane_blocks * parts;
