@@ -40,12 +40,14 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                      (5, 6, 100), (6, 12, 100), (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
                                      (24, 19, 64), (40, 13, 96), (48, 29, 96), (56, 10, 128), (65, 11, 64), (72, 9, 64),
                                      (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128),
-                                     (80, 20, 64)])  # fmt: skip
+                                     (80, 20, 64), (18, 21, 70), (20, 64, 128), (36, 9, 96), (68, 13, 64),
+                                     (84, 10, 128), (21, 12, 64)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 80 rows: dot
     tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), pair tiles (5-8 rows on AMD), broadcast
-    tiles from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows), bf16 on AMX where the CPU
-    has it; with and without bias, on 1 and 2 threads."""
+    tiles from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows, tails of 1-4 rows past a
+    multiple of 16 on the dot tiles), bf16 on AMX where the CPU has it; with and without bias, on 1 and 2
+    threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T

@@ -661,19 +661,37 @@ static int product_path(int bf16, long M, long I) {
     return bc_applies(bf16, M, I) ? PATH_BC : PATH_DOT;
 }
 
+#ifndef BC_TAIL_MAX
+#define BC_TAIL_MAX 4
+#endif
+/* Rows at the end of a broadcast-tile product that run on the dot tiles instead, against the weight rows
+ * the broadcast tiles just brought into L2: past 16 rows, the 1 to BC_TAIL_MAX rows past a multiple of 16.
+ * The broadcast tiles pay for a half vector (8 lanes) or a vector whatever the rows fill, and a half
+ * vector costs 0.64x a full one on AMD EPYC (fp32: 17 rows ran 1.57x the time of 16, with the tail 1.16x);
+ * a tail of 5-8 rows, or one past 8 rows only, ran slower on the dot or pair tiles than in the vector. */
+static long bc_tail(long M) {
+    long q = M % 16;
+    return M > 16 && q <= BC_TAIL_MAX ? q : 0;
+}
+
 static size_t packed_bytes(int bf16, long M, long I) {
     size_t amx = amx_applies(bf16, M, I) ? sizeof(uint16_t) * amx_packed_size(M, I) : 0;
-    size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) : 0;
-    long pair_rows_max = M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS; /* smaller groups of a layer may take pairs */
+    long pair_rows_max = M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS; /* smaller groups (and tails) may take pairs */
     size_t pair = pair_applies(bf16, pair_rows_max, I) ? sizeof(float) * pair_packed_size(I) : 0;
+    size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) + pair : 0;
     size_t most = amx > bc ? amx : bc;
     return most > pair ? most : pair;
 }
 
 static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
     if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
-    else if (path == PATH_BC) bc_pack(bf16, xf, xb, M, I, xp);
     else if (path == PATH_PAIR) pair_pack(bf16, xf, xb, M, I, xp);
+    else if (path == PATH_BC) {
+        long tail = bc_tail(M), head = M - tail;
+        bc_pack(bf16, xf, xb, head, I, xp);
+        if (pair_applies(bf16, tail, I))
+            pair_pack(bf16, xf + head * I, xb + head * I, tail, I, (float *)xp + bc_packed_size(head, I));
+    }
 }
 
 /* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; path and xp:
@@ -681,7 +699,13 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
     if (path == PATH_BC) {
-        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out, CHUNK, 1, 0);
+        long tail = bc_tail(M), head = M - tail;
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0);
+        if (tail) {
+            int small = pair_applies(bf16, tail, I) ? PATH_PAIR : PATH_DOT;
+            dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, small, (const float *)xp + bc_packed_size(head, I),
+                     tail, I, out + head * CHUNK);
+        }
         return;
     }
     if (path == PATH_PAIR) {
