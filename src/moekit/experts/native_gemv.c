@@ -235,6 +235,7 @@ static inline float activate(float g, int act) {
  * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8). */
 #define CHUNK 64
 #define PAIR_MAX_ROWS 8 /* rows of x the pair tiles take at most (8 lane pairs) */
+#define QUAD_MAX_ROWS 12 /* and the quad tiles (3 vectors of 4 rows) */
 /* Whether this is an AMD EPYC with AVX-512 (Zen 4), where two choices were measured (interleaved A/B, fp32
  * and bf16, Qwen3, OLMoE and Mixtral expert matrices) and are taken: blocks of one or two rows of x take
  * WIDE_ROWS weight rows (8 streams through distant pages) rather than ROWS, 1.03-1.14x the read rate; and
@@ -635,6 +636,112 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
     (void)bf16;
     PAIR_TILES(pair_tile_f32, float)
 }
+
+/* ---- quad tiles (AVX-512): 4 to 12 rows of x ----
+ * The pair tiles with four inputs per lane group: lane 4 m + j of vector v holds row 4 v + m of x at input
+ * 4 q + j (x^T packed in input quads, 16 rows per quad, rows past M zero), and each weight quad (128 bits)
+ * is broadcast to the four groups, so NV = ceil(M / 4) vectors cover the rows in steps of 4 (the broadcast
+ * tiles pay for 16 lanes from 9 rows) and one broadcast serves NV FMAs; the four lanes of a row are summed
+ * at the end. bf16 (AVX512_BF16): eight inputs per lane group (two per lane), a weight octet broadcast,
+ * vdpbf16ps. Measured on AMD EPYC (Qwen3 layer, every expert given M rows) against the tiles they replace:
+ * fp32 4 rows 0.91x the time (dot tiles), 5-8 rows 0.85-0.89x (pair tiles), 9-12 rows 0.76-0.78x (broadcast
+ * tiles); bf16 9-12 rows 0.80-0.82x, while 4-8 rows ran 1.02-1.12x slower than the pair tiles and stay
+ * there, as do 13-16 rows of either (1.06-1.11x slower than the broadcast tiles). */
+static int quad_applies(int bf16, long M, long I) {
+    return amd_tuned && M >= (bf16 ? 9 : 4) && M <= QUAD_MAX_ROWS && (bf16 ? BC_BF16 && I % 8 == 0 : I % 4 == 0);
+}
+
+/* Elements of x packed for quad_rows: 16 rows per input (fp32 values, or bf16 values in pairs: 4 bytes each). */
+static size_t quad_packed_size(long I) { return (size_t)(16 * I); }
+
+static void quad_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
+    const long J = bf16 ? 8 : 4; /* inputs per lane group */
+    for (long q = 0; q < I / J; q++)
+        for (long m = 0; m < 16; m++)
+            for (long j = 0; j < J; j++) {
+                long at = 16 * J * q + J * m + j, from = m * I + J * q + j;
+                if (bf16) ((uint16_t *)xp)[at] = m < M ? xb[from] : 0;
+                else ((float *)xp)[at] = m < M ? xf[from] : 0.0f;
+            }
+}
+
+static inline __attribute__((always_inline)) void quad_tile_f32(const float *w, long ldw, const float *xt, long I,
+                                                               const int BR, const int NV, __m512 acc[16][4]) {
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (long q = 0; q < I / 4; q++) {
+        if (q % 4 == 0)
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 4 * q);
+        __m512 xv[3];
+        for (int v = 0; v < NV; v++) xv[v] = _mm512_loadu_ps(xt + 64 * q + 16 * v);
+        for (int r = 0; r < BR; r++) {
+            __m512 wq = _mm512_broadcast_f32x4(_mm_loadu_ps(w + r * ldw + 4 * q));
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(wq, xv[v], acc[r][v]);
+        }
+    }
+}
+
+#if BC_BF16
+static inline __attribute__((always_inline)) void quad_tile_bf16(const uint16_t *w, long ldw, const uint16_t *xt,
+                                                                long I, const int BR, const int NV, __m512 acc[16][4]) {
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (long q = 0; q < I / 8; q++) {
+        if (q % 4 == 0)
+            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 8 * q);
+        __m512bh xv[3];
+        for (int v = 0; v < NV; v++) xv[v] = (__m512bh)_mm512_loadu_si512(xt + 128 * q + 32 * v);
+        for (int r = 0; r < BR; r++) {
+            __m512i wq = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(w + r * ldw + 8 * q)));
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)wq, xv[v]);
+        }
+    }
+}
+#endif
+
+/* acc[r][v] lanes 4 m .. 4 m + 3 summed: row 4 v + m of x against weight row r, into out[m * CHUNK + r]. */
+static inline void quad_store(__m512 acc[16][4], int BR, int NV, long M, float *out) {
+    float lanes[16];
+    for (int r = 0; r < BR; r++)
+        for (int v = 0; v < NV; v++) {
+            __m512 a = acc[r][v];
+            a = _mm512_add_ps(a, _mm512_permute_ps(a, 0x4E)); /* lane j plus lane j ^ 2 */
+            a = _mm512_add_ps(a, _mm512_permute_ps(a, 0xB1)); /* plus j ^ 1: each lane holds its group's sum */
+            _mm512_storeu_ps(lanes, a);
+            for (long m = 4 * v; m < 4 * v + 4 && m < M; m++) out[m * CHUNK + r] = lanes[4 * (m - 4 * v)];
+        }
+}
+
+#define QUAD_CASE(TILE, WT, NV)                                                                         \
+    for (; r < nr; r += br) {                                                                           \
+        br = r + BC_BR(NV) <= nr ? BC_BR(NV) : 1;                                                       \
+        if (br == 1) TILE((const WT *)W + (r0 + r) * ldw, ldw, (const WT *)xp, I, 1, NV, acc);          \
+        else TILE((const WT *)W + (r0 + r) * ldw, ldw, (const WT *)xp, I, BC_BR(NV), NV, acc);          \
+        quad_store(acc, br, NV, M, out + r);                                                            \
+    }                                                                                                   \
+    break;
+#define QUAD_SHAPES(TILE, WT)                                                                           \
+    switch ((M + 3) / 4) {                                                                              \
+    case 1: QUAD_CASE(TILE, WT, 1)                                                                      \
+    case 2: QUAD_CASE(TILE, WT, 2)                                                                      \
+    default: QUAD_CASE(TILE, WT, 3)                                                                     \
+    }
+
+/* Rows [r0, r0 + nr) of W against the M (4-12) rows of x packed in xp into out[m * CHUNK + (r - r0)]: tiles
+ * of BC_BR(NV) weight rows, then the rows left over one at a time. */
+static void quad_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    __m512 acc[16][4];
+    long r = 0;
+    int br;
+#if BC_BF16
+    if (bf16) {
+        QUAD_SHAPES(quad_tile_bf16, uint16_t)
+        return;
+    }
+#endif
+    (void)bf16;
+    QUAD_SHAPES(quad_tile_f32, float)
+}
 #else
 static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
@@ -644,6 +751,12 @@ static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const v
     (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add;
 }
 static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static int quad_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static size_t quad_packed_size(long I) { (void)I; return 0; }
+static void quad_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
+static void quad_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out;
+}
 static size_t pair_packed_size(long I) { (void)I; return 0; }
 static void pair_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
 static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
@@ -653,44 +766,51 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
 
 /* How a product of M rows of I inputs runs: on the tile unit, on broadcast tiles, or on dot tiles (no
  * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing. */
-enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3 };
+enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3, PATH_QUAD = 4 };
 
 static int product_path(int bf16, long M, long I) {
     if (amx_applies(bf16, M, I)) return PATH_AMX;
+    if (quad_applies(bf16, M, I)) return PATH_QUAD;
     if (pair_applies(bf16, M, I)) return PATH_PAIR;
     return bc_applies(bf16, M, I) ? PATH_BC : PATH_DOT;
 }
 
-#ifndef BC_TAIL_MAX
-#define BC_TAIL_MAX 4
-#endif
-/* Rows at the end of a broadcast-tile product that run on the dot tiles instead, against the weight rows
- * the broadcast tiles just brought into L2: past 16 rows, the 1 to BC_TAIL_MAX rows past a multiple of 16.
- * The broadcast tiles pay for a half vector (8 lanes) or a vector whatever the rows fill, and a half
- * vector costs 0.64x a full one on AMD EPYC (fp32: 17 rows ran 1.57x the time of 16, with the tail 1.16x);
- * a tail of 5-8 rows, or one past 8 rows only, ran slower on the dot or pair tiles than in the vector. */
-static long bc_tail(long M) {
+/* The rows at the end of a broadcast-tile product (more than 16 rows) that run on the small-row tiles
+ * instead, against the weight rows the broadcast tiles just brought into L2: the q = M % 16 rows past a
+ * multiple of 16, where those run on the quad tiles or, for 1-4, on the dot tiles; and how they run. The
+ * broadcast tiles pay for a half vector (8 lanes) or a vector whatever the rows fill, and a half vector
+ * costs about 0.64x a full one (AMD EPYC, fp32: 17 rows ran 1.57x the time of 16, 1.16x with the tail). */
+static long bc_tail(int bf16, long M, long I) {
     long q = M % 16;
-    return M > 16 && q <= BC_TAIL_MAX ? q : 0;
+    return M > 16 && (q <= 4 || quad_applies(bf16, q, I)) ? q : 0;
 }
 
+static int tail_path(int bf16, long M, long I) { return quad_applies(bf16, M, I) ? PATH_QUAD : PATH_DOT; }
+
+/* Elements (4 bytes: fp32 values or bf16 pairs) of the small-row tiles' packed x for up to M rows. */
+static size_t small_packed_size(int bf16, long M, long I) {
+    size_t pair = pair_applies(bf16, M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS, I) ? pair_packed_size(I) : 0;
+    size_t quad = quad_applies(bf16, M < QUAD_MAX_ROWS ? M : QUAD_MAX_ROWS, I) ? quad_packed_size(I) : 0;
+    return pair > quad ? pair : quad;
+}
+
+/* Bytes of x packed for any group of up to M rows (smaller groups and broadcast tails take the small tiles). */
 static size_t packed_bytes(int bf16, long M, long I) {
     size_t amx = amx_applies(bf16, M, I) ? sizeof(uint16_t) * amx_packed_size(M, I) : 0;
-    long pair_rows_max = M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS; /* smaller groups (and tails) may take pairs */
-    size_t pair = pair_applies(bf16, pair_rows_max, I) ? sizeof(float) * pair_packed_size(I) : 0;
-    size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) + pair : 0;
+    size_t small = sizeof(float) * small_packed_size(bf16, M, I);
+    size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) + small : 0;
     size_t most = amx > bc ? amx : bc;
-    return most > pair ? most : pair;
+    return most > small ? most : small;
 }
 
 static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) {
     if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
     else if (path == PATH_PAIR) pair_pack(bf16, xf, xb, M, I, xp);
+    else if (path == PATH_QUAD) quad_pack(bf16, xf, xb, M, I, xp);
     else if (path == PATH_BC) {
-        long tail = bc_tail(M), head = M - tail;
+        long tail = bc_tail(bf16, M, I), head = M - tail;
         bc_pack(bf16, xf, xb, head, I, xp);
-        if (pair_applies(bf16, tail, I))
-            pair_pack(bf16, xf + head * I, xb + head * I, tail, I, (float *)xp + bc_packed_size(head, I));
+        pack_x(tail_path(bf16, tail, I), bf16, xf + head * I, xb + head * I, tail, I, (float *)xp + bc_packed_size(head, I));
     }
 }
 
@@ -699,17 +819,19 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
     if (path == PATH_BC) {
-        long tail = bc_tail(M), head = M - tail;
+        long tail = bc_tail(bf16, M, I), head = M - tail;
         bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0);
-        if (tail) {
-            int small = pair_applies(bf16, tail, I) ? PATH_PAIR : PATH_DOT;
-            dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, small, (const float *)xp + bc_packed_size(head, I),
-                     tail, I, out + head * CHUNK);
-        }
+        if (tail)
+            dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, tail_path(bf16, tail, I),
+                     (const float *)xp + bc_packed_size(head, I), tail, I, out + head * CHUNK);
         return;
     }
     if (path == PATH_PAIR) {
         pair_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
+        return;
+    }
+    if (path == PATH_QUAD) {
+        quad_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out);
         return;
     }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
