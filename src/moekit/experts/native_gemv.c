@@ -10,8 +10,10 @@
  * Every thread (OpenMP, `threads` of them) takes a contiguous range of row blocks: distinct memory.
  * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros; per
  * product (product_path) the dot tiles above, AMX tiles for bf16 products of AMX_MIN_ROWS or more rows
- * where the build has them and the kernel grants the tile state (amx_rows), pair tiles for 5-8 rows on
- * AMD EPYC (pair_rows) and broadcast tiles from BC_MIN_ROWS rows on AVX-512 (bc_rows).
+ * where the build has them and the kernel grants the tile state (amx_rows), on AMD EPYC quad tiles for
+ * 4-12 rows (quad_rows; bf16 9-12) and pair tiles for the 5-8 the quads leave (pair_rows), and broadcast
+ * tiles from BC_MIN_ROWS rows on AVX-512 (bc_rows; past 16 rows the 1-12 rows beyond a multiple of 16 on
+ * the dot or quad tiles, bc_tail).
  * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
  * merged weights made block by block right before the tiles read them.
  */

@@ -376,6 +376,12 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"moekit's native GEMV kernel is unavailable ({reason}); decode uses torch's "
                       "kernels (set MOEKIT_NATIVE_GEMV=0 to skip the build)", RuntimeWarning, stacklevel=3)  # fmt: skip
         return None
+    return load(path)
+
+
+def load(path: str | os.PathLike[str]) -> ctypes.CDLL:
+    """A build of ``native_gemv.c`` at ``path``, its entry points declared (``benchmarks/ab_native.py``
+    loads two builds side by side this way)."""
     lib = ctypes.CDLL(str(path))
     lib.moekit_gemv.restype = ctypes.c_int
     L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int

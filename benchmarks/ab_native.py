@@ -1,0 +1,146 @@
+"""A/B two revisions of the native kernel (``native_gemv.c``) on whole MoE layers, interleaved in one process.
+
+On a shared VM two runs of ``bench_infer.py`` differ by up to 25%; a kernel change is judged here instead:
+both builds load side by side (``native_gemv.load``), every round calls each one's ``moekit_moe_ffn`` on the
+same weights, tokens and routing (random top-k, as the router gives), and the best round of each is kept.
+Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SHAPES``.
+
+    python benchmarks/ab_native.py --base c87c436                     # base revision against the worktree
+    python benchmarks/ab_native.py --base c87c436 --head 96ddbd5 --tokens 16,256
+
+Writes ``results/ab_native.{json,md}`` (``--out``): per layer, dtype and T the read rate of each build
+(touched experts' bytes / time) and head / base (> 1: the head is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_infer import DTYPES, SHAPES  # noqa: E402
+
+from moekit.experts import native_gemv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(revision: str | None, into: Path) -> Path:
+    """The kernel of ``revision`` (None: the worktree's file) compiled with moekit's flags into ``into``."""
+    source = into / f"native_gemv-{revision or 'worktree'}.c"
+    if revision is None:
+        source.write_bytes(native_gemv.SOURCE.read_bytes())
+    else:
+        rel = native_gemv.SOURCE.resolve().relative_to(REPO)
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{rel.as_posix()}"], capture_output=True)
+        if shown.returncode:
+            raise SystemExit(f"revision {revision!r} has no {rel.as_posix()}: {shown.stderr.decode().strip()}")
+        source.write_bytes(shown.stdout)
+    target = source.with_suffix(".so")
+    cc = native_gemv._compiler()
+    if cc is None:
+        raise SystemExit("no C compiler: the A/B needs one to build both revisions")
+    subprocess.run([cc, *native_gemv.FLAGS, "-fopenmp", str(source), "-o", str(target), "-lm"], check=True)
+    return target
+
+
+def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+               threads: int) -> None:  # fmt: skip
+    """One SwiGLU MoE layer on ``lib``: W1 [E, 2F, D], W2 [E, D, F], x [T, D], ids / w [T, K] into y [T, D]."""
+    E, R, D = W1.shape
+    F_ = W2.shape[2]
+    status = lib.moekit_moe_ffn(W1.data_ptr(), W1.stride(0), W1.stride(1), None, 0, W2.data_ptr(), W2.stride(0), W2.stride(1),
+                                None, 0, F_, D, D, E, x.data_ptr(), x.shape[0], D, ids.data_ptr(), w.data_ptr(), None,
+                                ids.shape[1], y.data_ptr(), 1 if W1.dtype == torch.bfloat16 else 0, 1, 0, threads)  # fmt: skip
+    if status:
+        raise RuntimeError(f"moekit_moe_ffn returned {status}")
+
+
+def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps: int, threads: int) -> list[dict]:
+    D, Fh, E, K = shape["D"], shape["F"], shape["E"], shape["K"]
+    g = torch.Generator().manual_seed(0)
+    W1 = torch.empty(E, 2 * Fh, D, dtype=dtype)
+    W2 = torch.empty(E, D, Fh, dtype=dtype)
+    for e in range(E):
+        W1[e] = torch.randn(2 * Fh, D, generator=g) / D**0.5
+        W2[e] = torch.randn(D, Fh, generator=g) / Fh**0.5
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, D, generator=g).to(dtype)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).contiguous()
+        w = torch.rand(T, K, generator=g)
+        touched_bytes = ids.unique().numel() * 3 * Fh * D * W1.element_size()
+        outs = {name: torch.empty(T, D, dtype=dtype) for name in libs}
+        best = dict.fromkeys(libs, float("inf"))
+        for _ in range(reps):
+            for name, lib in libs.items():
+                start = time.perf_counter()
+                layer_call(lib, W1, W2, x, ids, w, outs[name], threads)
+                best[name] = min(best[name], time.perf_counter() - start)
+        diff = float((outs["head"].float() - outs["base"].float()).abs().max())
+        rows.append({"T": T, "base_ms": 1e3 * best["base"], "head_ms": 1e3 * best["head"],
+                     "base_gbs": touched_bytes / best["base"] / 1e9, "head_gbs": touched_bytes / best["head"] / 1e9,
+                     "speedup": best["base"] / best["head"], "max_abs_diff": diff})  # fmt: skip
+    return rows
+
+
+def markdown(results: dict) -> str:
+    a = results["args"]
+    lines = [f"Native kernel A/B: base `{a['base']}` against head `{a['head'] or 'worktree'}`, `moekit_moe_ffn` on one "
+             f"SwiGLU MoE layer, random top-k routing, {a['threads']} thread(s), best of {a['reps']} interleaved rounds "
+             f"(wall time). Rates: touched experts' bytes / time.", "",
+             "| layer | dtype | T | base ms | head ms | base GB/s | head GB/s | head speed-up | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["rows"]:
+        lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['base_ms']:.1f} | {r['head_ms']:.1f} | {r['base_gbs']:.1f} | "
+                     f"{r['head_gbs']:.1f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="git revision of the base kernel")
+    ap.add_argument("--head", default=None, help="git revision of the head kernel (default: the worktree's file)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {sorted(SHAPES)}")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    ap.add_argument("--tokens", default="1,4,16,256", help="comma-separated token counts")
+    ap.add_argument("--reps", type=int, default=10, help="interleaved rounds (best kept)")
+    ap.add_argument("--threads", type=int, default=1, help="threads of each call (and torch's)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            ap.error(f"--shapes: unknown shape {name!r}; choose from {sorted(SHAPES)}")
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            ap.error(f"--dtypes: unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if any(t < 1 for t in tokens) or args.reps < 1 or args.threads < 1:
+        ap.error(f"--tokens, --reps and --threads must be positive, got {tokens}, {args.reps}, {args.threads}")
+    torch.set_num_threads(args.threads)
+    from moekit.reporting import atomic_write_text, environment, write_json
+
+    with tempfile.TemporaryDirectory(prefix="moekit-ab-") as tmp:
+        libs = {"base": native_gemv.load(build(args.base, Path(tmp))), "head": native_gemv.load(build(args.head, Path(tmp)))}
+        rows = []
+        for layer in args.shapes.split(","):
+            for dname in args.dtypes.split(","):
+                for r in compare(libs, SHAPES[layer], DTYPES[dname], tokens, args.reps, args.threads):
+                    rows.append({"layer": layer, "dtype": dname, **r})
+                    print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
+                          f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip
+    env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0}
+    results = {"args": vars(args), "environment": env, "rows": rows}
+    out = Path(args.out)
+    write_json(out / "ab_native.json", results)
+    atomic_write_text(out / "ab_native.md", markdown(results))
+
+
+if __name__ == "__main__":
+    main()
