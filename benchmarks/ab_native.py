@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, SHAPES  # noqa: E402
+from bench_infer import DTYPES, QUICK, SHAPES  # noqa: E402
 
 from moekit.experts import native_gemv  # noqa: E402
 
@@ -112,10 +112,14 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,16,256", help="comma-separated token counts")
     ap.add_argument("--reps", type=int, default=10, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each call (and torch's)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    shapes = QUICK if args.quick else SHAPES
+    if args.quick:
+        args.shapes = ",".join(QUICK)
     for name in args.shapes.split(","):
-        if name not in SHAPES:
+        if name not in shapes:
             ap.error(f"--shapes: unknown shape {name!r}; choose from {sorted(SHAPES)}")
     for name in args.dtypes.split(","):
         if name not in DTYPES:
@@ -131,7 +135,7 @@ def main() -> None:
         rows = []
         for layer in args.shapes.split(","):
             for dname in args.dtypes.split(","):
-                for r in compare(libs, SHAPES[layer], DTYPES[dname], tokens, args.reps, args.threads):
+                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads):
                     rows.append({"layer": layer, "dtype": dname, **r})
                     print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip

@@ -83,3 +83,24 @@ def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
     for r in results["rows"]:
         assert all(v.get("matches_moekit", True) for v in r["impls"].values()), r
     assert "GEMV-rate bound" in done.stdout and "| tiny | bf16 | 64 |" in (tmp_path / "bench_infer_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_ab_native_quick_compares_two_builds(tmp_path: Path) -> None:
+    """The kernel A/B builds a git revision and the worktree side by side; the same source gives the same
+    outputs bit for bit, every row carries both rates; an unknown revision is refused by name."""
+    from moekit.experts import native_gemv
+
+    if not native_gemv.available():
+        pytest.skip("no native kernel here")
+    script = str(ROOT / "benchmarks" / "ab_native.py")
+    done = subprocess.run([sys.executable, script, "--base", "HEAD", "--quick", "--tokens", "1,9,40", "--reps", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "ab_native.json").read_text())["rows"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [(d, t) for d in ("fp32", "bf16") for t in (1, 9, 40)]
+    assert all(r["max_abs_diff"] == 0.0 and r["base_gbs"] > 0 and r["head_gbs"] > 0 for r in rows), rows
+    assert "| tiny | bf16 | 40 |" in (tmp_path / "ab_native.md").read_text()
+    bad = subprocess.run([sys.executable, script, "--base", "no-such-rev", "--quick", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert bad.returncode != 0 and "no-such-rev" in bad.stderr and not (tmp_path / "bad").exists()
