@@ -8,7 +8,7 @@ Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SH
     python benchmarks/ab_native.py --base c87c436                     # base revision against the worktree
     python benchmarks/ab_native.py --base c87c436 --head 96ddbd5 --tokens 16,256
 
-Writes ``results/ab_native.{json,md}`` (``--out``): per layer, dtype and T the read rate of each build
+Writes ``results/ab_native.{json,md}`` (``--out``; ``ab_native_2threads.*`` with ``--threads 2``): per layer, dtype and T the read rate of each build
 (touched experts' bytes / time) and head / base (> 1: the head is faster).
 """
 
@@ -141,9 +141,9 @@ def main() -> None:
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip
     env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0}
     results = {"args": vars(args), "environment": env, "rows": rows}
-    out = Path(args.out)
-    write_json(out / "ab_native.json", results)
-    atomic_write_text(out / "ab_native.md", markdown(results))
+    out, tag = Path(args.out), "ab_native" + (f"_{args.threads}threads" if args.threads > 1 else "")
+    write_json(out / f"{tag}.json", results)
+    atomic_write_text(out / f"{tag}.md", markdown(results))
 
 
 if __name__ == "__main__":

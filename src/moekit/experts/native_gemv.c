@@ -10,10 +10,9 @@
  * Every thread (OpenMP, `threads` of them) takes a contiguous range of row blocks: distinct memory.
  * Paths: AVX-512F, AVX2+FMA, and portable C, chosen at compile time by the -march=native macros; per
  * product (product_path) the dot tiles above, AMX tiles for bf16 products of AMX_MIN_ROWS or more rows
- * where the build has them and the kernel grants the tile state (amx_rows), on AMD EPYC quad tiles for
- * 4-12 rows (quad_rows; bf16 9-12) and pair tiles for the 5-8 the quads leave (pair_rows), and broadcast
- * tiles from BC_MIN_ROWS rows on AVX-512 (bc_rows; past 16 rows the 1-12 rows beyond a multiple of 16 on
- * the dot or quad tiles, bc_tail).
+ * where the build has them and the kernel grants the tile state (amx_rows), on AMD EPYC pair tiles for
+ * 5-8 rows (pair_rows) and quad tiles for 9-12 (quad_rows), and broadcast tiles from BC_MIN_ROWS rows on
+ * AVX-512 (bc_rows; past 16 rows the 1-12 rows beyond a multiple of 16 on the dot or quad tiles, bc_tail).
  * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
  * merged weights made block by block right before the tiles read them.
  */
@@ -639,19 +638,25 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
     PAIR_TILES(pair_tile_f32, float)
 }
 
-/* ---- quad tiles (AVX-512): 4 to 12 rows of x ----
+/* ---- quad tiles (AVX-512): 9 to 12 rows of x ----
  * The pair tiles with four inputs per lane group: lane 4 m + j of vector v holds row 4 v + m of x at input
  * 4 q + j (x^T packed in input quads, 16 rows per quad, rows past M zero), and each weight quad (128 bits)
  * is broadcast to the four groups, so NV = ceil(M / 4) vectors cover the rows in steps of 4 (the broadcast
  * tiles pay for 16 lanes from 9 rows) and one broadcast serves NV FMAs; the four lanes of a row are summed
  * at the end. bf16 (AVX512_BF16): eight inputs per lane group (two per lane), a weight octet broadcast,
- * vdpbf16ps. Measured on AMD EPYC (Qwen3 layer, every expert given M rows) against the tiles they replace:
- * fp32 4 rows 0.91x the time (dot tiles), 5-8 rows 0.85-0.89x (pair tiles), 9-12 rows 0.76-0.78x (broadcast
- * tiles); bf16 9-12 rows 0.80-0.82x, while 4-8 rows ran 1.02-1.12x slower than the pair tiles and stay
- * there, as do 13-16 rows of either (1.06-1.11x slower than the broadcast tiles). */
-static int quad_applies(int bf16, long M, long I) {
-    return amd_tuned && M >= (bf16 ? 9 : 4) && M <= QUAD_MAX_ROWS && (bf16 ? BC_BF16 && I % 8 == 0 : I % 4 == 0);
+ * vdpbf16ps. Measured on AMD EPYC (Qwen3 layer, every expert given M rows) against the broadcast tiles they
+ * replace: 9-12 rows fp32 0.76-0.78x the time, bf16 0.80-0.82x. Not taken: 13-16 rows (1.06-1.11x slower than
+ * one broadcast vector); 4-8 rows, which ran fp32 0.85-0.91x the time of the dot / pair tiles on one thread
+ * but 1.07x slower on two (Mixtral, 4-8 rows per expert: the tile's 8 adjacent weight rows against the dot
+ * tiles' distant streams, where two cores are bound by memory), and bf16 1.02-1.12x slower on one. */
+#define QUAD_MIN_ROWS 9
+/* Whether M rows of I inputs fit the quad tiles (5-12 rows: a broadcast tile's tail, its weights in L2), and
+ * whether a whole product of M rows takes them (9-12). */
+static int quad_fits(int bf16, long M, long I) {
+    return amd_tuned && M >= 5 && M <= QUAD_MAX_ROWS && (bf16 ? BC_BF16 && I % 8 == 0 : I % 4 == 0);
 }
+
+static int quad_applies(int bf16, long M, long I) { return M >= QUAD_MIN_ROWS && quad_fits(bf16, M, I); }
 
 /* Elements of x packed for quad_rows: 16 rows per input (fp32 values, or bf16 values in pairs: 4 bytes each). */
 static size_t quad_packed_size(long I) { return (size_t)(16 * I); }
@@ -724,12 +729,11 @@ static inline void quad_store(__m512 acc[16][4], int BR, int NV, long M, float *
     break;
 #define QUAD_SHAPES(TILE, WT)                                                                           \
     switch ((M + 3) / 4) {                                                                              \
-    case 1: QUAD_CASE(TILE, WT, 1)                                                                      \
     case 2: QUAD_CASE(TILE, WT, 2)                                                                      \
     default: QUAD_CASE(TILE, WT, 3)                                                                     \
     }
 
-/* Rows [r0, r0 + nr) of W against the M (4-12) rows of x packed in xp into out[m * CHUNK + (r - r0)]: tiles
+/* Rows [r0, r0 + nr) of W against the M (5-12) rows of x packed in xp into out[m * CHUNK + (r - r0)]: tiles
  * of BC_BR(NV) weight rows, then the rows left over one at a time. */
 static void quad_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
     __m512 acc[16][4];
@@ -754,6 +758,7 @@ static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const v
 }
 static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static int quad_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static int quad_fits(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t quad_packed_size(long I) { (void)I; return 0; }
 static void quad_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
 static void quad_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out) {
@@ -784,15 +789,15 @@ static int product_path(int bf16, long M, long I) {
  * costs about 0.64x a full one (AMD EPYC, fp32: 17 rows ran 1.57x the time of 16, 1.16x with the tail). */
 static long bc_tail(int bf16, long M, long I) {
     long q = M % 16;
-    return M > 16 && (q <= 4 || quad_applies(bf16, q, I)) ? q : 0;
+    return M > 16 && (q <= 4 || quad_fits(bf16, q, I)) ? q : 0;
 }
 
-static int tail_path(int bf16, long M, long I) { return quad_applies(bf16, M, I) ? PATH_QUAD : PATH_DOT; }
+static int tail_path(int bf16, long M, long I) { return quad_fits(bf16, M, I) ? PATH_QUAD : PATH_DOT; }
 
 /* Elements (4 bytes: fp32 values or bf16 pairs) of the small-row tiles' packed x for up to M rows. */
 static size_t small_packed_size(int bf16, long M, long I) {
     size_t pair = pair_applies(bf16, M < PAIR_MAX_ROWS ? M : PAIR_MAX_ROWS, I) ? pair_packed_size(I) : 0;
-    size_t quad = quad_applies(bf16, M < QUAD_MAX_ROWS ? M : QUAD_MAX_ROWS, I) ? quad_packed_size(I) : 0;
+    size_t quad = quad_fits(bf16, M < QUAD_MAX_ROWS ? M : QUAD_MAX_ROWS, I) ? quad_packed_size(I) : 0;
     return pair > quad ? pair : quad;
 }
 
