@@ -45,8 +45,8 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                      (7, 20, 132), (25, 20, 64), (28, 12, 96), (22, 9, 64), (44, 10, 104)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 84 rows: dot
-    tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), on AMD quad tiles (fp32 4-12 rows, bf16
-    9-12, inputs a multiple of 4 / 8) and pair tiles (5-8 rows where the quads do not apply), broadcast tiles
+    tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), on AMD pair tiles (5-8 rows) and quad
+    tiles (9-12 rows, inputs a multiple of 4 / bf16 8), broadcast tiles
     from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows, the rows past a multiple of 16 on
     the dot or quad tiles), bf16 on AMX where the CPU has it; with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
@@ -65,9 +65,10 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
        row_gap=st.integers(0, 5), bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3),
        seed=st.integers(0, 2**16))  # fmt: skip
 def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, bf16, glu, threads, seed) -> None:
-    """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows, quad tiles for 4-12 and
-    pair tiles for 5-8 on AMD), broadcast tiles (9+ rows: 1-4 vectors, a half vector, passes of 64 rows, weight-row tails), AMX where present; strided
-    weight rows, odd inputs (bf16 odd I falls back to the dot tiles), the fused GLU, 1-3 threads."""
+    """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows, pair tiles for 5-8 and
+    quad tiles for 9-12 on AMD), broadcast tiles (9+ rows: 1-4 vectors, a half vector, passes of 64 rows,
+    weight-row tails), AMX where present; strided weight rows, odd inputs (bf16 odd I falls back to the dot
+    tiles), the fused GLU, 1-3 threads."""
     g = torch.Generator().manual_seed(seed)
     dt = torch.bfloat16 if bf16 else torch.float32
     rows = 2 * O if glu else O
