@@ -83,6 +83,11 @@ def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
     for r in results["rows"]:
         assert all(v.get("matches_moekit", True) for v in r["impls"].values()), r
     assert "GEMV-rate bound" in done.stdout and "| tiny | bf16 | 64 |" in (tmp_path / "bench_infer_quick.md").read_text()
+    summary = done.stdout.split("**Summary: moekit's best path")[1].splitlines()
+    for r in results["rows"]:  # last column: moekit's best time over the sum of the two bounds
+        line = next(s for s in summary if s.startswith(f"| {r['layer']} | {r['dtype']} | {r['T']} |"))
+        best = min(r["impls"]["moekit"]["best_s"], r["impls"]["moekit_packed"]["best_s"])
+        assert line.split("|")[-2].strip() == f"{best / (r['bw_bound_s'] + r['dense_bound_s']):.2f}", line
 
 
 @pytest.mark.slow
