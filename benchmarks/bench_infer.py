@@ -19,7 +19,9 @@ weights (one copy in memory, shared) and identical routing (moekit's top-k route
   fastest of four reads of a 256 MB buffer timed in the same rounds (``torch.sum`` of fp32 values, and
   one dense GEMV over a matrix of that size, plain, oneDNN-packed and native, in the tested dtype);
 * **dense-GEMM bound**: one expert's gate/up, SwiGLU and down over all T*K routed rows (the MoE's FLOPs
-  with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights;
+  with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights (bf16 on a CPU where
+  oneDNN has no bf16 kernels, AVX2: also the chain on fp32 copies of the weights, fp32 BLAS being the
+  fastest product the CPU has; packing is left out there);
 * **bound** = the larger of the two; "x bound" = time / bound.
 
 Timing interleaves the contenders (one call of each per round) and keeps the best of ``--reps`` rounds
@@ -66,7 +68,7 @@ TOKENS = [1, 4, 16, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4, 64]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ["moekit", "moekit_packed", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
-BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "dense_packed"]
+BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "dense_packed", "dense_fp32"]
 DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 BW_BYTES = 256 * 2**20
@@ -89,7 +91,7 @@ class Layer:
 
     def __init__(self, shape: dict, dtype: torch.dtype) -> None:
         import moekit
-        from moekit.experts import pack_for_inference
+        from moekit.experts import pack_for_inference, upcast_gemm
         from moekit.experts.inference import packing_available
 
         self.shape, self.dtype = shape, dtype
@@ -108,6 +110,9 @@ class Layer:
         self.hf = {impl: self._hf_experts(impl.removeprefix("hf_"), gate_up, down) for impl in IMPLS if impl.startswith("hf_")}
         self.expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         self.dense_gu, self.dense_down = gate_up[0], down[0]
+        # bf16 where torch's bf16 GEMM is its reference loop (AVX2): the dense chain on fp32 BLAS is the real
+        # compute bound (the fp32 copies made here, outside the timing: a bound, not a contender)
+        self.dense_fp32 = (gate_up[0].float(), down[0].float()) if dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference() else None
         self.packs = packing_available(dtype, "cpu")  # oneDNN packs bf16 only where the CPU has bf16 instructions
         reorder = torch.ops.mkldnn._reorder_linear_weight
         self.dense_packed = [reorder(w.contiguous(), 64) for w in (gate_up[0], down[0])] if self.packs else None
@@ -159,6 +164,9 @@ class Layer:
             pg, pd = self.dense_packed
             fns["dense_packed"] = lambda: _none(lp(_swiglu(lp(xk, pg, None, "none", [], "")), pd, None, "none", [], ""))
             fns["bw_gemv_packed"] = lambda: _none(lp(self.bw_x, self.bw_matrix_packed, None, "none", [], ""))
+        if self.dense_fp32 is not None:
+            xkf, (gu32, d32) = xk.float(), self.dense_fp32
+            fns["dense_fp32"] = lambda: _none(F.linear(_swiglu(F.linear(xkf, gu32)), d32))
         fns["bw_sum"] = lambda: _none(self.bw_fp32.sum())
         fns["bw_gemv"] = lambda: _none(F.linear(self.bw_x, self.bw_matrix))
         if native_gemv.available():
@@ -219,7 +227,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
             stats, outputs = time_interleaved(fns, reps, clock)
             bw = max(BW_BYTES / stats[k]["best_s"] for k in BOUNDS if k.startswith("bw_") and k in stats)
             bw_bound = facts["touched_bytes"] / bw
-            dense = min(stats[k]["best_s"] for k in ("dense", "dense_packed") if k in stats)
+            dense = min(stats[k]["best_s"] for k in ("dense", "dense_packed", "dense_fp32") if k in stats)
             bound = max(bw_bound, dense)
             ref = outputs["moekit"]
             row = {"layer": name, "dtype": dtype_name, "T": T, **facts, "bandwidth_GBps": bw / 1e9,
@@ -275,8 +283,9 @@ KERNEL_BYTES = 128 * 2**20  # per measured set of matrices: 4x this machine's L3
 def kernel_rates(args) -> dict:
     """Read rate (GB/s) of one decode-sized product per expert matrix, over a set of ``KERNEL_BYTES`` of
     copies of each expert matrix shape (gate/up and down of every layer), by kernel: the native GEMV,
-    ``F.linear``, oneDNN packed; and ``torch.sum`` over the same bytes (the plain read). The profile of
-    where decode time goes, and the measurements behind ``native_gemv.MAX_ROWS``."""
+    ``F.linear``, oneDNN packed (bf16 without oneDNN bf16: the fp32 GEMM on widened blocks instead); and
+    ``torch.sum`` over the same bytes (the plain read). The profile of where decode time goes, and the
+    measurements behind ``native_gemv.MAX_ROWS``."""
     from moekit.experts import native_gemv
     from moekit.experts.inference import packing_available
 
@@ -312,13 +321,17 @@ def kernel_rates(args) -> dict:
 
 def _kernel_contenders(x: torch.Tensor, ws: list, packed: list, flat: torch.Tensor | None) -> dict[str, Callable]:
     """One product of ``x`` with every matrix of ``ws`` per kernel (``packed``: the same, oneDNN-blocked; None
-    where oneDNN does not pack the dtype here), and ``torch.sum`` over the same fp32 bytes (``flat``; None for bf16)."""
-    from moekit.experts import native_gemv
+    where oneDNN does not pack the dtype here), and ``torch.sum`` over the same fp32 bytes (``flat``; None for
+    bf16); bf16 where torch's bf16 GEMM is its reference loop: also the fp32 GEMM on widened blocks
+    (``upcast_gemm``, what moekit runs there above the native kernel's rows)."""
+    from moekit.experts import native_gemv, upcast_gemm
 
     lp = torch.ops.mkldnn._linear_pointwise
     fns: dict[str, Callable] = {"F.linear": lambda: [F.linear(x, w) for w in ws]}
     if packed is not None:
         fns["packed"] = lambda: [lp(x, w, None, "none", [], "") for w in packed]
+    if x.dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference():
+        fns["fp32 blocks"] = lambda: [upcast_gemm.linear_via_fp32(x, w) for w in ws]
     if native_gemv.available():
         fns["native"] = lambda: [native_gemv.linear(x, w) for w in ws]
     if flat is not None:
@@ -332,12 +345,13 @@ def kernels_markdown(res: dict, args) -> str:
     lines = [f"Read rate of one product per expert matrix (GB/s, best of {args.reps}), {args.threads} thread(s); "
              f"native GEMV: {build['isa'] or 'not built: ' + str(build['reason'])}. `x sum`: rate / torch.sum's "
              "rate over the same fp32 bytes (bf16 rows: over the fp32 read of the same layer and matrix).", "",
-             "| dtype | layer | matrix [O, I] | rows | native | F.linear | packed | torch.sum | native x sum | "
-             "F.linear x sum | packed x sum | fastest |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| dtype | layer | matrix [O, I] | rows | native | F.linear | packed | fp32 blocks | torch.sum | "
+             "native x sum | F.linear x sum | packed x sum | fp32 blocks x sum | fastest |",
+             "|" + "---|" * 14]  # fmt: skip
     sums = {(r["layer"], r["matrix"], r["M"]): r["torch.sum_GBps"] for r in res["rows"] if "torch.sum_GBps" in r}
     for r in res["rows"]:
         ref = sums.get((r["layer"], r["matrix"], r["M"]))
-        rates = {k: r.get(f"{k}_GBps") for k in ("native", "F.linear", "packed")}
+        rates = {k: r.get(f"{k}_GBps") for k in ("native", "F.linear", "packed", "fp32 blocks")}
         fastest = max((k for k in rates if rates[k]), key=lambda k: rates[k])
         cells = [f"{v:.1f}" if v else "-" for v in rates.values()] + [f"{ref:.1f}" if ref else "-"]
         cells += [f"{v / ref:.2f}" if v and ref else "-" for v in rates.values()] + [fastest]

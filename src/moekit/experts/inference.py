@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_grouped, native_gemv
+from . import cpu_grouped, native_gemv, upcast_gemm
 from ..types import RoutingDecision
 
 if TYPE_CHECKING:
@@ -404,6 +404,8 @@ def expert_linear(
     * with ``packed`` (``weight_OI`` in oneDNN layout) oneDNN in tiles of ``PACK_TILE_ROWS`` rows, the
       activation fused as a post-op when oneDNN has it; the same on the plain contiguous weight in fp32 on
       CPU (``reads_plain_weights``); large fp32 products on Intel MKL's ``F.linear`` (``mkl_leads``);
+    * bf16 on an x86 CPU where oneDNN has no bf16 kernels (AVX2): the weights widened to fp32 block by
+      block and run on fp32 BLAS (``upcast_gemm``), not torch's reference bf16 loop;
     * otherwise ``F.linear`` then ``act_fn``.
     """
     M, I = x_MI.shape
@@ -417,6 +419,9 @@ def expert_linear(
         y = native_gemv.linear(x_MI, weight_OI, bias_O, glu=activation if fuse else None)
         return y if fuse or act_fn is None else act_fn(y)
     if x_MI.device.type == "cpu":
+        if weight_OI.dtype == x_MI.dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference():
+            y = upcast_gemm.linear_via_fp32(x_MI, weight_OI, bias_O)  # no oneDNN bf16 here (AVX2): fp32 BLAS
+            return y if act_fn is None else act_fn(y)
         if packed is not None and mkl_leads(weight_OI.dtype, M):
             packed = None  # large fp32 products on Intel: MKL (F.linear) on the plain weights
         elif packed is None and reads_plain_weights(weight_OI.dtype, M) and weight_OI.is_contiguous():

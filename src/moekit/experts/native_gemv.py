@@ -99,6 +99,20 @@ MAX_ROWS = {
 #: measured on the Xeon above, bf16 up to the 4 rows where its vector tiles led there (11.2-14.5 GB/s against
 #: 7.6-11.3 for F.linear and 10.5-12.9 packed; a CPU without AMX has slower oneDNN bf16, not faster)
 MAX_ROWS["GenuineIntel"] = {**MAX_ROWS["GenuineIntel+AMX"], (torch.bfloat16, False): ((1, 4),), (torch.bfloat16, True): ((1, 4),)}
+#: AMD EPYC with AVX2 only (Zen 3, 4 x 4-row dot tiles of 256 bits, no broadcast tiles). Kernels alone, GB/s,
+#: native / F.linear / oneDNN packed, fp32: 1 row 21.3-22.9 / 16.0-23.6 / 16.2-18.0, 4 rows 15.8-19.3 / 6.0-8.8 /
+#: 11.2-12.5, 8 rows 9.0-11.0 / 5.0-7.1 / 8.7-9.8, 16 rows 5.0-6.1 / 4.5-5.5 / 6.0-6.6; bf16, where oneDNN has no
+#: bf16 kernels and the alternative is the fp32 GEMM on widened blocks (``upcast_gemm``): 16 rows 2.4-3.2 /
+#: 2.1-2.9, 32 rows 1.4-1.6 / 1.4-1.9. The limits come from whole layers (one native call against the expert
+#: loop, interleaved A/B, ms): fp32 Qwen3 T=256 (16 rows an expert) 443 at limit 16 against 579 at 8, Mixtral
+#: T=64 245 against 291, OLMoE T=256 (32 rows) 511 at 16 against 560 at 32; bf16 Qwen3 T=256 395 at 16 against
+#: 767 at 8, OLMoE T=256 513 at 32 against 681 at 16, Qwen3 T=1024 (64 rows) 1506 at 16, 1562 at 32, 1633 at 64.
+MAX_ROWS["AuthenticAMD+AVX2"] = {
+    (torch.float32, False): ((1, 16),),
+    (torch.float32, True): ((1, 16),),
+    (torch.bfloat16, False): ((1, 32),),
+    (torch.bfloat16, True): ((1, 32),),
+}
 
 
 def available() -> bool:
@@ -346,9 +360,15 @@ def cpu_vendor() -> str:
 @functools.cache
 def cpu_profile() -> str:
     """Which row of ``MAX_ROWS`` applies: ``cpu_vendor()``, with ``+AMX`` where the built kernel runs bf16
-    on AMX tiles."""
+    on AMX tiles, ``+AVX2`` where it was built for AVX2 (no AVX-512: narrower tiles, other crossovers) and
+    ``+portable`` where for neither (scalar C: no table, torch's kernels)."""
     lib = _library()
-    return cpu_vendor() + ("+AMX" if lib is not None and lib.moekit_amx_usable() else "")
+    if lib is None:
+        return cpu_vendor()
+    isa = lib.moekit_gemv_isa().decode()
+    if lib.moekit_amx_usable():
+        return cpu_vendor() + "+AMX"
+    return cpu_vendor() + ("" if isa.startswith("avx512") else "+AVX2" if isa == "avx2" else "+portable")
 
 
 def _cpuinfo(field: str) -> str | None:

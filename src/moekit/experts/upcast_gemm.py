@@ -1,0 +1,56 @@
+"""bf16 products on CPUs where torch has no bf16 GEMM: the weights widened to fp32 in cache-sized blocks.
+
+oneDNN runs bf16 matrix products only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``). Elsewhere -- AVX2 CPUs such as AMD EPYC Zen 2/3 and
+Intel client cores -- ``F.linear`` on bf16 falls back to a reference loop: measured on an AVX2 AMD EPYC
+(Zen 3, one thread) it reads Qwen3-30B-A3B's expert matrices at 1.2-1.4 GB/s for 8 rows and 0.16-0.17 GB/s
+for 64, 4-7x slower than the same product widened to fp32 and run on fp32 BLAS. Widening a whole expert
+matrix per call costs a fresh multi-MB allocation and its page faults (Mixtral's 7168 x 4096 matrix: 0.6
+GB/s); ``linear_via_fp32`` widens ``BLOCK_BYTES`` of weight rows at a time into one buffer that stays in
+cache, so the weights are read from memory once, as bf16, and the fp32 GEMM reads the block from cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK_BYTES", "linear_via_fp32", "torch_bf16_gemm_is_reference"]
+
+#: fp32 bytes of one widened block of weight rows: the GEMM reads it from cache; smaller blocks make
+#: shorter GEMMs (AVX2 AMD EPYC, 16-1024 rows of Qwen3's and Mixtral's matrices: 128 KB 0.4-0.8x the rate of
+#: 1 MB, 1-4 MB level, 16 MB up to 0.3x at 16-32 rows, a block past the 32 MB L3 share)
+BLOCK_BYTES = 2 * 2**20
+
+
+@functools.cache
+def torch_bf16_gemm_is_reference() -> bool:
+    """Whether torch runs CPU bf16 GEMMs on its reference loop here: an x86 CPU where oneDNN has no bf16
+    kernels (other architectures' torch builds bring their own bf16 GEMMs, not measured: left to torch)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not (torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def linear_via_fp32(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
+    """``x @ W^T + b`` for bf16 ``x [M, I]``, ``W [O, I]``, ``b [O]`` -> ``[M, O]`` bf16, accumulated in fp32
+    (as oneDNN's bf16 GEMM and moekit's native kernel do; equal to ``F.linear`` on the fp32 values, then
+    rounded). ``W`` is widened ``BLOCK_BYTES`` of rows at a time into one buffer; each block's output
+    columns come from one fp32 GEMM, written straight into the transposed result ``[O, M]``."""
+    if x_MI.dim() != 2 or weight_OI.dim() != 2 or x_MI.shape[1] != weight_OI.shape[1]:
+        raise ValueError(f"x [M, I] and weight [O, I] must agree on I; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}")
+    O, I = weight_OI.shape
+    x_IM = x_MI.float().t()
+    out_OM = torch.empty(O, x_MI.shape[0], dtype=torch.float32, device=x_MI.device)
+    rows = max(1, min(O, BLOCK_BYTES // (4 * I)))
+    block = torch.empty(rows, I, dtype=torch.float32, device=x_MI.device)
+    for r in range(0, O, rows):
+        n = min(rows, O - r)
+        wide = block[:n].copy_(weight_OI[r : r + n])
+        torch.mm(wide, x_IM, out=out_OM[r : r + n])
+    if bias_O is not None:
+        out_OM += bias_O.float()[:, None]
+    return torch.empty(x_MI.shape[0], O, dtype=x_MI.dtype, device=x_MI.device).copy_(out_OM.t())  # one pass: transpose, round

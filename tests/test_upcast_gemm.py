@@ -1,0 +1,82 @@
+"""bf16 products widened to fp32 in blocks (``moekit.experts.upcast_gemm``) against the fp32 product, and
+the kernel seam taking them where torch's bf16 GEMM is its reference loop (CPUs without oneDNN bf16)."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.experts import native_gemv, upcast_gemm
+from moekit.experts.inference import expert_linear
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 24, 4 * 24 * 5, upcast_gemm.BLOCK_BYTES])  # 1 row, 5 rows (O=13: a ragged last block), all
+@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_blocks_equal_the_fp32_product(block_bytes, M, bias, monkeypatch) -> None:
+    monkeypatch.setattr(upcast_gemm, "BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 24, generator=g).bfloat16()
+    w = torch.randn(13, 24, generator=g).bfloat16()
+    b = torch.randn(13, generator=g).bfloat16() if bias else None
+    y = upcast_gemm.linear_via_fp32(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, 13) and y.is_contiguous()
+    torch.testing.assert_close(y, _reference(x, w, b), rtol=1e-2, atol=1e-2)
+    fp32 = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
+    assert (y != fp32).float().mean() < 0.05  # the same fp32 product up to summation order, then the same rounding
+
+
+def test_blocks_read_rows_with_a_stride() -> None:
+    w = torch.randn(16, 24).bfloat16()
+    x = torch.randn(4, 24).bfloat16()
+    torch.testing.assert_close(upcast_gemm.linear_via_fp32(x, w[::2]), _reference(x, w[::2], None), rtol=1e-2, atol=1e-2)
+
+
+def test_bad_shapes_are_named() -> None:
+    with pytest.raises(ValueError, match=r"agree on I; got \(2, 8\) and \(3, 7\)"):
+        upcast_gemm.linear_via_fp32(torch.zeros(2, 8).bfloat16(), torch.zeros(3, 7).bfloat16())
+
+
+@pytest.mark.parametrize("reference_loop", [True, False])
+@pytest.mark.parametrize("glu", [False, True])
+def test_seam_widens_bf16_where_torch_has_no_bf16_gemm(reference_loop, glu, monkeypatch) -> None:
+    calls = []
+    real = upcast_gemm.linear_via_fp32
+    monkeypatch.setattr(upcast_gemm, "torch_bf16_gemm_is_reference", lambda: reference_loop)
+    monkeypatch.setattr(upcast_gemm, "linear_via_fp32", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(native_gemv, "serves", lambda *a, **k: False)  # rows the native kernel leaves to torch
+    x, w, b = torch.randn(64, 24).bfloat16(), torch.randn(32, 24).bfloat16(), torch.randn(32).bfloat16()
+
+    def swiglu(h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    act = swiglu if glu else F.gelu
+    y = expert_linear(x, w, b, activation="silu" if glu else "gelu", act_fn=act, glu=glu)
+    assert calls == ([(64, 24)] if reference_loop else [])
+    torch.testing.assert_close(y, act(_reference(x, w, b)), rtol=2e-2, atol=2e-2)
+    calls.clear()
+    expert_linear(x.float(), w.float(), b.float(), act_fn=act, glu=glu)  # fp32 keeps its kernels
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("vendor", "isa", "amx", "profile"),
+    [("AuthenticAMD", "avx512f+bf16", 0, "AuthenticAMD"), ("AuthenticAMD", "avx512f", 0, "AuthenticAMD"),
+     ("AuthenticAMD", "avx2", 0, "AuthenticAMD+AVX2"), ("AuthenticAMD", "portable", 0, "AuthenticAMD+portable"),
+     ("GenuineIntel", "avx512f+bf16", 1, "GenuineIntel+AMX"), ("GenuineIntel", "avx2", 0, "GenuineIntel+AVX2")],
+)  # fmt: skip
+def test_cpu_profile_names_the_kernels_isa(vendor, isa, amx, profile, monkeypatch) -> None:
+    """An AVX2 build has its own crossovers (narrow tiles), measured on AMD only; a scalar build has none."""
+    lib = types.SimpleNamespace(moekit_gemv_isa=lambda: isa.encode(), moekit_amx_usable=lambda: amx)
+    monkeypatch.setattr(native_gemv, "_library", lambda: lib)
+    monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
+    assert native_gemv.cpu_profile.__wrapped__() == profile
+    monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
+    measured = profile in ("AuthenticAMD", "AuthenticAMD+AVX2", "GenuineIntel+AMX")
+    assert native_gemv.serves(1, torch.float32, 64) == (native_gemv.available() and measured)
