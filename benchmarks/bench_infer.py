@@ -20,8 +20,9 @@ weights (one copy in memory, shared) and identical routing (moekit's top-k route
   one dense GEMV over a matrix of that size, plain, oneDNN-packed and native, in the tested dtype);
 * **dense-GEMM bound**: one expert's gate/up, SwiGLU and down over all T*K routed rows (the MoE's FLOPs
   with no routing), the faster of plain ``F.linear`` and oneDNN-packed weights (bf16 on a CPU where
-  oneDNN has no bf16 kernels, AVX2: also the chain on fp32 copies of the weights, fp32 BLAS being the
-  fastest product the CPU has; packing is left out there);
+  oneDNN has no bf16 kernels, AVX2: the chain on fp32 copies of the weights instead, fp32 BLAS being the
+  fastest product the CPU has and torch's bf16 GEMM a reference loop, from ``DENSE_FP32_MIN_ROWS`` routed
+  rows; packing is left out there);
 * **bound** = the larger of the two; "x bound" = time / bound.
 
 Timing interleaves the contenders (one call of each per round) and keeps the best of ``--reps`` rounds
@@ -72,6 +73,10 @@ BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "den
 DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 BW_BYTES = 256 * 2**20
+#: routed rows from which the bf16 dense-GEMM bound on fp32 copies counts (CPUs without oneDNN bf16): from 64
+#: rows that chain does 32 FLOP per fp32 weight byte, far past a core's balance; below, its time is the read
+#: of the fp32 copies, twice the bf16 bytes the bandwidth bound stands for, and the bound is the bandwidth's
+DENSE_FP32_MIN_ROWS = 64
 
 
 def _weights(shape: dict, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,15 +163,16 @@ class Layer:
                 continue
             fns[impl] = lambda m=module: m(x, ids, weights)
         xk = torch.randn(T * s["K"], s["D"], generator=g).to(self.dtype)
-        fns["dense"] = lambda: _none(F.linear(_swiglu(F.linear(xk, self.dense_gu)), self.dense_down))
+        if self.dense_fp32 is None:
+            fns["dense"] = lambda: _none(F.linear(_swiglu(F.linear(xk, self.dense_gu)), self.dense_down))
+        elif T * s["K"] >= DENSE_FP32_MIN_ROWS:
+            xkf, (gu32, d32) = xk.float(), self.dense_fp32
+            fns["dense_fp32"] = lambda: _none(F.linear(_swiglu(F.linear(xkf, gu32)), d32))
         lp = torch.ops.mkldnn._linear_pointwise
         if self.packs:
             pg, pd = self.dense_packed
             fns["dense_packed"] = lambda: _none(lp(_swiglu(lp(xk, pg, None, "none", [], "")), pd, None, "none", [], ""))
             fns["bw_gemv_packed"] = lambda: _none(lp(self.bw_x, self.bw_matrix_packed, None, "none", [], ""))
-        if self.dense_fp32 is not None:
-            xkf, (gu32, d32) = xk.float(), self.dense_fp32
-            fns["dense_fp32"] = lambda: _none(F.linear(_swiglu(F.linear(xkf, gu32)), d32))
         fns["bw_sum"] = lambda: _none(self.bw_fp32.sum())
         fns["bw_gemv"] = lambda: _none(F.linear(self.bw_x, self.bw_matrix))
         if native_gemv.available():
@@ -227,7 +233,7 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
             stats, outputs = time_interleaved(fns, reps, clock)
             bw = max(BW_BYTES / stats[k]["best_s"] for k in BOUNDS if k.startswith("bw_") and k in stats)
             bw_bound = facts["touched_bytes"] / bw
-            dense = min(stats[k]["best_s"] for k in ("dense", "dense_packed", "dense_fp32") if k in stats)
+            dense = min((stats[k]["best_s"] for k in ("dense", "dense_packed", "dense_fp32") if k in stats), default=0.0)
             bound = max(bw_bound, dense)
             ref = outputs["moekit"]
             row = {"layer": name, "dtype": dtype_name, "T": T, **facts, "bandwidth_GBps": bw / 1e9,

@@ -151,11 +151,11 @@ def test_experts_with_many_rows_keep_the_kernels_threads(monkeypatch) -> None:
 def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch) -> None:
     """Past decode sizes on CPU the experts run one by one, never the sorted grouped GEMM (F.grouped_mm's
     CPU kernel copies the weights on every call); fp32 on oneDNN over the plain weights (faster than the
-    MKL GEMM of F.linear). One thread adds each expert's output onto its tokens directly, two split the
+    MKL GEMM of F.linear below MKL_MIN_ROWS). One thread adds each expert's output onto its tokens directly, two split the
     experts over the pool: both equal the reference."""
     experts = moekit.GLUExperts(4, D, 24, dtype=dtype)
-    x = torch.randn(300, D, dtype=dtype)  # ~150 rows per expert: past every CPU's native row limit
-    decision = _decision(300, 4, 2, dtype=dtype)
+    x = torch.randn(200, D, dtype=dtype)  # ~100 rows per expert: past every CPU's native row limit, under MKL_MIN_ROWS
+    decision = _decision(200, 4, 2, dtype=dtype)
     monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)
     grouped, onednn = [], []
     original = moekit.GLUExperts.grouped_forward
@@ -171,21 +171,24 @@ def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch)
 
 @pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
-def test_large_fp32_products_take_mkl_on_intel(vendor, packed, monkeypatch) -> None:
-    """fp32 products of MKL_MIN_ROWS rows or more run F.linear (MKL) on Intel, packed or not, and oneDNN
-    on AMD; fewer rows take oneDNN on both; all equal F.linear."""
+@pytest.mark.parametrize("vendor, profile, mkl_from", [("GenuineIntel", "GenuineIntel+AMX", 512), ("AuthenticAMD", "AuthenticAMD", None),
+                                                       ("AuthenticAMD", "AuthenticAMD+AVX2", 128)])  # fmt: skip
+def test_large_fp32_products_take_mkl_where_it_leads(vendor, profile, mkl_from, packed, monkeypatch) -> None:
+    """fp32 products of the CPU's MKL_MIN_ROWS rows or more run F.linear (MKL), packed or not (Intel from 512
+    rows, AVX2 AMD from 128), and oneDNN on AVX-512 AMD at every size; fewer rows take oneDNN; all equal
+    F.linear."""
     monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
     lp = torch.ops.mkldnn._linear_pointwise
     onednn = []
     monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
     W = torch.randn(24, D)
     P = torch.ops.mkldnn._reorder_linear_weight(W, inference.PACK_HINT) if packed else None
-    for rows in (128, inference.MKL_MIN_ROWS):  # past the native kernel's rows on every CPU
+    for rows in (96, 128, 512):  # past the native kernel's rows on every CPU
         onednn.clear()
         x = torch.randn(rows, D)
         torch.testing.assert_close(expert_linear(x, W, packed=P), F.linear(x, W), rtol=1e-5, atol=1e-5)
-        assert bool(onednn) == (rows < inference.MKL_MIN_ROWS or vendor == "AuthenticAMD")
+        assert bool(onednn) == (mkl_from is None or rows < mkl_from), rows
 
 
 def test_grouped_split_under_inference_mode(monkeypatch) -> None:

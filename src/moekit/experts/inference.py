@@ -29,7 +29,8 @@ that picks the kernel -- the native GEMV (``native_gemv``: C, built on first use
 fp32 accumulation, a GLU's gate activation fused, bf16 on AMX tiles where the CPU has them) where
 ``native_gemv.serves`` the number of rows (the crossover measured per CPU, ``native_gemv.MAX_ROWS``;
 ``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on packed weights (or, fp32, on the plain ones; MKL's
-``F.linear`` for large fp32 products on Intel, ``mkl_leads``), else ``F.linear``.
+``F.linear`` for large fp32 products on Intel and AVX2 AMD, ``mkl_leads``; bf16 without oneDNN bf16 on fp32
+BLAS over widened weight blocks, ``upcast_gemm``), else ``F.linear``.
 
 Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
 matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with
@@ -88,8 +89,9 @@ PACK_TILE_ROWS = 1024
 #: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32, AMD;
 #: ~12 us a page on the Intel VM). 24 MiB holds a 1024-row Mixtral expert in bf16 (8 MiB cut it in two)
 RUN_BYTES = 24 * 2**20
-#: fp32 products from this many rows run MKL's GEMM on Intel CPUs (``mkl_leads``)
-MKL_MIN_ROWS = 512
+#: fp32 products from this many rows run MKL's GEMM (``mkl_leads``): on Intel CPUs (by vendor) and on AMD
+#: EPYC with AVX2 only (by ``native_gemv.cpu_profile``); elsewhere oneDNN at every size
+MKL_MIN_ROWS = {"GenuineIntel": 512, "AuthenticAMD+AVX2": 128}
 #: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
 ROWS_PER_WEIGHT_PASS = 16
 
@@ -300,9 +302,14 @@ def reads_plain_weights(dtype: torch.dtype, rows: int = 1) -> bool:
 
 def mkl_leads(dtype: torch.dtype, rows: int) -> bool:
     """Whether MKL's GEMM (``F.linear`` in fp32) beats oneDNN, packed or plain, for a CPU product of ``rows``
-    rows: on Intel from ``MKL_MIN_ROWS`` rows (1024 rows of Mixtral's and Qwen3's expert matrices: MKL
-    1.05-1.07x faster; 256 rows: level; 16-64: oneDNN 1.05-1.2x faster)."""
-    return dtype == torch.float32 and rows >= MKL_MIN_ROWS and native_gemv.cpu_vendor() == "GenuineIntel"
+    rows, from ``MKL_MIN_ROWS`` of this CPU. Intel Xeon: 1024 rows of Mixtral's and Qwen3's expert matrices
+    MKL 1.05-1.07x faster, 256 level, 16-64 oneDNN 1.05-1.2x faster. AMD EPYC with AVX2 (Zen 3), MKL's time
+    over oneDNN's on the plain weights, Qwen3 / OLMoE / Mixtral matrices: 64 rows 0.91-1.23, 128 rows
+    0.84-1.04, 256 rows 0.80-0.96, 1024 rows 0.79-0.90."""
+    if dtype != torch.float32:
+        return False
+    limit = MKL_MIN_ROWS.get(native_gemv.cpu_vendor(), MKL_MIN_ROWS.get(native_gemv.cpu_profile()))
+    return limit is not None and rows >= limit
 
 
 @functools.cache
@@ -403,7 +410,7 @@ def expert_linear(
       gate activation fused into it when ``activation`` is one it has;
     * with ``packed`` (``weight_OI`` in oneDNN layout) oneDNN in tiles of ``PACK_TILE_ROWS`` rows, the
       activation fused as a post-op when oneDNN has it; the same on the plain contiguous weight in fp32 on
-      CPU (``reads_plain_weights``); large fp32 products on Intel MKL's ``F.linear`` (``mkl_leads``);
+      CPU (``reads_plain_weights``); large fp32 products on MKL's ``F.linear`` where it leads (``mkl_leads``);
     * bf16 on an x86 CPU where oneDNN has no bf16 kernels (AVX2): the weights widened to fp32 block by
       block and run on fp32 BLAS (``upcast_gemm``), not torch's reference bf16 loop;
     * otherwise ``F.linear`` then ``act_fn``.
@@ -423,7 +430,7 @@ def expert_linear(
             y = upcast_gemm.linear_via_fp32(x_MI, weight_OI, bias_O)  # no oneDNN bf16 here (AVX2): fp32 BLAS
             return y if act_fn is None else act_fn(y)
         if packed is not None and mkl_leads(weight_OI.dtype, M):
-            packed = None  # large fp32 products on Intel: MKL (F.linear) on the plain weights
+            packed = None  # large fp32 products where MKL leads: F.linear on the plain weights
         elif packed is None and reads_plain_weights(weight_OI.dtype, M) and weight_OI.is_contiguous():
             packed = weight_OI  # oneDNN takes the plain layout too: 1.1-1.8x the speed of F.linear (MKL) in fp32
     if packed is None:

@@ -8,9 +8,10 @@ tiles of 4 weight rows (far apart, 4 streams through distinct pages, the next bl
 8 rows for one or two rows of ``x`` on AMD EPYC) x up to 4 rows of ``x`` -- and accumulates in fp32 (bf16
 weights: ``vdpbf16ps`` where the CPU has AVX512_BF16, else widened by a 16-bit shift; AVX-512, AVX2 and
 portable C paths). 5-8 rows on AMD EPYC take "pair tiles" (two inputs of up to 8 rows per vector, each
-weight pair broadcast). From 9 rows of ``x`` (AVX-512) the rows of ``x`` go across the vector lanes instead
-(``x^T`` packed once, every weight broadcast against up to 64 rows: "broadcast tiles"), which keeps the
-FMA units busy where the dot-product tiles run out of load slots (prefill: 16-64 rows per expert). bf16
+weight pair broadcast). From 9 rows of ``x`` (AVX-512; AVX2: fp32 from 8, bf16 from 16) the rows of ``x``
+go across the vector lanes instead (``x^T`` packed once, every weight broadcast against up to 64 rows, 16
+on AVX2: "broadcast tiles"), which keeps the FMA units busy where the dot-product tiles run out of load
+slots (prefill: 16-64 rows per expert). bf16
 products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids). It
 optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
 OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
@@ -99,19 +100,23 @@ MAX_ROWS = {
 #: measured on the Xeon above, bf16 up to the 4 rows where its vector tiles led there (11.2-14.5 GB/s against
 #: 7.6-11.3 for F.linear and 10.5-12.9 packed; a CPU without AMX has slower oneDNN bf16, not faster)
 MAX_ROWS["GenuineIntel"] = {**MAX_ROWS["GenuineIntel+AMX"], (torch.bfloat16, False): ((1, 4),), (torch.bfloat16, True): ((1, 4),)}
-#: AMD EPYC with AVX2 only (Zen 3, 4 x 4-row dot tiles of 256 bits, no broadcast tiles). Kernels alone, GB/s,
-#: native / F.linear / oneDNN packed, fp32: 1 row 21.3-22.9 / 16.0-23.6 / 16.2-18.0, 4 rows 15.8-19.3 / 6.0-8.8 /
-#: 11.2-12.5, 8 rows 9.0-11.0 / 5.0-7.1 / 8.7-9.8, 16 rows 5.0-6.1 / 4.5-5.5 / 6.0-6.6; bf16, where oneDNN has no
-#: bf16 kernels and the alternative is the fp32 GEMM on widened blocks (``upcast_gemm``): 16 rows 2.4-3.2 /
-#: 2.1-2.9, 32 rows 1.4-1.6 / 1.4-1.9. The limits come from whole layers (one native call against the expert
-#: loop, interleaved A/B, ms): fp32 Qwen3 T=256 (16 rows an expert) 443 at limit 16 against 579 at 8, Mixtral
-#: T=64 245 against 291, OLMoE T=256 (32 rows) 511 at 16 against 560 at 32; bf16 Qwen3 T=256 395 at 16 against
-#: 767 at 8, OLMoE T=256 513 at 32 against 681 at 16, Qwen3 T=1024 (64 rows) 1506 at 16, 1562 at 32, 1633 at 64.
+#: AMD EPYC with AVX2 only (Zen 3: dot tiles of 4 x 4 rows and, from 8 rows in fp32 and 16 in bf16, broadcast
+#: tiles of 6 weight rows x 16 rows of x, 256-bit). Kernels alone, GB/s, before the AVX2 broadcast tiles,
+#: native / F.linear / oneDNN packed, fp32: 1 row 21.3-23.6 / 16.4-25.7 / 16.0-18.0, 4 rows 16.0-20.4 / 6.7-8.5 /
+#: 12.0-12.9, 8 rows 9.5-11.1 / 6.0-7.1 / 9.2-10.2, 16 rows 5.3-5.9 / 4.6-5.4 / 6.0-6.9; bf16, where oneDNN has
+#: no bf16 kernels and the alternative is the fp32 GEMM on widened blocks (``upcast_gemm``): 16 rows 2.8-3.2 /
+#: 2.4-2.8, 32 rows 1.4-1.6 / 1.8-1.9. The broadcast tiles then ran 16 rows at 7.4-9.6 GB/s in fp32 and 3.6-4.4
+#: in bf16. The limits come from whole layers (the one-call native layer against the expert loop on torch's
+#: kernels, interleaved, ms): fp32 Qwen3 T=256 (16 rows an expert) 327 at limit 16 against 534 at 8, OLMoE
+#: T=256 (32 rows) 439 at 32 against 493 at 16, Mixtral T=256 (64 rows) 782 at 64 against 657 at 32; bf16
+#: Qwen3 T=256 347 against 742, OLMoE T=256 402 at 32 against 667 at 16, 64 rows: Mixtral T=256 708 at 64
+#: against 823 at 32 but Qwen3 T=1024 1893 against 1494 (its 768-2048 features: 32). Packed fp32: OLMoE
+#: T=256 443 at 32 against 453 at 16 (level), Qwen3 T=256 322 at 32 against 432 at 8.
 MAX_ROWS["AuthenticAMD+AVX2"] = {
-    (torch.float32, False): ((1, 16),),
-    (torch.float32, True): ((1, 16),),
-    (torch.bfloat16, False): ((1, 32),),
-    (torch.bfloat16, True): ((1, 32),),
+    (torch.float32, False): ((1, 32),),
+    (torch.float32, True): ((1, 32),),
+    (torch.bfloat16, False): ((3584, 64), (1, 32)),
+    (torch.bfloat16, True): ((3584, 64), (1, 32)),
 }
 
 
