@@ -154,7 +154,7 @@ def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch)
     MKL GEMM of F.linear below MKL_MIN_ROWS). One thread adds each expert's output onto its tokens directly, two split the
     experts over the pool: both equal the reference."""
     experts = moekit.GLUExperts(4, D, 24, dtype=dtype)
-    x = torch.randn(200, D, dtype=dtype)  # ~100 rows per expert: past every CPU's native row limit, under MKL_MIN_ROWS
+    x = torch.randn(200, D, dtype=dtype)  # ~100 rows per expert: past every CPU's native row limit
     decision = _decision(200, 4, 2, dtype=dtype)
     monkeypatch.setattr(inference, "native_layer", lambda *a, **k: None)
     grouped, onednn = [], []
@@ -165,30 +165,33 @@ def test_large_products_on_cpu_take_the_expert_loop(dtype, threads, monkeypatch)
     y = with_threads(threads, lambda: _infer(experts, x, decision))
     plain = inference.reads_plain_weights(dtype)
     assert plain == (dtype == torch.float32 and packing_available(dtype, "cpu"))
-    assert not grouped and bool(onednn) == plain
+    rows = torch.bincount(decision.ids_TK.flatten(), minlength=4).tolist()  # oneDNN unless MKL leads at that size
+    assert not grouped and bool(onednn) == any(inference.reads_plain_weights(dtype, r, D) for r in rows)
     torch.testing.assert_close(y, dispatch_reference(experts, x, decision).detach(), **TOL[dtype])
 
 
 @pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN on this build")
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("vendor, profile, mkl_from", [("GenuineIntel", "GenuineIntel+AMX", 512), ("AuthenticAMD", "AuthenticAMD", None),
-                                                       ("AuthenticAMD", "AuthenticAMD+AVX2", 128)])  # fmt: skip
+@pytest.mark.parametrize("vendor, profile, mkl_from", [("GenuineIntel", "GenuineIntel+AMX", (512, 512)),
+                                                       ("AuthenticAMD", "AuthenticAMD", None),
+                                                       ("AuthenticAMD", "AuthenticAMD+AVX2", (64, 256))])  # fmt: skip
 def test_large_fp32_products_take_mkl_where_it_leads(vendor, profile, mkl_from, packed, monkeypatch) -> None:
-    """fp32 products of the CPU's MKL_MIN_ROWS rows or more run F.linear (MKL), packed or not (Intel from 512
-    rows, AVX2 AMD from 128), and oneDNN on AVX-512 AMD at every size; fewer rows take oneDNN; all equal
-    F.linear."""
+    """fp32 products from the CPU's MKL_MIN_ROWS rows run F.linear (MKL), packed or not (Intel from 512 rows;
+    AVX2 AMD from 64 below 3584 features, from 256 at 3584 and more), and oneDNN on AVX-512 AMD at every size;
+    fewer rows take oneDNN; all equal F.linear. ``mkl_from``: the first MKL rows at D and at 4096 features."""
     monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
     lp = torch.ops.mkldnn._linear_pointwise
     onednn = []
     monkeypatch.setattr(inference.torch.ops.mkldnn, "_linear_pointwise", lambda *a: onednn.append(1) or lp(*a), raising=False)
-    W = torch.randn(24, D)
-    P = torch.ops.mkldnn._reorder_linear_weight(W, inference.PACK_HINT) if packed else None
-    for rows in (96, 128, 512):  # past the native kernel's rows on every CPU
-        onednn.clear()
-        x = torch.randn(rows, D)
-        torch.testing.assert_close(expert_linear(x, W, packed=P), F.linear(x, W), rtol=1e-5, atol=1e-5)
-        assert bool(onednn) == (mkl_from is None or rows < mkl_from), rows
+    for features, first_mkl in zip((D, 4096), mkl_from or (None, None)):
+        W = torch.randn(24, features)
+        P = torch.ops.mkldnn._reorder_linear_weight(W, inference.PACK_HINT) if packed else None
+        for rows in (65, 128, 256, 512):  # past the native kernel's rows on every CPU
+            onednn.clear()
+            x = torch.randn(rows, features)
+            torch.testing.assert_close(expert_linear(x, W, packed=P), F.linear(x, W), rtol=1e-4, atol=1e-4)
+            assert bool(onednn) == (first_mkl is None or rows < first_mkl), (features, rows)
 
 
 def test_grouped_split_under_inference_mode(monkeypatch) -> None:

@@ -89,9 +89,10 @@ PACK_TILE_ROWS = 1024
 #: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32, AMD;
 #: ~12 us a page on the Intel VM). 24 MiB holds a 1024-row Mixtral expert in bf16 (8 MiB cut it in two)
 RUN_BYTES = 24 * 2**20
-#: fp32 products from this many rows run MKL's GEMM (``mkl_leads``): on Intel CPUs (by vendor) and on AMD
-#: EPYC with AVX2 only (by ``native_gemv.cpu_profile``); elsewhere oneDNN at every size
-MKL_MIN_ROWS = {"GenuineIntel": 512, "AuthenticAMD+AVX2": 128}
+#: where fp32 products run MKL's GEMM (``mkl_leads``): Intel CPUs (by vendor) and AMD EPYC with AVX2 only (by
+#: ``native_gemv.cpu_profile``) -> ``((min features, min rows), ...)``, the first entry whose min features the
+#: matrix reaches gives the rows from which MKL runs; elsewhere oneDNN at every size
+MKL_MIN_ROWS = {"GenuineIntel": ((1, 512),), "AuthenticAMD+AVX2": ((3584, 256), (1, 64))}
 #: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
 ROWS_PER_WEIGHT_PASS = 16
 
@@ -292,24 +293,27 @@ def packing_available(dtype: torch.dtype, device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and _packs_on_cpu(dtype)
 
 
-def reads_plain_weights(dtype: torch.dtype, rows: int = 1) -> bool:
+def reads_plain_weights(dtype: torch.dtype, rows: int = 1, features: int = 1) -> bool:
     """Whether ``expert_linear`` runs unpacked CPU weights of ``dtype`` on oneDNN rather than ``F.linear``
     for ``rows`` rows: fp32, where torch's ``F.linear`` is MKL and oneDNN reading the plain layout is
-    1.1-1.8x faster at every measured size on AMD EPYC (1-1024 rows of 768-4096 features) and on Intel up
-    to ``MKL_MIN_ROWS`` (``mkl_leads``); bf16's ``F.linear`` is oneDNN already."""
-    return dtype == torch.float32 and _packs_on_cpu(dtype) and not mkl_leads(dtype, rows)
+    1.1-1.8x faster at every measured size on AMD EPYC with AVX-512 (1-1024 rows of 768-4096 features) and
+    on Intel and AVX2 AMD up to ``MKL_MIN_ROWS`` (``mkl_leads``); bf16's ``F.linear`` is oneDNN already."""
+    return dtype == torch.float32 and _packs_on_cpu(dtype) and not mkl_leads(dtype, rows, features)
 
 
-def mkl_leads(dtype: torch.dtype, rows: int) -> bool:
+def mkl_leads(dtype: torch.dtype, rows: int, features: int = 1) -> bool:
     """Whether MKL's GEMM (``F.linear`` in fp32) beats oneDNN, packed or plain, for a CPU product of ``rows``
-    rows, from ``MKL_MIN_ROWS`` of this CPU. Intel Xeon: 1024 rows of Mixtral's and Qwen3's expert matrices
-    MKL 1.05-1.07x faster, 256 level, 16-64 oneDNN 1.05-1.2x faster. AMD EPYC with AVX2 (Zen 3), MKL's time
-    over oneDNN's on the plain weights, Qwen3 / OLMoE / Mixtral matrices: 64 rows 0.91-1.23, 128 rows
-    0.84-1.04, 256 rows 0.80-0.96, 1024 rows 0.79-0.90."""
+    rows of ``features`` inputs (``MKL_MIN_ROWS`` of this CPU). Intel Xeon: 1024 rows of Mixtral's and Qwen3's
+    expert matrices MKL 1.05-1.07x faster, 256 level, 16-64 oneDNN 1.05-1.2x faster. AMD EPYC with AVX2 (Zen
+    3), MKL's time over oneDNN's on the plain weights: Qwen3 and OLMoE matrices (768-2048 features) 64 rows
+    0.91-0.98, 128 rows 0.84-0.94, 1024 rows 0.79-0.90; Mixtral's (3584-4096) 64 rows 1.05-1.23, 128 rows
+    0.99-1.04, 256 rows 0.94-0.96, 1024 rows 0.83."""
     if dtype != torch.float32:
         return False
-    limit = MKL_MIN_ROWS.get(native_gemv.cpu_vendor(), MKL_MIN_ROWS.get(native_gemv.cpu_profile()))
-    return limit is not None and rows >= limit
+    for min_features, min_rows in MKL_MIN_ROWS.get(native_gemv.cpu_vendor()) or MKL_MIN_ROWS.get(native_gemv.cpu_profile(), ()):
+        if features >= min_features:
+            return rows >= min_rows
+    return False
 
 
 @functools.cache
@@ -429,9 +433,9 @@ def expert_linear(
         if weight_OI.dtype == x_MI.dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference():
             y = upcast_gemm.linear_via_fp32(x_MI, weight_OI, bias_O)  # no oneDNN bf16 here (AVX2): fp32 BLAS
             return y if act_fn is None else act_fn(y)
-        if packed is not None and mkl_leads(weight_OI.dtype, M):
+        if packed is not None and mkl_leads(weight_OI.dtype, M, I):
             packed = None  # large fp32 products where MKL leads: F.linear on the plain weights
-        elif packed is None and reads_plain_weights(weight_OI.dtype, M) and weight_OI.is_contiguous():
+        elif packed is None and reads_plain_weights(weight_OI.dtype, M, I) and weight_OI.is_contiguous():
             packed = weight_OI  # oneDNN takes the plain layout too: 1.1-1.8x the speed of F.linear (MKL) in fp32
     if packed is None:
         y = F.linear(x_MI, weight_OI, bias_O)
