@@ -130,7 +130,7 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
         native_gemv.linear(x, W, glu="swish")
 
 
-@pytest.mark.parametrize("profile", ["AuthenticAMD", "AuthenticAMD+AVX2", "GenuineIntel+AMX", "GenuineIntel"])
+@pytest.mark.parametrize("profile", ["AuthenticAMD", "AuthenticAMD+AVX2", "GenuineIntel+AMX", "GenuineIntel", "GenuineIntel+AVX2"])
 def test_serves_the_measured_decode_sizes(profile, monkeypatch) -> None:
     monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
     for (dtype, packed), rules in native_gemv.MAX_ROWS[profile].items():

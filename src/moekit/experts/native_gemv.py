@@ -119,6 +119,10 @@ MAX_ROWS["AuthenticAMD+AVX2"] = {
     (torch.bfloat16, False): ((1, 32),),
     (torch.bfloat16, True): ((1, 32),),
 }
+#: Intel with AVX2 only (client cores, older Xeons): not measured. Decode rows only, up to the 4 where the dot
+#: tiles led torch's kernels on every CPU measured (fp32 and bf16; without oneDNN bf16 the alternative is a
+#: reference loop or the widened blocks, 2-3x slower at 1-4 rows on the AVX2 AMD EPYC).
+MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAMD+AVX2"]}
 
 
 def available() -> bool:
