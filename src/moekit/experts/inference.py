@@ -89,10 +89,12 @@ PACK_TILE_ROWS = 1024
 #: on every call (measured: 74K page faults, 22% of a T=1024 call on the Qwen3-30B-A3B layer, fp32, AMD;
 #: ~12 us a page on the Intel VM). 24 MiB holds a 1024-row Mixtral expert in bf16 (8 MiB cut it in two)
 RUN_BYTES = 24 * 2**20
-#: where fp32 products run MKL's GEMM (``mkl_leads``): Intel CPUs (by vendor) and AMD EPYC with AVX2 only (by
-#: ``native_gemv.cpu_profile``) -> ``((min features, min rows), ...)``, the first entry whose min features the
-#: matrix reaches gives the rows from which MKL runs; elsewhere oneDNN at every size
-MKL_MIN_ROWS = {"GenuineIntel": ((1, 512),), "AuthenticAMD+AVX2": ((3584, 256), (1, 64))}
+#: where fp32 products run MKL's GEMM (``mkl_leads``), by ``native_gemv.cpu_profile``, as ``MAX_ROWS``:
+#: ``((min features, min rows), ...)``, the first entry whose min features the matrix reaches gives the rows
+#: from which MKL runs; every Intel profile (measured on the Xeon) and AMD EPYC with AVX2 only; elsewhere
+#: oneDNN at every size
+MKL_MIN_ROWS = {**{"GenuineIntel" + isa: ((1, 512),) for isa in ("+AMX", "", "+AVX2", "+portable")},
+                "AuthenticAMD+AVX2": ((3584, 256), (1, 64))}  # fmt: skip
 #: rows of one expert that cost about one pass over its weights (compute vs memory, for the thread split)
 ROWS_PER_WEIGHT_PASS = 16
 
@@ -310,7 +312,7 @@ def mkl_leads(dtype: torch.dtype, rows: int, features: int = 1) -> bool:
     0.99-1.04, 256 rows 0.94-0.96, 1024 rows 0.83."""
     if dtype != torch.float32:
         return False
-    for min_features, min_rows in MKL_MIN_ROWS.get(native_gemv.cpu_vendor()) or MKL_MIN_ROWS.get(native_gemv.cpu_profile(), ()):
+    for min_features, min_rows in MKL_MIN_ROWS.get(native_gemv.cpu_profile(), ()):
         if features >= min_features:
             return rows >= min_rows
     return False

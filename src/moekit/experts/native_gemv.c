@@ -816,8 +816,8 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
 static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w, long ldw, const float *xt, long P,
                                                                long I, const int BR, const int NV, __m256 acc[BC_BR][2]) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    __m256 a[BC_BR][2], odd[BC_BR]; /* one vector: the odd inputs' sums apart */
-    for (int r = 0; r < BR; r++) a[r][0] = a[r][1] = odd[r] = _mm256_setzero_ps();
+    __m256 a[BC_BR][2]; /* one vector: the odd inputs' sums in a[r][1] */
+    for (int r = 0; r < BR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
     for (long q = 0; q < I / 2; q++) {
         if (q % 32 == 0)
             for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + 2 * q);
@@ -833,13 +833,13 @@ static inline __attribute__((always_inline)) void bc_tile_bf16(const uint16_t *w
             __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wp, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(wp, high));
             if (NV == 1) {
                 a[r][0] = _mm256_fmadd_ps(we, xe[0], a[r][0]);
-                odd[r] = _mm256_fmadd_ps(wo, xo[0], odd[r]);
+                a[r][1] = _mm256_fmadd_ps(wo, xo[0], a[r][1]);
             } else
                 for (int v = 0; v < NV; v++) a[r][v] = _mm256_fmadd_ps(wo, xo[v], _mm256_fmadd_ps(we, xe[v], a[r][v]));
         }
     }
     for (int r = 0; r < BR; r++) {
-        acc[r][0] = NV == 1 ? _mm256_add_ps(a[r][0], odd[r]) : a[r][0];
+        acc[r][0] = NV == 1 ? _mm256_add_ps(a[r][0], a[r][1]) : a[r][0];
         acc[r][1] = a[r][1];
     }
 }
