@@ -137,6 +137,10 @@ def test_serves_the_measured_decode_sizes(profile, monkeypatch) -> None:
         for min_features, limit in rules:
             assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
             assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
+    for dtype, rules in native_gemv.PANEL_MAX_ROWS.get(profile, {}).items():
+        for min_features, limit in rules:
+            assert native_gemv.serves(limit, dtype, min_features, panels=True) == native_gemv.available()
+            assert not native_gemv.serves(limit + 1, dtype, min_features, panels=True)
     assert not native_gemv.serves(0, torch.float32, 64)
     assert not native_gemv.serves(1, torch.float16, 64)
     assert not native_gemv.serves(1, torch.float32, 0)
@@ -204,11 +208,12 @@ def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype,
 @settings(max_examples=30, deadline=None)
 @given(T=st.one_of(st.integers(1, 120), st.sampled_from(EDGE_ROWS)), K=st.integers(1, 3), E=st.integers(1, 6),
        I=st.integers(1, 80), F_=st.integers(1, 70), O=st.integers(1, 70), bf16=st.booleans(), glu=st.booleans(),
-       threads=st.integers(1, 3), seed=st.integers(0, 2**16))  # fmt: skip
-def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, bf16, glu, threads, seed) -> None:
-    """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases. Tiny
-    layers cancel, so the error is measured against the sum of absolute terms, and bf16 against a reference
-    that rounds the hidden values as the kernel does."""
+       threads=st.integers(1, 3), seed=st.integers(0, 2**16), panels=st.booleans())  # fmt: skip
+def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, bf16, glu, threads, seed, panels) -> None:
+    """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases, on
+    panel copies half the time where the kernel reads them. Tiny layers cancel, so the error is measured
+    against the sum of absolute terms, and bf16 against a reference that rounds the hidden values as the
+    kernel does."""
     g = torch.Generator().manual_seed(seed)
     dt = torch.bfloat16 if bf16 else torch.float32
     x = torch.randn(T, I, generator=g).to(dt)
@@ -217,8 +222,11 @@ def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, 
     b1, b2 = torch.randn(E, first.shape[1], generator=g).to(dt), torch.randn(E, O, generator=g).to(dt)
     ids, w = torch.randint(0, E, (T, K), generator=g), torch.rand(T, K, generator=g)
     kept = torch.rand(T, K, generator=g) > 0.2
+    copies = {}
+    if panels and native_gemv.panels_available():
+        copies = {"first_panels": native_gemv.pack_panels(first, F_ if glu else None), "second_panels": native_gemv.pack_panels(second)}
     y = native_gemv.moe_ffn(x, ids, w, first, second, b1, b2, kept_TK=kept, glu=glu, activation="silu" if glu else "gelu",
-                            threads=threads)  # fmt: skip
+                            threads=threads, **copies)  # fmt: skip
     args = (x, ids, w, first, second, b1, b2, glu, "silu" if glu else "gelu", kept)
     ref = _layer_reference(*args, hidden_dtype=dt if bf16 else None)
     scale = _layer_reference(*args, magnitude=True).max().clamp_min(1e-30)
@@ -245,6 +253,101 @@ def test_moe_layer_reads_strided_experts_and_rejects_bad_arguments() -> None:
         native_gemv.moe_ffn(x, ids, w, first, second, torch.randn(E, F_), glu=True, activation="silu")
     with pytest.raises(ValueError, match="unit column stride"):
         native_gemv.moe_ffn(x, ids, w, first.transpose(1, 2).contiguous().transpose(1, 2), second, glu=True, activation="silu")
+
+
+needs_panels = pytest.mark.skipif(not native_gemv.panels_available(), reason="the kernel here reads no panel copies (not AVX2)")
+
+
+@needs_panels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("T, K, E, I, F_, O", [(40, 2, 4, 64, 96, 72), (80, 2, 3, 19, 70, 65), (90, 3, 4, 130, 200, 33),
+                                               (33, 1, 2, 96, 64, 130), (150, 2, 2, 40, 130, 64)])  # fmt: skip
+def test_moe_layer_on_panels_matches_the_plain_layer(T, K, E, I, F_, O, glu, dtype, threads) -> None:
+    """Panel copies (``pack_panels``) give the plain layer's output: groups of 8 to ~150 rows (one or more
+    passes of 16, partial vectors), chunks of hidden features and output rows cut short, odd inputs, biases
+    and dropped slots, a GLU's two segments; fp32 sums in another order (rows past 16 run on the broadcast
+    tiles, not the dot tiles), bf16 output rounded from them."""
+    dt = DTYPES[dtype]
+    torch.manual_seed(T + I)
+    x = torch.randn(T, I).to(dt)
+    first = (torch.randn(E, 2 * F_ if glu else F_, I) / I**0.5).to(dt)
+    second = (torch.randn(E, O, F_) / F_**0.5).to(dt)
+    b1, b2 = torch.randn(E, first.shape[1]).to(dt), torch.randn(E, O).to(dt)
+    ids, w, kept = torch.randint(0, E, (T, K)), torch.rand(T, K), torch.rand(T, K) > 0.2
+    panels = {"first_panels": native_gemv.pack_panels(first, F_ if glu else None), "second_panels": native_gemv.pack_panels(second)}
+    args = (x, ids, w, first, second, b1, b2)
+    plain = native_gemv.moe_ffn(*args, kept_TK=kept, glu=glu, activation="silu", threads=threads)
+    on_panels = native_gemv.moe_ffn(*args, kept_TK=kept, glu=glu, activation="silu", threads=threads, **panels)
+    ref = _layer_reference(x, ids, w, first, second, b1, b2, glu, "silu", kept, hidden_dtype=dt if dt == torch.bfloat16 else None)
+    assert on_panels.dtype == dt and on_panels.shape == (T, O)
+    assert _rel_err(on_panels, ref) <= (1e-5 if dt == torch.float32 else 2e-2)
+    assert _rel_err(on_panels, plain.double()) <= (1e-6 if dt == torch.float32 else 1e-2)
+
+
+@needs_panels
+def test_pack_panels_permutes_each_tile_and_checks_its_arguments(monkeypatch) -> None:
+    """A panel copy holds every weight once, a tile of h rows input-major (h values an input): the first tile
+    of a chunk is its first 6 rows, and the GLU's up segment starts a chunk of its own."""
+    E, R, I = 2, 2 * 67, 5
+    w = torch.arange(E * R * I, dtype=torch.float32).reshape(E, R, I)
+    for segment in (None, 67):
+        p = native_gemv.pack_panels(w, segment)
+        assert p.shape == w.shape and p.dtype == w.dtype and p.is_contiguous()
+        assert torch.equal(p.flatten().sort().values, w.flatten())
+        assert torch.equal(p[1].flatten()[: 6 * I], w[1, :6].T.flatten())  # rows 0-5, input-major
+    up = native_gemv.pack_panels(w, 67)
+    assert torch.equal(up[0].flatten()[67 * I : 73 * I], w[0, 67:73].T.flatten())  # the up segment's first tile
+    assert torch.equal(up[0].flatten()[64 * I : 66 * I], w[0, 64:66].T.flatten())  # the gate's last chunk: 3 rows, 2 + 1
+    assert not torch.equal(native_gemv.pack_panels(w)[0, 64:70], up[0, 64:70])  # unsegmented: one chunk, a 6-row tile
+    assert torch.equal(native_gemv.pack_panels(w.bfloat16()).float(), native_gemv.pack_panels(w.bfloat16().float()))
+    with pytest.raises(ValueError, match="segment must divide"):
+        native_gemv.pack_panels(w, 60)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_gemv.pack_panels(w.double())
+    with pytest.raises(ValueError, match="unit column stride"):
+        native_gemv.pack_panels(w.transpose(1, 2))
+    x, ids, wt = torch.randn(3, I), torch.tensor([[0], [1], [1]]), torch.rand(3, 1)
+    second = torch.randn(E, 4, 67)
+    with pytest.raises(ValueError, match="go together"):
+        native_gemv.moe_ffn(x, ids, wt, w, second, glu=True, activation="silu", first_panels=up)
+    with pytest.raises(ValueError, match="second_panels must be pack_panels"):
+        native_gemv.moe_ffn(x, ids, wt, w, second, glu=True, activation="silu", first_panels=up, second_panels=second[:, :2])
+    monkeypatch.setattr(native_gemv, "panels_available", lambda: False)
+    with pytest.raises(RuntimeError, match="panel copies need the AVX2 build"):
+        native_gemv.pack_panels(w)
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_packed_bank_runs_its_layer_on_panels_rebuilt_when_weights_change(dtype, monkeypatch) -> None:
+    """``pack_for_inference`` on a CPU whose kernel reads panels: prefill sizes run the one-call layer on
+    the bank's panel copies (none for an unpacked bank), equal to the training path, and an in-place change
+    of a weight rebuilds them."""
+    dt = DTYPES[dtype]
+    E, T = 4, 48  # 24 rows an expert: the broadcast tiles, under PANEL_MAX_ROWS
+    experts = moekit.GLUExperts(E, D, 24).to(dt)
+    x = torch.randn(T, D).to(dt)
+    decision = RoutingDecision(torch.randint(0, E, (T, 2)), torch.softmax(torch.randn(T, 2), -1).to(dt), E)
+    seen, layer = [], native_gemv.moe_ffn
+    monkeypatch.setattr(native_gemv, "moe_ffn", lambda *a, **k: seen.append(k.get("first_panels")) or layer(*a, **k))
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    with torch.inference_mode():
+        dispatch(experts, x, decision)
+    assert seen and seen[-1] is None  # unpacked: the plain layer (or the expert loop) without panels
+    moekit.experts.pack_for_inference(experts)
+    with torch.inference_mode():
+        y = dispatch(experts, x, decision)
+    assert seen[-1] is not None
+    torch.testing.assert_close(y, _training_path(experts, x, decision), **tol)
+    first_copy = seen[-1]
+    with torch.no_grad():
+        experts.stacked_parameters()["gate_up_proj"].mul_(-1.0)
+    with torch.inference_mode():
+        y2 = dispatch(experts, x, decision)
+    assert seen[-1] is not first_copy
+    torch.testing.assert_close(y2, _training_path(experts, x, decision), **tol)
 
 
 @needs_kernel

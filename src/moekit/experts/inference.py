@@ -44,6 +44,7 @@ False)``. Without packing, the same path runs ``F.linear`` per expert.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -127,6 +128,8 @@ class FFNWeights:
         first_bias / second_bias: ``[E, R]`` / ``[E, O]`` or None.
         glu: the hidden layer is ``act(gate) * up``.
         activation: the activation's name (served when it is one of ``native_gemv.FFN_ACTIVATIONS``).
+        first_panels / second_panels: ``native_gemv.pack_panels`` copies of ``first`` / ``second`` (a packed
+            bank's, ``InferencePack.panels``) or None.
     """
 
     first: Tensor
@@ -135,6 +138,8 @@ class FFNWeights:
     second_bias: Tensor | None = None
     glu: bool = False
     activation: str = "identity"
+    first_panels: Tensor | None = None
+    second_panels: Tensor | None = None
 
 
 # ----- plan -------------------------------------------------------------------------------------
@@ -188,11 +193,12 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
     per run), elsewhere the sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same
     kernels, one call per matrix); combined by a weighted ``index_add``."""
     T = x_T.shape[0]
-    packed = inference_pack(bank)
-    layer = native_layer(bank, x_T, decision, packed=packed is not None)
+    layer = native_layer(bank, x_T, decision)
     if layer is not None:
         return native_gemv.moe_ffn(x_T, decision.ids_TK, decision.weights_TK, layer.first, layer.second, layer.first_bias,
-                                   layer.second_bias, kept_TK=decision.kept_TK, glu=layer.glu, activation=layer.activation)  # fmt: skip
+                                   layer.second_bias, kept_TK=decision.kept_TK, glu=layer.glu, activation=layer.activation,
+                                   first_panels=layer.first_panels, second_panels=layer.second_panels)  # fmt: skip
+    packed = inference_pack(bank)
     # CPU: always the expert loop (F.grouped_mm's CPU kernel copies every expert's weights on each call:
     # 1.1-1.7x the loop's time at 256-1024 rows per expert, bench_infer.py)
     cpu = x_T.device.type == "cpu"
@@ -254,11 +260,13 @@ def expert_runs(groups: Sequence[tuple[int, int, int]], max_rows: int) -> list[l
     return runs
 
 
-def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, packed: bool) -> FFNWeights | None:
+def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> FFNWeights | None:
     """The bank's ``FFNWeights`` when the one-call native layer serves this call, else None: a CPU call in
     the weights' dtype, an activation the kernel has, weights with unit column stride, and a mean number
-    of rows per touched expert that ``native_gemv.serves`` for both matrices (``packed``: against the
-    bank's oneDNN-packed kernels)."""
+    of rows per touched expert that ``native_gemv.serves`` for both matrices. A packed bank
+    (``pack_for_inference``) brings its panel copies where the kernel reads them (``InferencePack.panels``;
+    served against the expert loop on the packed bank's kernels, ``native_gemv.PANEL_MAX_ROWS``), else
+    is served against its oneDNN-packed kernels."""
     if x_T.device.type != "cpu" or x_T.dim() != 2:
         return None
     ffn = bank.ffn_weights()
@@ -269,9 +277,13 @@ def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, 
     slots = max(1, decision.ids_TK.numel())
     rows = -(-slots // min(decision.num_experts, slots))
     dtype = ffn.first.dtype
-    served = native_gemv.serves(rows, dtype, ffn.first.shape[2], packed=packed) and native_gemv.serves(
-        rows, dtype, ffn.second.shape[2], packed=packed)
-    return ffn if served else None
+    pack = getattr(bank, "_inference_pack", None)
+    panels = pack is not None and native_gemv.panels_available()
+    packed = pack is not None and not panels and inference_pack(bank) is not None
+    served = all(native_gemv.serves(rows, dtype, w.shape[2], packed=packed, panels=panels) for w in (ffn.first, ffn.second))
+    if not served:
+        return None
+    return dataclasses.replace(ffn, **pack.panels(ffn)) if panels else ffn
 
 
 def expert_split(groups: Sequence[tuple[int, int, int]], device: torch.device) -> cpu_grouped.RowSplit | None:
@@ -330,14 +342,31 @@ def _packs_on_cpu(dtype: torch.dtype) -> bool:
 
 
 class InferencePack:
-    """Per-expert oneDNN-packed copies of a bank's matrices (``ExpertBank.inference_matrices``), rebuilt
-    when any of the bank's parameters or buffers changes. Not part of the state dict; a deep copy or
-    pickle of the bank drops it (it is rebuilt on the next inference call of the copy)."""
+    """A packed bank's second copy of its expert weights, made on first use and rebuilt when any of the
+    bank's parameters or buffers changes: per-expert oneDNN-packed matrices (``matrices``; the expert loop's
+    kernels) or, for the one-call native layer where the kernel reads them, panel copies of the two FFN
+    matrices (``panels``). Not part of the state dict; a deep copy or pickle of the bank drops it (it is
+    rebuilt on the next inference call of the copy)."""
 
     def __init__(self) -> None:
         self._stamp: tuple | None = None
         self._packed: dict[str, list[Tensor]] = {}
         self.expert_bytes = 0  # mean weight bytes of one expert (what one expert's inference streams)
+        self._panel_key: tuple | None = None
+        self._panels: dict[str, Tensor] = {}
+
+    def panels(self, ffn: FFNWeights) -> dict[str, Tensor]:
+        """``{"first_panels": ..., "second_panels": ...}``: ``native_gemv.pack_panels`` of the FFN matrices
+        (the first in segments of ``F`` rows for a GLU), rebuilt when either matrix changed."""
+        key = _identity((ffn.first, ffn.second))
+        if key != self._panel_key:
+            self._panels = {}  # the old copies go before the new ones are made
+            with torch.no_grad():
+                F = ffn.second.shape[2]
+                self._panels = {"first_panels": native_gemv.pack_panels(ffn.first, F if ffn.glu else None),
+                                "second_panels": native_gemv.pack_panels(ffn.second)}  # fmt: skip
+            self._panel_key = key
+        return self._panels
 
     def matrices(self, bank: "ExpertBank") -> dict[str, list[Tensor]]:
         """The packed matrices, ``{name: [packed [O, I] per expert]}``, rebuilt if the bank changed."""
@@ -358,14 +387,18 @@ class InferencePack:
         return InferencePack()
 
     def __getstate__(self) -> dict:
-        return {"_stamp": None, "_packed": {}, "expert_bytes": 0}
+        return {"_stamp": None, "_packed": {}, "expert_bytes": 0, "_panel_key": None, "_panels": {}}
 
 
 def _stamp(bank: "ExpertBank") -> tuple:
-    """What identifies the bank's weights: storage, shape, dtype and in-place version of every tensor. Tensors
-    made under ``inference_mode`` keep no version counter: theirs is None, so an in-place change of one
-    inside ``inference_mode`` is not seen (assigning a new tensor is)."""
-    tensors = [*bank.stacked_parameters().values(), *bank.buffers()]
+    """What identifies the bank's weights: ``_identity`` of its stacked parameters and buffers."""
+    return _identity([*bank.stacked_parameters().values(), *bank.buffers()])
+
+
+def _identity(tensors: Sequence[Tensor]) -> tuple:
+    """Storage, shape, dtype and in-place version of every tensor. Tensors made under ``inference_mode`` keep
+    no version counter: theirs is None, so an in-place change of one inside ``inference_mode`` is not seen
+    (assigning a new tensor is)."""
     return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, tuple(t.shape)) for t in tensors)
 
 

@@ -523,7 +523,8 @@ static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, 
  * to it with `add`): the rows of x 64 at a time (up to four vectors, the last one half when it holds 8 rows
  * or fewer), each pass reading the block's weight rows again (from L2 past the first). */
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add) {
+                    long ldm, long ldr, int add, int panel) {
+    (void)panel; /* no panel copies on AVX-512 (moekit_panels_usable) */
     __m512 acc[16][4];
     __m256 half[16];
     const long P = 16 * ((M + 15) / 16);
@@ -764,6 +765,7 @@ static void quad_rows(const void *W, int bf16, long ldw, long r0, long nr, const
 #define BC_MIN_ROWS_BF16 16
 #define BC_PASS 16 /* rows of x per pass: two vectors */
 #define BC_BR 6     /* weight rows per tile: 12 sums, two vectors of x and the broadcast weight in 16 registers */
+#define PANELS 1    /* the tiles read panel copies of the weights (moekit_pack_panels) */
 
 static int bc_applies(int bf16, long M, long I) { return bf16 ? M >= BC_MIN_ROWS_BF16 && I % 2 == 0 : M >= BC_MIN_ROWS; }
 
@@ -777,33 +779,46 @@ static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long 
         for (long m = 0; m < P; m++) t[i * P + m] = m < M ? xf[m * I + i] : 0.0f;
 }
 
-/* BR weight rows (ldw apart) x NV vectors of 8 rows of x (xt: the first of them in the packed x^T, P rows
- * of x per input): acc[r][v] lane l = W_r . x_{8 v + l}. With one vector the even and odd inputs sum into
+/* The weights ahead of a tile: plain rows (`row_bytes` apart from w), at a new cache line of each row (`line`),
+ * the next tile's rows into L2; a panel, the line at `ahead` (one stream: PANEL_AHEAD bytes on in an fp32 panel,
+ * the next block of a bf16 panel while its widened block runs; AVX2 AMD EPYC, fp32 panel at 16 rows: 1536
+ * bytes ahead 1.2x none, 3072 0.9x of 1536). */
+#define PANEL_AHEAD 1536
+static inline __attribute__((always_inline)) void bc_prefetch(const char *w, long row_bytes, const int BR, int line,
+                                                              const char *ahead, const int panel) {
+    if (panel) PREFETCH(ahead);
+    else if (line)
+        for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * row_bytes + (ahead - w));
+}
+
+/* BR weight rows x NV vectors of 8 rows of x (xt: the first of them in the packed x^T, P rows of x per
+ * input): acc[r][v] lane l = W_r . x_{8 v + l}. The weights: plain (rows ldw apart) or, with `panel`, the
+ * tile's BR rows input-major (BR values, bf16: BR pairs, an input; one stream; moekit_pack_panels). With one vector the even and odd inputs sum into
  * two accumulators (a[r][0], a[r][1]), so a tile has as many independent sums as with two and covers the
  * FMA latency. The sums live in a local array until the end (one the caller sees is stored to memory at
  * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). */
 static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, long ldw, const float *xt, long P, long I,
-                                                              const int BR, const int NV, __m256 acc[BC_BR][2]) {
+                                                              const int BR, const int NV, const int panel, const char *pf,
+                                                              int pf_shift, __m256 acc[BC_BR][2]) {
+    const long rs = panel ? 1 : ldw, is = panel ? BR : 1; /* weight (r, i) at w[r * rs + i * is] */
     __m256 a[BC_BR][2];
     for (int r = 0; r < BR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
     long i = 0;
     if (NV == 1)
         for (; i + 1 < I; i += 2) {
-            if (i % 16 == 0) /* a new cache line of every row: fetch the next tile's into L2 */
-                for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + i);
+            bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + ((4 * i * is) >> pf_shift), panel);
             __m256 x0 = _mm256_loadu_ps(xt + i * P), x1 = _mm256_loadu_ps(xt + (i + 1) * P);
             for (int r = 0; r < BR; r++) {
-                a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * ldw + i), x0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * ldw + i + 1), x1, a[r][1]);
+                a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * rs + i * is), x0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * rs + (i + 1) * is), x1, a[r][1]);
             }
         }
     for (; i < I; i++) {
-        if (i % 16 == 0)
-            for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * ldw + i);
+        if (i % 2 == 0) bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + ((4 * i * is) >> pf_shift), panel);
         __m256 xv[2];
         for (int v = 0; v < NV; v++) xv[v] = _mm256_loadu_ps(xt + i * P + 8 * v);
         for (int r = 0; r < BR; r++) {
-            __m256 wr = _mm256_broadcast_ss(w + r * ldw + i);
+            __m256 wr = _mm256_broadcast_ss(w + r * rs + i * is);
             for (int v = 0; v < NV; v++) a[r][v] = _mm256_fmadd_ps(wr, xv[v], a[r][v]);
         }
     }
@@ -858,45 +873,110 @@ static inline void bc_store(__m256 acc[BC_BR][2], int BR, int NV, long rows, flo
         }
 }
 
-/* One tile of BR weight rows (at r) against every pass of BC_PASS rows of x, so the tile's rows are read from
- * memory once and from L2 in the later passes. */
-#define BC_PASSES(TILE, BR)                                                                             \
+/* One tile of BR weight rows (W, the tile's first: rows ldw apart, or its panel) over inputs [k0, k0 + kn)
+ * against every pass of BC_PASS rows of x, so the tile's weights are read from memory once and from cache in
+ * the later passes; `sum` adds to the outputs (more blocks of inputs, or the caller's `add`). */
+#define BC_PASSES(TILE, W, BR, k0, kn, sum, ...)                                                        \
     for (long m0 = 0; m0 < M; m0 += BC_PASS) {                                                          \
         const long rows = M - m0 < BC_PASS ? M - m0 : BC_PASS;                                          \
-        if (rows > 8) TILE(w + (r0 + r) * ldw, ldw, xt + m0, P, I, BR, 2, acc);                         \
-        else TILE(w + (r0 + r) * ldw, ldw, xt + m0, P, I, BR, 1, acc);                                  \
-        bc_store(acc, BR, rows > 8 ? 2 : 1, rows, out + m0 * ldm + r * ldr, ldm, ldr, add);             \
+        if (rows > 8) TILE(W, ldw, xt + (k0) * P + m0, P, kn, BR, 2, __VA_ARGS__ acc);                  \
+        else TILE(W, ldw, xt + (k0) * P + m0, P, kn, BR, 1, __VA_ARGS__ acc);                           \
+        bc_store(acc, BR, rows > 8 ? 2 : 1, rows, out + m0 * ldm + r * ldr, ldm, ldr, sum);             \
     }
 /* Tiles of BR weight rows, then the rest in tiles of 4, 2 and 1 (a tile of one row has too few accumulators
- * to cover the FMA latency: 64 rows as 10 x 6 + 4 x 1 ran 0.75x the dot tiles' rate, Mixtral fp32, 64 rows). */
-#define BC_TILES(TILE, BR)                                                                              \
-    for (; r + (BR) <= nr; r += (BR)) { BC_PASSES(TILE, BR) }                                           \
-    if (r + 4 <= nr) { BC_PASSES(TILE, 4) r += 4; }                                                     \
-    if (r + 2 <= nr) { BC_PASSES(TILE, 2) r += 2; }                                                     \
-    if (r < nr) { BC_PASSES(TILE, 1) r++; }
+ * to cover the FMA latency: 64 rows as 10 x 6 + 4 x 1 ran 0.75x the dot tiles' rate, Mixtral fp32, 64 rows);
+ * STEP(h) runs the tile of h rows at row r. */
+#define BC_TILES(BR, STEP)                                                                              \
+    for (; r + (BR) <= nr; r += (BR)) { STEP(BR) }                                                      \
+    if (r + 4 <= nr) { STEP(4) r += 4; }                                                                \
+    if (r + 2 <= nr) { STEP(2) r += 2; }                                                                \
+    if (r < nr) { STEP(1) r++; }
+/* The height of the tile BC_TILES starts at row r of a run of nr rows (what moekit_pack_panels lays out). */
+static long bc_tile_height(long nr, long r) {
+    if (r < nr / BC_BR * BC_BR) return BC_BR;
+    return nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
+}
+#define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, I, add, 0, (const char *)(w + (r0 + r) * ldw), 0,)
+#define PLAIN_BF16(h) BC_PASSES(bc_tile_bf16, w + (r0 + r) * ldw, h, 0, I, add,)
+#define PANEL_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 0, I, add, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, 0,)
+/* bf16 panel: the tile's weights widened to fp32 (into `wide`, BC_BR * I values: in L2), which the fp32
+ * panel tile runs -- one shift per weight, where the bf16 tile pays a broadcast, a shift and a mask per weight
+ * and pass, and runs out of registers for x (its 4 vectors: even and odd inputs); while it runs, the next
+ * tile's bf16 values are fetched (pf: at half the fp32 tile's offsets). */
+#define PANEL_BF16(h)                                                                                   \
+    {                                                                                                   \
+        const uint16_t *src = w + (r0 + r) * I;                                                         \
+        widen_bf16(src, (h) * I, wide);                                                                 \
+        BC_PASSES(bc_tile_f32, wide, h, 0, I, add, 1, (const char *)(src + (h) * I), 1,)                \
+    }
+
+/* dst[j] = src[j] as fp32 for j < n (exact). */
+static void widen_bf16(const uint16_t *src, long n, float *dst) {
+    long j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + j)));
+        _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; j < n; j++) dst[j] = bf16_to_f32(src[j]);
+}
+
 /* Rows [r0, r0 + nr) of W against the M rows of x packed in xp into out[m * ldm + (r - r0) * ldr] (added
- * to it with `add`). */
+ * to it with `add`); `panel`: W is a panel copy (moekit_pack_panels, rows ldw = I apart in its dense shape)
+ * and r0 the start of one of its chunks. */
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add) {
+                    long ldm, long ldr, int add, int panel) {
     __m256 acc[BC_BR][2];
     const long P = 8 * ((M + 7) / 8);
     const float *xt = (const float *)xp;
     long r = 0;
-    if (bf16) {
+    if (bf16 && panel) {
+        float *wide = (float *)xp + bc_packed_size(M, I); /* the scratch after x (panel_scratch) */
         const uint16_t *w = (const uint16_t *)W;
-        BC_TILES(bc_tile_bf16, BC_BR)
+        BC_TILES(BC_BR, PANEL_BF16)
+    } else if (bf16) {
+        const uint16_t *w = (const uint16_t *)W;
+        BC_TILES(BC_BR, PLAIN_BF16)
+    } else if (panel) {
+        const float *w = (const float *)W;
+        BC_TILES(BC_BR, PANEL_F32)
     } else {
         const float *w = (const float *)W;
-        BC_TILES(bc_tile_f32, BC_BR)
+        BC_TILES(BC_BR, PLAIN_F32)
     }
+}
+
+/* The panel copy of W [E, R, I] (experts se values apart, rows ld apart) that bc_rows reads with `panel`, into
+ * out, dense [E, R, I] in W's dtype: the rows in segments of `segment` (a GLU's gate and up rows: F each), each
+ * cut into chunks of CHUNK rows (as moekit_moe_ffn cuts its products) and those into the tiles bc_rows takes
+ * (bc_tile_height); a tile of h rows at the offset its rows have in a dense copy, its values input-major (h
+ * values an input). */
+int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
+    const int bf16 = dtype == 1;
+    for (long e = 0; e < E; e++)
+        for (long s0 = 0; s0 < R; s0 += segment) {
+            const long s1 = s0 + segment < R ? s0 + segment : R;
+            for (long c = s0; c < s1; c += CHUNK) {
+                const long nr = s1 - c < CHUNK ? s1 - c : CHUNK;
+                for (long r = 0, h; r < nr; r += h) {
+                    h = bc_tile_height(nr, r);
+                    for (long i = 0; i < I; i++)
+                        for (long j = 0; j < h; j++) {
+                            const long src = e * se + (c + r + j) * ld + i, dst = (e * R + c + r) * I + i * h + j;
+                            if (bf16) ((uint16_t *)out)[dst] = ((const uint16_t *)W)[src];
+                            else ((float *)out)[dst] = ((const float *)W)[src];
+                        }
+                }
+            }
+        }
+    return 0;
 }
 #else
 static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
 static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add) {
-    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add;
+                    long ldm, long ldr, int add, int panel) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add, (void)panel;
 }
 #endif
 static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
@@ -914,9 +994,32 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
 }
 #endif
 
+#ifdef PANELS
+int moekit_panels_usable(void) { return 1; }
+/* Whether a product of M rows runs on the broadcast tiles over panel copies (PATH_PANEL) where there are some:
+ * from 8 rows in both dtypes (bf16's plain broadcast tiles start at 16; the widened panel tiles fill a vector
+ * of 8 rows as fp32's do). */
+static int panel_applies(long M) { return M >= BC_MIN_ROWS; }
+/* Bytes of x packed for a panel product of up to M rows of I inputs, and after it the scratch of bc_rows
+ * (bf16: the widened tile). */
+static size_t panel_bytes(int bf16, long M, long I) {
+    return sizeof(float) * (bc_packed_size(M, I) + (bf16 ? BC_BR * (size_t)I : 0));
+}
+#else
+static int panel_applies(long M) { (void)M; return 0; }
+static size_t panel_bytes(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+int moekit_panels_usable(void) { return 0; }
+int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
+    (void)W, (void)E, (void)se, (void)R, (void)ld, (void)I, (void)segment, (void)out, (void)dtype;
+    return -1;
+}
+#endif
+
 /* How a product of M rows of I inputs runs: on the tile unit, on broadcast tiles, or on dot tiles (no
- * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing. */
-enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3, PATH_QUAD = 4 };
+ * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing.
+ * PATH_PANEL: the broadcast tiles over a panel copy of the weights, all M rows (no tail on the small tiles,
+ * which read the plain layout). */
+enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3, PATH_QUAD = 4, PATH_PANEL = 5 };
 
 static int product_path(int bf16, long M, long I) {
     if (amx_applies(bf16, M, I)) return PATH_AMX;
@@ -957,6 +1060,7 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
     if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
     else if (path == PATH_PAIR) pair_pack(bf16, xf, xb, M, I, xp);
     else if (path == PATH_QUAD) quad_pack(bf16, xf, xb, M, I, xp);
+    else if (path == PATH_PANEL) bc_pack(bf16, xf, xb, M, I, xp);
     else if (path == PATH_BC) {
         long tail = bc_tail(bf16, M, I), head = M - tail;
         bc_pack(bf16, xf, xb, head, I, xp);
@@ -968,9 +1072,13 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
  * product_path and x packed for it (pack_x), the dot tiles taking what the tile unit leaves. */
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
+    if (path == PATH_PANEL) {
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out, CHUNK, 1, 0, 1);
+        return;
+    }
     if (path == PATH_BC) {
         long tail = bc_tail(bf16, M, I), head = M - tail;
-        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0);
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0, 0);
         if (tail)
             dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, tail_path(bf16, tail, I),
                      (const float *)xp + bc_packed_size(head, I), tail, I, out + head * CHUNK);
@@ -1100,7 +1208,9 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
  * W1 [E, R1, I] (experts s1 values apart, rows ld1 apart), W2 [E, O, F] (s2, ld2); biases [E, R1] / [E, O]
  * (sb1 / sb2 apart) or NULL; x [T, I] (rows ldx apart), ids int64 [T, K], w fp32 [T, K], kept uint8
  * [T, K] or NULL; y [T, O] dense, written. One dtype for W, b, x, y (0 fp32, 1 bf16); act 0-3 as in
- * `activate`, 4 identity.
+ * `activate`, 4 identity. P1 / P2: panel copies of W1 / W2 (moekit_pack_panels of W1 in segments of F rows
+ * and of W2 in one; dense [E, R1, I] / [E, O, F]) or NULL; the products that run on the broadcast tiles read
+ * them (PATH_PANEL), the smaller ones the plain W1 / W2, and phase 2's row ranges start at chunks.
  *
  * Slots are grouped by expert (a counting sort, experts ascending); each group's rows of x are gathered
  * once. Phase 1 splits the (expert, chunk of CHUNK hidden features) units over the threads, contiguously
@@ -1117,9 +1227,9 @@ static inline float finish_hidden(float g, float u, int glu, int act) {
 }
 
 int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, const void *W2, long s2, long ld2,
-                   const void *B2, long sb2, long F, long I, long O, long E, const void *x, long T, long ldx,
-                   const int64_t *ids, const float *w, const uint8_t *kept, long K, void *y, int dtype, int glu,
-                   int act, int threads) {
+                   const void *B2, long sb2, const void *P1, const void *P2, long F, long I, long O, long E,
+                   const void *x, long T, long ldx, const int64_t *ids, const float *w, const uint8_t *kept, long K,
+                   void *y, int dtype, int glu, int act, int threads) {
     const int bf16 = dtype == 1;
     const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
     long *count = (long *)calloc((size_t)(E + 1), sizeof(long));
@@ -1168,6 +1278,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
             /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
             size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
+            if (P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
+            if (P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
             size_t packed_size = packed_i > packed_f ? packed_i : packed_f; /* every group: m <= max_rows */
             void *packed = packed_size ? malloc(packed_size) : NULL;
             long packed_group = -1;
@@ -1178,10 +1290,12 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W1 + (size_t)(e * s1) * es;
+                long ld = ld1;
                 int path = packed ? product_path(bf16, m, I) : PATH_DOT;
+                if (P1 && packed && panel_applies(m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
                 if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
-                dot_rows(We, bf16, ld1, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
-                if (glu) dot_rows(We, bf16, ld1, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
+                dot_rows(We, bf16, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
+                if (glu) dot_rows(We, bf16, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
                 const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
                 for (long r = 0; r < m; r++)
                     for (long o = c; o < c1; o++) {
@@ -1200,17 +1314,20 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
 #pragma omp barrier
 #endif
             /* phase 2: this thread's output rows [r0, r1) of every group, accumulated into acc */
-            long r0 = blocks * t / nt * ROWS, r1 = blocks * (t + 1) / nt * ROWS;
+            const long rb = P2 ? CHUNK : ROWS, row_blocks = (O + rb - 1) / rb;
+            long r0 = row_blocks * t / nt * rb, r1 = row_blocks * (t + 1) / nt * rb;
             if (r1 > O) r1 = O;
             for (long g = 0; buf && g < G; g++) {
                 long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
                 const char *We = (const char *)W2 + (size_t)(e * s2) * es;
                 const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
+                long ld = ld2;
                 int path = packed && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
+                if (P2 && packed && r1 > r0 && panel_applies(m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
                 if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
                 for (long c = r0; c < r1; c += CHUNK) {
                     long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
-                    dot_rows(We, bf16, ld2, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
+                    dot_rows(We, bf16, ld, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
                     for (long r = 0; r < m; r++) {
                         float *row = acc + token[first + r] * O, wr = weight[first + r];
                         for (long o = c; o < c1; o++) {
@@ -1377,7 +1494,7 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
                 merge_block(src, es, ld, E, p + g0 * E, ng, K, kb, P, merged);
                 for (long g = g0; g < g0 + ng; g++) {
                     float *og = out + g * S * N + k0;
-                    bc_rows(a + g * S * K, 0, K, 0, S, merged + (g - g0) * K * P, kb, K, og, 1, N, 0);
+                    bc_rows(a + g * S * K, 0, K, 0, S, merged + (g - g0) * K * P, kb, K, og, 1, N, 0, 0);
                     for (long s = 0; bias && s < S; s++)
                         for (long j = 0; j < kb; j++) og[s * N + j] += bias[g * N + k0 + j];
                 }

@@ -48,8 +48,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear",
-           "merged_available", "merged_forward", "merged_grad_input", "merged_grad_weights", "moe_ffn", "serves"]
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "PANEL_MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear",
+           "merged_available", "merged_forward", "merged_grad_input", "merged_grad_weights", "moe_ffn", "pack_panels",
+           "panels_available", "serves"]
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -123,6 +124,12 @@ MAX_ROWS["AuthenticAMD+AVX2"] = {
 #: tiles led torch's kernels on every CPU measured (fp32 and bf16; without oneDNN bf16 the alternative is a
 #: reference loop or the widened blocks, 2-3x slower at 1-4 rows on the AVX2 AMD EPYC).
 MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAMD+AVX2"]}
+#: where the one-call layer over panel copies (``pack_panels``; a packed bank on a CPU whose kernel reads
+#: them, ``panels_available``) beats the expert loop on the packed bank's kernels, as ``MAX_ROWS``: ``dtype ->
+#: ((min features, max rows), ...)`` by ``cpu_profile``. Measured in the layer (``bench_infer.py``, packed).
+PANEL_MAX_ROWS = {
+    "AuthenticAMD+AVX2": {torch.float32: ((1, 64),), torch.bfloat16: ((1, 64),)},
+}
 
 
 def available() -> bool:
@@ -130,13 +137,15 @@ def available() -> bool:
     return os.environ.get("MOEKIT_NATIVE_GEMV", "1") != "0" and _library() is not None
 
 
-def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False) -> bool:
+def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False, panels: bool = False) -> bool:
     """Whether ``linear`` should run a product of ``rows`` rows of ``features`` inputs in ``dtype``
-    rather than torch (``packed``: torch's alternative is a oneDNN-packed weight). The one place of the
-    measured crossover (``MAX_ROWS`` of this CPU's profile)."""
+    rather than torch (``packed``: torch's alternative is a oneDNN-packed weight; ``panels``: the kernel
+    reads panel copies, against the packed bank's expert loop). The one place of the measured crossover
+    (``MAX_ROWS`` / ``PANEL_MAX_ROWS`` of this CPU's profile)."""
     if not available():
         return False
-    for min_features, limit in MAX_ROWS.get(cpu_profile(), {}).get((dtype, packed), ()):
+    table = PANEL_MAX_ROWS.get(cpu_profile(), {}).get(dtype, ()) if panels else MAX_ROWS.get(cpu_profile(), {}).get((dtype, packed), ())
+    for min_features, limit in table:
         if features >= min_features:
             return 1 <= rows <= limit
     return False
@@ -180,9 +189,39 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     return y
 
 
+def panels_available() -> bool:
+    """Whether the kernel here reads panel copies of expert weights (``pack_panels``): the AVX2 build, whose
+    broadcast tiles read a tile's weight rows as one stream from them."""
+    return available() and bool(_library().moekit_panels_usable())
+
+
+def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
+    """The panel copy of expert matrices ``w [E, R, I]`` (fp32 or bf16, CPU) that ``moe_ffn`` reads for its
+    broadcast-tile products (``first_panels`` / ``second_panels``): a dense tensor of ``w``'s shape and dtype
+    whose every tile of 6 (or 4, 2, 1) weight rows holds its values input-major, so the tile streams one run of
+    memory instead of 6 rows ``I`` apart (AVX2 AMD EPYC, 16 rows of x: 1.2-1.5x the read rate, ``bench_infer.py
+    --kernels``). ``segment``: rows per segment, each cut into the kernel's chunks on its own (a GLU's ``[gate;
+    up]``: ``F``; default ``R``). Costs a second copy of the weights; raises where ``panels_available`` is
+    False."""
+    if not panels_available():
+        raise RuntimeError(f"panel copies need the AVX2 build of the native kernel; here: {build_info()['isa'] or _built()[1]}")
+    code = _DTYPES.get(w_ERI.dtype)
+    if code is None or w_ERI.dim() != 3 or w_ERI.device.type != "cpu" or w_ERI.stride(-1) != 1:
+        raise ValueError(f"w_ERI must be a float32 or bfloat16 CPU tensor [E, R, I] with unit column stride, got "
+                         f"{w_ERI.dtype} {tuple(w_ERI.shape)} on {w_ERI.device}, strides {w_ERI.stride()}")  # fmt: skip
+    E, R, I = w_ERI.shape
+    segment = R if segment is None else segment
+    if not 1 <= segment <= R or R % segment:
+        raise ValueError(f"segment must divide the {R} rows of w_ERI, got {segment}")
+    out = torch.empty(E, R, I, dtype=w_ERI.dtype)
+    _library().moekit_pack_panels(w_ERI.data_ptr(), E, w_ERI.stride(0), R, w_ERI.stride(1), I, segment, out.data_ptr(), code)
+    return out
+
+
 def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor, second_EOF: Tensor,
             first_bias_ER: Tensor | None = None, second_bias_EO: Tensor | None = None, *, kept_TK: Tensor | None = None,
-            glu: bool, activation: str, threads: int | None = None) -> Tensor:  # fmt: skip
+            glu: bool, activation: str, first_panels: Tensor | None = None, second_panels: Tensor | None = None,
+            threads: int | None = None) -> Tensor:  # fmt: skip
     """One MoE layer of two-matrix experts for a few tokens, in one native call: ``[T, I] -> [T, O]``,
     ``y_t = sum_k w_tk * (W2_e h + b2_e)`` with ``e = ids[t, k]`` over kept slots and ``h = act(Wg_e x_t +
     bg_e) * (Wu_e x_t + bu_e)`` (``glu``: ``first`` is ``[gate; up]``, ``R = 2F``) or ``act(W1_e x_t + b1_e)``
@@ -194,7 +233,9 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     and row strides, unit column stride), biases ``[E, R]`` / ``[E, O]``, ``x_TI`` in one dtype (fp32 or
     bf16); ``ids_TK`` integer ids in ``[0, E)``, ``weights_TK`` any float dtype (used in fp32), ``kept_TK``
     an optional bool mask of live slots. ``activation``: a ``FFN_ACTIVATIONS`` name. Sums in fp32; bf16
-    rounds ``h`` (as the expert-by-expert path does) and ``y``.
+    rounds ``h`` (as the expert-by-expert path does) and ``y``. ``first_panels`` / ``second_panels``: both or
+    neither, ``pack_panels(first, F if glu else None)`` and ``pack_panels(second)`` of these weights; the
+    products that run on the broadcast tiles then read them (same results: the same sums in the same order).
     """
     lib = _library()
     if lib is None:
@@ -220,6 +261,13 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     act = FFN_ACTIVATIONS.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {list(FFN_ACTIVATIONS)}, got {activation!r}")
+    if (first_panels is None) != (second_panels is None):
+        raise ValueError("first_panels and second_panels go together (pack_panels of both matrices) or not at all")
+    for name, panel, like in (("first_panels", first_panels, first_ERI), ("second_panels", second_panels, second_EOF)):
+        if panel is not None and (panel.shape != like.shape or panel.dtype != dtype or not panel.is_contiguous()
+                                  or panel.device.type != "cpu"):  # fmt: skip
+            raise ValueError(f"{name} must be pack_panels of its matrix: contiguous {dtype} {tuple(like.shape)} on CPU, got "
+                             f"{panel.dtype} {tuple(panel.shape)} on {panel.device}")  # fmt: skip
     K = ids_TK.shape[1]
     x = x_TI if x_TI.stride(1) == 1 else x_TI.contiguous()
     ids = ids_TK.to(torch.int64).contiguous()
@@ -236,7 +284,7 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     with _profiled("moekit::native_moe_ffn"):
         status = lib.moekit_moe_ffn(first_ERI.data_ptr(), first_ERI.stride(0), first_ERI.stride(1), ptr(first_bias_ER), b1_stride,
                                     second_EOF.data_ptr(), second_EOF.stride(0), second_EOF.stride(1), ptr(second_bias_EO), b2_stride,
-                                    F, I, O, E, x.data_ptr(), T, x.stride(0), ids.data_ptr(), weights.data_ptr(), ptr(kept), K,
+                                    ptr(first_panels), ptr(second_panels), F, I, O, E, x.data_ptr(), T, x.stride(0), ids.data_ptr(), weights.data_ptr(), ptr(kept), K,
                                     y.data_ptr(), code, glu, act, threads)  # fmt: skip
     if status == -2:
         raise ValueError(f"ids_TK must lie in [0, {E}), got values from {int(ids.min())} to {int(ids.max())}")
@@ -417,7 +465,10 @@ def load(path: str | os.PathLike[str]) -> ctypes.CDLL:
     L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     lib.moekit_gemv.argtypes = [P, L, L, L, P, L, L, P, P, L, I, I, I, I]
     lib.moekit_moe_ffn.restype = ctypes.c_int
-    lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
+    lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, P, P, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
+    lib.moekit_panels_usable.restype = ctypes.c_int
+    lib.moekit_pack_panels.restype = ctypes.c_int
+    lib.moekit_pack_panels.argtypes = [P, L, L, L, L, L, L, P, I]
     lib.moekit_merged_usable.restype = ctypes.c_int
     lib.moekit_merged_linear.argtypes = [P, L, L, L, P, L, P, L, P, P, I]
     lib.moekit_merged_linear_grad_x.argtypes = [P, L, L, L, P, L, P, L, P, I]
