@@ -55,8 +55,9 @@ def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: to
     """One SwiGLU MoE layer on ``lib``: W1 [E, 2F, D], W2 [E, D, F], x [T, D], ids / w [T, K] into y [T, D]."""
     E, R, D = W1.shape
     F_ = W2.shape[2]
+    panels = (None, None) if hasattr(lib, "moekit_pack_panels") else ()  # plain weights on builds with panel arguments
     status = lib.moekit_moe_ffn(W1.data_ptr(), W1.stride(0), W1.stride(1), None, 0, W2.data_ptr(), W2.stride(0), W2.stride(1),
-                                None, 0, F_, D, D, E, x.data_ptr(), x.shape[0], D, ids.data_ptr(), w.data_ptr(), None,
+                                None, 0, *panels, F_, D, D, E, x.data_ptr(), x.shape[0], D, ids.data_ptr(), w.data_ptr(), None,
                                 ids.shape[1], y.data_ptr(), 1 if W1.dtype == torch.bfloat16 else 0, 1, 0, threads)  # fmt: skip
     if status:
         raise RuntimeError(f"moekit_moe_ffn returned {status}")

@@ -39,7 +39,10 @@ machine's AVX-512 cores they stream a matrix at 0.9x the read bandwidth for 1-4 
 products at twice the FLOP rate of the default fp32 BLAS (MKL), where the plain layout reaches 0.3-0.6x
 (``benchmarks/bench_infer.py``). The copy doubles the memory of the expert weights; it is rebuilt when
 a parameter changes (optimizer step, ``load_state_dict``) and dropped with ``pack_for_inference(module,
-False)``. Without packing, the same path runs ``F.linear`` per expert.
+False)``. Without packing, the same path runs ``F.linear`` per expert. Where the native kernel reads panel
+copies (``native_gemv.panels_available``: the AVX2 build), a packed two-matrix bank holds those instead for
+the one-call layer (``InferencePack.panels``), which then serves prefill sizes too (``PANEL_MAX_ROWS``); the
+oneDNN copies are made only when a call runs the expert loop.
 """
 
 from __future__ import annotations

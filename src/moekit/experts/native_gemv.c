@@ -13,7 +13,8 @@
  * where the build has them and the kernel grants the tile state (amx_rows), on AMD EPYC pair tiles for
  * 5-8 rows (pair_rows) and quad tiles for 9-12 (quad_rows), and broadcast tiles from BC_MIN_ROWS rows
  * (bc_rows; AVX-512: up to 64 rows a pass, AVX2: 16; past 16 rows the 1-12 rows beyond a multiple of 16 on
- * the dot or quad tiles, bc_tail).
+ * the dot or quad tiles, bc_tail). AVX2: moekit_moe_ffn's broadcast-tile products (8 rows on) read panel
+ * copies of the weights where the caller passes them (moekit_pack_panels, PATH_PANEL).
  * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
  * merged weights made block by block right before the tiles read them.
  */

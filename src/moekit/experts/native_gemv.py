@@ -14,7 +14,9 @@ on AVX2: "broadcast tiles"), which keeps the FMA units busy where the dot-produc
 slots (prefill: 16-64 rows per expert). bf16
 products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon from Sapphire Rapids). It
 optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
-OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory).
+OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory). On AVX2 the one-call
+layer also reads panel copies of the weights (``pack_panels``; a packed bank's): each broadcast tile's rows
+input-major, one stream, and bf16 tiles widened to fp32 once per call into L2 and run on the fp32 tiles.
 
 SMEAR's merged products (``merged_forward``, ``merged_grad_input``, ``merged_grad_weights``; fp32, AVX-512) run
 the same broadcast tiles against per-example merged weights ``W_g = sum_e p[g, e] W_e`` that are made 64
@@ -470,10 +472,13 @@ def load(path: str | os.PathLike[str]) -> ctypes.CDLL:
     L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     lib.moekit_gemv.argtypes = [P, L, L, L, P, L, L, P, P, L, I, I, I, I]
     lib.moekit_moe_ffn.restype = ctypes.c_int
-    lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, P, P, L, L, L, L, P, L, L, P, P, P, L, P, I, I, I, I]
-    lib.moekit_panels_usable.restype = ctypes.c_int
-    lib.moekit_pack_panels.restype = ctypes.c_int
-    lib.moekit_pack_panels.argtypes = [P, L, L, L, L, L, L, P, I]
+    panels = hasattr(lib, "moekit_pack_panels")  # a build of an earlier revision (ab_native.py) has no panel copies
+    lib.moekit_moe_ffn.argtypes = [P, L, L, P, L, P, L, L, P, L, *([P, P] if panels else []), L, L, L, L, P, L, L, P, P, P, L,
+                                   P, I, I, I, I]  # fmt: skip
+    if panels:
+        lib.moekit_panels_usable.restype = ctypes.c_int
+        lib.moekit_pack_panels.restype = ctypes.c_int
+        lib.moekit_pack_panels.argtypes = [P, L, L, L, L, L, L, P, I]
     lib.moekit_merged_usable.restype = ctypes.c_int
     lib.moekit_merged_linear.argtypes = [P, L, L, L, P, L, P, L, P, P, I]
     lib.moekit_merged_linear_grad_x.argtypes = [P, L, L, L, P, L, P, L, P, I]
