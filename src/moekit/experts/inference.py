@@ -196,12 +196,16 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
     per run), elsewhere the sorted grouped GEMM from ``SORTED_GROUPED_MIN_TOKENS`` tokens on (same
     kernels, one call per matrix); combined by a weighted ``index_add``."""
     T = x_T.shape[0]
-    layer = native_layer(bank, x_T, decision)
+    pack = getattr(bank, "_inference_pack", None)
+    panel_pack = pack if pack is not None and native_gemv.panels_available() else None
+    packed = None if panel_pack is not None else inference_pack(bank)
+    layer = native_layer(bank, x_T, decision, packed=packed is not None, panel_pack=panel_pack)
     if layer is not None:
         return native_gemv.moe_ffn(x_T, decision.ids_TK, decision.weights_TK, layer.first, layer.second, layer.first_bias,
                                    layer.second_bias, kept_TK=decision.kept_TK, glu=layer.glu, activation=layer.activation,
                                    first_panels=layer.first_panels, second_panels=layer.second_panels)  # fmt: skip
-    packed = inference_pack(bank)
+    if panel_pack is not None:
+        packed = inference_pack(bank)  # the expert loop's oneDNN copies, made on its first call
     # CPU: always the expert loop (F.grouped_mm's CPU kernel copies every expert's weights on each call:
     # 1.1-1.7x the loop's time at 256-1024 rows per expert, bench_infer.py)
     cpu = x_T.device.type == "cpu"
@@ -263,13 +267,13 @@ def expert_runs(groups: Sequence[tuple[int, int, int]], max_rows: int) -> list[l
     return runs
 
 
-def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> FFNWeights | None:
+def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision, *, packed: bool,
+                 panel_pack: InferencePack | None = None) -> FFNWeights | None:  # fmt: skip
     """The bank's ``FFNWeights`` when the one-call native layer serves this call, else None: a CPU call in
     the weights' dtype, an activation the kernel has, weights with unit column stride, and a mean number
-    of rows per touched expert that ``native_gemv.serves`` for both matrices. A packed bank
-    (``pack_for_inference``) brings its panel copies where the kernel reads them (``InferencePack.panels``;
-    served against the expert loop on the packed bank's kernels, ``native_gemv.PANEL_MAX_ROWS``), else
-    is served against its oneDNN-packed kernels."""
+    of rows per touched expert that ``native_gemv.serves`` for both matrices (``packed``: against the
+    bank's oneDNN-packed kernels; ``panel_pack``: the bank's pack where the kernel reads panel copies,
+    which the layer then brings, served against the packed expert loop, ``native_gemv.PANEL_MAX_ROWS``)."""
     if x_T.device.type != "cpu" or x_T.dim() != 2:
         return None
     ffn = bank.ffn_weights()
@@ -280,13 +284,10 @@ def native_layer(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecision) -> 
     slots = max(1, decision.ids_TK.numel())
     rows = -(-slots // min(decision.num_experts, slots))
     dtype = ffn.first.dtype
-    pack = getattr(bank, "_inference_pack", None)
-    panels = pack is not None and native_gemv.panels_available()
-    packed = pack is not None and not panels and inference_pack(bank) is not None
-    served = all(native_gemv.serves(rows, dtype, w.shape[2], packed=packed, panels=panels) for w in (ffn.first, ffn.second))
-    if not served:
+    panels = panel_pack is not None
+    if not all(native_gemv.serves(rows, dtype, w.shape[2], packed=packed, panels=panels) for w in (ffn.first, ffn.second)):
         return None
-    return dataclasses.replace(ffn, **pack.panels(ffn)) if panels else ffn
+    return dataclasses.replace(ffn, **panel_pack.panels(ffn)) if panels else ffn
 
 
 def expert_split(groups: Sequence[tuple[int, int, int]], device: torch.device) -> cpu_grouped.RowSplit | None:

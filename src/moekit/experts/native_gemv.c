@@ -789,7 +789,7 @@ static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long 
 
 /* The weights ahead of a tile: plain rows (`row_bytes` apart from w), at a new cache line of each row (`line`),
  * the next tile's rows into L2; a panel, the line at `ahead` (one stream: PANEL_AHEAD bytes on in an fp32 panel,
- * the next block of a bf16 panel while its widened block runs; AVX2 AMD EPYC, fp32 panel at 16 rows: 1536
+ * the next tile's bf16 values while a widened bf16 tile runs; AVX2 AMD EPYC, fp32 panel at 16 rows: 1536
  * bytes ahead 1.2x none, 3072 0.9x of 1536). */
 #define PANEL_AHEAD 1536
 static inline __attribute__((always_inline)) void bc_prefetch(const char *w, long row_bytes, const int BR, int line,
@@ -801,7 +801,8 @@ static inline __attribute__((always_inline)) void bc_prefetch(const char *w, lon
 
 /* BR weight rows x NV vectors of 8 rows of x (xt: their pass of the packed x^T, P values an input):
  * acc[r][v] lane l = W_r . x_{8 v + l}. The weights: plain (rows ldw apart) or, with `panel`, the
- * tile's BR rows input-major (BR values, bf16: BR pairs, an input; one stream; moekit_pack_panels). With one vector the even and odd inputs sum into
+ * tile's BR rows input-major (BR values an input, one stream; moekit_pack_panels; bf16 panels widened first,
+ * bc_rows). With one vector the even and odd inputs sum into
  * two accumulators (a[r][0], a[r][1]), so a tile has as many independent sums as with two and covers the
  * FMA latency. The sums live in a local array until the end (one the caller sees is stored to memory at
  * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). */
@@ -881,15 +882,15 @@ static inline void bc_store(__m256 acc[BC_BR][2], int BR, int NV, long rows, flo
         }
 }
 
-/* One tile of BR weight rows (W, the tile's first: rows ldw apart, or its panel) over inputs [k0, k0 + kn)
- * against every pass of BC_PASS rows of x, so the tile's weights are read from memory once and from cache in
- * the later passes; `sum` adds to the outputs (more blocks of inputs, or the caller's `add`). */
-#define BC_PASSES(TILE, W, BR, k0, kn, sum, ...)                                                        \
+/* One tile of BR weight rows (W, the tile's first: rows ldw apart, or its panel) against every pass of
+ * BC_PASS rows of x, so the tile's weights are read from memory once and from cache in the later passes; the
+ * arguments after BR go to TILE (panel and prefetch). */
+#define BC_PASSES(TILE, W, BR, ...)                                                                     \
     for (long m0 = 0; m0 < M; m0 += BC_PASS) {                                                          \
         const long rows = M - m0 < BC_PASS ? M - m0 : BC_PASS;                                          \
-        if (rows > 8) TILE(W, ldw, xt + m0 * I + (k0) * 16, 16, kn, BR, 2, __VA_ARGS__ acc);            \
-        else TILE(W, ldw, xt + m0 * I + (k0) * 8, 8, kn, BR, 1, __VA_ARGS__ acc);                       \
-        bc_store(acc, BR, rows > 8 ? 2 : 1, rows, out + m0 * ldm + r * ldr, ldm, ldr, sum);             \
+        if (rows > 8) TILE(W, ldw, xt + m0 * I, 16, I, BR, 2, __VA_ARGS__ acc);                         \
+        else TILE(W, ldw, xt + m0 * I, 8, I, BR, 1, __VA_ARGS__ acc);                                   \
+        bc_store(acc, BR, rows > 8 ? 2 : 1, rows, out + m0 * ldm + r * ldr, ldm, ldr, add);             \
     }
 /* Tiles of BR weight rows, then the rest in tiles of 4, 2 and 1 (a tile of one row has too few accumulators
  * to cover the FMA latency: 64 rows as 10 x 6 + 4 x 1 ran 0.75x the dot tiles' rate, Mixtral fp32, 64 rows);
@@ -904,9 +905,9 @@ static long bc_tile_height(long nr, long r) {
     if (r < nr / BC_BR * BC_BR) return BC_BR;
     return nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
 }
-#define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, I, add, 0, (const char *)(w + (r0 + r) * ldw), 0,)
-#define PLAIN_BF16(h) BC_PASSES(bc_tile_bf16, w + (r0 + r) * ldw, h, 0, I, add,)
-#define PANEL_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 0, I, add, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, 0,)
+#define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, (const char *)(w + (r0 + r) * ldw), 0,)
+#define PLAIN_BF16(h) BC_PASSES(bc_tile_bf16, w + (r0 + r) * ldw, h,)
+#define PANEL_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, 0,)
 /* bf16 panel: the tile's weights widened to fp32 (into `wide`, BC_BR * I values: in L2), which the fp32
  * panel tile runs -- one shift per weight, where the bf16 tile pays a broadcast, a shift and a mask per weight
  * and pass, and runs out of registers for x (its 4 vectors: even and odd inputs); while it runs, the next
@@ -915,7 +916,7 @@ static long bc_tile_height(long nr, long r) {
     {                                                                                                   \
         const uint16_t *src = w + (r0 + r) * I;                                                         \
         widen_bf16(src, (h) * I, wide);                                                                 \
-        BC_PASSES(bc_tile_f32, wide, h, 0, I, add, 1, (const char *)(src + (h) * I), 1,)                \
+        BC_PASSES(bc_tile_f32, wide, h, 1, (const char *)(src + (h) * I), 1,)                           \
     }
 
 /* dst[j] = src[j] as fp32 for j < n (exact). */

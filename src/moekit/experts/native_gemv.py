@@ -221,7 +221,8 @@ def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
     if not 1 <= segment <= R or R % segment:
         raise ValueError(f"segment must divide the {R} rows of w_ERI, got {segment}")
     out = torch.empty(E, R, I, dtype=w_ERI.dtype)
-    _library().moekit_pack_panels(w_ERI.data_ptr(), E, w_ERI.stride(0), R, w_ERI.stride(1), I, segment, out.data_ptr(), code)
+    if _library().moekit_pack_panels(w_ERI.data_ptr(), E, w_ERI.stride(0), R, w_ERI.stride(1), I, segment, out.data_ptr(), code):
+        raise RuntimeError("the native kernel was built without panel copies")
     return out
 
 
