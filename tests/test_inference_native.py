@@ -255,6 +255,63 @@ def test_moe_layer_reads_strided_experts_and_rejects_bad_arguments() -> None:
         native_gemv.moe_ffn(x, ids, w, first.transpose(1, 2).contiguous().transpose(1, 2), second, glu=True, activation="silu")
 
 
+def _wide_layer(seed: int, T: int = 128, I: int = 4096):
+    """A bf16 layer whose working memory (gathered rows of x: 8 slots a token x 4096 features, 6 bytes each)
+    dwarfs its output, weights and time: [T, I] inputs, 8 experts, K = 8, F = 16, O = 64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, I, generator=g).bfloat16()
+    first, second = (torch.randn(8, 32, I, generator=g) / I**0.5).bfloat16(), (torch.randn(8, 64, 16, generator=g) / 4).bfloat16()
+    ids = torch.stack([torch.randperm(8, generator=g) for _ in range(T)])
+    return x, ids, torch.rand(T, 8, generator=g), first, second
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(__import__("resource"), "getrusage"), reason="no getrusage")
+def test_repeated_layer_calls_reuse_their_working_memory() -> None:
+    """The second and later calls of one thread take the kept scratch block: no fresh pages (buffers allocated
+    a call at a time took 2K page faults a call here)."""
+    import resource
+
+    args = _wide_layer(0)
+    native_gemv.moe_ffn(*args, glu=True, activation="silu", threads=1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        native_gemv.moe_ffn(*args, glu=True, activation="silu", threads=1)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    assert faults < 500, f"{faults:.0f} page faults a call"
+
+
+@needs_kernel
+def test_scratch_limit_bounds_kept_memory_without_changing_results() -> None:
+    args = _wide_layer(1, T=24, I=512)
+    expected = native_gemv.moe_ffn(*args, glu=True, activation="silu")
+    previous = native_gemv.scratch_limit()
+    assert previous == 256 << 20 and native_gemv.scratch_limit() == previous  # None only reads
+    try:
+        assert native_gemv.scratch_limit(0) == previous and native_gemv.scratch_limit() == 0
+        for _ in range(2):  # nothing kept: every call allocates afresh
+            assert torch.equal(native_gemv.moe_ffn(*args, glu=True, activation="silu"), expected)
+    finally:
+        native_gemv.scratch_limit(previous)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes must be a whole number of bytes"):
+            native_gemv.scratch_limit(bad)
+
+
+@needs_kernel
+def test_layer_calls_from_concurrent_threads_keep_their_own_scratch() -> None:
+    """Python threads calling at once (the call releases the GIL) each carve their own block; results equal
+    those of one thread, calls of different sizes interleaved."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [_wide_layer(seed, T=8 + 20 * seed, I=256 + 128 * seed) for seed in range(6)]
+    expected = [native_gemv.moe_ffn(*args, glu=True, activation="silu", threads=1) for args in layers]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda args: native_gemv.moe_ffn(*args, glu=True, activation="silu", threads=1), layers))
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 needs_panels = pytest.mark.skipif(not native_gemv.panels_available(), reason="the kernel here reads no panel copies (not AVX2)")
 
 

@@ -22,6 +22,7 @@
 #include <string.h>
 #include <math.h>
 #include <stdlib.h>
+#include <pthread.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1181,20 +1182,79 @@ static int thread_count(int threads, long blocks) {
     return n > blocks ? (int)(blocks > 0 ? blocks : 1) : n;
 }
 
+/* ---- scratch memory kept between calls ------------------------------------------------------------
+ *
+ * A call's working buffers (gathered rows of x, the hidden rows, the fp32 sums, every thread's tiles) are
+ * carved from one block of the calling thread, kept for its next call while it is at most scratch_keep bytes
+ * (moekit_scratch_keep). Fresh pages cost a page fault each when first written: a Qwen3-30B-A3B layer's
+ * prefill of 256 tokens took 6.6-9.4K faults a call, 6-7% of its time, in the kernel's system time.
+ * Freed when the thread exits (a pthread key's destructor). */
+typedef struct { void *block; size_t size; } scratch_t;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static size_t scratch_keep = (size_t)256 << 20;
+
+static void scratch_release(void *s) {
+    if (!s) return;
+    free(((scratch_t *)s)->block);
+    free(s);
+}
+static void scratch_key_make(void) { (void)pthread_key_create(&scratch_key, scratch_release); }
+
+/* bytes rounded up to whole cache lines: buffers carved one after another each start on a line */
+static size_t lined(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+/* The calling thread's block of at least `bytes` (64-byte aligned), or NULL when it cannot be allocated. */
+static char *scratch_take(size_t bytes) {
+    (void)pthread_once(&scratch_once, scratch_key_make);
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof(scratch_t));
+        if (!s || pthread_setspecific(scratch_key, s)) { free(s); return NULL; }
+    }
+    bytes = lined(bytes > 0 ? bytes : 1);
+    if (s->size < bytes) {
+        free(s->block);
+        s->block = aligned_alloc(64, bytes);
+        s->size = s->block ? bytes : 0;
+    }
+    return (char *)s->block;
+}
+
+/* After a call: the block goes back to the allocator when it is larger than scratch_keep. */
+static void scratch_done(void) {
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (s && s->size > scratch_keep) free(s->block), s->block = NULL, s->size = 0;
+}
+
+/* Sets how many bytes of scratch a thread keeps between calls (bytes >= 0; the calling thread's block is
+ * released now if it is larger) and returns the previous limit; bytes < 0 only reads it. */
+long moekit_scratch_keep(long bytes) {
+    long previous = (long)scratch_keep;
+    if (bytes >= 0) {
+        scratch_keep = (size_t)bytes;
+        (void)pthread_once(&scratch_once, scratch_key_make);
+        scratch_done();
+    }
+    return previous;
+}
+
 /* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
  * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
  * with O = out. Returns 0, or -1 when a buffer (the copies of x, a thread's chunk) could not be allocated. */
 int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
                 void *y, long ldy, int dtype, int glu, int act, int threads) {
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
-    float *xf = (float *)malloc((sizeof(float) + sizeof(uint16_t)) * n_x); /* x in fp32, then (bf16) a dense copy */
-    if (!xf) return -1;
-    uint16_t *xb = (uint16_t *)(xf + n_x);
-    working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
     int path = product_path(dtype == 1, M, I);
-    void *xp = path != PATH_DOT ? malloc(packed_bytes(dtype == 1, M, I)) : NULL;
+    /* x in fp32, (bf16) a dense copy, x packed for the path */
+    size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = lined(sizeof(uint16_t) * n_x);
+    char *block = scratch_take(xf_bytes + xb_bytes + (path != PATH_DOT ? packed_bytes(dtype == 1, M, I) : 0));
+    if (!block) return -1;
+    float *xf = (float *)block;
+    uint16_t *xb = (uint16_t *)(block + xf_bytes);
+    void *xp = path != PATH_DOT ? block + xf_bytes + xb_bytes : NULL;
+    working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
     if (xp) pack_x(path, dtype == 1, xf, xb, M, I, xp);
-    else path = PATH_DOT; /* no buffer: the dot tiles do all */
     long blocks = (O + ROWS - 1) / ROWS;
     int failed = 0;
     int n = thread_count(threads, blocks);
@@ -1204,8 +1264,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
         if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, path, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
     }
-    free(xf);
-    free(xp);
+    scratch_done();
     return failed ? -1 : 0;
 }
 
@@ -1249,117 +1308,127 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
         count[ids[s] + 1]++;
         N++;
     }
-    long G = 0;
-    for (long e = 0; e < E; e++) { G += count[e + 1] > 0; count[e + 1] += count[e]; } /* count[e]: first slot of e */
-    long *group = (long *)malloc(sizeof(long) * (size_t)(3 * (G > 0 ? G : 1)));  /* expert, first, end slot */
-    long *token = (long *)malloc(sizeof(long) * (size_t)(N > 0 ? N : 1));
-    float *weight = (float *)malloc(sizeof(float) * (size_t)(N > 0 ? N : 1));
-    size_t nx = (size_t)(N * I > 0 ? N * I : 1), nh = (size_t)(N * F > 0 ? N * F : 1), ny = (size_t)(T * O > 0 ? T * O : 1);
-    float *xf = (float *)malloc(sizeof(float) * nx), *hf = (float *)malloc(sizeof(float) * nh);
-    uint16_t *xb = (uint16_t *)malloc(sizeof(uint16_t) * nx), *hb = (uint16_t *)malloc(sizeof(uint16_t) * nh);
-    float *acc = (float *)calloc(ny, sizeof(float));
-    int failed = !group || !token || !weight || !xf || !hf || !xb || !hb || !acc;
-    long max_rows = 1;
-    if (!failed) {
-        for (long s = 0; s < T * K; s++) { /* stable: slots of one expert in token order */
-            if (kept && !kept[s]) continue;
-            long at = count[ids[s]]++;
-            token[at] = s / K, weight[at] = w[s];
-        }
-        for (long e = E - 1; e >= 0; e--) count[e + 1] = count[e]; /* back to first slots */
-        count[0] = 0;
-        for (long e = 0, g = 0; e < E; e++)
-            if (count[e + 1] > count[e]) {
-                group[3 * g] = e, group[3 * g + 1] = count[e], group[3 * g + 2] = count[e + 1];
-                if (count[e + 1] - count[e] > max_rows) max_rows = count[e + 1] - count[e];
-                g++;
-            }
-        working_rows(x, ldx, token, N, I, bf16, xf, xb);
+    long G = 0, max_rows = 1;
+    for (long e = 0; e < E; e++) {
+        G += count[e + 1] > 0;
+        if (count[e + 1] > max_rows) max_rows = count[e + 1];
+        count[e + 1] += count[e]; /* count[e]: first slot of e */
     }
     const long chunks = (F + CHUNK - 1) / CHUNK, units = G * chunks, blocks = (O + ROWS - 1) / ROWS;
     const double bytes = (double)G * (double)((glu ? 2 : 1) * F * I + O * F) * (double)es;
     int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
-    if (!failed && N > 0) {
-        PARALLEL_THREADS(n) {
-            const int t = THREAD_NUM, nt = THREAD_COUNT;
-            float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * max_rows));
-            /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
-            size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
-            if (P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
-            if (P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
-            size_t packed_size = packed_i > packed_f ? packed_i : packed_f; /* every group: m <= max_rows */
-            void *packed = packed_size ? malloc(packed_size) : NULL;
-            long packed_group = -1;
-            if (!buf) failed = 1;
-            /* phase 1: h = hidden(W1 x) per group, units (group, chunk) split contiguously */
-            long u0 = units * t / nt, u1 = units * (t + 1) / nt;
-            for (long u = u0; buf && u < u1; u++) {
-                long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
-                long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
-                const char *We = (const char *)W1 + (size_t)(e * s1) * es;
-                long ld = ld1;
-                int path = packed ? product_path(bf16, m, I) : PATH_DOT;
-                if (P1 && packed && panel_applies(m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
-                if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
-                dot_rows(We, bf16, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
-                if (glu) dot_rows(We, bf16, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
-                const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
-                for (long r = 0; r < m; r++)
-                    for (long o = c; o < c1; o++) {
-                        float gv = buf[r * CHUNK + (o - c)], uv = glu ? buf[CHUNK * m + r * CHUNK + (o - c)] : 0.0f;
-                        if (Be) {
-                            gv += load_value(Be, o, bf16);
-                            if (glu) uv += load_value(Be, o + F, bf16);
-                        }
-                        float h = finish_hidden(gv, uv, glu, act);
-                        long at = (first + r) * F + o;
-                        if (bf16) { hb[at] = f32_to_bf16(h); h = bf16_to_f32(hb[at]); }
-                        hf[at] = h;
+    /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
+    size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
+    if (P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
+    if (P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
+    const size_t packed_size = lined(packed_i > packed_f ? packed_i : packed_f); /* every group: m <= max_rows */
+    const size_t buf_size = lined(sizeof(float) * (size_t)(2 * CHUNK * max_rows)); /* a thread's chunk of sums */
+    /* one scratch block: groups (expert, first, end slot), slots' tokens and weights, the gathered rows of x
+     * and the hidden rows (fp32; bf16 also as bf16), the fp32 sums of y, then every thread's chunk and packing */
+    const size_t sizes[] = {lined(sizeof(long) * (size_t)(3 * G)), lined(sizeof(long) * (size_t)N),
+                            lined(sizeof(float) * (size_t)N), lined(sizeof(float) * (size_t)(N * I)),
+                            lined(sizeof(float) * (size_t)(N * F)), bf16 ? lined(sizeof(uint16_t) * (size_t)(N * I)) : 0,
+                            bf16 ? lined(sizeof(uint16_t) * (size_t)(N * F)) : 0, lined(sizeof(float) * (size_t)(T * O)),
+                            (size_t)n * (buf_size + packed_size)};
+    size_t total = 0;
+    for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) total += sizes[k];
+    char *block = N > 0 ? scratch_take(total) : NULL;
+    if (N > 0 && !block) { free(count); return -1; }
+    if (N == 0) { /* nothing routed: y = 0 */
+        memset(y, 0, (size_t)(T * O) * es);
+        free(count);
+        return 0;
+    }
+    char *cut = block;
+    long *group = (long *)cut; cut += sizes[0];
+    long *token = (long *)cut; cut += sizes[1];
+    float *weight = (float *)cut; cut += sizes[2];
+    float *xf = (float *)cut; cut += sizes[3];
+    float *hf = (float *)cut; cut += sizes[4];
+    uint16_t *xb = (uint16_t *)cut; cut += sizes[5];
+    uint16_t *hb = (uint16_t *)cut; cut += sizes[6];
+    float *acc = (float *)cut; cut += sizes[7];
+    char *per_thread = cut;
+    for (long s = 0; s < T * K; s++) { /* stable: slots of one expert in token order */
+        if (kept && !kept[s]) continue;
+        long slot = count[ids[s]]++;
+        token[slot] = s / K, weight[slot] = w[s];
+    }
+    for (long e = E - 1; e >= 0; e--) count[e + 1] = count[e]; /* back to first slots */
+    count[0] = 0;
+    for (long e = 0, g = 0; e < E; e++)
+        if (count[e + 1] > count[e]) group[3 * g] = e, group[3 * g + 1] = count[e], group[3 * g + 2] = count[e + 1], g++;
+    free(count);
+    working_rows(x, ldx, token, N, I, bf16, xf, xb);
+    memset(acc, 0, sizeof(float) * (size_t)(T * O));
+    PARALLEL_THREADS(n) {
+        const int t = THREAD_NUM, nt = THREAD_COUNT;
+        float *buf = (float *)(per_thread + (size_t)t * (buf_size + packed_size));
+        void *packed = packed_i > 0 || packed_f > 0 ? (char *)buf + buf_size : NULL;
+        long packed_group = -1;
+        /* phase 1: h = hidden(W1 x) per group, units (group, chunk) split contiguously */
+        long u0 = units * t / nt, u1 = units * (t + 1) / nt;
+        for (long u = u0; u < u1; u++) {
+            long g = u / chunks, c = (u % chunks) * CHUNK, c1 = c + CHUNK < F ? c + CHUNK : F;
+            long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
+            const char *We = (const char *)W1 + (size_t)(e * s1) * es;
+            long ld = ld1;
+            int path = packed ? product_path(bf16, m, I) : PATH_DOT;
+            if (P1 && packed && panel_applies(m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
+            if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
+            dot_rows(We, bf16, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
+            if (glu) dot_rows(We, bf16, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
+            const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
+            for (long r = 0; r < m; r++)
+                for (long o = c; o < c1; o++) {
+                    float gv = buf[r * CHUNK + (o - c)], uv = glu ? buf[CHUNK * m + r * CHUNK + (o - c)] : 0.0f;
+                    if (Be) {
+                        gv += load_value(Be, o, bf16);
+                        if (glu) uv += load_value(Be, o + F, bf16);
                     }
-            }
+                    float h = finish_hidden(gv, uv, glu, act);
+                    long at = (first + r) * F + o;
+                    if (bf16) { hb[at] = f32_to_bf16(h); h = bf16_to_f32(hb[at]); }
+                    hf[at] = h;
+                }
+        }
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-            /* phase 2: this thread's output rows [r0, r1) of every group, accumulated into acc */
-            const long rb = P2 ? CHUNK : ROWS, row_blocks = (O + rb - 1) / rb;
-            long r0 = row_blocks * t / nt * rb, r1 = row_blocks * (t + 1) / nt * rb;
-            if (r1 > O) r1 = O;
-            for (long g = 0; buf && g < G; g++) {
-                long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
-                const char *We = (const char *)W2 + (size_t)(e * s2) * es;
-                const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
-                long ld = ld2;
-                int path = packed && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
-                if (P2 && packed && r1 > r0 && panel_applies(m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
-                if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
-                for (long c = r0; c < r1; c += CHUNK) {
-                    long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
-                    dot_rows(We, bf16, ld, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
-                    for (long r = 0; r < m; r++) {
-                        float *row = acc + token[first + r] * O, wr = weight[first + r];
-                        for (long o = c; o < c1; o++) {
-                            float v = buf[r * CHUNK + (o - c)];
-                            if (Be) v += load_value(Be, o, bf16);
-                            row[o] += wr * v;
-                        }
+        /* phase 2: this thread's output rows [r0, r1) of every group, accumulated into acc */
+        const long rb = P2 ? CHUNK : ROWS, row_blocks = (O + rb - 1) / rb;
+        long r0 = row_blocks * t / nt * rb, r1 = row_blocks * (t + 1) / nt * rb;
+        if (r1 > O) r1 = O;
+        for (long g = 0; g < G; g++) {
+            long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
+            const char *We = (const char *)W2 + (size_t)(e * s2) * es;
+            const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
+            long ld = ld2;
+            int path = packed && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
+            if (P2 && packed && r1 > r0 && panel_applies(m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
+            if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
+            for (long c = r0; c < r1; c += CHUNK) {
+                long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
+                dot_rows(We, bf16, ld, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
+                for (long r = 0; r < m; r++) {
+                    float *row = acc + token[first + r] * O, wr = weight[first + r];
+                    for (long o = c; o < c1; o++) {
+                        float v = buf[r * CHUNK + (o - c)];
+                        if (Be) v += load_value(Be, o, bf16);
+                        row[o] += wr * v;
                     }
                 }
             }
-            for (long tt = 0; tt < T; tt++)
-                for (long o = r0; o < r1; o++) {
-                    if (bf16) ((uint16_t *)y)[tt * O + o] = f32_to_bf16(acc[tt * O + o]);
-                    else ((float *)y)[tt * O + o] = acc[tt * O + o];
-                }
-            free(buf);
-            free(packed);
         }
-    } else if (!failed) {
-        memset(y, 0, ny * es);
+        for (long tt = 0; tt < T; tt++)
+            for (long o = r0; o < r1; o++) {
+                if (bf16) ((uint16_t *)y)[tt * O + o] = f32_to_bf16(acc[tt * O + o]);
+                else ((float *)y)[tt * O + o] = acc[tt * O + o];
+            }
     }
-    free(count); free(group); free(token); free(weight);
-    free(xf); free(hf); free(xb); free(hb); free(acc);
-    return failed ? -1 : 0;
+    scratch_done();
+    return 0;
 }
 
 /* ---- merged products for SMEAR (https://arxiv.org/abs/2306.03745): W_g = sum_e p[g, e] W_e ----------
