@@ -8,7 +8,10 @@ Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SH
     python benchmarks/ab_native.py --base c87c436                     # base revision against the worktree
     python benchmarks/ab_native.py --base c87c436 --head 96ddbd5 --tokens 16,256
 
-Writes ``results/ab_native.{json,md}`` (``--out``; ``ab_native_2threads.*`` with ``--threads 2``): per layer, dtype and T the read rate of each build
+``--panels``: both builds read panel copies of the weights (the worktree's ``pack_panels``; AVX2 builds with
+panel arguments), as a packed bank's layer does.
+
+Writes ``results/ab_native.{json,md}`` (``--out``; ``_2threads`` with ``--threads 2``, ``_panels`` with ``--panels``): per layer, dtype and T the read rate of each build
 (touched experts' bytes / time) and head / base (> 1: the head is faster).
 """
 
@@ -51,11 +54,17 @@ def build(revision: str | None, into: Path) -> Path:
 
 
 def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-               threads: int) -> None:  # fmt: skip
-    """One SwiGLU MoE layer on ``lib``: W1 [E, 2F, D], W2 [E, D, F], x [T, D], ids / w [T, K] into y [T, D]."""
+               threads: int, panels: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """One SwiGLU MoE layer on ``lib``: W1 [E, 2F, D], W2 [E, D, F], x [T, D], ids / w [T, K] into y [T, D];
+    ``panels``: ``pack_panels`` of W1 and W2, read where the build's broadcast tiles run."""
     E, R, D = W1.shape
     F_ = W2.shape[2]
-    panels = (None, None) if hasattr(lib, "moekit_pack_panels") else ()  # plain weights on builds with panel arguments
+    if panels is not None:
+        panels = tuple(p.data_ptr() for p in panels)
+    elif hasattr(lib, "moekit_pack_panels"):
+        panels = (None, None)  # plain weights on builds with panel arguments
+    else:
+        panels = ()
     status = lib.moekit_moe_ffn(W1.data_ptr(), W1.stride(0), W1.stride(1), None, 0, W2.data_ptr(), W2.stride(0), W2.stride(1),
                                 None, 0, *panels, F_, D, D, E, x.data_ptr(), x.shape[0], D, ids.data_ptr(), w.data_ptr(), None,
                                 ids.shape[1], y.data_ptr(), 1 if W1.dtype == torch.bfloat16 else 0, 1, 0, threads)  # fmt: skip
@@ -63,7 +72,8 @@ def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: to
         raise RuntimeError(f"moekit_moe_ffn returned {status}")
 
 
-def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps: int, threads: int) -> list[dict]:
+def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps: int, threads: int,
+            panels: bool = False) -> list[dict]:  # fmt: skip
     D, Fh, E, K = shape["D"], shape["F"], shape["E"], shape["K"]
     g = torch.Generator().manual_seed(0)
     W1 = torch.empty(E, 2 * Fh, D, dtype=dtype)
@@ -71,6 +81,7 @@ def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps
     for e in range(E):
         W1[e] = torch.randn(2 * Fh, D, generator=g) / D**0.5
         W2[e] = torch.randn(D, Fh, generator=g) / Fh**0.5
+    copies = (native_gemv.pack_panels(W1, Fh), native_gemv.pack_panels(W2)) if panels else None
     rows = []
     for T in tokens:
         x = torch.randn(T, D, generator=g).to(dtype)
@@ -82,7 +93,7 @@ def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps
         for _ in range(reps):
             for name, lib in libs.items():
                 start = time.perf_counter()
-                layer_call(lib, W1, W2, x, ids, w, outs[name], threads)
+                layer_call(lib, W1, W2, x, ids, w, outs[name], threads, copies)
                 best[name] = min(best[name], time.perf_counter() - start)
         diff = float((outs["head"].float() - outs["base"].float()).abs().max())
         rows.append({"T": T, "base_ms": 1e3 * best["base"], "head_ms": 1e3 * best["head"],
@@ -94,7 +105,7 @@ def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps
 def markdown(results: dict) -> str:
     a = results["args"]
     lines = [f"Native kernel A/B: base `{a['base']}` against head `{a['head'] or 'worktree'}`, `moekit_moe_ffn` on one "
-             f"SwiGLU MoE layer, random top-k routing, {a['threads']} thread(s), best of {a['reps']} interleaved rounds "
+             f"SwiGLU MoE layer{' on panel copies' if a.get('panels') else ''}, random top-k routing, {a['threads']} thread(s), best of {a['reps']} interleaved rounds "
              f"(wall time). Rates: touched experts' bytes / time.", "",
              "| layer | dtype | T | base ms | head ms | base GB/s | head GB/s | head speed-up | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -113,6 +124,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,16,256", help="comma-separated token counts")
     ap.add_argument("--reps", type=int, default=10, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each call (and torch's)")
+    ap.add_argument("--panels", action="store_true", help="both builds read panel copies of the weights (AVX2)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -133,16 +145,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="moekit-ab-") as tmp:
         libs = {"base": native_gemv.load(build(args.base, Path(tmp))), "head": native_gemv.load(build(args.head, Path(tmp)))}
+        if args.panels and not (native_gemv.panels_available() and all(hasattr(lib, "moekit_pack_panels") for lib in libs.values())):
+            ap.error("--panels: this CPU's kernel reads no panel copies, or a build is older than the panel arguments")
         rows = []
         for layer in args.shapes.split(","):
             for dname in args.dtypes.split(","):
-                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads):
+                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads, args.panels):
                     rows.append({"layer": layer, "dtype": dname, **r})
                     print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip
     env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0}
     results = {"args": vars(args), "environment": env, "rows": rows}
-    out, tag = Path(args.out), "ab_native" + (f"_{args.threads}threads" if args.threads > 1 else "")
+    out, tag = Path(args.out), "ab_native" + (f"_{args.threads}threads" if args.threads > 1 else "") + ("_panels" if args.panels else "")
     write_json(out / f"{tag}.json", results)
     atomic_write_text(out / f"{tag}.md", markdown(results))
 
