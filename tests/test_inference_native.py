@@ -344,6 +344,25 @@ def test_moe_layer_on_panels_matches_the_plain_layer(T, K, E, I, F_, O, glu, dty
 
 
 @needs_panels
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", [8, 9, 12, 16, 17, 18, 19, 20, 21, 25, 26, 33, 36, 41])
+def test_panel_products_with_rows_past_their_passes(rows, dtype) -> None:
+    """One expert of ``rows`` rows on panels: the 1-4 rows past a multiple of 16 and the ninth of 9, 25, 41 run
+    on the tail tiles (a masked vector of each tile's weights, x broadcast), the rest on passes; odd inputs and a
+    chunk cut short (R = 2 x 70 with a 6-row tile, 4, 2 and 1 at its end), against float64."""
+    dt = DTYPES[dtype]
+    torch.manual_seed(rows)
+    I, F_, O = 131, 70, 37
+    x = torch.randn(rows, I).to(dt)
+    first, second = (torch.randn(1, 2 * F_, I) / I**0.5).to(dt), (torch.randn(1, O, F_) / F_**0.5).to(dt)
+    ids, w = torch.zeros(rows, 1, dtype=torch.long), torch.rand(rows, 1)
+    panels = {"first_panels": native_gemv.pack_panels(first, F_), "second_panels": native_gemv.pack_panels(second)}
+    y = native_gemv.moe_ffn(x, ids, w, first, second, glu=True, activation="silu", threads=1, **panels)
+    ref = _layer_reference(x, ids, w, first, second, None, None, True, "silu", None, hidden_dtype=dt if dt == torch.bfloat16 else None)
+    assert _rel_err(y, ref) <= (1e-5 if dt == torch.float32 else 2e-2)
+
+
+@needs_panels
 def test_pack_panels_permutes_each_tile_and_checks_its_arguments(monkeypatch) -> None:
     """A panel copy holds every weight once, a tile of h rows input-major (h values an input): the first tile
     of a chunk is its first 6 rows, and the GLU's up segment starts a chunk of its own."""

@@ -525,8 +525,7 @@ static inline void bc_store(__m512 acc[16][4], __m256 half[16], int BR, int NV, 
  * to it with `add`): the rows of x 64 at a time (up to four vectors, the last one half when it holds 8 rows
  * or fewer), each pass reading the block's weight rows again (from L2 past the first). */
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add, int panel) {
-    (void)panel; /* no panel copies on AVX-512 (moekit_panels_usable) */
+                    long ldm, long ldr, int add) {
     __m512 acc[16][4];
     __m256 half[16];
     const long P = 16 * ((M + 15) / 16);
@@ -908,7 +907,7 @@ static long bc_tile_height(long nr, long r) {
 }
 #define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, (const char *)(w + (r0 + r) * ldw), 0,)
 #define PLAIN_BF16(h) BC_PASSES(bc_tile_bf16, w + (r0 + r) * ldw, h,)
-#define PANEL_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, 0,)
+#define PANEL_F32(h) {BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, 0,) PANEL_TAIL(w + (r0 + r) * I, h)}
 /* bf16 panel: the tile's weights widened to fp32 (into `wide`, BC_BR * I values: in L2), which the fp32
  * panel tile runs -- one shift per weight, where the bf16 tile pays a broadcast, a shift and a mask per weight
  * and pass, and runs out of registers for x (its 4 vectors: even and odd inputs); while it runs, the next
@@ -918,6 +917,7 @@ static long bc_tile_height(long nr, long r) {
         const uint16_t *src = w + (r0 + r) * I;                                                         \
         widen_bf16(src, (h) * I, wide);                                                                 \
         BC_PASSES(bc_tile_f32, wide, h, 1, (const char *)(src + (h) * I), 1,)                           \
+        PANEL_TAIL(wide, h)                                                                             \
     }
 
 /* dst[j] = src[j] as fp32 for j < n (exact). */
@@ -931,26 +931,86 @@ static void widen_bf16(const uint16_t *src, long n, float *dst) {
 }
 
 /* Rows [r0, r0 + nr) of W against the M rows of x packed in xp into out[m * ldm + (r - r0) * ldr] (added
- * to it with `add`); `panel`: W is a panel copy (moekit_pack_panels, rows ldw = I apart in its dense shape)
- * and r0 the start of one of its chunks. */
+ * to it with `add`). */
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add, int panel) {
+                    long ldm, long ldr, int add) {
     __m256 acc[BC_BR][2];
     const float *xt = (const float *)xp;
     long r = 0;
-    if (bf16 && panel) {
-        float *wide = (float *)xp + bc_packed_size(M, I); /* the scratch after x (panel_scratch) */
-        const uint16_t *w = (const uint16_t *)W;
-        BC_TILES(BC_BR, PANEL_BF16)
-    } else if (bf16) {
+    if (bf16) {
         const uint16_t *w = (const uint16_t *)W;
         BC_TILES(BC_BR, PLAIN_BF16)
-    } else if (panel) {
-        const float *w = (const float *)W;
-        BC_TILES(BC_BR, PANEL_F32)
     } else {
         const float *w = (const float *)W;
         BC_TILES(BC_BR, PLAIN_F32)
+    }
+}
+
+/* The rows of x past a panel product's passes: the 1-4 past a multiple of 16 (from 17 rows), which a pass of 8
+ * would pay as 8, and the ninth of 9, 25, 41, ... rows, which would widen a pass of 8 to 16; 2-4 rows that
+ * would only widen one ran slower on the tail (AVX2 AMD EPYC, fp32, 2048 inputs: 17 rows ran at 0.68x the rate
+ * of 16 on passes, 0.87x with the tail; 12 rows 0.80x of passes). */
+#define PANEL_TAIL_MAX 4
+static long panel_tail(long M) {
+    const long q = M % 16;
+    return M > 16 && q >= 1 && q <= PANEL_TAIL_MAX ? q : q == 9 ? 1 : 0;
+}
+
+/* R rows of x (row-major, I apart) against a panel tile of BR weight rows (BR values an input: one masked
+ * vector load), each row's value of x broadcast; U inputs in flight so U * R sums cover the FMA latency.
+ * out[h * ldm + r * ldr] = W_r . x_h (added to it with `add`). */
+static inline __attribute__((always_inline)) void panel_tail_tile(const float *w, const float *x, long I, const int BR,
+                                                                  const int R, float *out, long ldm, long ldr, int add) {
+    const int U = R <= 2 ? 4 : 2;
+    const __m256i lanes_in = _mm256_cmpgt_epi32(_mm256_set1_epi32(BR), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 a[4][PANEL_TAIL_MAX];
+    for (int u = 0; u < U; u++)
+        for (int h = 0; h < R; h++) a[u][h] = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + U <= I; i += U)
+        for (int u = 0; u < U; u++) {
+            __m256 wv = _mm256_maskload_ps(w + (i + u) * BR, lanes_in);
+            for (int h = 0; h < R; h++) a[u][h] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + h * I + i + u), a[u][h]);
+        }
+    for (; i < I; i++) {
+        __m256 wv = _mm256_maskload_ps(w + i * BR, lanes_in);
+        for (int h = 0; h < R; h++) a[0][h] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + h * I + i), a[0][h]);
+    }
+    float lanes[8];
+    for (int h = 0; h < R; h++) {
+        __m256 sum = a[0][h];
+        for (int u = 1; u < U; u++) sum = _mm256_add_ps(sum, a[u][h]);
+        _mm256_storeu_ps(lanes, sum);
+        for (int r = 0; r < BR; r++) {
+            float *o = out + h * ldm + r * ldr;
+            *o = add ? *o + lanes[r] : lanes[r];
+        }
+    }
+}
+#define PANEL_TAIL(W, h)                                                                                \
+    if (tail == 1) panel_tail_tile(W, x_tail, I, h, 1, out + M * ldm + r * ldr, ldm, ldr, add);         \
+    else if (tail == 2) panel_tail_tile(W, x_tail, I, h, 2, out + M * ldm + r * ldr, ldm, ldr, add);         \
+    else if (tail == 3) panel_tail_tile(W, x_tail, I, h, 3, out + M * ldm + r * ldr, ldm, ldr, add);         \
+    else if (tail == 4) panel_tail_tile(W, x_tail, I, h, 4, out + M * ldm + r * ldr, ldm, ldr, add);
+
+/* Rows [r0, r0 + nr) of a panel copy (moekit_pack_panels; r0 the start of one of its chunks) against `rows`
+ * rows of x into out[m * CHUNK + (r - r0)]: the broadcast tiles' passes over the first rows (packed in xp), then
+ * the panel_tail rows from xf against each tile while its weights are in L2. bf16 tiles are widened into the
+ * scratch after the packed x first (panel_bytes). */
+static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp, const float *xf, long rows, long I,
+                       float *out) {
+    const long tail = panel_tail(rows), M = rows - tail, ldw = I, ldm = CHUNK, ldr = 1;
+    const int add = 0;
+    const float *xt = (const float *)xp, *x_tail = xf + M * I;
+    __m256 acc[BC_BR][2];
+    long r = 0;
+    if (bf16) {
+        float *wide = (float *)xp + bc_packed_size(M, I);
+        const uint16_t *w = (const uint16_t *)W;
+        BC_TILES(BC_BR, PANEL_BF16)
+    } else {
+        const float *w = (const float *)W;
+        BC_TILES(BC_BR, PANEL_F32)
     }
 }
 
@@ -984,8 +1044,8 @@ static int bc_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; 
 static size_t bc_packed_size(long M, long I) { (void)M, (void)I; return 0; }
 static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long I, void *xp) { (void)bf16, (void)xf, (void)xb, (void)M, (void)I, (void)xp; }
 static void bc_rows(const void *W, int bf16, long ldw, long r0, long nr, const void *xp, long M, long I, float *out,
-                    long ldm, long ldr, int add, int panel) {
-    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add, (void)panel;
+                    long ldm, long ldr, int add) {
+    (void)W, (void)bf16, (void)ldw, (void)r0, (void)nr, (void)xp, (void)M, (void)I, (void)out, (void)ldm, (void)ldr, (void)add;
 }
 #endif
 static int pair_applies(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
@@ -1016,6 +1076,11 @@ static size_t panel_bytes(int bf16, long M, long I) {
 }
 #else
 static int panel_applies(long M) { (void)M; return 0; }
+static long panel_tail(long M) { (void)M; return 0; }
+static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp, const float *xf, long rows, long I,
+                       float *out) {
+    (void)W, (void)bf16, (void)r0, (void)nr, (void)xp, (void)xf, (void)rows, (void)I, (void)out;
+}
 static size_t panel_bytes(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
 int moekit_panels_usable(void) { return 0; }
 int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
@@ -1069,7 +1134,7 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
     if (path == PATH_AMX) amx_pack(xb, M, I, (uint16_t *)xp);
     else if (path == PATH_PAIR) pair_pack(bf16, xf, xb, M, I, xp);
     else if (path == PATH_QUAD) quad_pack(bf16, xf, xb, M, I, xp);
-    else if (path == PATH_PANEL) bc_pack(bf16, xf, xb, M, I, xp);
+    else if (path == PATH_PANEL) bc_pack(bf16, xf, xb, M - panel_tail(M), I, xp);
     else if (path == PATH_BC) {
         long tail = bc_tail(bf16, M, I), head = M - tail;
         bc_pack(bf16, xf, xb, head, I, xp);
@@ -1082,12 +1147,12 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
 static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
     if (path == PATH_PANEL) {
-        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, M, I, out, CHUNK, 1, 0, 1);
+        panel_rows(W, bf16, r0, r1 - r0, xp, xf, M, I, out);
         return;
     }
     if (path == PATH_BC) {
         long tail = bc_tail(bf16, M, I), head = M - tail;
-        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0, 0);
+        bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0);
         if (tail)
             dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, tail_path(bf16, tail, I),
                      (const float *)xp + bc_packed_size(head, I), tail, I, out + head * CHUNK);
@@ -1571,7 +1636,7 @@ static int merged_product(const float *a, long G, long S, long K, const float *p
                 merge_block(src, es, ld, E, p + g0 * E, ng, K, kb, P, merged);
                 for (long g = g0; g < g0 + ng; g++) {
                     float *og = out + g * S * N + k0;
-                    bc_rows(a + g * S * K, 0, K, 0, S, merged + (g - g0) * K * P, kb, K, og, 1, N, 0, 0);
+                    bc_rows(a + g * S * K, 0, K, 0, S, merged + (g - g0) * K * P, kb, K, og, 1, N, 0);
                     for (long s = 0; bias && s < S; s++)
                         for (long j = 0; j < kb; j++) og[s * N + j] += bias[g * N + k0 + j];
                 }
