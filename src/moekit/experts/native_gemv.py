@@ -129,13 +129,14 @@ MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAM
 #: where the one-call layer over panel copies (``pack_panels``; a packed bank on a CPU whose kernel reads
 #: them, ``panels_available``) beats the expert loop on the packed bank's kernels, as ``MAX_ROWS``: ``dtype ->
 #: ((min features, max rows), ...)`` by ``cpu_profile``. Measured on whole layers, interleaved in one process,
-#: 1 thread, the loop's time over the panels' (AVX2 AMD EPYC; fp32 loop: oneDNN-packed / MKL, bf16: the fp32
-#: GEMM on widened blocks): fp32 Qwen3 16 rows 1.25, 64 1.09, 256 0.82; OLMoE 32 rows 1.20, 128 1.24, 512 0.86;
-#: Mixtral (3584-4096 features) 64 rows 1.13, 256 1.09, 1024 0.87. bf16 Qwen3 16 rows 0.99, 64 1.39, 256 0.99;
-#: OLMoE 32 1.30, 128 1.18, 512 0.91; Mixtral 64 1.47, 256 1.17, 1024 1.09. Past ~128 rows of 2048 features a
-#: tile's pass over every row of x^T (16 rows x I a pass) leaves L2, and the GEMM libraries' blocking wins.
+#: 1 thread, the loop's time over the panels' (AVX2 AMD EPYC, after the tail tiles and the bf16 tiles widened
+#: in the previous tile's pass; fp32 loop: oneDNN-packed / MKL, bf16: the fp32 GEMM on widened blocks): fp32
+#: Qwen3 16 rows 1.31, 32 1.43, 64 1.18, 128 1.11, 256 0.74; OLMoE 128 1.59, 256 0.94, 512 0.83; Mixtral
+#: (3584-4096 features) 256 1.09, 512 1.09, 1024 0.79. bf16 Qwen3 32 1.55, 64 1.43, 128 1.14, 256 0.98; OLMoE
+#: 128 1.31, 256 1.07, 512 0.88; Mixtral 256 1.23, 512 1.15-1.21, 1024 0.69-0.76. Past these sizes a tile's
+#: pass over every row of x^T (16 rows x I a pass) leaves L2, and the GEMM libraries' blocking wins.
 PANEL_MAX_ROWS = {
-    "AuthenticAMD+AVX2": {torch.float32: ((3584, 256), (1, 128)), torch.bfloat16: ((3584, 1024), (1, 128))},
+    "AuthenticAMD+AVX2": {torch.float32: ((3584, 512), (1, 128)), torch.bfloat16: ((3584, 512), (1, 128))},
 }
 
 
