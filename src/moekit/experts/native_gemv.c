@@ -815,7 +815,7 @@ static void widen_bf16(const uint16_t *src, long n, float *dst) {
 /* BR weight rows x NV vectors of 8 rows of x (xt: their pass of the packed x^T, P values an input):
  * acc[r][v] lane l = W_r . x_{8 v + l}. The weights: plain (rows ldw apart) or, with `panel`, the
  * tile's BR rows input-major (BR values an input, one stream; moekit_pack_panels; bf16 panels widened first,
- * bc_rows). With one vector the even and odd inputs sum into
+ * PANEL_BF16). With one vector the even and odd inputs sum into
  * two accumulators (a[r][0], a[r][1]), so a tile has as many independent sums as with two and covers the
  * FMA latency. The sums live in a local array until the end (one the caller sees is stored to memory at
  * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). wn > 0: the tile also
@@ -1012,8 +1012,9 @@ static inline __attribute__((always_inline)) void panel_tail_tile(const float *w
 
 /* Rows [r0, r0 + nr) of a panel copy (moekit_pack_panels; r0 the start of one of its chunks) against `rows`
  * rows of x into out[m * CHUNK + (r - r0)]: the broadcast tiles' passes over the first rows (packed in xp), then
- * the panel_tail rows from xf against each tile while its weights are in L2. bf16 tiles are widened into the
- * scratch after the packed x first (panel_bytes). */
+ * the panel_tail rows from xf against each tile while its weights are in L2. bf16 tiles are widened into two
+ * buffers after the packed x (panel_bytes), the first before the passes, each next one during the passes of the
+ * one before (PANEL_BF16). */
 static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp, const float *xf, long rows, long I,
                        float *out) {
     const long tail = panel_tail(rows), M = rows - tail, ldw = I, ldm = CHUNK, ldr = 1;
@@ -1033,9 +1034,9 @@ static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp
     }
 }
 
-/* The panel copy of W [E, R, I] (experts se values apart, rows ld apart) that bc_rows reads with `panel`, into
+/* The panel copy of W [E, R, I] (experts se values apart, rows ld apart) that panel_rows reads, into
  * out, dense [E, R, I] in W's dtype: the rows in segments of `segment` (a GLU's gate and up rows: F each), each
- * cut into chunks of CHUNK rows (as moekit_moe_ffn cuts its products) and those into the tiles bc_rows takes
+ * cut into chunks of CHUNK rows (as moekit_moe_ffn cuts its products) and those into the tiles panel_rows takes
  * (bc_tile_height); a tile of h rows at the offset its rows have in a dense copy, its values input-major (h
  * values an input). */
 int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
@@ -1088,7 +1089,7 @@ int moekit_panels_usable(void) { return 1; }
  * from 8 rows in both dtypes (bf16's plain broadcast tiles start at 16; the widened panel tiles fill a vector
  * of 8 rows as fp32's do). */
 static int panel_applies(long M) { return M >= BC_MIN_ROWS; }
-/* Bytes of x packed for a panel product of up to M rows of I inputs, and after it the scratch of bc_rows
+/* Bytes of x packed for a panel product of up to M rows of I inputs, and after it the scratch of panel_rows
  * (bf16: two widened tiles). */
 static size_t panel_bytes(int bf16, long M, long I) {
     return sizeof(float) * (bc_packed_size(M, I) + (bf16 ? 2 * BC_BR * (size_t)I : 0));

@@ -16,7 +16,9 @@ products of 5 or more rows run on AMX tiles where the CPU has them (Intel Xeon f
 optionally fuses a GLU (``act(gate) * up`` of ``[gate; up]`` rows, 64 gate rows then their 64 up rows, each one run of memory) and splits the weight rows over ``threads``
 OpenMP threads (torch's own runtime; each thread a contiguous range: distinct memory). On AVX2 the one-call
 layer also reads panel copies of the weights (``pack_panels``; a packed bank's): each broadcast tile's rows
-input-major, one stream, and bf16 tiles widened to fp32 once per call into L2 and run on the fp32 tiles.
+input-major, one stream; bf16 tiles widened to fp32 into L2 during the previous tile's pass and run on the fp32
+tiles; the 1-4 rows past a multiple of 16 on tail tiles (a vector of each tile's weights, ``x`` broadcast).
+A call's working buffers come from a block its thread keeps between calls (``scratch_limit``).
 
 SMEAR's merged products (``merged_forward``, ``merged_grad_input``, ``merged_grad_weights``; fp32, AVX-512) run
 the same broadcast tiles against per-example merged weights ``W_g = sum_e p[g, e] W_e`` that are made 64
