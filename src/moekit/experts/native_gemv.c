@@ -788,9 +788,9 @@ static void bc_pack(int bf16, const float *xf, const uint16_t *xb, long M, long 
 }
 
 /* The weights ahead of a tile: plain rows (`row_bytes` apart from w), at a new cache line of each row (`line`),
- * the next tile's rows into L2; a panel, the line at `ahead` (one stream: PANEL_AHEAD bytes on in an fp32 panel,
- * the next tile's bf16 values while a widened bf16 tile runs; AVX2 AMD EPYC, fp32 panel at 16 rows: 1536
- * bytes ahead 1.2x none, 3072 0.9x of 1536). */
+ * the next tile's rows into L2; a panel, the line at `ahead` (one stream: PANEL_AHEAD bytes on in an fp32 panel;
+ * AVX2 AMD EPYC, fp32 panel at 16 rows: 1536 bytes ahead 1.2x none, 3072 0.9x of 1536). A widened bf16 tile
+ * is in L2 and takes none (pf NULL); its first pass prefetches the next tile's bf16 values as it widens them. */
 #define PANEL_AHEAD 1536
 static inline __attribute__((always_inline)) void bc_prefetch(const char *w, long row_bytes, const int BR, int line,
                                                               const char *ahead, const int panel) {
@@ -818,7 +818,8 @@ static void widen_bf16(const uint16_t *src, long n, float *dst) {
  * PANEL_BF16). With one vector the even and odd inputs sum into
  * two accumulators (a[r][0], a[r][1]), so a tile has as many independent sums as with two and covers the
  * FMA latency. The sums live in a local array until the end (one the caller sees is stored to memory at
- * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). wn > 0: the tile also
+ * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). pf: bc_prefetch's `ahead`
+ * (NULL: no prefetch). wn > 0: the tile also
  * widens the next bf16 panel tile (wsrc, wn values) into wdst as it goes, 8 values an input, in the issue
  * slots the FMA-bound loop leaves (and prefetches it), finishing what is left at the end. */
 static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, long ldw, const float *xt, long P, long I,
@@ -834,7 +835,7 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
             if (wn && j + 16 <= wn) {
                 if (j % 32 == 0) PREFETCH((const char *)(wsrc + j) + PANEL_AHEAD);
                 widen8(wsrc + j, wdst + j), widen8(wsrc + j + 8, wdst + j + 8), j += 16;
-            } else if (!wn)
+            } else if (!wn && pf)
                 bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + 4 * i * is, panel);
             __m256 x0 = _mm256_loadu_ps(xt + i * P), x1 = _mm256_loadu_ps(xt + (i + 1) * P);
             for (int r = 0; r < BR; r++) {
@@ -846,7 +847,7 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
         if (wn && j + 8 <= wn) {
             if (j % 32 == 0) PREFETCH((const char *)(wsrc + j) + PANEL_AHEAD);
             widen8(wsrc + j, wdst + j), j += 8;
-        } else if (!wn && i % 2 == 0)
+        } else if (!wn && pf && i % 2 == 0)
             bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + 4 * i * is, panel);
         __m256 xv[2];
         for (int v = 0; v < NV; v++) xv[v] = _mm256_loadu_ps(xt + i * P + 8 * v);
@@ -942,7 +943,7 @@ static long bc_tile_height(long nr, long r) {
     {                                                                                                   \
         const long next_r = r + (h), next_n = next_r < nr ? bc_tile_height(nr, next_r) * I : 0;         \
         float *now = wide[parity], *next = wide[1 - parity];                                            \
-        BC_PASSES(bc_tile_f32, now, h, 1, (const char *)now, w + (r0 + next_r) * I, next, m0 == 0 ? next_n : 0,) \
+        BC_PASSES(bc_tile_f32, now, h, 1, NULL, w + (r0 + next_r) * I, next, m0 == 0 ? next_n : 0,)      \
         PANEL_TAIL(now, h)                                                                              \
         parity = 1 - parity;                                                                            \
     }
@@ -1332,7 +1333,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
     int path = product_path(dtype == 1, M, I);
     /* x in fp32, (bf16) a dense copy, x packed for the path */
-    size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = lined(sizeof(uint16_t) * n_x);
+    size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = dtype == 1 ? lined(sizeof(uint16_t) * n_x) : 0;
     char *block = scratch_take(xf_bytes + xb_bytes + (path != PATH_DOT ? packed_bytes(dtype == 1, M, I) : 0));
     if (!block) return -1;
     float *xf = (float *)block;
@@ -1393,6 +1394,11 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
         count[ids[s] + 1]++;
         N++;
     }
+    if (N == 0) { /* nothing routed: y = 0 */
+        memset(y, 0, (size_t)(T * O) * es);
+        free(count);
+        return 0;
+    }
     long G = 0, max_rows = 1;
     for (long e = 0; e < E; e++) {
         G += count[e + 1] > 0;
@@ -1418,13 +1424,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                             (size_t)n * (buf_size + packed_size)};
     size_t total = 0;
     for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) total += sizes[k];
-    char *block = N > 0 ? scratch_take(total) : NULL;
-    if (N > 0 && !block) { free(count); return -1; }
-    if (N == 0) { /* nothing routed: y = 0 */
-        memset(y, 0, (size_t)(T * O) * es);
-        free(count);
-        return 0;
-    }
+    char *block = scratch_take(total);
+    if (!block) { free(count); return -1; }
     char *cut = block;
     long *group = (long *)cut; cut += sizes[0];
     long *token = (long *)cut; cut += sizes[1];
