@@ -48,7 +48,8 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), on AMD pair tiles (5-8 rows) and quad
     tiles (9-12 rows, inputs a multiple of 4 / bf16 8), broadcast tiles
     from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows, the rows past a multiple of 16 on
-    the dot or quad tiles; AVX2: fp32 from 8 rows, bf16 from 16, one or two vectors, passes of 16 rows),
+    the dot or quad tiles; AVX2: fp32 from 8 rows, bf16 from 16, one or two vectors, passes of 16 rows, and
+    below them two-row dot tiles for bf16 4-15 rows and fp32 5-6, odd weight rows alone),
     bf16 on AMX where the CPU has it; with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
