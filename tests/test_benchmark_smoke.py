@@ -93,10 +93,15 @@ def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
             assert "dense" in dense, dense
     assert "GEMV-rate bound" in done.stdout and "| tiny | bf16 | 64 |" in (tmp_path / "bench_infer_quick.md").read_text()
     summary = done.stdout.split("**Summary: moekit's best path")[1].splitlines()
-    for r in results["rows"]:  # last column: moekit's best time over the sum of the two bounds
+    for r in results["rows"]:  # last columns: moekit's best time over the sum of the two bounds, over the floor
         line = next(s for s in summary if s.startswith(f"| {r['layer']} | {r['dtype']} | {r['T']} |"))
         best = min(r["impls"]["moekit"]["best_s"], r["impls"]["moekit_packed"]["best_s"])
-        assert line.split("|")[-2].strip() == f"{best / (r['bw_bound_s'] + r['dense_bound_s']):.2f}", line
+        assert line.split("|")[-3].strip() == f"{best / (r['bw_bound_s'] + r['dense_bound_s']):.2f}", line
+        assert line.split("|")[-2].strip() == f"{best / r['floor_s']:.2f}", line
+        # the floor: every touched expert at least its read, at least all routed rows' multiply-adds at the peak
+        assert sum(r["expert_rows"]) == r["T"] * 2 and len(r["expert_rows"]) == r["touched_experts"]
+        macs = r["T"] * 2 * 3 * 64 * 128  # tiny: K = 2, D = 64, F = 128
+        assert r["floor_s"] >= max(r["bw_bound_s"], macs / (r["mm_peak_GMACs"] * 1e9)) * (1 - 1e-9), r
 
 
 @pytest.mark.slow
