@@ -1295,13 +1295,13 @@ static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const 
 }
 
 /* Output columns [r0, r1) for all M rows of x (fp32 copy xf, bf16 copy xb, M x I dense), CHUNK rows
- * of W at a time. GLU (glu_rows > 0): column o is act(x . W[o] + b[o]) * (x . W[o + glu_rows] +
- * b[o + glu_rows]); the gate chunk and then the up chunk are each read as one run of memory. */
-static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
-                      int path, const void *xp, long M, long I, const void *bias, long glu_rows, int act, void *y, long ldy) {
-    float *gate = (float *)malloc(sizeof(float) * (size_t)(2 * CHUNK * M));
-    if (!gate) return -1;
-    float *up = gate + CHUNK * M;
+ * of W at a time, their sums in `sums` (2 * CHUNK * M floats). GLU (glu_rows > 0): column o is
+ * act(x . W[o] + b[o]) * (x . W[o + glu_rows] + b[o + glu_rows]); the gate chunk and then the up chunk are
+ * each read as one run of memory. */
+static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+                       int path, const void *xp, long M, long I, const void *bias, long glu_rows, int act, void *y,
+                       long ldy, float *sums) {
+    float *gate = sums, *up = sums + CHUNK * M;
     for (long c = r0; c < r1; c += CHUNK) {
         long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
         dot_rows(W, bf16, ldw, c, c1, xf, xb, path, xp, M, I, gate);
@@ -1319,8 +1319,6 @@ static int rows_range(const void *W, int bf16, long ldw, long r0, long r1, const
                 else ((float *)y)[m * ldy + o] = v;
             }
     }
-    free(gate);
-    return 0;
 }
 
 /* The working copies of rows of x: xf [n, I] in fp32 and (bf16) xb [n, I] the bf16 values, row r taken
@@ -1416,31 +1414,36 @@ long moekit_scratch_keep(long bytes) {
 
 /* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
  * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
- * with O = out. Returns 0, or -1 when a buffer (the copies of x, a thread's chunk) could not be allocated. */
+ * with O = out. Returns 0, or -1 when the scratch block (the copies of x, every thread's sums) could not be
+ * allocated. */
 int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
                 void *y, long ldy, int dtype, int glu, int act, int threads) {
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
     int path = product_path(dtype == 1, M, I);
     /* x in fp32, (bf16) a dense copy, x packed for the path */
     size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = dtype == 1 ? lined(sizeof(uint16_t) * n_x) : 0;
-    char *block = scratch_take(xf_bytes + xb_bytes + (path != PATH_DOT ? packed_bytes(dtype == 1, M, I) : 0));
+    const long blocks = (O + ROWS - 1) / ROWS;
+    const int n = thread_count(threads, blocks);
+    const size_t xp_bytes = path != PATH_DOT ? lined(packed_bytes(dtype == 1, M, I)) : 0;
+    const size_t sums_bytes = lined(sizeof(float) * (size_t)(2 * CHUNK * (M > 0 ? M : 1)));
+    char *block = scratch_take(xf_bytes + xb_bytes + xp_bytes + (size_t)n * sums_bytes);
     if (!block) return -1;
     float *xf = (float *)block;
     uint16_t *xb = (uint16_t *)(block + xf_bytes);
     void *xp = path != PATH_DOT ? block + xf_bytes + xb_bytes : NULL;
+    char *sums = block + xf_bytes + xb_bytes + xp_bytes;
     working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
     if (xp) pack_x(path, dtype == 1, xf, xb, M, I, xp);
-    long blocks = (O + ROWS - 1) / ROWS;
-    int failed = 0;
-    int n = thread_count(threads, blocks);
     PARALLEL_THREADS(n) {
         const int t = THREAD_NUM, nt = THREAD_COUNT;
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         long r0 = b0 * ROWS, r1 = b1 * ROWS < O ? b1 * ROWS : O;
-        if (r1 > r0 && rows_range(W, dtype, ldw, r0, r1, xf, xb, path, xp, M, I, bias, glu ? O : 0, act, y, ldy)) failed = 1;
+        if (r1 > r0)
+            rows_range(W, dtype, ldw, r0, r1, xf, xb, path, xp, M, I, bias, glu ? O : 0, act, y, ldy,
+                       (float *)(sums + (size_t)t * sums_bytes));
     }
     scratch_done();
-    return failed ? -1 : 0;
+    return 0;
 }
 
 /* ---- one MoE layer of two-matrix experts for a few tokens, in one call ------------------------------
