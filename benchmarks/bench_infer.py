@@ -31,7 +31,9 @@ weights (one copy in memory, shared) and identical routing (moekit's top-k route
   every weight costs one fp32 FMA per row of x: from about 4 rows an expert).
 
 Timing interleaves the contenders (one call of each per round) and keeps the best of ``--reps`` rounds
-(medians in the JSON): process CPU time at one thread (it leaves out time spent waiting for a core that
+(medians in the JSON; prefill below 4096 tokens: ``max(4, reps // 2)`` rounds after two warm-up calls each
+-- on this shared VM a prefill call varies by 10-20% from call to call, and the calls right after a first one
+ran up to 1.6x slower; 4096 tokens: 2 rounds): process CPU time at one thread (it leaves out time spent waiting for a core that
 another process holds), wall time with more threads. Outputs are compared with moekit's.
 
 An end-to-end number follows: tokens/s of greedy ``generate`` on tiny-config Qwen3-MoE and Mixtral models
@@ -234,10 +236,14 @@ def _flush_caches() -> None:
     _FLUSH.sum()
 
 
-def time_interleaved(fns: dict[str, Callable], reps: int, clock: Callable[[], float]) -> tuple[dict, dict]:
-    """One warm-up call each (its output kept), then ``reps`` rounds of one call each, the caches flushed
-    before every call (the weights are shared by all contenders): best and median."""
+def time_interleaved(fns: dict[str, Callable], reps: int, clock: Callable[[], float],
+                     warmup: int = 1) -> tuple[dict, dict]:
+    """``warmup`` untimed calls each (the first one's output kept), then ``reps`` rounds of one call each, the
+    caches flushed before every call (the weights are shared by all contenders): best and median."""
     outputs = {name: fn() for name, fn in fns.items()}
+    for _ in range(warmup - 1):
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -263,8 +269,8 @@ def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) 
     with torch.inference_mode():
         for T in tokens:
             fns, facts = layer.contenders(T, args.max_gather_gb)
-            reps = args.reps if T <= 16 else max(2, args.reps // 5) if T < 4096 else 2
-            stats, outputs = time_interleaved(fns, reps, clock)
+            reps, warmup = (args.reps, 1) if T <= 16 else (max(4, args.reps // 2), 2) if T < 4096 else (2, 1)
+            stats, outputs = time_interleaved(fns, reps, clock, warmup)
             bw = max(BW_BYTES / stats[k]["best_s"] for k in BOUNDS if k.startswith("bw_") and k in stats)
             bw_bound = facts["touched_bytes"] / bw
             dense = min((stats[k]["best_s"] for k in ("dense", "dense_packed", "dense_fp32") if k in stats), default=0.0)
@@ -452,7 +458,8 @@ def generate_speed(args) -> list[dict]:
 def _markdown(results: dict, args) -> str:
     env = results["environment"]
     lines = [f"Experts of one MoE layer, forward only (`torch.inference_mode`), CPU, {args.threads} thread(s); "
-             f"best of the interleaved rounds (decode: {args.reps}, prefill: fewer), {results['clock']} time; "
+             f"best of the interleaved rounds (decode: {args.reps}, prefill: {max(4, args.reps // 2)} after 2 warm-up calls, "
+             f"4096 tokens: 2), {results['clock']} time; "
              f"torch {env['torch']}, transformers {env['transformers']}. Cells: time / bound "
              "(bound = max(bandwidth bound, dense-GEMM bound)); `moekit` is the default path, `packed` after "
              "`pack_for_inference`.", ""]  # fmt: skip
@@ -594,7 +601,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--reps", type=int, default=7, help="timed rounds at decode sizes (prefill: reps // 5, >= 2)")
+    ap.add_argument("--reps", type=int, default=7, help="timed rounds at decode sizes (prefill: reps // 2, >= 4; 4096 tokens: 2)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
