@@ -311,12 +311,24 @@ def test_compressed_inference_equals_training_path(case, kind, packed, dtype, mo
 def test_expert_runs_cut_groups_at_the_row_limit() -> None:
     groups = [(0, 0, 3), (2, 3, 4), (5, 4, 11), (7, 11, 12)]
     runs = inference.expert_runs(groups, 4)
-    assert runs == [[(0, 0, 3), (2, 3, 4)], [(5, 4, 8)], [(5, 8, 11), (7, 11, 12)]]
+    assert runs == [[(0, 0, 3), (2, 3, 4)], [(5, 4, 7)], [(5, 7, 11)], [(7, 11, 12)]]
     assert all(sum(b - a for _, a, b in run) <= 4 for run in runs)
     assert inference.expert_runs(groups, 100) == [groups]
     assert inference.expert_runs([], 4) == []
     # a group that fits a run is not cut across two (each cut costs another pass over its weights)
     assert inference.expert_runs([(0, 0, 3), (1, 3, 6)], 4) == [[(0, 0, 3)], [(1, 3, 6)]]
+
+
+def test_expert_runs_cut_a_large_group_into_the_fewest_equal_pieces() -> None:
+    """Mixtral's fp32 experts at T=4096: about 1000 rows each, 877 a run. A large group is not cut where the
+    run before it ends (a fragment: another pass over its weights, a small GEMM)."""
+    runs = inference.expert_runs([(0, 0, 800), (1, 800, 1837), (2, 1837, 1900)], 877)
+    assert runs == [[(0, 0, 800)], [(1, 800, 1318)], [(1, 1318, 1837), (2, 1837, 1900)]]
+    groups = [(e, 1000 * e, 1000 * e + 990 + 13 * e) for e in range(8)]
+    pieces = [p for run in inference.expert_runs(groups, 877) for p in run]
+    for e, start, end in groups:
+        sizes = [b - a for g, a, b in pieces if g == e]
+        assert sum(sizes) == end - start and len(sizes) == 2 and max(sizes) - min(sizes) <= 1, (e, sizes)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -250,20 +250,21 @@ def run_rows(bank: "ExpertBank", x_T: Tensor) -> int:
 def expert_runs(groups: Sequence[tuple[int, int, int]], max_rows: int) -> list[list[tuple[int, int, int]]]:
     """Consecutive ``(expert, first slot, end slot)`` groups cut into runs of at most ``max_rows`` slots. A
     group that fits a run is never cut across two (it opens the next run instead: a cut costs another pass
-    over the expert's weights and two smaller GEMMs); a larger one is cut into pieces of ``max_rows``."""
+    over the expert's weights and two smaller GEMMs); a larger one is cut into the fewest pieces that fit,
+    of equal size (within a row), each opening a run of its own when the current one cannot take it. (Filling
+    the current run first cut Mixtral's fp32 experts of about 1000 rows, 877 a run, into pieces of 22-299 rows
+    beside the large ones: 17 products of 8 experts, one in three pieces.)"""
     runs: list[list[tuple[int, int, int]]] = []
     rows = max_rows
     for e, start, end in groups:
-        if rows + end - start > max_rows >= end - start:
-            rows = max_rows
-        while start < end:
-            if rows >= max_rows:
+        parts = -(-(end - start) // max_rows)
+        for i in range(parts):
+            a, b = start + (end - start) * i // parts, start + (end - start) * (i + 1) // parts
+            if rows + b - a > max_rows:
                 runs.append([])
                 rows = 0
-            take = min(end - start, max_rows - rows)
-            runs[-1].append((e, start, start + take))
-            rows += take
-            start += take
+            runs[-1].append((e, a, b))
+            rows += b - a
     return runs
 
 
