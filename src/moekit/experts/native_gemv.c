@@ -1075,7 +1075,10 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
  * read from memory, medians of 5 rounds): bf16 4 rows 24.7 -> 27.9 GMAC/s, 5 23.8 -> 30.4, 6 25.7 -> 32.2,
  * 8 26.2 -> 31.5, 12 26.6 -> 34.3; fp32 5 rows 16.2 -> 18.1 GB/s, 6 15.0 -> 16.3; 2-4 fp32 rows and 2-3
  * bf16 are bound by memory streams, where the 4-row blocks' 8 streams (4 read, 4 prefetched) beat 4
- * (0.77-0.95x), and fp32 7 by the dot tiles' chunks of 4 and 3. */
+ * (0.77-0.95x), and fp32 7 by the dot tiles' chunks of 4 and 3. What is left is streaming from memory while
+ * the FMA units are busy: the same products with the weights in L2 or L3 run 37-39 GMAC/s (bf16, 3-4 rows;
+ * fp32 36-42, 49 in L1), and a hand-scheduled 4 x 3 tile in inline assembly, at those rates in cache, read no
+ * faster than these from memory (bf16 3 rows: 15-18 GB/s with and without software prefetch). */
 #define DOT2 1
 #define DOT2_MAX_X 6
 
