@@ -1069,9 +1069,9 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
 /* ---- two-row dot tiles (AVX2): bf16 products of 4 to 15 rows of x, fp32 of 5 and 6 ----
  * The dot tiles' 4 weight rows x 4 rows of x need 21 of AVX2's 16 vector registers: GCC keeps sums on the
  * stack and reloads weight vectors from memory, and the tiles run at half the FMA peak even with W in L2
- * (AMD EPYC Zen 3: 24-27 GMAC/s of 51). Two weight rows x up to DOT2_MAX_X rows of x hold their sums, the
- * rows of x and one weight vector in registers, each weight vector loaded (bf16: widened) once for all the
- * rows of x of a chunk. Measured in one process against the dot tiles (Mixtral-sized rows of 4096 inputs
+ * (AMD EPYC Zen 3: 24-27 GMAC/s of 51). Two weight rows x up to DOT2_MAX_X rows of x keep their sums and one
+ * weight vector in registers (the rows of x too, up to 5; 6 are the FMAs' memory operands, from L1), each
+ * weight vector loaded (bf16: widened) once for all the rows of x of a chunk. Measured in one process against the dot tiles (Mixtral-sized rows of 4096 inputs
  * read from memory, medians of 5 rounds): bf16 4 rows 24.7 -> 27.9 GMAC/s, 5 23.8 -> 30.4, 6 25.7 -> 32.2,
  * 8 26.2 -> 31.5, 12 26.6 -> 34.3; fp32 5 rows 16.2 -> 18.1 GB/s, 6 15.0 -> 16.3; 2-4 fp32 rows and 2-3
  * bf16 are bound by memory streams, where the 4-row blocks' 8 streams (4 read, 4 prefetched) beat 4
