@@ -25,8 +25,8 @@ weights (one copy in memory, shared) and identical routing (moekit's top-k route
   rows; packing is left out there);
 * **bound** = the larger of the two; "x bound" = time / bound.
 * **per-expert floor** (the summary's last column): each touched expert's weights read at the bandwidth or
-  its routed rows' multiply-adds at the core's in-cache GEMM rate (``PEAK_MM``: fp32 products that fit L2,
-  the compute dtype of the dense bound), whichever is longer, summed over the experts -- what no kernel
+  its routed rows' multiply-adds at the core's in-cache GEMM rate (``PEAK_MM``: products whose operands stay
+  in L2/L3, in the compute dtype of the dense bound), whichever is longer, summed over the experts -- what no kernel
   beats when an expert's rows need more multiply-adds per byte than the core has (bf16 on AVX2, where
   every weight costs one fp32 FMA per row of x: from about 4 rows an expert).
 
@@ -565,12 +565,12 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         ours = min(("moekit", "moekit_packed"), key=lambda k: r["impls"][k]["best_s"])
         hf = min((k for k, v in r["impls"].items() if k.startswith("hf_") and "best_s" in v), key=lambda k: r["impls"][k]["best_s"])
+        floor = f"{r['impls'][ours]['best_s'] / r['floor_s']:.2f}" if "floor_s" in r else "n/a"  # runs before the floor
         lines.append(f"| {r['layer']} | {r['dtype']} | {r['T']} | {r['bound_kind']} | {r['impls'][ours]['x_bound']:.2f}x "
                      f"({'packed' if ours == 'moekit_packed' else 'plain'}) | {r['impls'][hf]['x_bound']:.2f}x ({hf.removeprefix('hf_')}) | "
                      f"{r['impls'][hf]['best_s'] / r['impls'][ours]['best_s']:.2f} | "
                      f"{r['impls'][ours]['best_s'] / gemv_bound(r):.2f} | "
-                     f"{r['impls'][ours]['best_s'] / (r['bw_bound_s'] + r['dense_bound_s']):.2f} | "
-                     f"{r['impls'][ours]['best_s'] / r['floor_s']:.2f} |")  # fmt: skip
+                     f"{r['impls'][ours]['best_s'] / (r['bw_bound_s'] + r['dense_bound_s']):.2f} | {floor} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
