@@ -805,10 +805,7 @@ static inline __attribute__((always_inline)) void bc_prefetch(const char *w, lon
 }
 
 /* dst[0..8) = src[0..8) as fp32 (exact). */
-static inline void widen8(const uint16_t *src, float *dst) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src));
-    _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-}
+static inline void widen8(const uint16_t *src, float *dst) { _mm256_storeu_ps(dst, vload_bf16(src)); }
 
 /* dst[j] = src[j] as fp32 for j < n (exact). */
 static void widen_bf16(const uint16_t *src, long n, float *dst) {
@@ -918,10 +915,10 @@ static inline void bc_store(__m256 acc[BC_BR][2], int BR, int NV, long rows, flo
  * arguments after BR go to TILE (panel and prefetch). */
 #define BC_PASSES(TILE, W, BR, ...)                                                                     \
     for (long m0 = 0; m0 < M; m0 += BC_PASS) {                                                          \
-        const long rows = M - m0 < BC_PASS ? M - m0 : BC_PASS;                                          \
-        if (rows > 8) TILE(W, ldw, xt + m0 * I, 16, I, BR, 2, __VA_ARGS__ acc);                         \
+        const long pass_rows = M - m0 < BC_PASS ? M - m0 : BC_PASS;                                     \
+        if (pass_rows > 8) TILE(W, ldw, xt + m0 * I, 16, I, BR, 2, __VA_ARGS__ acc);                    \
         else TILE(W, ldw, xt + m0 * I, 8, I, BR, 1, __VA_ARGS__ acc);                                   \
-        bc_store(acc, BR, rows > 8 ? 2 : 1, rows, out + m0 * ldm + r * ldr, ldm, ldr, add);             \
+        bc_store(acc, BR, pass_rows > 8 ? 2 : 1, pass_rows, out + m0 * ldm + r * ldr, ldm, ldr, add);   \
     }
 /* Tiles of BR weight rows, then the rest in tiles of 4, 2 and 1 (a tile of one row has too few accumulators
  * to cover the FMA latency: 64 rows as 10 x 6 + 4 x 1 ran 0.75x the dot tiles' rate, Mixtral fp32, 64 rows);
@@ -1071,9 +1068,10 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
  * stack and reloads weight vectors from memory, and the tiles run at half the FMA peak even with W in L2
  * (AMD EPYC Zen 3: 24-27 GMAC/s of 51). Two weight rows x up to DOT2_MAX_X rows of x keep their sums and one
  * weight vector in registers (the rows of x too, up to 5; 6 are the FMAs' memory operands, from L1), each
- * weight vector loaded (bf16: widened) once for all the rows of x of a chunk. Measured in one process against the dot tiles (Mixtral-sized rows of 4096 inputs
- * read from memory, medians of 5 rounds): bf16 4 rows 24.7 -> 27.9 GMAC/s, 5 23.8 -> 30.4, 6 25.7 -> 32.2,
- * 8 26.2 -> 31.5, 12 26.6 -> 34.3; fp32 5 rows 16.2 -> 18.1 GB/s, 6 15.0 -> 16.3; 2-4 fp32 rows and 2-3
+ * weight vector loaded (bf16: widened) once for all the rows of x of a chunk. Measured in one process against
+ * the dot tiles (Mixtral-sized rows of 4096 inputs read from memory, medians of 5 rounds): bf16 4 rows 24.7 ->
+ * 27.9 GMAC/s, 5 23.8 -> 30.4, 6 25.7 -> 32.2, 8 26.2 -> 31.5, 12 26.6 -> 34.3; fp32 5 rows 16.2 -> 18.1 GB/s,
+ * 6 15.0 -> 16.3; 2-4 fp32 rows and 2-3
  * bf16 are bound by memory streams, where the 4-row blocks' 8 streams (4 read, 4 prefetched) beat 4
  * (0.77-0.95x), and fp32 7 by the dot tiles' chunks of 4 and 3. What is left is streaming from memory while
  * the FMA units are busy: the same products with the weights in L2 or L3 run 37-39 GMAC/s (bf16, 3-4 rows;
@@ -1084,10 +1082,9 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
 
 static int dot2_applies(int bf16, long M) { return bf16 ? M >= 4 : M >= 5 && M <= 6; }
 
+/* The 8 weights at `at` of W (fp32, or bf16 widened) as fp32. */
 static inline __attribute__((always_inline)) __m256 dot2_load(const void *w, const int bf16, long at) {
-    if (!bf16) return _mm256_loadu_ps((const float *)w + at);
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + at)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    return bf16 ? vload_bf16((const uint16_t *)w + at) : vload_f32((const float *)w + at);
 }
 
 /* out[m * CHUNK + at + r * step] = W_r . x_m for r < NR (1 or 2 weight rows, ldw apart), m < NM (rows of x,
@@ -1139,7 +1136,7 @@ static void dot2_rows(const void *W, int bf16, long ldw, long r0, long r1, const
     const int chunks = (int)((M + DOT2_MAX_X - 1) / DOT2_MAX_X);
     for (long j = 0; j < half + (r1 - r0) % 2; j++) {
         const long at = j < half ? j : r1 - 1 - r0, row = r0 + at; /* output column of the first row */
-        const void *w = bf16 ? (const void *)((const uint16_t *)W + row * ldw) : (const void *)((const float *)W + row * ldw);
+        const void *w = (const char *)W + (bf16 ? 2 : 4) * row * ldw;
         for (int c = 0; c < chunks; c++) {
             const long m0 = c * M / chunks, nm = (c + 1) * M / chunks - m0, pf = c == 0 && j + 1 < half ? ldw : 0;
             const float *x = xf + m0 * I;
