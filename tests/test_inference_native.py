@@ -350,7 +350,7 @@ def test_moe_layer_on_panels_matches_the_plain_layer(T, K, E, I, F_, O, glu, dty
 def test_panel_products_with_rows_past_their_passes(rows, dtype) -> None:
     """One expert of ``rows`` rows on panels: the 1-4 rows past a multiple of 16 and the ninth of 9, 25, 41 run
     on the tail tiles (a masked vector of each tile's weights, x broadcast), the rest on passes (fp32 from 6 rows:
-    a pass of 8 lanes with some empty; 5 rows and bf16 below 8 on the dot tiles); odd inputs and a chunk cut
+    a pass of 8 lanes with some empty; 5 rows, and bf16 below 8 and at 9-10, on the dot tiles); odd inputs and a chunk cut
     short (R = 2 x 70 with a 6-row tile, 4, 2 and 1 at its end), against float64."""
     dt = DTYPES[dtype]
     torch.manual_seed(rows)

@@ -1179,12 +1179,13 @@ static void pair_rows(const void *W, int bf16, long ldw, long r0, long nr, const
 #ifdef PANELS
 int moekit_panels_usable(void) { return 1; }
 /* Whether a product of M rows runs on the broadcast tiles over panel copies (PATH_PANEL) where there are some:
- * bf16 from 8 rows (its plain broadcast tiles start at 16; the widened panel tiles fill a vector of 8 rows as
- * fp32's do), fp32 from 6, where a pass of 8 lanes with 2 empty beats the two-row dot tiles on plain rows (AVX2
- * AMD EPYC, Mixtral-sized experts, in one process: 6 rows 1.15x, 7 rows 1.21x; 4-5 rows 0.85-0.97x, and bf16
- * panels at 4-7 rows 0.51-0.85x of the dot tiles). */
+ * fp32 from 6 rows, where a pass of 8 lanes with 2 empty beats the two-row dot tiles on plain rows (AVX2 AMD
+ * EPYC, Mixtral-sized experts, in one process: 6 rows 1.15x, 7 rows 1.21x; 4-5 rows 0.85-0.97x); bf16 from 8
+ * (its plain broadcast tiles start at 16; the widened panel tiles fill a vector of 8 rows as fp32's do) but for
+ * 9 and 10, where the panels' tail tile for the ninth row and a pass of 16 lanes with 6 empty run slower than
+ * the two-row dot tiles (0.78-0.88x, Mixtral and Qwen3 experts; 4-7 rows 0.51-0.85x, 11-13 0.97-1.17x). */
 #define PANEL_MIN_ROWS_F32 6
-static int panel_applies(int bf16, long M) { return M >= (bf16 ? BC_MIN_ROWS : PANEL_MIN_ROWS_F32); }
+static int panel_applies(int bf16, long M) { return bf16 ? M >= BC_MIN_ROWS && (M < 9 || M > 10) : M >= PANEL_MIN_ROWS_F32; }
 /* Bytes of x packed for a panel product of up to M rows of I inputs, and after it the scratch of panel_rows
  * (bf16: two widened tiles). */
 static size_t panel_bytes(int bf16, long M, long I) {
