@@ -130,7 +130,7 @@ class Layer:
         self.dense_gu, self.dense_down = gate_up[0], down[0]
         # bf16 where torch's bf16 GEMM is its reference loop (AVX2): the dense chain on fp32 BLAS is the real
         # compute bound (the fp32 copies made here, outside the timing: a bound, not a contender)
-        self.dense_fp32 = (gate_up[0].float(), down[0].float()) if dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference() else None
+        self.dense_fp32 = (gate_up[0].float(), down[0].float()) if dtype == torch.bfloat16 and upcast_gemm.torch_gemm_is_reference(torch.bfloat16) else None
         self.packs = packing_available(dtype, "cpu")  # oneDNN packs bf16 only where the CPU has bf16 instructions
         reorder = torch.ops.mkldnn._reorder_linear_weight
         self.dense_packed = [reorder(w.contiguous(), 64) for w in (gate_up[0], down[0])] if self.packs else None
@@ -379,7 +379,7 @@ def _kernel_contenders(x: torch.Tensor, ws: list, packed: list, flat: torch.Tens
     fns: dict[str, Callable] = {"F.linear": lambda: [F.linear(x, w) for w in ws]}
     if packed is not None:
         fns["packed"] = lambda: [lp(x, w, None, "none", [], "") for w in packed]
-    if x.dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference():
+    if x.dtype == torch.bfloat16 and upcast_gemm.torch_gemm_is_reference(torch.bfloat16):
         fns["fp32 blocks"] = lambda: [upcast_gemm.linear_via_fp32(x, w) for w in ws]
     if native_gemv.available():
         fns["native"] = lambda: [native_gemv.linear(x, w) for w in ws]

@@ -82,11 +82,13 @@ def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
     assert len(results["pieces"]) == 2 and all(len(p["load_average"]["start"]) == 3 for p in results["pieces"])
     for r in results["rows"]:
         assert all(v.get("matches_moekit", True) for v in r["impls"].values()), r
+    import torch
+
     from moekit.experts import upcast_gemm
 
     for r in results["rows"]:  # bf16 without oneDNN bf16: the dense bound on fp32 copies, only where compute-bound
         dense = {k for k in r["bounds"] if k.startswith("dense")}
-        if r["dtype"] == "bf16" and upcast_gemm.torch_bf16_gemm_is_reference():
+        if r["dtype"] == "bf16" and upcast_gemm.torch_gemm_is_reference(torch.bfloat16):
             assert dense == ({"dense_fp32"} if r["T"] * 2 >= 64 else set()), (r["T"], dense)  # tiny: K = 2
             assert (r["dense_bound_s"] == 0.0) == (not dense)
         else:

@@ -1,6 +1,8 @@
-"""bf16 products widened to fp32 in blocks (``moekit.experts.upcast_gemm``) against the fp32 product, and
-the kernel seam taking them where torch's bf16 GEMM is its reference loop (CPUs without oneDNN bf16)."""
+"""bf16 and fp16 products widened to fp32 in blocks (``moekit.experts.upcast_gemm``) against the fp32 product,
+and the kernel seam taking them where torch's GEMM in that dtype is its reference loop (CPUs without oneDNN
+bf16 / fp16)."""
 
+import platform
 import types
 
 import pytest
@@ -12,22 +14,23 @@ from moekit.experts.inference import expert_linear
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x.double(), w.double(), None if b is None else b.double()).to(torch.bfloat16)
+    return F.linear(x.double(), w.double(), None if b is None else b.double()).to(x.dtype)
 
 
 @pytest.mark.parametrize("block_bytes", [4 * 24, 4 * 24 * 5, upcast_gemm.BLOCK_BYTES])  # 1 row, 5 rows (O=13: a ragged last block), all
 @pytest.mark.parametrize("M", [1, 3, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_blocks_equal_the_fp32_product(block_bytes, M, bias, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocks_equal_the_fp32_product(block_bytes, M, bias, dtype, monkeypatch) -> None:
     monkeypatch.setattr(upcast_gemm, "BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(M)
-    x = torch.randn(M, 24, generator=g).bfloat16()
-    w = torch.randn(13, 24, generator=g).bfloat16()
-    b = torch.randn(13, generator=g).bfloat16() if bias else None
+    x = torch.randn(M, 24, generator=g).to(dtype)
+    w = torch.randn(13, 24, generator=g).to(dtype)
+    b = torch.randn(13, generator=g).to(dtype) if bias else None
     y = upcast_gemm.linear_via_fp32(x, w, b)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, 13) and y.is_contiguous()
+    assert y.dtype == dtype and y.shape == (M, 13) and y.is_contiguous()
     torch.testing.assert_close(y, _reference(x, w, b), rtol=1e-2, atol=1e-2)
-    fp32 = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
+    fp32 = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
     assert (y != fp32).float().mean() < 0.05  # the same fp32 product up to summation order, then the same rounding
 
 
@@ -44,13 +47,14 @@ def test_bad_shapes_are_named() -> None:
 
 @pytest.mark.parametrize("reference_loop", [True, False])
 @pytest.mark.parametrize("glu", [False, True])
-def test_seam_widens_bf16_where_torch_has_no_bf16_gemm(reference_loop, glu, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_seam_widens_where_torch_has_no_gemm_in_the_dtype(reference_loop, glu, dtype, monkeypatch) -> None:
     calls = []
     real = upcast_gemm.linear_via_fp32
-    monkeypatch.setattr(upcast_gemm, "torch_bf16_gemm_is_reference", lambda: reference_loop)
+    monkeypatch.setattr(upcast_gemm, "torch_gemm_is_reference", lambda dt: reference_loop and dt in (torch.bfloat16, torch.float16))
     monkeypatch.setattr(upcast_gemm, "linear_via_fp32", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setattr(native_gemv, "serves", lambda *a, **k: False)  # rows the native kernel leaves to torch
-    x, w, b = torch.randn(64, 24).bfloat16(), torch.randn(32, 24).bfloat16(), torch.randn(32).bfloat16()
+    x, w, b = torch.randn(64, 24).to(dtype), torch.randn(32, 24).to(dtype), torch.randn(32).to(dtype)
 
     def swiglu(h):
         gate, up = h.chunk(2, dim=-1)
@@ -63,6 +67,17 @@ def test_seam_widens_bf16_where_torch_has_no_bf16_gemm(reference_loop, glu, monk
     calls.clear()
     expert_linear(x.float(), w.float(), b.float(), act_fn=act, glu=glu)  # fp32 keeps its kernels
     assert calls == []
+    expert_linear(x[: upcast_gemm.MIN_ROWS[dtype] - 1], w, b, act_fn=act, glu=glu)  # fp16 below its crossover: torch
+    assert calls == []
+
+
+def test_reference_loop_is_known_per_dtype() -> None:
+    """fp32 is never widened; bf16 and fp16 are where oneDNN lacks them (both on this AVX2 machine's torch)."""
+    assert not upcast_gemm.torch_gemm_is_reference(torch.float32) and not upcast_gemm.serves(torch.float32, 64)
+    for dtype, probe in ((torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported")):
+        lacks = platform.machine().lower() in ("x86_64", "amd64") and not getattr(torch.ops.mkldnn, probe)()
+        assert upcast_gemm.torch_gemm_is_reference(dtype) == lacks
+        assert upcast_gemm.serves(dtype, 64) == lacks
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,8 @@ that picks the kernel -- the native GEMV (``native_gemv``: C, built on first use
 fp32 accumulation, a GLU's gate activation fused, bf16 on AMX tiles where the CPU has them) where
 ``native_gemv.serves`` the number of rows (the crossover measured per CPU, ``native_gemv.MAX_ROWS``;
 ``MOEKIT_NATIVE_GEMV=0`` turns it off), else oneDNN on packed weights (or, fp32, on the plain ones; MKL's
-``F.linear`` for large fp32 products on Intel and AVX2 AMD, ``mkl_leads``; bf16 without oneDNN bf16 on fp32
-BLAS over widened weight blocks, ``upcast_gemm``), else ``F.linear``.
+``F.linear`` for large fp32 products on Intel and AVX2 AMD, ``mkl_leads``; bf16 and fp16 without oneDNN kernels for
+them on fp32 BLAS over widened weight blocks, ``upcast_gemm``), else ``F.linear``.
 
 Packing (CPU, fp32 and bf16): ``pack_for_inference(module)`` gives each bank a second copy of its expert
 matrices in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), run with
@@ -455,8 +455,9 @@ def expert_linear(
     * with ``packed`` (``weight_OI`` in oneDNN layout) oneDNN in tiles of ``PACK_TILE_ROWS`` rows, the
       activation fused as a post-op when oneDNN has it; the same on the plain contiguous weight in fp32 on
       CPU (``reads_plain_weights``); large fp32 products on MKL's ``F.linear`` where it leads (``mkl_leads``);
-    * bf16 on an x86 CPU where oneDNN has no bf16 kernels (AVX2): the weights widened to fp32 block by
-      block and run on fp32 BLAS (``upcast_gemm``), not torch's reference bf16 loop;
+    * bf16 (and fp16 from ``upcast_gemm.MIN_ROWS`` rows) on an x86 CPU where oneDNN has no kernels for them
+      (AVX2): the weights widened to fp32 block by block and run on fp32 BLAS (``upcast_gemm``), not torch's
+      reference loop;
     * otherwise ``F.linear`` then ``act_fn``.
     """
     M, I = x_MI.shape
@@ -470,8 +471,8 @@ def expert_linear(
         y = native_gemv.linear(x_MI, weight_OI, bias_O, glu=activation if fuse else None)
         return y if fuse or act_fn is None else act_fn(y)
     if x_MI.device.type == "cpu":
-        if weight_OI.dtype == x_MI.dtype == torch.bfloat16 and upcast_gemm.torch_bf16_gemm_is_reference():
-            y = upcast_gemm.linear_via_fp32(x_MI, weight_OI, bias_O)  # no oneDNN bf16 here (AVX2): fp32 BLAS
+        if weight_OI.dtype == x_MI.dtype and upcast_gemm.serves(weight_OI.dtype, M):
+            y = upcast_gemm.linear_via_fp32(x_MI, weight_OI, bias_O)  # no oneDNN bf16 / fp16 here (AVX2): fp32 BLAS
             return y if act_fn is None else act_fn(y)
         if packed is not None and mkl_leads(weight_OI.dtype, M, I):
             packed = None  # large fp32 products where MKL leads: F.linear on the plain weights
