@@ -2,7 +2,6 @@
 and the kernel seam taking them where torch's GEMM in that dtype is its reference loop (CPUs without oneDNN
 bf16 / fp16)."""
 
-import platform
 import types
 
 import pytest
@@ -67,17 +66,22 @@ def test_seam_widens_where_torch_has_no_gemm_in_the_dtype(reference_loop, glu, d
     calls.clear()
     expert_linear(x.float(), w.float(), b.float(), act_fn=act, glu=glu)  # fp32 keeps its kernels
     assert calls == []
-    expert_linear(x[: upcast_gemm.MIN_ROWS[dtype] - 1], w, b, act_fn=act, glu=glu)  # fp16 below its crossover: torch
-    assert calls == []
+    if dtype == torch.float16:  # below its crossover fp16 stays on torch
+        expert_linear(x[: upcast_gemm.MIN_ROWS[dtype] - 1], w, b, act_fn=act, glu=glu)
+        assert calls == []
 
 
-def test_reference_loop_is_known_per_dtype() -> None:
-    """fp32 is never widened; bf16 and fp16 are where oneDNN lacks them (both on this AVX2 machine's torch)."""
-    assert not upcast_gemm.torch_gemm_is_reference(torch.float32) and not upcast_gemm.serves(torch.float32, 64)
-    for dtype, probe in ((torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported")):
-        lacks = platform.machine().lower() in ("x86_64", "amd64") and not getattr(torch.ops.mkldnn, probe)()
-        assert upcast_gemm.torch_gemm_is_reference(dtype) == lacks
-        assert upcast_gemm.serves(dtype, 64) == lacks
+@pytest.mark.parametrize("reference_loop", [True, False])
+def test_blocks_serve_from_each_dtypes_crossover(reference_loop, monkeypatch) -> None:
+    """fp16 from 4 rows, bf16 from 1, only where torch's GEMM in the dtype is its reference loop; fp32 never."""
+    monkeypatch.setattr(upcast_gemm, "torch_gemm_is_reference", lambda dt: reference_loop)
+    assert [upcast_gemm.serves(torch.float16, m) for m in (1, 3, 4, 64)] == [False, False, reference_loop, reference_loop]
+    assert [upcast_gemm.serves(torch.bfloat16, m) for m in (1, 64)] == [reference_loop] * 2
+    assert not upcast_gemm.serves(torch.float32, 64)
+
+
+def test_fp32_never_counts_as_the_reference_loop() -> None:
+    assert not upcast_gemm.torch_gemm_is_reference(torch.float32) and not upcast_gemm.torch_gemm_is_reference(torch.float64)
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def torch_gemm_is_reference(dtype: torch.dtype) -> bool:
 
 def serves(dtype: torch.dtype, rows: int) -> bool:
     """Whether a CPU product of ``rows`` rows in ``dtype`` should run on the widened blocks rather than torch."""
-    return rows >= MIN_ROWS.get(dtype, 0) > 0 and torch_gemm_is_reference(dtype)
+    return dtype in MIN_ROWS and rows >= MIN_ROWS[dtype] and torch_gemm_is_reference(dtype)
 
 
 def linear_via_fp32(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None) -> Tensor:
