@@ -67,7 +67,7 @@ def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: to
         panels = ()
     status = lib.moekit_moe_ffn(W1.data_ptr(), W1.stride(0), W1.stride(1), None, 0, W2.data_ptr(), W2.stride(0), W2.stride(1),
                                 None, 0, *panels, F_, D, D, E, x.data_ptr(), x.shape[0], D, ids.data_ptr(), w.data_ptr(), None,
-                                ids.shape[1], y.data_ptr(), 1 if W1.dtype == torch.bfloat16 else 0, 1, 0, threads)  # fmt: skip
+                                ids.shape[1], y.data_ptr(), native_gemv._DTYPES[W1.dtype], 1, 0, threads)  # fmt: skip
     if status:
         raise RuntimeError(f"moekit_moe_ffn returned {status}")
 
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="git revision of the base kernel")
     ap.add_argument("--head", default=None, help="git revision of the head kernel (default: the worktree's file)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {sorted(SHAPES)}")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated subset of {list(DTYPES)} (default fp32,bf16)")
     ap.add_argument("--tokens", default="1,4,16,256", help="comma-separated token counts")
     ap.add_argument("--reps", type=int, default=10, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each call (and torch's)")
@@ -147,6 +147,12 @@ def main() -> None:
         libs = {"base": native_gemv.load(build(args.base, Path(tmp))), "head": native_gemv.load(build(args.head, Path(tmp)))}
         if args.panels and not (native_gemv.panels_available() and all(hasattr(lib, "moekit_pack_panels") for lib in libs.values())):
             ap.error("--panels: this CPU's kernel reads no panel copies, or a build is older than the panel arguments")
+        for dname in args.dtypes.split(","):
+            code = native_gemv._DTYPES[DTYPES[dname]]
+            if code > 1 and not all(hasattr(lib, "moekit_dtype_usable") and lib.moekit_dtype_usable(code) for lib in libs.values()):
+                ap.error(f"--dtypes {dname}: a build has no {dname} products (older than them, or built without F16C)")
+            if args.panels and DTYPES[dname] not in native_gemv.PANEL_DTYPES:
+                ap.error(f"--panels: panel copies are {native_gemv.PANEL_DTYPES}, not {dname}")
         rows = []
         for layer in args.shapes.split(","):
             for dname in args.dtypes.split(","):

@@ -4,7 +4,8 @@ implementations vs the memory-bandwidth and dense-GEMM bounds, at decode and pre
 Layers: Qwen3-30B-A3B-shaped (D=2048, F=768, E=128, K=8), Mixtral-8x7B-shaped with F cut to a quarter
 (D=4096, F=3584, E=8, K=2: the full F is 5.6 GB of fp32 per layer, more than this shared machine can hold
 twice) and OLMoE-1B-7B-shaped (D=2048, F=1024, E=64, K=8) SwiGLU experts; tokens T = 1, 4, 16 (decode)
-and 256, 1024, 4096 (prefill); fp32 and bf16. Every implementation runs the *experts* on identical
+and 256, 1024, 4096 (prefill); fp32 and bf16 (fp16 on request: ``--dtypes fp16``). Every implementation runs
+the *experts* on identical
 weights (one copy in memory, shared) and identical routing (moekit's top-k router, run once per T), under
 ``torch.inference_mode``; the router is the same small product for all and is left out.
 
@@ -75,11 +76,11 @@ LAYER_NAMES = {"qwen3_30b_a3b": "Qwen3-30B-A3B", "mixtral_8x7b_quarter_f": "Mixt
 QUICK = {"tiny": dict(D=64, F=128, E=8, K=2)}
 TOKENS = [1, 4, 16, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4, 64]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ["moekit", "moekit_packed", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
 BOUNDS = ["bw_sum", "bw_gemv", "bw_gemv_packed", "bw_gemv_native", "dense", "dense_packed", "dense_fp32"]
 DECODE_GOAL, PREFILL_GOAL = 1.15, 1.15
-TOL = {"fp32": 1e-4, "bf16": 2e-2}
+TOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 4e-3}
 BW_BYTES = 256 * 2**20
 #: the in-cache GEMM that measures the core's multiply-add rate: [M, K] x [K, N] into one output (fp32: 1.25 MB
 #: with it), the fastest of PEAK_CALLS calls (AVX2 AMD EPYC, MKL: 45.9 GMAC/s, 256^3 to 4096 x 2048 x 1536 within
@@ -128,9 +129,9 @@ class Layer:
         self.hf = {impl: self._hf_experts(impl.removeprefix("hf_"), gate_up, down) for impl in IMPLS if impl.startswith("hf_")}
         self.expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         self.dense_gu, self.dense_down = gate_up[0], down[0]
-        # bf16 where torch's bf16 GEMM is its reference loop (AVX2): the dense chain on fp32 BLAS is the real
-        # compute bound (the fp32 copies made here, outside the timing: a bound, not a contender)
-        self.dense_fp32 = (gate_up[0].float(), down[0].float()) if dtype == torch.bfloat16 and upcast_gemm.torch_gemm_is_reference(torch.bfloat16) else None
+        # bf16 / fp16 where torch's GEMM in them is its reference loop (AVX2): the dense chain on fp32 BLAS is the
+        # real compute bound (the fp32 copies made here, outside the timing: a bound, not a contender)
+        self.dense_fp32 = (gate_up[0].float(), down[0].float()) if upcast_gemm.torch_gemm_is_reference(dtype) else None
         self.packs = packing_available(dtype, "cpu")  # oneDNN packs bf16 only where the CPU has bf16 instructions
         reorder = torch.ops.mkldnn._reorder_linear_weight
         self.dense_packed = [reorder(w.contiguous(), 64) for w in (gate_up[0], down[0])] if self.packs else None
@@ -379,7 +380,7 @@ def _kernel_contenders(x: torch.Tensor, ws: list, packed: list, flat: torch.Tens
     fns: dict[str, Callable] = {"F.linear": lambda: [F.linear(x, w) for w in ws]}
     if packed is not None:
         fns["packed"] = lambda: [lp(x, w, None, "none", [], "") for w in packed]
-    if x.dtype == torch.bfloat16 and upcast_gemm.torch_gemm_is_reference(torch.bfloat16):
+    if upcast_gemm.torch_gemm_is_reference(x.dtype):
         fns["fp32 blocks"] = lambda: [upcast_gemm.linear_via_fp32(x, w) for w in ws]
     if native_gemv.available():
         fns["native"] = lambda: [native_gemv.linear(x, w) for w in ws]
@@ -603,7 +604,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     ap.add_argument("--reps", type=int, default=7, help="timed rounds at decode sizes (prefill: reps // 2, >= 4; 4096 tokens: 2)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated subset of {list(DTYPES)} (default fp32,bf16)")
     ap.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {TOKENS})")
     ap.add_argument("--max-gather-gb", type=float, default=1.0, help="skip hf batched_mm above this weight copy (GB)")
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")

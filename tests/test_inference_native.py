@@ -22,9 +22,16 @@ from moekit.types import RoutingDecision
 from bank_cases import compressed_bank, with_threads
 
 needs_kernel = pytest.mark.skipif(not native_gemv.available(), reason="no native GEMV kernel here (no compiler?)")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# relative to the output's largest entry: fp32 sums differ from float64 by rounding only; bf16 also rounds the output
-TOL = {"fp32": 2e-6, "bf16": 8e-3}
+needs_fp16 = pytest.mark.skipif(torch.float16 not in native_gemv.dtypes(), reason="this build of the kernel has no fp16 (no F16C)")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the dtypes this build of the kernel takes (fp16: with F16C), for tests that run every dtype
+SERVED = [name for name, dt in DTYPES.items() if dt in native_gemv.dtypes()] or ["fp32"]
+#: the dtypes of panel copies
+PANEL_DTYPES = ["fp32", "bf16"]
+# relative to the output's largest entry: fp32 sums differ from float64 by rounding only; bf16 / fp16 also round the output
+TOL = {"fp32": 2e-6, "bf16": 8e-3, "fp16": 1e-3}
+#: a layer's output against the float64 reference that keeps h unrounded (bf16 / fp16 round it)
+LAYER_TOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 3e-3}
 #: rows of x at the edges of the tile paths: 8 / 9 (dot / broadcast), 16 a + 1 and + 8 (half vector), 64 + r (passes)
 EDGE_ROWS = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40, 48, 56, 63, 64, 65, 72, 80, 88, 127, 128, 129]
 
@@ -35,7 +42,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", SERVED)
 @pytest.mark.parametrize("M, O, I", [(1, 1, 1), (1, 7, 33), (2, 9, 16), (1, 70, 130), (2, 64, 96), (3, 13, 70), (4, 8, 64),
                                      (5, 6, 100), (6, 12, 100), (8, 64, 96), (9, 17, 129), (16, 70, 130), (17, 9, 64),
                                      (24, 19, 64), (40, 13, 96), (48, 29, 96), (56, 10, 128), (65, 11, 64), (72, 9, 64),
@@ -64,15 +71,15 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
 @needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(M=st.one_of(st.integers(1, 140), st.sampled_from(EDGE_ROWS)), O=st.integers(1, 150), I=st.integers(1, 300),
-       row_gap=st.integers(0, 5), bf16=st.booleans(), glu=st.booleans(), threads=st.integers(1, 3),
+       row_gap=st.integers(0, 5), dtype=st.sampled_from(SERVED), glu=st.booleans(), threads=st.integers(1, 3),
        seed=st.integers(0, 2**16))  # fmt: skip
-def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, bf16, glu, threads, seed) -> None:
+def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, dtype, glu, threads, seed) -> None:
     """Random sizes cross every path: dot tiles (1-8 rows; 8-row blocks for 1-2 rows, pair tiles for 5-8 and
     quad tiles for 9-12 on AMD), broadcast tiles (9+ rows: 1-4 vectors, a half vector, passes of 64 rows,
     weight-row tails), AMX where present; strided weight rows, odd inputs (bf16 odd I falls back to the dot
     tiles), the fused GLU, 1-3 threads."""
     g = torch.Generator().manual_seed(seed)
-    dt = torch.bfloat16 if bf16 else torch.float32
+    dt = DTYPES[dtype]
     rows = 2 * O if glu else O
     W = torch.randn(rows, I + row_gap, generator=g).to(dt)[:, :I]  # rows I + row_gap apart
     x, b = torch.randn(M, I, generator=g).to(dt), torch.randn(rows, generator=g).to(dt)
@@ -82,12 +89,12 @@ def test_kernel_matches_float64_reference_at_random_sizes(M, O, I, row_gap, bf16
         ref = F.silu(gate) * up
     y = native_gemv.linear(x, W, b, glu="silu" if glu else None, threads=threads)
     assert y.shape == (M, O) and y.dtype == dt
-    assert _rel_err(y, ref) <= (2 if glu else 1) * TOL["bf16" if bf16 else "fp32"]
+    assert _rel_err(y, ref) <= (2 if glu else 1) * TOL[dtype]
 
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", SERVED)
 @pytest.mark.parametrize("act", list(native_gemv.GLU_ACTIVATIONS))
 def test_fused_glu_matches_reference(act, dtype, threads) -> None:
     dt = DTYPES[dtype]
@@ -123,12 +130,53 @@ def test_kernel_reads_strided_rows_and_rejects_bad_arguments() -> None:
     torch.testing.assert_close(native_gemv.linear(x, W), x @ W.T, rtol=1e-5, atol=1e-5)
     rows = torch.randn(8, 20)[::2]  # rows 2 apart
     torch.testing.assert_close(native_gemv.linear(x, rows), x @ rows.T, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="x_MI, weight_OI must all be one dtype of float32, bfloat16"):
         native_gemv.linear(x.double(), W.double())
+    with pytest.raises(ValueError, match="got x_MI bfloat16, weight_OI float32"):
+        native_gemv.linear(x.bfloat16(), W)
     with pytest.raises(ValueError, match="agree on I"):
         native_gemv.linear(x, W.T)
     with pytest.raises(ValueError, match="glu must be one of"):
         native_gemv.linear(x, W, glu="swish")
+
+
+@needs_fp16
+def test_fp16_outputs_round_to_nearest_even_as_torch_does() -> None:
+    """One-input products are exact in fp32, so the kernel's fp16 output is the rounding alone: it equals
+    torch's fp32 -> fp16 conversion for normal and subnormal results, ties and overflow to inf; fp16 inputs
+    widen exactly (a product with 1.0 gives every finite fp16 value back)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(4096, generator=g) * torch.exp2(torch.randint(-14, 9, (4096,), generator=g).float())).half()
+    b = (torch.randn(4096, generator=g) * torch.exp2(torch.randint(-14, 9, (4096,), generator=g).float())).half()
+    a[:3], b[:3] = torch.tensor([300.0, 2.0**-14, 1.0 + 2.0**-10]).half(), torch.tensor([300.0, 2.0**-3, 1.5]).half()  # 1.5 (1 + 2^-10): a tie
+    y = torch.cat([native_gemv.linear(a[i : i + 1, None], b[i : i + 1, None]) for i in range(len(a))]).flatten()
+    assert torch.equal(y, (a.float() * b.float()).half()) and y[0] == float("inf")
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    every = every[torch.isfinite(every)]
+    assert torch.equal(native_gemv.linear(torch.ones(1, 1, dtype=torch.float16), every[:, None]).flatten(), every)
+
+
+@needs_fp16
+def test_fp16_layers_run_without_panel_copies(monkeypatch) -> None:
+    """Panel copies are fp32 / bf16: ``pack_panels`` and ``moe_ffn`` refuse fp16 ones, and a packed fp16 bank's
+    decode runs the one-call layer on its plain weights, equal to the training path."""
+    w = torch.randn(2, 8, 16).half()
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_gemv.pack_panels(w)
+    x, ids, wt = torch.randn(3, 16).half(), torch.tensor([[0], [1], [1]]), torch.rand(3, 1)
+    second = torch.randn(2, 16, 8).half()
+    with pytest.raises(ValueError, match="panel copies are"):
+        native_gemv.moe_ffn(x, ids, wt, w, second, glu=False, activation="relu", first_panels=w, second_panels=second)
+    experts = moekit.GLUExperts(4, D, 24).half()
+    moekit.experts.pack_for_inference(experts)
+    decision = RoutingDecision(torch.tensor([[0, 3], [1, 3]]), torch.softmax(torch.randn(2, 2), -1).half(), 4)
+    seen, layer = [], native_gemv.moe_ffn
+    monkeypatch.setattr(native_gemv, "moe_ffn", lambda *a, **k: seen.append(k.get("first_panels")) or layer(*a, **k))
+    xd = torch.randn(2, D).half()
+    with torch.inference_mode():
+        y = dispatch(experts, xd, decision)
+    assert seen == [None]
+    torch.testing.assert_close(y, _training_path(experts, xd, decision), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("profile", ["AuthenticAMD", "AuthenticAMD+AVX2", "GenuineIntel+AMX", "GenuineIntel", "GenuineIntel+AVX2"])
@@ -136,14 +184,16 @@ def test_serves_the_measured_decode_sizes(profile, monkeypatch) -> None:
     monkeypatch.setattr(native_gemv, "cpu_profile", lambda: profile)
     for (dtype, packed), rules in native_gemv.MAX_ROWS[profile].items():
         for min_features, limit in rules:
-            assert native_gemv.serves(limit, dtype, min_features, packed=packed) == native_gemv.available()
+            assert native_gemv.serves(limit, dtype, min_features, packed=packed) == (dtype in native_gemv.dtypes())
             assert not native_gemv.serves(limit + 1, dtype, min_features, packed=packed)
     for dtype, rules in native_gemv.PANEL_MAX_ROWS.get(profile, {}).items():
         for min_features, limit in rules:
-            assert native_gemv.serves(limit, dtype, min_features, panels=True) == native_gemv.available()
+            assert native_gemv.serves(limit, dtype, min_features, panels=True) == (dtype in native_gemv.dtypes())
             assert not native_gemv.serves(limit + 1, dtype, min_features, panels=True)
     assert not native_gemv.serves(0, torch.float32, 64)
-    assert not native_gemv.serves(1, torch.float16, 64)
+    assert not native_gemv.serves(1, torch.float64, 64)
+    assert native_gemv.serves(1, torch.float16, 64) == ((torch.float16, False) in native_gemv.MAX_ROWS[profile]
+                                                         and torch.float16 in native_gemv.dtypes())  # fmt: skip
     assert not native_gemv.serves(1, torch.float32, 0)
 
 
@@ -181,7 +231,7 @@ def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept, hidden_dt
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", SERVED)
 @pytest.mark.parametrize("glu, act", [(True, "silu"), (True, "gelu_tanh"), (False, "gelu"), (False, "identity"), (False, "relu")])
 @pytest.mark.parametrize("T, K, E, I, F_, O", [(1, 2, 8, 64, 96, 64), (3, 3, 5, 19, 70, 33), (16, 8, 128, 130, 24, 65),
                                                (40, 2, 4, 64, 96, 72), (80, 2, 3, 64, 96, 72)])  # fmt: skip
@@ -202,21 +252,21 @@ def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype,
         y = native_gemv.moe_ffn(x, ids, w, first, second, *biases, kept_TK=mask, glu=glu, activation=act, threads=threads)
         ref = _layer_reference(x, ids, w, first, second, *biases, glu, act, mask)
         assert y.dtype == dt and y.shape == (T, O)
-        assert _rel_err(y, ref) <= (1e-5 if dt == torch.float32 else 2e-2)
+        assert _rel_err(y, ref) <= LAYER_TOL[dtype]
 
 
 @needs_kernel
 @settings(max_examples=30, deadline=None)
 @given(T=st.one_of(st.integers(1, 120), st.sampled_from(EDGE_ROWS)), K=st.integers(1, 3), E=st.integers(1, 6),
-       I=st.integers(1, 80), F_=st.integers(1, 70), O=st.integers(1, 70), bf16=st.booleans(), glu=st.booleans(),
+       I=st.integers(1, 80), F_=st.integers(1, 70), O=st.integers(1, 70), dtype=st.sampled_from(SERVED), glu=st.booleans(),
        threads=st.integers(1, 3), seed=st.integers(0, 2**16), panels=st.booleans())  # fmt: skip
-def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, bf16, glu, threads, seed, panels) -> None:
+def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, dtype, glu, threads, seed, panels) -> None:
     """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases, on
-    panel copies half the time where the kernel reads them. Tiny layers cancel, so the error is measured
-    against the sum of absolute terms, and bf16 against a reference that rounds the hidden values as the
-    kernel does."""
+    panel copies half the time where the kernel reads them (fp32 and bf16). Tiny layers cancel, so the error
+    is measured against the sum of absolute terms, and bf16 / fp16 against a reference that rounds the hidden
+    values as the kernel does."""
     g = torch.Generator().manual_seed(seed)
-    dt = torch.bfloat16 if bf16 else torch.float32
+    dt = DTYPES[dtype]
     x = torch.randn(T, I, generator=g).to(dt)
     first = (torch.randn(E, 2 * F_ if glu else F_, I, generator=g) / I**0.5).to(dt)
     second = (torch.randn(E, O, F_, generator=g) / F_**0.5).to(dt)
@@ -224,15 +274,15 @@ def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, 
     ids, w = torch.randint(0, E, (T, K), generator=g), torch.rand(T, K, generator=g)
     kept = torch.rand(T, K, generator=g) > 0.2
     copies = {}
-    if panels and native_gemv.panels_available():
+    if panels and native_gemv.panels_available(dt):
         copies = {"first_panels": native_gemv.pack_panels(first, F_ if glu else None), "second_panels": native_gemv.pack_panels(second)}
     y = native_gemv.moe_ffn(x, ids, w, first, second, b1, b2, kept_TK=kept, glu=glu, activation="silu" if glu else "gelu",
                             threads=threads, **copies)  # fmt: skip
     args = (x, ids, w, first, second, b1, b2, glu, "silu" if glu else "gelu", kept)
-    ref = _layer_reference(*args, hidden_dtype=dt if bf16 else None)
+    ref = _layer_reference(*args, hidden_dtype=None if dt == torch.float32 else dt)
     scale = _layer_reference(*args, magnitude=True).max().clamp_min(1e-30)
     assert y.shape == (T, O) and y.dtype == dt
-    assert float((y.double() - ref).abs().max() / scale) <= (1e-2 if bf16 else 1e-6)
+    assert float((y.double() - ref).abs().max() / scale) <= {"fp32": 1e-6, "bf16": 1e-2, "fp16": 2e-3}[dtype]
 
 
 @needs_kernel
@@ -248,8 +298,10 @@ def test_moe_layer_reads_strided_experts_and_rejects_bad_arguments() -> None:
         native_gemv.moe_ffn(x, ids, w, first, second, glu=True, activation="swish")
     with pytest.raises(ValueError, match="must agree"):
         native_gemv.moe_ffn(x, ids, w, first, second, glu=False, activation="silu")
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="must all be one dtype of float32, bfloat16"):
         native_gemv.moe_ffn(x.double(), ids, w, first.double(), second.double(), glu=True, activation="silu")
+    with pytest.raises(ValueError, match="got x_TI float32, first_ERI float32, second_EOF bfloat16"):
+        native_gemv.moe_ffn(x, ids, w, first, second.bfloat16(), glu=True, activation="silu")
     with pytest.raises(ValueError, match="first_bias_ER"):
         native_gemv.moe_ffn(x, ids, w, first, second, torch.randn(E, F_), glu=True, activation="silu")
     with pytest.raises(ValueError, match="unit column stride"):
@@ -318,7 +370,7 @@ needs_panels = pytest.mark.skipif(not native_gemv.panels_available(), reason="th
 
 @needs_panels
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("glu", [True, False])
 @pytest.mark.parametrize("T, K, E, I, F_, O", [(40, 2, 4, 64, 96, 72), (80, 2, 3, 19, 70, 65), (90, 3, 4, 130, 200, 33),
                                                (33, 1, 2, 96, 64, 130), (150, 2, 2, 40, 130, 64)])  # fmt: skip
@@ -345,7 +397,7 @@ def test_moe_layer_on_panels_matches_the_plain_layer(T, K, E, I, F_, O, glu, dty
 
 
 @needs_panels
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("rows", [5, 6, 7, 8, 9, 12, 16, 17, 18, 19, 20, 21, 25, 26, 33, 36, 41])
 def test_panel_products_with_rows_past_their_passes(rows, dtype) -> None:
     """One expert of ``rows`` rows on panels: the 1-4 rows past a multiple of 16 and the ninth of 9, 25, 41 run
@@ -398,7 +450,7 @@ def test_pack_panels_permutes_each_tile_and_checks_its_arguments(monkeypatch) ->
 
 
 @needs_panels
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 def test_a_packed_bank_runs_its_layer_on_panels_rebuilt_when_weights_change(dtype, monkeypatch) -> None:
     """``pack_for_inference`` on a CPU whose kernel reads panels: prefill sizes run the one-call layer on
     the bank's panel copies (none for an unpacked bank), equal to the training path, and an in-place change
@@ -494,7 +546,7 @@ def _training_path(bank, x, decision):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", SERVED)
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("bank", list(BANKS))
 def test_bank_inference_on_the_kernel_equals_training_path(bank, routing, dtype, threads, monkeypatch) -> None:
@@ -517,7 +569,7 @@ def test_bank_inference_on_the_kernel_equals_training_path(bank, routing, dtype,
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", SERVED)
 def test_hf_experts_implementation_runs_the_kernel(dtype, monkeypatch) -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts

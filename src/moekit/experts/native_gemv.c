@@ -1,9 +1,10 @@
 /* Matrix-vector products for MoE decode on CPU: y = x W^T (+ b) for a few rows of x, W streamed once.
  *
  * Built by moekit/experts/native_gemv.py with the system compiler (cc -O3 -march=native -fopenmp) and
- * called through ctypes. Weights W [O, I] row-major (rows ldw apart), fp32 or bf16; x [M, I] and
- * y [M, O] in the weight's dtype; fp32 accumulation. bf16 -> fp32 is a 16-bit shift (exact); fp32 ->
- * bf16 rounds to nearest even, as torch does.
+ * called through ctypes. Weights W [O, I] row-major (rows ldw apart), fp32, bf16 or fp16 (F16C builds);
+ * x [M, I] and y [M, O] in the weight's dtype; fp32 accumulation. bf16 -> fp32 is a 16-bit shift (exact),
+ * fp16 -> fp32 the F16C conversion (exact); fp32 -> bf16 / fp16 rounds to nearest even, as torch does.
+ * fp16 runs the dot tiles only (decode sizes; larger fp16 products go to fp32 BLAS, moekit's upcast_gemm).
  *
  * Loop order: blocks of ROWS weight rows; inside a block, chunks of MCHUNK rows of x, each chunk
  * reading the block again (from L1/L2: ROWS * I values), so W is read from memory once whatever M is.
@@ -15,7 +16,8 @@
  * (bc_rows; AVX-512: up to 64 rows a pass, AVX2: 16; past 16 rows the 1-12 rows beyond a multiple of 16 on
  * the dot or quad tiles, bc_tail). AVX2: moekit_moe_ffn's broadcast-tile products (8 rows on) read panel
  * copies of the weights where the caller passes them (moekit_pack_panels, PATH_PANEL).
- * AVX2 below the broadcast tiles: bf16 products of 4-15 rows and fp32 of 5-6 on two-row dot tiles (dot2_rows).
+ * AVX2 below the broadcast tiles: bf16 products of 4-15 rows and fp32 of 5-6 on two-row dot tiles (dot2_rows);
+ * fp16 (no broadcast tiles) from 4 rows on them.
  * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
  * merged weights made block by block right before the tiles read them.
  */
@@ -27,7 +29,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -51,9 +53,39 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static inline float load_value(const void *p, long at, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+/* The dtype codes of the entry points (and of the functions below that take `dtype`). */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+#if defined(__F16C__)
+#define F16 1 /* fp16 served: the F16C conversions */
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#endif
+
+static inline float load_value(const void *p, long at, int dtype) {
+#ifdef F16
+    if (dtype == DT_F16) return f16_to_f32(((const uint16_t *)p)[at]);
+#endif
+    return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[at]) : ((const float *)p)[at];
 }
+
+static inline void store_value(void *p, long at, float v, int dtype) {
+#ifdef F16
+    if (dtype == DT_F16) { ((uint16_t *)p)[at] = f32_to_f16(v); return; }
+#endif
+    if (dtype == DT_BF16) ((uint16_t *)p)[at] = f32_to_bf16(v);
+    else ((float *)p)[at] = v;
+}
+
+/* v rounded to the nearest value of dtype (as a stored hidden value is). */
+static inline float rounded(float v, int dtype) {
+#ifdef F16
+    if (dtype == DT_F16) return f16_to_f32(f32_to_f16(v));
+#endif
+    return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+/* Bytes of one value of dtype. */
+static inline size_t value_bytes(int dtype) { return dtype == DT_F32 ? sizeof(float) : sizeof(uint16_t); }
 
 /* ---- one block: acc[r][m] = sum_i w[r][i] * x[m][i] for r < nr (<= ROWS), m < nm (<= MCHUNK) ---- */
 #if defined(__AVX512F__)
@@ -63,6 +95,7 @@ static inline vec vload_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+static inline vec vload_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
@@ -75,6 +108,9 @@ static inline vec vload_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline vec vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+#ifdef F16
+static inline vec vload_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#endif
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
@@ -132,6 +168,11 @@ static inline float vsum(vec a) {
 #define SCALAR_uint16_t(v) bf16_to_f32(v)
 DEFINE_TILE(tile_f32, float, vload_f32)
 DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
+#ifdef F16
+typedef uint16_t half_t; /* fp16 bits: the tile's scalar tail converts them as fp16, not bf16 */
+#define SCALAR_half_t(v) f16_to_f32(v)
+DEFINE_TILE(tile_f16, half_t, vload_f16)
+#endif
 
 /* A block of nr <= ROWS weight rows against nm <= MCHUNK rows of x. One row of x: row by row, four
  * vectors per step (one sequential stream, which the prefetcher follows best); more rows: a ROWS x nm
@@ -161,6 +202,9 @@ DEFINE_TILE(tile_bf16, uint16_t, vload_bf16)
         }                                                                                               \
     }
 DEFINE_BLOCK(block_f32, float, tile_f32)
+#ifdef F16
+DEFINE_BLOCK(block_f16, half_t, tile_f16)
+#endif
 #if defined(__AVX512BF16__)
 /* bf16 weights with AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs of W and x (x kept in bf16, exact)
  * and adds each pair's sum into 16 fp32 lanes -- half the instructions of widening W first. xb: x in
@@ -257,12 +301,15 @@ __attribute__((constructor)) static void detect_cpu(void) {
     amd_tuned = __builtin_cpu_is("amd");
 }
 #endif
-static void dot_block(const void *W, int bf16, long ldw, long r, long stride, int nr, const float *xf,
+static void dot_block(const void *W, int dtype, long ldw, long r, long stride, int nr, const float *xf,
                       const uint16_t *xb, long M, long I, float acc[WIDE_ROWS][MCHUNK], float *out, long at, long step) {
     for (long m = 0; m < M; m += MCHUNK) {
         int nm = (int)(M - m < MCHUNK ? M - m : MCHUNK);
         long pf = m == 0 && stride != ldw ? ldw : 0; /* the first chunk prefetches the next block into L2 */
-        if (bf16) block_bf16((const uint16_t *)W + r * ldw, stride, nr, xb + m * I, xf + m * I, I, nm, I, pf, acc);
+        if (dtype == DT_BF16) block_bf16((const uint16_t *)W + r * ldw, stride, nr, xb + m * I, xf + m * I, I, nm, I, pf, acc);
+#ifdef F16
+        else if (dtype == DT_F16) block_f16((const half_t *)W + r * ldw, stride, nr, xf + m * I, I, nm, I, pf, acc);
+#endif
         else block_f32((const float *)W + r * ldw, stride, nr, xf + m * I, I, nm, I, pf, acc);
         for (int q = 0; q < nr; q++)
             for (int k = 0; k < nm; k++) out[(m + k) * CHUNK + at + q * step] = acc[q][k];
@@ -1083,33 +1130,38 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
  * its widened weights wait on the loads of x (AVX2 AMD EPYC, Mixtral-sized experts, in one process: 6 rows as
  * 3 + 3 1.17x, 11 as 3 + 4 + 4 1.08x, 12 as 4 + 4 + 4 1.07-1.29x); fp32 6 rows keep one chunk (3 + 3: 0.91x). */
 #define DOT2_MAX_X_BF16 5
+/* fp16 (F16C widening, no broadcast tiles) from 4 rows, in bf16's chunks: against the dot tiles, Qwen3 / Mixtral
+ * expert matrices in one process, 4-5 rows 1.05-1.42x (one case 0.92x), 8-16 rows 1.14-1.27x (one 0.93x). */
 
-static int dot2_applies(int bf16, long M) { return bf16 ? M >= 4 : M >= 5 && M <= 6; }
+static int dot2_applies(int dtype, long M) { return dtype != DT_F32 ? M >= 4 : M >= 5 && M <= 6; }
 
-/* The 8 weights at `at` of W (fp32, or bf16 widened) as fp32. */
-static inline __attribute__((always_inline)) __m256 dot2_load(const void *w, const int bf16, long at) {
-    return bf16 ? vload_bf16((const uint16_t *)w + at) : vload_f32((const float *)w + at);
+/* The 8 weights at `at` of W (fp32, or bf16 / fp16 widened) as fp32. */
+static inline __attribute__((always_inline)) __m256 dot2_load(const void *w, const int dtype, long at) {
+#ifdef F16
+    if (dtype == DT_F16) return vload_f16((const uint16_t *)w + at);
+#endif
+    return dtype == DT_BF16 ? vload_bf16((const uint16_t *)w + at) : vload_f32((const float *)w + at);
 }
 
 /* out[m * CHUNK + at + r * step] = W_r . x_m for r < NR (1 or 2 weight rows, ldw apart), m < NM (rows of x,
  * I apart). A step covers one cache line of each weight row (16 fp32 / 32 bf16 inputs); pf (elements, 0:
  * none): with it, the line pf further on in each row is prefetched into L2. */
-static inline __attribute__((always_inline)) void dot2_tile(const void *w, const int bf16, long ldw, const float *x,
+static inline __attribute__((always_inline)) void dot2_tile(const void *w, const int dtype, long ldw, const float *x,
                                                             long I, long pf, const int NR, const int NM, float *out,
                                                             long at, long step) {
-    const int S = bf16 ? 32 : 16;
+    const int S = dtype != DT_F32 ? 32 : 16;
     const long iv = I - I % S;
     __m256 a[2][DOT2_MAX_X];
     for (int r = 0; r < NR; r++)
         for (int m = 0; m < NM; m++) a[r][m] = _mm256_setzero_ps();
     for (long i = 0; i < iv; i += S) {
         if (pf)
-            for (int r = 0; r < NR; r++) PREFETCH((const char *)w + (bf16 ? 2 : 4) * (r * ldw + i + pf));
+            for (int r = 0; r < NR; r++) PREFETCH((const char *)w + value_bytes(dtype) * (r * ldw + i + pf));
         for (int u = 0; u < S; u += 8) {
             __m256 xv[DOT2_MAX_X];
             for (int m = 0; m < NM; m++) xv[m] = _mm256_loadu_ps(x + m * I + i + u);
             for (int r = 0; r < NR; r++) {
-                const __m256 v = dot2_load(w, bf16, r * ldw + i + u);
+                const __m256 v = dot2_load(w, dtype, r * ldw + i + u);
                 for (int m = 0; m < NM; m++) a[r][m] = _mm256_fmadd_ps(v, xv[m], a[r][m]);
             }
         }
@@ -1117,31 +1169,31 @@ static inline __attribute__((always_inline)) void dot2_tile(const void *w, const
     for (int r = 0; r < NR; r++)
         for (int m = 0; m < NM; m++) {
             float sum = vsum(a[r][m]);
-            for (long i = iv; i < I; i++) sum += load_value(w, r * ldw + i, bf16) * x[m * I + i];
+            for (long i = iv; i < I; i++) sum += load_value(w, r * ldw + i, dtype) * x[m * I + i];
             out[m * CHUNK + at + r * step] = sum;
         }
 }
 
 #define DOT2_CASES(NR)                                                                                  \
     switch (nm) {                                                                                       \
-    case 1: dot2_tile(w, bf16, stride, x, I, pf, NR, 1, o, at, half); break;                            \
-    case 2: dot2_tile(w, bf16, stride, x, I, pf, NR, 2, o, at, half); break;                            \
-    case 3: dot2_tile(w, bf16, stride, x, I, pf, NR, 3, o, at, half); break;                            \
-    case 4: dot2_tile(w, bf16, stride, x, I, pf, NR, 4, o, at, half); break;                            \
-    case 5: dot2_tile(w, bf16, stride, x, I, pf, NR, 5, o, at, half); break;                            \
-    default: dot2_tile(w, bf16, stride, x, I, pf, NR, DOT2_MAX_X, o, at, half); break;                  \
+    case 1: dot2_tile(w, dtype, stride, x, I, pf, NR, 1, o, at, half); break;                           \
+    case 2: dot2_tile(w, dtype, stride, x, I, pf, NR, 2, o, at, half); break;                           \
+    case 3: dot2_tile(w, dtype, stride, x, I, pf, NR, 3, o, at, half); break;                           \
+    case 4: dot2_tile(w, dtype, stride, x, I, pf, NR, 4, o, at, half); break;                           \
+    case 5: dot2_tile(w, dtype, stride, x, I, pf, NR, 5, o, at, half); break;                           \
+    default: dot2_tile(w, dtype, stride, x, I, pf, NR, DOT2_MAX_X, o, at, half); break;                 \
     }
 
 /* Rows [r0, r1) of W (rows ldw apart) against M rows of x (fp32, I apart) into out[m * CHUNK + (r - r0)]: rows
  * j and j + half together (two streams through distant memory), x in near-equal chunks of at most DOT2_MAX_X
  * rows (bf16 DOT2_MAX_X_BF16); the first chunk of each pair prefetches the next pair (the row after each). An
  * odd last row alone. */
-static void dot2_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, long M, long I, float *out) {
-    const long half = (r1 - r0) / 2, stride = half * ldw, most = bf16 ? DOT2_MAX_X_BF16 : DOT2_MAX_X;
+static void dot2_rows(const void *W, int dtype, long ldw, long r0, long r1, const float *xf, long M, long I, float *out) {
+    const long half = (r1 - r0) / 2, stride = half * ldw, most = dtype != DT_F32 ? DOT2_MAX_X_BF16 : DOT2_MAX_X;
     const int chunks = (int)((M + most - 1) / most);
     for (long j = 0; j < half + (r1 - r0) % 2; j++) {
         const long at = j < half ? j : r1 - 1 - r0, row = r0 + at; /* output column of the first row */
-        const void *w = (const char *)W + (bf16 ? 2 : 4) * row * ldw;
+        const void *w = (const char *)W + value_bytes(dtype) * row * ldw;
         for (int c = 0; c < chunks; c++) {
             const long m0 = c * M / chunks, nm = (c + 1) * M / chunks - m0, pf = c == 0 && j + 1 < half ? ldw : 0;
             const float *x = xf + m0 * I;
@@ -1261,8 +1313,9 @@ static void pack_x(int path, int bf16, const float *xf, const uint16_t *xb, long
 
 /* Rows [r0, r1) of W (r1 - r0 <= CHUNK) against M rows of x into out[m * CHUNK + (r - r0)]; path and xp:
  * product_path and x packed for it (pack_x), the dot tiles taking what the tile unit leaves. */
-static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+static void dot_rows(const void *W, int dtype, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                      int path, const void *xp, long M, long I, float *out) {
+    const int bf16 = dtype == DT_BF16; /* the packed paths: fp32 or bf16 */
     if (path == PATH_PANEL) {
         panel_rows(W, bf16, r0, r1 - r0, xp, xf, M, I, out);
         return;
@@ -1271,7 +1324,7 @@ static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const 
         long tail = bc_tail(bf16, M, I), head = M - tail;
         bc_rows(W, bf16, ldw, r0, r1 - r0, xp, head, I, out, CHUNK, 1, 0);
         if (tail)
-            dot_rows(W, bf16, ldw, r0, r1, xf + head * I, xb + head * I, tail_path(bf16, tail, I),
+            dot_rows(W, dtype, ldw, r0, r1, xf + head * I, xb + head * I, tail_path(bf16, tail, I),
                      (const float *)xp + bc_packed_size(head, I), tail, I, out + head * CHUNK);
         return;
     }
@@ -1284,8 +1337,8 @@ static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const 
         return;
     }
 #ifdef DOT2
-    if (dot2_applies(bf16, M)) {
-        dot2_rows(W, bf16, ldw, r0, r1, xf, M, I, out);
+    if (dot2_applies(dtype, M)) {
+        dot2_rows(W, dtype, ldw, r0, r1, xf, M, I, out);
         return;
     }
 #endif
@@ -1299,49 +1352,44 @@ static void dot_rows(const void *W, int bf16, long ldw, long r0, long r1, const 
     float acc[WIDE_ROWS][MCHUNK];
     const int br = amd_tuned && M <= 2 ? WIDE_ROWS : ROWS;
     long sub = (r1 - r0) / br, tail = r0 + br * sub;
-    for (long j = 0; j < sub; j++) dot_block(W, bf16, ldw, r0 + j, sub * ldw, br, xf, xb, M, I, acc, out, j, sub);
-    if (tail < r1) dot_block(W, bf16, ldw, tail, ldw, (int)(r1 - tail), xf, xb, M, I, acc, out, tail - r0, 1);
+    for (long j = 0; j < sub; j++) dot_block(W, dtype, ldw, r0 + j, sub * ldw, br, xf, xb, M, I, acc, out, j, sub);
+    if (tail < r1) dot_block(W, dtype, ldw, tail, ldw, (int)(r1 - tail), xf, xb, M, I, acc, out, tail - r0, 1);
 }
 
 /* Output columns [r0, r1) for all M rows of x (fp32 copy xf, bf16 copy xb, M x I dense), CHUNK rows
  * of W at a time, their sums in `sums` (2 * CHUNK * M floats). GLU (glu_rows > 0): column o is
  * act(x . W[o] + b[o]) * (x . W[o + glu_rows] + b[o + glu_rows]); the gate chunk and then the up chunk are
  * each read as one run of memory. */
-static void rows_range(const void *W, int bf16, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
+static void rows_range(const void *W, int dtype, long ldw, long r0, long r1, const float *xf, const uint16_t *xb,
                        int path, const void *xp, long M, long I, const void *bias, long glu_rows, int act, void *y,
                        long ldy, float *sums) {
     float *gate = sums, *up = sums + CHUNK * M;
     for (long c = r0; c < r1; c += CHUNK) {
         long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
-        dot_rows(W, bf16, ldw, c, c1, xf, xb, path, xp, M, I, gate);
-        if (glu_rows) dot_rows(W, bf16, ldw, c + glu_rows, c1 + glu_rows, xf, xb, path, xp, M, I, up);
+        dot_rows(W, dtype, ldw, c, c1, xf, xb, path, xp, M, I, gate);
+        if (glu_rows) dot_rows(W, dtype, ldw, c + glu_rows, c1 + glu_rows, xf, xb, path, xp, M, I, up);
         for (long m = 0; m < M; m++)
             for (long o = c; o < c1; o++) {
                 float v = gate[m * CHUNK + (o - c)];
-                if (bias) v += load_value(bias, o, bf16);
+                if (bias) v += load_value(bias, o, dtype);
                 if (glu_rows) {
                     float u = up[m * CHUNK + (o - c)];
-                    if (bias) u += load_value(bias, o + glu_rows, bf16);
+                    if (bias) u += load_value(bias, o + glu_rows, dtype);
                     v = activate(v, act) * u;
                 }
-                if (bf16) ((uint16_t *)y)[m * ldy + o] = f32_to_bf16(v);
-                else ((float *)y)[m * ldy + o] = v;
+                store_value(y, m * ldy + o, v, dtype);
             }
     }
 }
 
 /* The working copies of rows of x: xf [n, I] in fp32 and (bf16) xb [n, I] the bf16 values, row r taken
  * from x row index[r] (rows ldx apart; index NULL: row r). */
-static void working_rows(const void *x, long ldx, const long *index, long n, long I, int bf16, float *xf, uint16_t *xb) {
+static void working_rows(const void *x, long ldx, const long *index, long n, long I, int dtype, float *xf, uint16_t *xb) {
     for (long r = 0; r < n; r++) {
         long src = (index ? index[r] : r) * ldx;
         for (long i = 0; i < I; i++) {
-            if (bf16) {
-                xb[r * I + i] = ((const uint16_t *)x)[src + i];
-                xf[r * I + i] = bf16_to_f32(xb[r * I + i]);
-            } else {
-                xf[r * I + i] = ((const float *)x)[src + i];
-            }
+            if (dtype == DT_BF16) xb[r * I + i] = ((const uint16_t *)x)[src + i];
+            xf[r * I + i] = load_value(x, src + i, dtype);
         }
     }
 }
@@ -1421,19 +1469,29 @@ long moekit_scratch_keep(long bytes) {
     return previous;
 }
 
-/* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype 0 = fp32, 1 = bf16 (W, x, y,
- * bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) * (x Wu^T + bu)
- * with O = out. Returns 0, or -1 when the scratch block (the copies of x, every thread's sums) could not be
- * allocated. */
+/* Whether this build serves dtype (DT_*): fp32 and bf16 always, fp16 with F16C. */
+int moekit_dtype_usable(int dtype) {
+#ifdef F16
+    if (dtype == DT_F16) return 1;
+#endif
+    return dtype == DT_F32 || dtype == DT_BF16;
+}
+
+/* y [M, ldy] = x [M, ldx] W^T (+ bias), W [O, I] rows ldw apart; dtype DT_F32, DT_BF16 or (F16C builds)
+ * DT_F16 (W, x, y, bias alike). glu = 1: W is [gate; up] (2 * out rows), y [M, out] = act(x Wg^T + bg) *
+ * (x Wu^T + bu) with O = out. Returns 0, -1 when the scratch block (the copies of x, every thread's sums)
+ * could not be allocated, -3 for a dtype this build does not serve. */
 int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, long ldx, const void *bias,
                 void *y, long ldy, int dtype, int glu, int act, int threads) {
+    if (!moekit_dtype_usable(dtype)) return -3;
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
-    int path = product_path(dtype == 1, M, I);
+    const int bf16 = dtype == DT_BF16;
+    int path = dtype == DT_F16 ? PATH_DOT : product_path(bf16, M, I);
     /* x in fp32, (bf16) a dense copy, x packed for the path */
-    size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = dtype == 1 ? lined(sizeof(uint16_t) * n_x) : 0;
+    size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = bf16 ? lined(sizeof(uint16_t) * n_x) : 0;
     const long blocks = (O + ROWS - 1) / ROWS;
     const int n = thread_count(threads, blocks);
-    const size_t xp_bytes = path != PATH_DOT ? lined(packed_bytes(dtype == 1, M, I)) : 0;
+    const size_t xp_bytes = path != PATH_DOT ? lined(packed_bytes(bf16, M, I)) : 0;
     const size_t sums_bytes = lined(sizeof(float) * (size_t)(2 * CHUNK * (M > 0 ? M : 1)));
     char *block = scratch_take(xf_bytes + xb_bytes + xp_bytes + (size_t)n * sums_bytes);
     if (!block) return -1;
@@ -1442,7 +1500,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     void *xp = path != PATH_DOT ? block + xf_bytes + xb_bytes : NULL;
     char *sums = block + xf_bytes + xb_bytes + xp_bytes;
     working_rows(x, ldx, NULL, M, I, dtype, xf, xb);
-    if (xp) pack_x(path, dtype == 1, xf, xb, M, I, xp);
+    if (xp) pack_x(path, bf16, xf, xb, M, I, xp);
     PARALLEL_THREADS(n) {
         const int t = THREAD_NUM, nt = THREAD_COUNT;
         long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
@@ -1461,17 +1519,19 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
  * h = act(W1g_e x + b1g_e) * (W1u_e x + b1u_e) (glu; W1_e = [gate; up], 2 * F rows) or act(W1_e x + b1_e).
  * W1 [E, R1, I] (experts s1 values apart, rows ld1 apart), W2 [E, O, F] (s2, ld2); biases [E, R1] / [E, O]
  * (sb1 / sb2 apart) or NULL; x [T, I] (rows ldx apart), ids int64 [T, K], w fp32 [T, K], kept uint8
- * [T, K] or NULL; y [T, O] dense, written. One dtype for W, b, x, y (0 fp32, 1 bf16); act 0-3 as in
- * `activate`, 4 identity. P1 / P2: panel copies of W1 / W2 (moekit_pack_panels of W1 in segments of F rows
- * and of W2 in one; dense [E, R1, I] / [E, O, F]) or NULL; the products that run on the broadcast tiles read
- * them (PATH_PANEL), the smaller ones the plain W1 / W2, and phase 2's row ranges start at chunks.
+ * [T, K] or NULL; y [T, O] dense, written. One dtype for W, b, x, y (DT_*); act 0-3 as in `activate`,
+ * 4 identity. P1 / P2: panel copies of W1 / W2 (moekit_pack_panels of W1 in segments of F rows and of W2 in
+ * one; dense [E, R1, I] / [E, O, F]) or NULL; the products that run on the broadcast tiles read them
+ * (PATH_PANEL), the smaller ones the plain W1 / W2, and phase 2's row ranges start at chunks. fp16 runs the
+ * dot tiles only (P1 / P2 unread).
  *
  * Slots are grouped by expert (a counting sort, experts ascending); each group's rows of x are gathered
  * once. Phase 1 splits the (expert, chunk of CHUNK hidden features) units over the threads, contiguously
  * (each thread streams distinct W1 memory), into h [N, F]; after one barrier phase 2 splits the output
  * rows of every touched W2 over the threads, so each thread accumulates its own columns of y (fp32) and
- * no two threads write the same value. bf16: h is rounded to bf16, as the expert-by-expert path does.
- * Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, E). */
+ * no two threads write the same value. bf16 / fp16: h is rounded to the dtype, as the expert-by-expert path does.
+ * Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, E), -3 for a
+ * dtype this build does not serve (moekit_dtype_usable). */
 /* below this many weight bytes per thread, waking another thread costs more than it saves */
 #define MIN_BYTES_PER_THREAD (1 << 20)
 
@@ -1484,8 +1544,9 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                    const void *B2, long sb2, const void *P1, const void *P2, long F, long I, long O, long E,
                    const void *x, long T, long ldx, const int64_t *ids, const float *w, const uint8_t *kept, long K,
                    void *y, int dtype, int glu, int act, int threads) {
-    const int bf16 = dtype == 1;
-    const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
+    if (!moekit_dtype_usable(dtype)) return -3;
+    const int bf16 = dtype == DT_BF16, packs = dtype != DT_F16; /* fp16: the dot tiles only */
+    const size_t es = value_bytes(dtype);
     long *count = (long *)calloc((size_t)(E + 1), sizeof(long));
     if (!count) return -1;
     long N = 0;
@@ -1511,9 +1572,9 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
     /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
-    size_t packed_i = packed_bytes(bf16, max_rows, I), packed_f = packed_bytes(bf16, max_rows, F);
-    if (P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
-    if (P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
+    size_t packed_i = packs ? packed_bytes(bf16, max_rows, I) : 0, packed_f = packs ? packed_bytes(bf16, max_rows, F) : 0;
+    if (packs && P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
+    if (packs && P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
     const size_t packed_size = lined(packed_i > packed_f ? packed_i : packed_f); /* every group: m <= max_rows */
     const size_t buf_size = lined(sizeof(float) * (size_t)(2 * CHUNK * max_rows)); /* a thread's chunk of sums */
     /* one scratch block: groups (expert, first, end slot), slots' tokens and weights, the gathered rows of x
@@ -1547,7 +1608,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     for (long e = 0, g = 0; e < E; e++)
         if (count[e + 1] > count[e]) group[3 * g] = e, group[3 * g + 1] = count[e], group[3 * g + 2] = count[e + 1], g++;
     free(count);
-    working_rows(x, ldx, token, N, I, bf16, xf, xb);
+    working_rows(x, ldx, token, N, I, dtype, xf, xb);
     memset(acc, 0, sizeof(float) * (size_t)(T * O));
     PARALLEL_THREADS(n) {
         const int t = THREAD_NUM, nt = THREAD_COUNT;
@@ -1564,19 +1625,20 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             int path = packed ? product_path(bf16, m, I) : PATH_DOT;
             if (P1 && packed && panel_applies(bf16, m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
             if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
-            dot_rows(We, bf16, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
-            if (glu) dot_rows(We, bf16, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
+            dot_rows(We, dtype, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
+            if (glu) dot_rows(We, dtype, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
             const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
             for (long r = 0; r < m; r++)
                 for (long o = c; o < c1; o++) {
                     float gv = buf[r * CHUNK + (o - c)], uv = glu ? buf[CHUNK * m + r * CHUNK + (o - c)] : 0.0f;
                     if (Be) {
-                        gv += load_value(Be, o, bf16);
-                        if (glu) uv += load_value(Be, o + F, bf16);
+                        gv += load_value(Be, o, dtype);
+                        if (glu) uv += load_value(Be, o + F, dtype);
                     }
                     float h = finish_hidden(gv, uv, glu, act);
                     long at = (first + r) * F + o;
-                    if (bf16) { hb[at] = f32_to_bf16(h); h = bf16_to_f32(hb[at]); }
+                    h = rounded(h, dtype);
+                    if (bf16) hb[at] = f32_to_bf16(h); /* exact: h is a bf16 value */
                     hf[at] = h;
                 }
         }
@@ -1597,22 +1659,19 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
             for (long c = r0; c < r1; c += CHUNK) {
                 long c1 = c + CHUNK < r1 ? c + CHUNK : r1;
-                dot_rows(We, bf16, ld, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
+                dot_rows(We, dtype, ld, c, c1, hf + first * F, hb + first * F, path, packed, m, F, buf);
                 for (long r = 0; r < m; r++) {
                     float *row = acc + token[first + r] * O, wr = weight[first + r];
                     for (long o = c; o < c1; o++) {
                         float v = buf[r * CHUNK + (o - c)];
-                        if (Be) v += load_value(Be, o, bf16);
+                        if (Be) v += load_value(Be, o, dtype);
                         row[o] += wr * v;
                     }
                 }
             }
         }
         for (long tt = 0; tt < T; tt++)
-            for (long o = r0; o < r1; o++) {
-                if (bf16) ((uint16_t *)y)[tt * O + o] = f32_to_bf16(acc[tt * O + o]);
-                else ((float *)y)[tt * O + o] = acc[tt * O + o];
-            }
+            for (long o = r0; o < r1; o++) store_value(y, tt * O + o, acc[tt * O + o], dtype);
     }
     scratch_done();
     return 0;

@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "PANEL_MAX_ROWS", "available", "build_info", "cpu_profile", "cpu_vendor", "linear",
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "PANEL_DTYPES", "PANEL_MAX_ROWS", "available", "build_info", "cpu_profile",
+           "cpu_vendor", "dtypes", "linear",
            "merged_available", "merged_forward", "merged_grad_input", "merged_grad_weights", "moe_ffn", "pack_panels",
            "panels_available", "scratch_limit", "serves"]
 
@@ -62,7 +63,10 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 #: hidden activations of ``moe_ffn`` (index = the C code's ``act``)
 FFN_ACTIVATIONS = {**GLU_ACTIVATIONS, "identity": 4}
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+#: the C code's dtype codes (``DT_*``); fp16 only where the build has F16C (``dtypes``)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: the dtypes of panel copies (``pack_panels``): fp16 runs the dot tiles only
+PANEL_DTYPES = (torch.float32, torch.bfloat16)
 
 #: where the kernel beats torch, per CPU (``cpu_profile``: the vendor, and whether the kernel runs bf16 on
 #: AMX tiles; the crossover moves with the cores and with oneDNN's kernels): ``(dtype, torch's alternative
@@ -118,15 +122,23 @@ MAX_ROWS["GenuineIntel"] = {**MAX_ROWS["GenuineIntel+AMX"], (torch.bfloat16, Fal
 #: against 1494, Mixtral T=256 708 against 823 in that A/B but 1205 against 820-860 in the benchmark's own
 #: process (``bench_infer.py``; the kernels alone agree: 64 rows native 0.7-1.1 GB/s, fp32 blocks 1.0-1.1),
 #: so 32. Packed fp32: OLMoE T=256 443 at 32 against 453 at 16 (level), Qwen3 T=256 322 at 32 against 432 at 8.
+#: fp16 (no oneDNN fp16 here: torch's fp16 GEMM is a reference loop, and moekit's alternative from 4 rows the
+#: fp32 GEMM on widened blocks) runs the dot tiles with F16C widening, at the bf16 rates: Qwen3 / Mixtral
+#: matrices 1 row 16.8-23.5 GB/s against F.linear's 10.8-11.3, 4 rows 11.9-13.9 against the blocks' 3.5-4.5, 16
+#: rows 3.6-3.9 against 2.8-2.9, 32 rows 1.7-1.8 against 1.8-1.9. Whole fp16 layers, the one-call layer against
+#: the expert loop (ms, interleaved): Qwen3 T=1 4.5 / 10.7, T=64 (4 rows) 94 / 336, T=256 (16) 321 / 731;
+#: Mixtral T=16 (4) 52 / 157, T=128 (32) 381 / 635, T=256 (64) 768 / 769; OLMoE T=256 (32) 418 / 599: so 32.
 MAX_ROWS["AuthenticAMD+AVX2"] = {
     (torch.float32, False): ((1, 32),),
     (torch.float32, True): ((1, 32),),
     (torch.bfloat16, False): ((1, 32),),
     (torch.bfloat16, True): ((1, 32),),
+    (torch.float16, False): ((1, 32),),
 }
 #: Intel with AVX2 only (client cores, older Xeons): not measured. Decode rows only, up to the 4 where the dot
-#: tiles led torch's kernels on every CPU measured (fp32 and bf16; without oneDNN bf16 the alternative is a
-#: reference loop or the widened blocks, 2-3x slower at 1-4 rows on the AVX2 AMD EPYC).
+#: tiles led torch's kernels on every CPU measured (fp32, bf16 and fp16; without oneDNN bf16 / fp16 the
+#: alternative is a reference loop or the widened blocks, 2-4x slower at 1-4 rows on the AVX2 AMD EPYC).
+#: AVX-512 CPUs have no fp16 rows: not measured there (Intel's from Sapphire Rapids have oneDNN fp16 kernels).
 MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAMD+AVX2"]}
 #: where the one-call layer over panel copies (``pack_panels``; a packed bank on a CPU whose kernel reads
 #: them, ``panels_available``) beats the expert loop on the packed bank's kernels, as ``MAX_ROWS``: ``dtype ->
@@ -152,7 +164,7 @@ def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False
     rather than torch (``packed``: torch's alternative is a oneDNN-packed weight; ``panels``: the kernel
     reads panel copies, against the packed bank's expert loop). The one place of the measured crossover
     (``MAX_ROWS`` / ``PANEL_MAX_ROWS`` of this CPU's profile)."""
-    if not available():
+    if not available() or dtype not in dtypes():
         return False
     table = PANEL_MAX_ROWS.get(cpu_profile(), {}).get(dtype, ()) if panels else MAX_ROWS.get(cpu_profile(), {}).get((dtype, packed), ())
     for min_features, limit in table:
@@ -161,12 +173,34 @@ def serves(rows: int, dtype: torch.dtype, features: int, *, packed: bool = False
     return False
 
 
+def dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the built kernel takes: fp32 and bf16, and fp16 where it was built with F16C (every
+    x86 CPU with AVX2); empty when the kernel is unavailable."""
+    lib = _library()
+    if lib is None:
+        return ()
+    usable = getattr(lib, "moekit_dtype_usable", None)  # a build of an earlier revision (ab_native.py): fp32 and bf16
+    return tuple(dt for dt, code in _DTYPES.items() if (usable(code) if usable is not None else code < 2))
+
+
+def _dtype_code(dtype: torch.dtype, named: dict[str, torch.dtype]) -> int:
+    """The kernel's code of ``dtype``, which every one of ``named`` (argument name -> dtype) must share; a
+    ValueError that names them and the dtypes this build takes otherwise."""
+    served = dtypes()
+    if dtype not in served or any(dt != dtype for dt in named.values()):
+        allowed = ", ".join(str(dt).removeprefix("torch.") for dt in served)
+        got = ", ".join(f"{name} {str(dt).removeprefix('torch.')}" for name, dt in named.items())
+        raise ValueError(f"{', '.join(named)} must all be one dtype of {allowed} (this build of the kernel), got {got}")
+    return _DTYPES[dtype]
+
+
 def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu: str | None = None,
            threads: int | None = None) -> Tensor:  # fmt: skip
     """``x W^T + b``: ``[M, I] x [O, I] -> [M, O]``; with ``glu`` (a ``GLU_ACTIVATIONS`` name) ``W`` is
     ``[gate; up]`` (``[2F, I]``) and the result ``act(x Wg^T + bg) * (x Wu^T + bu)``, ``[M, F]``.
 
-    CPU tensors, fp32 or bf16 (all alike); ``weight_OI`` with unit column stride (rows may be strided).
+    CPU tensors, one dtype of ``dtypes()`` (fp32, bf16, fp16 with F16C); ``weight_OI`` with unit column stride
+    (rows may be strided).
     ``threads`` defaults to ``torch.get_num_threads()`` of the calling thread. Runs whether or not
     ``MOEKIT_NATIVE_GEMV`` turns the routing off (``serves``); raises ``RuntimeError`` when the kernel
     could not be built.
@@ -175,10 +209,8 @@ def linear(x_MI: Tensor, weight_OI: Tensor, bias_O: Tensor | None = None, *, glu
     if lib is None:
         raise RuntimeError(f"the native GEMV kernel is not available: {_built()[1]}")
     dtype, (M, I), (O2, I2) = weight_OI.dtype, x_MI.shape, weight_OI.shape
-    code = _DTYPES.get(dtype)
-    if code is None or x_MI.dtype != dtype or (bias_O is not None and bias_O.dtype != dtype):
-        raise ValueError(f"x, weight and bias must all be float32 or bfloat16, got {x_MI.dtype}, {dtype}, "
-                         f"{None if bias_O is None else bias_O.dtype}")  # fmt: skip
+    named = {"x_MI": x_MI.dtype, "weight_OI": dtype, **({} if bias_O is None else {"bias_O": bias_O.dtype})}
+    code = _dtype_code(dtype, named)
     if I != I2 or weight_OI.stride(1) != 1 or weight_OI.device.type != "cpu" or x_MI.device.type != "cpu":
         raise ValueError(f"x [M, I] and weight [O, I] must be CPU tensors that agree on I, the weight with unit "
                          f"column stride; got {tuple(x_MI.shape)} and {tuple(weight_OI.shape)}, strides {weight_OI.stride()}")  # fmt: skip
@@ -214,10 +246,11 @@ def scratch_limit(nbytes: int | None = None) -> int:
     return int(lib.moekit_scratch_keep(-1 if nbytes is None else nbytes))
 
 
-def panels_available() -> bool:
+def panels_available(dtype: torch.dtype | None = None) -> bool:
     """Whether the kernel here reads panel copies of expert weights (``pack_panels``): the AVX2 build, whose
-    broadcast tiles read a tile's weight rows as one stream from them."""
-    return available() and bool(_library().moekit_panels_usable())
+    broadcast tiles read a tile's weight rows as one stream from them; given ``dtype``, copies of that dtype
+    (``PANEL_DTYPES``)."""
+    return (dtype is None or dtype in PANEL_DTYPES) and available() and bool(_library().moekit_panels_usable())
 
 
 def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
@@ -230,7 +263,7 @@ def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
     False."""
     if not panels_available():
         raise RuntimeError(f"panel copies need the AVX2 build of the native kernel; here: {build_info()['isa'] or _built()[1]}")
-    code = _DTYPES.get(w_ERI.dtype)
+    code = _DTYPES[w_ERI.dtype] if w_ERI.dtype in PANEL_DTYPES else None
     if code is None or w_ERI.dim() != 3 or w_ERI.device.type != "cpu" or w_ERI.stride(-1) != 1:
         raise ValueError(f"w_ERI must be a float32 or bfloat16 CPU tensor [E, R, I] with unit column stride, got "
                          f"{w_ERI.dtype} {tuple(w_ERI.shape)} on {w_ERI.device}, strides {w_ERI.stride()}")  # fmt: skip
@@ -256,21 +289,22 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     Every touched expert's matrices are read from memory once, split over ``threads`` OpenMP threads
     (default ``torch.get_num_threads()``; fewer for small layers): the hidden features, then the output
     rows, each thread a contiguous range. ``first_ERI [E, R, I]`` and ``second_EOF [E, O, F]`` (any expert
-    and row strides, unit column stride), biases ``[E, R]`` / ``[E, O]``, ``x_TI`` in one dtype (fp32 or
-    bf16); ``ids_TK`` integer ids in ``[0, E)``, ``weights_TK`` any float dtype (used in fp32), ``kept_TK``
-    an optional bool mask of live slots. ``activation``: a ``FFN_ACTIVATIONS`` name. Sums in fp32; bf16
-    rounds ``h`` (as the expert-by-expert path does) and ``y``. ``first_panels`` / ``second_panels``: both or
-    neither, ``pack_panels(first, F if glu else None)`` and ``pack_panels(second)`` of these weights; the
-    products that run on the broadcast tiles then read them (same results: the same sums in the same order).
+    and row strides, unit column stride), biases ``[E, R]`` / ``[E, O]``, ``x_TI`` in one dtype of ``dtypes()``
+    (fp32, bf16, fp16 with F16C); ``ids_TK`` integer ids in ``[0, E)``, ``weights_TK`` any float dtype (used in
+    fp32), ``kept_TK`` an optional bool mask of live slots. ``activation``: a ``FFN_ACTIVATIONS`` name. Sums in
+    fp32; bf16 and fp16 round ``h`` (as the expert-by-expert path does) and ``y``. ``first_panels`` /
+    ``second_panels`` (fp32 and bf16): both or neither, ``pack_panels(first, F if glu else None)`` and
+    ``pack_panels(second)`` of these weights; the products that run on the broadcast tiles then read them (same
+    results: the same sums in the same order).
     """
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the native GEMV kernel is not available: {_built()[1]}")
-    dtype, code = first_ERI.dtype, _DTYPES.get(first_ERI.dtype)
+    dtype = first_ERI.dtype
     biases = [b for b in (first_bias_ER, second_bias_EO) if b is not None]
-    if code is None or any(t.dtype != dtype for t in (x_TI, second_EOF, *biases)):
-        raise ValueError(f"x, weights and biases must all be float32 or bfloat16, got x {x_TI.dtype}, first {dtype}, "
-                         f"second {second_EOF.dtype}, biases {[b.dtype for b in biases]}")  # fmt: skip
+    named = {"x_TI": x_TI.dtype, "first_ERI": dtype, "second_EOF": second_EOF.dtype,
+             **{name: b.dtype for name, b in (("first_bias_ER", first_bias_ER), ("second_bias_EO", second_bias_EO)) if b is not None}}  # fmt: skip
+    code = _dtype_code(dtype, named)
     (T, I), (E, R, I1), (E2, O, F) = x_TI.shape, first_ERI.shape, second_EOF.shape
     if I1 != I or E2 != E or R != (2 * F if glu else F):
         raise ValueError(f"first [E, {'2F' if glu else 'F'}, I] and second [E, O, F] must agree with x [T, I]; got x "
@@ -289,6 +323,8 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
         raise ValueError(f"activation must be one of {list(FFN_ACTIVATIONS)}, got {activation!r}")
     if (first_panels is None) != (second_panels is None):
         raise ValueError("first_panels and second_panels go together (pack_panels of both matrices) or not at all")
+    if first_panels is not None and dtype not in PANEL_DTYPES:
+        raise ValueError(f"panel copies are {' or '.join(str(dt) for dt in PANEL_DTYPES)}; {dtype} layers run without them")
     for name, panel, like in (("first_panels", first_panels, first_ERI), ("second_panels", second_panels, second_EOF)):
         if panel is not None and (panel.shape != like.shape or panel.dtype != dtype or not panel.is_contiguous()
                                   or panel.device.type != "cpu"):  # fmt: skip
@@ -505,6 +541,9 @@ def load(path: str | os.PathLike[str]) -> ctypes.CDLL:
     lib.moekit_merged_linear.argtypes = [P, L, L, L, P, L, P, L, P, P, I]
     lib.moekit_merged_linear_grad_x.argtypes = [P, L, L, L, P, L, P, L, P, I]
     lib.moekit_merged_linear_grad_w.argtypes = [P, P, L, L, L, L, P, L, P, P, P, I]
+    if hasattr(lib, "moekit_dtype_usable"):
+        lib.moekit_dtype_usable.restype = ctypes.c_int
+        lib.moekit_dtype_usable.argtypes = [I]
     lib.moekit_gemv_isa.restype = ctypes.c_char_p
     lib.moekit_amx_usable.restype = ctypes.c_int
     return lib
