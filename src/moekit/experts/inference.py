@@ -40,7 +40,7 @@ products at twice the FLOP rate of the default fp32 BLAS (MKL), where the plain 
 (``benchmarks/bench_infer.py``). The copy doubles the memory of the expert weights; it is rebuilt when
 a parameter changes (optimizer step, ``load_state_dict``) and dropped with ``pack_for_inference(module,
 False)``. Without packing, the same path runs ``F.linear`` per expert. Where the native kernel reads panel
-copies (``native_gemv.panels_available``: the AVX2 build; fp32 and bf16), a packed two-matrix bank holds those instead for
+copies (``native_gemv.panels_available``: the AVX2 build), a packed two-matrix bank holds those instead for
 the one-call layer (``InferencePack.panels``), which then serves prefill sizes too (``PANEL_MAX_ROWS``); the
 oneDNN copies are made only when a call runs the expert loop.
 """
@@ -197,7 +197,7 @@ def dispatch_inference(bank: "ExpertBank", x_T: Tensor, decision: RoutingDecisio
     kernels, one call per matrix); combined by a weighted ``index_add``."""
     T = x_T.shape[0]
     pack = getattr(bank, "_inference_pack", None)
-    panel_pack = pack if pack is not None and native_gemv.panels_available(x_T.dtype) else None
+    panel_pack = pack if pack is not None and native_gemv.panels_available() else None
     packed = None if panel_pack is not None else inference_pack(bank)
     layer = native_layer(bank, x_T, decision, packed=packed is not None, panel_pack=panel_pack)
     if layer is not None:

@@ -4,7 +4,7 @@
  * called through ctypes. Weights W [O, I] row-major (rows ldw apart), fp32, bf16 or fp16 (F16C builds);
  * x [M, I] and y [M, O] in the weight's dtype; fp32 accumulation. bf16 -> fp32 is a 16-bit shift (exact),
  * fp16 -> fp32 the F16C conversion (exact); fp32 -> bf16 / fp16 rounds to nearest even, as torch does.
- * fp16 runs the dot tiles only (decode sizes; larger fp16 products go to fp32 BLAS, moekit's upcast_gemm).
+ * fp16 runs the dot tiles and (AVX2, on panel copies) the broadcast tiles over widened panels, as bf16 does.
  *
  * Loop order: blocks of ROWS weight rows; inside a block, chunks of MCHUNK rows of x, each chunk
  * reading the block again (from L1/L2: ROWS * I values), so W is read from memory once whatever M is.
@@ -17,7 +17,7 @@
  * the dot or quad tiles, bc_tail). AVX2: moekit_moe_ffn's broadcast-tile products (8 rows on) read panel
  * copies of the weights where the caller passes them (moekit_pack_panels, PATH_PANEL).
  * AVX2 below the broadcast tiles: bf16 products of 4-15 rows and fp32 of 5-6 on two-row dot tiles (dot2_rows);
- * fp16 (no broadcast tiles) from 4 rows on them.
+ * fp16 from 4 rows on them, and from 8 on panel copies where the caller passes them.
  * The broadcast tiles also run SMEAR's merged products (moekit_merged_*, AVX-512, fp32): per-example
  * merged weights made block by block right before the tiles read them.
  */
@@ -851,29 +851,37 @@ static inline __attribute__((always_inline)) void bc_prefetch(const char *w, lon
         for (int r = 0; r < BR; r++) PREFETCH(w + (BR + r) * row_bytes + (ahead - w));
 }
 
-/* dst[0..8) = src[0..8) as fp32 (exact). */
-static inline void widen8(const uint16_t *src, float *dst) { _mm256_storeu_ps(dst, vload_bf16(src)); }
+/* dst[0..8) = src[0..8) (bf16 or fp16 values, dtype) as fp32 (exact). */
+static inline __attribute__((always_inline)) void widen8(const uint16_t *src, float *dst, const int dtype) {
+#ifdef F16
+    if (dtype == DT_F16) {
+        _mm256_storeu_ps(dst, vload_f16(src));
+        return;
+    }
+#endif
+    _mm256_storeu_ps(dst, vload_bf16(src));
+}
 
 /* dst[j] = src[j] as fp32 for j < n (exact). */
-static void widen_bf16(const uint16_t *src, long n, float *dst) {
+static void widen_half(const uint16_t *src, long n, float *dst, int dtype) {
     long j = 0;
-    for (; j + 8 <= n; j += 8) widen8(src + j, dst + j);
-    for (; j < n; j++) dst[j] = bf16_to_f32(src[j]);
+    for (; j + 8 <= n; j += 8) widen8(src + j, dst + j, dtype);
+    for (; j < n; j++) dst[j] = load_value(src, j, dtype);
 }
 
 /* BR weight rows x NV vectors of 8 rows of x (xt: their pass of the packed x^T, P values an input):
  * acc[r][v] lane l = W_r . x_{8 v + l}. The weights: plain (rows ldw apart) or, with `panel`, the
- * tile's BR rows input-major (BR values an input, one stream; moekit_pack_panels; bf16 panels widened first,
- * PANEL_BF16). With one vector the even and odd inputs sum into
+ * tile's BR rows input-major (BR values an input, one stream; moekit_pack_panels; bf16 / fp16 panels widened
+ * first, PANEL_HALF). With one vector the even and odd inputs sum into
  * two accumulators (a[r][0], a[r][1]), so a tile has as many independent sums as with two and covers the
  * FMA latency. The sums live in a local array until the end (one the caller sees is stored to memory at
  * every step: GCC cannot prove the weight loads do not alias it; 1.5-2.5x slower). pf: bc_prefetch's `ahead`
  * (NULL: no prefetch). wn > 0: the tile also
- * widens the next bf16 panel tile (wsrc, wn values) into wdst as it goes, 8 values an input, in the issue
- * slots the FMA-bound loop leaves (and prefetches it), finishing what is left at the end. */
+ * widens the next bf16 / fp16 (wdt) panel tile (wsrc, wn values) into wdst as it goes, 8 values an input, in
+ * the issue slots the FMA-bound loop leaves (and prefetches it), finishing what is left at the end. */
 static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, long ldw, const float *xt, long P, long I,
                                                               const int BR, const int NV, const int panel, const char *pf,
-                                                              const uint16_t *wsrc, float *wdst, long wn,
+                                                              const uint16_t *wsrc, float *wdst, long wn, const int wdt,
                                                               __m256 acc[BC_BR][2]) {
     const long rs = panel ? 1 : ldw, is = panel ? BR : 1; /* weight (r, i) at w[r * rs + i * is] */
     __m256 a[BC_BR][2];
@@ -883,7 +891,7 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
         for (; i + 1 < I; i += 2) {
             if (wn && j + 16 <= wn) {
                 if (j % 32 == 0) PREFETCH((const char *)(wsrc + j) + PANEL_AHEAD);
-                widen8(wsrc + j, wdst + j), widen8(wsrc + j + 8, wdst + j + 8), j += 16;
+                widen8(wsrc + j, wdst + j, wdt), widen8(wsrc + j + 8, wdst + j + 8, wdt), j += 16;
             } else if (!wn && pf)
                 bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + 4 * i * is, panel);
             __m256 x0 = _mm256_loadu_ps(xt + i * P), x1 = _mm256_loadu_ps(xt + (i + 1) * P);
@@ -895,7 +903,7 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
     for (; i < I; i++) {
         if (wn && j + 8 <= wn) {
             if (j % 32 == 0) PREFETCH((const char *)(wsrc + j) + PANEL_AHEAD);
-            widen8(wsrc + j, wdst + j), j += 8;
+            widen8(wsrc + j, wdst + j, wdt), j += 8;
         } else if (!wn && pf && i % 2 == 0)
             bc_prefetch((const char *)w, 4 * ldw, BR, i % 16 == 0, pf + 4 * i * is, panel);
         __m256 xv[2];
@@ -905,7 +913,7 @@ static inline __attribute__((always_inline)) void bc_tile_f32(const float *w, lo
             for (int v = 0; v < NV; v++) a[r][v] = _mm256_fmadd_ps(wr, xv[v], a[r][v]);
         }
     }
-    if (j < wn) widen_bf16(wsrc + j, wn - j, wdst + j);
+    if (j < wn) widen_half(wsrc + j, wn - j, wdst + j, wdt);
     for (int r = 0; r < BR; r++) {
         acc[r][0] = NV == 1 ? _mm256_add_ps(a[r][0], a[r][1]) : a[r][0];
         acc[r][1] = a[r][1];
@@ -980,19 +988,20 @@ static long bc_tile_height(long nr, long r) {
     if (r < nr / BC_BR * BC_BR) return BC_BR;
     return nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
 }
-#define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, (const char *)(w + (r0 + r) * ldw), NULL, NULL, 0,)
+#define PLAIN_F32(h) BC_PASSES(bc_tile_f32, w + (r0 + r) * ldw, h, 0, (const char *)(w + (r0 + r) * ldw), NULL, NULL, 0, 0,)
 #define PLAIN_BF16(h) BC_PASSES(bc_tile_bf16, w + (r0 + r) * ldw, h,)
-#define PANEL_F32(h) {BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, NULL, NULL, 0,) PANEL_TAIL(w + (r0 + r) * I, h)}
-/* bf16 panel: each tile's weights widened to fp32 (BC_BR * I values: in L2), which the fp32 panel tile runs --
+#define PANEL_F32(h) {BC_PASSES(bc_tile_f32, w + (r0 + r) * I, h, 1, (const char *)(w + (r0 + r) * I) + PANEL_AHEAD, NULL, NULL, 0, 0,) PANEL_TAIL(w + (r0 + r) * I, h)}
+/* bf16 / fp16 panel (the dtype in `dtype`): each tile's weights widened to fp32 (BC_BR * I values: in L2), which
+ * the fp32 panel tile runs --
  * one shift per weight, where the bf16 tile pays a broadcast, a shift and a mask per weight and pass, and runs
  * out of registers for x (its 4 vectors: even and odd inputs). Two buffers: the first pass of a tile widens the
  * next tile into the other one as it runs (bc_tile_f32's wn; a tile widened before its passes ran 0.80x the
  * fp32 rate at 16 rows, AVX2 AMD EPYC, 2048 inputs). */
-#define PANEL_BF16(h)                                                                                   \
+#define PANEL_HALF(h)                                                                                   \
     {                                                                                                   \
         const long next_r = r + (h), next_n = next_r < nr ? bc_tile_height(nr, next_r) * I : 0;         \
         float *now = wide[parity], *next = wide[1 - parity];                                            \
-        BC_PASSES(bc_tile_f32, now, h, 1, NULL, w + (r0 + next_r) * I, next, m0 == 0 ? next_n : 0,)      \
+        BC_PASSES(bc_tile_f32, now, h, 1, NULL, w + (r0 + next_r) * I, next, m0 == 0 ? next_n : 0, dtype,) \
         PANEL_TAIL(now, h)                                                                              \
         parity = 1 - parity;                                                                            \
     }
@@ -1062,22 +1071,22 @@ static inline __attribute__((always_inline)) void panel_tail_tile(const float *w
 
 /* Rows [r0, r0 + nr) of a panel copy (moekit_pack_panels; r0 the start of one of its chunks) against `rows`
  * rows of x into out[m * CHUNK + (r - r0)]: the broadcast tiles' passes over the first rows (packed in xp), then
- * the panel_tail rows from xf against each tile while its weights are in L2. bf16 tiles are widened into two
- * buffers after the packed x (panel_bytes), the first before the passes, each next one during the passes of the
- * one before (PANEL_BF16). */
-static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp, const float *xf, long rows, long I,
+ * the panel_tail rows from xf against each tile while its weights are in L2. bf16 and fp16 tiles are widened into
+ * two buffers after the packed x (panel_bytes), the first before the passes, each next one during the passes of
+ * the one before (PANEL_HALF). */
+static void panel_rows(const void *W, int dtype, long r0, long nr, const void *xp, const float *xf, long rows, long I,
                        float *out) {
     const long tail = panel_tail(rows), M = rows - tail, ldw = I, ldm = CHUNK, ldr = 1;
     const int add = 0;
     const float *xt = (const float *)xp, *x_tail = xf + M * I;
     __m256 acc[BC_BR][2];
     long r = 0;
-    if (bf16) {
+    if (dtype != DT_F32) {
         float *wide[2] = {(float *)xp + bc_packed_size(M, I), (float *)xp + bc_packed_size(M, I) + BC_BR * I};
         const uint16_t *w = (const uint16_t *)W;
         int parity = 0;
-        widen_bf16(w + r0 * I, bc_tile_height(nr, 0) * I, wide[0]);
-        BC_TILES(BC_BR, PANEL_BF16)
+        widen_half(w + r0 * I, bc_tile_height(nr, 0) * I, wide[0], dtype);
+        BC_TILES(BC_BR, PANEL_HALF)
     } else {
         const float *w = (const float *)W;
         BC_TILES(BC_BR, PANEL_F32)
@@ -1090,7 +1099,7 @@ static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp
  * (bc_tile_height); a tile of h rows at the offset its rows have in a dense copy, its values input-major (h
  * values an input). */
 int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
-    const int bf16 = dtype == 1;
+    const int half = dtype != DT_F32; /* bf16, fp16: 2-byte values */
     for (long e = 0; e < E; e++)
         for (long s0 = 0; s0 < R; s0 += segment) {
             const long s1 = s0 + segment < R ? s0 + segment : R;
@@ -1101,7 +1110,7 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
                     for (long i = 0; i < I; i++)
                         for (long j = 0; j < h; j++) {
                             const long src = e * se + (c + r + j) * ld + i, dst = (e * R + c + r) * I + i * h + j;
-                            if (bf16) ((uint16_t *)out)[dst] = ((const uint16_t *)W)[src];
+                            if (half) ((uint16_t *)out)[dst] = ((const uint16_t *)W)[src];
                             else ((float *)out)[dst] = ((const float *)W)[src];
                         }
                 }
@@ -1131,7 +1140,7 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
  * 3 + 3 1.17x, 11 as 3 + 4 + 4 1.08x, 12 as 4 + 4 + 4 1.07-1.29x); fp32 6 rows keep one chunk (3 + 3: 0.91x). */
 #define DOT2_MAX_X_BF16 5
 /* fp16 (F16C widening, no broadcast tiles) from 4 rows, in bf16's chunks: against the dot tiles, Qwen3 / Mixtral
- * expert matrices in one process, 4-5 rows 1.05-1.42x (one case 0.92x), 8-16 rows 1.14-1.27x (one 0.93x). */
+ * expert matrices in one process, 4-6 rows 0.92-1.42x (median 1.10x), 8-16 rows 1.13-1.27x (one 0.93x). */
 
 static int dot2_applies(int dtype, long M) { return dtype != DT_F32 ? M >= 4 : M >= 5 && M <= 6; }
 
@@ -1237,20 +1246,22 @@ int moekit_panels_usable(void) { return 1; }
  * 9 and 10, where the panels' tail tile for the ninth row and a pass of 16 lanes with 6 empty run slower than
  * the two-row dot tiles (0.78-0.88x, Mixtral and Qwen3 experts; 4-7 rows 0.51-0.85x, 11-13 0.97-1.17x). */
 #define PANEL_MIN_ROWS_F32 6
-static int panel_applies(int bf16, long M) { return bf16 ? M >= BC_MIN_ROWS && (M < 9 || M > 10) : M >= PANEL_MIN_ROWS_F32; }
+static int panel_applies(int dtype, long M) {
+    return dtype != DT_F32 ? M >= BC_MIN_ROWS && (M < 9 || M > 10) : M >= PANEL_MIN_ROWS_F32;
+}
 /* Bytes of x packed for a panel product of up to M rows of I inputs, and after it the scratch of panel_rows
- * (bf16: two widened tiles). */
-static size_t panel_bytes(int bf16, long M, long I) {
-    return sizeof(float) * (bc_packed_size(M, I) + (bf16 ? 2 * BC_BR * (size_t)I : 0));
+ * (bf16, fp16: two widened tiles). */
+static size_t panel_bytes(int dtype, long M, long I) {
+    return sizeof(float) * (bc_packed_size(M, I) + (dtype != DT_F32 ? 2 * BC_BR * (size_t)I : 0));
 }
 #else
-static int panel_applies(int bf16, long M) { (void)bf16, (void)M; return 0; }
+static int panel_applies(int dtype, long M) { (void)dtype, (void)M; return 0; }
 static long panel_tail(long M) { (void)M; return 0; }
-static void panel_rows(const void *W, int bf16, long r0, long nr, const void *xp, const float *xf, long rows, long I,
+static void panel_rows(const void *W, int dtype, long r0, long nr, const void *xp, const float *xf, long rows, long I,
                        float *out) {
-    (void)W, (void)bf16, (void)r0, (void)nr, (void)xp, (void)xf, (void)rows, (void)I, (void)out;
+    (void)W, (void)dtype, (void)r0, (void)nr, (void)xp, (void)xf, (void)rows, (void)I, (void)out;
 }
-static size_t panel_bytes(int bf16, long M, long I) { (void)bf16, (void)M, (void)I; return 0; }
+static size_t panel_bytes(int dtype, long M, long I) { (void)dtype, (void)M, (void)I; return 0; }
 int moekit_panels_usable(void) { return 0; }
 int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, long segment, void *out, int dtype) {
     (void)W, (void)E, (void)se, (void)R, (void)ld, (void)I, (void)segment, (void)out, (void)dtype;
@@ -1317,7 +1328,7 @@ static void dot_rows(const void *W, int dtype, long ldw, long r0, long r1, const
                      int path, const void *xp, long M, long I, float *out) {
     const int bf16 = dtype == DT_BF16; /* the packed paths: fp32 or bf16 */
     if (path == PATH_PANEL) {
-        panel_rows(W, bf16, r0, r1 - r0, xp, xf, M, I, out);
+        panel_rows(W, dtype, r0, r1 - r0, xp, xf, M, I, out);
         return;
     }
     if (path == PATH_BC) {
@@ -1523,7 +1534,7 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
  * 4 identity. P1 / P2: panel copies of W1 / W2 (moekit_pack_panels of W1 in segments of F rows and of W2 in
  * one; dense [E, R1, I] / [E, O, F]) or NULL; the products that run on the broadcast tiles read them
  * (PATH_PANEL), the smaller ones the plain W1 / W2, and phase 2's row ranges start at chunks. fp16 runs the
- * dot tiles only (P1 / P2 unread).
+ * dot tiles, and the panel tiles where P1 / P2 are given.
  *
  * Slots are grouped by expert (a counting sort, experts ascending); each group's rows of x are gathered
  * once. Phase 1 splits the (expert, chunk of CHUNK hidden features) units over the threads, contiguously
@@ -1545,7 +1556,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                    const void *x, long T, long ldx, const int64_t *ids, const float *w, const uint8_t *kept, long K,
                    void *y, int dtype, int glu, int act, int threads) {
     if (!moekit_dtype_usable(dtype)) return -3;
-    const int bf16 = dtype == DT_BF16, packs = dtype != DT_F16; /* fp16: the dot tiles only */
+    const int bf16 = dtype == DT_BF16, f16 = dtype == DT_F16; /* fp16: the dot tiles, and the panel tiles on P1 / P2 */
     const size_t es = value_bytes(dtype);
     long *count = (long *)calloc((size_t)(E + 1), sizeof(long));
     if (!count) return -1;
@@ -1572,9 +1583,9 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
     /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
-    size_t packed_i = packs ? packed_bytes(bf16, max_rows, I) : 0, packed_f = packs ? packed_bytes(bf16, max_rows, F) : 0;
-    if (packs && P1 && panel_bytes(bf16, max_rows, I) > packed_i) packed_i = panel_bytes(bf16, max_rows, I);
-    if (packs && P2 && panel_bytes(bf16, max_rows, F) > packed_f) packed_f = panel_bytes(bf16, max_rows, F);
+    size_t packed_i = f16 ? 0 : packed_bytes(bf16, max_rows, I), packed_f = f16 ? 0 : packed_bytes(bf16, max_rows, F);
+    if (P1 && panel_bytes(dtype, max_rows, I) > packed_i) packed_i = panel_bytes(dtype, max_rows, I);
+    if (P2 && panel_bytes(dtype, max_rows, F) > packed_f) packed_f = panel_bytes(dtype, max_rows, F);
     const size_t packed_size = lined(packed_i > packed_f ? packed_i : packed_f); /* every group: m <= max_rows */
     const size_t buf_size = lined(sizeof(float) * (size_t)(2 * CHUNK * max_rows)); /* a thread's chunk of sums */
     /* one scratch block: groups (expert, first, end slot), slots' tokens and weights, the gathered rows of x
@@ -1622,8 +1633,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
             const char *We = (const char *)W1 + (size_t)(e * s1) * es;
             long ld = ld1;
-            int path = packed ? product_path(bf16, m, I) : PATH_DOT;
-            if (P1 && packed && panel_applies(bf16, m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
+            int path = packed && !f16 ? product_path(bf16, m, I) : PATH_DOT;
+            if (P1 && packed && panel_applies(dtype, m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
             if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
             dot_rows(We, dtype, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
             if (glu) dot_rows(We, dtype, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
@@ -1654,8 +1665,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             const char *We = (const char *)W2 + (size_t)(e * s2) * es;
             const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
             long ld = ld2;
-            int path = packed && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
-            if (P2 && packed && r1 > r0 && panel_applies(bf16, m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
+            int path = packed && !f16 && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
+            if (P2 && packed && r1 > r0 && panel_applies(dtype, m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
             if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
             for (long c = r0; c < r1; c += CHUNK) {
                 long c1 = c + CHUNK < r1 ? c + CHUNK : r1;

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "PANEL_DTYPES", "PANEL_MAX_ROWS", "available", "build_info", "cpu_profile",
+__all__ = ["FFN_ACTIVATIONS", "GLU_ACTIVATIONS", "MAX_ROWS", "PANEL_MAX_ROWS", "available", "build_info", "cpu_profile",
            "cpu_vendor", "dtypes", "linear",
            "merged_available", "merged_forward", "merged_grad_input", "merged_grad_weights", "moe_ffn", "pack_panels",
            "panels_available", "scratch_limit", "serves"]
@@ -65,8 +65,6 @@ GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 FFN_ACTIVATIONS = {**GLU_ACTIVATIONS, "identity": 4}
 #: the C code's dtype codes (``DT_*``); fp16 only where the build has F16C (``dtypes``)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: the dtypes of panel copies (``pack_panels``): fp16 runs the dot tiles only
-PANEL_DTYPES = (torch.float32, torch.bfloat16)
 
 #: where the kernel beats torch, per CPU (``cpu_profile``: the vendor, and whether the kernel runs bf16 on
 #: AMX tiles; the crossover moves with the cores and with oneDNN's kernels): ``(dtype, torch's alternative
@@ -148,9 +146,11 @@ MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAM
 #: Qwen3 16 rows 1.31, 32 1.43, 64 1.18, 128 1.11, 256 0.74; OLMoE 128 1.59, 256 0.94, 512 0.83; Mixtral
 #: (3584-4096 features) 256 1.09, 512 1.09, 1024 0.79. bf16 Qwen3 32 1.55, 64 1.43, 128 1.14, 256 0.98; OLMoE
 #: 128 1.31, 256 1.07, 512 0.88; Mixtral 256 1.23, 512 1.15-1.21, 1024 0.69-0.76. Past these sizes a tile's
-#: pass over every row of x^T (16 rows x I a pass) leaves L2, and the GEMM libraries' blocking wins.
+#: pass over every row of x^T (16 rows x I a pass) leaves L2, and the GEMM libraries' blocking wins. fp16 runs
+#: bf16's panel tiles (F16C widening; loop: the fp32 GEMM on widened blocks): Qwen3 16 rows 2.44, 32 1.81, 64
+#: 1.37, 128 1.13; OLMoE 128 1.27, 256 1.14, 512 1.08; Mixtral 256 1.26, 512 1.14, 1024 0.83: bf16's limits.
 PANEL_MAX_ROWS = {
-    "AuthenticAMD+AVX2": {torch.float32: ((3584, 512), (1, 128)), torch.bfloat16: ((3584, 512), (1, 128))},
+    "AuthenticAMD+AVX2": {dtype: ((3584, 512), (1, 128)) for dtype in (torch.float32, torch.bfloat16, torch.float16)},
 }
 
 
@@ -246,15 +246,14 @@ def scratch_limit(nbytes: int | None = None) -> int:
     return int(lib.moekit_scratch_keep(-1 if nbytes is None else nbytes))
 
 
-def panels_available(dtype: torch.dtype | None = None) -> bool:
+def panels_available() -> bool:
     """Whether the kernel here reads panel copies of expert weights (``pack_panels``): the AVX2 build, whose
-    broadcast tiles read a tile's weight rows as one stream from them; given ``dtype``, copies of that dtype
-    (``PANEL_DTYPES``)."""
-    return (dtype is None or dtype in PANEL_DTYPES) and available() and bool(_library().moekit_panels_usable())
+    broadcast tiles read a tile's weight rows as one stream from them."""
+    return available() and bool(_library().moekit_panels_usable())
 
 
 def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
-    """The panel copy of expert matrices ``w [E, R, I]`` (fp32 or bf16, CPU) that ``moe_ffn`` reads for its
+    """The panel copy of expert matrices ``w [E, R, I]`` (CPU, a dtype of ``dtypes()``) that ``moe_ffn`` reads for its
     broadcast-tile products (``first_panels`` / ``second_panels``): a dense tensor of ``w``'s shape and dtype
     whose every tile of 6 (or 4, 2, 1) weight rows holds its values input-major, so the tile streams one run of
     memory instead of 6 rows ``I`` apart (AVX2 AMD EPYC, 16 rows of x: 1.2-1.5x the read rate, ``bench_infer.py
@@ -263,16 +262,17 @@ def pack_panels(w_ERI: Tensor, segment: int | None = None) -> Tensor:
     False."""
     if not panels_available():
         raise RuntimeError(f"panel copies need the AVX2 build of the native kernel; here: {build_info()['isa'] or _built()[1]}")
-    code = _DTYPES[w_ERI.dtype] if w_ERI.dtype in PANEL_DTYPES else None
-    if code is None or w_ERI.dim() != 3 or w_ERI.device.type != "cpu" or w_ERI.stride(-1) != 1:
-        raise ValueError(f"w_ERI must be a float32 or bfloat16 CPU tensor [E, R, I] with unit column stride, got "
+    if w_ERI.dtype not in dtypes() or w_ERI.dim() != 3 or w_ERI.device.type != "cpu" or w_ERI.stride(-1) != 1:
+        allowed = ", ".join(str(dt).removeprefix("torch.") for dt in dtypes())
+        raise ValueError(f"w_ERI must be a CPU tensor [E, R, I] of {allowed} with unit column stride, got "
                          f"{w_ERI.dtype} {tuple(w_ERI.shape)} on {w_ERI.device}, strides {w_ERI.stride()}")  # fmt: skip
     E, R, I = w_ERI.shape
     segment = R if segment is None else segment
     if not 1 <= segment <= R or R % segment:
         raise ValueError(f"segment must divide the {R} rows of w_ERI, got {segment}")
     out = torch.empty(E, R, I, dtype=w_ERI.dtype)
-    if _library().moekit_pack_panels(w_ERI.data_ptr(), E, w_ERI.stride(0), R, w_ERI.stride(1), I, segment, out.data_ptr(), code):
+    if _library().moekit_pack_panels(w_ERI.data_ptr(), E, w_ERI.stride(0), R, w_ERI.stride(1), I, segment, out.data_ptr(),
+                                     _DTYPES[w_ERI.dtype]):  # fmt: skip
         raise RuntimeError("the native kernel was built without panel copies")
     return out
 
@@ -293,7 +293,7 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
     (fp32, bf16, fp16 with F16C); ``ids_TK`` integer ids in ``[0, E)``, ``weights_TK`` any float dtype (used in
     fp32), ``kept_TK`` an optional bool mask of live slots. ``activation``: a ``FFN_ACTIVATIONS`` name. Sums in
     fp32; bf16 and fp16 round ``h`` (as the expert-by-expert path does) and ``y``. ``first_panels`` /
-    ``second_panels`` (fp32 and bf16): both or neither, ``pack_panels(first, F if glu else None)`` and
+    ``second_panels``: both or neither, ``pack_panels(first, F if glu else None)`` and
     ``pack_panels(second)`` of these weights; the products that run on the broadcast tiles then read them (same
     results: the same sums in the same order).
     """
@@ -323,8 +323,6 @@ def moe_ffn(x_TI: Tensor, ids_TK: Tensor, weights_TK: Tensor, first_ERI: Tensor,
         raise ValueError(f"activation must be one of {list(FFN_ACTIVATIONS)}, got {activation!r}")
     if (first_panels is None) != (second_panels is None):
         raise ValueError("first_panels and second_panels go together (pack_panels of both matrices) or not at all")
-    if first_panels is not None and dtype not in PANEL_DTYPES:
-        raise ValueError(f"panel copies are {' or '.join(str(dt) for dt in PANEL_DTYPES)}; {dtype} layers run without them")
     for name, panel, like in (("first_panels", first_panels, first_ERI), ("second_panels", second_panels, second_EOF)):
         if panel is not None and (panel.shape != like.shape or panel.dtype != dtype or not panel.is_contiguous()
                                   or panel.device.type != "cpu"):  # fmt: skip
