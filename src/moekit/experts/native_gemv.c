@@ -278,6 +278,51 @@ static inline float activate(float g, int act) {
     }
 }
 
+/* A hidden value from its gate (or only) sum g and up sum u: act(g) * u (glu) or act(g); act 4: identity. */
+static inline float finish_hidden(float g, float u, int glu, int act) {
+    if (glu) return activate(g, act) * u;
+    return act == 4 ? g : activate(g, act);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* e^x in 8 lanes, x clamped to [-87.3, 88] (results normal, finite): x = n ln2 + r with ln2 in two parts
+ * (Cody-Waite), e^r a degree-7 polynomial on |r| <= ln2 / 2 (Cephes' expf coefficients), 2^n put into the
+ * exponent bits. SiLU through it is within 1.5e-7 of float64 from g = -80 up (torch's fp32 silu: 1.2e-7); below,
+ * where silu(g) < 1e-33, its clamp leaves an absolute error under 1e-36. */
+static inline __m256 vexp(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+#endif
+
+/* g[j] = finish_hidden(g[j], u[j], glu, act) for j < n (u unread without glu). SiLU (act 0) 8 lanes at a time
+ * on AVX2 (g / (1 + e^-g), vexp; a NaN g stays NaN): the scalar expf per hidden value took 2-4% of a layer's
+ * call (AVX2 AMD EPYC, Qwen3-30B-A3B, T=16-256). */
+static void finish_hidden_row(float *g, const float *u, long n, int glu, int act) {
+    long j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (act == 0)
+        for (; j + 8 <= n; j += 8) {
+            const __m256 v = _mm256_loadu_ps(g + j);
+            __m256 h = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), vexp(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+            if (glu) h = _mm256_mul_ps(h, _mm256_loadu_ps(u + j));
+            _mm256_storeu_ps(g + j, h);
+        }
+#endif
+    for (; j < n; j++) g[j] = finish_hidden(g[j], glu ? u[j] : 0.0f, glu, act);
+}
+
 /* out[m * CHUNK + (r - r0)] = x_m . W_r for rows r in [r0, r1) (r1 - r0 <= CHUNK) and all M rows of x.
  * The range is cut into ROWS quarters of `sub` rows; a block takes row j of every quarter (rows sub * ldw
  * apart), so ROWS streams run through distant pages at once -- on 4 KiB pages a single stream waits on
@@ -1379,17 +1424,15 @@ static void rows_range(const void *W, int dtype, long ldw, long r0, long r1, con
         long c1 = r1 - c < CHUNK ? r1 : c + CHUNK;
         dot_rows(W, dtype, ldw, c, c1, xf, xb, path, xp, M, I, gate);
         if (glu_rows) dot_rows(W, dtype, ldw, c + glu_rows, c1 + glu_rows, xf, xb, path, xp, M, I, up);
-        for (long m = 0; m < M; m++)
-            for (long o = c; o < c1; o++) {
-                float v = gate[m * CHUNK + (o - c)];
-                if (bias) v += load_value(bias, o, dtype);
-                if (glu_rows) {
-                    float u = up[m * CHUNK + (o - c)];
-                    if (bias) u += load_value(bias, o + glu_rows, dtype);
-                    v = activate(v, act) * u;
-                }
-                store_value(y, m * ldy + o, v, dtype);
+        for (long m = 0; m < M; m++) {
+            float *g = gate + m * CHUNK, *u = up + m * CHUNK; /* u: glu only */
+            for (long o = c; bias && o < c1; o++) {
+                g[o - c] += load_value(bias, o, dtype);
+                if (glu_rows) u[o - c] += load_value(bias, o + glu_rows, dtype);
             }
+            if (glu_rows) finish_hidden_row(g, u, c1 - c, 1, act);
+            for (long o = c; o < c1; o++) store_value(y, m * ldy + o, g[o - c], dtype);
+        }
     }
 }
 
@@ -1546,11 +1589,6 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
 /* below this many weight bytes per thread, waking another thread costs more than it saves */
 #define MIN_BYTES_PER_THREAD (1 << 20)
 
-static inline float finish_hidden(float g, float u, int glu, int act) {
-    if (glu) return activate(g, act) * u;
-    return act == 4 ? g : activate(g, act);
-}
-
 int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, const void *W2, long s2, long ld2,
                    const void *B2, long sb2, const void *P1, const void *P2, long F, long I, long O, long E,
                    const void *x, long T, long ldx, const int64_t *ids, const float *w, const uint8_t *kept, long K,
@@ -1639,19 +1677,20 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             dot_rows(We, dtype, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
             if (glu) dot_rows(We, dtype, ld, c + F, c1 + F, xf + first * I, xb + first * I, path, packed, m, I, buf + CHUNK * m);
             const char *Be = B1 ? (const char *)B1 + (size_t)(e * sb1) * es : NULL;
-            for (long r = 0; r < m; r++)
+            for (long r = 0; r < m; r++) {
+                float *gr = buf + r * CHUNK, *ur = buf + CHUNK * m + r * CHUNK; /* ur: glu only */
+                for (long o = c; Be && o < c1; o++) {
+                    gr[o - c] += load_value(Be, o, dtype);
+                    if (glu) ur[o - c] += load_value(Be, o + F, dtype);
+                }
+                finish_hidden_row(gr, ur, c1 - c, glu, act);
                 for (long o = c; o < c1; o++) {
-                    float gv = buf[r * CHUNK + (o - c)], uv = glu ? buf[CHUNK * m + r * CHUNK + (o - c)] : 0.0f;
-                    if (Be) {
-                        gv += load_value(Be, o, dtype);
-                        if (glu) uv += load_value(Be, o + F, dtype);
-                    }
-                    float h = finish_hidden(gv, uv, glu, act);
-                    long at = (first + r) * F + o;
-                    h = rounded(h, dtype);
+                    const long at = (first + r) * F + o;
+                    const float h = rounded(gr[o - c], dtype);
                     if (bf16) hb[at] = f32_to_bf16(h); /* exact: h is a bf16 value */
                     hf[at] = h;
                 }
+            }
         }
 #ifdef _OPENMP
 #pragma omp barrier

@@ -32,7 +32,8 @@ BLOCK_BYTES = 2 * 2**20
 #: one thread, Qwen3-30B-A3B's and Mixtral's expert matrices, F.linear / blocks): 1 row 12.2-13.8 / 7.8-10.1
 #: GB/s, 2 rows 6.3-6.9 / 4.7-5.1, 3 rows 4.3-4.6 / 3.5-3.6, 4 rows 3.1-3.4 / 3.9-4.9, 16 rows 0.8-0.9 / 2.9-3.2,
 #: 64 rows 0.19-0.22 / 1.1, 256 rows 0.05 / 0.29-0.31. bf16 from 1 row: the native kernel takes its decode rows
-#: where it is built, and the blocks the rest (1-3 rows: F.linear 3.4-10.9 GB/s, the blocks 3.4-8.3).
+#: where it is built, and the blocks the rest (1-3 rows: F.linear 3.4-10.9 GB/s, the blocks 3.4-8.3); fp16 too
+#: where the kernel has it (F16C), so the blocks take fp16 only past its rows or where it is not built.
 MIN_ROWS = {torch.bfloat16: 1, torch.float16: 4}
 
 _ONEDNN_HAS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
