@@ -255,9 +255,9 @@ def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype,
        threads=st.integers(1, 3), seed=st.integers(0, 2**16), panels=st.booleans())  # fmt: skip
 def test_moe_layer_matches_float64_reference_at_random_sizes(T, K, E, I, F_, O, dtype, glu, threads, seed, panels) -> None:
     """Random layers: groups of 1 to ~120 rows (every tile path in both phases), dropped slots, biases, on
-    panel copies half the time where the kernel reads them (fp32 and bf16). Tiny layers cancel, so the error
-    is measured against the sum of absolute terms, and bf16 / fp16 against a reference that rounds the hidden
-    values as the kernel does."""
+    panel copies half the time where the kernel reads them. Tiny layers cancel, so the error is measured
+    against the sum of absolute terms, and bf16 / fp16 against a reference that rounds the hidden values as
+    the kernel does."""
     g = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     x = torch.randn(T, I, generator=g).to(dt)

@@ -179,8 +179,7 @@ def dtypes() -> tuple[torch.dtype, ...]:
     lib = _library()
     if lib is None:
         return ()
-    usable = getattr(lib, "moekit_dtype_usable", None)  # a build of an earlier revision (ab_native.py): fp32 and bf16
-    return tuple(dt for dt, code in _DTYPES.items() if (usable(code) if usable is not None else code < 2))
+    return tuple(dt for dt, code in _DTYPES.items() if lib.moekit_dtype_usable(code))
 
 
 def _dtype_code(dtype: torch.dtype, named: dict[str, torch.dtype]) -> int:
