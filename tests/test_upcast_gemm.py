@@ -93,7 +93,7 @@ def test_fp32_never_counts_as_the_reference_loop() -> None:
 def test_cpu_profile_names_the_kernels_isa(vendor, isa, amx, profile, monkeypatch) -> None:
     """An AVX2 build has its own crossovers (narrow tiles): measured on AMD, decode rows only on Intel; a scalar
     build has none."""
-    lib = types.SimpleNamespace(moekit_gemv_isa=lambda: isa.encode(), moekit_amx_usable=lambda: amx)
+    lib = types.SimpleNamespace(moekit_gemv_isa=lambda: isa.encode(), moekit_amx_usable=lambda: amx, moekit_dtype_usable=lambda code: code < 3)
     monkeypatch.setattr(native_gemv, "_library", lambda: lib)
     monkeypatch.setattr(native_gemv, "cpu_vendor", lambda: vendor)
     assert native_gemv.cpu_profile.__wrapped__() == profile
