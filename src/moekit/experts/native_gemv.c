@@ -1314,13 +1314,16 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
 }
 #endif
 
-/* How a product of M rows of I inputs runs: on the tile unit, on broadcast tiles, or on dot tiles (no
- * packed copy of x); the packed copy's size in bytes (upper bound over the paths, for M rows) and its packing.
+/* How a product of M rows of I inputs in dtype runs: on the tile unit, on broadcast tiles, or on dot tiles (no
+ * packed copy of x; fp16 always, past the panel copies); the packed copy's size in bytes (upper bound over the
+ * paths, for M rows) and its packing.
  * PATH_PANEL: the broadcast tiles over a panel copy of the weights, all M rows (no tail on the small tiles,
  * which read the plain layout). */
 enum { PATH_DOT = 0, PATH_AMX = 1, PATH_BC = 2, PATH_PAIR = 3, PATH_QUAD = 4, PATH_PANEL = 5 };
 
-static int product_path(int bf16, long M, long I) {
+static int product_path(int dtype, long M, long I) {
+    if (dtype == DT_F16) return PATH_DOT;
+    const int bf16 = dtype == DT_BF16;
     if (amx_applies(bf16, M, I)) return PATH_AMX;
     if (quad_applies(bf16, M, I)) return PATH_QUAD;
     if (pair_applies(bf16, M, I)) return PATH_PAIR;
@@ -1346,8 +1349,11 @@ static size_t small_packed_size(int bf16, long M, long I) {
     return pair > quad ? pair : quad;
 }
 
-/* Bytes of x packed for any group of up to M rows (smaller groups and broadcast tails take the small tiles). */
-static size_t packed_bytes(int bf16, long M, long I) {
+/* Bytes of x packed for any group of up to M rows in dtype (smaller groups and broadcast tails take the small
+ * tiles; fp16: none). */
+static size_t packed_bytes(int dtype, long M, long I) {
+    if (dtype == DT_F16) return 0;
+    const int bf16 = dtype == DT_BF16;
     size_t amx = amx_applies(bf16, M, I) ? sizeof(uint16_t) * amx_packed_size(M, I) : 0;
     size_t small = sizeof(float) * small_packed_size(bf16, M, I);
     size_t bc = bc_applies(bf16, M, I) ? sizeof(float) * bc_packed_size(M, I) + small : 0;
@@ -1540,12 +1546,12 @@ int moekit_gemv(const void *W, long O, long I, long ldw, const void *x, long M, 
     if (!moekit_dtype_usable(dtype)) return -3;
     size_t n_x = (size_t)(M * I > 0 ? M * I : 1);
     const int bf16 = dtype == DT_BF16;
-    int path = dtype == DT_F16 ? PATH_DOT : product_path(bf16, M, I);
+    int path = product_path(dtype, M, I);
     /* x in fp32, (bf16) a dense copy, x packed for the path */
     size_t xf_bytes = lined(sizeof(float) * n_x), xb_bytes = bf16 ? lined(sizeof(uint16_t) * n_x) : 0;
     const long blocks = (O + ROWS - 1) / ROWS;
     const int n = thread_count(threads, blocks);
-    const size_t xp_bytes = path != PATH_DOT ? lined(packed_bytes(bf16, M, I)) : 0;
+    const size_t xp_bytes = path != PATH_DOT ? lined(packed_bytes(dtype, M, I)) : 0;
     const size_t sums_bytes = lined(sizeof(float) * (size_t)(2 * CHUNK * (M > 0 ? M : 1)));
     char *block = scratch_take(xf_bytes + xb_bytes + xp_bytes + (size_t)n * sums_bytes);
     if (!block) return -1;
@@ -1594,7 +1600,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                    const void *x, long T, long ldx, const int64_t *ids, const float *w, const uint8_t *kept, long K,
                    void *y, int dtype, int glu, int act, int threads) {
     if (!moekit_dtype_usable(dtype)) return -3;
-    const int bf16 = dtype == DT_BF16, f16 = dtype == DT_F16; /* fp16: the dot tiles, and the panel tiles on P1 / P2 */
+    const int bf16 = dtype == DT_BF16;
     const size_t es = value_bytes(dtype);
     long *count = (long *)calloc((size_t)(E + 1), sizeof(long));
     if (!count) return -1;
@@ -1621,7 +1627,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
     int n = thread_count(threads, blocks);
     if (n > 1 && bytes < (double)n * MIN_BYTES_PER_THREAD) n = bytes < 2.0 * MIN_BYTES_PER_THREAD ? 1 : (int)(bytes / MIN_BYTES_PER_THREAD);
     /* a group's rows of x (phase 1) or h (phase 2) packed for its product_path, where that packs */
-    size_t packed_i = f16 ? 0 : packed_bytes(bf16, max_rows, I), packed_f = f16 ? 0 : packed_bytes(bf16, max_rows, F);
+    size_t packed_i = packed_bytes(dtype, max_rows, I), packed_f = packed_bytes(dtype, max_rows, F);
     if (P1 && panel_bytes(dtype, max_rows, I) > packed_i) packed_i = panel_bytes(dtype, max_rows, I);
     if (P2 && panel_bytes(dtype, max_rows, F) > packed_f) packed_f = panel_bytes(dtype, max_rows, F);
     const size_t packed_size = lined(packed_i > packed_f ? packed_i : packed_f); /* every group: m <= max_rows */
@@ -1671,7 +1677,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             long e = group[3 * g], first = group[3 * g + 1], m = group[3 * g + 2] - first;
             const char *We = (const char *)W1 + (size_t)(e * s1) * es;
             long ld = ld1;
-            int path = packed && !f16 ? product_path(bf16, m, I) : PATH_DOT;
+            int path = packed ? product_path(dtype, m, I) : PATH_DOT;
             if (P1 && packed && panel_applies(dtype, m)) path = PATH_PANEL, We = (const char *)P1 + (size_t)(e * (glu ? 2 : 1) * F * I) * es, ld = I;
             if (path != PATH_DOT && packed_group != g) pack_x(path, bf16, xf + first * I, xb + first * I, m, I, packed), packed_group = g;
             dot_rows(We, dtype, ld, c, c1, xf + first * I, xb + first * I, path, packed, m, I, buf);
@@ -1686,9 +1692,8 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
                 finish_hidden_row(gr, ur, c1 - c, glu, act);
                 for (long o = c; o < c1; o++) {
                     const long at = (first + r) * F + o;
-                    const float h = rounded(gr[o - c], dtype);
-                    if (bf16) hb[at] = f32_to_bf16(h); /* exact: h is a bf16 value */
-                    hf[at] = h;
+                    if (bf16) hb[at] = f32_to_bf16(gr[o - c]), hf[at] = bf16_to_f32(hb[at]);
+                    else hf[at] = rounded(gr[o - c], dtype);
                 }
             }
         }
@@ -1704,7 +1709,7 @@ int moekit_moe_ffn(const void *W1, long s1, long ld1, const void *B1, long sb1, 
             const char *We = (const char *)W2 + (size_t)(e * s2) * es;
             const char *Be = B2 ? (const char *)B2 + (size_t)(e * sb2) * es : NULL;
             long ld = ld2;
-            int path = packed && !f16 && r1 > r0 ? product_path(bf16, m, F) : PATH_DOT;
+            int path = packed && r1 > r0 ? product_path(dtype, m, F) : PATH_DOT;
             if (P2 && packed && r1 > r0 && panel_applies(dtype, m)) path = PATH_PANEL, We = (const char *)P2 + (size_t)(e * O * F) * es, ld = F;
             if (path != PATH_DOT) pack_x(path, bf16, hf + first * F, hb + first * F, m, F, packed);
             for (long c = r0; c < r1; c += CHUNK) {
