@@ -84,6 +84,16 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #:   plain weights it goes to 64: in the layer, at 64 rows per expert, the one-call native layer beats
 #:   oneDNN on the plain layout (Qwen3 T=1024: 1.25x against 1.41x of the bound in fp32, 1.42x against 1.50-
 #:   1.64x in bf16); at 128 rows oneDNN leads again (OLMoE T=1024: 1.11x against 1.23x).
+#:   fp16 (Zen 4 has no AVX512-FP16, so oneDNN no fp16 kernels: torch's fp16 GEMM is a reference loop past one
+#:   row, and moekit's alternative from 4 rows the fp32 GEMM on widened blocks, ``upcast_gemm``) runs the dot
+#:   tiles with the weights widened by vcvtph2ps, native / alternative: 1 row 16.3-22.7 / 17.1-22.4, 2 rows
+#:   15.2-24.6 / 7.5-10.4, 4 rows 12.2-21.8 / 4.0-5.7, 8 rows 8.2-11.9 / 2.8-3.5, 16 rows 4.7-5.9 / 2.9-3.5, 64
+#:   rows 1.2-1.5 / 1.0-1.2. (The broadcast, pair and quad tiles with the weights widened as they are broadcast
+#:   ran slower than the dot tiles: 6-8 rows 6.6-7.1, 16 rows 3.4-3.6: one conversion per broadcast.) Whole fp16
+#:   layers, the one-call layer against the expert loop (ms, interleaved, the most rows an expert got): Qwen3
+#:   T=16 (4) 34 / 66, T=256 (29) 222 / 583, T=1024 (84) 850 / 1222, T=4096 (298) 3672 / 3934; Mixtral T=16 (6)
+#:   35 / 128, T=256 (73) 457 / 733, T=1024 (273) 1826 / 2195; OLMoE T=1024 (154) 1118 / 1358-1372, T=4096 (575)
+#:   4746 / 4869: ahead at every size measured, so up to 1024 rows.
 #: * Intel Xeon (AVX-512 + BF16 + AMX), native / oneDNN (fp32: packed, the plain layout reads alike;
 #:   bf16: F.linear / packed): fp32 4 rows 10.6-14.5 / 9.9-12.3, 8 rows 8.9-10.8 / 7.9-10.5, 16 rows
 #:   6.2-7.3 / 7.0-8.4; bf16 (5 rows on: AMX) 4 rows 11.1-15.1 / 7.3-11.1 / 10.3-12.8, 16 rows 8.5-13.4 /
@@ -95,6 +105,7 @@ MAX_ROWS = {
         (torch.float32, True): ((1, 32),),
         (torch.bfloat16, False): ((1, 64),),
         (torch.bfloat16, True): ((1, 32),),
+        (torch.float16, False): ((1, 1024),),
     },
     "GenuineIntel+AMX": {
         (torch.float32, False): ((1, 8),),
@@ -136,7 +147,7 @@ MAX_ROWS["AuthenticAMD+AVX2"] = {
 #: Intel with AVX2 only (client cores, older Xeons): not measured. Decode rows only, up to the 4 where the dot
 #: tiles led torch's kernels on every CPU measured (fp32, bf16 and fp16; without oneDNN bf16 / fp16 the
 #: alternative is a reference loop or the widened blocks, 2-4x slower at 1-4 rows on the AVX2 AMD EPYC).
-#: AVX-512 CPUs have no fp16 rows: not measured there (Intel's from Sapphire Rapids have oneDNN fp16 kernels).
+#: Intel's AVX-512 profiles have no fp16 rows: not measured there (from Sapphire Rapids oneDNN has fp16 kernels).
 MAX_ROWS["GenuineIntel+AVX2"] = {key: ((1, 4),) for key in MAX_ROWS["AuthenticAMD+AVX2"]}
 #: where the one-call layer over panel copies (``pack_panels``; a packed bank on a CPU whose kernel reads
 #: them, ``panels_available``) beats the expert loop on the packed bank's kernels, as ``MAX_ROWS``: ``dtype ->
