@@ -47,7 +47,8 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                      (5, 40, 64), (16, 70, 128), (17, 33, 96), (32, 64, 256), (33, 20, 64), (64, 36, 128),
                                      (80, 20, 64), (18, 21, 70), (20, 64, 128), (36, 9, 96), (68, 13, 64),
                                      (84, 10, 128), (21, 12, 64), (10, 33, 96), (12, 70, 128), (11, 9, 100),
-                                     (7, 20, 132), (25, 20, 64), (28, 12, 96), (22, 9, 64), (44, 10, 104)])  # fmt: skip
+                                     (7, 20, 132), (25, 20, 64), (28, 12, 96), (22, 9, 64), (44, 10, 104),
+                                     (1, 600, 40), (2, 521, 33), (4, 300, 64), (13, 290, 64), (40, 530, 32)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 84 rows: dot
     tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), on AMD pair tiles (5-8 rows) and quad
@@ -55,7 +56,8 @@ def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows, the rows past a multiple of 16 on
     the dot or quad tiles; AVX2: fp32 from 8 rows, bf16 from 16, one or two vectors, passes of 16 rows, and
     below them two-row dot tiles for bf16 4-15 rows and fp32 5-6, odd weight rows alone),
-    bf16 on AMX where the CPU has it; with and without bias, on 1 and 2 threads."""
+    bf16 on AMX where the CPU has it; output rows across several chunks of 64 and 256 rows (the chunk of AVX2
+    and AVX-512 builds), the last one partial; with and without bias, on 1 and 2 threads."""
     dt = DTYPES[dtype]
     W, x, b = torch.randn(O, I).to(dt), torch.randn(M, I).to(dt), torch.randn(O).to(dt)
     ref = x.double() @ W.double().T
@@ -227,11 +229,12 @@ def _layer_reference(x, ids, w, first, second, b1, b2, glu, act, kept, hidden_dt
 @pytest.mark.parametrize("dtype", SERVED)
 @pytest.mark.parametrize("glu, act", [(True, "silu"), (True, "gelu_tanh"), (False, "gelu"), (False, "identity"), (False, "relu")])
 @pytest.mark.parametrize("T, K, E, I, F_, O", [(1, 2, 8, 64, 96, 64), (3, 3, 5, 19, 70, 33), (16, 8, 128, 130, 24, 65),
-                                               (40, 2, 4, 64, 96, 72), (80, 2, 3, 64, 96, 72)])  # fmt: skip
+                                               (40, 2, 4, 64, 96, 72), (80, 2, 3, 64, 96, 72), (3, 2, 4, 40, 300, 530)])  # fmt: skip
 def test_moe_layer_matches_float64_reference(T, K, E, I, F_, O, glu, act, dtype, threads) -> None:
     """Odd sizes (tails, partial chunks of hidden features and output rows), repeated and dropped slots,
     biases, all activations, on 1 and 2 threads (both phases split; big enough that 2 threads run); the
-    last two give each expert about 20 and 50 rows of multiples of 32 features (bf16: the AMX tiles, if any)."""
+    next two give each expert about 20 and 50 rows of multiples of 32 features (bf16: the AMX tiles, if any); the
+    last has hidden features and output rows across several chunks (64 and 256 rows), the last one partial."""
     dt = DTYPES[dtype]
     torch.manual_seed(T * 100 + E)
     x = torch.randn(T, I).to(dt)

@@ -330,8 +330,16 @@ static void finish_hidden_row(float *g, const float *u, long n, int glu, int act
  * at ~0.75x of it). The rows left over (fewer than ROWS) go one block after. Each block is read from
  * memory once for every chunk of MCHUNK rows of x; while the first chunk reads it, it prefetches the next
  * block (the row after each of its rows) into L2, so the next block's memory reads overlap the other
- * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8). */
+ * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8).
+ * Every chunk starts its streams cold (its first block is not prefetched), so longer chunks stream longer:
+ * AVX-512 builds take 256 rows (AMD EPYC Zen 4, whole layers against 64, interleaved: decode 1.01-1.11x the
+ * read rate at 1 thread, 1.00-1.06x at 2, prefill level at 0.98-1.03x; 1024 rows level with 256), AVX2 builds
+ * keep the 64 they were tuned with (not re-measured; their panel products split rows by chunk). */
+#if defined(__AVX512F__)
+#define CHUNK 256
+#else
 #define CHUNK 64
+#endif
 #define PAIR_MAX_ROWS 8 /* rows of x the pair tiles take at most (8 lane pairs) */
 #define QUAD_MAX_ROWS 12 /* and the quad tiles (3 vectors of 4 rows) */
 /* Whether this is an AMD EPYC with AVX-512 (Zen 4), where two choices were measured (interleaved A/B, fp32
