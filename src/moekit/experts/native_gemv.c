@@ -125,7 +125,9 @@ static inline float vsum(vec a) {
 
 /* One tile: acc[r][m] = sum_i w[r][i] * x[m][i], r < NR, m < NM. NR and NM are constants at every call
  * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers.
- * pf (elements, 0: none): with each weight vector, prefetch the one pf values further into L2. */
+ * pf (elements, 0: none): with the weight vector that starts a cache line, prefetch the line pf values further
+ * into L2 -- once a line: a vector of fp16 (or, on AVX2, of any dtype) is part of one, and a prefetch per vector
+ * took load slots for nothing (AMD EPYC Zen 4, fp16 layers at 1-4 rows an expert: 1.08-1.17x the read rate). */
 #define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
     static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
                                                            long I, long pf, const int NR, const int NM, const int U, \
@@ -152,7 +154,8 @@ static inline float vsum(vec a) {
             for (int m = 0; m < NM; m++) xv[m] = vload_f32(x + m * ldx + i + u * VW);                   \
             for (int r = 0; r < NR; r++) {                                                              \
                 vec wr = LOAD_W(w + r * ldw + i + u * VW);                                              \
-                if (pf) PREFETCH(w + r * ldw + i + u * VW + pf);                                        \
+                if (pf && ((i + u * VW) * (long)sizeof(*w)) % 64 == 0) /* once a cache line */          \
+                    PREFETCH(w + r * ldw + i + u * VW + pf);                                            \
                 for (int m = 0; m < NM; m++) a[r][m][u] = vfma(wr, xv[m], a[r][m][u]);                  \
             }                                                                                           \
         }                                                                                               \
