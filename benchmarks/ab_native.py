@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, QUICK, SHAPES  # noqa: E402
+from bench_infer import DTYPES, QUICK, SHAPES, page_backing  # noqa: E402
 
 from moekit.experts import native_gemv  # noqa: E402
 
@@ -158,7 +158,7 @@ def main() -> None:
                     rows.append({"layer": layer, "dtype": dname, **r})
                     print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip
-    env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0}
+    env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0, "pages": page_backing()}
     results = {"args": vars(args), "environment": env, "rows": rows}
     out, tag = Path(args.out), "ab_native" + (f"_{args.threads}threads" if args.threads > 1 else "") + ("_panels" if args.panels else "")
     write_json(out / f"{tag}.json", results)

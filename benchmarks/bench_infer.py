@@ -456,12 +456,21 @@ def generate_speed(args) -> list[dict]:
 
 
 # ----- report ---------------------------------------------------------------------------------------
+def _pages(env: dict) -> str:
+    """The run's page backing in words (``page_backing``; runs before it was recorded: unknown)."""
+    pages = env.get("pages")
+    if pages is None:
+        return "page backing not recorded"
+    asks = "torch's allocator asking for huge pages" if pages["THP_MEM_ALLOC_ENABLE"] == "1" else "torch's allocator not asking for huge pages"
+    return f"transparent huge pages: {pages['transparent_hugepage']}, {asks}"
+
+
 def _markdown(results: dict, args) -> str:
     env = results["environment"]
     lines = [f"Experts of one MoE layer, forward only (`torch.inference_mode`), CPU, {args.threads} thread(s); "
              f"best of the interleaved rounds (decode: {args.reps}, prefill: {max(4, args.reps // 2)} after 2 warm-up calls, "
              f"4096 tokens: 2), {results['clock']} time; "
-             f"torch {env['torch']}, transformers {env['transformers']}. Cells: time / bound "
+             f"torch {env['torch']}, transformers {env['transformers']}; {_pages(env)}. Cells: time / bound "
              "(bound = max(bandwidth bound, dense-GEMM bound)); `moekit` is the default path, `packed` after "
              "`pack_for_inference`.", ""]  # fmt: skip
     heads = ["layer", "dtype", "T", "bound ms", "bound", "GB/s", "moekit", "packed", "hf eager", "hf grouped_mm",
@@ -529,8 +538,9 @@ def _goals(rows: list[dict]) -> str:
 
 
 def assemble(args, out: Path, tag: str) -> None:
-    """One result from the JSON of runs made in pieces (a shared machine: short runs, each with its load); a
-    row measured again in a later piece replaces the earlier one."""
+    """One result from the JSON of runs made in pieces (a shared machine: short runs, each with its load and
+    page backing), in the order given: a row measured again in a later piece replaces the earlier one, and the
+    environment is the last piece's."""
     import json
 
     from moekit.reporting import atomic_write_text, write_json
@@ -539,10 +549,11 @@ def assemble(args, out: Path, tag: str) -> None:
     rows: dict[tuple, dict] = {}  # a later piece's row replaces an earlier one of the same layer, dtype and T
     for p in parts:
         rows.update({(r["layer"], r["dtype"], r["T"]): r for r in p["rows"]})
-    results = {**parts[0], "rows": list(rows.values()), "shapes": {}, "pieces": []}
+    results = {**parts[-1], "rows": list(rows.values()), "shapes": {}, "pieces": []}
     for p in parts:
         results["shapes"].update(p["shapes"])
-        results["pieces"].append({"command": p["environment"]["command"], "load_average": p.get("load_average")})
+        results["pieces"].append({"command": p["environment"]["command"], "load_average": p.get("load_average"),
+                                  "pages": p["environment"].get("pages")})  # fmt: skip
         if p.get("generate"):
             results["generate"] = p["generate"]
     write_json(out / f"{tag}.json", results)
@@ -598,6 +609,20 @@ def _profiles(rows: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def page_backing() -> dict[str, str | None]:
+    """How this process's large tensors are backed, which moves every read rate: the kernel's transparent huge
+    page mode (``always``, ``madvise``, ``never``; None off Linux) and ``THP_MEM_ALLOC_ENABLE`` (``1``: torch's
+    allocator asks for huge pages, which ``madvise`` mode needs). On an AMD EPYC VM (Zen 4, ``madvise``),
+    torch.sum over 256 MB read 17-22 GB/s on 4 KiB pages and 29-31 on huge pages, the native GEMV 23-25 and
+    26-27 (``README``: Speed)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        mode = None
+    return {"transparent_hugepage": mode, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -620,7 +645,7 @@ def main() -> None:
 
     import transformers
 
-    env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv)}
+    env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": page_backing()}
     tag = "bench_infer" + ("_quick" if args.quick else "") + ("_kernels" if args.kernels else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
     out = Path(args.out)
