@@ -2,7 +2,10 @@
 
 On a shared VM two runs of ``bench_infer.py`` differ by up to 25%; a kernel change is judged here instead:
 both builds load side by side (``native_gemv.load``), every round calls each one's ``moekit_moe_ffn`` on the
-same weights, tokens and routing (random top-k, as the router gives), and the best round of each is kept.
+same weights, tokens and routing (random top-k, as the router gives), each call after 64 MB of other reads
+(``bench_infer.flush_caches``: in a model's decode loop every other layer's weights pass between two calls of
+one layer; ``--warm`` leaves them out, and a layer smaller than the L3 then reads partly from cache: Qwen3 bf16
+T=1 read 1.13-1.16x faster warm), and the best round of each is kept.
 Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SHAPES``.
 
     python benchmarks/ab_native.py --base c87c436                     # base revision against the worktree
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, QUICK, SHAPES, page_backing  # noqa: E402
+from bench_infer import DTYPES, QUICK, SHAPES, flush_caches, page_backing  # noqa: E402
 
 from moekit.experts import native_gemv  # noqa: E402
 
@@ -73,7 +76,7 @@ def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: to
 
 
 def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps: int, threads: int,
-            panels: bool = False) -> list[dict]:  # fmt: skip
+            panels: bool = False, warm: bool = False) -> list[dict]:  # fmt: skip
     D, Fh, E, K = shape["D"], shape["F"], shape["E"], shape["K"]
     g = torch.Generator().manual_seed(0)
     W1 = torch.empty(E, 2 * Fh, D, dtype=dtype)
@@ -92,6 +95,8 @@ def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps
         best = dict.fromkeys(libs, float("inf"))
         for _ in range(reps):
             for name, lib in libs.items():
+                if not warm:
+                    flush_caches()
                 start = time.perf_counter()
                 layer_call(lib, W1, W2, x, ids, w, outs[name], threads, copies)
                 best[name] = min(best[name], time.perf_counter() - start)
@@ -106,7 +111,8 @@ def markdown(results: dict) -> str:
     a = results["args"]
     lines = [f"Native kernel A/B: base `{a['base']}` against head `{a['head'] or 'worktree'}`, `moekit_moe_ffn` on one "
              f"SwiGLU MoE layer{' on panel copies' if a.get('panels') else ''}, random top-k routing, {a['threads']} thread(s), best of {a['reps']} interleaved rounds "
-             f"(wall time). Rates: touched experts' bytes / time.", "",
+             f"(wall time), {'caches warm (no flush between calls)' if a.get('warm') else 'caches flushed before every call (64 MB read)'}. "
+             "Rates: touched experts' bytes / time.", "",
              "| layer | dtype | T | base ms | head ms | base GB/s | head GB/s | head speed-up | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["rows"]:
@@ -125,6 +131,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="interleaved rounds (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each call (and torch's)")
     ap.add_argument("--panels", action="store_true", help="both builds read panel copies of the weights (AVX2)")
+    ap.add_argument("--warm", action="store_true", help="no cache flush before each call (a layer smaller than the L3 "
+                    "then reads partly from cache, as none does in a model's decode loop)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -154,7 +162,7 @@ def main() -> None:
         rows = []
         for layer in args.shapes.split(","):
             for dname in args.dtypes.split(","):
-                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads, args.panels):
+                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads, args.panels, args.warm):
                     rows.append({"layer": layer, "dtype": dname, **r})
                     print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip

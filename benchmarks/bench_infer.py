@@ -229,7 +229,7 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 _FLUSH = torch.empty(0)
 
 
-def _flush_caches() -> None:
+def flush_caches() -> None:
     """Read 64 MB (twice the L3 of this machine) so that no contender finds another's weights in cache."""
     global _FLUSH
     if _FLUSH.numel() == 0:
@@ -248,7 +248,7 @@ def time_interleaved(fns: dict[str, Callable], reps: int, clock: Callable[[], fl
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            _flush_caches()
+            flush_caches()
             t0 = clock()
             fn()
             times[name].append(clock() - t0)
