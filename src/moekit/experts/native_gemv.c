@@ -125,9 +125,10 @@ static inline float vsum(vec a) {
 
 /* One tile: acc[r][m] = sum_i w[r][i] * x[m][i], r < NR, m < NM. NR and NM are constants at every call
  * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers.
- * pf (elements, 0: none): with the weight vector that starts a cache line, prefetch the line pf values further
- * into L2 -- once a line: a vector of fp16 (or, on AVX2, of any dtype) is part of one, and a prefetch per vector
- * took load slots for nothing (AMD EPYC Zen 4, fp16 layers at 1-4 rows an expert: 1.08-1.17x the read rate). */
+ * pf (elements, 0: none): with each weight vector, prefetch the one pf values further into L2 -- for one or two
+ * rows of x only with the vector that starts a cache line (a vector of fp16, or on AVX2 of any dtype, is part of
+ * one). Measured on AMD EPYC Zen 4, fp16 layers, interleaved: once a line 1.07-1.14x the read rate at 1-2 rows
+ * an expert, but 0.90-0.98x at 2-8 (Mixtral T=8-32), where once a vector is kept. */
 #define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
     static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
                                                            long I, long pf, const int NR, const int NM, const int U, \
@@ -154,7 +155,7 @@ static inline float vsum(vec a) {
             for (int m = 0; m < NM; m++) xv[m] = vload_f32(x + m * ldx + i + u * VW);                   \
             for (int r = 0; r < NR; r++) {                                                              \
                 vec wr = LOAD_W(w + r * ldw + i + u * VW);                                              \
-                if (pf && ((i + u * VW) * (long)sizeof(*w)) % 64 == 0) /* once a cache line */          \
+                if (pf && (NM > 2 || ((i + u * VW) * (long)sizeof(*w)) % 64 == 0))                        \
                     PREFETCH(w + r * ldw + i + u * VW + pf);                                            \
                 for (int m = 0; m < NM; m++) a[r][m][u] = vfma(wr, xv[m], a[r][m][u]);                  \
             }                                                                                           \
