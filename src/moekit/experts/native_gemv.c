@@ -127,8 +127,9 @@ static inline float vsum(vec a) {
  * (always_inline), so the compiler unrolls both loops and keeps the NR x NM accumulators in registers.
  * pf (elements, 0: none): with each weight vector, prefetch the one pf values further into L2 -- for one or two
  * rows of x only with the vector that starts a cache line (a vector of fp16, or on AVX2 of any dtype, is part of
- * one). Measured on AMD EPYC Zen 4, fp16 layers, interleaved: once a line 1.07-1.14x the read rate at 1-2 rows
- * an expert, but 0.90-0.98x at 2-8 (Mixtral T=8-32), where once a vector is kept. */
+ * one). Measured on AMD EPYC Zen 4, fp16 layers, interleaved, flushed caches: once a line 1.07-1.14x the read
+ * rate at T=1-4 (1-2 rows an expert), but for every tile 0.90-0.98x on Mixtral at T=8-32 (2-8 rows), so tiles of
+ * more rows keep a prefetch per vector. */
 #define DEFINE_TILE(NAME, WT, LOAD_W)                                                                   \
     static inline __attribute__((always_inline)) void NAME(const WT *w, long ldw, const float *x, long ldx, \
                                                            long I, long pf, const int NR, const int NM, const int U, \
@@ -336,8 +337,9 @@ static void finish_hidden_row(float *g, const float *u, long n, int glu, int act
  * block (the row after each of its rows) into L2, so the next block's memory reads overlap the other
  * chunks' work (measured on an Intel Xeon: 1.05-1.25x the read rate at 2-4 rows, 1.0-1.1x at 1 and 8).
  * Every chunk starts its streams cold (its first block is not prefetched), so longer chunks stream longer:
- * AVX-512 builds take 256 rows (AMD EPYC Zen 4, whole layers against 64, interleaved: decode 1.01-1.11x the
- * read rate at 1 thread, 1.00-1.06x at 2, prefill level at 0.98-1.03x; 1024 rows level with 256), AVX2 builds
+ * AVX-512 builds take 256 rows (AMD EPYC Zen 4, whole layers against 64, interleaved: decode 0.99-1.06x the
+ * read rate with flushed caches, 1.01-1.11x warm, 1.00-1.06x at 2 threads, prefill level at 0.98-1.03x; 1024
+ * rows level with 256), AVX2 builds
  * keep the 64 they were tuned with (not re-measured; their panel products split rows by chunk). */
 #if defined(__AVX512F__)
 #define CHUNK 256
