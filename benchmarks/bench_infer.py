@@ -613,8 +613,8 @@ def page_backing() -> dict[str, str | None]:
     """How this process's large tensors are backed, which moves every read rate: the kernel's transparent huge
     page mode (``always``, ``madvise``, ``never``; None off Linux) and ``THP_MEM_ALLOC_ENABLE`` (``1``: torch's
     allocator asks for huge pages, which ``madvise`` mode needs). On an AMD EPYC VM (Zen 4, ``madvise``),
-    torch.sum over 256 MB read 17-22 GB/s on 4 KiB pages and 29-31 on huge pages, the native GEMV 23-25 and
-    26-27 (``README``: Speed)."""
+    torch.sum over 256 MB read 17-22 GB/s on 4 KiB pages and 29-31 on huge pages, the native GEMV 23-26 and
+    25-27 (``README``: Speed)."""
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
         mode = text[text.index("[") + 1 : text.index("]")]

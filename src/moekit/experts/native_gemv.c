@@ -339,8 +339,8 @@ static void finish_hidden_row(float *g, const float *u, long n, int glu, int act
  * Every chunk starts its streams cold (its first block is not prefetched), so longer chunks stream longer:
  * AVX-512 builds take 256 rows (AMD EPYC Zen 4, whole layers against 64, interleaved: decode 0.99-1.06x the
  * read rate with flushed caches, 1.01-1.11x warm, 1.00-1.06x at 2 threads, prefill level at 0.98-1.03x; 1024
- * rows level with 256), AVX2 builds
- * keep the 64 they were tuned with (not re-measured; their panel products split rows by chunk). */
+ * rows level with 256); AVX2 builds keep the 64 they were tuned with (not re-measured; their panel products
+ * split rows by chunk). */
 #if defined(__AVX512F__)
 #define CHUNK 256
 #else
@@ -1198,8 +1198,9 @@ int moekit_pack_panels(const void *W, long E, long se, long R, long ld, long I, 
  * its widened weights wait on the loads of x (AVX2 AMD EPYC, Mixtral-sized experts, in one process: 6 rows as
  * 3 + 3 1.17x, 11 as 3 + 4 + 4 1.08x, 12 as 4 + 4 + 4 1.07-1.29x); fp32 6 rows keep one chunk (3 + 3: 0.91x). */
 #define DOT2_MAX_X_BF16 5
-/* fp16 (F16C widening; broadcast tiles only on panel copies) from 4 rows, in bf16's chunks: against the dot tiles, Qwen3 / Mixtral
- * expert matrices in one process, 4-6 rows 0.92-1.42x (median 1.10x), 8-16 rows 1.13-1.27x (one 0.93x). */
+/* fp16 (F16C widening; broadcast tiles only on panel copies) from 4 rows, in bf16's chunks: against the dot
+ * tiles, Qwen3 / Mixtral expert matrices in one process, 4-6 rows 0.92-1.42x (median 1.10x), 8-16 rows
+ * 1.13-1.27x (one 0.93x). */
 
 static int dot2_applies(int dtype, long M) { return dtype != DT_F32 ? M >= 4 : M >= 5 && M <= 6; }
 
