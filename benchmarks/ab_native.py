@@ -11,7 +11,7 @@ Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SH
     python benchmarks/ab_native.py --base c87c436                     # base revision against the worktree
     python benchmarks/ab_native.py --base c87c436 --head 96ddbd5 --tokens 16,256
 
-``--panels``: both builds read panel copies of the weights (the worktree's ``pack_panels``; AVX2 builds with
+``--huge-pages``: the weights on transparent huge pages (``moekit.experts.to_huge_pages``). ``--panels``: both builds read panel copies of the weights (the worktree's ``pack_panels``; AVX2 builds with
 panel arguments), as a packed bank's layer does.
 
 Writes ``results/ab_native.{json,md}`` (``--out``; ``_2threads`` with ``--threads 2``, ``_panels`` with ``--panels``): per layer, dtype and T the read rate of each build
@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_infer import DTYPES, QUICK, SHAPES, flush_caches, page_backing  # noqa: E402
 
-from moekit.experts import native_gemv  # noqa: E402
+from moekit.experts import native_gemv, to_huge_pages  # noqa: E402
+from moekit.experts.huge_pages import thp_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,14 +77,18 @@ def layer_call(lib, W1: torch.Tensor, W2: torch.Tensor, x: torch.Tensor, ids: to
 
 
 def compare(libs: dict, shape: dict, dtype: torch.dtype, tokens: list[int], reps: int, threads: int,
-            panels: bool = False, warm: bool = False) -> list[dict]:  # fmt: skip
+            panels: bool = False, warm: bool = False, huge_pages: bool = False) -> list[dict]:  # fmt: skip
     D, Fh, E, K = shape["D"], shape["F"], shape["E"], shape["K"]
     g = torch.Generator().manual_seed(0)
-    W1 = torch.empty(E, 2 * Fh, D, dtype=dtype)
-    W2 = torch.empty(E, D, Fh, dtype=dtype)
+    weights = torch.nn.Module()
+    weights.register_buffer("W1", torch.empty(E, 2 * Fh, D, dtype=dtype))
+    weights.register_buffer("W2", torch.empty(E, D, Fh, dtype=dtype))
     for e in range(E):
-        W1[e] = torch.randn(2 * Fh, D, generator=g) / D**0.5
-        W2[e] = torch.randn(D, Fh, generator=g) / Fh**0.5
+        weights.W1[e] = torch.randn(2 * Fh, D, generator=g) / D**0.5
+        weights.W2[e] = torch.randn(D, Fh, generator=g) / Fh**0.5
+    if huge_pages:
+        to_huge_pages(weights, min_bytes=1)
+    W1, W2 = weights.W1, weights.W2
     copies = (native_gemv.pack_panels(W1, Fh), native_gemv.pack_panels(W2)) if panels else None
     rows = []
     for T in tokens:
@@ -111,7 +116,7 @@ def markdown(results: dict) -> str:
     a = results["args"]
     lines = [f"Native kernel A/B: base `{a['base']}` against head `{a['head'] or 'worktree'}`, `moekit_moe_ffn` on one "
              f"SwiGLU MoE layer{' on panel copies' if a.get('panels') else ''}, random top-k routing, {a['threads']} thread(s), best of {a['reps']} interleaved rounds "
-             f"(wall time), {'caches warm (no flush between calls)' if a.get('warm') else 'caches flushed before every call (64 MB read)'}. "
+             f"(wall time), {'caches warm (no flush between calls)' if a.get('warm') else 'caches flushed before every call (64 MB read)'}{', weights on huge pages (`to_huge_pages`)' if a.get('huge_pages') else ''}. "
              "Rates: touched experts' bytes / time.", "",
              "| layer | dtype | T | base ms | head ms | base GB/s | head GB/s | head speed-up | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--panels", action="store_true", help="both builds read panel copies of the weights (AVX2)")
     ap.add_argument("--warm", action="store_true", help="no cache flush before each call (a layer smaller than the L3 "
                     "then reads partly from cache, as none does in a model's decode loop)")
+    ap.add_argument("--huge-pages", action="store_true", help="the layers' weights on transparent huge pages "
+                    "(moekit.experts.to_huge_pages; panel copies stay where they are)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -148,6 +155,11 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     if any(t < 1 for t in tokens) or args.reps < 1 or args.threads < 1:
         ap.error(f"--tokens, --reps and --threads must be positive, got {tokens}, {args.reps}, {args.threads}")
+    if args.huge_pages:
+        try:
+            thp_support()
+        except RuntimeError as e:
+            ap.error(f"--huge-pages: {e}")
     torch.set_num_threads(args.threads)
     from moekit.reporting import atomic_write_text, environment, write_json
 
@@ -162,13 +174,15 @@ def main() -> None:
         rows = []
         for layer in args.shapes.split(","):
             for dname in args.dtypes.split(","):
-                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads, args.panels, args.warm):
+                for r in compare(libs, shapes[layer], DTYPES[dname], tokens, args.reps, args.threads, args.panels, args.warm,
+                                   args.huge_pages):
                     rows.append({"layer": layer, "dtype": dname, **r})
                     print(f"{layer} {dname} T={r['T']}: base {r['base_gbs']:.1f} GB/s, head {r['head_gbs']:.1f} GB/s, "
                           f"head {r['speedup']:.2f}x, max abs diff {r['max_abs_diff']:.1e}", flush=True)  # fmt: skip
     env = {**environment(), "command": " ".join(sys.argv), "kernel": native_gemv.build_info(), "seed": 0, "pages": page_backing()}
     results = {"args": vars(args), "environment": env, "rows": rows}
     out, tag = Path(args.out), "ab_native" + (f"_{args.threads}threads" if args.threads > 1 else "") + ("_panels" if args.panels else "")
+    tag += "_huge_pages" if args.huge_pages else ""
     write_json(out / f"{tag}.json", results)
     atomic_write_text(out / f"{tag}.md", markdown(results))
 

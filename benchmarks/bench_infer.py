@@ -144,6 +144,21 @@ class Layer:
         self.peak_dtype = torch.float32 if self.dense_fp32 is not None else dtype
         self.mm_peak = 0.0
 
+    def to_huge_pages(self) -> None:
+        """Move the weights every contender reads (and the bounds' buffers) onto transparent huge pages, in one
+        ``moekit.experts.to_huge_pages`` call so that tensors sharing memory keep sharing it; the oneDNN-packed
+        copies stay where they are (opaque tensors)."""
+        from moekit.experts import to_huge_pages
+
+        holder = torch.nn.Module()
+        holder.banks, holder.hf = torch.nn.ModuleDict(self.banks), torch.nn.ModuleDict(self.hf)
+        names = ("bw_fp32", "bw_matrix", "dense_gu", "dense_down")
+        for name in names:
+            holder.register_buffer(name, getattr(self, name))
+        to_huge_pages(holder, min_bytes=1)
+        for name in names:
+            setattr(self, name, getattr(holder, name))
+
     def measure_peak(self) -> float:
         """The in-cache GEMM rate (multiply-adds / s), measured again and kept at the fastest seen so far (one
         measurement read 35-48 GMAC/s on this shared VM; the fastest is the core's)."""
@@ -265,6 +280,8 @@ def _agree(y: torch.Tensor | None, ref: torch.Tensor, tol: float) -> float | Non
 def run_layer(name: str, shape: dict, dtype_name: str, tokens: list[int], args) -> list[dict]:
     dtype = DTYPES[dtype_name]
     layer = Layer(shape, dtype)
+    if args.huge_pages:
+        layer.to_huge_pages()
     clock = time.process_time if args.threads == 1 else time.perf_counter
     rows = []
     with torch.inference_mode():
@@ -462,7 +479,8 @@ def _pages(env: dict) -> str:
     if pages is None:
         return "page backing not recorded"
     asks = "torch's allocator asking for huge pages" if pages["THP_MEM_ALLOC_ENABLE"] == "1" else "torch's allocator not asking for huge pages"
-    return f"transparent huge pages: {pages['transparent_hugepage']}, {asks}"
+    moved = ", the weights and the bounds' buffers moved onto huge pages (`to_huge_pages`)" if pages.get("to_huge_pages") else ""
+    return f"transparent huge pages: {pages['transparent_hugepage']}, {asks}{moved}"
 
 
 def _markdown(results: dict, args) -> str:
@@ -615,11 +633,9 @@ def page_backing() -> dict[str, str | None]:
     allocator asks for huge pages, which ``madvise`` mode needs). On an AMD EPYC VM (Zen 4, ``madvise``),
     torch.sum over 256 MB read 17-22 GB/s on 4 KiB pages and 29-31 on huge pages, the native GEMV 23-26 and
     25-27 (``README``: Speed)."""
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-        mode = text[text.index("[") + 1 : text.index("]")]
-    except (OSError, ValueError):
-        mode = None
+    from moekit.experts.huge_pages import thp_mode
+
+    mode = thp_mode()
     return {"transparent_hugepage": mode, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
@@ -635,6 +651,8 @@ def main() -> None:
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate timing")
     ap.add_argument("--kernels", action="store_true", help="only measure the read rate of the GEMV kernels (native, F.linear, packed, torch.sum)")
     ap.add_argument("--profile", action="store_true", help="profile moekit's call where it misses its goal")
+    ap.add_argument("--huge-pages", action="store_true", help="every contender's weights and the bounds' buffers on "
+                    "transparent huge pages (moekit.experts.to_huge_pages)")
     ap.add_argument("--assemble", nargs="+", metavar="JSON", help="combine the JSON of separate runs (pieces) into one")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -645,9 +663,18 @@ def main() -> None:
 
     import transformers
 
-    env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": page_backing()}
+    if args.huge_pages:
+        from moekit.experts.huge_pages import thp_support
+
+        try:
+            thp_support()
+        except RuntimeError as e:
+            ap.error(f"--huge-pages: {e}")
+    pages = {**page_backing(), "to_huge_pages": args.huge_pages}
+    env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": pages}
     tag = "bench_infer" + ("_quick" if args.quick else "") + ("_kernels" if args.kernels else "")
     tag += f"_{args.threads}threads" if args.threads != 1 else ""
+    tag += "_huge_pages" if args.huge_pages else ""
     out = Path(args.out)
     if args.assemble:
         assemble(args, out, tag)

@@ -5,6 +5,7 @@ from .base import ExpertBank
 from .conv import ConvExperts
 from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
 from .grouped import grouped_linear, grouped_linear_reference
+from .huge_pages import to_huge_pages
 from .inference import dispatch_inference, pack_for_inference
 from .lowrank import LowRankSparseExperts
 from .mlp import GLUExperts, MLPExperts
@@ -28,4 +29,5 @@ __all__ = [
     "grouped_linear_reference",
     "dispatch_inference",
     "pack_for_inference",
+    "to_huge_pages",
 ]
