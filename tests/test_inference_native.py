@@ -48,10 +48,11 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
                                      (80, 20, 64), (18, 21, 70), (20, 64, 128), (36, 9, 96), (68, 13, 64),
                                      (84, 10, 128), (21, 12, 64), (10, 33, 96), (12, 70, 128), (11, 9, 100),
                                      (7, 20, 132), (25, 20, 64), (28, 12, 96), (22, 9, 64), (44, 10, 104),
-                                     (1, 600, 40), (2, 521, 33), (4, 300, 64), (13, 290, 64), (40, 530, 32)])  # fmt: skip
+                                     (1, 600, 40), (2, 521, 33), (4, 300, 64), (13, 290, 64), (40, 530, 32),
+                                     (1, 41, 2081), (2, 19, 2050)])  # fmt: skip
 def test_kernel_matches_float64_reference(M, O, I, dtype, threads) -> None:
     """Odd sizes: features not a multiple of the vector width (tails), partial row blocks, 1 to 84 rows: dot
-    tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD), on AMD pair tiles (5-8 rows) and quad
+    tiles of 4 rows of x (8-row weight blocks for 1-2 rows on AMD, 16-bit weights there from 2049 features), on AMD pair tiles (5-8 rows) and quad
     tiles (9-12 rows, inputs a multiple of 4 / bf16 8), broadcast tiles
     from 9 rows (1-4 vectors, half vectors of 1-8 rows, passes of 64 rows, the rows past a multiple of 16 on
     the dot or quad tiles; AVX2: fp32 from 8 rows, bf16 from 16, one or two vectors, passes of 16 rows, and

@@ -350,7 +350,10 @@ static void finish_hidden_row(float *g, const float *u, long n, int glu, int act
 #define QUAD_MAX_ROWS 12 /* and the quad tiles (3 vectors of 4 rows) */
 /* Whether this is an AMD EPYC with AVX-512 (Zen 4), where two choices were measured (interleaved A/B, fp32
  * and bf16, Qwen3, OLMoE and Mixtral expert matrices) and are taken: blocks of one or two rows of x take
- * WIDE_ROWS weight rows (8 streams through distant pages) rather than ROWS, 1.03-1.14x the read rate; and
+ * WIDE_ROWS weight rows (8 streams through distant pages) rather than ROWS, 1.03-1.14x the read rate -- but
+ * not 16-bit rows of at most 2048 values (4 KiB: Qwen3's and OLMoE's experts), which read fastest on ROWS
+ * streams with no software prefetch, the hardware's alone (whole layers, flushed caches: bf16 / fp16 at T=1-4
+ * 1.01-1.07x on 4 KiB pages, bf16 1.06-1.12x on huge pages; fp32 rows of 3-4 KiB 0.97-0.98x, so not fp32); and
  * 5-8 rows run on the pair tiles, 1.01-1.26x (fp32) and 1.16-1.58x (bf16) the dot tiles' rate. Not measured
  * elsewhere (an Intel Xeon keeps its measured paths). Set once when the library loads. */
 static int amd_tuned = 0;
@@ -361,10 +364,11 @@ __attribute__((constructor)) static void detect_cpu(void) {
 }
 #endif
 static void dot_block(const void *W, int dtype, long ldw, long r, long stride, int nr, const float *xf,
-                      const uint16_t *xb, long M, long I, float acc[WIDE_ROWS][MCHUNK], float *out, long at, long step) {
+                      const uint16_t *xb, long M, long I, long ahead, float acc[WIDE_ROWS][MCHUNK], float *out, long at,
+                      long step) {
     for (long m = 0; m < M; m += MCHUNK) {
         int nm = (int)(M - m < MCHUNK ? M - m : MCHUNK);
-        long pf = m == 0 && stride != ldw ? ldw : 0; /* the first chunk prefetches the next block into L2 */
+        long pf = m == 0 ? ahead : 0; /* the first chunk prefetches the next block into L2 */
         if (dtype == DT_BF16) block_bf16((const uint16_t *)W + r * ldw, stride, nr, xb + m * I, xf + m * I, I, nm, I, pf, acc);
 #ifdef F16
         else if (dtype == DT_F16) block_f16((const half_t *)W + r * ldw, stride, nr, xf + m * I, I, nm, I, pf, acc);
@@ -1427,10 +1431,12 @@ static void dot_rows(const void *W, int dtype, long ldw, long r0, long r1, const
     }
 #endif
     float acc[WIDE_ROWS][MCHUNK];
-    const int br = amd_tuned && M <= 2 ? WIDE_ROWS : ROWS;
+    const int short_rows = amd_tuned && M <= 2 && dtype != DT_F32 && I <= 2048; /* ROWS streams, no prefetch (amd_tuned) */
+    const int br = amd_tuned && M <= 2 && !short_rows ? WIDE_ROWS : ROWS;
     long sub = (r1 - r0) / br, tail = r0 + br * sub;
-    for (long j = 0; j < sub; j++) dot_block(W, dtype, ldw, r0 + j, sub * ldw, br, xf, xb, M, I, acc, out, j, sub);
-    if (tail < r1) dot_block(W, dtype, ldw, tail, ldw, (int)(r1 - tail), xf, xb, M, I, acc, out, tail - r0, 1);
+    long ahead = sub > 1 && !short_rows ? ldw : 0; /* each stream's next row into L2 */
+    for (long j = 0; j < sub; j++) dot_block(W, dtype, ldw, r0 + j, sub * ldw, br, xf, xb, M, I, ahead, acc, out, j, sub);
+    if (tail < r1) dot_block(W, dtype, ldw, tail, ldw, (int)(r1 - tail), xf, xb, M, I, 0, acc, out, tail - r0, 1);
 }
 
 /* Output columns [r0, r1) for all M rows of x (fp32 copy xf, bf16 copy xb, M x I dense), CHUNK rows
