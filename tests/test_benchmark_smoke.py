@@ -128,3 +128,32 @@ def test_ab_native_quick_compares_two_builds(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, script, "--base", "no-such-rev", "--quick", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert bad.returncode != 0 and "no-such-rev" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_bench_pages_quick_compares_page_kinds(tmp_path: Path) -> None:
+    """The huge-page benchmark times one bank as allocated against its copy after ``to_huge_pages``: identical
+    outputs, both rates, every moved tensor reported; ``bench_infer.py --huge-pages`` names the move in its
+    first line."""
+    from moekit.experts import huge_pages
+
+    try:
+        huge_pages.thp_support()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    script = str(ROOT / "benchmarks" / "bench_pages.py")
+    done = subprocess.run([sys.executable, script, "--quick", "--tokens", "1,9", "--reps", "1", "--dtypes", "bf16",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_pages_quick.json").read_text())["rows"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [("bf16", 1), ("bf16", 9)]
+    assert all(r["max_abs_diff"] == 0.0 and r["GBps"]["4k"] > 0 and r["GBps"]["huge"] > 0 for r in rows), rows
+    assert rows[0]["moved"]["tensors"] == 2 and rows[0]["moved"]["moved_bytes"] == 3 * 8 * 64 * 128 * 2  # tiny, bf16
+    assert "| tiny | bf16 | 9 |" in (tmp_path / "bench_pages_quick.md").read_text()
+    infer = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_infer.py"), "--quick", "--huge-pages",
+                            "--tokens", "1", "--reps", "1", "--dtypes", "fp32", "--no-generate", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    first = (tmp_path / "bench_infer_quick_huge_pages.md").read_text().splitlines()[0]
+    assert "moved onto huge pages (`to_huge_pages`)" in first
+    assert json.loads((tmp_path / "bench_infer_quick_huge_pages.json").read_text())["environment"]["pages"]["to_huge_pages"]

@@ -66,13 +66,36 @@ def test_moves_large_tensors_and_keeps_values_identity_ties_and_views() -> None:
 
 @needs_thp
 def test_second_call_moves_nothing() -> None:
-    m = nn.Linear(1024, 2048)  # 8 MiB
+    m = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 1024))  # two blocks of 8 MiB
     first = to_huge_pages(m)
-    ptr = m.weight.data_ptr()
+    ptrs = [p.data_ptr() for p in m.parameters()]
     second = to_huge_pages(m)
-    assert first.moved_bytes == 8 * MIB
-    assert (second.tensors, second.moved_bytes, second.skipped_bytes) == (0, 0, 8 * MIB)
-    assert m.weight.data_ptr() == ptr
+    assert first.moved_bytes == 16 * MIB
+    assert (second.tensors, second.moved_bytes, second.skipped_bytes) == (0, 0, 16 * MIB)
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+
+
+@needs_thp
+def test_the_old_memory_is_let_go_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moekit keeps no reference to what it moved: when a block is allocated, every block moved before it has
+    been freed (the peak extra memory is one block), and after the call none is left."""
+    import weakref
+
+    m = nn.Module()
+    for i in range(3):
+        m.register_buffer(f"b{i}", torch.randn(1024, 1024))
+    old = [weakref.ref(b) for b in m.buffers()]
+    alive_at_each_allocation = []
+    allocate = huge_pages._advised_block
+
+    def watched(nbytes: int) -> torch.Tensor:
+        alive_at_each_allocation.append([r() is not None for r in old])
+        return allocate(nbytes)
+
+    monkeypatch.setattr(huge_pages, "_advised_block", watched)
+    to_huge_pages(m, progress=True)
+    assert alive_at_each_allocation == [[True, True, True], [False, True, True], [False, False, True]]
+    assert all(r() is None for r in old)
 
 
 @needs_thp

@@ -4,7 +4,7 @@ Decoding on a CPU streams every touched expert's weights from memory once per to
 speed limit. Where transparent huge pages run in ``madvise`` mode (the default of Debian and Ubuntu) a tensor
 gets them only if its memory was advised ``MADV_HUGEPAGE`` before it was first touched: torch's allocator does
 so only with ``THP_MEM_ALLOC_ENABLE=1`` set before it starts, and weights a loader left memory-mapped from a
-file sit in the page cache, on 4 KiB pages. :func:`to_huge_pages` copies each large tensor into a fresh anonymous
+file sit in the page cache, usually on 4 KiB pages. :func:`to_huge_pages` copies each large tensor into a fresh anonymous
 mapping advised ``MADV_HUGEPAGE`` (its start aligned to 2 MiB, the last partial huge page left on 4 KiB pages
 so that no memory is wasted) and points the parameter or buffer at it; tensors sharing memory keep sharing it.
 
@@ -142,51 +142,76 @@ def thp_support() -> str:
     return mode
 
 
-def to_huge_pages(module: nn.Module, *, min_bytes: int = HUGE_PAGE) -> HugePageReport:
+Holders = dict[int, list[tuple[nn.Module, str, Tensor]]]
+
+
+def _holders(module: nn.Module, min_bytes: int) -> tuple[Holders, int]:
+    """``{memory block address: [(owner module, name, tensor), ...]}`` for the CPU parameters and buffers of
+    ``module`` on blocks of at least ``min_bytes`` (a parameter tied across modules once: one object), and the
+    largest block seen."""
+    holders: Holders = {}
+    largest, seen = 0, set()
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(owner, kind).items():
+                if t is None or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or id(t) in seen:
+                    continue
+                if kind == "_parameters":
+                    seen.add(id(t))
+                nbytes = t.untyped_storage().nbytes()
+                largest = max(largest, nbytes)
+                if nbytes >= min_bytes:
+                    holders.setdefault(t.untyped_storage().data_ptr(), []).append((owner, name, t))
+    return holders, largest
+
+
+def _move_block(users: list[tuple[nn.Module, str, Tensor]]) -> tuple[Tensor, int]:
+    """Copy the memory block under ``users`` onto a fresh advised block and point each of them at it (the same
+    strides and offsets); returns the block and how many tensors moved. Its own frame: once it returns nothing
+    here holds the old block."""
+    old = users[0][2].untyped_storage()
+    block = _advised_block(old.nbytes())
+    with torch.no_grad():
+        block.copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+    for owner, name, t in users:
+        view = block.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+        if isinstance(t, nn.Parameter):
+            t.data = view
+        else:
+            owner._buffers[name] = view
+    return block, len(users)
+
+
+def to_huge_pages(module: nn.Module, *, min_bytes: int = HUGE_PAGE, progress: bool = False) -> HugePageReport:
     """Copy every CPU parameter and buffer of ``module`` whose memory block holds at least ``min_bytes`` onto
     memory advised for transparent huge pages, in place (the ``nn.Parameter`` objects stay, so optimizers and
     hooks keep working); returns what moved. One block at a time: the peak extra memory is the largest block,
     provided nothing else holds the old tensors. Blocks already on advised memory are left (a second call moves
-    nothing). Raises where the platform has no huge pages, and ``ValueError`` if no tensor is large enough."""
+    nothing); ``progress``: a bar (MiB copied) on a terminal. Raises where the platform has no huge pages, and
+    ``ValueError`` if no tensor is large enough."""
+    from ..progress import Progress
+
     if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 1:
         raise ValueError(f"min_bytes must be a positive int, got {min_bytes!r}")
     mode = thp_support()
-    holders: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
-    largest, seen = 0, set()  # seen: parameters tied across modules (one object, moved once)
-    for owner in module.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(owner, kind).items():
-                if t is None or t.device.type != "cpu" or t.layout != torch.strided or id(t) in seen:
-                    continue
-                if kind == "_parameters":
-                    seen.add(id(t))
-                storage = t.untyped_storage()
-                largest = max(largest, storage.nbytes())
-                if storage.nbytes() >= min_bytes:
-                    holders.setdefault(storage.data_ptr(), []).append((owner, name, t))
+    holders, largest = _holders(module, min_bytes)
     if not holders:
         raise ValueError(f"{type(module).__name__} has no CPU parameter or buffer of at least min_bytes={min_bytes} "
                          f"bytes (its largest memory block holds {largest})")  # fmt: skip
     maps = _mappings()
-    moved = tensors = storages = skipped = 0
+    tensors = moved = skipped = 0
     placed: list[Tensor] = []
-    for ptr, users in holders.items():
-        nbytes = users[0][2].untyped_storage().nbytes()
-        here = _overlapping(maps, ptr, ptr + nbytes)
-        if here and all(m.advised for m in here):
-            skipped += nbytes
-            continue
-        block = _advised_block(nbytes)
-        with torch.no_grad():
-            block.copy_(torch.empty(0, dtype=torch.uint8).set_(users[0][2].untyped_storage()))
-        for owner, name, t in users:
-            view = block.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
-            if isinstance(t, nn.Parameter):
-                t.data = view
+    total_mib = sum(users[0][2].untyped_storage().nbytes() for users in holders.values()) >> 20
+    with Progress("auto" if progress else "off").task(total=total_mib, desc="to huge pages (MiB)") as task:
+        for ptr in list(holders):
+            nbytes = holders[ptr][0][2].untyped_storage().nbytes()
+            here = _overlapping(maps, ptr, ptr + nbytes)
+            if here and all(m.advised for m in here):
+                skipped += nbytes
+                del holders[ptr]
             else:
-                getattr(owner, "_buffers")[name] = view
-            tensors += 1
-        placed.append(block)
-        moved += nbytes
-        storages += 1
-    return HugePageReport(tensors, storages, moved, huge_page_bytes(*placed), skipped, mode)
+                block, count = _move_block(holders.pop(ptr))
+                placed.append(block)
+                tensors, moved = tensors + count, moved + nbytes
+            task.advance(nbytes >> 20)
+    return HugePageReport(tensors, len(placed), moved, huge_page_bytes(*placed), skipped, mode)
