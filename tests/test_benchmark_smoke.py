@@ -80,7 +80,8 @@ def test_bench_infer_quick_pieces_assemble(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "bench_infer_quick.json").read_text())
     assert [(r["dtype"], r["T"]) for r in results["rows"]] == [("fp32", 1), ("fp32", 64), ("bf16", 1), ("bf16", 64)]
     assert len(results["pieces"]) == 2 and all(len(p["load_average"]["start"]) == 3 for p in results["pieces"])
-    assert all(set(p["pages"]) == {"transparent_hugepage", "THP_MEM_ALLOC_ENABLE"} for p in results["pieces"])
+    assert all(set(p["pages"]) == {"transparent_hugepage", "THP_MEM_ALLOC_ENABLE", "to_huge_pages"} for p in results["pieces"])
+    assert not any(p["pages"]["to_huge_pages"] for p in results["pieces"])  # no --huge-pages: weights as allocated
     last = json.loads(Path(pieces[-1]).read_text())
     assert results["environment"] == last["environment"]  # the last piece's
     for r in results["rows"]:
