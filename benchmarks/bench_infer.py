@@ -438,12 +438,41 @@ GEN_CONFIGS = {
 GEN_IMPLS = ["eager", "grouped_mm", "batched_mm", "moekit", "moekit_packed"]
 
 
+def time_generate(variants: dict[str, Callable[[], torch.nn.Module]], ids: torch.Tensor, new: int, rounds: int,
+                  clock: Callable[[], float]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Greedy ``generate`` of ``new`` tokens after ``ids`` for each variant (``{name: prepare}``, ``prepare()``
+    setting the model up and returning it), interleaved: one warm-up round (it also packs the weights for
+    ``moekit_packed``), then ``rounds`` timed ones; the best time of each and its tokens."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs = {}
+    with torch.inference_mode():
+        for rep in range(1 + rounds):
+            for name, prepare in variants.items():
+                model = prepare()
+                t0 = clock()
+                outputs[name] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                if rep:
+                    times[name].append(clock() - t0)
+    return {name: min(ts) for name, ts in times.items()}, outputs
+
+
+def experts_as(model: torch.nn.Module, impl: str) -> Callable[[], torch.nn.Module]:
+    """A ``time_generate`` variant: ``model`` with its experts on ``impl``."""
+
+    def prepare() -> torch.nn.Module:
+        model.set_experts_implementation(impl)
+        return model
+
+    return prepare
+
+
 def generate_speed(args) -> list[dict]:
     import transformers as tf
 
     import moekit.integrations.hf  # noqa: F401  (registers moekit, moekit_packed)
 
     prompt, new = (8, 8) if args.quick else (32, 64)
+    clock = time.process_time if args.threads == 1 else time.perf_counter  # as the layer timings
     rows = []
     for family, kw in GEN_CONFIGS.items():
         cfg = (tf.Qwen3MoeConfig if family == "qwen3_moe" else tf.MixtralConfig)(**kw)
@@ -452,22 +481,11 @@ def generate_speed(args) -> list[dict]:
         torch.manual_seed(0)
         model = (tf.Qwen3MoeForCausalLM if family == "qwen3_moe" else tf.MixtralForCausalLM)(cfg).eval()
         ids = torch.randint(3, kw["vocab_size"], (1, prompt))
-        times: dict[str, list[float]] = {impl: [] for impl in GEN_IMPLS}
-        outputs = {}
-        with torch.inference_mode():
-            clock = time.process_time if args.threads == 1 else time.perf_counter  # as the layer timings
-            for rep in range(1 + max(3, args.reps // 5)):
-                for impl in GEN_IMPLS:
-                    model.set_experts_implementation(impl)
-                    t0 = clock()
-                    outputs[impl] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-                    if rep:  # round 0 is warm-up (and packs the weights for moekit_packed)
-                        times[impl].append(clock() - t0)
+        best, outputs = time_generate({impl: experts_as(model, impl) for impl in GEN_IMPLS}, ids, new, max(3, args.reps // 5), clock)
         for impl in GEN_IMPLS:
-            best = min(times[impl])
-            rows.append({"model": family, "impl": impl, "new_tokens": new, "tokens_per_s": new / best,
+            rows.append({"model": family, "impl": impl, "new_tokens": new, "tokens_per_s": new / best[impl],
                          "same_tokens_as_eager": bool(torch.equal(outputs[impl], outputs["eager"]))})  # fmt: skip
-            print(f"generate {family} {impl}: {new / best:.1f} tokens/s", file=sys.stderr)
+            print(f"generate {family} {impl}: {new / best[impl]:.1f} tokens/s", file=sys.stderr)
         model.set_experts_implementation("eager")  # frees the packed copy
     return rows
 

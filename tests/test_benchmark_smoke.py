@@ -158,3 +158,28 @@ def test_bench_pages_quick_compares_page_kinds(tmp_path: Path) -> None:
     first = (tmp_path / "bench_infer_quick_huge_pages.md").read_text().splitlines()[0]
     assert "moved onto huge pages (`to_huge_pages`)" in first
     assert json.loads((tmp_path / "bench_infer_quick_huge_pages.json").read_text())["environment"]["pages"]["to_huge_pages"]
+
+
+@pytest.mark.slow
+def test_bench_generate_quick_times_every_variant(tmp_path: Path) -> None:
+    """End-to-end generate at (here tiny) layer shapes: every variant timed, moekit's tokens (fp32) those of
+    eager, the huge-page copy where this machine has huge pages."""
+    pytest.importorskip("transformers")
+    from moekit.experts import huge_pages
+
+    try:
+        huge_pages.thp_support()
+        extra, variants = [], ["eager", "grouped_mm", "moekit", "moekit_linears", "moekit_huge_pages", "moekit_linears_huge_pages"]
+    except RuntimeError:
+        extra, variants = ["--no-huge-pages"], ["eager", "grouped_mm", "moekit", "moekit_linears"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--quick", "--layers", "2",
+                           "--vocab", "256", "--prompt", "4", "--new-tokens", "4", "--rounds", "1", "--dtype", "fp32",
+                           *extra, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_generate_quick.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == variants
+    assert all(r["tokens_per_s"] > 0 and r["same_tokens_as_eager"] for r in rows), rows
+    assert "| qwen3_moe | moekit |" in (tmp_path / "bench_generate_quick.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--layers", "0"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert bad.returncode == 2 and "--layers must be >= 1, got 0" in bad.stderr

@@ -6,7 +6,7 @@ from .conv import ConvExperts
 from .dispatch import combine_dense, dispatch, dispatch_reference, plan_dispatch
 from .grouped import grouped_linear, grouped_linear_reference
 from .huge_pages import to_huge_pages
-from .inference import dispatch_inference, pack_for_inference
+from .inference import dispatch_inference, linears_for_inference, pack_for_inference
 from .lowrank import LowRankSparseExperts
 from .mlp import GLUExperts, MLPExperts
 from .packed import PackedLowRankSparseExperts
@@ -29,5 +29,6 @@ __all__ = [
     "grouped_linear_reference",
     "dispatch_inference",
     "pack_for_inference",
+    "linears_for_inference",
     "to_huge_pages",
 ]
