@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, experts_as, page_backing, time_generate  # noqa: E402
+from bench_infer import DTYPES, experts_as, page_backing, save, time_generate  # noqa: E402
 
 #: decoder layers of the real models' shapes (Mixtral's intermediate size a quarter of 14336, as bench_infer's
 #: layer: 8 experts of 14336 would be 2.8 GB a layer in bf16)
@@ -141,17 +141,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
-    from moekit.reporting import atomic_write_text, environment, write_json
+    from moekit.reporting import environment
 
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": page_backing()}
     rows = [row for family, shape in models.items() for row in run(family, shape, args)]
     res = {"environment": env, "args": vars(args), "rows": rows, "load_average": os.getloadavg()}
     tag = "bench_generate" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "")
     out = Path(args.out)
-    write_json(out / f"{tag}.json", res)
-    text = markdown(res)
-    atomic_write_text(out / f"{tag}.md", text)
-    print(text)
+    save(out, tag, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -657,6 +657,30 @@ def page_backing() -> dict[str, str | None]:
     return {"transparent_hugepage": mode, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
+def chosen_shapes_and_dtypes(ap: argparse.ArgumentParser, args) -> tuple[dict[str, dict], list[str]]:
+    """The layer shapes (``--shapes`` of ``SHAPES``, or ``QUICK`` with ``--quick``) and dtypes (``--dtypes``) the
+    command line names; unknown names end the run with the choices."""
+    shapes = QUICK if args.quick else SHAPES
+    if args.shapes:
+        names = args.shapes.split(",")
+        if unknown := [n for n in names if n not in shapes]:
+            ap.error(f"--shapes has unknown names {unknown}; choose from {sorted(shapes)}")
+        shapes = {n: shapes[n] for n in names}
+    dtypes = args.dtypes.split(",")
+    if bad := [d for d in dtypes if d not in DTYPES]:
+        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    return shapes, dtypes
+
+
+def save(out: Path, tag: str, results: dict, text: str) -> None:
+    """``results`` as ``out/tag.json`` and ``text`` as ``out/tag.md`` (each written whole or not at all), and printed."""
+    from moekit.reporting import atomic_write_text, write_json
+
+    write_json(out / f"{tag}.json", results)
+    atomic_write_text(out / f"{tag}.md", text)
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -677,7 +701,7 @@ def main() -> None:
     if args.reps < 1 or args.threads < 1:
         ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
     torch.set_num_threads(args.threads)
-    from moekit.reporting import atomic_write_text, environment, write_json
+    from moekit.reporting import environment
 
     import transformers
 
@@ -699,20 +723,9 @@ def main() -> None:
         return
     if args.kernels:
         res = {"environment": env, "load_average": os.getloadavg(), **kernel_rates(args)}
-        write_json(out / f"{tag}.json", res)
-        text = kernels_markdown(res, args)
-        atomic_write_text(out / f"{tag}.md", text)
-        print(text)
+        save(out, tag, res, kernels_markdown(res, args))
         return
-    shapes = QUICK if args.quick else SHAPES
-    if args.shapes:
-        names = args.shapes.split(",")
-        if unknown := [n for n in names if n not in shapes]:
-            ap.error(f"--shapes has unknown names {unknown}; choose from {sorted(shapes)}")
-        shapes = {n: shapes[n] for n in names}
-    dtypes = args.dtypes.split(",")
-    if bad := [d for d in dtypes if d not in DTYPES]:
-        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    shapes, dtypes = chosen_shapes_and_dtypes(ap, args)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     rows, load_start = [], os.getloadavg()
     for name, shape in shapes.items():
@@ -723,10 +736,7 @@ def main() -> None:
                "load_average": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count()}  # fmt: skip
     if not args.no_generate:
         results["generate"] = generate_speed(args)
-    write_json(out / f"{tag}.json", results)
-    text = _markdown(results, args) + _profiles(rows)
-    atomic_write_text(out / f"{tag}.md", text)
-    print(text)
+    save(out, tag, results, _markdown(results, args) + _profiles(rows))
 
 
 if __name__ == "__main__":

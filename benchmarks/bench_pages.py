@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import BW_BYTES, DTYPES, QUICK, SHAPES, Layer, page_backing, time_interleaved  # noqa: E402
+from bench_infer import BW_BYTES, DTYPES, SHAPES, Layer, chosen_shapes_and_dtypes, page_backing, save, time_interleaved  # noqa: E402
 
 from moekit.experts import dispatch, huge_pages  # noqa: E402
 from moekit.types import RoutingDecision  # noqa: E402
@@ -116,15 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.reps < 1 or args.threads < 1:
         ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
-    shapes = QUICK if args.quick else SHAPES
-    if args.shapes:
-        names = args.shapes.split(",")
-        if unknown := [n for n in names if n not in shapes]:
-            ap.error(f"--shapes has unknown names {unknown}; choose from {sorted(shapes)}")
-        shapes = {n: shapes[n] for n in names}
-    dtypes = args.dtypes.split(",")
-    if bad := [d for d in dtypes if d not in DTYPES]:
-        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    shapes, dtypes = chosen_shapes_and_dtypes(ap, args)
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
@@ -134,17 +126,14 @@ def main() -> None:
     except RuntimeError as e:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
-    from moekit.reporting import atomic_write_text, environment, write_json
+    from moekit.reporting import environment
 
     env = {**environment(), "command": " ".join(sys.argv), "pages": page_backing()}
     rows = [row for name, shape in shapes.items() for d in dtypes for row in run_layer(name, shape, d, tokens, args.reps, args.threads)]
     res = {"environment": env, "threads": args.threads, "reps": args.reps, "shapes": shapes, "rows": rows}
     tag = "bench_pages" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "")
     out = Path(args.out)
-    write_json(out / f"{tag}.json", res)
-    text = markdown(res)
-    atomic_write_text(out / f"{tag}.md", text)
-    print(text)
+    save(out, tag, res, markdown(res))
 
 
 if __name__ == "__main__":
