@@ -10,7 +10,7 @@ touched experts, and the output layer. Timing interleaves the variants (``bench_
 warm-up round, then ``--rounds``, best kept; process CPU time at 1 thread, wall time with more).
 
     python benchmarks/bench_generate.py                      # -> results/bench_generate.{json,md}, bf16, 1 thread
-    python benchmarks/bench_generate.py --models qwen3_moe --layers 8 --dtype fp32
+    python benchmarks/bench_generate.py --dtype fp32 --layers 2      # -> results/bench_generate_fp32_2layers.*
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def main() -> None:
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": page_backing()}
     rows = [row for family, shape in models.items() for row in run(family, shape, args)]
     res = {"environment": env, "args": vars(args), "rows": rows, "load_average": os.getloadavg()}
-    tag = "bench_generate" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "")
+    tag = "bench_generate" + ("_quick" if args.quick else "") + (f"_{args.dtype}" if args.dtype != "bf16" else "")
+    tag += (f"_{args.layers}layers" if args.layers != 4 else "") + (f"_{args.threads}threads" if args.threads != 1 else "")
     out = Path(args.out)
     save(out, tag, res, markdown(res))
 

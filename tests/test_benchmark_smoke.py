@@ -176,10 +176,10 @@ def test_bench_generate_quick_times_every_variant(tmp_path: Path) -> None:
                            "--vocab", "256", "--prompt", "4", "--new-tokens", "4", "--rounds", "1", "--dtype", "fp32",
                            *extra, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((tmp_path / "bench_generate_quick.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "bench_generate_quick_fp32_2layers.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == variants
     assert all(r["tokens_per_s"] > 0 and r["same_tokens_as_eager"] for r in rows), rows
-    assert "| qwen3_moe | moekit |" in (tmp_path / "bench_generate_quick.md").read_text()
+    assert "| qwen3_moe | moekit |" in (tmp_path / "bench_generate_quick_fp32_2layers.md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--layers", "0"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "--layers must be >= 1, got 0" in bad.stderr
