@@ -353,7 +353,8 @@ static void finish_hidden_row(float *g, const float *u, long n, int glu, int act
  * WIDE_ROWS weight rows (8 streams through distant pages) rather than ROWS, 1.03-1.14x the read rate -- but
  * not 16-bit rows of at most 2048 values (4 KiB: Qwen3's and OLMoE's experts), which read fastest on ROWS
  * streams with no software prefetch, the hardware's alone (whole layers, flushed caches: bf16 / fp16 at T=1-4
- * 1.01-1.07x on 4 KiB pages, bf16 1.06-1.12x on huge pages; fp32 rows of 3-4 KiB 0.97-0.98x, so not fp32); and
+ * 0.97-1.07x, median 1.04x, on 4 KiB pages, bf16 1.06-1.12x on huge pages; fp32 rows of 3-4 KiB 0.97-0.98x, so
+ * not fp32); and
  * 5-8 rows run on the pair tiles, 1.01-1.26x (fp32) and 1.16-1.58x (bf16) the dot tiles' rate. Not measured
  * elsewhere (an Intel Xeon keeps its measured paths). Set once when the library loads. */
 static int amd_tuned = 0;
