@@ -183,3 +183,18 @@ def test_bench_generate_quick_times_every_variant(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--layers", "0"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "--layers must be >= 1, got 0" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_linears_quick_compares_with_torch(tmp_path: Path) -> None:
+    """The dense-product benchmark times the switched module against F.linear on one weight: both times, the same
+    outputs (fp32 to rounding), a table row per dtype."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_linears.py"), "--quick", "--reps", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_linears_quick.json").read_text())["results"]
+    assert [(r["dtype"], sorted(r["rows"])) for r in res] == [("fp32", ["1", "4"]), ("bf16", ["1", "4"])]
+    cells = [v for r in res for v in r["rows"].values()]
+    assert all(v["torch_s"] > 0 and v["moekit_s"] > 0 for v in cells)
+    assert all(v["max_abs_diff"] <= 1e-4 for v in res[0]["rows"].values())
+    assert "| tiny [64, 96] | bf16 |" in (tmp_path / "bench_linears_quick.md").read_text()
