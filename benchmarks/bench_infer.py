@@ -657,6 +657,27 @@ def page_backing() -> dict[str, str | None]:
     return {"transparent_hugepage": mode, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
+def add_run_arguments(ap: argparse.ArgumentParser, *, reps: int, quick: str) -> None:
+    """``--dtypes``, ``--reps``, ``--threads``, ``--quick`` and ``--out`` as the benchmarks beside this one take them
+    (``quick``: what ``--quick`` runs); ``check_run_arguments`` validates them."""
+    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated subset of {list(DTYPES)} (default fp32,bf16)")
+    ap.add_argument("--reps", type=int, default=reps, help=f"interleaved rounds (best kept; default {reps})")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help=f"{quick} (smoke test)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+
+
+def check_run_arguments(ap: argparse.ArgumentParser, args) -> list[str]:
+    """The dtypes ``--dtypes`` names, after ``--reps`` and ``--threads`` are checked; a bad value ends the run
+    naming it and what is allowed."""
+    if args.reps < 1 or args.threads < 1:
+        ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
+    dtypes = args.dtypes.split(",")
+    if bad := [d for d in dtypes if d not in DTYPES]:
+        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    return dtypes
+
+
 def chosen_shapes_and_dtypes(ap: argparse.ArgumentParser, args) -> tuple[dict[str, dict], list[str]]:
     """The layer shapes (``--shapes`` of ``SHAPES``, or ``QUICK`` with ``--quick``) and dtypes (``--dtypes``) the
     command line names; unknown names end the run with the choices."""
@@ -666,10 +687,7 @@ def chosen_shapes_and_dtypes(ap: argparse.ArgumentParser, args) -> tuple[dict[st
         if unknown := [n for n in names if n not in shapes]:
             ap.error(f"--shapes has unknown names {unknown}; choose from {sorted(shapes)}")
         shapes = {n: shapes[n] for n in names}
-    dtypes = args.dtypes.split(",")
-    if bad := [d for d in dtypes if d not in DTYPES]:
-        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
-    return shapes, dtypes
+    return shapes, check_run_arguments(ap, args)
 
 
 def save(out: Path, tag: str, results: dict, text: str) -> None:

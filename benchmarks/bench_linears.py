@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, flush_caches, page_backing, save  # noqa: E402
+from bench_infer import DTYPES, add_run_arguments, check_run_arguments, flush_caches, page_backing, save  # noqa: E402
 
 #: [out, in] of each model's attention projections and of a 32k-vocabulary output layer (as bench_generate)
 SHAPES = {
@@ -70,17 +70,9 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated subset of {list(DTYPES)} (default fp32,bf16)")
-    ap.add_argument("--reps", type=int, default=9, help="interleaved rounds (best kept; default 9)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--quick", action="store_true", help="one tiny matrix (smoke test)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_run_arguments(ap, reps=9, quick="one tiny matrix")
     args = ap.parse_args()
-    if args.reps < 1 or args.threads < 1:
-        ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
-    dtypes = args.dtypes.split(",")
-    if bad := [d for d in dtypes if d not in DTYPES]:
-        ap.error(f"--dtypes has unknown names {bad}; choose from {list(DTYPES)}")
+    dtypes = check_run_arguments(ap, args)
     torch.set_num_threads(args.threads)
     from moekit.reporting import environment
 

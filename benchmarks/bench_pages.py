@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import BW_BYTES, DTYPES, SHAPES, Layer, chosen_shapes_and_dtypes, page_backing, save, time_interleaved  # noqa: E402
+from bench_infer import (BW_BYTES, DTYPES, SHAPES, Layer, add_run_arguments, chosen_shapes_and_dtypes,  # noqa: E402
+                         page_backing, save, time_interleaved)
 
 from moekit.experts import dispatch, huge_pages  # noqa: E402
 from moekit.types import RoutingDecision  # noqa: E402
@@ -107,15 +108,9 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
-    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated subset of {list(DTYPES)} (default fp32,bf16)")
     ap.add_argument("--tokens", default="1,4,16", help="comma-separated token counts (default 1,4,16)")
-    ap.add_argument("--reps", type=int, default=9, help="interleaved rounds (best kept; default 9)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_run_arguments(ap, reps=9, quick="tiny shapes")
     args = ap.parse_args()
-    if args.reps < 1 or args.threads < 1:
-        ap.error(f"--reps and --threads must be >= 1, got {args.reps}, {args.threads}")
     shapes, dtypes = chosen_shapes_and_dtypes(ap, args)
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
