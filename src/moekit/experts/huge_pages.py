@@ -4,9 +4,10 @@ Decoding on a CPU streams every touched expert's weights from memory once per to
 speed limit. Where transparent huge pages run in ``madvise`` mode (the default of Debian and Ubuntu) a tensor
 gets them only if its memory was advised ``MADV_HUGEPAGE`` before it was first touched: torch's allocator does
 so only with ``THP_MEM_ALLOC_ENABLE=1`` set before it starts, and weights a loader left memory-mapped from a
-file sit in the page cache, usually on 4 KiB pages. :func:`to_huge_pages` copies each large tensor into a fresh anonymous
-mapping advised ``MADV_HUGEPAGE`` (its start aligned to 2 MiB, the last partial huge page left on 4 KiB pages
-so that no memory is wasted) and points the parameter or buffer at it; tensors sharing memory keep sharing it.
+file sit in the page cache, usually on 4 KiB pages. :func:`to_huge_pages` copies each large tensor into a fresh
+anonymous mapping advised ``MADV_HUGEPAGE`` (its start aligned to 2 MiB, the last partial huge page left on 4 KiB
+pages so that no memory is wasted) and points the parameter or buffer at it; tensors sharing memory keep sharing
+it.
 
 Measured on an AMD EPYC (Zen 4) VM, whole MoE layers at decode, in one process: ``benchmarks/bench_pages.py``.
 Other machines differ (ik_llama.cpp reports +0.5-1% on a Ryzen 7950X and -20% on a Threadripper 5975WX), so
