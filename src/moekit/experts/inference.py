@@ -440,10 +440,11 @@ class InferenceLinear(nn.Linear):
     parameters, state dict and outputs (within the dtype's rounding); set by :func:`linears_for_inference`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad or x.device.type != "cpu" or x.dtype != self.weight.dtype or torch.is_autocast_enabled("cpu"):
-            return F.linear(x, self.weight, self.bias)  # what torch does: autograd, autocast, other devices
-        y = expert_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        weight, bias = self.weight, self.bias  # one attribute lookup each: this runs once a layer and token
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        if needs_grad or x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, weight, bias)  # what torch does: autograd, autocast, other devices
+        y = expert_linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
