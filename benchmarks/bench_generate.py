@@ -1,4 +1,4 @@
-"""Greedy ``generate`` at real layer shapes: a few Qwen3-30B-A3B- or Mixtral-8x7B-shaped decoder layers (random
+"""Greedy ``generate`` at real layer shapes: a few Qwen3-30B-A3B-, Mixtral-8x7B- or OLMoE-shaped decoder layers (random
 weights, a 32k vocabulary so that the output layer does not hide the experts), tokens/s with transformers' experts
 implementations, moekit's, moekit's with the model's plain linears on moekit's kernels too
 (``moekit.experts.linears_for_inference``: attention projections and the output layer), and both after
@@ -34,6 +34,8 @@ MODELS = {
                       num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
     "mixtral": dict(hidden_size=4096, intermediate_size=3584, num_attention_heads=32, num_key_value_heads=8,
                     num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(hidden_size=2048, intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16,
+                  num_experts=64, num_experts_per_tok=8),
 }  # fmt: skip
 QUICK = {"qwen3_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True)}  # fmt: skip
@@ -44,7 +46,8 @@ def build(family: str, shape: dict, layers: int, vocab: int, dtype: torch.dtype)
     import transformers as tf
 
     config_cls, model_cls = {"qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
-                             "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM)}[family]  # fmt: skip
+                             "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+                             "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM)}[family]  # fmt: skip
     cfg = config_cls(**shape, num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
