@@ -14,7 +14,7 @@ Outputs are compared (the largest absolute difference). Shapes: ``bench_infer.SH
 ``--huge-pages``: the weights on transparent huge pages (``moekit.experts.to_huge_pages``). ``--panels``: both builds read panel copies of the weights (the worktree's ``pack_panels``; AVX2 builds with
 panel arguments), as a packed bank's layer does.
 
-Writes ``results/ab_native.{json,md}`` (``--out``; ``_2threads`` with ``--threads 2``, ``_panels`` with ``--panels``): per layer, dtype and T the read rate of each build
+Writes ``results/ab_native.{json,md}`` (``--out``; ``_2threads`` with ``--threads 2``, ``_panels`` with ``--panels``, ``_huge_pages`` with ``--huge-pages``): per layer, dtype and T the read rate of each build
 (touched experts' bytes / time) and head / base (> 1: the head is faster).
 """
 
