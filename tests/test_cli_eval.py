@@ -212,3 +212,21 @@ def test_without_out_results_go_to_moekit_runs_eval_and_are_never_overwritten_si
     assert _eval(lm_dir, "--data", *files, "--tasks", "perplexity", "--overwrite", "--quiet") == 2
     assert "holds files moekit did not write (notes.txt)" in _one_line_error(capsys)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_eval_cpu_kernels_records_what_it_switched_and_scores_alike(qwen_dir, files, tmp_path, capsys):
+    """--cpu-kernels: the transformers experts on moekit's implementation, every nn.Linear switched, the weights'
+    page move reported; fp32 scores equal to the plain run's, the generations the same."""
+    common = [qwen_dir, "--data", *files, "--max-doc-bytes", "50", "--tasks", "perplexity,generate", *SMALL]
+    assert _eval(*common, "--out", tmp_path / "plain") == 0
+    assert _eval(*common, "--cpu-kernels", "--out", tmp_path / "fast") == 0
+    plain, fast = _results(tmp_path / "plain")["runs"][0], _results(tmp_path / "fast")["runs"][0]
+    done = fast["model"]["cpu_kernels"]
+    assert done["experts_implementation"] == "moekit" and done["linears"] > 0 and done["huge_pages"]
+    assert "cpu_kernels" not in plain["model"]
+    for a, b in zip(plain["tasks"]["perplexity"]["per_unit"], fast["tasks"]["perplexity"]["per_unit"]):
+        assert b["nats"] == pytest.approx(a["nats"], rel=1e-5)
+    assert fast["tasks"]["generate"]["metrics"] == plain["tasks"]["generate"]["metrics"]
+    assert _eval(*common, "--cpu-kernels", "--device", "cuda", "--out", tmp_path / "gpu") == 2
+    assert "--cpu-kernels runs the models on the CPU's kernels; got --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()

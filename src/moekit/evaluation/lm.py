@@ -171,15 +171,44 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def use_cpu_kernels(module: nn.Module) -> dict[str, Any]:
+    """Run ``module`` on moekit's CPU inference kernels, in place: a transformers model's experts on
+    ``experts_implementation="moekit"``, its plain ``nn.Linear`` layers through ``linears_for_inference`` and its
+    large tensors onto transparent huge pages where the kernel has them (``to_huge_pages``); what was done, for
+    the run's record (a step that does not apply says why)."""
+    from ..experts import linears_for_inference, to_huge_pages
+
+    done: dict[str, Any] = {"experts_implementation": None, "linears": 0, "huge_pages": None}
+    if hasattr(module, "set_experts_implementation"):
+        import moekit.integrations.hf  # noqa: F401  (registers the "moekit" experts implementation)
+
+        try:
+            module.set_experts_implementation("moekit")
+            done["experts_implementation"] = "moekit"
+        except (ValueError, AttributeError) as err:  # a model without experts, or one transformers cannot switch
+            done["experts_implementation"] = f"unchanged: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    linears = sum(type(m) is nn.Linear for m in module.modules())
+    if linears:
+        linears_for_inference(module)
+        done["linears"] = linears
+    try:
+        done["huge_pages"] = to_huge_pages(module).summary()
+    except (RuntimeError, ValueError) as err:  # no huge pages here, or no tensor large enough
+        done["huge_pages"] = f"not moved: {err}"
+    return done
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
     device: str | torch.device = "cpu",
     context: int | None = None,
     progress: bool = False,
+    cpu_kernels: bool = False,
 ) -> EvalModel:
     """Load the model in directory ``path`` (moekit checkpoint or Hugging Face model) for evaluation;
-    ``progress`` lets transformers show its loading bars.
+    ``progress`` lets transformers show its loading bars; ``cpu_kernels``: run it on moekit's CPU inference
+    kernels (``use_cpu_kernels``; recorded in ``info["cpu_kernels"]``).
 
     Raises FileNotFoundError for a missing directory or config, ValueError for anything that is not a
     causal language model or cannot be loaded (one line, naming the path).
@@ -187,6 +216,8 @@ def load_model(
     from ..checkpoint import read_config_json
 
     path = Path(path)
+    if cpu_kernels and torch.device(device).type != "cpu":
+        raise ValueError(f"cpu_kernels runs the model on moekit's CPU kernels; got device {str(device)!r}")
     if path.exists() and not path.is_dir():
         raise ValueError(f"model {str(path)!r} is not a directory (give a moekit checkpoint or Hugging Face model)")
     meta = read_config_json(path, what="model")
@@ -205,6 +236,8 @@ def load_model(
     else:
         raise ValueError(f"{str(path / 'config.json')!r} is neither a moekit checkpoint nor a Hugging Face model config")
     model.info.update({"path": str(path), "config_sha256": _file_sha256(path / "config.json")})
+    if cpu_kernels:
+        model.info["cpu_kernels"] = use_cpu_kernels(model.module)
     return model
 
 
