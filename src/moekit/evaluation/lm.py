@@ -171,11 +171,11 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def use_cpu_kernels(module: nn.Module) -> dict[str, Any]:
+def use_cpu_kernels(module: nn.Module, *, progress: bool = False) -> dict[str, Any]:
     """Run ``module`` on moekit's CPU inference kernels, in place: a transformers model's experts on
     ``experts_implementation="moekit"``, its plain ``nn.Linear`` layers through ``linears_for_inference`` and its
     large tensors onto transparent huge pages where the kernel has them (``to_huge_pages``); what was done, for
-    the run's record (a step that does not apply says why)."""
+    the run's record (a step that does not apply says why); ``progress``: a bar while the weights move."""
     from ..experts import linears_for_inference, to_huge_pages
 
     done: dict[str, Any] = {"experts_implementation": None, "linears": 0, "huge_pages": None}
@@ -192,7 +192,7 @@ def use_cpu_kernels(module: nn.Module) -> dict[str, Any]:
         linears_for_inference(module)
         done["linears"] = linears
     try:
-        done["huge_pages"] = to_huge_pages(module).summary()
+        done["huge_pages"] = to_huge_pages(module, progress=progress).summary()
     except (RuntimeError, ValueError) as err:  # no huge pages here, or no tensor large enough
         done["huge_pages"] = f"not moved: {err}"
     return done
@@ -237,7 +237,7 @@ def load_model(
         raise ValueError(f"{str(path / 'config.json')!r} is neither a moekit checkpoint nor a Hugging Face model config")
     model.info.update({"path": str(path), "config_sha256": _file_sha256(path / "config.json")})
     if cpu_kernels:
-        model.info["cpu_kernels"] = use_cpu_kernels(model.module)
+        model.info["cpu_kernels"] = use_cpu_kernels(model.module, progress=progress)
     return model
 
 
