@@ -433,7 +433,8 @@ def pack_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
     return module
 
 
-#: rows past which a dense bf16 / fp16 layer goes back to ``F.linear``: measured on the AVX-512 AMD EPYC
+#: rows past which a dense bf16 / fp16 layer goes back to ``F.linear`` where oneDNN has kernels in that dtype
+#: (elsewhere torch's 16-bit GEMM is a reference loop and the seam's widened fp32 blocks stay): measured on the AVX-512 AMD EPYC
 #: (``benchmarks/bench_linears.py``, attention projections and a 32k output layer, flushed caches) the experts'
 #: kernel choice against ``F.linear`` on the same weight (``results/amd_epyc/bench_linears_seam_only.md``):
 #: 1.1-2.5x at 1-16 rows; 64 rows 0.85-1.10x (ahead on the large matrices that hold most of a layer's bytes,
@@ -454,8 +455,8 @@ class InferenceLinear(nn.Linear):
         if needs_grad or x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
             return F.linear(x, weight, bias)  # what torch does: autograd, autocast, other devices
         x_MI = x.reshape(-1, x.shape[-1])
-        if x_MI.shape[0] > DENSE_16BIT_MAX_ROWS and weight.dtype != torch.float32:
-            return F.linear(x, weight, bias)
+        if x_MI.shape[0] > DENSE_16BIT_MAX_ROWS and weight.dtype != torch.float32 and not upcast_gemm.torch_gemm_is_reference(weight.dtype):
+            return F.linear(x, weight, bias)  # oneDNN's own 16-bit GEMM (where torch's is a reference loop: the seam)
         y = expert_linear(x_MI, weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
