@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, QUICK, SHAPES, flush_caches, page_backing  # noqa: E402
+from bench_infer import DTYPES, QUICK, SHAPES, flush_caches, page_backing, require_huge_pages  # noqa: E402
 
 from moekit.experts import native_gemv, to_huge_pages  # noqa: E402
-from moekit.experts.huge_pages import thp_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,10 +155,7 @@ def main() -> None:
     if any(t < 1 for t in tokens) or args.reps < 1 or args.threads < 1:
         ap.error(f"--tokens, --reps and --threads must be positive, got {tokens}, {args.reps}, {args.threads}")
     if args.huge_pages:
-        try:
-            thp_support()
-        except RuntimeError as e:
-            ap.error(f"--huge-pages: {e}")
+        require_huge_pages(ap, "--huge-pages")
     torch.set_num_threads(args.threads)
     from moekit.reporting import atomic_write_text, environment, write_json
 

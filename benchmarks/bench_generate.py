@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_infer import DTYPES, experts_as, page_backing, save, time_generate  # noqa: E402
+from bench_infer import DTYPES, experts_as, page_backing, require_huge_pages, save, time_generate  # noqa: E402
 
 #: decoder layers of the real models' shapes (Mixtral's intermediate size a quarter of 14336, as bench_infer's
 #: layer: 8 experts of 14336 would be 2.8 GB a layer in bf16)
@@ -135,12 +135,7 @@ def main() -> None:
     if not args.quick and (unknown := [m for m in args.models.split(",") if m not in MODELS]):
         ap.error(f"--models has unknown names {unknown}; choose from {list(MODELS)}")
     if not args.no_huge_pages:
-        from moekit.experts.huge_pages import thp_support
-
-        try:
-            thp_support()
-        except RuntimeError as e:
-            ap.error(f"{e} (--no-huge-pages leaves that variant out)")
+        require_huge_pages(ap, "the to_huge_pages variants (--no-huge-pages leaves them out)")
     torch.set_num_threads(args.threads)
     import transformers
 

@@ -690,6 +690,16 @@ def chosen_shapes_and_dtypes(ap: argparse.ArgumentParser, args) -> tuple[dict[st
     return shapes, check_run_arguments(ap, args)
 
 
+def require_huge_pages(ap: argparse.ArgumentParser, what: str) -> None:
+    """End the run, naming ``what`` asked for them, where ``moekit.experts.to_huge_pages`` cannot take effect."""
+    from moekit.experts.huge_pages import thp_support
+
+    try:
+        thp_support()
+    except RuntimeError as e:
+        ap.error(f"{what}: {e}")
+
+
 def save(out: Path, tag: str, results: dict, text: str) -> None:
     """``results`` as ``out/tag.json`` and ``text`` as ``out/tag.md`` (each written whole or not at all), and printed."""
     from moekit.reporting import atomic_write_text, write_json
@@ -724,12 +734,7 @@ def main() -> None:
     import transformers
 
     if args.huge_pages:
-        from moekit.experts.huge_pages import thp_support
-
-        try:
-            thp_support()
-        except RuntimeError as e:
-            ap.error(f"--huge-pages: {e}")
+        require_huge_pages(ap, "--huge-pages")
     pages = {**page_backing(), "to_huge_pages": args.huge_pages}
     env = {**environment(), "transformers": transformers.__version__, "command": " ".join(sys.argv), "pages": pages}
     tag = "bench_infer" + ("_quick" if args.quick else "") + ("_kernels" if args.kernels else "")

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_infer import (BW_BYTES, DTYPES, SHAPES, Layer, add_run_arguments, chosen_shapes_and_dtypes,  # noqa: E402
-                         page_backing, save, time_interleaved)
+                         page_backing, require_huge_pages, save, time_interleaved)
 
 from moekit.experts import dispatch, huge_pages  # noqa: E402
 from moekit.types import RoutingDecision  # noqa: E402
@@ -116,10 +116,7 @@ def main() -> None:
         tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
         ap.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
-    try:
-        huge_pages.thp_support()
-    except RuntimeError as e:
-        ap.error(str(e))
+    require_huge_pages(ap, "bench_pages.py compares against huge pages")
     torch.set_num_threads(args.threads)
     from moekit.reporting import environment
 

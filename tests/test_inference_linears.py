@@ -39,18 +39,25 @@ def test_outputs_match_f_linear(dtype: torch.dtype, shape: tuple, bias: bool) ->
     assert ref.numel() == 0 or _rel(y, ref) <= TOL[dtype]
 
 
-def test_the_native_kernel_serves_decode_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At one row the product goes to the native GEMV wherever it serves that size (and not under autograd)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_native_kernel_takes_the_rows_it_serves(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense layer takes the seam's crossover: the native GEMV exactly where ``native_gemv.serves`` the rows
+    (decode; past MAX_ROWS torch's kernels or the widened blocks), and never under autograd."""
+    if dtype not in native_gemv.dtypes():
+        pytest.skip(f"this build has no {dtype} products")
     calls = []
     real = native_gemv.linear
     monkeypatch.setattr(native_gemv, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    lin = linears_for_inference(nn.Linear(256, 512))
-    x = torch.randn(1, 256)
-    with torch.no_grad():
-        lin(x)
-    assert bool(calls) == native_gemv.serves(1, torch.float32, 256)
+    lin = linears_for_inference(nn.Linear(256, 64).to(dtype))
+    for rows in (1, 65, 1025):
+        calls.clear()
+        x = torch.randn(rows, 256).to(dtype)
+        with torch.no_grad():
+            y = lin(x)
+        assert bool(calls) == native_gemv.serves(rows, dtype, 256), rows
+        assert _rel(y, nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())) <= 1e-2
     calls.clear()
-    lin(x)  # gradients wanted: F.linear
+    lin.float()(torch.randn(1, 256))  # gradients wanted: F.linear
     assert not calls
 
 
@@ -96,24 +103,3 @@ def test_a_transformers_model_generates_the_same_tokens() -> None:
         linears_for_inference(model)
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), ref)
     assert type(model.lm_head) is InferenceLinear
-
-
-def test_16bit_layers_past_the_dense_row_limit_go_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 / fp16 dense layers take the experts' kernels up to DENSE_16BIT_MAX_ROWS rows and F.linear past
-    them where oneDNN has kernels in that dtype (measured: the seam's choice ran 0.95-1.00x of F.linear there);
-    where torch's 16-bit GEMM is its reference loop, and in fp32, the seam keeps every size."""
-    from moekit.experts import inference, upcast_gemm
-
-    seen = []
-    real = inference.expert_linear
-    monkeypatch.setattr(inference, "expert_linear", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
-    limit = inference.DENSE_16BIT_MAX_ROWS
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        seen.clear()
-        lin = linears_for_inference(nn.Linear(32, 16).to(dtype))
-        with torch.no_grad():
-            for rows in (limit, limit + 1):
-                ref = nn.functional.linear(torch.ones(rows, 32).to(dtype).float(), lin.weight.float(), lin.bias.float())
-                assert _rel(lin(torch.ones(rows, 32, dtype=dtype)), ref) <= 1e-2
-        seam_past_limit = dtype == torch.float32 or upcast_gemm.torch_gemm_is_reference(dtype)
-        assert seen == ([limit, limit + 1] if seam_past_limit else [limit]), dtype

@@ -177,6 +177,7 @@ def use_cpu_kernels(module: nn.Module, *, progress: bool = False) -> dict[str, A
     large tensors onto transparent huge pages where the kernel has them (``to_huge_pages``); what was done, for
     the run's record (a step that does not apply says why); ``progress``: a bar while the weights move."""
     from ..experts import linears_for_inference, to_huge_pages
+    from ..experts.inference import InferenceLinear
 
     done: dict[str, Any] = {"experts_implementation": None, "linears": 0, "huge_pages": None}
     if hasattr(module, "set_experts_implementation"):
@@ -187,10 +188,11 @@ def use_cpu_kernels(module: nn.Module, *, progress: bool = False) -> dict[str, A
             done["experts_implementation"] = "moekit"
         except (ValueError, AttributeError) as err:  # a model without experts, or one transformers cannot switch
             done["experts_implementation"] = f"unchanged: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-    linears = sum(type(m) is nn.Linear for m in module.modules())
-    if linears:
+    try:
         linears_for_inference(module)
-        done["linears"] = linears
+    except ValueError:  # no plain nn.Linear: nothing to switch
+        pass
+    done["linears"] = sum(type(m) is InferenceLinear for m in module.modules())
     try:
         done["huge_pages"] = to_huge_pages(module, progress=progress).summary()
     except (RuntimeError, ValueError) as err:  # no huge pages here, or no tensor large enough

@@ -433,19 +433,10 @@ def pack_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
     return module
 
 
-#: rows past which a dense bf16 / fp16 layer goes back to ``F.linear`` where oneDNN has kernels in that dtype
-#: (elsewhere torch's 16-bit GEMM is a reference loop and the seam's widened fp32 blocks stay): measured on the AVX-512 AMD EPYC
-#: (``benchmarks/bench_linears.py``, attention projections and a 32k output layer, flushed caches) the experts'
-#: kernel choice against ``F.linear`` on the same weight (``results/amd_epyc/bench_linears_seam_only.md``):
-#: 1.1-2.5x at 1-16 rows; 64 rows 0.85-1.10x (ahead on the large matrices that hold most of a layer's bytes,
-#: behind on the small key / value projections); 256 rows, oneDNN on the plain layout, 0.95-1.00x. fp32 stays on
-#: the seam: 0.89-1.73x at 64 rows, 1.06-1.23x at 256
-DENSE_16BIT_MAX_ROWS = 64
-
-
 class InferenceLinear(nn.Linear):
     """An ``nn.Linear`` whose forward, when no gradient is needed, runs on :func:`expert_linear`'s kernels (the
-    native GEMV at decode rows, oneDNN or BLAS above; bf16 / fp16 past ``DENSE_16BIT_MAX_ROWS`` rows torch's): on CPUs where torch's own bf16 / fp32 GEMV streams
+    native GEMV where ``native_gemv.serves`` the rows, oneDNN, BLAS or the widened fp32 blocks above): on CPUs
+    where torch's own bf16 / fp32 GEMV streams
     weights below the memory's rate (AMD EPYC Zen 4: ``F.linear`` bf16 12 GB/s, the native kernel 29-31). Same
     parameters, state dict and outputs (within the dtype's rounding); set by :func:`linears_for_inference`."""
 
@@ -454,10 +445,7 @@ class InferenceLinear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         if needs_grad or x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
             return F.linear(x, weight, bias)  # what torch does: autograd, autocast, other devices
-        x_MI = x.reshape(-1, x.shape[-1])
-        if x_MI.shape[0] > DENSE_16BIT_MAX_ROWS and weight.dtype != torch.float32 and not upcast_gemm.torch_gemm_is_reference(weight.dtype):
-            return F.linear(x, weight, bias)  # oneDNN's own 16-bit GEMM (where torch's is a reference loop: the seam)
-        y = expert_linear(x_MI, weight, bias)
+        y = expert_linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
